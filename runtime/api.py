@@ -1,0 +1,170 @@
+"""Public Python API: `load()` and `Model` (see ../shared/docs/API.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from .backends import resolve_backend
+from .checkpoint import detect_layout, load_weights, open_source, read_args, resolve_path
+from .config import ModelArgs
+from .errors import CheckpointError
+from .generate import Completion, Engine
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, list]
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_QUANTIZE = (None, "nf4", "int4")
+
+
+def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype} is not supported; expected torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def parse_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is invalid: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
+    return device
+
+
+def default_model_path() -> Path:
+    """The embedded default model shipped as package data (see README)."""
+    return Path(__file__).parent / "default_model"
+
+
+def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
+         max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None) -> "Model":
+    """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
+
+    Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
+    The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens (default: the model's context)
+    and is allocated on first generation.
+    """
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    if quantize not in _QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r}: 4-bit weights are not available in this build yet")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: expected an integer >= 1")
+    ops = resolve_backend(backend, device)
+
+    if path is None:
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise CheckpointError("no default model is embedded in this build; pass a model directory",
+                                  file=path)
+    directory = resolve_path(path)
+    layout = detect_layout(directory)
+    args = read_args(directory, layout)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    source = open_source(directory, layout)
+    if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it
+        args.vocab_size = source.shards[0].shape("tok_embeddings.weight")[0]
+    if tokenizer.vocab_size > args.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model embeds only "
+                              f"{args.vocab_size}", file=directory / "tokenizer.model")
+    seq_len = max_seq_len or args.max_seq_len
+    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len)
+    load_weights(model, source, layout, progress=progress)
+    return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len),
+                 path=directory)
+
+
+class Model:
+    """A loaded model with its tokenizer and generation engine (see API.md)."""
+
+    def __init__(self, args: ModelArgs, module: Transformer, tokenizer: Tokenizer, engine: Engine, path=None):
+        self.args, self.module, self.tokenizer, self.engine, self.path = args, module, tokenizer, engine, path
+
+    @property
+    def backend(self) -> str:
+        return self.module.ops.name
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """list[int] [T] or int64 [B, T] -> fp32 logits [B, T, vocab] (full forward, no cache)."""
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"token_ids must be an integer tensor [B, T], got {token_ids.dtype} "
+                                 f"{list(token_ids.shape)}")
+            rows = token_ids.tolist()
+        else:
+            rows = [list(token_ids)]
+        for r in rows:
+            self.engine.check_prompt(r, "token_ids")
+        return self.engine.logits(torch.tensor(rows, dtype=torch.long))
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            return list(prompt)
+        raise ValueError("prompt must be a str or a list of token ids")
+
+    def _stop_tokens(self, infill: bool = False) -> dict:
+        stops = {e: "eos" for e in self.args.eos_ids}
+        if self.tokenizer.eos_id is not None:
+            stops[self.tokenizer.eos_id] = "eos"
+        if infill:
+            stops[self.tokenizer.eot_id] = "eot"
+        return stops
+
+    def _run(self, prompts: list[list[int]], sampling: dict, infill: bool = False):
+        return self.engine.run(prompts, SamplingParams(**sampling), self._stop_tokens(infill))
+
+    def generate(self, prompt, **sampling) -> Union[Completion, list]:
+        """prompt: str | list[int], or a list of those -> Completion (or a list of them)."""
+        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and \
+            all(isinstance(p, (str, list, tuple)) for p in prompt)
+        prompts = [self._ids(p) for p in prompt] if batch else [self._ids(prompt)]
+        run = self._run(prompts, sampling)
+        for _ in run:
+            pass
+        return run.completions if batch else run.completions[0]
+
+    def stream(self, prompt, **sampling) -> Iterator[str]:
+        """Yield text pieces of one prompt's completion as they become final."""
+        run = self._run([self._ids(prompt)], sampling)
+        for _, piece in run:
+            yield piece
+
+    def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, **sampling) -> Completion:
+        """The middle between `prefix` and `suffix` (Meta's prompt format); stops at <EOT>."""
+        ids = self.tokenizer.encode_infill(prefix, suffix, suffix_first=suffix_first)
+        run = self._run([ids], sampling, infill=True)
+        for _ in run:
+            pass
+        return run.completions[0]
+
+    def chat(self, messages: list, **sampling) -> Completion:
+        """Instruct chat: messages [{'role': 'system'|'user'|'assistant', 'content': str}, ...]."""
+        run = self._run([self.tokenizer.encode_chat(messages)], sampling)
+        for _ in run:
+            pass
+        return run.completions[0]

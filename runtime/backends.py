@@ -1,0 +1,57 @@
+"""The backend table: every op the module graph uses, by backend name.
+
+The graph calls `ops.rms_norm`, `ops.rotary`, ... on the Backend it was given and never
+branches on the backend itself, so new kernels plug in by adding a row here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.attention import attention_decode_ref, attention_prefill_ref
+from .kernels.rms_norm import rms_norm_ref
+from .kernels.rotary import rotary_ref
+from .kernels.swiglu import swiglu_ref
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Signatures are those of the `*_ref` functions in `codellama_rt.kernels`."""
+
+    name: str
+    rms_norm: Callable    # (x, weight, eps, residual=None) -> (y, new_residual)
+    rotary: Callable      # (q [B,H,T,D], k [B,Hkv,T,D], cos, sin, positions [B,T]) -> (q, k)
+    attention_prefill: Callable  # (q [B,H,T,D], k, v [B,Hkv,S,D], start: int) -> [B,H,T,D]
+    attention_decode: Callable   # (q [B,H,D], k_cache, v_cache [B,Hkv,S,D], lengths [B]) -> [B,H,D]
+    swiglu: Callable      # (gate, up) -> silu(gate) * up
+    linear: Callable      # (x [..., in], weight [out, in]) -> [..., out]
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        name="reference",
+        rms_norm=rms_norm_ref,
+        rotary=rotary_ref,
+        attention_prefill=attention_prefill_ref,
+        attention_decode=attention_decode_ref,
+        swiglu=swiglu_ref,
+        linear=F.linear,
+    ),
+}
+
+PLANNED_BACKENDS = ("triton",)
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Pick the Backend for `name` ("auto", "reference", "triton") on `device`."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and "triton" in BACKENDS else "reference"
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name in PLANNED_BACKENDS:
+        raise ValueError(f"backend={name!r} is not available in this build yet; available: "
+                         f"{', '.join(['auto', *BACKENDS])}")
+    raise ValueError(f"unknown backend={name!r}; expected one of: {', '.join(['auto', *BACKENDS])}")

@@ -1,0 +1,277 @@
+"""Checkpoint loading: HF layout (single or sharded safetensors, or .bin) and Meta layout
+(params.json + consolidated.NN.pth shards), validated tensor by tensor.
+
+Every failure raises CheckpointError naming the file and tensor. Meta's q/k weights are
+permuted from the interleaved RoPE layout to the rotate-half layout the graph uses.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ModelArgs, read_json
+from .errors import CheckpointError
+from .model import Transformer
+from .progress import Progress
+from .tensor_files import open_tensor_file
+
+SUPPORTED_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rope\.freqs)$")
+
+
+@dataclass
+class Part:
+    """One source tensor feeding (part of) a parameter."""
+
+    name: str
+    shape: tuple
+    cat_dim: Optional[int] = None   # Meta shards: concatenated along this dim; None: replicated
+    rope_heads: int = 0             # Meta q/k: heads to permute from interleaved to rotate-half
+
+
+# ---- locating a checkpoint -----------------------------------------------------------------
+
+def _hub_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def resolve_path(path) -> Path:
+    """A model directory, or a hub id ('org/name') found in the local Hugging Face cache.
+
+    Nothing is downloaded.
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError("expected a model directory, got a file", file=p)
+    name = os.fspath(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        for cache in _hub_cache_dirs():
+            repo = cache / ("models--" + name.replace("/", "--"))
+            ref = repo / "refs" / "main"
+            snapshots = repo / "snapshots"
+            if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+                return snapshots / ref.read_text().strip()
+            if snapshots.is_dir():
+                found = sorted(snapshots.iterdir(), key=lambda d: d.stat().st_mtime)
+                if found:
+                    return found[-1]
+        raise CheckpointError("no such directory, and not in the local Hugging Face cache "
+                              "(nothing is downloaded)", file=name)
+    raise CheckpointError("no such model directory", file=p)
+
+
+def detect_layout(directory: Path) -> str:
+    if (directory / "config.json").is_file():
+        return "hf"
+    if (directory / "params.json").is_file():
+        return "meta"
+    raise CheckpointError("not a model directory: neither config.json (Hugging Face layout) nor "
+                          "params.json (Meta layout) found", file=directory)
+
+
+# ---- tensor sources ------------------------------------------------------------------------
+
+class HFSource:
+    """Tensors of an HF-layout directory: model.safetensors, sharded safetensors with
+    model.safetensors.index.json, or the same for pytorch_model*.bin."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        for stem in ("model.safetensors", "pytorch_model.bin"):
+            index, single = directory / f"{stem}.index.json", directory / stem
+            if index.is_file():
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError("index has no 'weight_map'", file=index)
+                readers = {f: open_tensor_file(directory / f) for f in sorted(set(weight_map.values()))}
+                self.where = {}
+                for reader in readers.values():
+                    for name in reader.keys():
+                        self.where.setdefault(name, reader)
+                for name, f in weight_map.items():
+                    if name not in readers[f].keys():
+                        raise CheckpointError(f"index {index.name} places this tensor here, but the file "
+                                              "does not contain it", file=directory / f, tensor=name)
+                self.files = list(readers.values())
+                return
+            if single.is_file():
+                reader = open_tensor_file(single)
+                self.where = {name: reader for name in reader.keys()}
+                self.files = [reader]
+                return
+        raise CheckpointError("no weights found (expected model.safetensors, sharded safetensors with "
+                              "model.safetensors.index.json, or pytorch_model.bin)", file=directory)
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def total_bytes(self) -> int:
+        return sum(r.path.stat().st_size for r in self.files)
+
+    def read(self, part: Part) -> torch.Tensor:
+        reader = self.where.get(part.name)
+        if reader is None:
+            raise CheckpointError("missing tensor", file=self.directory, tensor=part.name)
+        _check(reader, part.name, part.shape)
+        return reader.get(part.name)
+
+
+class MetaSource:
+    """Tensors of Meta's layout: consolidated.NN.pth shards split for model parallelism."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        paths = sorted(directory.glob("consolidated.*.pth"))
+        if not paths:
+            raise CheckpointError("no consolidated.NN.pth weight files found", file=directory)
+        self.shards = [open_tensor_file(p) for p in paths]
+        self.files = self.shards
+
+    def names(self) -> set[str]:
+        return set().union(*(s.keys() for s in self.shards))
+
+    def total_bytes(self) -> int:
+        return sum(s.path.stat().st_size for s in self.shards)
+
+    def read(self, part: Part) -> torch.Tensor:
+        n = len(self.shards)
+        if part.cat_dim is None:
+            shard_shape = part.shape
+        else:
+            if part.shape[part.cat_dim] % n:
+                raise CheckpointError(f"dimension {part.shape[part.cat_dim]} does not split over {n} shards",
+                                      file=self.shards[0].path, tensor=part.name)
+            shard_shape = tuple(d // n if i == part.cat_dim else d for i, d in enumerate(part.shape))
+        pieces = []
+        for shard in self.shards:
+            if part.name not in shard.keys():
+                raise CheckpointError("missing tensor", file=shard.path, tensor=part.name)
+            _check(shard, part.name, shard_shape)
+            t = shard.get(part.name)
+            if part.rope_heads:
+                t = _interleaved_to_rotate_half(t, part.rope_heads // n)
+            pieces.append(t)
+            if part.cat_dim is None:
+                break
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
+
+
+def _check(reader, name: str, shape: tuple) -> None:
+    got = reader.shape(name)
+    if got != tuple(shape):
+        raise CheckpointError(f"has shape {list(got)}, the model config implies {list(shape)} "
+                              "(config and weights disagree?)", file=reader.path, tensor=name)
+    dtype = reader.dtype(name)
+    if dtype not in SUPPORTED_SOURCE_DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype} (expected float32, float16 or bfloat16)",
+                              file=reader.path, tensor=name)
+
+
+def _interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's q/k rows pair (2i, 2i+1) within each head; HF's pair (i, i + D/2)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- what feeds each parameter -------------------------------------------------------------
+
+def hf_plan(args: ModelArgs) -> dict[str, list[Part]]:
+    d, q, kv, f, V = args.dim, args.q_dim, args.kv_dim, args.ffn_dim, args.vocab_size
+    plan = {"tok_embeddings": [Part("model.embed_tokens.weight", (V, d))],
+            "norm": [Part("model.norm.weight", (d,))]}
+    if not args.tie_word_embeddings:
+        plan["output"] = [Part("lm_head.weight", (V, d))]
+    for i in range(args.n_layers):
+        p, a, m = f"layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        plan[f"{p}.attn_norm"] = [Part(f"model.layers.{i}.input_layernorm.weight", (d,))]
+        plan[f"{p}.attn.wqkv"] = [Part(f"{a}.q_proj.weight", (q, d)), Part(f"{a}.k_proj.weight", (kv, d)),
+                                  Part(f"{a}.v_proj.weight", (kv, d))]
+        plan[f"{p}.attn.wo"] = [Part(f"{a}.o_proj.weight", (d, q))]
+        plan[f"{p}.mlp_norm"] = [Part(f"model.layers.{i}.post_attention_layernorm.weight", (d,))]
+        plan[f"{p}.mlp.w13"] = [Part(f"{m}.gate_proj.weight", (f, d)), Part(f"{m}.up_proj.weight", (f, d))]
+        plan[f"{p}.mlp.w2"] = [Part(f"{m}.down_proj.weight", (d, f))]
+    return plan
+
+
+def meta_plan(args: ModelArgs) -> dict[str, list[Part]]:
+    d, q, kv, f, V = args.dim, args.q_dim, args.kv_dim, args.ffn_dim, args.vocab_size
+    plan = {"tok_embeddings": [Part("tok_embeddings.weight", (V, d), cat_dim=1)],
+            "norm": [Part("norm.weight", (d,))],
+            "output": [Part("output.weight", (V, d), cat_dim=0)]}
+    for i in range(args.n_layers):
+        p, a, m = f"layers.{i}", f"layers.{i}.attention", f"layers.{i}.feed_forward"
+        plan[f"{p}.attn_norm"] = [Part(f"layers.{i}.attention_norm.weight", (d,))]
+        plan[f"{p}.attn.wqkv"] = [Part(f"{a}.wq.weight", (q, d), 0, rope_heads=args.n_heads),
+                                  Part(f"{a}.wk.weight", (kv, d), 0, rope_heads=args.n_kv_heads),
+                                  Part(f"{a}.wv.weight", (kv, d), 0)]
+        plan[f"{p}.attn.wo"] = [Part(f"{a}.wo.weight", (d, q), 1)]
+        plan[f"{p}.mlp_norm"] = [Part(f"layers.{i}.ffn_norm.weight", (d,))]
+        plan[f"{p}.mlp.w13"] = [Part(f"{m}.w1.weight", (f, d), 0), Part(f"{m}.w3.weight", (f, d), 0)]
+        plan[f"{p}.mlp.w2"] = [Part(f"{m}.w2.weight", (d, f), 1)]
+    return plan
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def read_args(directory: Path, layout: str) -> ModelArgs:
+    if layout == "hf":
+        config = read_json(directory / "config.json")
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "?")
+            raise CheckpointError(f"quantized checkpoints (quant_method={method!r}) are not supported by "
+                                  "this build", file=directory / "config.json")
+        args = ModelArgs.from_hf_config(config, file=directory / "config.json")
+        gen = directory / "generation_config.json"
+        if gen.is_file():
+            eos = read_json(gen).get("eos_token_id")
+            if eos is not None:
+                extra = eos if isinstance(eos, list) else [eos]
+                args.eos_ids = tuple(dict.fromkeys([*args.eos_ids, *map(int, extra)]))
+        return args
+    return ModelArgs.from_meta_params(read_json(directory / "params.json"), file=directory / "params.json")
+
+
+def open_source(directory: Path, layout: str):
+    return HFSource(directory) if layout == "hf" else MetaSource(directory)
+
+
+def load_weights(model: Transformer, source, layout: str, *, progress: Optional[bool] = None) -> None:
+    """Fill every parameter of `model` from `source`, converting dtype and device once per tensor."""
+    plan = hf_plan(model.args) if layout == "hf" else meta_plan(model.args)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bar = Progress(source.total_bytes(), f"loading {source.directory.name}", enabled=progress)
+    consumed = set()
+    try:
+        for target, parts in plan.items():
+            dest = params[target]
+            offset = 0
+            for part in parts:
+                t = source.read(part)
+                dest[offset:offset + part.shape[0]].copy_(t)
+                offset += part.shape[0]
+                consumed.add(part.name)
+                bar.update(t.numel() * t.element_size())
+    finally:
+        bar.close()
+    unexpected = sorted(n for n in source.names() - consumed if not _IGNORED.search(n))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor: not part of a Llama model with n_layers={model.args.n_layers}"
+                              f"{' and tied embeddings' if model.args.tie_word_embeddings else ''} "
+                              f"(config and weights disagree?); {len(unexpected)} such tensor(s)",
+                              file=source.directory, tensor=unexpected[0])
+    for name, p in params.items():
+        if not torch.isfinite(p).all():
+            raise CheckpointError("weights contain NaN or Inf", file=source.directory, tensor=name)

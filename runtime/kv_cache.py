@@ -1,0 +1,28 @@
+"""Static KV cache: preallocated once, written in place at tensor positions."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelArgs
+
+
+class KVCache:
+    """Keys and values of every layer in one allocation.
+
+    data: [n_layers, 2, max_batch, n_kv_heads, max_seq_len, head_dim] in the model dtype;
+    `layer(i)` gives views (k, v), each [max_batch, n_kv_heads, max_seq_len, head_dim].
+    Buffers never move or change shape, so a decode step over them can be graph-captured.
+    """
+
+    def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int, dtype: torch.dtype, device):
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.data = torch.zeros(args.n_layers, 2, max_batch, args.n_kv_heads, max_seq_len, args.head_dim,
+                                dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, 0], self.data[i, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()

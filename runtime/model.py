@@ -1,0 +1,163 @@
+"""The module graph: embedding -> N x (RMSNorm -> GQA attention -> RMSNorm -> SwiGLU MLP) -> RMSNorm -> lm_head.
+
+Every op goes through the `Backend` the model holds (`self.ops`), so switching kernels never
+touches this file. Fused weights: wqkv = [q; k; v] rows, w13 = [gate (w1); up (w3)] rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends import Backend
+from .config import ModelArgs
+from .kernels.rotary import rope_tables
+from .kv_cache import KVCache
+
+
+def _param(*shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+@dataclass
+class Prefill:
+    """A chunk of T tokens at tensor positions start .. start + T - 1 of every sequence."""
+
+    start: int
+
+    def positions(self, B: int, T: int, device) -> torch.Tensor:
+        return torch.arange(self.start, self.start + T, device=device).expand(B, T)
+
+    def attend(self, ops: Backend, q, k, v, kv: Optional[tuple]) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,Hkv,T,D] (already rotated) -> [B,H,T,D]; writes k/v into the cache."""
+        if kv is None:
+            assert self.start == 0, "a prefill chunk after position 0 needs a KV cache"
+            return ops.attention_prefill(q, k, v, 0)
+        B, T = q.shape[0], q.shape[2]
+        end = self.start + T
+        k_cache, v_cache = kv[0][:B], kv[1][:B]
+        k_cache[:, :, self.start:end] = k
+        v_cache[:, :, self.start:end] = v
+        return ops.attention_prefill(q, k_cache[:, :, :end], v_cache[:, :, :end], self.start)
+
+
+@dataclass
+class Decode:
+    """One token per sequence at its own position `positions[b]` (int64 [B] on the device).
+
+    `kv_len` is a host-side upper bound on positions + 1 (attention reads cache[:, :, :kv_len]);
+    a graph-captured step passes the full cache length.
+    """
+
+    positions: torch.Tensor
+    kv_len: int
+
+    def attend(self, ops: Backend, q, k, v, kv: tuple) -> torch.Tensor:
+        B = q.shape[0]
+        k_cache, v_cache = kv[0][:B], kv[1][:B]
+        rows = torch.arange(B, device=q.device)
+        k_cache[rows, :, self.positions] = k[:, :, 0]  # in place, no host sync
+        v_cache[rows, :, self.positions] = v[:, :, 0]
+        out = ops.attention_decode(q[:, :, 0], k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len],
+                                   self.positions + 1)
+        return out.unsqueeze(2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, dtype, device):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wqkv = _param(args.q_dim + 2 * args.kv_dim, args.dim, dtype=dtype, device=device)
+        self.wo = _param(args.dim, args.q_dim, dtype=dtype, device=device)
+
+    def forward(self, ops: Backend, x, rope, positions, step, kv) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = ops.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = ops.rotary(q, k, rope[0], rope[1], positions)
+        out = step.attend(ops, q, k, v, kv)  # [B, H, T, D]
+        return ops.linear(out.transpose(1, 2).reshape(B, T, H * D), self.wo)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, dtype, device):
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.w13 = _param(2 * args.ffn_dim, args.dim, dtype=dtype, device=device)
+        self.w2 = _param(args.dim, args.ffn_dim, dtype=dtype, device=device)
+
+    def forward(self, ops: Backend, x) -> torch.Tensor:
+        gate, up = ops.linear(x, self.w13).split([self.ffn_dim, self.ffn_dim], dim=-1)
+        return ops.linear(ops.swiglu(gate, up), self.w2)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, dtype, device):
+        super().__init__()
+        self.eps = args.norm_eps
+        self.attn_norm = _param(args.dim, dtype=dtype, device=device)
+        self.attn = Attention(args, dtype, device)
+        self.mlp_norm = _param(args.dim, dtype=dtype, device=device)
+        self.mlp = FeedForward(args, dtype, device)
+
+    def forward(self, ops: Backend, x, residual, rope, positions, step, kv):
+        """x: output of the previous block (not yet added); residual: the stream before it (or None)."""
+        h, residual = ops.rms_norm(x, self.attn_norm, self.eps, residual)
+        x = self.attn(ops, h, rope, positions, step, kv)
+        h, residual = ops.rms_norm(x, self.mlp_norm, self.eps, residual)
+        return self.mlp(ops, h), residual
+
+
+class Transformer(nn.Module):
+    """Parameters (V = vocab_size):
+    tok_embeddings [V, dim]; layers[i].attn_norm [dim]; layers[i].attn.wqkv [(H + 2 Hkv) D, dim];
+    layers[i].attn.wo [dim, H D]; layers[i].mlp_norm [dim]; layers[i].mlp.w13 [2 ffn, dim];
+    layers[i].mlp.w2 [dim, ffn]; norm [dim]; output [V, dim] (the embedding when tied).
+    """
+
+    def __init__(self, args: ModelArgs, ops: Backend, dtype=torch.float32, device="cpu", rope_len=None):
+        super().__init__()
+        self.args, self.ops = args, ops
+        self.tok_embeddings = _param(args.vocab_size, args.dim, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(args, dtype, device) for _ in range(args.n_layers))
+        self.norm = _param(args.dim, dtype=dtype, device=device)
+        self.output = self.tok_embeddings if args.tie_word_embeddings else \
+            _param(args.vocab_size, args.dim, dtype=dtype, device=device)
+        cos, sin = rope_tables(args.head_dim, rope_len or args.max_seq_len, args.rope_theta,
+                               args.rope_factor, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.device
+
+    def forward(self, tokens: torch.Tensor, step, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None,
+                last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: int64 [B, T] -> fp32 logits [B, T, V], or [B, V] at `last_index` (int64 [B]).
+
+        step: `Prefill(start)` or `Decode(positions, kv_len)`; positions [B, T] default from the step.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = step.positions(B, T, tokens.device) if isinstance(step, Prefill) \
+                else step.positions[:, None]
+        rope = (self.rope_cos, self.rope_sin)
+        x, residual = self.tok_embeddings[tokens], None
+        for i, layer in enumerate(self.layers):
+            kv = cache.layer(i) if cache is not None else None
+            x, residual = layer(self.ops, x, residual, rope, positions, step, kv)
+        x, _ = self.ops.rms_norm(x, self.norm, self.args.norm_eps, residual)
+        if last_index is not None:
+            x = x[torch.arange(B, device=x.device), last_index]  # [B, dim]
+        return self.ops.linear(x, self.output).float()
