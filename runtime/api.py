@@ -74,7 +74,7 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     if path is None:
         path = default_model_path()
         if not (path / "config.json").is_file():
-            raise CheckpointError("no default model is embedded in this build; pass a model directory",
+            raise CheckpointError("no default model is embedded in this build yet; pass a model directory (CLI: --model PATH)",
                                   file=path)
     directory = resolve_path(path)
     layout = detect_layout(directory)

@@ -96,6 +96,10 @@ class HFSource:
                 weight_map = read_json(index).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise CheckpointError("index has no 'weight_map'", file=index)
+                for name, f in weight_map.items():
+                    if not (directory / f).is_file():
+                        raise CheckpointError(f"shard file not found (index {index.name} places this tensor in it)",
+                                              file=directory / f, tensor=name)
                 readers = {f: open_tensor_file(directory / f) for f in sorted(set(weight_map.values()))}
                 self.where = {}
                 for reader in readers.values():
@@ -106,11 +110,13 @@ class HFSource:
                         raise CheckpointError(f"index {index.name} places this tensor here, but the file "
                                               "does not contain it", file=directory / f, tensor=name)
                 self.files = list(readers.values())
+                self.weights_file = index
                 return
             if single.is_file():
                 reader = open_tensor_file(single)
                 self.where = {name: reader for name in reader.keys()}
                 self.files = [reader]
+                self.weights_file = single
                 return
         raise CheckpointError("no weights found (expected model.safetensors, sharded safetensors with "
                               "model.safetensors.index.json, or pytorch_model.bin)", file=directory)
@@ -118,13 +124,16 @@ class HFSource:
     def names(self) -> set[str]:
         return set(self.where)
 
+    def file_of(self, name: str) -> Path:
+        return self.where[name].path
+
     def total_bytes(self) -> int:
         return sum(r.path.stat().st_size for r in self.files)
 
     def read(self, part: Part) -> torch.Tensor:
         reader = self.where.get(part.name)
         if reader is None:
-            raise CheckpointError("missing tensor", file=self.directory, tensor=part.name)
+            raise CheckpointError("missing tensor", file=self.weights_file, tensor=part.name)
         _check(reader, part.name, part.shape)
         return reader.get(part.name)
 
@@ -142,6 +151,9 @@ class MetaSource:
 
     def names(self) -> set[str]:
         return set().union(*(s.keys() for s in self.shards))
+
+    def file_of(self, name: str) -> Path:
+        return next(s.path for s in self.shards if name in s.keys())
 
     def total_bytes(self) -> int:
         return sum(s.path.stat().st_size for s in self.shards)
@@ -271,7 +283,7 @@ def load_weights(model: Transformer, source, layout: str, *, progress: Optional[
         raise CheckpointError(f"unexpected tensor: not part of a Llama model with n_layers={model.args.n_layers}"
                               f"{' and tied embeddings' if model.args.tie_word_embeddings else ''} "
                               f"(config and weights disagree?); {len(unexpected)} such tensor(s)",
-                              file=source.directory, tensor=unexpected[0])
+                              file=source.file_of(unexpected[0]), tensor=unexpected[0])
     for name, p in params.items():
         if not torch.isfinite(p).all():
             raise CheckpointError("weights contain NaN or Inf", file=source.directory, tensor=name)

@@ -26,7 +26,12 @@ class Completion:
 
 
 class Engine:
-    """Owns the model, the tokenizer and a static KV cache of [max_batch, max_seq_len] tokens."""
+    """Owns the model, the tokenizer and a static KV cache for up to max_batch sequences.
+
+    The cache is allocated on first use with room for what the call needs (rounded up to a power
+    of two, at least 256 tokens, at most max_seq_len) and reallocated larger only when a later
+    call needs more, so memory follows use rather than the model's full context.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
                  prefill_chunk: int = 2048):
@@ -34,12 +39,12 @@ class Engine:
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
         self._cache: Optional[KVCache] = None
 
-    @property
-    def cache(self) -> KVCache:
-        """Allocated on first use, then reused by every call."""
-        if self._cache is None:
-            self._cache = KVCache(self.model.args, self.max_batch, self.max_seq_len,
-                                  self.model.dtype, self.model.device)
+    def cache_for(self, n_tokens: int) -> KVCache:
+        """A KV cache holding at least `n_tokens` (<= max_seq_len) tokens per sequence."""
+        need = min(self.max_seq_len, max(256, 1 << (max(n_tokens, 1) - 1).bit_length()))
+        if self._cache is None or self._cache.max_seq_len < need:
+            self._cache = None  # free the old one before allocating
+            self._cache = KVCache(self.model.args, self.max_batch, need, self.model.dtype, self.model.device)
         return self._cache
 
     def check_prompt(self, ids, what="prompt") -> list[int]:
@@ -97,7 +102,8 @@ class Run:
         done = [b <= 0 for b in budget]
         with torch.inference_mode():
             if not all(done):
-                logits = self._prefill(prompts, lens)
+                cache = eng.cache_for(max(n + b for n, b in zip(lens, budget)))
+                logits = self._prefill(prompts, lens, cache)
                 seen = self._seen(prompts) if params.repetition_penalty != 1.0 else None
                 positions = torch.tensor(lens, dtype=torch.long, device=device)
                 step = 0
@@ -121,9 +127,9 @@ class Run:
                         break
                     if seen is not None:
                         seen[torch.arange(B, device=device), next_tok] = True
-                    kv_len = min(eng.max_seq_len, -(-(max(lens) + step + 1) // KV_LEN_ROUND) * KV_LEN_ROUND)
-                    logits = model(next_tok[:, None], Decode(positions, kv_len), eng.cache)[:, -1]
-                    positions.add_(1).clamp_(max=eng.max_seq_len - 1)
+                    kv_len = min(cache.max_seq_len, -(-(max(lens) + step + 1) // KV_LEN_ROUND) * KV_LEN_ROUND)
+                    logits = model(next_tok[:, None], Decode(positions, kv_len), cache)[:, -1]
+                    positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # finished rows only
                     step += 1
         for b in range(B):
             piece = streams[b].finish()
@@ -134,7 +140,7 @@ class Run:
             self.completions[offset + b] = Completion(text=streams[b].text, token_ids=list(streams[b].ids),
                                                       prompt_tokens=lens[b], finish_reason=finish[b])
 
-    def _prefill(self, prompts, lens) -> torch.Tensor:
+    def _prefill(self, prompts, lens, cache: KVCache) -> torch.Tensor:
         """Right-padded chunked prefill; returns fp32 logits [B, V] at each prompt's last token."""
         eng = self.engine
         device = eng.model.device
@@ -146,7 +152,7 @@ class Run:
             chunk = tokens[:, start:start + eng.prefill_chunk]
             n = chunk.shape[1]
             idx = (last - start).clamp(0, n - 1)
-            out = eng.model(chunk, Prefill(start), eng.cache, last_index=idx)
+            out = eng.model(chunk, Prefill(start), cache, last_index=idx)
             here = ((last >= start) & (last < start + n))[:, None]
             logits = out if logits is None else torch.where(here, out, logits)
         return logits

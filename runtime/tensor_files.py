@@ -5,6 +5,7 @@ in a CheckpointError naming the file and tensor.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ class SafetensorsReader:
             self._f = safe_open(str(self.path), framework="pt", device="cpu")
             self._names = list(self._f.keys())
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            cut = _cut_tensor(self.path)
+            if cut is not None:
+                raise CheckpointError(f"file is truncated: the tensor's data ends at byte {cut[1]} of the data "
+                                      f"section, which has only {cut[2]} bytes",
+                                      file=self.path, tensor=cut[0]) from None
             raise CheckpointError(f"cannot read safetensors file (truncated or corrupt?): {e}",
                                   file=self.path) from None
 
@@ -36,9 +42,11 @@ class SafetensorsReader:
         return self._names
 
     def shape(self, name: str) -> tuple:
+        _require(self, name)
         return tuple(self._f.get_slice(name).get_shape())
 
     def dtype(self, name: str):
+        _require(self, name)
         code = self._f.get_slice(name).get_dtype()
         return _SAFETENSORS_DTYPES.get(code, code)
 
@@ -69,9 +77,11 @@ class TorchReader:
         return list(self._sd)
 
     def shape(self, name: str) -> tuple:
+        _require(self, name)
         return tuple(self._sd[name].shape)
 
     def dtype(self, name: str):
+        _require(self, name)
         return self._sd[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
@@ -82,6 +92,29 @@ class TorchReader:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
         return t
+
+
+def _require(reader, name: str) -> None:
+    if name not in reader.keys():
+        raise CheckpointError("missing tensor", file=reader.path, tensor=name)
+
+
+def _cut_tensor(path: Path):
+    """(name, end, available) of the first tensor whose data a truncated safetensors file lacks; None when
+    the header itself is unreadable or every tensor's data is present."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                return None
+            header = json.loads(f.read(n))
+        available = size - 8 - n
+        cut = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in header.items()
+                     if name != "__metadata__" and info["data_offsets"][1] > available)
+    except Exception:
+        return None
+    return (cut[0][2], cut[0][1], available) if cut else None
 
 
 def open_tensor_file(path: Path):

@@ -94,3 +94,24 @@ def write_random_checkpoint(directory: Path, args: ModelArgs, tokenizer_model: P
     (directory / "config.json").write_text(json.dumps(hf_config(args), indent=2))
     (directory / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
     return directory
+
+
+def main(argv=None) -> None:
+    """`python -m codellama_rt.tiny --out DIR`: a tiny random-weight model (tokenizer trained on the stdlib)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m codellama_rt.tiny", description=main.__doc__)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    tok = train_tokenizer(a.out / "sp-train", vocab_size=1000)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=344, vocab_size=1000, rope_theta=1e6,
+                     max_seq_len=2048)
+    write_random_checkpoint(a.out, args, tok, seed=a.seed)
+    for suffix in (".model", ".vocab"):
+        tok.with_suffix(suffix).unlink()
+    print(f"wrote a tiny random-weight model to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

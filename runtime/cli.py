@@ -1,0 +1,214 @@
+"""Command line: `codellama-rt generate | infill | chat | info` (see ../shared/docs/API.md).
+
+Bad arguments or bad input print one line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import CheckpointError
+
+PROG = "codellama-rt"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the "
+                   "local HF cache; default: the embedded default model")
+    p.add_argument("--backend", default="auto", help="auto | reference | triton")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--quantize", default=None, help="nf4 | int4")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="CodeLlama inference runtime")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    g = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
+    _add_model_flags(g)
+    _add_sampling_flags(g)
+    g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+
+    i = sub.add_parser("infill", help="print the middle between a prefix and a suffix")
+    _add_model_flags(i)
+    _add_sampling_flags(i)
+    i.add_argument("--prefix", default=None)
+    i.add_argument("--suffix", default=None)
+    i.add_argument("--file", default=None, help="a file containing one <FILL_ME> marker")
+    i.add_argument("--suffix-first", action="store_true", help="SPM prompt order (suffix before prefix)")
+
+    c = sub.add_parser("chat", help="interactive Instruct chat on stdin/stdout")
+    _add_model_flags(c)
+    _add_sampling_flags(c)
+    c.add_argument("--system", default=None, help="system prompt")
+
+    n = sub.add_parser("info", help="config, parameter count, weight and KV-cache memory")
+    n.add_argument("--model", default=None, help="model directory, hub id, or a preset name such as CodeLlama-7b")
+    n.add_argument("--dtype", default=None)
+    n.add_argument("--max-batch-size", type=int, default=1)
+    n.add_argument("--max-seq-len", type=int, default=None)
+    return parser
+
+
+def _sampling(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def _load(a):
+    from .api import load
+
+    return load(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
+                max_seq_len=a.max_seq_len)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(a) -> None:
+    from .sampling import SamplingParams
+
+    SamplingParams(**_sampling(a))  # reject bad flags before loading weights
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    model = _load(a)
+    for piece in model.stream(prompt, **_sampling(a)):
+        _write(piece)
+    _write("\n")
+
+
+def cmd_infill(a) -> None:
+    from .sampling import SamplingParams
+    from .tokenizer import FILL_ME
+
+    SamplingParams(**_sampling(a))
+    if a.file is not None:
+        if a.prefix is not None or a.suffix is not None:
+            raise ValueError("give either --file or --prefix/--suffix, not both")
+        try:
+            text = Path(a.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--file {a.file}: cannot read: {e}") from None
+        parts = text.split(FILL_ME)
+        if len(parts) != 2:
+            raise ValueError(f"--file {a.file}: must contain exactly one {FILL_ME}, found {len(parts) - 1}")
+        prefix, suffix = parts
+    elif a.prefix is None or a.suffix is None:
+        raise ValueError("infill needs --prefix and --suffix (or --file with a <FILL_ME> marker)")
+    else:
+        prefix, suffix = a.prefix, a.suffix
+    model = _load(a)
+    _write(model.infill(prefix, suffix, suffix_first=a.suffix_first, **_sampling(a)).text + "\n")
+
+
+def cmd_chat(a) -> None:
+    from .sampling import SamplingParams
+
+    SamplingParams(**_sampling(a))
+    model = _load(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            _write("> ")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = ""
+        for piece in model.stream(model.tokenizer.encode_chat(messages), **_sampling(a)):
+            reply += piece
+            _write(piece)
+        _write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(a) -> None:
+    import torch
+
+    from .api import parse_dtype
+    from .checkpoint import detect_layout, read_args, resolve_path
+    from .config import PRESETS, ModelArgs
+
+    dtype = parse_dtype(a.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.model in PRESETS:
+        args, where, files = ModelArgs.from_preset(a.model), f"preset {a.model}", None
+    else:
+        from .api import default_model_path
+
+        directory = resolve_path(a.model if a.model is not None else default_model_path())
+        layout = detect_layout(directory)
+        args, where = read_args(directory, layout), f"{directory} ({layout} layout)"
+        files = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".pth", ".bin"))
+    if a.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size={a.max_batch_size} is invalid: expected >= 1")
+    seq = a.max_seq_len or args.max_seq_len
+    elem = torch.empty((), dtype=dtype).element_size()
+    n = args.param_count()
+    gib = 2 ** 30
+    rows = [
+        ("model", where),
+        ("dim / layers / heads / kv heads / head dim", f"{args.dim} / {args.n_layers} / {args.n_heads} / "
+                                                      f"{args.n_kv_heads} / {args.head_dim}"),
+        ("ffn dim / vocab", f"{args.ffn_dim} / {args.vocab_size}"),
+        ("rope theta / scaling", f"{args.rope_theta:g} / {args.rope_scaling or 'none'}"),
+        ("context (max_seq_len)", f"{args.max_seq_len}"),
+        ("norm eps / bos / eos", f"{args.norm_eps:g} / {args.bos_id} / {list(args.eos_ids)}"),
+        ("parameters", f"{n:,} ({n / 1e9:.2f} B)"),
+        (f"weight memory ({str(dtype).replace('torch.', '')})", f"{n * elem / gib:.2f} GiB"),
+        (f"KV cache ({a.max_batch_size} x {seq} tokens)",
+         f"{args.kv_cache_bytes(a.max_batch_size, seq, elem) / gib:.2f} GiB "
+         f"({args.kv_cache_bytes(1, 1, elem) / 1024:.0f} KiB per token)"),
+    ]
+    if files is not None:
+        rows.append(("checkpoint files", f"{files / gib:.2f} GiB"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv=None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        COMMANDS[a.command](a)
+    except _UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Shared fixtures: a SentencePiece tokenizer trained here and tiny checkpoints written by transformers."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama_rt.tiny import train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_TOKENIZERS = SHARED / "tokenizers"
+
+TINY_VOCAB = 1000
+
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A 1000-piece BPE tokenizer (byte fallback, infill pieces) trained on the stdlib's sources."""
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tiny", vocab_size=TINY_VOCAB)
+
+
+def _peaky_init(model, seed: int) -> None:
+    """Weights with std ~ 1/sqrt(fan_in) so logits are far from flat (greedy choices are stable)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
+
+
+def write_hf_checkpoint(directory: Path, tokenizer_model: Path, *, n_heads=4, n_kv_heads=4, rope_theta=1e4,
+                        dim=64, n_layers=2, ffn=96, max_pos=512, rope_scaling=None, shard_size=None,
+                        tie=False, seed=0):
+    """Write a random LlamaForCausalLM with transformers' own save_pretrained; return (dir, hf_model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=n_layers,
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rope_theta=rope_theta,
+                      rope_scaling=rope_scaling, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    _peaky_init(model, seed)
+    if tie:
+        model.tie_weights()
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    shutil.copy(tokenizer_model, Path(directory) / "tokenizer.model")
+    return Path(directory), model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, tiny_tokenizer):
+    """Factory: hf_checkpoint(**kwargs) -> (dir, transformers model); kwargs as write_hf_checkpoint."""
+    counter = iter(range(1000))
+
+    def make(**kwargs):
+        return write_hf_checkpoint(tmp_path / f"ckpt{next(counter)}", tiny_tokenizer, **kwargs)
+
+    return make
