@@ -172,13 +172,11 @@ class MetaSource:
             if part.name not in shard.keys():
                 raise CheckpointError("missing tensor", file=shard.path, tensor=part.name)
             _check(shard, part.name, shard_shape)
-            t = shard.get(part.name)
-            if part.rope_heads:
-                t = _interleaved_to_rotate_half(t, part.rope_heads // n)
-            pieces.append(t)
+            pieces.append(shard.get(part.name))
             if part.cat_dim is None:
                 break
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
+        return _interleaved_to_rotate_half(t, part.rope_heads) if part.rope_heads else t
 
 
 def _check(reader, name: str, shape: tuple) -> None:

@@ -67,18 +67,26 @@ def meta_split_dim(name: str):
     return None  # attention_norm, ffn_norm, norm, rope.freqs
 
 
+def hf_rope_theta(cfg) -> float:
+    """rope_theta of a transformers LlamaConfig (v5 keeps it in rope_parameters, v4 as an attribute)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return float(rope["rope_theta"] if "rope_theta" in rope else cfg.rope_theta)
+
+
 def write_meta_checkpoint(directory: Path, hf_model, tokenizer_model: Path, *, n_shards: int = 2,
                           multiple_of: int = 256, ffn_dim_multiplier=None, params_vocab_size=None,
-                          write_n_kv_heads: bool = True, dtype=torch.float32) -> Path:
+                          write_n_kv_heads: bool = True, dtype=torch.float32,
+                          allow_split_heads: bool = False) -> Path:
     """Convert a transformers LlamaForCausalLM into Meta's original layout (as Meta's release ships it)."""
     cfg = hf_model.config
     dim, L, H = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
     Hkv = cfg.num_key_value_heads
     D = dim // H
+    theta = hf_rope_theta(cfg)
     assert meta_ffn_dim(dim, multiple_of, ffn_dim_multiplier) == cfg.intermediate_size, \
         "params.json would not reproduce intermediate_size; pick another ffn/multiple_of/multiplier"
     # Meta's code: n_local_heads = n_heads // mp, n_local_kv_heads = n_kv_heads // mp
-    assert H % n_shards == 0 and Hkv % n_shards == 0, "no such Meta checkpoint exists"
+    assert allow_split_heads or (H % n_shards == 0 and Hkv % n_shards == 0), "no such Meta checkpoint exists"
     sd = {k: v.detach().to(dtype).clone() for k, v in hf_model.state_dict().items()}
 
     meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
@@ -96,7 +104,7 @@ def write_meta_checkpoint(directory: Path, hf_model, tokenizer_model: Path, *, n
         meta[f"layers.{i}.attention_norm.weight"] = sd[f"{l}.input_layernorm.weight"]
         meta[f"layers.{i}.ffn_norm.weight"] = sd[f"{l}.post_attention_layernorm.weight"]
     # Llama 1/2 consolidated files also carry the (unused) rotary inverse frequencies
-    meta["rope.freqs"] = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2).float() / D))
+    meta["rope.freqs"] = 1.0 / (theta ** (torch.arange(0, D, 2).float() / D))
 
     shards = [{} for _ in range(n_shards)]
     for name, t in meta.items():
@@ -112,7 +120,7 @@ def write_meta_checkpoint(directory: Path, hf_model, tokenizer_model: Path, *, n
         torch.save(shard, directory / f"consolidated.{r:02d}.pth")
     params = {"dim": dim, "n_layers": L, "n_heads": H, "multiple_of": multiple_of,
               "ffn_dim_multiplier": ffn_dim_multiplier, "norm_eps": cfg.rms_norm_eps,
-              "rope_theta": cfg.rope_theta,
+              "rope_theta": theta,
               "vocab_size": cfg.vocab_size if params_vocab_size is None else params_vocab_size}
     if write_n_kv_heads:
         params["n_kv_heads"] = Hkv
@@ -133,8 +141,8 @@ def hf_logits(hf_model, ids) -> torch.Tensor:
 #   multiple_of=32, multiplier 0.55   -> int(93.5) = 93 -> 96
 #   multiple_of=16, multiplier 1.3    -> 221 -> 224
 CASES = [
-    pytest.param(dict(n_heads=4, n_kv_heads=4, rope_theta=1e4, ffn=192), dict(multiple_of=64),
-                 id="mha-theta1e4-no-n_kv_heads", marks=()),
+    pytest.param(dict(n_heads=4, n_kv_heads=4, rope_theta=1e4, ffn=192), dict(multiple_of=64, write_n_kv_heads=False),
+                 id="mha-theta1e4-no-n_kv_heads"),
     pytest.param(dict(n_heads=4, n_kv_heads=4, rope_theta=1e6, ffn=96), dict(multiple_of=32, ffn_dim_multiplier=0.55),
                  id="mha-theta1e6"),
     pytest.param(dict(n_heads=8, n_kv_heads=2, rope_theta=1e4, ffn=224), dict(multiple_of=16, ffn_dim_multiplier=1.3),
@@ -154,9 +162,7 @@ CASES = [
 def test_meta_layout_matches_hf_and_transformers(hf_checkpoint, tiny_tokenizer, tmp_path, hf_kwargs, meta_kwargs):
     hf_dir, hf_model = hf_checkpoint(**hf_kwargs)
     n_shards = meta_kwargs.get("n_shards", 2)
-    write_kv = hf_kwargs["n_heads"] != hf_kwargs["n_kv_heads"] or hf_kwargs["rope_theta"] != 1e4
-    meta_dir = write_meta_checkpoint(tmp_path / "meta", hf_model, tiny_tokenizer, write_n_kv_heads=write_kv,
-                                     **meta_kwargs)
+    meta_dir = write_meta_checkpoint(tmp_path / "meta", hf_model, tiny_tokenizer, **meta_kwargs)
     assert len(list(meta_dir.glob("consolidated.*.pth"))) == n_shards
 
     meta_model, hf_rt = cl.load(meta_dir), cl.load(hf_dir)
@@ -223,6 +229,20 @@ def test_meta_vocab_size_minus_one_comes_from_embeddings(hf_checkpoint, tiny_tok
     got = model.logits(ids)
     assert got.shape[-1] == hf_model.config.vocab_size
     assert rel_err(got, hf_logits(hf_model, ids)) < LOGITS_REL_TOL
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, dim, ffn", [(8, 1, 64, 192), (6, 3, 96, 256)],
+                         ids=["kv1-over-2-shards", "kv3-over-2-shards"])
+def test_meta_heads_not_dividing_shards_load_right(hf_checkpoint, tiny_tokenizer, tmp_path,
+                                                            n_heads, n_kv_heads, dim, ffn):
+    """Meta's code cannot write such shards (n_local_kv_heads = n_kv_heads // mp), but a re-sharded copy
+    may exist: rows split evenly, heads do not. The q/k permutation runs after concatenation, so it loads right."""
+    _, hf_model = hf_checkpoint(n_heads=n_heads, n_kv_heads=n_kv_heads, dim=dim, ffn=ffn)
+    meta_dir = write_meta_checkpoint(tmp_path / "meta", hf_model, tiny_tokenizer, multiple_of=256 if ffn == 256
+                                     else 64, allow_split_heads=True)
+    model = cl.load(meta_dir)
+    ids = model.tokenizer.encode(PROMPT * 4)
+    assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) < LOGITS_REL_TOL
 
 
 # ---- RoPE layout oracle: Meta's complex rotation vs our rotate-half ------------------------
