@@ -152,7 +152,7 @@ def cmd_info(a) -> None:
     import torch
 
     from .api import parse_dtype
-    from .checkpoint import detect_layout, read_args, resolve_path
+    from .checkpoint import detect_layout, open_source, read_args, resolve_path
     from .config import PRESETS, ModelArgs
 
     dtype = parse_dtype(a.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -164,9 +164,13 @@ def cmd_info(a) -> None:
         directory = resolve_path(a.model if a.model is not None else default_model_path())
         layout = detect_layout(directory)
         args, where = read_args(directory, layout), f"{directory} ({layout} layout)"
+        if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it (as load() does)
+            args.vocab_size = open_source(directory, layout).shards[0].shape("tok_embeddings.weight")[0]
         files = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".pth", ".bin"))
     if a.max_batch_size < 1:
         raise ValueError(f"--max-batch-size={a.max_batch_size} is invalid: expected >= 1")
+    if a.max_seq_len is not None and a.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len={a.max_seq_len} is invalid: max_seq_len must be >= 1")
     seq = a.max_seq_len or args.max_seq_len
     elem = torch.empty((), dtype=dtype).element_size()
     n = args.param_count()

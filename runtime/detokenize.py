@@ -32,11 +32,15 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text that became final (may be empty)."""
         self.ids.append(token_id)
+        if self.stopped:
+            return ""
         self._advance(final=False)
         return self._release(final=False)
 
     def finish(self) -> str:
         """No more tokens: release everything left (an incomplete character as U+FFFD)."""
+        if self.stopped:
+            return ""
         self._advance(final=True)
         return self._release(final=True)
 
