@@ -131,44 +131,50 @@ class Model:
             return list(prompt)
         raise ValueError("prompt must be a str or a list of token ids")
 
-    def _stop_tokens(self, infill: bool = False) -> dict:
+    def _stop_tokens(self, mode: str) -> dict:
+        """Token id -> finish_reason. Infilling also stops at <EOT>; step-format chat at <step>."""
+        tok = self.tokenizer
         stops = {e: "eos" for e in self.args.eos_ids}
-        if self.tokenizer.eos_id is not None:
-            stops[self.tokenizer.eos_id] = "eos"
-        if infill:
-            stops[self.tokenizer.eot_id] = "eot"
+        if tok.eos_id is not None:
+            stops[tok.eos_id] = "eos"
+        if mode == "infill":
+            stops[tok.eot_id] = "eot"
+        if mode == "chat" and tok.step_id is not None:
+            stops[tok.step_id] = "eos"
         return stops
 
-    def _run(self, prompts: list[list[int]], sampling: dict, infill: bool = False):
-        return self.engine.run(prompts, SamplingParams(**sampling), self._stop_tokens(infill))
+    def _run(self, prompts: list[list[int]], sampling: dict, mode: str = "text"):
+        return self.engine.run(prompts, SamplingParams(**sampling), self._stop_tokens(mode))
 
     def generate(self, prompt, **sampling) -> Union[Completion, list]:
         """prompt: str | list[int], or a list of those -> Completion (or a list of them)."""
         batch = isinstance(prompt, (list, tuple)) and bool(prompt) and \
             all(isinstance(p, (str, list, tuple)) for p in prompt)
         prompts = [self._ids(p) for p in prompt] if batch else [self._ids(prompt)]
-        run = self._run(prompts, sampling)
-        for _ in run:
-            pass
-        return run.completions if batch else run.completions[0]
+        completions = _finish(self._run(prompts, sampling))
+        return completions if batch else completions[0]
 
     def stream(self, prompt, **sampling) -> Iterator[str]:
-        """Yield text pieces of one prompt's completion as they become final."""
+        """Text pieces of one prompt's completion as they become final (arguments checked now)."""
         run = self._run([self._ids(prompt)], sampling)
-        for _, piece in run:
-            yield piece
+        return (piece for _, piece in run)
 
     def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, **sampling) -> Completion:
         """The middle between `prefix` and `suffix` (Meta's prompt format); stops at <EOT>."""
         ids = self.tokenizer.encode_infill(prefix, suffix, suffix_first=suffix_first)
-        run = self._run([ids], sampling, infill=True)
-        for _ in run:
-            pass
-        return run.completions[0]
+        return _finish(self._run([ids], sampling, mode="infill"))[0]
 
     def chat(self, messages: list, **sampling) -> Completion:
         """Instruct chat: messages [{'role': 'system'|'user'|'assistant', 'content': str}, ...]."""
-        run = self._run([self.tokenizer.encode_chat(messages)], sampling)
-        for _ in run:
-            pass
-        return run.completions[0]
+        return _finish(self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat"))[0]
+
+    def stream_chat(self, messages: list, **sampling) -> Iterator[str]:
+        """`chat`, streamed as text pieces."""
+        run = self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat")
+        return (piece for _, piece in run)
+
+
+def _finish(run) -> list[Completion]:
+    for _ in run:
+        pass
+    return run.completions

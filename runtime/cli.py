@@ -5,6 +5,7 @@ Bad arguments or bad input print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(c)
     c.add_argument("--system", default=None, help="system prompt")
 
+    k = sub.add_parser("mask", help="show which prompt token may attend to which (infill segments marked)")
+    k.add_argument("--model", default=None, help="model directory whose tokenizer to use")
+    k.add_argument("--tokenizer", default=None, help="a tokenizer.model file (instead of --model)")
+    k.add_argument("--suffix-first", action="store_true", help="SPM layout for a <FILL_ME> prompt")
+    k.add_argument("--max-tokens", type=int, default=48, help="rows/columns shown in the terminal")
+    k.add_argument("--png", default=None, help="also write the mask as a PNG picture here")
+    k.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    k.add_argument("prompt", help="prompt text; one <FILL_ME> shows the infill prompt's segments")
+
     n = sub.add_parser("info", help="config, parameter count, weight and KV-cache memory")
     n.add_argument("--model", default=None, help="model directory, hub id, or a preset name such as CodeLlama-7b")
     n.add_argument("--dtype", default=None)
@@ -102,7 +112,7 @@ def cmd_generate(a) -> None:
 
 def cmd_infill(a) -> None:
     from .sampling import SamplingParams
-    from .tokenizer import FILL_ME
+    from .tokenizer import split_fill
 
     SamplingParams(**_sampling(a))
     if a.file is not None:
@@ -112,10 +122,10 @@ def cmd_infill(a) -> None:
             text = Path(a.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--file {a.file}: cannot read: {e}") from None
-        parts = text.split(FILL_ME)
-        if len(parts) != 2:
-            raise ValueError(f"--file {a.file}: must contain exactly one {FILL_ME}, found {len(parts) - 1}")
-        prefix, suffix = parts
+        try:
+            prefix, suffix = split_fill(text)
+        except ValueError as e:
+            raise ValueError(f"--file {a.file}: {e}") from None
     elif a.prefix is None or a.suffix is None:
         raise ValueError("infill needs --prefix and --suffix (or --file with a <FILL_ME> marker)")
     else:
@@ -141,11 +151,31 @@ def cmd_chat(a) -> None:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         reply = ""
-        for piece in model.stream(model.tokenizer.encode_chat(messages), **_sampling(a)):
+        for piece in model.stream_chat(messages, **_sampling(a)):
             reply += piece
             _write(piece)
         _write("\n")
         messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_mask(a) -> None:
+    from .mask_view import prompt_segments, render_text, write_png
+    from .tokenizer import Tokenizer
+
+    if a.max_tokens < 1:
+        raise ValueError(f"--max-tokens={a.max_tokens} is invalid: expected >= 1")
+    if a.tokenizer is not None:
+        tok = Tokenizer.from_file(a.tokenizer)
+    else:
+        from .api import default_model_path
+        from .checkpoint import resolve_path
+
+        tok = Tokenizer.from_pretrained(resolve_path(a.model if a.model is not None else default_model_path()))
+    ids, labels = prompt_segments(tok, a.prompt, suffix_first=a.suffix_first)
+    color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
+    print(render_text(tok, ids, labels, color=color, max_tokens=a.max_tokens))
+    if a.png:
+        print(f"wrote {write_png(a.png, labels)}")
 
 
 def cmd_info(a) -> None:
@@ -196,7 +226,8 @@ def cmd_info(a) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "info": cmd_info,
+            "mask": cmd_mask}
 
 
 def main(argv=None) -> int:
@@ -211,6 +242,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `| head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

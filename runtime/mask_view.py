@@ -1,0 +1,108 @@
+"""Attention-mask visualizer: which prompt token may attend to which, with infill segments marked.
+
+In the spirit of transformers' AttentionMaskVisualizer. The model's mask is causal (query i sees
+keys 0..i); for an infill prompt the rows and columns are labelled with their segment so the
+PSM / SPM layout is visible.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+from .tokenizer import FILL_ME, Tokenizer, split_fill
+
+# segment -> (one-letter tag, ANSI colour, RGB)
+SEGMENTS = {
+    "special": ("*", "\033[95m", (170, 60, 200)),
+    "text": ("T", "\033[94m", (60, 110, 220)),
+    "prefix": ("P", "\033[92m", (40, 170, 80)),
+    "suffix": ("S", "\033[93m", (220, 160, 20)),
+}
+_RESET = "\033[0m"
+_MASKED_RGB, _BG_RGB = (225, 225, 225), (255, 255, 255)
+
+
+def prompt_segments(tok: Tokenizer, prompt: str, *, suffix_first: bool = False) -> tuple[list[int], list[str]]:
+    """Token ids of the prompt the model would see and a segment label per token.
+
+    A prompt with one <FILL_ME> becomes Meta's infill prompt (PSM, or SPM with suffix_first).
+    """
+    if FILL_ME not in prompt:
+        ids = tok.encode(prompt)
+        return ids, ["special" if i in tok.special_ids else "text" for i in ids]
+    prefix, suffix = split_fill(prompt)
+    ids = tok.encode_infill(prefix, suffix, suffix_first=suffix_first)
+    n_pre, n_suf = len(tok.encode(prefix, add_bos=False)), len(tok.encode_nospace(suffix))
+    sp = lambda n: ["special"] * n  # noqa: E731
+    if suffix_first:
+        labels = sp(3) + ["suffix"] * n_suf + sp(1) + ["prefix"] * n_pre
+    else:
+        labels = sp(2) + ["prefix"] * n_pre + sp(1) + ["suffix"] * n_suf + sp(1)
+    assert len(labels) == len(ids)
+    return ids, labels
+
+
+def _token_label(tok: Tokenizer, i: int, width: int) -> str:
+    piece = tok.sp.id_to_piece(i)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in piece)
+    return (text[:width - 1] + "…") if len(text) > width else text
+
+
+def render_text(tok: Tokenizer, ids: list[int], labels: list[str], *, color: bool = False,
+                max_tokens: int = 48, width: int = 12) -> str:
+    """The mask as text: one row per query token, ■ where it may attend to the key, ⬚ where masked."""
+    n = min(len(ids), max_tokens)
+    lines = []
+    legend = "  ".join(f"{tag}={name}" for name, (tag, _, _) in SEGMENTS.items() if name in labels)
+    lines.append(f"{len(ids)} tokens, causal mask (■ may attend, ⬚ masked); segments: {legend}")
+    for q in range(n):
+        tag, ansi, _ = SEGMENTS[labels[q]]
+        cells = []
+        for k in range(n):
+            if k <= q:
+                cells.append(f"{SEGMENTS[labels[k]][1]}■{_RESET}" if color else "■")
+            else:
+                cells.append("⬚")
+        name = _token_label(tok, ids[q], width)
+        head = f"{q:>4} {tag} {name:<{width}}"
+        lines.append(f"{ansi}{head}{_RESET} " + " ".join(cells) if color else f"{head} " + " ".join(cells))
+    if n < len(ids):
+        lines.append(f"... {len(ids) - n} more tokens not shown (--max-tokens)")
+    return "\n".join(lines)
+
+
+def write_png(path, labels: list[str], *, cell: int = 0) -> Path:
+    """A picture of the mask: visible cells coloured by the key's segment, a segment strip on the
+    top and left edges, masked cells grey. cell: pixels per token (0: fit about 640 pixels)."""
+    n = len(labels)
+    cell = cell or max(2, min(24, 640 // (n + 1)))
+    size = (n + 1) * cell
+    rgb = [SEGMENTS[label][2] for label in labels]
+    rows = []
+    for y in range(size):
+        q = y // cell - 1
+        row = bytearray([0])  # filter type: none
+        for x in range(size):
+            k = x // cell - 1
+            if q < 0 and k < 0:
+                px = _BG_RGB
+            elif q < 0:
+                px = rgb[k]
+            elif k < 0:
+                px = rgb[q]
+            else:
+                px = rgb[k] if k <= q else _MASKED_RGB
+            if (x % cell == cell - 1 or y % cell == cell - 1) and q >= 0 and k >= 0:
+                px = _BG_RGB  # grid lines
+            row += bytes(px)
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b"")
+    path = Path(path)
+    path.write_bytes(png)
+    return path
