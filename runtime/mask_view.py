@@ -72,37 +72,36 @@ def render_text(tok: Tokenizer, ids: list[int], labels: list[str], *, color: boo
     return "\n".join(lines)
 
 
+PNG_MAX_TOKENS = 1024
+
+
 def write_png(path, labels: list[str], *, cell: int = 0) -> Path:
-    """A picture of the mask: visible cells coloured by the key's segment, a segment strip on the
-    top and left edges, masked cells grey. cell: pixels per token (0: fit about 640 pixels)."""
+    """A picture of the mask for the first PNG_MAX_TOKENS tokens: visible cells coloured by the key's
+    segment, a segment strip on the top and left edges, masked cells grey.
+    cell: pixels per token (0: fit about 640 pixels)."""
+    labels = labels[:PNG_MAX_TOKENS]
     n = len(labels)
-    cell = cell or max(2, min(24, 640 // (n + 1)))
-    size = (n + 1) * cell
-    rgb = [SEGMENTS[label][2] for label in labels]
-    rows = []
-    for y in range(size):
-        q = y // cell - 1
-        row = bytearray([0])  # filter type: none
-        for x in range(size):
-            k = x // cell - 1
-            if q < 0 and k < 0:
-                px = _BG_RGB
-            elif q < 0:
-                px = rgb[k]
-            elif k < 0:
-                px = rgb[q]
-            else:
-                px = rgb[k] if k <= q else _MASKED_RGB
-            if (x % cell == cell - 1 or y % cell == cell - 1) and q >= 0 and k >= 0:
-                px = _BG_RGB  # grid lines
-            row += bytes(px)
-        rows.append(bytes(row))
+    cell = cell or max(1, min(24, 640 // (n + 1)))
+    rgb = [bytes(SEGMENTS[label][2]) for label in labels]
+    gap = 1 if cell >= 4 else 0  # white grid lines between cells when there is room
+
+    def block(px: bytes) -> bytes:
+        return px * (cell - gap) + bytes(_BG_RGB) * gap
+
+    header_row = bytes(_BG_RGB) * cell + b"".join(px * cell for px in rgb)
+    rows = [header_row] * cell
+    for q in range(n):
+        cells = b"".join(block(rgb[k]) for k in range(q + 1)) + block(bytes(_MASKED_RGB)) * (n - 1 - q)
+        body = rgb[q] * cell + cells
+        rows += [body] * (cell - gap) + [bytes(_BG_RGB) * (cell * (n + 1))] * gap
+    size = cell * (n + 1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
+    raw = b"".join(b"\x00" + r for r in rows)  # filter type 0 per scanline
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)) \
-        + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b"")
+        + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
     path = Path(path)
     path.write_bytes(png)
     return path
