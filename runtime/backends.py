@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels.attention import attention_decode_ref, attention_prefill_ref
+from .kernels.attention_decode import attention_decode_ref
+from .kernels.attention_prefill import attention_prefill_ref
 from .kernels.rms_norm import rms_norm_ref
 from .kernels.rotary import rotary_ref
 from .kernels.swiglu import swiglu_ref

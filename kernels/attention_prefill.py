@@ -1,4 +1,4 @@
-"""Causal grouped-query attention: prefill (a chunk of queries) and decode (one query per sequence)."""
+"""Causal grouped-query attention over a chunk of queries placed after cached tokens (prefill)."""
 from __future__ import annotations
 
 import math
@@ -27,20 +27,3 @@ def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     k_pos = torch.arange(S, device=q.device)[None, :]
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
-
-
-def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         lengths: torch.Tensor) -> torch.Tensor:
-    """One query per sequence against its cached keys.
-
-    q: [B, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int64 [B], 1 <= lengths[b] <= S,
-    sequence b attends to cache positions 0 .. lengths[b] - 1. fp32 math; returns [B, H, D].
-    """
-    B, H, D = q.shape
-    S = k_cache.shape[2]
-    k = _expand_kv(k_cache, H).float()
-    v = _expand_kv(v_cache, H).float()
-    scores = torch.matmul(k, q.float().unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(D))  # [B, H, S]
-    valid = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).unsqueeze(-2), v).squeeze(-2).to(q.dtype)
