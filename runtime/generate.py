@@ -100,37 +100,41 @@ class Run:
         streams = [TextStream(eng.tok, params.stop) for _ in prompts]
         finish = ["length"] * B
         done = [b <= 0 for b in budget]
-        with torch.inference_mode():
-            if not all(done):
+        # inference_mode wraps the tensor work only, never a `yield`: the caller's code between
+        # streamed pieces must not run in inference mode.
+        if not all(done):
+            with torch.inference_mode():
                 cache = eng.cache_for(max(n + b for n, b in zip(lens, budget)))
                 logits = self._prefill(prompts, lens, cache)
                 seen = self._seen(prompts) if params.repetition_penalty != 1.0 else None
                 positions = torch.tensor(lens, dtype=torch.long, device=device)
-                step = 0
-                while True:
+            step = 0
+            while True:
+                with torch.inference_mode():
                     next_tok = sample_next(logits, params, seen, generator)
                     tokens = next_tok.tolist()  # the one host sync per token: stops and streaming
-                    for b, t in enumerate(tokens):
-                        if done[b]:
-                            continue
-                        if t in self.stop_tokens:
-                            finish[b], done[b] = self.stop_tokens[t], True
-                            continue
-                        piece = streams[b].push(t)
-                        if piece:
-                            yield b, piece
-                        if streams[b].stopped:
-                            finish[b], done[b] = "stop", True
-                        elif len(streams[b].ids) >= budget[b]:
-                            done[b] = True
-                    if all(done):
-                        break
+                for b, t in enumerate(tokens):
+                    if done[b]:
+                        continue
+                    if t in self.stop_tokens:
+                        finish[b], done[b] = self.stop_tokens[t], True
+                        continue
+                    piece = streams[b].push(t)
+                    if piece:
+                        yield b, piece
+                    if streams[b].stopped:
+                        finish[b], done[b] = "stop", True
+                    elif len(streams[b].ids) >= budget[b]:
+                        done[b] = True
+                if all(done):
+                    break
+                with torch.inference_mode():
                     if seen is not None:
                         seen[torch.arange(B, device=device), next_tok] = True
                     kv_len = min(cache.max_seq_len, -(-(max(lens) + step + 1) // KV_LEN_ROUND) * KV_LEN_ROUND)
                     logits = model(next_tok[:, None], Decode(positions, kv_len), cache)[:, -1]
-                    positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # finished rows only
-                    step += 1
+                    positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # only finished rows reach the clamp
+                step += 1
         for b in range(B):
             piece = streams[b].finish()
             if piece:

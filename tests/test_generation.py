@@ -143,3 +143,8 @@ def test_decode_step_keeps_static_buffers(model):
     model.generate([PROMPT, "import os"], max_new_tokens=20)
     assert model.engine.cache_for(64) is cache
     assert cache.data.data_ptr() == ptr and cache.data.shape == shape
+
+
+def test_streaming_does_not_leak_inference_mode_to_the_caller(model):
+    states = [torch.is_inference_mode_enabled() for _ in model.stream(PROMPT, max_new_tokens=10)]
+    assert states and not any(states)

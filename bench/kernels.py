@@ -1,0 +1,145 @@
+"""Kernel benchmarks: Triton vs the PyTorch reference (and torch.compile of it) at CodeLlama shapes.
+
+    python bench/kernels.py --out bench/results/<card>-<date>     # on a GPU
+    python bench/kernels.py --out /tmp/k                          # without CUDA: resource table only
+
+Reports GB/s (RMSNorm, rotary, decode attention) as a fraction of the measured device-to-device
+copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
+20/80% quantiles. Always writes the AOT resource table (registers, shared memory, spills).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from codellama_rt.kernels import aot
+from codellama_rt.kernels.attention_decode import attention_decode, attention_decode_ref
+from codellama_rt.kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
+from codellama_rt.kernels.rotary import rope_tables, rotary, rotary_ref
+
+SHAPES = {"7B": dict(dim=4096, heads=32, kv=32), "70B": dict(dim=8192, heads=64, kv=8)}
+
+
+def bench(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds."""
+    from triton.testing import do_bench
+
+    return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100))
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write of 1 GiB)."""
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))[0]
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def providers(triton_fn, ref_fn):
+    out = {"triton": triton_fn, "reference": ref_fn}
+    try:
+        out["torch.compile"] = torch.compile(ref_fn)
+    except Exception:  # pragma: no cover - depends on the install
+        pass
+    return out
+
+
+def run_gpu(dtype=torch.bfloat16) -> list[dict]:
+    rows, bw = [], copy_bandwidth()
+    rows.append(dict(kernel="copy", shape="1 GiB", provider="torch", gbps=bw))
+    dev = "cuda"
+    for name, s in SHAPES.items():
+        tokens, dim = 16384, s["dim"]
+        x = torch.randn(tokens, dim, dtype=dtype, device=dev)
+        r = torch.randn_like(x)
+        w = torch.randn(dim, dtype=dtype, device=dev)
+        nbytes = 4 * x.numel() * x.element_size()  # read x, residual; write y, h
+        for prov, fn in providers(rms_norm, rms_norm_ref).items():
+            ms = bench(lambda: fn(x, w, 1e-5, r))
+            rows.append(dict(kernel="rms_norm", shape=f"{name} {tokens}x{dim}", provider=prov, ms=ms,
+                             gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+        B, T, D = 1, 16384, 128
+        q = torch.randn(B, s["heads"], T, D, dtype=dtype, device=dev)
+        k = torch.randn(B, s["kv"], T, D, dtype=dtype, device=dev)
+        cos, sin = rope_tables(D, T, 1e6, device=dev)
+        pos = torch.arange(T, device=dev).expand(B, T)
+        nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
+        for prov, fn in providers(rotary, rotary_ref).items():
+            ms = bench(lambda: fn(q, k, cos, sin, pos))
+            rows.append(dict(kernel="rotary", shape=f"{name} T={T}", provider=prov, ms=ms,
+                             gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+        for T in (4096, 8192, 16384):
+            q = torch.randn(1, s["heads"], T, D, dtype=dtype, device=dev)
+            k = torch.randn(1, s["kv"], T, D, dtype=dtype, device=dev)
+            v = torch.randn_like(k)
+            flops = 4 * s["heads"] * T * T * D / 2  # causal
+            provs = {"triton": attention_prefill}
+            if T <= 4096:
+                provs["reference"] = attention_prefill_ref
+            for prov, fn in provs.items():
+                ms = bench(lambda: fn(q, k, v, 0))
+                rows.append(dict(kernel="attention_prefill", shape=f"{name} T={T}", provider=prov, ms=ms,
+                                 tflops=flops / ms[0] / 1e9))
+        for S in (16384, 65536, 100000):
+            B = 1
+            q = torch.randn(B, s["heads"], D, dtype=dtype, device=dev)
+            kc = torch.randn(B, s["kv"], S, D, dtype=dtype, device=dev)
+            vc = torch.randn_like(kc)
+            lengths = torch.full((B,), S, dtype=torch.long, device=dev)
+            nbytes = 2 * kc.numel() * kc.element_size()
+            for prov, fn in providers(attention_decode, attention_decode_ref).items():
+                ms = bench(lambda: fn(q, kc, vc, lengths))
+                rows.append(dict(kernel="attention_decode", shape=f"{name} S={S}", provider=prov, ms=ms,
+                                 gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| kernel | shape | provider | median ms (p20–p80) | GB/s | of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r.get("ms")
+        ms_s = f"{ms[0]:.3f} ({ms[1]:.3f}–{ms[2]:.3f})" if ms else ""
+        gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        frac = f"{r['frac_copy']:.0%}" if "frac_copy" in r else ""
+        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+        lines.append(f"| {r['kernel']} | {r.get('shape', '')} | {r['provider']} | {ms_s} | {gbps} | {frac} | {tf} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    table = aot.resource_table()
+    meta = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    rows = []
+    if torch.cuda.is_available():
+        meta["device"] = torch.cuda.get_device_name()
+        rows = run_gpu()
+    else:
+        meta["device"] = "no CUDA: speed not measured"
+    report = [f"# Kernel report\n\n{json.dumps(meta)}\n", "## Speed\n", to_markdown(rows) if rows else
+              "No CUDA device: speed not measured.", "\n## AOT resources (sm_80 / sm_90)\n", aot.format_table(table)]
+    problems = aot.problems(table)
+    if problems:
+        report += ["\n## Problems\n"] + [f"- {p}" for p in problems]
+    (a.out / "kernels.md").write_text("\n".join(report) + "\n")
+    (a.out / "kernels.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "resources": [r.__dict__ for r in table]}, indent=1, default=str))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

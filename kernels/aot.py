@@ -1,0 +1,50 @@
+"""Ahead-of-time compilation of every Triton kernel at the launch configurations the launchers use,
+for sm_80 and sm_90, without a GPU: the resource table the compile test checks and bench/ reports."""
+from __future__ import annotations
+
+import importlib
+
+from ._triton import SHARED_LIMIT, CompiledResources, LaunchConfig, compile_for
+
+KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attention_decode")
+ARCHS = (80, 90)
+
+
+def all_configs() -> list[LaunchConfig]:
+    """Every module's `aot_configs()`, in KERNEL_MODULES order."""
+    configs = []
+    for name in KERNEL_MODULES:
+        configs += importlib.import_module(f"{__package__}.{name}").aot_configs()
+    return configs
+
+
+def resource_table(archs=ARCHS) -> list[CompiledResources]:
+    return [compile_for(cfg, arch) for cfg in all_configs() for arch in archs]
+
+
+def problems(rows: list[CompiledResources]) -> list[str]:
+    """Spills and shared memory over the card's limit, one line each (empty when all is well)."""
+    out = []
+    for r in rows:
+        if r.spills:
+            out.append(f"{r.kernel} [{r.label}] sm_{r.arch}: spills (stack {r.stack_bytes} B, local {r.local_bytes} B)")
+        if r.shared_bytes > SHARED_LIMIT[r.arch]:
+            out.append(f"{r.kernel} [{r.label}] sm_{r.arch}: shared {r.shared_bytes} B > {SHARED_LIMIT[r.arch]} B")
+    return out
+
+
+def format_table(rows: list[CompiledResources]) -> str:
+    """A Markdown table: kernel, config, arch, warps, registers, shared memory, spills."""
+    lines = ["| kernel | config | arch | warps | registers | shared (B) | spill (B) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.kernel} | {r.label} | sm_{r.arch} | {r.num_warps} | {r.registers} | {r.shared_bytes} | "
+                     f"{r.stack_bytes + r.local_bytes} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    table = resource_table()
+    print(format_table(table))
+    for line in problems(table):
+        print("PROBLEM:", line)
