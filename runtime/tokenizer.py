@@ -19,7 +19,7 @@ from .sp_model import mark_unused
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-CHAT_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")  # Meta's SPECIAL_TAGS: refused inside messages
+CHAT_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>", "<step>")  # Meta's SPECIAL_TAGS: refused inside messages
 FILL_ME = "<FILL_ME>"
 _INFILL_PIECES = {"prefix_id": "▁<PRE>", "middle_id": "▁<MID>", "suffix_id": "▁<SUF>", "eot_id": "▁<EOT>"}
 _ROLES = ("system", "user", "assistant")
@@ -119,7 +119,7 @@ class Tokenizer:
             return self.sp.decode([i for i in ids if i not in self.special_ids])
         out, run = [], []
         for i in ids:
-            if self.sp.is_control(i):
+            if self.sp.is_control(i) or i in self.special_ids:  # textual control pieces too (CodeLlama's ▁<PRE>)
                 out.append(self._decode_run(run, first=not out))
                 out.append(self.sp.id_to_piece(i).replace("▁", " "))
                 run = []

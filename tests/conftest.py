@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,7 @@ def hf_checkpoint(tmp_path, tiny_tokenizer):
         return write_hf_checkpoint(tmp_path / f"ckpt{next(counter)}", tiny_tokenizer, **kwargs)
 
     return make
+
+
+# tests import the tolerance table as `from tolerances import ...`
+sys.path.insert(0, str(Path(__file__).parent))

@@ -5,8 +5,9 @@ with plain SentencePiece on standard-library source lines, Meta's infilling and 
 here with a raw SentencePieceProcessor. The tiny tokenizer trained in the session (always available):
 generic infilling, `decode_infill`, and streaming detokenization (`TextStream`) with stop strings.
 
-Injection safety (text such as " <PRE>" never yielding a control id) is a later issue and not tested here:
-lines containing the infill markers are left out of the parity checks.
+Injection safety (text such as " <PRE>" never yielding a control id), the 70B step format, the HF-compatible
+helpers and the `mask` command are tested in test_tokenizer_safety.py; lines containing the infill markers
+are left out of the parity checks here.
 """
 from __future__ import annotations
 
@@ -79,12 +80,22 @@ def stdlib_lines(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def stdlib_functions() -> list[str]:
+    """Sources of the functions and methods (indented, as in their class) defined in STDLIB_MODULES."""
     funcs = []
     for m in STDLIB_MODULES:
         mod = importlib.import_module(m)
         for _, obj in sorted(vars(mod).items()):
-            if inspect.isfunction(obj) and obj.__module__ == mod.__name__:
-                src = inspect.getsource(obj)
+            if inspect.isclass(obj) and obj.__module__ == mod.__name__:
+                members = [f for _, f in sorted(vars(obj).items()) if inspect.isfunction(f)]
+            elif inspect.isfunction(obj) and obj.__module__ == mod.__name__:
+                members = [obj]
+            else:
+                continue
+            for f in members:
+                try:
+                    src = inspect.getsource(f)
+                except (OSError, TypeError):
+                    continue
                 if 20 < len(src) < 4000 and not any(t in src for t in MARKERS):
                     funcs.append(src)
     return funcs
@@ -167,11 +178,30 @@ def test_encode_infill_matches_meta_codellama():
     def meta_nospace(s):  # Meta's `encode_infilling`
         return sp.encode("☺" + s)[2:]
 
-    for prefix, suffix in infill_pairs():
+    pairs = infill_pairs(400)
+    assert len(set(pairs)) >= 390
+    for prefix, suffix in pairs:
         for suffix_first in (False, True):
             want = meta_infill(sp, ids, prefix, suffix, suffix_first, meta_nospace)
             got = tok.encode_infill(prefix, suffix, suffix_first=suffix_first)
             assert got == want, (prefix, suffix, suffix_first)
+            assert tok.encode_fill(prefix + "<FILL_ME>" + suffix, suffix_first=suffix_first) == got
+
+
+@pytest.mark.parametrize("path", REAL_FILES)
+def test_real_snippets_roundtrip(path):
+    """decode(encode(x)) == x on several hundred stdlib code snippets (whole functions and infill cuts);
+    a suffix encoded without the leading space reads back exactly through decode_infill."""
+    tok, sp = _real(path)
+    funcs = stdlib_functions()
+    assert len(funcs) >= 300
+    for src in funcs:
+        ids = tok.encode(src)
+        assert ids == [1] + sp.encode(src)
+        assert tok.decode(ids) == src, src[:60]
+    for prefix, suffix in infill_pairs(400, seed=1):
+        assert tok.decode(tok.encode(prefix)) == prefix
+        assert tok.decode_infill(tok.encode_nospace(suffix)) == suffix
 
 
 def test_encode_infill_generic_tiny(tiny, tiny_sp):

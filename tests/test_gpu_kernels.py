@@ -1,0 +1,86 @@
+"""GPU-only checks (marked `gpu`, skipped without CUDA): the Triton kernels at real CodeLlama sizes
+in bf16 against their references, and the triton backend end to end on CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tolerances import assert_close, assert_error_within_torch
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+SHAPES = [pytest.param(dict(dim=4096, heads=32, kv=32), id="7B"), pytest.param(dict(dim=8192, heads=64, kv=8), id="70B")]
+
+
+@pytest.mark.parametrize("s", SHAPES)
+def test_rms_norm_real_size(s):
+    from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
+
+    x = torch.randn(4097, s["dim"], device=DEV, dtype=torch.bfloat16)
+    r, w = torch.randn_like(x), torch.randn(s["dim"], device=DEV, dtype=torch.bfloat16)
+    y, h = rms_norm(x, w, 1e-5, r)
+    y_ref, h_ref = rms_norm_ref(x, w, 1e-5, r)
+    assert_close(h, h_ref)
+    assert_close(y, y_ref)
+    y32, _ = rms_norm_ref(x.float(), w.float(), 1e-5, r.float())
+    assert_error_within_torch(y, y_ref, y32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("s", SHAPES)
+def test_rotary_real_size(s):
+    from codellama_rt.kernels.rotary import rope_tables, rotary, rotary_ref
+
+    B, T, D = 2, 3001, 128
+    q = torch.randn(B, s["heads"], T, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(B, s["kv"], T, D, device=DEV, dtype=torch.bfloat16)
+    cos, sin = rope_tables(D, 16384, 1e6, device=DEV)
+    pos = torch.stack([torch.arange(T), torch.arange(7000, 7000 + T)]).to(DEV)
+    q_ref, k_ref = rotary_ref(q.clone(), k.clone(), cos, sin, pos)
+    q2, k2 = rotary(q, k, cos, sin, pos)
+    assert_close(q2, q_ref)
+    assert_close(k2, k_ref)
+
+
+@pytest.mark.parametrize("s", SHAPES)
+@pytest.mark.parametrize("T,start", [(4096, 0), (1000, 3000)])
+def test_prefill_attention_real_size(s, T, start):
+    from codellama_rt.kernels.attention_prefill import attention_prefill, attention_prefill_ref
+
+    D = 128
+    q = torch.randn(1, s["heads"], T, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, s["kv"], start + T, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = attention_prefill(q, k, v, start)
+    ref32 = attention_prefill_ref(q.float(), k.float(), v.float(), start)
+    same = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(s["heads"] // s["kv"], 1), v.repeat_interleave(s["heads"] // s["kv"], 1),
+        attn_mask=torch.ones(T, start + T, dtype=torch.bool, device=DEV).tril(start))
+    assert_error_within_torch(out, same, ref32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("s", SHAPES)
+def test_decode_attention_real_size(s):
+    from codellama_rt.kernels.attention_decode import attention_decode, attention_decode_ref
+
+    B, S, D = 3, 100_000, 128
+    q = torch.randn(B, s["heads"], D, device=DEV, dtype=torch.bfloat16)
+    kc = torch.randn(B, s["kv"], S, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lengths = torch.tensor([1, 16384, 100_000], device=DEV)
+    out = attention_decode(q, kc, vc, lengths)
+    ref32 = attention_decode_ref(q.float(), kc.float(), vc.float(), lengths)
+    assert_error_within_torch(out, attention_decode_ref(q, kc, vc, lengths), ref32, torch.bfloat16)
+
+
+def test_triton_backend_end_to_end_bf16(tmp_path, tiny_tokenizer):
+    import codellama_rt as cl
+    from codellama_rt.config import ModelArgs
+    from codellama_rt.tiny import write_random_checkpoint
+
+    args = ModelArgs(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=2816, vocab_size=1000, max_seq_len=4096)
+    path = write_random_checkpoint(tmp_path / "m", args, tiny_tokenizer)
+    tri = cl.load(path, backend="triton", device=DEV, dtype=torch.bfloat16)
+    ref = cl.load(path, backend="reference", device=DEV, dtype=torch.float32)
+    ids = tri.tokenizer.encode("def fibonacci(n):\n" * 40)
+    a, b = tri.logits(ids), ref.logits(ids)
+    assert ((a - b).abs().max() / b.abs().max()).item() < 5e-2
