@@ -5,13 +5,80 @@ from __future__ import annotations
 
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton
-from triton.runtime.interpreter import InterpretedFunction
+import triton.language as tl
+import triton.runtime.interpreter as _interpreter
+from triton._C.libtriton import ir as _ir
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
+
+
+_device_fns: dict = {}
+
+
+@contextmanager
+def _device_calls_interpreted():
+    """While an interpreted grid runs, make `triton.jit` device functions the kernel calls (tl.sum, tl.max,
+    tl.sigmoid, our own helpers) run interpreted too: outside TRITON_INTERPRET=1 they are JITFunctions,
+    whose __call__ raises "Cannot call @triton.jit'd outside of the scope of a kernel". Each call patches
+    the language for the callee's module and restores it on return (LIFO inside the grid's own patch)."""
+    original = JITFunction.__call__
+
+    def call(jit_fn, *args, **kwargs):
+        fn = jit_fn.fn
+        if fn not in _device_fns:
+            _device_fns[fn] = InterpretedFunction(fn).rewrite()
+        scope = _patch_lang(fn)
+        try:
+            return _device_fns[fn](*args, **kwargs)
+        finally:
+            scope.restore()
+
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+_convert_float = _interpreter._convert_float
+
+
+def _convert_float_as_gpu(data, src_dtype, dst_dtype, rounding_mode):
+    """The interpreter's float conversion, with fp32 <-> bf16 done as on the GPU: fp32 -> bf16 rounded to
+    nearest even (`cvt.rn.bf16.f32`; the interpreter truncates: up to 1 ulp off, biased) and bf16 -> fp32
+    exact for subnormals too (the interpreter flushes some of them)."""
+    if src_dtype == tl.float32 and dst_dtype == tl.bfloat16 and rounding_mode != _ir.ROUNDING_MODE.RTZ:
+        f32 = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        return f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
+        return (np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return _convert_float(data, src_dtype, dst_dtype, rounding_mode)
+
+
+@contextmanager
+def _bf16_rounding_as_gpu():
+    _interpreter._convert_float = _convert_float_as_gpu
+    try:
+        yield
+    finally:
+        _interpreter._convert_float = _convert_float
+
+
+class _Interpreted(InterpretedFunction):
+    """The interpreter (as TRITON_INTERPRET=1 would run it), with device-function calls and fp32 -> bf16
+    rounding as on the GPU. Still unlike the GPU: arithmetic directly on bf16 values (the interpreter
+    stores them as uint16 and computes on the integers), so kernels upcast bf16 to fp32 first."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        with _device_calls_interpreted(), _bf16_rounding_as_gpu():
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 class Kernel:
@@ -22,7 +89,7 @@ class Kernel:
     def __init__(self, fn, **jit_kwargs):
         self.fn = fn
         self.jit = JITFunction(fn, **jit_kwargs)
-        self.interp = InterpretedFunction(fn, **jit_kwargs)
+        self.interp = _Interpreted(fn, **jit_kwargs)
         self.__name__ = fn.__name__
 
     def on(self, tensor: torch.Tensor):
@@ -44,6 +111,9 @@ class LaunchConfig:
 
     signature: argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr", ...);
     constexprs: values of the constexpr arguments.
+    divisible_by_16: names of pointer/int arguments the JIT would specialise as multiples of 16
+    (`tt.divisibility`: torch allocations, strides and sizes that are multiples of 16); without them the
+    compile assumes nothing about alignment and does not vectorise, unlike the real launch.
     """
 
     kernel: Kernel
@@ -52,6 +122,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    divisible_by_16: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +141,28 @@ class CompiledResources:
         return self.stack_bytes > 0 or self.local_bytes > 0
 
 
+def launch_config(kern: Kernel, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int = 3,
+                  label: str = "") -> LaunchConfig:
+    """The LaunchConfig the JIT would compile for `kern[grid](*args, **constexprs)`: every argument typed by
+    Triton's own specialisation rule (ints equal to 1 become constexprs, multiples of 16 and 16-byte
+    aligned pointers are marked divisible, `do_not_specialize` honoured). Tensors may be on the meta
+    device, so a launcher's argument code can be run on the model's shapes without a GPU."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kern.jit.signature, kern.jit.params, CUDABackend)
+    params, specialization, _ = binder(*args, **constexprs)
+    signature, values, divisible = {}, {}, []
+    for (name, value), (ty, attr) in zip(params.items(), specialization):
+        signature[name] = ty
+        if ty == "constexpr":
+            values[name] = value
+        elif isinstance(attr, str) and "D" in attr:
+            divisible.append(name)
+    return LaunchConfig(kernel=kern, signature=signature, constexprs=values, num_warps=num_warps,
+                        num_stages=num_stages, label=label, divisible_by_16=tuple(divisible))
+
+
 # Shared memory a block may use (opt-in maximum) per architecture.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -83,7 +176,13 @@ def compile_for(cfg: LaunchConfig, arch: int) -> CompiledResources:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=cfg.constexprs)
+    names = cfg.kernel.jit.arg_names
+    unknown = set(cfg.divisible_by_16) - set(cfg.signature)
+    if unknown:
+        raise ValueError(f"{cfg.kernel.__name__} [{cfg.label}]: divisible_by_16 names unknown arguments "
+                         f"{sorted(unknown)}")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in cfg.divisible_by_16}
+    src = ASTSource(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     cubin = compiled.asm["cubin"]

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+from ._triton import LaunchConfig, kernel, triton_dtype
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -26,3 +31,308 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     valid = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).unsqueeze(-2), v).squeeze(-2).to(q.dtype)
+
+
+# ---- Triton flash-decoding -------------------------------------------------------------------
+#
+# Pass 1 (`_decode_split_kernel`), grid (B, Hkv, num_splits): program (b, g, s) takes the GROUP query
+# heads of kv head g as one [BLOCK_G, D] tile (padded to >= 16 rows for tl.dot), so each K/V block is
+# loaded once for the whole group. Sequence b's keys 0 .. lengths[b]-1 are cut on the device into
+# num_splits chunks of whole BLOCK_N blocks; the program runs an online softmax over its chunk and
+# writes the fp32 partials (running max m in log2 units, sum l, unnormalised sum of p * V).
+# A chunk past the end of the sequence writes the neutral partial (m = -inf, l = 0, acc = 0).
+# Pass 2 (`_decode_reduce_kernel`), grid (B, H): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
+# with M = max_s m_s (neutral partials weigh exactly 0), cast to q's dtype.
+#
+# KV_ALIGNED: the launcher found the K/V base addresses and batch/head/position strides 16-byte aligned
+# (always so for slices of a contiguous cache) and the kernel states it with tl.multiple_of. The JIT
+# would infer it from the argument values; an AOT compile sees no values, and without the hint its K/V
+# loads are neither vectorised nor pipelined (255 registers and spills instead of 128 and none).
+# UPCAST_DOT (CPU only): Triton 3.6's interpreter multiplies the raw uint16 bits of bf16 operands in
+# tl.dot, so the interpreter path casts them to fp32 first (exact; the products are the same).
+
+_LOG2E = 1.4426950408889634
+
+
+@kernel(do_not_specialize=["seq_len", "num_splits"])  # one binary for every cache length and split count
+def _decode_split_kernel(
+    Q, K, V, Lengths, MidO, MidM, MidL,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    seq_len, num_splits, qk_scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_g = tl.program_id(1)  # kv head
+    pid_s = tl.program_id(2)
+    n_heads = tl.num_programs(1) * GROUP
+
+    # This split's keys [start, end): whole blocks of the sequence's own length (no host sync).
+    length = tl.minimum(tl.load(Lengths + pid_b), seq_len).to(tl.int32)  # never read past the cache
+    blocks_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
+    start = pid_s * blocks_per_split * BLOCK_N
+    end = tl.minimum(start + blocks_per_split * BLOCK_N, length)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = pid_g * GROUP + offs_g  # query heads of this kv head
+
+    b64 = pid_b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None],
+                other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_ptrs = K + b64 * stride_kb + pid_g.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + pid_g.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        kv_mask = (n0 + offs_n) < end
+        k_tile = k_ptrs + n0 * stride_ks
+        if KV_ALIGNED:  # 16-byte aligned rows (what the JIT infers from aligned arguments; AOT gets it here)
+            k_tile = tl.multiple_of(k_tile, [16, 16])
+        k = tl.load(k_tile, mask=kv_mask[:, None], other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(kv_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the block holds >= 1 valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_tile = v_ptrs + n0 * stride_vs
+        if KV_ALIGNED:
+            v_tile = tl.multiple_of(v_tile, [16, 16])
+        v = tl.load(v_tile, mask=kv_mask[:, None], other=0.0)
+        p_v = p.to(v.dtype)  # P @ V on the tensor cores in V's dtype, fp32 accumulate
+        if UPCAST_DOT:
+            p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision="ieee")
+        m_i = m_new
+
+    row = (b64 * n_heads + heads) * num_splits + pid_s  # [BLOCK_G] index into [B, H, num_splits]
+    tl.store(MidM + row, m_i, mask=g_mask)
+    tl.store(MidL + row, l_i, mask=g_mask)
+    tl.store(MidO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+
+
+@kernel(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    MidO, MidM, MidL, Out,
+    stride_ob, stride_oh,
+    num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    row0 = (pid_b.to(tl.int64) * tl.num_programs(1) + pid_h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.load(MidM + row0 + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
+    big_m = tl.max(m_max, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every split empty (length 0): no NaN
+
+    l_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_mask = s0 + offs_s < num_splits
+        m = tl.load(MidM + row0 + s0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(m - big_m)  # neutral partial: 2^-inf = 0
+        l_sum += w * tl.load(MidL + row0 + s0 + offs_s, mask=s_mask, other=0.0)
+        o = tl.load(MidO + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None],
+                    other=0.0)
+        acc += w[:, None] * o
+    denom = tl.sum(l_sum, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    out = tl.sum(acc, 0) / denom
+    tl.store(Out + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+# ---- launch heuristics -----------------------------------------------------------------------
+
+_H100_SMS = 132
+_MAX_SPLITS = 128
+_REDUCE_BLOCK_S = 16
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Everything the launcher decides from the shapes; never from `lengths` (graph-safe)."""
+
+    num_splits: int   # pass-1 programs per (sequence, kv head); each cuts its own length into this many chunks
+    block_n: int      # keys per K/V tile
+    block_g: int      # query-head rows per tile: GROUP padded to a power of two >= 16 (tl.dot minimum)
+    num_warps: int
+    num_stages: int
+    reduce_block_s: int  # splits per step of the reduction loop
+    reduce_num_warps: int
+    reduce_num_stages: int
+
+
+def decode_launch(B: int, n_kv_heads: int, S: int, group: int, head_dim: int, elem_size: int,
+                  on_cuda: bool = True, num_sms: int = _H100_SMS) -> DecodeLaunch:
+    """The one place that picks split count and tile sizes, from (B, Hkv, S) and the head shape.
+
+    CUDA: K/V tiles of 16 KiB (BLOCK_N = 64 keys at D=128 in 16-bit; three-stage cp.async pipeline,
+    70 KiB shared), and enough splits that B * Hkv * num_splits is at least twice the SM count (at
+    least two pass-1 programs are resident per SM), but no more splits than the cache has tiles.
+    Each sequence then divides its own length among the splits on the device, so short sequences in
+    a long cache (a graph captured at the full cache length) still spread over all splits.
+    CPU (Triton's interpreter, tests only): the same tiles but at most 4 splits, since the interpreter
+    pays per program, not per byte.
+    """
+    block_n = max(16, min(128, 16384 // (head_dim * elem_size)))
+    block_g = max(16, triton.next_power_of_2(group))
+    n_blocks = triton.cdiv(S, block_n)
+    wanted = triton.cdiv(2 * num_sms, B * n_kv_heads) if on_cuda else 4
+    num_splits = max(1, min(wanted, n_blocks, _MAX_SPLITS))
+    return DecodeLaunch(num_splits=num_splits, block_n=block_n, block_g=block_g, num_warps=4, num_stages=3,
+                        reduce_block_s=_REDUCE_BLOCK_S, reduce_num_warps=4, reduce_num_stages=1)
+
+
+def _split_constexprs(cfg: DecodeLaunch, group: int, head_dim: int, dtype: torch.dtype, on_cuda: bool,
+                      kv_aligned: bool) -> dict:
+    """Pass 1's constexprs, shared by the launcher and `aot_configs` so the two cannot drift apart."""
+    return dict(GROUP=group, BLOCK_G=cfg.block_g, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
+                UPCAST_DOT=not on_cuda and dtype == torch.bfloat16, KV_ALIGNED=kv_aligned)
+
+
+def _reduce_constexprs(cfg: DecodeLaunch, head_dim: int) -> dict:
+    return dict(BLOCK_S=cfg.reduce_block_s, HEAD_DIM=head_dim)
+
+
+def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l) -> torch.Tensor:
+    """Run both passes with the given decisions and buffers (inputs already checked; q with unit stride
+    along D; out [B, H, D] with unit stride along D; contiguous fp32 scratch mid_o [B, H, num_splits, D],
+    mid_m and mid_l [B, H, num_splits]). Tests call it with poisoned buffers."""
+    B, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    kv_aligned = _aligned16(k_cache) and _aligned16(v_cache)
+    _decode_split_kernel.on(q)[(B, Hkv, cfg.num_splits)](
+        q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        S, cfg.num_splits, _LOG2E / math.sqrt(D),
+        **_split_constexprs(cfg, H // Hkv, D, q.dtype, q.is_cuda, kv_aligned),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _decode_reduce_kernel.on(q)[(B, H)](
+        mid_o, mid_m, mid_l, out,
+        out.stride(0), out.stride(1),
+        cfg.num_splits,
+        **_reduce_constexprs(cfg, D),
+        num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
+    )
+    return out
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """Base address and the batch/head/position strides are multiples of 16 bytes."""
+    return all(x * t.element_size() % 16 == 0 for x in t.stride()[:3]) and t.data_ptr() % 16 == 0
+
+
+def _check(q, k_cache, v_cache, lengths) -> None:
+    assert q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}"
+    B, H, D = q.shape
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} not fp16/bf16/fp32"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        assert t.dim() == 4, f"{name} must be [B, Hkv, S, D], got shape {tuple(t.shape)}"
+        assert t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}"
+        assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
+        assert t.stride(-1) == 1, f"{name} must be contiguous along head_dim (stride {t.stride(-1)})"
+    assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+    Bk, Hkv, S, Dk = k_cache.shape
+    assert Bk == B and Dk == D, f"cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
+    assert D >= 16 and D <= 256 and D & (D - 1) == 0, f"head_dim {D} must be a power of two in [16, 256]"
+    assert Hkv >= 1 and H % Hkv == 0, f"n_heads {H} is not a multiple of n_kv_heads {Hkv}"
+    assert S >= 1, "empty KV cache"
+    assert lengths.dtype == torch.int64, f"lengths must be int64, got {lengths.dtype}"
+    assert lengths.shape == (B,), f"lengths must have shape ({B},), got {tuple(lengths.shape)}"
+    assert lengths.device == q.device, f"lengths on {lengths.device}, q on {q.device}"
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """Triton flash-decoding; same contract and result as `attention_decode_ref`.
+
+    q: [B, H, D] (any strides); k_cache, v_cache: [B, Hkv, S, D], unit stride along D (e.g. slices
+    `cache[:B, :, :kv_len]` of a contiguous buffer, used in place); lengths: int64 [B] on q's device,
+    1 <= lengths[b] <= S (not checked: reading it would sync). D a power of two in [16, 256].
+    Scores, softmax and the weighted sum accumulate in fp32 (P is rounded to the V dtype for the
+    P @ V product, as in flash-attention); returns a new contiguous [B, H, D] in q's dtype.
+    Graph-capturable: launch decisions depend on shapes only; scratch comes from torch.empty.
+    """
+    _check(q, k_cache, v_cache, lengths)
+    B, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()  # [B, H, D] is tiny; the kernel then needs no head_dim stride
+    cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=q.is_cuda,
+                        num_sms=_num_sms(q.device))
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    mid_o = torch.empty(B, H, cfg.num_splits, D, dtype=torch.float32, device=q.device)
+    mid_m = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
+    mid_l = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
+    return _launch(q, k_cache, v_cache, lengths, cfg, out, mid_o, mid_m, mid_l)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ---- ahead-of-time specialisations -----------------------------------------------------------
+
+# (label, n_heads, n_kv_heads) of the CodeLlama models; 13B has the same head layout as 7B.
+_AOT_MODELS = (("7B", 32, 32), ("34B/70B", 64, 8))
+_AOT_HEAD_DIM = 128
+
+
+def aot_configs() -> list[LaunchConfig]:
+    """The CUDA specialisations of both passes: bf16 and fp16, head_dim 128, GQA groups of the models.
+
+    Block sizes come from `decode_launch`, as on the GPU; the split count and strides are runtime
+    arguments, so one binary per (dtype, group) serves every batch size and cache length.
+    """
+    configs, seen_reduce = [], set()
+    for dtype in (torch.bfloat16, torch.float16):
+        ty = "*" + triton_dtype(dtype)
+        for label, n_heads, n_kv in _AOT_MODELS:
+            group = n_heads // n_kv
+            cfg = decode_launch(1, n_kv, 4096, group, _AOT_HEAD_DIM, dtype.itemsize)
+            split_sig = {"Q": ty, "K": ty, "V": ty, "Lengths": "*i64",
+                         "MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32",
+                         **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kh",
+                                                     "stride_ks", "stride_vb", "stride_vh", "stride_vs",
+                                                     "seq_len", "num_splits")},
+                         "qk_scale": "fp32",
+                         **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
+                                                           "UPCAST_DOT", "KV_ALIGNED")}}
+            configs.append(LaunchConfig(
+                kernel=_decode_split_kernel, signature=split_sig,
+                constexprs=_split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                label=f"decode split {triton_dtype(dtype)} D{_AOT_HEAD_DIM} group {group} ({label})"))
+            if dtype not in seen_reduce:  # the reduction does not depend on the group
+                seen_reduce.add(dtype)
+                reduce_sig = {"MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32", "Out": ty,
+                              "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32",
+                              "BLOCK_S": "constexpr", "HEAD_DIM": "constexpr"}
+                configs.append(LaunchConfig(
+                    kernel=_decode_reduce_kernel, signature=reduce_sig,
+                    constexprs=_reduce_constexprs(cfg, _AOT_HEAD_DIM),
+                    num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
+                    label=f"decode reduce {triton_dtype(dtype)} D{_AOT_HEAD_DIM}"))
+    return configs

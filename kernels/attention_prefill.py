@@ -1,9 +1,15 @@
 """Causal grouped-query attention over a chunk of queries placed after cached tokens (prefill)."""
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -27,3 +33,242 @@ def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     k_pos = torch.arange(S, device=q.device)[None, :]
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
+# ---- Triton flash-attention prefill ----------------------------------------------------------
+#
+# Grid (cdiv(T, BLOCK_M), H, B); program (m, h, b) takes BLOCK_M queries of head h of sequence b as
+# one [BLOCK_M, D] tile and runs an online softmax over the keys they see, reading kv head
+# h // group in place (q, k, v, out by their own strides). Scores are scaled by
+# qk_scale = log2(e) / sqrt(D) so the softmax runs on exp2; the running max m, the running sum l
+# and the [BLOCK_M, D] accumulator stay in fp32; P is rounded to V's dtype for the P @ V product
+# (as in flash-attention). As in Triton's fused-attention tutorial the key blocks are visited in
+# two stages: stage 0, blocks every query of the tile sees in full (no mask); stage 1, the blocks
+# on the diagonal (causal mask; loads masked at start + T). Blocks past the diagonal are skipped.
+# FP32_DOT: float32 inputs take IEEE dots (tl.dot would use TF32). UPCAST_DOT (interpreter only):
+# bf16 operands go to the dots as fp32, since the interpreter cannot multiply bf16 directly; the
+# products are the same (bf16 x bf16 is exact in fp32).
+
+_LOG2E = 1.4426950408889634
+
+
+@kernel(do_not_specialize=["T", "start"])  # one binary for every chunk length and offset
+def _attention_prefill_kernel(
+    Q, K, V, Out,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    T, start, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # tiles with the most keys start first
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)  # int64 offsets: a whole cache can pass 2**31 elements
+    off_hkv = off_h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_pos = start + offs_m  # absolute position: query i sees keys 0 .. start + i
+    kv_len = start + T      # keys at or past kv_len are never read
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Key block [n0, n0 + BLOCK_N) is seen in full by every query of the tile iff
+    # n0 + BLOCK_N <= first_pos + 1, and then it also ends at or before kv_len (first_pos < kv_len).
+    first_pos = start + pid_m * BLOCK_M
+    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    diag_end = tl.minimum(first_pos + BLOCK_M, kv_len)  # one past the last key a real query sees
+    # Key 0 is visible to every row and lies in the first block visited, so m_i is finite from then
+    # on: a row fully masked in a later diagonal block gets p = 0 and alpha = 1, never NaN.
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo = 0
+            hi = full_end
+        else:
+            lo = full_end
+            hi = diag_end
+        for n0 in range(lo, hi, BLOCK_N):
+            keys = n0 + offs_n
+            if stage == 0:
+                k = tl.load(k_ptrs + n0 * stride_ks)
+            else:
+                k = tl.load(k_ptrs + n0 * stride_ks, mask=keys[:, None] < kv_len, other=0.0)
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+            if FP32_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if stage == 1:
+                s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if stage == 0:
+                v = tl.load(v_ptrs + n0 * stride_vs)
+            else:
+                v = tl.load(v_ptrs + n0 * stride_vs, mask=keys[:, None] < kv_len, other=0.0)
+            p_v = p.to(v.dtype)  # P @ V on the tensor cores in V's dtype, fp32 accumulate
+            if UPCAST_DOT:
+                p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+            if FP32_DOT:
+                acc = tl.dot(p_v, v, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p_v, v, acc * alpha[:, None])
+            m_i = m_new
+
+    out = acc / l_i[:, None]  # rows past T divide garbage by a positive l and are not stored
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+# ---- launch heuristics -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    block_m: int     # queries per program
+    block_n: int     # keys per loop step
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K/V loads (GPU only)
+
+
+def prefill_launch(dtype: torch.dtype, head_dim: int) -> PrefillLaunch:
+    """The one place tile sizes are picked. The same on sm_80 and sm_90, and in the CPU interpreter,
+    so the CPU tests run the tiling and masking the GPU runs (resources: `aot_configs`' test).
+
+    16-bit, D = 128: 128 x 64 tiles, 8 warps, 3 stages, the fused-attention tutorial's choice on
+    A100/H100 (no spills; 96 KiB shared on sm_80, 128 KiB on sm_90).
+    16-bit, D <= 64: 64 x 64 tiles, 4 warps, 3 stages (128 x 64 with 4 warps spills on sm_80).
+    fp32 (IEEE dots, no tensor cores; a debugging path): 32 x 64 tiles for D = 128, 64 x 32 for
+    D <= 64, 8 warps, 2 stages, tiles that do not spill on either architecture.
+    """
+    if dtype == torch.float32:
+        if head_dim > 64:
+            return PrefillLaunch(block_m=32, block_n=64, num_warps=8, num_stages=2)
+        return PrefillLaunch(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    if head_dim > 64:
+        return PrefillLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return PrefillLaunch(block_m=64, block_n=64, num_warps=4, num_stages=3)
+
+
+# ---- launcher --------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, on_cuda: bool = None):
+    """Check the arguments, allocate the output and build the launch: (out, (grid, args, constexprs,
+    PrefillLaunch) or None when the output is empty). on_cuda (default: q on CUDA) picks the compiled
+    kernel's constexprs over the interpreter's; `aot_configs` runs it on meta tensors with on_cuda."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention_prefill: {name} must be a 4-d tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, H, T, D = q.shape
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"attention_prefill: dtype {q.dtype} is not supported; expected float16, bfloat16 or float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention_prefill: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"attention_prefill: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"attention_prefill: head_dim {D} is not supported; expected one of {_HEAD_DIMS}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention_prefill: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    Bk, Hkv, S, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"attention_prefill: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+                         f"in batch or head_dim")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"attention_prefill: n_heads {H} is not a multiple of n_kv_heads {Hkv}")
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise TypeError(f"attention_prefill: start must be an int, got {type(start).__name__}")
+    if start < 0:
+        raise ValueError(f"attention_prefill: start {start} is negative")
+    if S < start + T:
+        raise ValueError(f"attention_prefill: k/v hold {S} positions < start + T = {start} + {T}")
+
+    out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out, None
+    on_cuda = q.is_cuda if on_cuda is None else on_cuda
+    cfg = prefill_launch(q.dtype, D)
+    grid = (triton.cdiv(T, cfg.block_m), H, B)
+    args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            T, start, H // Hkv, _LOG2E / math.sqrt(D))
+    constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      FP32_DOT=q.dtype == torch.float32,
+                      UPCAST_DOT=not on_cuda and q.dtype == torch.bfloat16)
+    return out, (grid, args, constexprs, cfg)
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Triton flash-attention prefill; same contract and result as `attention_prefill_ref`.
+
+    q: [B, H, T, D]; k, v: [B, Hkv, S, D] with S >= start + T (keys at start + T and beyond are
+    never read); H a multiple of Hkv (query head h reads kv head h // (H // Hkv)); D in
+    (16, 32, 64, 128); start >= 0. Query i (absolute position start + i) sees keys 0 .. start + i.
+    q, k, v: one dtype (float16, bfloat16, float32), any strides, read in place (e.g. q as
+    `qkv.view(B, T, H, D).transpose(1, 2)`, k/v as cache slices `cache[:B, :, :start + T]`).
+    Scores, softmax and the weighted sum in fp32 with O(T) extra memory (no T x S matrix); P is
+    rounded to V's dtype for the P @ V product; float32 inputs use IEEE (not TF32) dots.
+    Returns a new contiguous [B, H, T, D] tensor in q's dtype. CUDA tensors run the compiled
+    kernel, CPU tensors Triton's interpreter.
+    """
+    out, launch = _prepare(q, k, v, start)
+    if launch is not None:
+        grid, args, constexprs, cfg = launch
+        device = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+        with device:  # Triton launches on the current CUDA device
+            _attention_prefill_kernel.on(q)[grid](*args, **constexprs, num_warps=cfg.num_warps,
+                                                  num_stages=cfg.num_stages)
+    return out
+
+
+# ---- ahead-of-time specialisations -----------------------------------------------------------
+
+def _model_tensors(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device="meta"):
+    """q, k, v laid out as the model passes them: q a view of the fused qkv projection
+    ([B, T, (H + 2 Hkv) D] -> [B, H, T, D]), k and v slices of [max_batch, Hkv, max_seq, D] caches."""
+    B, T, start, max_batch, max_seq = 1, 96, 32, 4, 4096
+    qkv = torch.empty(B, T, (n_heads + 2 * n_kv_heads) * head_dim, dtype=dtype, device=device)
+    q = qkv[..., :n_heads * head_dim].view(B, T, n_heads, head_dim).transpose(1, 2)
+    k_cache, v_cache = (torch.empty(max_batch, n_kv_heads, max_seq, head_dim, dtype=dtype, device=device)
+                        for _ in range(2))
+    return q, k_cache[:B, :, :start + T], v_cache[:B, :, :start + T], start
+
+
+def aot_configs(dtypes=(torch.bfloat16, torch.float16)) -> list[LaunchConfig]:
+    """The CUDA launches for `dtypes`, head_dim 128 (CodeLlama) and 64 (small models), with the
+    head layouts of 7B (32 heads, 32 kv: group 1, a constexpr) and 34B/70B (64 heads, 8 kv: group 8):
+    `_prepare` run on meta tensors laid out as the model passes them, typed as the JIT would type
+    them. T and start are never specialised, so one binary serves every chunk."""
+    from ..config import PRESETS
+
+    configs = {}
+    for dtype in dtypes:
+        for head_dim in (128, 64):
+            for models, preset in (("7B", "CodeLlama-7b"), ("34B/70B", "CodeLlama-34b")):
+                H, Hkv = PRESETS[preset].n_heads, PRESETS[preset].n_kv_heads
+                q, k, v, start = _model_tensors(H, Hkv, head_dim, dtype)
+                _, (_, args, constexprs, cfg) = _prepare(q, k, v, start, on_cuda=True)
+                label = (f"{triton_dtype(dtype)} D={head_dim} H={H} Hkv={Hkv} ({models}) "
+                         f"{cfg.block_m}x{cfg.block_n}")
+                configs[label] = launch_config(_attention_prefill_kernel, args, constexprs, num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages, label=label)
+    return list(configs.values())

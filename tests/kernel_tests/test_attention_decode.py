@@ -1,0 +1,280 @@
+"""Triton flash-decoding (`attention_decode`) against `attention_decode_ref`.
+
+The CPU tests run the kernel source in Triton's interpreter; the CUDA launch decisions are checked
+through `decode_launch` and, for a small case, run in the interpreter too; the CUDA specialisations
+are compiled ahead of time for sm_80 and sm_90. Tests marked `gpu` run only with CUDA.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tolerances.py
+from tolerances import assert_close, assert_error_within_torch, poisoned_like  # noqa: E402
+
+from codellama_rt.kernels._triton import SHARED_LIMIT, compile_for  # noqa: E402
+from codellama_rt.kernels.attention_decode import (  # noqa: E402
+    _launch,
+    aot_configs,
+    attention_decode,
+    attention_decode_ref,
+    decode_launch,
+)
+
+# The interpreter converts the loop bounds (loaded from `lengths`) with a NumPy deprecation warning.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+GARBAGE = 1e4  # written into every cache slot a sequence must not read
+
+
+def make_inputs(B, H, Hkv, S, D, lengths, dtype, seed=0, garbage=GARBAGE):
+    """q [B, H, D]; k, v = cache[:B, :, :S] of a larger contiguous [B + 1, Hkv, S + 13, D] buffer whose
+    slots at and beyond each sequence's length hold `garbage`; lengths int64 [B]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    caches = []
+    for _ in range(2):
+        buf = torch.randn(B + 1, Hkv, S + 13, D, generator=g)
+        buf[B:] = garbage
+        for b, n in enumerate(lengths):
+            buf[b, :, n:] = garbage
+        caches.append(buf.to(dtype)[:B, :, :S])
+    return q, caches[0], caches[1], torch.tensor(lengths, dtype=torch.int64)
+
+
+def torch_same_dtype(q, k, v, lengths):
+    """The same attention done by PyTorch entirely in q's dtype (scores, softmax, P @ V): the error
+    budget of `assert_error_within_torch`."""
+    B, H, D = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = torch.matmul(k, q.unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(D))
+    valid = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
+    p = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    return torch.matmul(p.unsqueeze(-2), v).squeeze(-2)
+
+
+def check(out, q, k, v, lengths):
+    """Same-dtype closeness to the reference, and error vs fp32 within 2x PyTorch's own."""
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any()
+    assert_close(out, attention_decode_ref(q, k, v, lengths))
+    ref32 = attention_decode_ref(q.float(), k.float(), v.float(), lengths)
+    assert_error_within_torch(out, torch_same_dtype(q, k, v, lengths), ref32, q.dtype)
+
+
+# ---- numerics in the interpreter ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 2, 63, 64, 65, 1000, 4097])
+def test_kv_lengths(length, dtype):
+    """Block boundaries (BLOCK_N = 64 at D=128 in 16-bit, 32 in fp32) and long caches; GQA group 4."""
+    q, k, v, lengths = make_inputs(1, 4, 1, length + 37, 128, [length], dtype, seed=length)
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H,Hkv", [(8, 8), (8, 2), (8, 1)], ids=["group1", "group4", "group8"])
+def test_gqa_and_head_dim(H, Hkv, D, dtype):
+    q, k, v, lengths = make_inputs(2, H, Hkv, 300, D, [200, 77], dtype, seed=H * Hkv + D)
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_different_lengths(dtype):
+    """One batch, lengths 1 .. 4097: each row splits its own length; garbage past each length."""
+    q, k, v, lengths = make_inputs(3, 8, 1, 4200, 128, [1, 4097, 300], dtype, seed=3)
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_garbage_is_never_read(bad):
+    """Slots past each length hold NaN/inf: the result equals the reference on a clean cache."""
+    q, k, v, lengths = make_inputs(2, 8, 2, 200, 128, [130, 5], torch.bfloat16, seed=4, garbage=bad)
+    out = attention_decode(q, k, v, lengths)
+    clean = [t.clone() for t in (k, v)]
+    for t in clean:
+        for b, n in enumerate(lengths.tolist()):
+            t[b, :, n:] = 0
+    check(out, q, *clean, lengths)
+
+
+def test_lengths_beyond_cache_are_clamped():
+    """lengths[b] > S: the reference attends all S keys; the kernel must not read past the slice."""
+    q, k, v, _ = make_inputs(2, 4, 2, 96, 64, [96, 96], torch.float16, seed=5)
+    lengths = torch.tensor([96 + 40, 50])
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+@pytest.mark.parametrize("layout", ["view-of-BHTD", "strided-head-dim"])
+def test_non_contiguous_q(layout):
+    B, H, D = 2, 8, 128
+    _, k, v, lengths = make_inputs(B, H, 2, 150, D, [150, 33], torch.float16, seed=6)
+    if layout == "view-of-BHTD":  # q[:, :, 0] of [B, H, T, D] as the model passes it
+        q = torch.randn(B, 3, H, D).to(torch.float16).transpose(1, 2)[:, :, 1]
+        assert q.stride(-1) == 1 and not q.is_contiguous()
+    else:
+        q = torch.randn(B, D, H).to(torch.float16).transpose(1, 2)
+        assert q.stride(-1) == H
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+def test_unaligned_cache_view():
+    """K/V rows that are not 16-byte aligned (a view into a wider buffer) take the un-hinted path."""
+    q, k, v, lengths = make_inputs(2, 4, 2, 90, 64, [90, 17], torch.float16, seed=9)
+    k, v = (torch.cat([t[..., :1], t, t[..., :1]], dim=-1)[..., 1:65] for t in (k, v))
+    assert k.stride(2) == 66
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+def test_public_launcher_writes_everything(monkeypatch):
+    """torch.empty returns NaN-filled tensors, so output or scratch the kernels leave unwritten shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    assert torch.empty(2).isnan().all()
+    q, k, v, lengths = make_inputs(3, 8, 1, 1100, 128, [1, 1100, 64], torch.float16, seed=8)
+    check(attention_decode(q, k, v, lengths), q, k, v, lengths)
+
+
+# ---- CUDA launch decisions ---------------------------------------------------------------------
+
+def test_cuda_decisions_with_poisoned_buffers_in_interpreter():
+    """The CUDA choice (here 16 splits of one 64-key tile) run in the interpreter, with output and scratch
+    filled with NaN: every split writes its partial (neutral ones exactly -inf / 0 / 0) and the
+    reduction never turns a neutral partial into NaN."""
+    B, H, Hkv, S, D = 2, 8, 1, 1024, 128
+    q, k, v, lengths = make_inputs(B, H, Hkv, S, D, [1, 700], torch.bfloat16, seed=7)
+    cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=True)
+    assert (cfg.num_splits, cfg.block_n) == (16, 64)
+    out = poisoned_like(q)
+    mid_o = torch.full((B, H, cfg.num_splits, D), float("nan"))
+    mid_m = torch.full((B, H, cfg.num_splits), float("nan"))
+    mid_l = torch.full((B, H, cfg.num_splits), float("nan"))
+    _launch(q, k, v, lengths, cfg, out, mid_o, mid_m, mid_l)
+    check(out, q, k, v, lengths)
+    assert not (mid_o.isnan().any() or mid_m.isnan().any() or mid_l.isnan().any())
+    n_blocks = (lengths + cfg.block_n - 1) // cfg.block_n  # row 0: 1 block, row 1: 11 blocks, 1 per split
+    for b in range(B):
+        empty = torch.arange(cfg.num_splits) >= n_blocks[b]
+        assert empty.sum() == cfg.num_splits - n_blocks[b]
+        assert (mid_m[b][:, empty] == float("-inf")).all() and (mid_l[b][:, empty] == 0).all()
+        assert (mid_o[b][:, empty] == 0).all()
+        assert mid_m[b][:, ~empty].isfinite().all() and (mid_l[b][:, ~empty] >= 1).all()
+
+
+@pytest.mark.parametrize("B,Hkv,S,splits", [
+    (1, 8, 100_000, 33),   # 70B, one long sequence: 8 x 33 programs fill 2 x 132 SMs
+    (1, 32, 100_000, 9),   # 7B
+    (4, 8, 16_384, 9),
+    (64, 32, 100_000, 1),  # B * Hkv alone fills the GPU
+    (1, 8, 100, 2),        # never more splits than the cache has tiles
+    (1, 8, 1, 1),
+])
+def test_cuda_split_heuristic(B, Hkv, S, splits):
+    cfg = decode_launch(B, Hkv, S, 8, 128, 2, on_cuda=True)
+    assert cfg.num_splits == splits
+    assert cfg.block_n == 64 and cfg.block_g == 16 and cfg.num_splits <= -(-S // cfg.block_n)
+
+
+def test_aot_configs_cover_every_cuda_launch():
+    """Tile sizes, warps and stages do not depend on (B, S): one AOT binary per (dtype, group) covers
+    every batch size and cache length, split count included (a runtime argument)."""
+    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"]): c for c in aot_configs()
+                  if "GROUP" in c.constexprs}
+    assert set(split_cfgs) == {(ty, g) for ty in ("*bf16", "*fp16") for g in (1, 8)}
+    for (ty, group), c in split_cfgs.items():
+        assert c.constexprs["UPCAST_DOT"] is False and c.constexprs["KV_ALIGNED"] is True
+        for B in (1, 7, 64):
+            for S in (1, 4097, 100_000):
+                cfg = decode_launch(B, 64 // group, S, group, 128, 2, on_cuda=True)
+                assert (cfg.block_n, cfg.block_g, cfg.num_warps, cfg.num_stages) == (
+                    c.constexprs["BLOCK_N"], c.constexprs["BLOCK_G"], c.num_warps, c.num_stages)
+
+
+def test_cpu_uses_few_splits():
+    cfg = decode_launch(1, 1, 100_000, 4, 128, 2, on_cuda=False)
+    assert cfg.num_splits == 4 and cfg.block_n == 64
+
+
+def test_aot_compiles_without_spills():
+    rows = []
+    for cfg in aot_configs():
+        for arch in (80, 90):
+            r = compile_for(cfg, arch)
+            rows.append(r)
+            print(f"{r.label:42s} sm_{arch}  regs {r.registers:3d}  shared {r.shared_bytes:6d} B  "
+                  f"stack {r.stack_bytes}  local {r.local_bytes}  warps {r.num_warps}")
+    for r in rows:
+        assert not r.spills, f"{r.label} sm_{r.arch} spills: stack {r.stack_bytes} B, local {r.local_bytes} B"
+        assert r.shared_bytes <= SHARED_LIMIT[r.arch], f"{r.label} sm_{r.arch}: {r.shared_bytes} B shared"
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+
+def _good():
+    return make_inputs(2, 8, 2, 40, 64, [40, 3], torch.float16)
+
+
+def _bad_cases():
+    q, k, v, lengths = _good()
+    return [
+        ("q-2d", (q[0], k, v, lengths), "q must be"),
+        ("int-q", (q.int(), k, v, lengths), "not fp16/bf16/fp32"),
+        ("k-dtype", (q, k.float(), v, lengths), "k_cache dtype"),
+        ("v-shape", (q, k, v[:, :, :20], lengths), "!= v_cache"),
+        ("cache-3d", (q, k[0], v[0], lengths), "k_cache must be"),
+        ("batch", (q[:1], k, v, lengths[:1]), "does not match q"),
+        ("head-dim", (q[..., :32], k, v, lengths), "does not match q"),
+        ("head-dim-not-pow2", (q[..., :48], k[..., :48], v[..., :48], lengths), "power of two"),
+        ("head-dim-too-small", (q[..., :8], k[..., :8], v[..., :8], lengths), "power of two"),
+        ("gqa-ratio", (q[:, :7], k, v, lengths), "not a multiple"),
+        ("lengths-int32", (q, k, v, lengths.int()), "int64"),
+        ("lengths-shape", (q, k, v, lengths[:, None]), "shape"),
+        ("lengths-device", (q, k, v, lengths.to("meta")), "lengths on meta"),
+        ("k-strided-head-dim", (q, k.mT.contiguous().mT, v, lengths), "contiguous along"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise(case):
+    _, args, match = _bad_cases()[case]
+    with pytest.raises(AssertionError, match=match):
+        attention_decode(*args)
+
+
+def test_head_dim_512_rejected():
+    q, k, v, lengths = make_inputs(1, 2, 2, 4, 512, [4], torch.float16)
+    with pytest.raises(AssertionError, match="power of two in"):
+        attention_decode(q, k, v, lengths)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv", [(32, 32), (64, 8)], ids=["7B", "70B"])
+def test_cuda_graph_replay(H, Hkv):
+    """Captured once with the full cache length; lengths change in place between replays."""
+    dev, D, S = "cuda", 128, 8192
+    q = torch.randn(4, H, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(4, Hkv, S, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([1, 64, 4097, S], device=dev)
+    attention_decode(q, k, v, lengths)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention_decode(q, k, v, lengths)
+    for new in ([1, 64, 4097, S], [S, 3, 65, 1000]):
+        lengths.copy_(torch.tensor(new))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, attention_decode_ref(q, k, v, lengths))
+        ref32 = attention_decode_ref(q.float(), k.float(), v.float(), lengths)
+        assert_error_within_torch(out, torch_same_dtype(q, k, v, lengths), ref32, torch.bfloat16)
