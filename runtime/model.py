@@ -21,6 +21,18 @@ def _param(*shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class Linear(nn.Module):
+    """y = x @ weight^T via `ops.linear`; weight [out, in]. The single place a quantized layer swaps in
+    (see `codellama_rt.quant`): every projection of the graph is one of these."""
+
+    def __init__(self, out_features: int, in_features: int, dtype, device):
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+
+    def forward(self, ops: Backend, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight)
+
+
 @dataclass
 class Prefill:
     """A chunk of T tokens at tensor positions start .. start + T - 1 of every sequence."""
@@ -69,31 +81,31 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, dtype, device):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wqkv = _param(args.q_dim + 2 * args.kv_dim, args.dim, dtype=dtype, device=device)
-        self.wo = _param(args.dim, args.q_dim, dtype=dtype, device=device)
+        self.wqkv = Linear(args.q_dim + 2 * args.kv_dim, args.dim, dtype, device)
+        self.wo = Linear(args.dim, args.q_dim, dtype, device)
 
     def forward(self, ops: Backend, x, rope, positions, step, kv) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = ops.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = self.wqkv(ops, x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q, k = ops.rotary(q, k, rope[0], rope[1], positions)
         out = step.attend(ops, q, k, v, kv)  # [B, H, T, D]
-        return ops.linear(out.transpose(1, 2).reshape(B, T, H * D), self.wo)
+        return self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, dtype, device):
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.w13 = _param(2 * args.ffn_dim, args.dim, dtype=dtype, device=device)
-        self.w2 = _param(args.dim, args.ffn_dim, dtype=dtype, device=device)
+        self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, device)
+        self.w2 = Linear(args.dim, args.ffn_dim, dtype, device)
 
     def forward(self, ops: Backend, x) -> torch.Tensor:
-        gate, up = ops.linear(x, self.w13).split([self.ffn_dim, self.ffn_dim], dim=-1)
-        return ops.linear(ops.swiglu(gate, up), self.w2)
+        gate, up = self.w13(ops, x).split([self.ffn_dim, self.ffn_dim], dim=-1)
+        return self.w2(ops, ops.swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -118,6 +130,7 @@ class Transformer(nn.Module):
     tok_embeddings [V, dim]; layers[i].attn_norm [dim]; layers[i].attn.wqkv [(H + 2 Hkv) D, dim];
     layers[i].attn.wo [dim, H D]; layers[i].mlp_norm [dim]; layers[i].mlp.w13 [2 ffn, dim];
     layers[i].mlp.w2 [dim, ffn]; norm [dim]; output [V, dim] (the embedding when tied).
+    Projections are `Linear` modules (their `.weight`).
     """
 
     def __init__(self, args: ModelArgs, ops: Backend, dtype=torch.float32, device="cpu", rope_len=None):
@@ -126,8 +139,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = _param(args.vocab_size, args.dim, dtype=dtype, device=device)
         self.layers = nn.ModuleList(Block(args, dtype, device) for _ in range(args.n_layers))
         self.norm = _param(args.dim, dtype=dtype, device=device)
-        self.output = self.tok_embeddings if args.tie_word_embeddings else \
-            _param(args.vocab_size, args.dim, dtype=dtype, device=device)
+        self.output = Linear(args.vocab_size, args.dim, dtype, device)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings
         cos, sin = rope_tables(args.head_dim, rope_len or args.max_seq_len, args.rope_theta,
                                args.rope_factor, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -160,4 +174,4 @@ class Transformer(nn.Module):
         x, _ = self.ops.rms_norm(x, self.norm, self.args.norm_eps, residual)
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]  # [B, dim]
-        return self.ops.linear(x, self.output).float()
+        return self.output(self.ops, x).float()
