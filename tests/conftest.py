@@ -31,6 +31,32 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "tiny", vocab_size=TINY_VOCAB)
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_tokenizer):
+    """The tiny tokenizer as a codellama_rt.Tokenizer."""
+    from codellama_rt import Tokenizer
+
+    return Tokenizer.from_file(tiny_tokenizer)
+
+
+def real_tokenizer(path: Path):
+    """(Tokenizer, plain SentencePieceProcessor) of a file in ../shared/tokenizers; skips when absent."""
+    import sentencepiece as spm
+
+    from codellama_rt import Tokenizer
+
+    if not SHARED_TOKENIZERS.is_dir() or not path.is_file():
+        pytest.skip(f"{path} not available")
+    return Tokenizer.from_file(path), spm.SentencePieceProcessor(model_file=str(path))
+
+
+def available_tokenizers(*paths: Path) -> list:
+    """Tokenizers of those real files that exist (none when ../shared/tokenizers is absent)."""
+    from codellama_rt import Tokenizer
+
+    return [Tokenizer.from_file(p) for p in paths if p.is_file()]
+
+
 def _peaky_init(model, seed: int) -> None:
     """Weights with std ~ 1/sqrt(fan_in) so logits are far from flat (greedy choices are stable)."""
     g = torch.Generator().manual_seed(seed)

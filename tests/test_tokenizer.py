@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from codellama_rt import Tokenizer
 from codellama_rt.detokenize import TextStream
-from conftest import SHARED_TOKENIZERS
+from conftest import SHARED_TOKENIZERS, available_tokenizers, real_tokenizer
 
 LLAMA2 = SHARED_TOKENIZERS / "llama2-tokenizer.model"
 CODELLAMA = SHARED_TOKENIZERS / "codellama-tokenizer.model"
@@ -45,22 +45,6 @@ KNOWN_IDS = {
     " ": [1, 259],
     " Hello": [1, 29871, 15043],
 }
-
-
-def _real(path):
-    if not SHARED_TOKENIZERS.is_dir() or not path.is_file():
-        pytest.skip(f"{path} not available")
-    return Tokenizer.from_file(path), spm.SentencePieceProcessor(model_file=str(path))
-
-
-def _available(*paths) -> list[Tokenizer]:
-    """Tokenizers of those real files that exist (none when ../shared/tokenizers is absent)."""
-    return [Tokenizer.from_file(p) for p in paths if p.is_file()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tokenizer) -> Tokenizer:
-    return Tokenizer.from_file(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +104,7 @@ def infill_pairs(n: int = 200, seed: int = 0) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("path", REAL_FILES)
 def test_known_ids(path):
-    tok, _ = _real(path)
+    tok, _ = real_tokenizer(path)
     for text, ids in KNOWN_IDS.items():
         assert tok.encode(text) == ids, text
         assert tok.encode(text, add_bos=False) == ids[1:], text
@@ -129,17 +113,17 @@ def test_known_ids(path):
 
 
 def test_special_ids_codellama_and_llama2():
-    code, _ = _real(CODELLAMA)
+    code, _ = real_tokenizer(CODELLAMA)
     assert code.vocab_size == 32016
     assert (code.prefix_id, code.suffix_id, code.middle_id, code.eot_id) == (32007, 32008, 32009, 32010)
-    llama, _ = _real(LLAMA2)
+    llama, _ = real_tokenizer(LLAMA2)
     assert llama.vocab_size == 32000
     assert (llama.prefix_id, llama.suffix_id, llama.middle_id, llama.eot_id) == (None, None, None, None)
 
 
 @pytest.mark.parametrize("path", REAL_FILES)
 def test_encode_matches_sentencepiece_on_stdlib_lines(path):
-    tok, sp = _real(path)
+    tok, sp = real_tokenizer(path)
     lines = stdlib_lines()
     assert len(lines) > 300
     for line in lines:
@@ -149,7 +133,7 @@ def test_encode_matches_sentencepiece_on_stdlib_lines(path):
 
 @pytest.mark.parametrize("path", REAL_FILES)
 def test_decode_roundtrips_stdlib_lines(path):
-    tok, sp = _real(path)
+    tok, sp = real_tokenizer(path)
     checked = 0
     for line in stdlib_lines():
         if sp.decode(sp.encode(line)) != line:  # only what SentencePiece itself round-trips
@@ -171,7 +155,7 @@ def meta_infill(sp, ids, prefix, suffix, suffix_first, enc_nospace):
 
 
 def test_encode_infill_matches_meta_codellama():
-    tok, sp = _real(CODELLAMA)
+    tok, sp = real_tokenizer(CODELLAMA)
     ids = (sp.bos_id(), sp.piece_to_id("▁<PRE>"), sp.piece_to_id("▁<SUF>"), sp.piece_to_id("▁<MID>"))
     assert ids == (1, 32007, 32008, 32009)
 
@@ -192,7 +176,7 @@ def test_encode_infill_matches_meta_codellama():
 def test_real_snippets_roundtrip(path):
     """decode(encode(x)) == x on several hundred stdlib code snippets (whole functions and infill cuts);
     a suffix encoded without the leading space reads back exactly through decode_infill."""
-    tok, sp = _real(path)
+    tok, sp = real_tokenizer(path)
     funcs = stdlib_functions()
     assert len(funcs) >= 300
     for src in funcs:
@@ -229,7 +213,7 @@ def test_encode_infill_generic_tiny(tiny, tiny_sp):
 
 
 def _infill_tokenizers(tiny):
-    return [tiny] + _available(CODELLAMA)
+    return [tiny] + available_tokenizers(CODELLAMA)
 
 
 def test_encode_fill(tiny):
@@ -255,7 +239,7 @@ def test_encode_infill_empty_suffix_ends_in_middle(tiny):
 
 
 def test_encode_infill_without_infill_pieces_raises():
-    llama, _ = _real(LLAMA2)
+    llama, _ = real_tokenizer(LLAMA2)
     with pytest.raises(ValueError):
         llama.encode_infill("def f():\n", "\n")
     with pytest.raises(ValueError):
@@ -270,7 +254,7 @@ MIDDLES = [" return x", "return x", "  x = 1\n", "\n    pass", " ", "x", " 生�
 
 
 def test_decode_infill_keeps_leading_space(tiny):
-    for tok in [tiny] + _available(CODELLAMA, LLAMA2):
+    for tok in [tiny] + available_tokenizers(CODELLAMA, LLAMA2):
         for middle in MIDDLES:
             assert tok.decode_infill(tok.encode_nospace(middle)) == middle, (tok.path, middle)
             # a middle as generated: followed by <EOT>, which is not text
@@ -295,7 +279,7 @@ STREAM_TEXTS = ["def f(x):\n    return x + 1\n", "生活的真谛是", "a 😀 b
 
 
 def test_stream_concatenates_to_decode_in_context(tiny):
-    for tok in [tiny] + _available(CODELLAMA):
+    for tok in [tiny] + available_tokenizers(CODELLAMA):
         for text in STREAM_TEXTS:
             ids = tok.encode(text, add_bos=False)
             pieces, last, ts, _ = _stream(tok, ids)
@@ -358,7 +342,7 @@ def test_stream_arbitrary_ids(tiny):
 
 
 def test_stream_stop_strings(tiny):
-    toks = [tiny] + _available(CODELLAMA)
+    toks = [tiny] + available_tokenizers(CODELLAMA)
     text = "def f(x):\n    return x + 1\n\ndef g():\n    生活 = '😀'\n"
     for tok in toks:
         ids = tok.encode(text, add_bos=False)
@@ -384,7 +368,7 @@ def test_stream_text_stays_cut_after_stop(tiny):
 
 
 def test_stream_stop_string_that_never_occurs(tiny):
-    toks = [tiny] + _available(CODELLAMA)
+    toks = [tiny] + available_tokenizers(CODELLAMA)
     text = "def f(x):\n    return x + 1\n\ndef"
     for tok in toks:
         ids = tok.encode(text, add_bos=False)
@@ -403,7 +387,7 @@ def test_stream_stop_string_that_never_occurs(tiny):
 # ---- 5. Instruct (chat) format -------------------------------------------------------------------
 
 def _chat_tokenizers(tiny):
-    return [(tok, spm.SentencePieceProcessor(model_file=tok.path)) for tok in [tiny] + _available(LLAMA2, CODELLAMA)]
+    return [(tok, spm.SentencePieceProcessor(model_file=tok.path)) for tok in [tiny] + available_tokenizers(LLAMA2, CODELLAMA)]
 
 
 def test_encode_chat_system_user(tiny):
