@@ -1,9 +1,24 @@
-"""int4 group-wise asymmetric weights (GPTQ layout) and their dequant-matmul."""
+"""int4 group-wise asymmetric weights (GPTQ layout) and their dequant-matmul.
+
+Conventions (the whole file): a weight w [out, in] is cut along the input dim into groups of g
+consecutive columns; group i // g of output o has a scale s and a zero point z in 0..15, and
+w[o, i] = (q[o, i] - z) * s with q in 0..15. Dequantization computes (q - z) * s in fp32 and rounds
+once to the target dtype; every path here (reference, quantizer, Triton kernels) produces the same
+dequantized values, so the Triton matmul differs from `int4_linear_ref` only by fp32 summation order.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
 
 
 @dataclass
@@ -29,3 +44,546 @@ class Int4Weight:
     @property
     def dtype(self) -> torch.dtype:
         return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int4Weight":
+        """A copy on `device` (default: where it is) with scales in `dtype` (default: as they are);
+        the packed integers are moved, never changed."""
+        return Int4Weight(qweight=self.qweight.to(device), qzeros=self.qzeros.to(device),
+                          scales=self.scales.to(device=device, dtype=dtype or self.scales.dtype),
+                          shape=tuple(self.shape), group_size=self.group_size)
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q uint8 [out, in], zero uint8 [in // g, out]): the 4-bit values, unpacked."""
+        q = _unpack_nibbles(self.qweight, dim=0)  # [in, out]
+        z = _unpack_nibbles(self.qzeros, dim=1)   # [in // g, out]
+        return q.t().contiguous(), z
+
+    def check(self, who: str = "Int4Weight") -> None:
+        """ValueError unless the fields are a consistent GPTQ-layout weight (dtypes, shapes, group size)."""
+        _check_layout(self.qweight, self.qzeros, self.scales, tuple(self.shape), self.group_size, who)
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+_SHIFTS = tuple(4 * j for j in range(8))
+
+
+def _pack_nibbles(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Integers 0..15, `dim` of length 8n -> int32 with that dim n: value 8r + j goes to bits 4j..4j+3
+    of int32 r (lowest nibble first), as GPTQ packs (the top nibble may make the int32 negative)."""
+    v = v.to(torch.int64).movedim(dim, -1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=v.device)
+    packed = (v << shifts).sum(-1)                        # 0 .. 2**32 - 1
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)  # as int32 bits
+    return packed.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def _unpack_nibbles(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of `_pack_nibbles`: int32 -> uint8 0..15, `dim` eight times longer."""
+    p = p.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=p.device)
+    v = (p[..., None] >> shifts) & 0xF
+    return v.reshape(*p.shape[:-1], p.shape[-1] * 8).to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+# ---- quantize / dequantize -------------------------------------------------------------------
+
+GROUP_SIZES = (32, 64, 128)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _round_up_to(s64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive float64 values -> `dtype`, rounded up (never below s64), so 15 steps of the stored scale
+    span the group's range exactly, not just up to a rounding."""
+    s = s64.to(dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    up = (s.view(bits) + 1).view(dtype)  # the next representable value up (s is positive and finite)
+    return torch.where(s.double() < s64, up, s)
+
+
+def quantize_int4(w: torch.Tensor, *, group_size: int = 128, dtype: Optional[torch.dtype] = None) -> Int4Weight:
+    """Round-to-nearest asymmetric int4 of w [out, in] per group of `group_size` input columns.
+
+    group_size: 32, 64 or 128, dividing in; out a multiple of 8 (GPTQ packs zeros along out).
+    Per group, in fp32: lo = min(w, 0), hi = max(w, 0) (the range includes 0, as GPTQ's quantizer
+    does, so zero is exact and an all-positive group cannot overflow the 16 levels);
+    scale = (hi - lo) / 15 (1 for an all-zero group), stored in `dtype` (default w.dtype) rounded up,
+    so 15 stored steps span the range; zero = clamp(round(-lo / scale), 0, 15);
+    q = clamp(round(w / scale) + zero, 0, 15), with the stored scale. round is half-to-even.
+    Then |dequantize_int4(.) - w| <= scale / 2 per element (plus the rounding to w's dtype), and a
+    weight already on such a grid (q spanning 0..15 in each group) comes back exactly.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_int4: w must be [out, in], got shape {tuple(w.shape)}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_int4: w dtype {w.dtype} is not supported; expected float32, float16 or bfloat16")
+    out_f, in_f = w.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"quantize_int4: group_size={group_size} is not supported; expected one of {GROUP_SIZES}")
+    if in_f % group_size:
+        raise ValueError(f"quantize_int4: group_size={group_size} does not divide in_features={in_f}")
+    if out_f % 8 or out_f == 0:
+        raise ValueError(f"quantize_int4: out_features={out_f} must be a positive multiple of 8 "
+                         f"(GPTQ packs eight zero points per int32 along the output dim)")
+    dtype = dtype or w.dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_int4: scales dtype {dtype} is not supported")
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_int4: w has non-finite values")
+
+    wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # [out, groups, g]
+    lo = wg.amin(-1).clamp(max=0)
+    hi = wg.amax(-1).clamp(min=0)
+    s64 = (hi.double() - lo.double()) / 15
+    s64 = torch.where(s64 > 0, s64, torch.ones_like(s64))
+    scales = _round_up_to(s64, dtype)
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"quantize_int4: a scale overflows {dtype}")
+    s = scales.float()
+    zero = torch.round(-lo / s).clamp(0, 15)
+    q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, 15)
+    q = q.reshape(out_f, in_f).to(torch.uint8)
+    return Int4Weight(qweight=_pack_nibbles(q.t(), dim=0), qzeros=_pack_nibbles(zero.t(), dim=1),
+                      scales=scales.t().contiguous(), shape=(out_f, in_f), group_size=group_size)
+
+
+def dequantize_int4(w: Int4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """[out, in] in `dtype` (default w.dtype): (q - zero) * scale in fp32, rounded once to dtype."""
+    w.check("dequantize_int4")
+    q, z = w.unpack()                                       # [out, in], [groups, out]
+    g = w.group_size
+    zf = z.t().float().repeat_interleave(g, dim=1)          # [out, in]
+    sf = w.scales.t().float().repeat_interleave(g, dim=1)   # [out, in]
+    return ((q.float() - zf) * sf).to(dtype or w.dtype)
+
+
+def int4_linear_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype: F.linear(x, dequantize_int4(w, x.dtype))."""
+    return F.linear(x, dequantize_int4(w, x.dtype))
+
+
+# ---- GPTQ checkpoints ------------------------------------------------------------------------
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def _check_layout(qweight, qzeros, scales, shape, group_size, who):
+    """The shared shape/dtype checks of a GPTQ-layout weight; ValueError with the expected layout."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{who}: {name} must be a 2-d int32 tensor, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not isinstance(scales, torch.Tensor) or scales.dim() != 2 or scales.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{who}: scales must be a 2-d float32/float16/bfloat16 tensor, got "
+                         f"{(scales.dtype, tuple(scales.shape)) if isinstance(scales, torch.Tensor) else scales}")
+    out_f, in_f = shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 8 or group_size % 8:
+        raise ValueError(f"{who}: group_size={group_size} must be a positive multiple of 8")
+    if in_f % group_size or out_f % 8 or out_f <= 0 or in_f <= 0:
+        raise ValueError(f"{who}: shape {shape} needs in_features a multiple of group_size={group_size} and "
+                         f"out_features a positive multiple of 8")
+    groups = in_f // group_size
+    want = {"qweight": (in_f // 8, out_f), "qzeros": (groups, out_f // 8), "scales": (groups, out_f)}
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{who}: {name} has shape {tuple(t.shape)}, expected {want[name]} for a "
+                             f"[{out_f}, {in_f}] weight in groups of {group_size}")
+    if len({qweight.device, qzeros.device, scales.device}) != 1:
+        raise ValueError(f"{who}: qweight, qzeros and scales are on different devices")
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
+                *, group_size: int, checkpoint_format: str) -> Int4Weight:
+    """An Int4Weight from a GPTQ checkpoint's tensors of one linear layer (4 bits, desc_act=False).
+
+    qweight int32 [in // 8, out]; qzeros int32 [in // g, out // 8]; scales [in // g, out] (kept in
+    their dtype; `Int4Weight.to(dtype=...)` casts); g_idx int [in] or None (it must be i // g: an
+    act-order permutation is refused). group_size: the config's; -1 (one group per row) means in.
+    checkpoint_format: "gptq" (AutoGPTQ v1: qzeros hold zero - 1, dequant w = scale * (q - (nibble + 1)))
+    or "gptq_v2" (qzeros hold the zero point itself). v1 nibbles are converted by +1; a v1 nibble 15
+    (zero point 16, which 4 bits cannot hold; written by v1 packers for zero 0) raises ValueError.
+    Shape errors raise ValueError naming the field (the caller adds the tensor's checkpoint name).
+    """
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unpack_gptq: checkpoint_format {checkpoint_format!r} is not supported; "
+                         f"expected one of {CHECKPOINT_FORMATS}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+        raise ValueError(f"unpack_gptq: qweight must be a 2-d int32 tensor [in // 8, out], got "
+                         f"{tuple(qweight.shape) if isinstance(qweight, torch.Tensor) else type(qweight).__name__}")
+    in_f, out_f = qweight.shape[0] * 8, qweight.shape[1]
+    if group_size == -1:
+        group_size = in_f
+    _check_layout(qweight, qzeros, scales, (out_f, in_f), group_size, "unpack_gptq")
+    if g_idx is not None:
+        if not isinstance(g_idx, torch.Tensor) or g_idx.shape != (in_f,) or g_idx.is_floating_point():
+            raise ValueError(f"unpack_gptq: g_idx must be an integer tensor of shape ({in_f},), got "
+                             f"{(g_idx.dtype, tuple(g_idx.shape)) if isinstance(g_idx, torch.Tensor) else g_idx}")
+        trivial = torch.arange(in_f, device=g_idx.device) // group_size
+        if not torch.equal(g_idx.to(torch.int64), trivial):
+            raise ValueError("desc_act/act-order checkpoints are not supported "
+                             f"(g_idx is not i // group_size for group_size={group_size})")
+    if checkpoint_format == "gptq":
+        nib = _unpack_nibbles(qzeros, dim=1)
+        if (nib == 15).any():
+            raise ValueError("unpack_gptq: a GPTQ v1 zero nibble is 15 (zero point 16, or a zero of 0 packed as -1), "
+                             "which a 4-bit zero point cannot hold")
+        qzeros = _pack_nibbles(nib + 1, dim=1)
+    return Int4Weight(qweight=qweight.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
+                      shape=(out_f, in_f), group_size=group_size)
+
+
+# ---- Triton dequant-matmul -------------------------------------------------------------------
+#
+# Decode (M <= 16 rows): `_int4_gemv_kernel`, grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) streams
+# the packed columns [n * BLOCK_N, +BLOCK_N) of qweight over its share of the K tiles, each int32
+# loaded once as a [BLOCK_K // 8, BLOCK_N] tile and dequantized in registers: nibble j of each int32
+# (shift by 4j, mask) minus the group's zero, times its scale (BLOCK_K divides the group, so one
+# scale/zero row per tile), rounded to x's dtype. M = 1: the 8 nibble planes are dequantized in the
+# layout the tile was loaded in (input rows 8r + j) and multiplied by the matching stride-8 slice of x
+# with fp32 FMAs into a [BLOCK_K // 8, BLOCK_N] accumulator, reduced once after the loop (no layout
+# conversions, no reductions in the loop). 2 <= M <= 16: one 16-row tile (rows past M masked); the
+# tile expanded to [BLOCK_K // 8, 8, BLOCK_N], reshaped to [BLOCK_K, BLOCK_N] and fed to tl.dot.
+# With SPLIT_K > 1 each program writes fp32 partials [SPLIT_K, M, N] and `_int4_splitk_reduce_kernel`
+# sums them in split order (deterministic) and rounds to x's dtype; with SPLIT_K = 1 the program
+# writes the output.
+# Prefill (M > 16): `_int4_gemm_kernel`, [BLOCK_M, BLOCK_N] output tiles in grouped order (GROUP_M
+# row tiles share the weight columns in L2), K loop of [BLOCK_M, BLOCK_K] x tiles and dequantized
+# [BLOCK_K, BLOCK_N] weight tiles, tl.dot with fp32 accumulation.
+# Dequantization: q - z exactly via the magic-number trick (q | 0x4B000000 read as fp32 is 2**23 + q;
+# no int->float conversion instructions), times the fp32 scale, rounded to x's dtype: the values of
+# `dequantize_int4(w, x.dtype)`. x times w is exact in fp32 (16-bit operands), accumulated in fp32.
+# FP32_DOT: float32 x takes IEEE dots (tl.dot would use TF32). UPCAST_DOT (interpreter only): Triton
+# 3.6's interpreter cannot multiply bf16 values, so bf16 dot operands go to fp32 (same exact products).
+
+_H100_SMS = 132
+_MAX_SPLIT_K = 16
+_GEMV_MAX_M = 16
+_REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _dequant_tile(qw, zero, scale, DTYPE: tl.constexpr):
+    """qw int32 [R, BN] (input rows 8r .. 8r+7 per int32, lowest nibble first); zero, scale fp32 [BN]
+    (this group's) -> [R, 8, BN] (q - zero) * scale computed in fp32, rounded to DTYPE (element [r, j]
+    is input row 8r + j)."""
+    shifts = tl.arange(0, 8) * 4
+    q = (qw[:, None, :] >> shifts[None, :, None]) & 0xF
+    q_minus_z = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)[None, None, :]
+    return (q_minus_z * scale[None, None, :]).to(DTYPE)
+
+
+@triton.jit
+def _dequant_plane(qw, j: tl.constexpr, zero, scale, DTYPE: tl.constexpr):
+    """Nibble j of every int32 of qw [R, BN] (input rows 8r + j) -> [R, BN] (q - zero) * scale in fp32,
+    rounded to DTYPE, in qw's own layout."""
+    q = (qw >> (4 * j)) & 0xF
+    q_minus_z = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)[None, :]
+    return (q_minus_z * scale[None, :]).to(DTYPE)
+
+
+@triton.jit
+def _group_scale_zero(QZ, S, group, offs_n, n_mask, N):
+    """This group's scale and zero point for columns offs_n, both fp32 [BN]."""
+    scale = tl.load(S + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    zw = tl.load(QZ + group * (N // 8) + offs_n // 8, mask=n_mask, other=0)
+    zero = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
+    return scale, zero
+
+
+@kernel(do_not_specialize=["k_per_split"])
+def _int4_gemv_kernel(
+    X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
+    M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    DTYPE: tl.constexpr = X.dtype.element_ty
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    qw_ptrs = QW + offs_r[:, None] * N + offs_n[None, :]
+
+    if BLOCK_M == 1:
+        # nibble plane j of the tile is input rows k0 + 8r + j: dequantized in the layout qw was loaded
+        # in (no layout conversion), multiplied by the matching strided slice of x (L1-resident)
+        acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
+            qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
+            for j in tl.static_range(8):
+                w = _dequant_plane(qw, j, zero, scale, DTYPE).to(tl.float32)
+                x = tl.load(X + k0 + offs_r * 8 + j).to(tl.float32)
+                acc2 += x[:, None] * w
+        acc = tl.sum(acc2, 0)[None, :]  # [1, BLOCK_N]
+        offs_m = tl.arange(0, 1)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
+            qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
+            w = tl.reshape(_dequant_tile(qw, zero, scale, DTYPE), (BLOCK_K, BLOCK_N))
+            x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+            if UPCAST_DOT:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            if FP32_DOT:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+
+    mask = (offs_m[:, None] < M) & n_mask[None, :]
+    if WRITE_PARTIALS:
+        rows = (pid_k * M + offs_m).to(tl.int64)
+        tl.store(Part + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        out = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@kernel(do_not_specialize=["num_splits"])
+def _int4_splitk_reduce_kernel(Part, Out, M, N, stride_om, num_splits, BLOCK: tl.constexpr):
+    """Grid (M, cdiv(N, BLOCK)): out[m, n] = sum over splits s (in order) of Part[s, m, n], in fp32."""
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(Part + (s * M + m) * N + offs, mask=mask, other=0.0)
+    tl.store(Out + m * stride_om + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _int4_gemm_kernel(
+    X, QW, QZ, S, Out,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
+    M, N, K, stride_xm, stride_om,  # out [M, N] row-strided
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n  # grouped order: GROUP_M row tiles walk the column tiles together
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    DTYPE: tl.constexpr = X.dtype.element_ty
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    qw_ptrs = QW + offs_r[:, None] * N + offs_n[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
+        qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
+        w = tl.reshape(_dequant_tile(qw, zero, scale, DTYPE), (BLOCK_K, BLOCK_N))
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+        if UPCAST_DOT:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        if FP32_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+
+    out = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---- launch heuristics -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int4Launch:
+    kind: str        # "gemv" (M <= 16) or "gemm"
+    block_m: int     # gemv: 1 (FMA path) or 16 (one tensor-core row tile)
+    block_n: int
+    block_k: int     # divides the group size: one scale/zero row per K tile
+    split_k: int     # gemv: programs along K (fp32 partials and a reduce pass when > 1); gemm: 1
+    num_warps: int
+    num_stages: int
+
+
+def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_cuda: bool = True,
+                num_sms: int = _H100_SMS) -> Int4Launch:
+    """The one place tile sizes and the split count are picked (the same on sm_80 and sm_90, and in the
+    interpreter except for the split count, so the CPU tests run the GPU's tiling).
+
+    BLOCK_K: the largest power of two up to 128 (gemv) / 64 (gemm) / 32 (fp32 dots) dividing the group.
+    gemv M = 1: 64 columns a program, fp32 FMAs (4 warps; 56-64 registers, so many programs fit an SM).
+    gemv 2 <= M <= 16: a 16-row tensor-core tile, 64 columns (4 warps, 3 stages). The split count makes
+    cdiv(N, BLOCK_N) * SPLIT_K at least 4x the SM count where K has the tiles for it (at most 16
+    splits): decode streams the weight, so it needs many loads in flight on every SM. The interpreter
+    uses at most 3 splits (it pays per program, not per byte, but the tests should see split-K).
+    gemm 16-bit: 128 x 128 tiles with 8 warps for M > 64, 64 x 128 with 4 warps otherwise, 3 stages.
+    fp32 x (IEEE dots, no tensor cores; a debugging path): gemv 16 x 64 x 32 and gemm 64 x 64 x 32 with
+    8 warps and 2 stages, tiles that do not spill on either architecture.
+    """
+    pow2_of_group = group_size & -group_size
+    fp32 = dtype == torch.float32
+    if M <= _GEMV_MAX_M:
+        block_m = 1 if M == 1 else 16
+        block_k = min(32 if fp32 and block_m > 1 else 128, pow2_of_group)
+        num_warps, num_stages = (8, 2) if fp32 and block_m > 1 else (4, 3)
+        block_n = 64
+        tiles = K // block_k
+        n_blocks = triton.cdiv(N, block_n)
+        wanted = triton.cdiv(4 * num_sms, n_blocks) if on_cuda else 3
+        split = max(1, min(wanted, tiles, _MAX_SPLIT_K))
+        split = triton.cdiv(tiles, triton.cdiv(tiles, split))  # no empty splits
+        return Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages)
+    if fp32:
+        return Int4Launch("gemm", 64, 64, min(32, pow2_of_group), 1, num_warps=8, num_stages=2)
+    if M > 64:
+        return Int4Launch("gemm", 128, 128, min(64, pow2_of_group), 1, num_warps=8, num_stages=3)
+    return Int4Launch("gemm", 64, 128, min(64, pow2_of_group), 1, num_warps=4, num_stages=3)
+
+
+# ---- launcher --------------------------------------------------------------------------------
+
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """[..., K] -> a [M, K] view with unit column stride (no copy), or a ValueError."""
+    if x.stride(-1) != 1 and K > 1:
+        raise ValueError(f"int4_linear: x needs unit stride in the last dim, got strides {x.stride()}")
+    try:
+        return x.view(-1, K)
+    except RuntimeError:
+        raise ValueError(f"int4_linear: x's leading dims must flatten to one row stride (no copy is made), "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}") from None
+
+
+def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None):
+    """Check the arguments, allocate the output (and split-K scratch) and build the launches:
+    (out, [(kernel, grid, args, constexprs, num_warps, num_stages), ...]) — empty when there is nothing
+    to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms)."""
+    if not isinstance(w, Int4Weight):
+        raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"int4_linear: x dtype {x.dtype} is not supported; expected float32, float16 or bfloat16")
+    w.check("int4_linear")
+    N, K = w.shape
+    g = w.group_size
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"int4_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"int4_linear: x on {x.device}, weight on {w.device}")
+    if g % 32:
+        raise ValueError(f"int4_linear: group_size={g} is not supported by the kernels (a multiple of 32)")
+    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
+        if not t.is_contiguous():
+            raise ValueError(f"int4_linear: {name} must be contiguous")
+    x2 = _rows(x, K)
+    M = x2.shape[0]
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    out2 = out.view(M, N)
+    if M == 0:
+        return out, []
+    on_cuda = x.is_cuda if on_cuda is None else on_cuda
+    cfg = int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
+    flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
+    common = dict(GROUP_SIZE=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    if cfg.kind == "gemm":
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        args = (x2, w.qweight, w.qzeros, w.scales, out2, M, N, K, x2.stride(0), out2.stride(0))
+        return out, [(_int4_gemm_kernel, grid, args, dict(**common, GROUP_M=8, **flags), cfg.num_warps,
+                      cfg.num_stages)]
+    k_per_split = triton.cdiv(K // cfg.block_k, cfg.split_k) * cfg.block_k
+    part = (torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out2)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    args = (x2, w.qweight, w.qzeros, w.scales, out2, part, M, N, K, x2.stride(0), out2.stride(0), k_per_split)
+    launches = [(_int4_gemv_kernel, grid, args, dict(**common, WRITE_PARTIALS=cfg.split_k > 1, **flags),
+                 cfg.num_warps, cfg.num_stages)]
+    if cfg.split_k > 1:
+        block = min(_REDUCE_BLOCK, triton.next_power_of_2(N))
+        launches.append((_int4_splitk_reduce_kernel, (M, triton.cdiv(N, block)),
+                         (part, out2, M, N, out2.stride(0), cfg.split_k), dict(BLOCK=block), 4, 1))
+    return out, launches
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """Triton x @ dequant(w)^T; same contract as `int4_linear_ref` (differs by fp32 summation order).
+
+    x: [..., in] fp32/fp16/bf16, unit stride in the last dim, leading dims that flatten to one row
+    stride (no copy); w: an Int4Weight [out, in] on x's device, contiguous fields, group size a
+    multiple of 32 (scales in any float dtype; they are read as fp32). Returns a new contiguous
+    [..., out] tensor in x's dtype. Weights dequantize to x's dtype ((q - z) * s in fp32, rounded
+    once), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
+    the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
+    compiled kernels, CPU tensors Triton's interpreter.
+    """
+    out, launches = _prepare(x, w)
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device:  # Triton launches on the current CUDA device
+        for kern, grid, args, constexprs, num_warps, num_stages in launches:
+            kern.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+# ---- ahead-of-time specialisations -----------------------------------------------------------
+
+def _linear_shapes(preset: str) -> dict:
+    """name -> (out, in) of one layer's quantized linears (fused qkv and gate/up, as the model has them)."""
+    from ..config import PRESETS
+
+    a = PRESETS[preset]
+    return {"wqkv": (a.q_dim + 2 * a.kv_dim, a.dim), "wo": (a.dim, a.q_dim),
+            "w13": (2 * a.ffn_dim, a.dim), "w2": (a.dim, a.ffn_dim)}
+
+
+_AOT_MODELS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B"))
+
+
+def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, rows=(1, 8, 512),
+                models=_AOT_MODELS) -> list[LaunchConfig]:
+    """The CUDA launches of the 7B/34B/70B linears (wqkv, wo, w13, w2) in bf16 and fp16, group 128, for
+    decode (M = 1 and 8) and prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed
+    as the JIT would type them. Shapes that specialise alike share one entry, labelled with the first
+    shape that needed it. The arguments let tests compile other specialisations (fp32, groups 32/64)."""
+    configs = {}
+    for dtype in dtypes:
+        for preset, model in models:
+            for name, (n_out, n_in) in _linear_shapes(preset).items():
+                groups = n_in // group_size
+                w = Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
+                               qzeros=torch.empty(groups, n_out // 8, dtype=torch.int32, device="meta"),
+                               scales=torch.empty(groups, n_out, dtype=dtype, device="meta"),
+                               shape=(n_out, n_in), group_size=group_size)
+                for M in rows:
+                    x = torch.empty(M, n_in, dtype=dtype, device="meta")
+                    _, launches = _prepare(x, w, on_cuda=True, num_sms=_H100_SMS)
+                    for kern, _, args, constexprs, num_warps, num_stages in launches:
+                        cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=num_stages)
+                        key = (kern.__name__, tuple(cfg.signature.items()), tuple(cfg.constexprs.items()),
+                               cfg.divisible_by_16, num_warps, num_stages)
+                        if key in configs:
+                            continue
+                        blocks = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+                                          if k in constexprs)
+                        extra = " partials" if constexprs.get("WRITE_PARTIALS") else ""
+                        group = f" g{group_size}" if group_size != 128 else ""
+                        label = (f"{triton_dtype(dtype)}{group} M={M} {blocks}{extra} ({model} {name} "
+                                 f"{n_out}x{n_in})")
+                        configs[key] = dataclasses.replace(cfg, label=label)
+    return list(configs.values())

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .backends import resolve_backend
-from .checkpoint import detect_layout, load_weights, open_source, read_args, resolve_path
+from .checkpoint import checkpoint_quantization, detect_layout, load_weights, open_source, read_args, resolve_path
 from .config import ModelArgs
 from .errors import CheckpointError
 from .generate import Completion, Engine
@@ -59,15 +59,25 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
-    The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens (default: the model's context)
-    and is allocated on first generation.
+    `quantize="nf4" | "int4"` quantizes the blocks' projections while loading (int4: groups of 128);
+    a quantized checkpoint (bitsandbytes 4-bit, GPTQ, or `codellama-rt quantize` output) loads as
+    stored without it. The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens
+    (default: the model's context) and is allocated on first generation.
     """
+    return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
+                      max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress)
+
+
+def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
+               group_size: int = 128, quantize_head: bool = False, max_seq_len: Optional[int] = None,
+               max_batch_size: int = 1, progress: Optional[bool] = None) -> "Model":
+    """`load` with the quantizer's knobs: int4 `group_size`, and `quantize_head` (the lm_head too)."""
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     if quantize not in _QUANTIZE:
         raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r}: 4-bit weights are not available in this build yet")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
@@ -90,9 +100,16 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     if tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model embeds only "
                               f"{args.vocab_size}", file=directory / "tokenizer.model")
+    quantization = checkpoint_quantization(directory, layout)
+    if quantize is not None and quantization is not None and quantize != quantization.method:
+        raise ValueError(f"quantize={quantize!r}, but {directory} is already quantized as "
+                         f"{quantization.describe()}")
     seq_len = max_seq_len or args.max_seq_len
-    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len)
-    load_weights(model, source, layout, progress=progress)
+    quantized = quantize is not None or quantization is not None
+    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len,
+                        linear_device="meta" if quantized else None)
+    load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
+                 quantize_head=quantize_head, progress=progress)
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len),
                  path=directory)
 

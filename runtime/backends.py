@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from .kernels.attention_decode import attention_decode, attention_decode_ref
 from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from .kernels.int4 import int4_linear, int4_linear_ref
+from .kernels.nf4 import nf4_linear, nf4_linear_ref
 from .kernels.rms_norm import rms_norm, rms_norm_ref
 from .kernels.rotary import rotary, rotary_ref
 from .kernels.swiglu import swiglu, swiglu_ref
@@ -29,6 +31,8 @@ class Backend:
     attention_decode: Callable   # (q [B,H,D], k_cache, v_cache [B,Hkv,S,D], lengths [B]) -> [B,H,D]
     swiglu: Callable      # (gate, up) -> silu(gate) * up
     linear: Callable      # (x [..., in], weight [out, in]) -> [..., out]
+    linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
+    linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
 
 
 BACKENDS: dict[str, Backend] = {
@@ -40,9 +44,11 @@ BACKENDS: dict[str, Backend] = {
         attention_decode=attention_decode_ref,
         swiglu=swiglu_ref,
         linear=F.linear,
+        linear_nf4=nf4_linear_ref,
+        linear_int4=int4_linear_ref,
     ),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
-    # Matmuls stay with torch (cuBLAS); 4-bit dequant-matmul kernels arrive with quantization.
+    # Dense matmuls stay with torch (cuBLAS); 4-bit weights use the fused dequant-matmul kernels.
     "triton": Backend(
         name="triton",
         rms_norm=rms_norm,
@@ -51,6 +57,8 @@ BACKENDS: dict[str, Backend] = {
         attention_decode=attention_decode,
         swiglu=swiglu,
         linear=F.linear,
+        linear_nf4=nf4_linear,
+        linear_int4=int4_linear,
     ),
 }
 

@@ -1,5 +1,6 @@
 """Checkpoint loading: HF layout (single or sharded safetensors, or .bin) and Meta layout
-(params.json + consolidated.NN.pth shards), validated tensor by tensor.
+(params.json + consolidated.NN.pth shards), validated tensor by tensor. Quantized HF checkpoints
+(bitsandbytes 4-bit, GPTQ, our own) are read by `quant_checkpoint`; `load_weights` dispatches.
 
 Every failure raises CheckpointError naming the file and tensor. Meta's q/k weights are
 permuted from the interleaved RoPE layout to the rotate-half layout the graph uses.
@@ -13,11 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .config import ModelArgs, read_json
 from .errors import CheckpointError
-from .model import Transformer
+from .model import Linear, Transformer
 from .progress import Progress
+from .quant import QuantLinear, quantize_model, quantized_modules, set_module
+from .quant_checkpoint import Quantization, Tensors, read_projection, read_quantization
 from .tensor_files import open_tensor_file
 
 SUPPORTED_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -137,6 +141,25 @@ class HFSource:
         _check(reader, part.name, part.shape)
         return reader.get(part.name)
 
+    # raw access for quantized checkpoints (any dtype; the caller validates shapes)
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def _reader(self, name: str):
+        reader = self.where.get(name)
+        if reader is None:
+            raise CheckpointError("missing tensor", file=self.weights_file, tensor=name)
+        return reader
+
+    def shape(self, name: str) -> tuple:
+        return self._reader(name).shape(name)
+
+    def dtype(self, name: str):
+        return self._reader(name).dtype(name)
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self._reader(name).get(name)
+
 
 class MetaSource:
     """Tensors of Meta's layout: consolidated.NN.pth shards split for model parallelism."""
@@ -239,10 +262,7 @@ def meta_plan(args: ModelArgs) -> dict[str, list[Part]]:
 def read_args(directory: Path, layout: str) -> ModelArgs:
     if layout == "hf":
         config = read_json(directory / "config.json")
-        if config.get("quantization_config"):
-            method = config["quantization_config"].get("quant_method", "?")
-            raise CheckpointError(f"quantized checkpoints (quant_method={method!r}) are not supported by "
-                                  "this build", file=directory / "config.json")
+        read_quantization(config, directory / "config.json")  # an unsupported quantization fails here
         args = ModelArgs.from_hf_config(config, file=directory / "config.json")
         gen = directory / "generation_config.json"
         if gen.is_file():
@@ -254,26 +274,58 @@ def read_args(directory: Path, layout: str) -> ModelArgs:
     return ModelArgs.from_meta_params(read_json(directory / "params.json"), file=directory / "params.json")
 
 
+def checkpoint_quantization(directory: Path, layout: str) -> Optional[Quantization]:
+    """How the checkpoint's weights are quantized (its config.json's quantization_config), or None."""
+    if layout != "hf":
+        return None
+    return read_quantization(read_json(directory / "config.json"), directory / "config.json")
+
+
 def open_source(directory: Path, layout: str):
     return HFSource(directory) if layout == "hf" else MetaSource(directory)
 
 
-def load_weights(model: Transformer, source, layout: str, *, progress: Optional[bool] = None) -> None:
-    """Fill every parameter of `model` from `source`, converting dtype and device once per tensor."""
+def load_weights(model: Transformer, source, layout: str, *, quantization: Optional[Quantization] = None,
+                 quantize: Optional[str] = None, group_size: int = 128, quantize_head: bool = False,
+                 progress: Optional[bool] = None) -> None:
+    """Fill every parameter of `model` from `source`, converting dtype and device once per tensor.
+
+    quantization: the checkpoint's own (its quantized projections become QuantLinear modules as stored).
+    quantize: "nf4" | "int4" quantizes every dense projection of the blocks (and the lm_head with
+    `quantize_head`) right after reading it, so the dense model never exists whole; the blocks'
+    projections may then be allocated on the meta device (see `Transformer(linear_device=...)`).
+    """
     plan = hf_plan(model.args) if layout == "hf" else meta_plan(model.args)
     params = dict(model.named_parameters(remove_duplicate=False))
+    linears = {name for name, m in model.named_modules() if isinstance(m, Linear)}
     bar = Progress(source.total_bytes(), f"loading {source.directory.name}", enabled=progress)
     consumed = set()
+    tensors = Tensors(source, consumed, bar, model.device) if quantization is not None else None
     try:
         for target, parts in plan.items():
-            dest = params[target]
-            offset = 0
-            for part in parts:
-                t = source.read(part)
-                dest[offset:offset + part.shape[0]].copy_(t)
-                offset += part.shape[0]
-                consumed.add(part.name)
-                bar.update(t.numel() * t.element_size())
+            module, _, leaf = target.rpartition(".")
+            if leaf != "weight" or module not in linears:
+                _read_dense(source, parts, params[target], consumed, bar)
+                continue
+            lin = model.get_submodule(module)
+            shape = tuple(lin.weight.shape)
+            if tensors is not None:
+                qparts = read_projection(tensors, quantization, module, parts, shape, model.dtype)
+                if qparts is not None:
+                    set_module(model, module, QuantLinear(qparts))
+                    continue
+            if lin.weight.is_meta:
+                lin.weight = nn.Parameter(torch.empty(shape, dtype=model.dtype, device=model.device),
+                                          requires_grad=False)
+            _read_dense(source, parts, lin.weight, consumed, bar)
+            if quantize is not None and (module != "output" or quantize_head):
+                _quantize(model, quantize, group_size, quantize_head, [module], source, parts)
+        if tensors is not None and quantization.quantize_head and "output.weight" not in plan:
+            # tied embeddings, quantized head: the head's parts are stored on their own
+            set_module(model, "output", QuantLinear(read_projection(
+                tensors, quantization, "output", [], (model.args.vocab_size, model.args.dim), model.dtype)))
+        if quantize is not None:  # what the plan does not name (a tied head)
+            _quantize(model, quantize, group_size, quantize_head, None, source, [])
     finally:
         bar.close()
     unexpected = sorted(n for n in source.names() - consumed if not _IGNORED.search(n))
@@ -282,6 +334,32 @@ def load_weights(model: Transformer, source, layout: str, *, progress: Optional[
                               f"{' and tied embeddings' if model.args.tie_word_embeddings else ''} "
                               f"(config and weights disagree?); {len(unexpected)} such tensor(s)",
                               file=source.file_of(unexpected[0]), tensor=unexpected[0])
-    for name, p in params.items():
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise CheckpointError("no weights for this parameter", file=source.directory, tensor=name)
         if not torch.isfinite(p).all():
             raise CheckpointError("weights contain NaN or Inf", file=source.directory, tensor=name)
+    for name, q in quantized_modules(model).items():
+        for buf_name, b in q.named_buffers(recurse=False):
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise CheckpointError("quantization scales contain NaN or Inf", file=source.directory,
+                                      tensor=f"{name}.{buf_name}")
+
+
+def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar) -> None:
+    offset = 0
+    for part in parts:
+        t = source.read(part)
+        dest[offset:offset + part.shape[0]].copy_(t)
+        offset += part.shape[0]
+        consumed.add(part.name)
+        bar.update(t.numel() * t.element_size())
+
+
+def _quantize(model, method, group_size, quantize_head, only, source, parts) -> None:
+    try:
+        quantize_model(model, method, group_size=group_size, quantize_head=quantize_head, only=only)
+    except ValueError as e:
+        name = parts[0].name if parts else None
+        raise CheckpointError(f"cannot quantize to {method}: {e}",
+                              file=source.file_of(name) if name else source.directory, tensor=name) from None

@@ -1,4 +1,4 @@
-"""Command line: `codellama-rt generate | infill | chat | info` (see ../shared/docs/API.md).
+"""Command line: `codellama-rt generate | infill | chat | quantize | info | mask` (see ../shared/docs/API.md).
 
 Bad arguments or bad input print one line on stderr and exit with status 2.
 """
@@ -74,11 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     k.add_argument("prompt", help="prompt text; one <FILL_ME> shows the infill prompt's segments")
 
+    q = sub.add_parser("quantize", help="write a 4-bit checkpoint (nf4 or int4) that load() reads back")
+    q.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the local HF cache")
+    q.add_argument("--method", required=True, choices=("nf4", "int4"))
+    q.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero (32, 64, 128)")
+    q.add_argument("--quantize-head", action="store_true", help="quantize the lm_head too (default: kept dense)")
+    q.add_argument("--out", required=True, help="output directory (new or empty)")
+    q.add_argument("--dtype", default=None, help="dtype of the dense tensors and of what the weights dequantize "
+                   "to (default: bf16 on CUDA, fp32 on CPU)")
+    q.add_argument("--device", default=None, help="where to quantize: cpu | cuda | cuda:N (default: cuda when available)")
+
     n = sub.add_parser("info", help="config, parameter count, weight and KV-cache memory")
     n.add_argument("--model", default=None, help="model directory, hub id, or a preset name such as CodeLlama-7b")
     n.add_argument("--dtype", default=None)
     n.add_argument("--max-batch-size", type=int, default=1)
     n.add_argument("--max-seq-len", type=int, default=None)
+    n.add_argument("--quantize", default=None, choices=("nf4", "int4"),
+                   help="also show the weight memory once quantized (nf4 | int4)")
+    n.add_argument("--group-size", type=int, default=128, help="int4 group size for --quantize int4")
+    n.add_argument("--quantize-head", action="store_true", help="count the lm_head as quantized too")
     return parser
 
 
@@ -178,14 +192,34 @@ def cmd_mask(a) -> None:
         print(f"wrote {write_png(a.png, labels)}")
 
 
+def cmd_quantize(a) -> None:
+    from .api import default_model_path, load_model
+    from .quant_checkpoint import save_quantized
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty directory")
+    model = load_model(a.model, dtype=a.dtype, device=a.device, quantize=a.method, group_size=a.group_size,
+                       quantize_head=a.quantize_head)
+    save_quantized(model, out, method=a.method, group_size=a.group_size, quantize_head=a.quantize_head,
+                   source_dir=model.path or default_model_path())
+    from .quant import weight_bytes
+
+    print(f"wrote {out} ({a.method}, weights {weight_bytes(model.module) / 2 ** 30:.2f} GiB)")
+
+
 def cmd_info(a) -> None:
     import torch
 
     from .api import parse_dtype
-    from .checkpoint import detect_layout, open_source, read_args, resolve_path
+    from .checkpoint import checkpoint_quantization, detect_layout, open_source, read_args, resolve_path
     from .config import PRESETS, ModelArgs
+    from .quant import model_weight_bytes
 
     dtype = parse_dtype(a.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.group_size < 1:
+        raise ValueError(f"--group-size={a.group_size} is invalid: expected >= 1")
+    method, group_size, head, quantization = a.quantize, a.group_size, a.quantize_head, None
     if a.model in PRESETS:
         args, where, files = ModelArgs.from_preset(a.model), f"preset {a.model}", None
     else:
@@ -197,6 +231,10 @@ def cmd_info(a) -> None:
         if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it (as load() does)
             args.vocab_size = open_source(directory, layout).shards[0].shape("tok_embeddings.weight")[0]
         files = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".pth", ".bin"))
+        quantization = checkpoint_quantization(directory, layout)
+        if quantization is not None and method is None:  # show the checkpoint's own
+            method, head = quantization.method, quantization.quantize_head
+            group_size = quantization.group_size
     if a.max_batch_size < 1:
         raise ValueError(f"--max-batch-size={a.max_batch_size} is invalid: expected >= 1")
     if a.max_seq_len is not None and a.max_seq_len < 1:
@@ -219,6 +257,15 @@ def cmd_info(a) -> None:
          f"{args.kv_cache_bytes(a.max_batch_size, seq, elem) / gib:.2f} GiB "
          f"({args.kv_cache_bytes(1, 1, elem) / 1024:.0f} KiB per token)"),
     ]
+    if quantization is not None:
+        rows.insert(1, ("quantization", quantization.describe()))
+    if method is not None:
+        qbytes = model_weight_bytes(args, bytes_per_elem=elem, method=method, group_size=group_size,
+                                    quantize_head=head)
+        label = (f"{method}{f' g{group_size}' if method == 'int4' else ''}{', head' if head else ''}"
+                 f" + {str(dtype).replace('torch.', '')}")
+        rows.insert(next(i for i, (k, _) in enumerate(rows) if k.startswith("weight memory")) + 1,
+                    (f"weight memory ({label})", f"{qbytes / gib:.2f} GiB ({qbytes / 1e9:.2f} GB)"))
     if files is not None:
         rows.append(("checkpoint files", f"{files / gib:.2f} GiB"))
     width = max(len(k) for k, _ in rows)
@@ -226,8 +273,8 @@ def cmd_info(a) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "info": cmd_info,
-            "mask": cmd_mask}
+COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "quantize": cmd_quantize,
+            "info": cmd_info, "mask": cmd_mask}
 
 
 def main(argv=None) -> int:

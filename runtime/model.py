@@ -78,11 +78,11 @@ class Decode:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, dtype, device):
+    def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wqkv = Linear(args.q_dim + 2 * args.kv_dim, args.dim, dtype, device)
-        self.wo = Linear(args.dim, args.q_dim, dtype, device)
+        self.wqkv = Linear(args.q_dim + 2 * args.kv_dim, args.dim, dtype, linear_device or device)
+        self.wo = Linear(args.dim, args.q_dim, dtype, linear_device or device)
 
     def forward(self, ops: Backend, x, rope, positions, step, kv) -> torch.Tensor:
         B, T, _ = x.shape
@@ -97,11 +97,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, dtype, device):
+    def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, device)
-        self.w2 = Linear(args.dim, args.ffn_dim, dtype, device)
+        self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, linear_device or device)
+        self.w2 = Linear(args.dim, args.ffn_dim, dtype, linear_device or device)
 
     def forward(self, ops: Backend, x) -> torch.Tensor:
         gate, up = self.w13(ops, x).split([self.ffn_dim, self.ffn_dim], dim=-1)
@@ -109,13 +109,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, dtype, device):
+    def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
         self.eps = args.norm_eps
         self.attn_norm = _param(args.dim, dtype=dtype, device=device)
-        self.attn = Attention(args, dtype, device)
+        self.attn = Attention(args, dtype, device, linear_device)
         self.mlp_norm = _param(args.dim, dtype=dtype, device=device)
-        self.mlp = FeedForward(args, dtype, device)
+        self.mlp = FeedForward(args, dtype, device, linear_device)
 
     def forward(self, ops: Backend, x, residual, rope, positions, step, kv):
         """x: output of the previous block (not yet added); residual: the stream before it (or None)."""
@@ -130,14 +130,18 @@ class Transformer(nn.Module):
     tok_embeddings [V, dim]; layers[i].attn_norm [dim]; layers[i].attn.wqkv [(H + 2 Hkv) D, dim];
     layers[i].attn.wo [dim, H D]; layers[i].mlp_norm [dim]; layers[i].mlp.w13 [2 ffn, dim];
     layers[i].mlp.w2 [dim, ffn]; norm [dim]; output [V, dim] (the embedding when tied).
-    Projections are `Linear` modules (their `.weight`).
+    Projections are `Linear` modules (their `.weight`), or `QuantLinear` once quantized (`codellama_rt.quant`).
+
+    linear_device: where the blocks' projection weights are allocated (default: `device`); "meta"
+    allocates nothing, for a loader that fills or quantizes them one projection at a time.
     """
 
-    def __init__(self, args: ModelArgs, ops: Backend, dtype=torch.float32, device="cpu", rope_len=None):
+    def __init__(self, args: ModelArgs, ops: Backend, dtype=torch.float32, device="cpu", rope_len=None,
+                 linear_device=None):
         super().__init__()
         self.args, self.ops = args, ops
         self.tok_embeddings = _param(args.vocab_size, args.dim, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Block(args, dtype, device) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, dtype, device, linear_device) for _ in range(args.n_layers))
         self.norm = _param(args.dim, dtype=dtype, device=device)
         self.output = Linear(args.vocab_size, args.dim, dtype, device)
         if args.tie_word_embeddings:
