@@ -3,7 +3,7 @@
     python bench/kernels.py --out bench/results/<card>-<date>     # on a GPU
     python bench/kernels.py --out /tmp/k                          # without CUDA: resource table only
 
-Reports GB/s (RMSNorm, rotary, decode attention) as a fraction of the measured device-to-device
+Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured device-to-device
 copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
 20/80% quantiles. Always writes the AOT resource table (registers, shared memory, spills).
 """
@@ -19,6 +19,8 @@ import torch
 from codellama_rt.kernels import aot
 from codellama_rt.kernels.attention_decode import attention_decode, attention_decode_ref
 from codellama_rt.kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from codellama_rt.kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
+from codellama_rt.kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
 from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
 from codellama_rt.kernels.rotary import rope_tables, rotary, rotary_ref
 
@@ -95,6 +97,27 @@ def run_gpu(dtype=torch.bfloat16) -> list[dict]:
             for prov, fn in providers(attention_decode, attention_decode_ref).items():
                 ms = bench(lambda: fn(q, kc, vc, lengths))
                 rows.append(dict(kernel="attention_decode", shape=f"{name} S={S}", provider=prov, ms=ms,
+                                 gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+    rows += run_quant_gemv(bw, dtype)
+    return rows
+
+
+def run_quant_gemv(bw: float, dtype) -> list[dict]:
+    """4-bit decode GEMV (M = 1) at 7B shapes: GB/s counting the packed weight bytes read."""
+    rows = []
+    for name, (n, k) in {"7B wqkv": (3 * 4096, 4096), "7B w13": (2 * 11008, 4096), "7B w2": (4096, 11008)}.items():
+        w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
+        x = torch.randn(1, k, dtype=dtype, device="cuda")
+        dense_bytes = w.numel() * w.element_size()
+        ms = bench(lambda: torch.nn.functional.linear(x, w))
+        rows.append(dict(kernel="linear (dense)", shape=name, provider="torch", ms=ms,
+                         gbps=dense_bytes / ms[0] / 1e6, frac_copy=dense_bytes / ms[0] / 1e6 / bw))
+        for fmt, qw, fns in (("nf4", quantize_nf4(w), (nf4_linear, nf4_linear_ref)),
+                             ("int4", quantize_int4(w, group_size=128), (int4_linear, int4_linear_ref))):
+            nbytes = sum(t.numel() * t.element_size() for t in vars(qw).values() if isinstance(t, torch.Tensor))
+            for prov, fn in zip(("triton", "reference"), fns):
+                ms = bench(lambda: fn(x, qw))
+                rows.append(dict(kernel=f"{fmt} gemv", shape=name, provider=prov, ms=ms,
                                  gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
     return rows
 
