@@ -26,7 +26,6 @@ from codellama_rt.kernels.attention_decode import (  # noqa: E402
 )
 
 # The interpreter converts the loop bounds (loaded from `lengths`) with a NumPy deprecation warning.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]

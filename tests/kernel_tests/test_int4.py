@@ -14,7 +14,6 @@ from codellama_rt.kernels.int4 import (Int4Weight, dequantize_int4, int4_launch,
 from tolerances import assert_close, assert_error_within_torch
 
 # the interpreter turns scalar loop bounds into 1-element arrays and int()s them (numpy deprecation)
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -13,7 +13,6 @@ from codellama_rt.kernels.nf4 import (NF4_CODE, NF4Weight, dequantize_nf4, dynam
 from tolerances import assert_close, assert_error_within_torch
 
 # Triton's interpreter turns 1-element arrays into loop bounds with int(); NumPy deprecates that.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
