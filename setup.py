@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Lean CodeLlama inference runtime with Triton kernels and a PyTorch reference path",
     python_requires=">=3.10",
-    packages=["codellama_rt", "codellama_rt.kernels"],
+    packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench"],
     package_dir={"codellama_rt": "runtime", "codellama_rt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -11,7 +11,8 @@ from .checkpoint import checkpoint_quantization, detect_layout, load_weights, op
 from .config import ModelArgs
 from .errors import CheckpointError
 from .generate import Completion, Engine
-from .model import Transformer
+from .model import Linear, Transformer
+from .quant import quantize_model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -55,34 +56,35 @@ def default_model_path() -> Path:
 
 
 def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
-         max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None) -> "Model":
+         max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None,
+         cuda_graphs: Optional[bool] = None) -> "Model":
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
     `quantize="nf4" | "int4"` quantizes the blocks' projections while loading (int4: groups of 128);
     a quantized checkpoint (bitsandbytes 4-bit, GPTQ, or `codellama-rt quantize` output) loads as
     stored without it. The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens
-    (default: the model's context) and is allocated on first generation.
+    (default: the model's context) and is allocated on first generation. `cuda_graphs` (default: on
+    for CUDA, off on CPU) captures each decode step into a CUDA graph once per batch size and
+    sampling signature and replays it for every token; the tokens are those of eager decoding.
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
-                      max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress)
+                      max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
+                      cuda_graphs=cuda_graphs)
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
                group_size: int = 128, quantize_head: bool = False, max_seq_len: Optional[int] = None,
-               max_batch_size: int = 1, progress: Optional[bool] = None) -> "Model":
+               max_batch_size: int = 1, progress: Optional[bool] = None,
+               cuda_graphs: Optional[bool] = None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size`, and `quantize_head` (the lm_head too)."""
     device = parse_device(device)
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs={cuda_graphs!r} is invalid: expected True, False or None (auto)")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={str(device)!r}")
     dtype = parse_dtype(dtype, device)
-    if quantize not in _QUANTIZE:
-        raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1")
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 1):
-        raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: expected an integer >= 1")
+    _check_options(quantize, group_size, max_batch_size, max_seq_len)
     ops = resolve_backend(backend, device)
 
     if path is None:
@@ -110,8 +112,65 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
                         linear_device="meta" if quantized else None)
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
                  quantize_head=quantize_head, progress=progress)
-    return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len),
-                 path=directory)
+    engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs)
+    return Model(args, model, tokenizer, engine, path=directory)
+
+
+def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,
+                 quantize: Optional[str] = None, group_size: int = 128, quantize_head: bool = False,
+                 max_seq_len: Optional[int] = None, max_batch_size: int = 1, seed: int = 0,
+                 std: float = 0.5) -> "Model":
+    """A Model with random weights at `args`' shapes, drawn directly on `device`: benchmarks at real
+    shapes without a checkpoint. Arguments as `load_model`.
+
+    Weights are drawn as `tiny.write_random_checkpoint` draws them (projections normal with std / sqrt(fan_in),
+    the lm_head 4x that, the embedding N(0, 1), norms 1 + 0.1 N(0, 1)) in fp32 from a generator on `device`
+    seeded with `seed`, then cast to `dtype`; the same seed and device give the same weights. With `quantize`
+    each projection is quantized right after it is drawn, so the dense model never exists whole (as loading
+    does). `tokenizer`: a `Tokenizer`, or any object with its decoding interface when only token ids are
+    generated (the engine streams text through `decode_in_context`).
+    """
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    _check_options(quantize, group_size, max_batch_size, max_seq_len)
+    ops = resolve_backend(backend, device)
+    seq_len = max_seq_len or args.max_seq_len
+    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len,
+                        linear_device="meta" if quantize else None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(shape, scale: float, offset: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        return (t.mul_(scale).add_(offset) if scale != 1 or offset else t).to(dtype)
+
+    with torch.no_grad():
+        model.tok_embeddings.copy_(draw(model.tok_embeddings.shape, 1.0))
+        model.norm.copy_(draw(model.norm.shape, 0.1, 1.0))
+        for layer in model.layers:
+            layer.attn_norm.copy_(draw(layer.attn_norm.shape, 0.1, 1.0))
+            layer.mlp_norm.copy_(draw(layer.mlp_norm.shape, 0.1, 1.0))
+        for name, lin in list(model.named_modules()):
+            if not isinstance(lin, Linear):
+                continue
+            if lin.weight is not model.tok_embeddings:  # a tied head is the embedding
+                out_f, in_f = lin.weight.shape
+                w = draw((out_f, in_f), std / in_f ** 0.5 * (4 if name == "output" else 1))
+                lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            if quantize is not None and (name != "output" or quantize_head):
+                quantize_model(model, quantize, group_size=group_size, quantize_head=quantize_head, only=[name])
+    return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
+
+
+def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
+    if quantize not in _QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: expected an integer >= 1")
 
 
 class Model:
@@ -123,6 +182,10 @@ class Model:
     @property
     def backend(self) -> str:
         return self.module.ops.name
+
+    def graph_pool_bytes(self) -> int:
+        """Device memory held by the captured decode CUDA graphs (0 on CPU or before any capture)."""
+        return self.engine.graph_pool_bytes()
 
     # ---- scoring -------------------------------------------------------------------------
 

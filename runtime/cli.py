@@ -1,4 +1,4 @@
-"""Command line: `codellama-rt generate | infill | chat | quantize | info | mask` (see ../shared/docs/API.md).
+"""Command line: `codellama-rt generate | infill | chat | quantize | info | mask | bench` (see ../shared/docs/API.md).
 
 Bad arguments or bad input print one line on stderr and exit with status 2.
 """
@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default=None, help="dtype of the dense tensors and of what the weights dequantize "
                    "to (default: bf16 on CUDA, fp32 on CPU)")
     q.add_argument("--device", default=None, help="where to quantize: cpu | cuda | cuda:N (default: cuda when available)")
+
+    b = sub.add_parser("bench", help="benchmark report: decode tokens/s vs the bandwidth bound, TTFT, memory, "
+                       "peers, kernels (CPU: a CI-sized subset)")
+    from .bench import add_arguments
+
+    add_arguments(b)
 
     n = sub.add_parser("info", help="config, parameter count, weight and KV-cache memory")
     n.add_argument("--model", default=None, help="model directory, hub id, or a preset name such as CodeLlama-7b")
@@ -273,8 +279,15 @@ def cmd_info(a) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_bench(a) -> None:
+    from .bench import parse_only
+    from .bench.report import run
+
+    run(a.report, quick=a.quick, only=parse_only(a.only), budget_s=a.budget_s, resources=not a.no_resources)
+
+
 COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "quantize": cmd_quantize,
-            "info": cmd_info, "mask": cmd_mask}
+            "info": cmd_info, "mask": cmd_mask, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

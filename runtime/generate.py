@@ -6,13 +6,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from .decode_graph import DecodeStep
 from .detokenize import TextStream
 from .kv_cache import KVCache
-from .model import Decode, Prefill, Transformer
-from .sampling import SamplingParams, sample_next
+from .model import Prefill, Transformer
+from .sampling import SamplingParams, SamplingSignature
 from .tokenizer import Tokenizer
-
-KV_LEN_ROUND = 256  # eager decode reads the cache up to a bound rounded to this many tokens
 
 
 @dataclass
@@ -31,21 +30,65 @@ class Engine:
     The cache is allocated on first use with room for what the call needs (rounded up to a power
     of two, at least 256 tokens, at most max_seq_len) and reallocated larger only when a later
     call needs more, so memory follows use rather than the model's full context.
+
+    Every decode step runs through a `DecodeStep` (static buffers, attention over the whole cache),
+    kept per (batch size, sampling signature) and reused by later generations. With `cuda_graphs`
+    (default: on for a CUDA model, off on CPU) each step is captured into a CUDA graph on first use
+    and replayed for every token; growing the cache drops the steps, which are captured again.
+    `generator` draws all sampling noise: each generation seeds it (`seed`) before its first token.
+    One engine runs one generation at a time (they share the cache and the steps).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
-                 prefill_chunk: int = 2048):
+                 prefill_chunk: int = 2048, cuda_graphs: Optional[bool] = None):
         self.model, self.tok = model, tokenizer
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
+        on_cuda = model.device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; the model is on {model.device}")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.generator = torch.Generator(device=model.device)
+        self.captures = 0  # CUDA graphs captured so far (a replayed step adds none)
         self._cache: Optional[KVCache] = None
+        self._steps: dict = {}  # (batch, SamplingSignature, graphed) -> DecodeStep over self._cache
+        self._pool = None  # memory pool shared by the captured graphs (never replayed concurrently)
 
     def cache_for(self, n_tokens: int) -> KVCache:
         """A KV cache holding at least `n_tokens` (<= max_seq_len) tokens per sequence."""
         need = min(self.max_seq_len, max(256, 1 << (max(n_tokens, 1) - 1).bit_length()))
         if self._cache is None or self._cache.max_seq_len < need:
+            self._steps.clear()  # their graphs point into the old cache: capture again on next use
+            self._pool = None
             self._cache = None  # free the old one before allocating
             self._cache = KVCache(self.model.args, self.max_batch, need, self.model.dtype, self.model.device)
         return self._cache
+
+    def decode_step(self, batch: int, sig: SamplingSignature, cache: KVCache) -> DecodeStep:
+        """The decode step of `batch` rows under `sig` over the current cache: built (and with
+        `cuda_graphs`, captured) on first use, then the same object for every later generation."""
+        if cache is not self._cache:
+            raise ValueError("decode_step: not the engine's current KV cache (use cache_for)")
+        graphed = self.cuda_graphs
+        key = (batch, sig, graphed)
+        step = self._steps.get(key)
+        if step is None:
+            if graphed and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            step = DecodeStep(self.model, cache, batch, sig, self.generator, graphed=graphed, pool=self._pool)
+            self.captures += graphed
+            self._steps[key] = step
+        return step
+
+    def graph_pool_bytes(self) -> int:
+        """Device memory held by the captured decode graphs (their shared pool's segments); 0 without."""
+        if self._pool is None or not any(s.graph is not None for s in self._steps.values()):
+            return 0
+        pool = tuple(self._pool)
+        device = self.model.device.index if self.model.device.index is not None else torch.cuda.current_device()
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool and seg.get("device", device) == device)
 
     def check_prompt(self, ids, what="prompt") -> list[int]:
         ids = [int(i) for i in ids]
@@ -79,21 +122,18 @@ class Run:
         self.completions: list[Optional[Completion]] = [None] * len(prompts)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        generator = None
-        if not self.params.greedy:
-            generator = torch.Generator(device=self.engine.model.device)
+        if not self.params.greedy:  # one random stream for the whole call, groups included
             if self.params.seed is None:
-                generator.seed()
+                self.engine.generator.seed()
             else:
-                generator.manual_seed(self.params.seed)
+                self.engine.generator.manual_seed(self.params.seed)
         mb = self.engine.max_batch
         for g in range(0, len(self.prompts), mb):
-            for row, piece in self._group(g, self.prompts[g:g + mb], generator):
+            for row, piece in self._group(g, self.prompts[g:g + mb]):
                 yield g + row, piece
 
-    def _group(self, offset: int, prompts, generator) -> Iterator[tuple[int, str]]:
+    def _group(self, offset: int, prompts) -> Iterator[tuple[int, str]]:
         eng, params = self.engine, self.params
-        model, device = eng.model, eng.model.device
         B = len(prompts)
         lens = [len(p) for p in prompts]
         budget = [min(params.max_new_tokens, eng.max_seq_len - n) for n in lens]
@@ -105,14 +145,12 @@ class Run:
         if not all(done):
             with torch.inference_mode():
                 cache = eng.cache_for(max(n + b for n, b in zip(lens, budget)))
-                logits = self._prefill(prompts, lens, cache)
-                seen = self._seen(prompts) if params.repetition_penalty != 1.0 else None
-                positions = torch.tensor(lens, dtype=torch.long, device=device)
-            step = 0
+                # Built (captured) before the prefill: a capture's warm-up writes K/V only into slots
+                # that this generation rewrites before reading them.
+                step = eng.decode_step(B, SamplingSignature.of(params), cache)
+                step.start(self._prefill(prompts, lens, cache), prompts, params)
             while True:
-                with torch.inference_mode():
-                    next_tok = sample_next(logits, params, seen, generator)
-                    tokens = next_tok.tolist()  # the one host sync per token: stops and streaming
+                tokens = step.tokens.tolist()  # the one host sync per token: stops and streaming
                 for b, t in enumerate(tokens):
                     if done[b]:
                         continue
@@ -128,13 +166,7 @@ class Run:
                         done[b] = True
                 if all(done):
                     break
-                with torch.inference_mode():
-                    if seen is not None:
-                        seen[torch.arange(B, device=device), next_tok] = True
-                    kv_len = min(cache.max_seq_len, -(-(max(lens) + step + 1) // KV_LEN_ROUND) * KV_LEN_ROUND)
-                    logits = model(next_tok[:, None], Decode(positions, kv_len), cache)[:, -1]
-                    positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # only finished rows reach the clamp
-                step += 1
+                step()  # decode `tokens`, sample the next ones into step.tokens (a graph replay on CUDA)
         for b in range(B):
             piece = streams[b].finish()
             if piece:
@@ -160,10 +192,3 @@ class Run:
             here = ((last >= start) & (last < start + n))[:, None]
             logits = out if logits is None else torch.where(here, out, logits)
         return logits
-
-    def _seen(self, prompts) -> torch.Tensor:
-        device = self.engine.model.device
-        seen = torch.zeros(len(prompts), self.engine.model.args.vocab_size, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, torch.tensor(p, device=device)] = True
-        return seen

@@ -6,10 +6,9 @@ PSM / SPM layout is visible.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
+from . import png
 from .tokenizer import FILL_ME, Tokenizer, split_fill
 
 # segment -> (one-letter tag, ANSI colour, RGB)
@@ -95,13 +94,4 @@ def write_png(path, labels: list[str], *, cell: int = 0) -> Path:
         body = rgb[q] * cell + cells
         rows += [body] * (cell - gap) + [bytes(_BG_RGB) * (cell * (n + 1))] * gap
     size = cell * (n + 1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + r for r in rows)  # filter type 0 per scanline
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)) \
-        + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.write_bytes(png)
-    return path
+    return png.write_png(path, size, size, rows)

@@ -60,7 +60,7 @@ class Decode:
     """One token per sequence at its own position `positions[b]` (int64 [B] on the device).
 
     `kv_len` is a host-side upper bound on positions + 1 (attention reads cache[:, :, :kv_len]);
-    a graph-captured step passes the full cache length.
+    the engine's `DecodeStep` passes the full cache length, fixed for a graph capture.
     """
 
     positions: torch.Tensor

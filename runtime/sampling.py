@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -56,23 +56,48 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingSignature:
+    """Which stages the sampler runs, as far as they shape the work: a captured decode graph serves one
+    signature and every temperature, top_p and repetition_penalty value (those are device scalars).
+    top_k sets a tensor shape (torch.topk), so its value is part of the signature."""
+
+    greedy: bool
+    top_k: int = 0          # 0: off (also when greedy)
+    top_p: bool = False     # nucleus filter on (top_p < 1, not greedy)
+    penalty: bool = False   # repetition penalty on (!= 1)
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "SamplingSignature":
+        g = params.greedy
+        return cls(greedy=g, top_k=0 if g else params.top_k, top_p=not g and params.top_p < 1.0,
+                   penalty=params.repetition_penalty != 1.0)
+
+
+Scalar = Union[float, torch.Tensor]  # a Python number, or a 0-dim fp32 tensor on the logits' device
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Scalar) -> torch.Tensor:
     """CTRL/HF rule: logits of seen tokens are divided by `penalty` if positive, multiplied if negative.
     logits fp32 [B, V]; seen bool [B, V]."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: Scalar, *,
+                       nucleus: Optional[bool] = None) -> torch.Tensor:
     """Set logits outside the top-k and outside the top-p nucleus to -inf (always keeps the best token).
 
     Nucleus as in Meta's `sample_top_p`: a token is kept when the probability mass ranked strictly
-    above it is <= top_p. logits fp32 [B, V].
+    above it is <= top_p. logits fp32 [B, V]. `nucleus` says whether the top-p stage runs (default:
+    top_p < 1; pass it when top_p is a device tensor, which cannot be compared without a host sync).
     """
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if nucleus is None:
+        nucleus = top_p < 1.0
+    if nucleus:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) > top_p
@@ -81,18 +106,28 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits fp32 [B, V] -> next token ids int64 [B], entirely on the device.
+def sample(logits: torch.Tensor, sig: SamplingSignature, *, temperature: Scalar = 1.0, top_p: Scalar = 1.0,
+           penalty: Scalar = 1.0, seen: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits fp32 [B, V] -> next token ids int64 [B], entirely on the device, with fixed shapes.
 
-    Sampling draws Exp(1) noise and takes argmax(p / noise), which picks token i with probability
-    p_i without the host synchronisation of torch.multinomial.
+    The stages run are those of `sig`; the values may be Python numbers or 0-dim device tensors (as a
+    captured decode step passes them). Sampling draws Exp(1) noise and takes argmax(p / noise), which
+    picks token i with probability p_i without the host synchronisation of torch.multinomial; it draws
+    one [B, V] block from `generator` per call, so a generator in the same state gives the same tokens.
     """
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
+    if sig.penalty and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    if sig.greedy:
         return torch.argmax(logits, dim=-1)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    logits = filter_top_k_top_p(logits / temperature, sig.top_k, top_p, nucleus=sig.top_p)
     probs = torch.softmax(logits, dim=-1)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return torch.argmax(probs / noise, dim=-1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits fp32 [B, V] -> next token ids int64 [B] for `params` (see `sample`)."""
+    return sample(logits, SamplingSignature.of(params), temperature=params.temperature, top_p=params.top_p,
+                  penalty=params.repetition_penalty, seen=seen, generator=generator)

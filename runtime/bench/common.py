@@ -1,0 +1,133 @@
+"""Shared benchmark helpers: timing, copy bandwidth, the environment a report records, a time budget."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding runtime/ and kernels/
+
+
+def bench(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of a CUDA callable (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100))
+
+
+def bench_host(fn, *, repeat: int = 7, warmup: int = 1) -> tuple[float, float, float]:
+    """(median, min, max) wall milliseconds of a CPU callable."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times), max(times)
+
+
+def copy_bandwidth(device="cuda", nbytes: int = 2 ** 30) -> float:
+    """Measured copy bandwidth in GB/s, counting the read and the write of `nbytes`
+    (CUDA: device-to-device, do_bench median; CPU: host memory, median of 7)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        ms = bench(lambda: dst.copy_(src))[0]
+    else:
+        src.fill_(1.0)
+        ms = bench_host(lambda: dst.copy_(src))[0]
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def memory_bandwidth(device) -> tuple[float, str]:
+    """(GB/s, how it was measured) for the decode bound. CUDA: the device-to-device copy of 1 GiB (read +
+    write counted). CPU: a read-only pass (sum) over 256 MiB, since a copy's write-allocate traffic would
+    understate what decode, which only reads its weights, reaches there."""
+    if torch.device(device).type == "cuda":
+        return copy_bandwidth(device), "copy of 1 GiB, read + write counted"
+    src = torch.ones(2 ** 26, dtype=torch.float32)
+    ms = bench_host(lambda: src.sum())[0]
+    return src.numel() * 4 / ms / 1e6, "read-only pass (sum) over 256 MiB"
+
+
+class Budget:
+    """Wall-clock seconds for a whole run: each unit of work asks before starting whether its
+    estimate still fits, so a report finishes within its device call."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.t0 = float(seconds), time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def allows(self, estimate_s: float) -> bool:
+        return self.left() >= estimate_s
+
+
+def _run(cmd: list, cwd=None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """HEAD of the source checkout, with "+dirty" when tracked files differ from it (None outside git)."""
+    head = _run(["git", "rev-parse", "HEAD"], cwd=SOURCE_ROOT)
+    if head is None:
+        return None
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_ROOT)
+    return head + ("+dirty" if dirty else "")
+
+
+def loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def environment() -> dict:
+    """Card, driver and versions: what every report's numbers are tagged with."""
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "loadavg_start": loadavg(),  # CPU numbers mean little on a machine that is busy elsewhere
+    }
+    for mod in ("triton", "transformers", "matplotlib"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or broken: recorded as absent
+            meta[mod] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        meta.update(card=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                    compute_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count)
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
+        meta["driver"] = smi.splitlines()[0].strip() if smi else None
+    else:
+        meta.update(card=f"CPU ({platform.processor() or platform.machine()})", cuda=None, driver=None)
+    return meta
+
+
+def card_slug(meta: dict) -> str:
+    """The card name as a folder name: 'NVIDIA-H100-80GB-HBM3'."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(meta.get("card", "unknown"))).strip("-")

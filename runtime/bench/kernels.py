@@ -1,0 +1,149 @@
+"""Kernel benchmarks: Triton vs the PyTorch reference (and torch.compile of it) at CodeLlama shapes.
+
+    python bench/kernels.py --out bench/results/<card>-<date>     # on a GPU
+    python bench/kernels.py --out /tmp/k                          # without CUDA: resource table only
+    (the full report, `python bench/report.py --report DIR`, includes these rows)
+
+Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured device-to-device
+copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
+20/80% quantiles. Always writes the AOT resource table (registers, shared memory, spills).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..kernels import aot
+from ..kernels.attention_decode import attention_decode, attention_decode_ref
+from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from ..kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
+from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
+from ..kernels.rms_norm import rms_norm, rms_norm_ref
+from ..kernels.rotary import rope_tables, rotary, rotary_ref
+from .common import bench, copy_bandwidth, environment
+
+SHAPES = {"7B": dict(dim=4096, heads=32, kv=32), "70B": dict(dim=8192, heads=64, kv=8)}
+
+
+def providers(triton_fn, ref_fn):
+    out = {"triton": triton_fn, "reference": ref_fn}
+    try:
+        out["torch.compile"] = torch.compile(ref_fn)
+    except Exception:  # pragma: no cover - depends on the install
+        pass
+    return out
+
+
+def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
+    """Every kernel row; `bw`: the copy bandwidth (GB/s) when already measured."""
+    bw = bw or copy_bandwidth()
+    rows = [dict(kernel="copy", shape="1 GiB", provider="torch", gbps=bw)]
+    dev = "cuda"
+    for name, s in SHAPES.items():
+        tokens, dim = 16384, s["dim"]
+        x = torch.randn(tokens, dim, dtype=dtype, device=dev)
+        r = torch.randn_like(x)
+        w = torch.randn(dim, dtype=dtype, device=dev)
+        nbytes = 4 * x.numel() * x.element_size()  # read x, residual; write y, h
+        for prov, fn in providers(rms_norm, rms_norm_ref).items():
+            ms = bench(lambda: fn(x, w, 1e-5, r))
+            rows.append(dict(kernel="rms_norm", shape=f"{name} {tokens}x{dim}", provider=prov, ms=ms,
+                             gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+        B, T, D = 1, 16384, 128
+        q = torch.randn(B, s["heads"], T, D, dtype=dtype, device=dev)
+        k = torch.randn(B, s["kv"], T, D, dtype=dtype, device=dev)
+        cos, sin = rope_tables(D, T, 1e6, device=dev)
+        pos = torch.arange(T, device=dev).expand(B, T)
+        nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
+        for prov, fn in providers(rotary, rotary_ref).items():
+            ms = bench(lambda: fn(q, k, cos, sin, pos))
+            rows.append(dict(kernel="rotary", shape=f"{name} T={T}", provider=prov, ms=ms,
+                             gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+        for T in (4096, 8192, 16384):
+            q = torch.randn(1, s["heads"], T, D, dtype=dtype, device=dev)
+            k = torch.randn(1, s["kv"], T, D, dtype=dtype, device=dev)
+            v = torch.randn_like(k)
+            flops = 4 * s["heads"] * T * T * D / 2  # causal
+            provs = {"triton": attention_prefill}
+            if T <= 4096:
+                provs["reference"] = attention_prefill_ref
+            for prov, fn in provs.items():
+                ms = bench(lambda: fn(q, k, v, 0))
+                rows.append(dict(kernel="attention_prefill", shape=f"{name} T={T}", provider=prov, ms=ms,
+                                 tflops=flops / ms[0] / 1e9))
+        for S in (16384, 65536, 100000):
+            B = 1
+            q = torch.randn(B, s["heads"], D, dtype=dtype, device=dev)
+            kc = torch.randn(B, s["kv"], S, D, dtype=dtype, device=dev)
+            vc = torch.randn_like(kc)
+            lengths = torch.full((B,), S, dtype=torch.long, device=dev)
+            nbytes = 2 * kc.numel() * kc.element_size()
+            for prov, fn in providers(attention_decode, attention_decode_ref).items():
+                ms = bench(lambda: fn(q, kc, vc, lengths))
+                rows.append(dict(kernel="attention_decode", shape=f"{name} S={S}", provider=prov, ms=ms,
+                                 gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+    rows += run_quant_gemv(bw, dtype)
+    return rows
+
+
+def run_quant_gemv(bw: float, dtype) -> list[dict]:
+    """4-bit decode GEMV (M = 1) at 7B shapes: GB/s counting the packed weight bytes read."""
+    rows = []
+    for name, (n, k) in {"7B wqkv": (3 * 4096, 4096), "7B w13": (2 * 11008, 4096), "7B w2": (4096, 11008)}.items():
+        w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
+        x = torch.randn(1, k, dtype=dtype, device="cuda")
+        dense_bytes = w.numel() * w.element_size()
+        ms = bench(lambda: torch.nn.functional.linear(x, w))
+        rows.append(dict(kernel="linear (dense)", shape=name, provider="torch", ms=ms,
+                         gbps=dense_bytes / ms[0] / 1e6, frac_copy=dense_bytes / ms[0] / 1e6 / bw))
+        for fmt, qw, fns in (("nf4", quantize_nf4(w), (nf4_linear, nf4_linear_ref)),
+                             ("int4", quantize_int4(w, group_size=128), (int4_linear, int4_linear_ref))):
+            nbytes = sum(t.numel() * t.element_size() for t in vars(qw).values() if isinstance(t, torch.Tensor))
+            for prov, fn in zip(("triton", "reference"), fns):
+                ms = bench(lambda: fn(x, qw))
+                rows.append(dict(kernel=f"{fmt} gemv", shape=name, provider=prov, ms=ms,
+                                 gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| kernel | shape | provider | median ms (p20–p80) | GB/s | of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r.get("ms")
+        ms_s = f"{ms[0]:.3f} ({ms[1]:.3f}–{ms[2]:.3f})" if ms else ""
+        gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        frac = f"{r['frac_copy']:.0%}" if "frac_copy" in r else ""
+        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+        lines.append(f"| {r['kernel']} | {r.get('shape', '')} | {r['provider']} | {ms_s} | {gbps} | {frac} | {tf} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    table = aot.resource_table()
+    meta = environment()
+    rows = []
+    if torch.cuda.is_available():
+        meta["device"] = torch.cuda.get_device_name()
+        rows = run_gpu()
+    else:
+        meta["device"] = "no CUDA: speed not measured"
+    report = [f"# Kernel report\n\n{json.dumps(meta)}\n", "## Speed\n", to_markdown(rows) if rows else
+              "No CUDA device: speed not measured.", "\n## AOT resources (sm_80 / sm_90)\n", aot.format_table(table)]
+    problems = aot.problems(table)
+    if problems:
+        report += ["\n## Problems\n"] + [f"- {p}" for p in problems]
+    (a.out / "kernels.md").write_text("\n".join(report) + "\n")
+    (a.out / "kernels.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "resources": [r.__dict__ for r in table]}, indent=1, default=str))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

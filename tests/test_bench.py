@@ -1,0 +1,286 @@
+"""The benchmark report (codellama_rt.bench): the CPU quick run end to end, the bound arithmetic, the
+bars, the PNG writer, random-weight models, and the CLI / script entry points. Speed itself is never
+asserted here (see bench/README.md)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama_rt import ModelArgs, SamplingParams, cli
+from codellama_rt.api import random_model
+from codellama_rt.bench import e2e, report
+from codellama_rt.bench.plots import Bar, hbar_chart
+from codellama_rt.png import Canvas, encode_png
+from codellama_rt.quant import model_weight_bytes, weight_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "date", "mode"}
+REPORT_KEYS = {"meta", "plan", "bandwidth_gbps", "bandwidth_method", "models", "decode", "ttft", "kernels",
+               "resources", "problems", "bars", "skipped", "timings", "plots"}
+
+
+def png_info(data: bytes) -> tuple[int, int]:
+    """(width, height) of an 8-bit RGB PNG, after checking its signature, chunk CRCs and pixel data size."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert w > 0 and h > 0 and depth in (8, 16) and color in (2, 6)
+    if (depth, color) == (8, 2):  # ours; matplotlib writes RGBA
+        raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+        assert len(raw) == h * (1 + 3 * w)
+    return w, h
+
+
+# ---- the quick CPU report, end to end -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """`codellama-rt bench --report DIR --quick --only tiny` (no AOT table: the compile test covers it)."""
+    out = tmp_path_factory.mktemp("bench")
+    code = cli.main(["bench", "--report", str(out), "--quick", "--only", "tiny", "--no-resources"])
+    return code, out
+
+
+def test_cli_quick_report_writes_everything(quick_report):
+    code, out = quick_report
+    assert code == 0
+    data = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(data)
+    assert META_KEYS <= set(data["meta"]) and data["meta"]["mode"] == "quick"
+    assert data["meta"]["gpu_run"] is False and data["bandwidth_gbps"] > 0
+    assert data["meta"]["card"].startswith("CPU") or torch.cuda.is_available()
+    assert [m["model"] for m in data["models"]] == ["tiny"]
+    assert data["models"][0]["weights_read_measured"] == data["models"][0]["weights_read_per_token"]
+    ours = [r for r in data["decode"] if r["provider"] == e2e.OURS_EAGER]
+    assert len(ours) == 1 and ours[0]["status"] == "ok" and ours[0]["batch"] == 1
+    assert ours[0]["tok_s"] > 0 and ours[0]["bound_tok_s"] > 0
+    assert ours[0]["frac_bound"] == pytest.approx(ours[0]["tok_s"] / ours[0]["bound_tok_s"])
+    assert all("tokens0" not in r for r in data["decode"])
+    assert [r["prompt_tokens"] for r in data["ttft"] if r["provider"] == e2e.OURS] == [128]
+    hf = [r for r in data["decode"] if r["provider"] == e2e.HF]
+    if data["meta"]["transformers"]:  # same weights, fp32 greedy: the same tokens
+        assert hf[0]["status"] == "ok" and hf[0]["agree_with_ours"] == "16/16"
+        assert any(r["provider"] == e2e.HF and r["status"] == "ok" for r in data["ttft"])
+    assert [b["status"] for b in data["bars"]] == ["unmeasured"] * len(report.BARS)
+    assert data["plots"] == ["decode_vs_bound.png"]
+    assert png_info((out / "decode_vs_bound.png").read_bytes())[0] > 100
+    md = (out / "report.md").read_text()
+    for heading in ("## Bars", "## Decode", "## Time to first token", "## Models", "## Plots", "## Timings"):
+        assert heading in md
+    assert "| tiny | ours (eager) | 1 |" in md and "AOT resources" in md
+
+
+def test_budget_skips_units_and_still_writes(tmp_path):
+    data = report.run(tmp_path, quick=True, only=["tiny"], budget_s=0.01, resources=False, log=lambda s: None)
+    assert data["skipped"] and data["skipped"][0]["unit"] == "ours tiny"
+    assert "time budget" in data["skipped"][0]["reason"]
+    assert data["decode"] == [] and data["plots"] == []
+    assert "## Skipped" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["skipped"] == data["skipped"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench"], "--report"),
+    (["bench", "--report", "R", "--only", "nope"], "unknown"),
+    (["bench", "--report", "R", "--only", ","], "no names"),
+    (["bench", "--report", "R", "--budget-s", "0"], "budget"),
+    (["bench", "--report", "R", "--quick", "--bogus"], "--bogus"),
+])
+def test_cli_bench_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "r") if a == "R" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("codellama-rt: error:") and message in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU models are valid with CUDA")
+def test_cli_bench_gpu_model_without_cuda_exit_2(tmp_path, capsys):
+    assert cli.main(["bench", "--report", str(tmp_path), "--only", "7B-bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs CUDA" in err
+
+
+def test_report_script_is_a_thin_wrapper():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--report", "x", "--only", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown" in out.stderr
+
+
+# ---- the bound and the bars ---------------------------------------------------------------------
+
+def test_decode_bound_arithmetic():
+    assert e2e.decode_bound(13_000_000_000, 3000.0) == pytest.approx(3000 / 13)
+    assert e2e.decode_bound(10 ** 9, 2000.0, batch=8) == pytest.approx(16000.0)
+    args = ModelArgs.from_preset("CodeLlama-7b")
+    # 7B bf16 read per token: every parameter but the embedding table, 2 bytes each
+    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    weights = (32 * per_layer + 4096 + 32016 * 4096) * 2
+    assert report._model_info(e2e.MODELS["7B-bf16"])["weights_read_per_token"] == weights == 13_214_818_304
+    kv = 2 * 32 * 8 * 32 * 128 * 2 * 1024  # K and V, layers, batch, heads, head dim, bytes, tokens
+    step = e2e.decode_step_bytes(weights, args, batch=8, context=1024, elem_bytes=2)
+    assert step == weights + kv == 13_214_818_304 + 4_294_967_296
+    assert e2e.decode_bound(step, 3000.0, batch=8) == pytest.approx(8 * 3e12 / step)
+    # int4 g128 read per token: the shape formula less the dense embedding
+    int4 = report._model_info(e2e.MODELS["7B-int4"])
+    assert int4["weights_read_per_token"] == model_weight_bytes(args, bytes_per_elem=2, method="int4") - 32016 * 4096 * 2
+
+
+def test_finish_rows_bound_and_agreement():
+    row = dict(model="7B-bf16", provider=e2e.OURS_EAGER, batch=1, prompt_tokens=128, new_tokens=128,
+               status="ok", tok_s=100.0, tokens0=[5, 6, 7, 8])
+    graphs = dict(row, provider=e2e.OURS_GRAPHS, tokens0=[5, 6, 7, 8])
+    peer = dict(row, provider=e2e.COMPILE, tokens0=[5, 6, 9, 8])
+    data = {"bandwidth_gbps": 3000.0, "models": [], "decode": [graphs, row, peer]}
+    report._finish_rows(data)
+    assert graphs["agree_with_ours"] == "4/4"
+    info = report._model_info(e2e.MODELS["7B-bf16"])
+    step = info["weights_read_per_token"] + info["kv_bytes_per_token"] * (128 + 64)
+    assert row["step_bytes"] == step and row["bound_tok_s"] == pytest.approx(3e12 / step)
+    assert row["frac_bound"] == pytest.approx(100.0 * step / 3e12)
+    assert peer["agree_with_ours"] == "2/4" and "agree_with_ours" not in row
+    assert "tokens0" not in row and "tokens0" not in peer
+
+
+def _row(model, provider, tok_s, bound=None, status="ok"):
+    r = dict(model=model, provider=provider, batch=1, status=status, tok_s=tok_s)
+    if bound:
+        r.update(bound_tok_s=bound, frac_bound=tok_s / bound)
+    return r
+
+
+def test_bars_pass_fail_unmeasured():
+    decode = [_row("7B-bf16", e2e.OURS_GRAPHS, 180.0, 200.0), _row("7B-bf16", e2e.OURS_EAGER, 120.0, 200.0),
+              _row("7B-bf16", e2e.COMPILE, 150.0, 200.0), _row("7B-int4", e2e.OURS_GRAPHS, None, status="failed: x"),
+              _row("7B-int4", e2e.OURS_EAGER, 100.0, 200.0), _row("7B-int4", e2e.COMPILE, None, status="failed: y")]
+    bars = {b["id"]: b for b in report.evaluate_bars({"decode": decode}, cuda=True)}
+    assert bars["bf16-bound"]["status"] == "pass" and bars["bf16-bound"]["value"] == pytest.approx(0.9)
+    assert bars["int4-bound"]["status"] == "fail"  # eager stands in for the failed graphs row: 50%
+    assert "ours (eager)" in bars["int4-bound"]["detail"]
+    assert bars["bf16-vs-compile"]["status"] == "pass" and bars["bf16-vs-compile"]["value"] == pytest.approx(1.2)
+    assert bars["int4-vs-compile"]["status"] == "unmeasured" and "failed: y" in bars["int4-vs-compile"]["detail"]
+    assert bars["graphs-vs-eager"]["status"] == "pass" and bars["graphs-vs-eager"]["value"] == pytest.approx(1.5)
+    decode[1]["tok_s"] = 150.0
+    assert {b["id"]: b for b in report.evaluate_bars({"decode": decode}, cuda=True)}["graphs-vs-eager"]["status"] \
+        == "fail"
+    assert {b["status"] for b in report.evaluate_bars({"decode": decode}, cuda=False)} == {"unmeasured"}
+
+
+def test_gpu_plan_and_unit_order():
+    """The matrix a GPU report runs (constructed without a GPU): bars' models and peers first."""
+    plan = e2e.make_plan(cuda=True, quick=False)
+    assert plan.models == ("7B-bf16", "7B-int4", "34B-int4", "7B-nf4") and plan.batches == (1, 8)
+    assert plan.ttft_prompts == (512, 2048, 8192) and plan.kernels and plan.isolate_peers
+    assert [u[0] for u in report._units(plan, {})] == [
+        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "ours 34B-int4", "ours 7B-nf4", "kernels",
+        "compile 7B-int4", "hf 7B-bf16"]
+    quick = e2e.make_plan(cuda=True, quick=True)
+    assert [u[0] for u in report._units(quick, {})] == ["ours 7B-bf16", "ours 7B-int4"]
+    only = e2e.make_plan(cuda=True, quick=False, only=["7b-BF16", "kernels"])
+    assert only.models == ("7B-bf16",) and only.kernels
+    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "compile 7B-bf16", "kernels", "hf 7B-bf16"]
+    cpu = e2e.make_plan(cuda=False, quick=True)
+    assert cpu.models == ("tiny", "100M") and cpu.hf_models == cpu.models and not cpu.isolate_peers
+    assert e2e.make_plan(cuda=True, quick=True, only=["tiny"]) == dataclasses.replace(cpu, models=("tiny",))
+    assert not e2e.plan_uses_gpu(cpu) and e2e.plan_uses_gpu(quick)
+    with pytest.raises(ValueError, match="separate"):
+        e2e.make_plan(cuda=True, quick=True, only=["tiny", "7B-int4"])
+
+
+def test_peer_without_transformers_is_skipped_without_a_child(monkeypatch):
+    real = e2e.importlib.util.find_spec
+    monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name))
+    plan = e2e.make_plan(cuda=True, quick=False)
+    rows = e2e.peer_rows_isolated("hf", e2e.MODELS["7B-bf16"], plan, timeout_s=1)
+    assert len(rows) == len(plan.ttft_prompts) + len(plan.batches)
+    assert {r["status"] for r in rows} == {"skipped: transformers is not installed"}
+
+
+def test_isolated_peer_runs_in_a_child_and_times_out_cleanly():
+    """The child-process path the GPU peers take, here with transformers on the tiny model."""
+    pytest.importorskip("transformers")
+    plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
+    rows = e2e.peer_rows_isolated("hf", e2e.MODELS["tiny"], plan, timeout_s=120)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["tokens0"]
+    rows = e2e.peer_rows_isolated("hf", e2e.MODELS["tiny"], plan, timeout_s=1)
+    assert [r["status"] for r in rows] == ["failed: timed out after 1 s"] * 2
+    assert {("new_tokens" in r) for r in rows} == {True, False}  # one TTFT row, one decode row
+
+
+# ---- random-weight models ---------------------------------------------------------------------
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=256)
+
+
+def test_random_model_is_seeded_and_sized_like_the_shapes():
+    a, b = random_model(TINY, None, seed=3), random_model(TINY, None, seed=3)
+    c = random_model(TINY, None, seed=4)
+    for (name, p), q, r in zip(a.module.named_parameters(), b.module.parameters(), c.module.parameters()):
+        assert torch.equal(p, q) and not torch.equal(p, r), name
+    assert weight_bytes(a.module) == model_weight_bytes(TINY, bytes_per_elem=4)
+    w = a.module.layers[0].mlp.w2.weight
+    assert w.std().item() == pytest.approx(0.5 / 128 ** 0.5, rel=0.2)
+    assert a.engine.max_seq_len == 256 and a.engine.max_batch == 1
+
+
+@pytest.mark.parametrize("method", ["nf4", "int4"])
+def test_random_model_quantized(method):
+    m = random_model(TINY, e2e.IdTokenizer(TINY.vocab_size), quantize=method, group_size=64, max_batch_size=2,
+                     max_seq_len=128)
+    assert weight_bytes(m.module) == model_weight_bytes(TINY, bytes_per_elem=4, method=method, group_size=64)
+    assert type(m.module.layers[1].attn.wqkv).__name__ == "QuantLinear"
+    assert type(m.module.output).__name__ == "Linear"  # the head stays dense unless asked
+    ids = e2e.random_prompts(TINY.vocab_size, 2, 5, seed=0)
+    run = m.engine.run(ids, SamplingParams(max_new_tokens=3), {})
+    for _ in run:
+        pass
+    assert [len(c.token_ids) for c in run.completions] == [3, 3]
+
+
+def test_random_model_rejects_bad_options():
+    with pytest.raises(ValueError, match="quantize"):
+        random_model(TINY, None, quantize="int8")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        random_model(TINY, None, max_batch_size=0)
+
+
+# ---- PNG and charts ---------------------------------------------------------------------------
+
+def test_encode_png_round_trip():
+    assert png_info(encode_png(1, 3, [bytes([9, y, 7]) for y in range(3)])) == (1, 3)
+    c = Canvas(40, 20)
+    c.rect(-5, -5, 10, 10, (255, 0, 0))  # clipped
+    end = c.text(2, 10, "Ab1%?", (0, 0, 0))
+    assert end == 2 + 5 * 6
+    data = c.png()
+    assert png_info(data) == (40, 20)
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:])
+    assert raw[1:4] == b"\xff\x00\x00" and raw[1 + 3 * 39:1 + 3 * 40] == b"\xff\xff\xff"
+    with pytest.raises(ValueError):
+        encode_png(2, 1, [b"\x00" * 3])
+
+
+def test_hbar_chart_png_backend(tmp_path):
+    panels = {"7B-bf16": [Bar("b1", 150.0, "ours", bound=200.0, text="150 (75%)"), Bar("b1", 90.0, "peer")],
+              "tiny": [Bar("b8", 12000.0, "ours", bound=15000.0)]}
+    path = hbar_chart(tmp_path / "c.png", "Decode", panels, unit="tok/s", ref=180.0, ref_label="copy",
+                      backend="png")
+    w, h = png_info(path.read_bytes())
+    assert w > 500 and h > 200
+    with pytest.raises(ValueError):
+        hbar_chart(tmp_path / "d.png", "x", {"a": []}, unit="u")
