@@ -305,6 +305,16 @@ def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int) -
     return row
 
 
+def _median_ttft_ms(run, prompt, repeats: int) -> float:
+    """Median milliseconds to the first token of `run(prompt)` (-> (t0, token stamps, ...)) after a warm-up."""
+    run(prompt)
+    times = []
+    for _ in range(repeats):
+        t0, stamps, _ = run(prompt)
+        times.append((stamps[0] - t0) * 1e3)
+    return statistics.median(times)
+
+
 def ours_ttft(model, spec: ModelSpec, plan: Plan) -> list[dict]:
     """Time to first token (batch 1) at each prompt length: median of `ttft_repeats` after a warm-up."""
     rows, device = [], model.module.device
@@ -314,12 +324,8 @@ def ours_ttft(model, spec: ModelSpec, plan: Plan) -> list[dict]:
         try:
             prompt = random_prompts(model.args.vocab_size, 1, n, seed=n)
             _reset_peak(device)
-            _stamped_run(engine, prompt, 1)
-            times = []
-            for _ in range(plan.ttft_repeats):
-                t0, stamps, _ = _stamped_run(engine, prompt, 1)
-                times.append((stamps[0] - t0) * 1e3)
-            row.update(status="ok", ttft_ms=statistics.median(times), peak_gib=_peak_gib(device))
+            ttft = _median_ttft_ms(lambda p: _stamped_run(engine, p, 1), prompt, plan.ttft_repeats)
+            row.update(status="ok", ttft_ms=ttft, peak_gib=_peak_gib(device))
         except Exception as e:  # noqa: BLE001
             row.update(status=f"failed: {_reason(e)}")
         rows.append(row)
@@ -492,12 +498,8 @@ def hf_rows(model, spec: ModelSpec, plan: Plan, emit=None) -> list[dict]:
         try:
             prompt = random_prompts(model.args.vocab_size, 1, n, seed=n)
             _reset_peak(device)
-            _hf_generate(hf, prompt, 1)
-            times = []
-            for _ in range(plan.ttft_repeats):
-                t0, stamps, _ = _hf_generate(hf, prompt, 1)
-                times.append((stamps[0] - t0) * 1e3)
-            row.update(status="ok", ttft_ms=statistics.median(times), peak_gib=_peak_gib(device))
+            ttft = _median_ttft_ms(lambda p: _hf_generate(hf, p, 1), prompt, plan.ttft_repeats)
+            row.update(status="ok", ttft_ms=ttft, peak_gib=_peak_gib(device))
         except Exception as e:  # noqa: BLE001
             row.update(status=f"failed: {_reason(e)}")
         rows.append(row)
