@@ -295,6 +295,25 @@ def _group_scale_zero(QZ, S, group, offs_n, n_mask, N):
     return scale, zero
 
 
+@triton.jit
+def _k_block_dot(acc, x_ptrs, m_mask, qw_ptrs, QZ, S, k0, offs_n, n_mask, N,
+                 GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+                 FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc [BM, BN] + x[:, k0:k0+BK] @ dequantized W^T[k0:k0+BK, :] for one K block (inside one group):
+    the weight tile rounded to DTYPE exactly as `dequantize_int4` rounds it, fp32 accumulation."""
+    scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
+    qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
+    w = tl.reshape(_dequant_tile(qw, zero, scale, DTYPE), (BLOCK_K, BLOCK_N))
+    x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+    if UPCAST_DOT:
+        x, w = x.to(tl.float32), w.to(tl.float32)
+    if FP32_DOT:
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
 @kernel(do_not_specialize=["k_per_split"])
 def _int4_gemv_kernel(
     X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
@@ -332,16 +351,8 @@ def _int4_gemv_kernel(
         x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
-            qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
-            w = tl.reshape(_dequant_tile(qw, zero, scale, DTYPE), (BLOCK_K, BLOCK_N))
-            x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-            if UPCAST_DOT:
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            if FP32_DOT:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+            acc = _k_block_dot(acc, x_ptrs, m_mask, qw_ptrs, QZ, S, k0, offs_n, n_mask, N,
+                               GROUP_SIZE, BLOCK_K, BLOCK_N, DTYPE, FP32_DOT, UPCAST_DOT)
 
     mask = (offs_m[:, None] < M) & n_mask[None, :]
     if WRITE_PARTIALS:
@@ -392,16 +403,8 @@ def _int4_gemm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
-        qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0)
-        w = tl.reshape(_dequant_tile(qw, zero, scale, DTYPE), (BLOCK_K, BLOCK_N))
-        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-        if UPCAST_DOT:
-            x, w = x.to(tl.float32), w.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = _k_block_dot(acc, x_ptrs, m_mask, qw_ptrs, QZ, S, k0, offs_n, n_mask, N,
+                           GROUP_SIZE, BLOCK_K, BLOCK_N, DTYPE, FP32_DOT, UPCAST_DOT)
 
     out = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
