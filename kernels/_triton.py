@@ -96,6 +96,19 @@ class Kernel:
         return self.jit if tensor.is_cuda else self.interp
 
 
+def as_rows(t: torch.Tensor, width: int, label: str) -> torch.Tensor:
+    """[..., width] -> a [rows, width] view with unit column stride (no copy), or a ValueError naming
+    `label` (e.g. "swiglu: gate"). Launchers pass row strides to their kernels instead of copying."""
+    if t.shape[-1] != width or (t.stride(-1) != 1 and width > 1):
+        raise ValueError(f"{label} must be [..., {width}] with unit stride in the last dim, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+    try:
+        return t.view(-1, width)
+    except RuntimeError:
+        raise ValueError(f"{label}'s leading dims must flatten to one row stride (no copy is made), "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}") from None
+
+
 def kernel(fn=None, **jit_kwargs):
     """Decorator: like `triton.jit`, but returns a `Kernel` that also runs on CPU tensors."""
     if fn is None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
 
 
 @dataclass
@@ -460,17 +460,6 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 
 # ---- launcher --------------------------------------------------------------------------------
 
-def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
-    """[..., K] -> a [M, K] view with unit column stride (no copy), or a ValueError."""
-    if x.stride(-1) != 1 and K > 1:
-        raise ValueError(f"int4_linear: x needs unit stride in the last dim, got strides {x.stride()}")
-    try:
-        return x.view(-1, K)
-    except RuntimeError:
-        raise ValueError(f"int4_linear: x's leading dims must flatten to one row stride (no copy is made), "
-                         f"got shape {tuple(x.shape)} strides {x.stride()}") from None
-
-
 def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None):
     """Check the arguments, allocate the output (and split-K scratch) and build the launches:
     (out, [(kernel, grid, args, constexprs, num_warps, num_stages), ...]) — empty when there is nothing
@@ -491,7 +480,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
         if not t.is_contiguous():
             raise ValueError(f"int4_linear: {name} must be contiguous")
-    x2 = _rows(x, K)
+    x2 = as_rows(x, K, "int4_linear: x")
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     out2 = out.view(M, N)

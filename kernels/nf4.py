@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
 
 
 @dataclass
@@ -451,14 +451,7 @@ def _prepare(x: torch.Tensor, w: NF4Weight, on_cuda: bool = None):
     N, K = w.shape
     if x.dtype != w.dtype:
         raise TypeError(f"nf4_linear: x dtype {x.dtype} differs from the weight's dtype {w.dtype}")
-    if x.shape[-1] != K or (x.stride(-1) != 1 and K > 1):
-        raise ValueError(f"nf4_linear: x must be [..., {K}] with unit stride in the last dim, got shape "
-                         f"{tuple(x.shape)} strides {x.stride()}")
-    try:
-        x2 = x.view(-1, K)
-    except RuntimeError:
-        raise ValueError(f"nf4_linear: x's leading dims must flatten to one row stride (no copy is made), got "
-                         f"shape {tuple(x.shape)} strides {x.stride()}") from None
+    x2 = as_rows(x, K, "nf4_linear: x")
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     M = x2.shape[0]
     if M == 0:

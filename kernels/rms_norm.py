@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -66,18 +66,6 @@ def rms_norm_settings(dim: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _rows(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
-    """[..., dim] -> a [rows, dim] view with unit column stride (no copy), or a ValueError."""
-    if t.shape[-1] != dim or (t.stride(-1) != 1 and dim > 1):
-        raise ValueError(f"rms_norm: {name} must be [..., {dim}] with unit stride in the last dim, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
-    try:
-        return t.view(-1, dim)
-    except RuntimeError:
-        raise ValueError(f"rms_norm: {name}'s leading dims must flatten to one row stride (no copy is made), "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}") from None
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton RMSNorm fused with the residual add; same contract and rounding steps as `rms_norm_ref`.
@@ -117,8 +105,8 @@ def _prepare(x, weight, eps, residual):
     tensors = [x, weight] + ([residual] if residual is not None else [])
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"rms_norm: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
-    x2 = _rows(x, "x", dim)
-    r2 = _rows(residual, "residual", dim) if residual is not None else x2
+    x2 = as_rows(x, dim, "rms_norm: x")
+    r2 = as_rows(residual, dim, "rms_norm: residual") if residual is not None else x2
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(y) if residual is not None else x
     rows = x2.shape[0]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -42,17 +42,6 @@ def swiglu_settings(ffn_dim: int) -> tuple[int, int]:
     return block, max(1, min(4, block // 256))
 
 
-def _rows(t: torch.Tensor, name: str, ffn: int) -> torch.Tensor:
-    """[..., ffn] -> a [rows, ffn] view with unit column stride (no copy), or a ValueError."""
-    if t.stride(-1) != 1 and ffn > 1:
-        raise ValueError(f"swiglu: {name} needs unit stride in the last dim, got strides {t.stride()}")
-    try:
-        return t.view(-1, ffn)
-    except RuntimeError:
-        raise ValueError(f"swiglu: {name}'s leading dims must flatten to one row stride (no copy is made), "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}") from None
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton silu(gate) * up -> a new contiguous tensor of gate's shape and dtype; same values as `swiglu_ref`.
 
@@ -84,7 +73,7 @@ def _prepare(gate, up):
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out, None
-    g2, u2 = _rows(gate, "gate", ffn), _rows(up, "up", ffn)
+    g2, u2 = as_rows(gate, ffn, "swiglu: gate"), as_rows(up, ffn, "swiglu: up")
     block, num_warps = swiglu_settings(ffn)
     grid = (g2.shape[0], triton.cdiv(ffn, block))
     if grid[1] > 65535:
