@@ -30,9 +30,11 @@ def stdlib_sources(limit_bytes: int = 2_000_000) -> list[Path]:
     return files
 
 
-def train_tokenizer(out_prefix: Path, *, vocab_size: int = 1000, corpus: list[Path] | None = None) -> Path:
+def train_tokenizer(out_prefix: Path, *, vocab_size: int = 1000, corpus: list[Path] | None = None,
+                    max_sentences: int = 200_000) -> Path:
     """Train a BPE SentencePiece model like Llama's (byte fallback, digits split, dummy prefix,
-    unk 0 / bos 1 / eos 2) with the four infill pieces as control symbols. Returns the .model path."""
+    unk 0 / bos 1 / eos 2) with the four infill pieces as control symbols, on the first
+    `max_sentences` non-blank lines of `corpus` (0: all). Returns the .model path."""
     import sentencepiece as spm
 
     out_prefix = Path(out_prefix)
@@ -44,7 +46,7 @@ def train_tokenizer(out_prefix: Path, *, vocab_size: int = 1000, corpus: list[Pa
         split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", character_coverage=0.9995, user_defined_symbols=["☺"],
         control_symbols=INFILL_PIECES, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        input_sentence_size=200_000, shuffle_input_sentence=False, minloglevel=2,
+        input_sentence_size=max_sentences, shuffle_input_sentence=False, minloglevel=2,
     )
     return out_prefix.with_suffix(".model")
 

@@ -1,0 +1,110 @@
+"""tools/train_default_model.py: the corpus split, the infilling objective's layout (the exact prompt
+format the runtime builds at inference), the HF export (loads back through `codellama_rt.load` with the
+trained model's logits) and checkpoint/resume (an interrupted run ends with the weights of an
+uninterrupted one)."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import codellama_rt as cl
+from codellama_rt.config import ModelArgs
+from codellama_rt.model import Prefill
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import train_default_model as tdm  # noqa: E402
+
+SOURCE = (
+    "import os\n\n\n"
+    "def read(path):\n"
+    "    with open(path) as f:\n"
+    "        return f.read()\n\n\n"
+    "class Box:\n"
+    "    def __init__(self, x):\n"
+    "        self.x = x  # café\n"
+)
+
+
+def test_corpus_split_is_disjoint_and_stable():
+    train, held = tdm.corpus_split()
+    assert train and held and not set(train) & set(held)
+    assert 0.02 < len(held) / (len(train) + len(held)) < 0.10
+    root = tdm.stdlib_root()
+    for f in train + held:
+        assert not tdm.EXCLUDED_DIRS.intersection(f.relative_to(root).parts[:-1])
+    assert tdm.corpus_split() == (train, held)
+
+
+def test_chunks_are_whole_lines_covering_the_text():
+    train, _ = tdm.corpus_split()
+    for f in train[:40]:
+        text = tdm.read_source(f)
+        pos = 0
+        for part in tdm.chunks(text, 1500):
+            start = text.index(part, pos)
+            assert text[pos:start].strip() == "", "only blank lines are left out"
+            assert start == 0 or text[start - 1] == "\n", "a chunk starts at a line start"
+            assert part.strip()
+            pos = start + len(part)
+        assert text[pos:].strip() == ""
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fim_example_is_the_runtime_infill_prompt_plus_middle(tiny, seed):
+    ids = tdm.encode_example(tiny, SOURCE, random.Random(seed), fim_rate=1.0, last=False)
+    rng = random.Random(seed)
+    rng.random()  # the FIM decision
+    prefix, middle, suffix = tdm.split_fim(SOURCE, rng)
+    assert prefix + middle + suffix == SOURCE
+    suffix_first = rng.random() < 0.5
+    prompt = tiny.encode_infill(prefix, suffix, suffix_first=suffix_first)
+    assert ids[:len(prompt)] == prompt
+    assert ids[-1] == tiny.eot_id
+    assert tiny.decode_infill(ids[len(prompt):-1]) == middle
+
+
+def test_plain_example_is_bos_text_eos(tiny):
+    ids = tdm.encode_example(tiny, SOURCE, random.Random(0), fim_rate=0.0, last=True)
+    assert ids == tiny.encode(SOURCE, add_bos=True, add_eos=True)
+
+
+def test_export_loads_back_with_the_trained_logits(tiny_tokenizer, tiny, tmp_path):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=tiny.vocab_size,
+                     rope_theta=1e6, max_seq_len=128)
+    model = tdm.init_model(args, seed=0)
+    tdm.export_hf(model, tiny_tokenizer, tmp_path, {"note": "test"})
+    with torch.no_grad():  # what the export stores: bf16-rounded weights
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    loaded = cl.load(tmp_path, backend="reference", dtype=torch.float32, device="cpu")
+    tokens = torch.tensor([tiny.encode(SOURCE)[:100]])
+    with torch.no_grad():
+        want = model(tokens, Prefill(0))
+    torch.testing.assert_close(loaded.logits(tokens), want, rtol=0, atol=1e-5)
+    assert loaded.tokenizer.eot_id == tiny.eot_id
+
+
+def _run(work, out, *extra):
+    tdm.main(["--work", str(work), "--out", str(out), "--vocab", "600", "--dim", "32", "--layers", "1",
+              "--heads", "4", "--kv-heads", "2", "--ffn", "64", "--seq-len", "64", "--batch", "2",
+              "--steps", "3", "--warmup", "1", "--max-seq-len", "64", "--save-every", "1", "--eval-every", "2",
+              "--threads", "2", "--max-files", "30", *extra])
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    _run(tmp_path / "w1", tmp_path / "once")
+    _run(tmp_path / "w2", tmp_path / "unused", "--max-minutes", "0.000001")  # stops after step 1
+    assert not (tmp_path / "unused").exists()
+    _run(tmp_path / "w2", tmp_path / "resumed")
+    a, b = load_file(tmp_path / "once" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    record = json.loads((tmp_path / "resumed" / "training.json").read_text())
+    assert record["steps"] == 3 and record["sessions"] == 2 and record["tokens"] == 3 * 2 * 64

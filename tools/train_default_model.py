@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Train the embedded default model: a small CodeLlama-architecture model on Python's standard library.
+
+    python tools/train_default_model.py --work .train --out runtime/default_model --max-minutes 80
+    (run it again with the same arguments to resume from the last checkpoint in --work)
+
+Corpus: the `.py` files of the running interpreter's standard library (no site-packages, tests,
+generated codec tables or pydoc topics), split by a hash of each file's relative path into a training
+set and a held-out set (`corpus_split`). Tokenizer: SentencePiece BPE trained on the training files
+(byte fallback, BOS 1 / EOS 2, CodeLlama's `▁<PRE>`/`▁<SUF>`/`▁<MID>`/`▁<EOT>` as control pieces).
+Objective: CodeLlama's — each chunk of source is, with probability `--fim-rate`, split into
+prefix/middle/suffix and written as PSM or SPM exactly as `Tokenizer.encode_infill` builds prompts
+(followed by the middle and `<EOT>`), else kept as plain causal text. The model is the runtime's own
+`Transformer` (reference backend with PyTorch's fused causal attention for speed), trained in fp32 with
+bf16 autocast, and exported in HF layout with bf16 weights.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from codellama_rt.backends import BACKENDS
+from codellama_rt.checkpoint import hf_plan
+from codellama_rt.config import ModelArgs
+from codellama_rt.model import Prefill, Transformer
+from codellama_rt.tiny import hf_config, train_tokenizer
+from codellama_rt.tokenizer import Tokenizer
+
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings",
+                 "__pycache__"}
+HELD_OUT_PER_MILLE = 50  # 5% of files, chosen by hash of the relative path
+
+
+# ---- corpus -----------------------------------------------------------------------------------
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_split(root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of the standard library, each sorted by relative path."""
+    root = root or stdlib_root()
+    train, held = [], []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        digest = int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16)
+        (held if digest % 1000 < HELD_OUT_PER_MILLE else train).append(f)
+    return train, held
+
+
+def read_source(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def chunks(text: str, max_chars: int) -> list[str]:
+    """Split source into runs of whole lines of at most ~max_chars, preferring breaks at blank lines."""
+    out, cur, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if cur and size + len(line) > max_chars:
+            cut = max((i for i, l in enumerate(cur) if not l.strip()), default=0)
+            if cut < len(cur) // 2:  # no blank line in the second half: cut here
+                cut = len(cur)
+            out.append("".join(cur[:cut]))
+            cur, size = cur[cut:], sum(len(l) for l in cur[cut:])
+        cur.append(line)
+        size += len(line)
+    if cur:
+        out.append("".join(cur))
+    return [c for c in out if c.strip()]
+
+
+# ---- the infilling objective ----------------------------------------------------------------------
+
+def split_fim(text: str, rng: random.Random) -> tuple[str, str, str]:
+    """(prefix, middle, suffix) of text. Half the time at two random characters (CodeLlama's
+    character-level split), half the time around a run of 1-3 whole lines (the editor's use)."""
+    if rng.random() < 0.5:
+        i, j = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+        return text[:i], text[i:j], text[j:]
+    lines = text.splitlines(keepends=True)
+    i = rng.randrange(len(lines))
+    j = min(len(lines), i + rng.choice((1, 1, 1, 2, 3)))
+    return "".join(lines[:i]), "".join(lines[i:j]), "".join(lines[j:])
+
+
+def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float, last: bool) -> list[int]:
+    """Token ids of one training example: plain (BOS text [EOS at the file's end]) or PSM/SPM infilling."""
+    if rng.random() >= fim_rate:
+        return tok.encode(text, add_bos=True, add_eos=last)
+    prefix, middle, suffix = split_fim(text, rng)
+    spm_order = rng.random() < 0.5
+    prompt = tok.encode_infill(prefix, suffix, suffix_first=spm_order)
+    return prompt + tok.encode_nospace(middle) + [tok.eot_id]
+
+
+def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int) -> np.ndarray:
+    """All examples of one epoch (shuffled with `seed`), concatenated: int32 [n_tokens]."""
+    rng = random.Random(seed)
+    examples = []
+    for f in files:
+        parts = chunks(read_source(f), max_chars)
+        examples += [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
+    rng.shuffle(examples)
+    ids = [encode_example(tok, text, rng, fim_rate, last) for text, last in examples]
+    return np.fromiter((i for e in ids for i in e), dtype=np.int32)
+
+
+def plain_tokens(files: list[Path], tok: Tokenizer, max_chars: int) -> np.ndarray:
+    """Held-out text as plain causal examples, in file order: int32 [n_tokens]."""
+    out = []
+    for f in files:
+        parts = chunks(read_source(f), max_chars)
+        for k, p in enumerate(parts):
+            out += tok.encode(p, add_bos=True, add_eos=k == len(parts) - 1)
+    return np.asarray(out, dtype=np.int32)
+
+
+def rows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of seq_len + 1 tokens: int64 [n_rows, seq_len + 1]."""
+    n = len(tokens) // (seq_len + 1)
+    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def _causal_attention(q, k, v, start: int):
+    assert start == 0
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# The reference row of the backend table with PyTorch's fused causal attention (same math, less memory).
+TRAIN_BACKEND = dataclasses.replace(BACKENDS["reference"], name="train", attention_prefill=_causal_attention)
+
+
+def init_model(args: ModelArgs, seed: int) -> Transformer:
+    """fp32 Transformer with GPT-2-style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L)."""
+    torch.manual_seed(seed)
+    model = Transformer(args, TRAIN_BACKEND, dtype=torch.float32, device="cpu", rope_len=args.max_seq_len)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            torch.nn.init.ones_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            torch.nn.init.normal_(p, std=std)
+        p.requires_grad_(True)
+    return model
+
+
+def loss_on(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of int64 [B, T + 1] rows."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch[:, :-1], Prefill(0))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def mean_loss(model: Transformer, data: torch.Tensor, batch_size: int) -> float:
+    total = 0.0
+    for i in range(0, len(data), batch_size):
+        b = data[i:i + batch_size]
+        total += loss_on(model, b).item() * len(b)
+    return total / len(data)
+
+
+def lr_at(step: int, a) -> float:
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    t = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def optimizer(model: Transformer, a) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and n != "tok_embeddings"]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and n != "tok_embeddings")]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+def export_hf(model: Transformer, tokenizer_model: Path, out: Path, record: dict) -> None:
+    """Write config.json, model.safetensors (bf16), tokenizer.model, generation_config.json, training.json."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    params = dict(model.named_parameters())
+    tensors = {}
+    for name, parts in hf_plan(args).items():
+        pieces = params[name].detach().split([p.shape[0] for p in parts], dim=0)
+        for part, t in zip(parts, pieces):
+            tensors[part.name] = t.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(args)
+    config["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": args.bos_id, "eos_token_id": list(args.eos_ids), "max_length": args.max_seq_len},
+        indent=2) + "\n")
+    (out / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path(".train"), help="tokenizer, data and checkpoints")
+    p.add_argument("--out", type=Path, default=Path("runtime/default_model"), help="HF-layout export")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--fim-rate", type=float, default=0.5)
+    p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--max-seq-len", type=int, default=1024, help="context written to config.json")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--benchmark", type=int, default=0, help="time this many steps and exit")
+    p.add_argument("--max-files", type=int, default=0, help="use only the first N training files (and N/10 "
+                   "held-out ones): smoke tests")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    train_files, held_files = corpus_split()
+    if a.max_files:
+        train_files, held_files = train_files[:a.max_files], held_files[:max(1, a.max_files // 10)]
+    tok_path = a.work / "tokenizer.model"
+    if not tok_path.is_file():
+        t0 = time.time()
+        made = train_tokenizer(a.work / "sp", vocab_size=a.vocab, corpus=train_files, max_sentences=0)
+        made.rename(tok_path)
+        print(f"tokenizer: {a.vocab} pieces in {time.time() - t0:.0f} s", flush=True)
+    tok = Tokenizer.from_file(tok_path)
+    args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_dim=a.ffn,
+                     vocab_size=tok.vocab_size, rope_theta=1e6, max_seq_len=a.max_seq_len)
+    model = init_model(args, a.seed)
+    opt = optimizer(model, a)
+    n_params = sum(p.numel() for p in model.parameters())
+    held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
+    held_eval = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:48]]
+
+    ckpt = a.work / "checkpoint.pt"
+    state = {"step": 0, "epoch": 0, "row": 0, "seconds": 0.0, "wall_seconds": 0.0, "tokens": 0, "smooth": None,
+             "sessions": 0, "log": []}
+    if ckpt.is_file() and not a.benchmark:
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optim"])
+        # checkpoints older than the wall-clock field: their step time stands in for it
+        state = {"wall_seconds": saved["state"]["seconds"], "smooth": None, "sessions": 1, **saved["state"]}
+        print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min so far)", flush=True)
+
+    state["sessions"] += 1
+    wall_mark = time.time()
+
+    def save():
+        nonlocal wall_mark
+        state["wall_seconds"] += time.time() - wall_mark
+        wall_mark = time.time()
+        state["smooth"] = smooth
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "state": state}, tmp)
+        tmp.replace(ckpt)
+
+    data, data_epoch = None, None
+    session_start = time.time()
+    smooth = state["smooth"]
+    while state["step"] < a.steps:
+        if data_epoch != state["epoch"]:
+            t0 = time.time()
+            data = rows(epoch_tokens(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate, a.chunk_chars),
+                        a.seq_len)
+            data_epoch = state["epoch"]
+            print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
+                  flush=True)
+        if state["row"] + a.batch > len(data):
+            state["epoch"], state["row"] = state["epoch"] + 1, 0
+            continue
+        batch = data[state["row"]:state["row"] + a.batch]
+        state["row"] += a.batch
+        for g in opt.param_groups:
+            g["lr"] = lr_at(state["step"], a)
+        t0 = time.time()
+        loss = loss_on(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dt = time.time() - t0
+        state["step"] += 1
+        state["seconds"] += dt
+        state["tokens"] += batch[:, 1:].numel()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        if a.benchmark:
+            print(f"step {state['step']}: loss {loss.item():.3f}, {dt:.2f} s, "
+                  f"{batch[:, 1:].numel() / dt:.0f} tok/s ({n_params / 1e6:.2f}M params)", flush=True)
+            if state["step"] >= a.benchmark:
+                return
+            continue
+        if state["step"] % 10 == 0:
+            print(f"step {state['step']}/{a.steps} loss {smooth:.3f} lr {lr_at(state['step'], a):.2e} "
+                  f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min", flush=True)
+        if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
+            held_loss = mean_loss(model, held_eval, a.batch)
+            state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
+                                 "minutes": state["seconds"] / 60})
+            print(f"  held-out loss {held_loss:.3f}", flush=True)
+        if state["step"] % a.save_every == 0:
+            save()
+        if a.max_minutes and time.time() - session_start > a.max_minutes * 60:
+            save()
+            print(f"time limit: stopped at step {state['step']}; run again to resume", flush=True)
+            return
+    save()
+    held_loss = mean_loss(model, held, a.batch)
+    record = {
+        "command": "python tools/train_default_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or
+        platform.machine(), "threads": torch.get_num_threads(),
+        "corpus": {"root": "the interpreter's standard library (sysconfig stdlib)",
+                   "excluded_dirs": sorted(EXCLUDED_DIRS), "held_out": f"sha1(relative path) % 1000 < "
+                   f"{HELD_OUT_PER_MILLE}", "train_files": len(train_files), "held_out_files": len(held_files),
+                   "train_bytes": sum(f.stat().st_size for f in train_files),
+                   "held_out_bytes": sum(f.stat().st_size for f in held_files)},
+        "tokenizer": {"type": "SentencePiece BPE, byte fallback", "vocab_size": tok.vocab_size},
+        "model": {**dataclasses.asdict(args), "parameters": n_params},
+        "objective": {"fim_rate": a.fim_rate, "psm_spm": "1:1", "split": "half character-level, half 1-3 lines",
+                      "chunk_chars": a.chunk_chars},
+        "optimizer": {"adamw_lr": a.lr, "betas": [0.9, 0.95], "weight_decay": a.weight_decay,
+                      "warmup": a.warmup, "schedule": "cosine to 10%", "grad_clip": 1.0,
+                      "batch_rows": a.batch, "seq_len": a.seq_len, "precision": "fp32 weights, bf16 autocast"},
+        "steps": state["step"], "epochs_started": state["epoch"] + 1, "tokens": state["tokens"],
+        "train_minutes": round(state["seconds"] / 60, 1), "wall_minutes": round(state["wall_seconds"] / 60, 1),
+        "sessions": state["sessions"],
+        "final_train_loss": round(smooth, 4), "held_out_loss_fp32_train_model": round(held_loss, 4),
+        "log": state["log"],
+    }
+    export_hf(model, tok_path, a.out, record)
+    print(f"exported to {a.out}: held-out loss {held_loss:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
