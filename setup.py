@@ -8,6 +8,9 @@ setup(
     python_requires=">=3.10",
     packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench"],
     package_dir={"codellama_rt": "runtime", "codellama_rt.kernels": "kernels"},
+    # the embedded default model (see runtime/default_model/README.md)
+    package_data={"codellama_rt": ["default_model/*.json", "default_model/*.safetensors",
+                                   "default_model/*.model", "default_model/*.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.6",

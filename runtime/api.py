@@ -51,7 +51,7 @@ def parse_device(device) -> torch.device:
 
 
 def default_model_path() -> Path:
-    """The embedded default model shipped as package data (see README)."""
+    """The embedded default model shipped as package data (its README.md says how it was trained)."""
     return Path(__file__).parent / "default_model"
 
 
@@ -90,8 +90,8 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if path is None:
         path = default_model_path()
         if not (path / "config.json").is_file():
-            raise CheckpointError("no default model is embedded in this build yet; pass a model directory (CLI: --model PATH)",
-                                  file=path)
+            raise CheckpointError("the embedded default model is missing from this installation (package data "
+                                  "not installed?); pass a model directory (CLI: --model PATH)", file=path)
     directory = resolve_path(path)
     layout = detect_layout(directory)
     args = read_args(directory, layout)

@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
 # Set up, then run `generate` and `infill`. Usage: scripts/demo.sh [MODEL_DIR]
-# Without MODEL_DIR this uses a tiny random-weight model built on the spot (its output is gibberish)
-# until the embedded default model ships; point it at a downloaded CodeLlama for real output.
+# Without MODEL_DIR this runs the embedded default model (a small model this project trained on
+# Python's standard library; see runtime/default_model/README.md). Point it at a downloaded
+# CodeLlama for real completions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL="${1:-}"
-if [ -z "$MODEL" ]; then
-  MODEL=.demo/tiny-random
-  [ -f "$MODEL/config.json" ] || .venv/bin/python -m codellama_rt.tiny --out "$MODEL"
-  echo "(no model given: tiny random weights, so the text below is noise; pass a CodeLlama directory for real output)"
-fi
+model=()
+[ -n "${1:-}" ] && model=(--model "$1")
 echo "== generate"
-.venv/bin/codellama-rt generate --model "$MODEL" --max-new-tokens 40 'def fibonacci(n):'
+.venv/bin/codellama-rt generate "${model[@]}" --max-new-tokens 48 $'def fibonacci(n):\n'
 echo "== infill"
-.venv/bin/codellama-rt infill --model "$MODEL" --max-new-tokens 40 \
-  --prefix $'def remove_non_ascii(s: str) -> str:\n    """ ' --suffix $'\n    return result\n'
+.venv/bin/codellama-rt infill "${model[@]}" --max-new-tokens 32 \
+  --prefix $'def read_config(path):\n    with open(path) as f:\n' --suffix $'    return json.loads(data)\n'

@@ -86,10 +86,10 @@ def chunks(text: str, max_chars: int) -> list[str]:
 
 # ---- the infilling objective ----------------------------------------------------------------------
 
-def split_fim(text: str, rng: random.Random) -> tuple[str, str, str]:
-    """(prefix, middle, suffix) of text. Half the time at two random characters (CodeLlama's
-    character-level split), half the time around a run of 1-3 whole lines (the editor's use)."""
-    if rng.random() < 0.5:
+def split_fim(text: str, rng: random.Random, line_share: float = 0.5) -> tuple[str, str, str]:
+    """(prefix, middle, suffix) of text: with probability `line_share` around a run of 1-3 whole lines
+    (the editor's use), else at two random characters (CodeLlama's character-level split)."""
+    if rng.random() < 1 - line_share:
         i, j = sorted(rng.randrange(len(text) + 1) for _ in range(2))
         return text[:i], text[i:j], text[j:]
     lines = text.splitlines(keepends=True)
@@ -98,17 +98,19 @@ def split_fim(text: str, rng: random.Random) -> tuple[str, str, str]:
     return "".join(lines[:i]), "".join(lines[i:j]), "".join(lines[j:])
 
 
-def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float, last: bool) -> list[int]:
+def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float, last: bool,
+                   line_share: float = 0.5, spm_share: float = 0.5) -> list[int]:
     """Token ids of one training example: plain (BOS text [EOS at the file's end]) or PSM/SPM infilling."""
     if rng.random() >= fim_rate:
         return tok.encode(text, add_bos=True, add_eos=last)
-    prefix, middle, suffix = split_fim(text, rng)
-    spm_order = rng.random() < 0.5
+    prefix, middle, suffix = split_fim(text, rng, line_share)
+    spm_order = rng.random() < spm_share
     prompt = tok.encode_infill(prefix, suffix, suffix_first=spm_order)
     return prompt + tok.encode_nospace(middle) + [tok.eot_id]
 
 
-def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int) -> np.ndarray:
+def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
+                 line_share: float = 0.5, spm_share: float = 0.5) -> np.ndarray:
     """All examples of one epoch (shuffled with `seed`), concatenated: int32 [n_tokens]."""
     rng = random.Random(seed)
     examples = []
@@ -116,7 +118,7 @@ def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, 
         parts = chunks(read_source(f), max_chars)
         examples += [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
     rng.shuffle(examples)
-    ids = [encode_example(tok, text, rng, fim_rate, last) for text, last in examples]
+    ids = [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
     return np.fromiter((i for e in ids for i in e), dtype=np.int32)
 
 
@@ -230,6 +232,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--fim-rate", type=float, default=0.5)
+    p.add_argument("--line-fim", type=float, default=0.5, help="share of infilling examples split around "
+                   "whole lines (the rest at random characters)")
+    p.add_argument("--spm-share", type=float, default=0.5, help="share of infilling examples in SPM order")
+    p.add_argument("--init-from", type=Path, default=None, help="another --work directory whose finished "
+                   "run this one continues (weights and tokenizer; new optimizer and schedule)")
     p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--dim", type=int, default=256)
@@ -257,6 +264,8 @@ def main(argv=None) -> None:
     if a.max_files:
         train_files, held_files = train_files[:a.max_files], held_files[:max(1, a.max_files // 10)]
     tok_path = a.work / "tokenizer.model"
+    if a.init_from and not tok_path.is_file():
+        tok_path.write_bytes((a.init_from / "tokenizer.model").read_bytes())
     if not tok_path.is_file():
         t0 = time.time()
         made = train_tokenizer(a.work / "sp", vocab_size=a.vocab, corpus=train_files, max_sentences=0)
@@ -266,6 +275,10 @@ def main(argv=None) -> None:
     args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_dim=a.ffn,
                      vocab_size=tok.vocab_size, rope_theta=1e6, max_seq_len=a.max_seq_len)
     model = init_model(args, a.seed)
+    previous = None
+    if a.init_from:  # a further phase: the finished run's weights, a fresh optimizer and schedule
+        model.load_state_dict(torch.load(a.init_from / "checkpoint.pt", weights_only=False)["model"])
+        previous = json.loads((a.init_from / "record.json").read_text())
     opt = optimizer(model, a)
     n_params = sum(p.numel() for p in model.parameters())
     held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
@@ -300,8 +313,8 @@ def main(argv=None) -> None:
     while state["step"] < a.steps:
         if data_epoch != state["epoch"]:
             t0 = time.time()
-            data = rows(epoch_tokens(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate, a.chunk_chars),
-                        a.seq_len)
+            data = rows(epoch_tokens(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate, a.chunk_chars,
+                                     a.line_fim, a.spm_share), a.seq_len)
             data_epoch = state["epoch"]
             print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -356,7 +369,8 @@ def main(argv=None) -> None:
                    "held_out_bytes": sum(f.stat().st_size for f in held_files)},
         "tokenizer": {"type": "SentencePiece BPE, byte fallback", "vocab_size": tok.vocab_size},
         "model": {**dataclasses.asdict(args), "parameters": n_params},
-        "objective": {"fim_rate": a.fim_rate, "psm_spm": "1:1", "split": "half character-level, half 1-3 lines",
+        "objective": {"fim_rate": a.fim_rate, "spm_share": a.spm_share,
+                      "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
                       "chunk_chars": a.chunk_chars},
         "optimizer": {"adamw_lr": a.lr, "betas": [0.9, 0.95], "weight_decay": a.weight_decay,
                       "warmup": a.warmup, "schedule": "cosine to 10%", "grad_clip": 1.0,
@@ -367,6 +381,9 @@ def main(argv=None) -> None:
         "final_train_loss": round(smooth, 4), "held_out_loss_fp32_train_model": round(held_loss, 4),
         "log": state["log"],
     }
+    if previous:
+        record["continues"] = previous
+    (a.work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
     export_hf(model, tok_path, a.out, record)
     print(f"exported to {a.out}: held-out loss {held_loss:.3f}", flush=True)
 

@@ -1,0 +1,108 @@
+"""The embedded default model (runtime/default_model): what ships, that it loads with no path, that it
+beats the unigram baseline on held-out source, and the golden regression: its greedy outputs for a fixed
+set of prompts, recorded once by tools/write_golden.py, stay token-identical on the reference backend and
+on the Triton backend (interpreter), so any numeric change in a kernel or in the graph shows up here."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import codellama_rt as cl
+from codellama_rt.cli import main as cli_main
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+from write_golden import GOLDEN, run_case, weights_sha256  # noqa: E402
+
+SHIPPED = ("config.json", "model.safetensors", "tokenizer.model", "generation_config.json", "training.json",
+           "evaluation.json", "README.md")
+golden = json.loads(GOLDEN.read_text())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return cl.load(backend="reference", dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def triton_model():
+    return cl.load(backend="triton", dtype=torch.float32, device="cpu")
+
+
+def test_shipped_files_fit_the_budget():
+    d = cl.default_model_path()
+    missing = [f for f in SHIPPED if not (d / f).is_file()]
+    assert not missing, f"{d} lacks {missing}"
+    total = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    assert total < 20 * 2 ** 20, f"default model files take {total / 2 ** 20:.1f} MiB (limit 20 MiB)"
+
+
+def test_architecture_is_codellama_like(reference):
+    a, tok = reference.args, reference.tokenizer
+    assert a.n_kv_heads < a.n_heads and a.n_heads % a.n_kv_heads == 0  # GQA
+    assert a.rope_theta == 1e6 and not a.tie_word_embeddings
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    ids = [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id]
+    assert None not in ids and len(set(ids)) == 4
+    assert 1000 <= tok.vocab_size <= 8192 and tok.vocab_size <= a.vocab_size
+    assert reference.tokenizer.sp.id_to_piece(ids[0]) == "▁<PRE>"
+
+
+def test_load_without_path_is_the_default_model(reference):
+    model = cl.load()
+    assert model.path == cl.default_model_path()
+    assert model.generate("def f(x):\n", max_new_tokens=8).token_ids == \
+        reference.generate("def f(x):\n", max_new_tokens=8).token_ids
+
+
+def test_cli_generate_and_infill_without_model(capsys, reference):
+    assert cli_main(["generate", "--max-new-tokens", "8", "def f(x):\n"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == reference.generate("def f(x):\n", max_new_tokens=8).text
+    assert cli_main(["infill", "--max-new-tokens", "8", "--prefix", "def f(x):\n", "--suffix", "    return y\n"]) == 0
+    want = reference.infill("def f(x):\n", "    return y\n", max_new_tokens=8).text
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_held_out_loss_beats_unigram(reference):
+    """On one held-out stdlib file: the model's loss is well under the unigram distribution of its own
+    training tokens (the full measurement is tools/eval_default_model.py's)."""
+    from train_default_model import corpus_split, plain_tokens, rows
+
+    train, held = corpus_split()
+    tok = reference.tokenizer
+    data = rows(plain_tokens(held[:3], tok, 1500), 511)[:2]
+    counts = torch.bincount(torch.from_numpy(plain_tokens(train[:60], tok, 1500)).long(),
+                            minlength=tok.vocab_size).double() + 1
+    log_p = (counts / counts.sum()).log()
+    logits = reference.logits(data[:, :-1])
+    model_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten()).item()
+    unigram_loss = -log_p[data[:, 1:]].mean().item()
+    assert math.isfinite(model_loss) and model_loss < 0.6 * unigram_loss, (model_loss, unigram_loss)
+
+
+def test_golden_matches_the_shipped_weights():
+    assert golden["weights_sha256"] == weights_sha256(cl.default_model_path()), \
+        "the default model's weights changed: re-record the golden outputs with tools/write_golden.py"
+    assert len(golden["cases"]) >= 6
+
+
+@pytest.mark.parametrize("i", range(len(golden["cases"])))
+def test_golden_reference(reference, i):
+    case = golden["cases"][i]
+    c = run_case(reference, case)
+    assert (c.token_ids, c.finish_reason) == (case["token_ids"], case["finish_reason"])
+    assert c.text == case["text"]
+    if case["kind"] == "infill":
+        assert c.finish_reason in ("eot", "length")
+
+
+@pytest.mark.parametrize("i", range(len(golden["cases"])))
+def test_golden_triton_interpreter(triton_model, i):
+    case = golden["cases"][i]
+    c = run_case(triton_model, case)
+    assert (c.token_ids, c.finish_reason) == (case["token_ids"], case["finish_reason"])

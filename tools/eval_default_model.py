@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Evaluate the embedded default model on held-out standard-library files and write its model card.
+
+    python tools/eval_default_model.py [--model runtime/default_model]
+
+Loads the shipped files through `codellama_rt.load` (reference backend, fp32 on the CPU) and measures:
+- held-out loss (nats/token, bits/byte) against the unigram baseline of the training tokens;
+- completion: greedy continuation of held-out function headers, cut where the function ends, and the
+  share that `ast.parse` accepts;
+- infilling: held-out functions with one line removed (PSM and SPM), the share whose exact line is
+  recovered, and how every infill ended (<EOT> or the token limit).
+Writes evaluation.json and README.md (the model card, with training.json) next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import random
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import codellama_rt as cl  # noqa: E402
+from train_default_model import corpus_split, plain_tokens, read_source, rows  # noqa: E402
+
+
+# ---- held-out loss ----------------------------------------------------------------------------
+
+@torch.inference_mode()
+def held_out_loss(model, train_files, held_files, chunk_chars: int) -> dict:
+    """Mean next-token loss of the model and of the unigram (add-one) baseline on the same targets,
+    per token and per byte of held-out source (bytes counted pro rata for the tokens scored)."""
+    tok = model.tokenizer
+    held = plain_tokens(held_files, tok, chunk_chars)
+    data = rows(held, model.args.max_seq_len - 1)
+    counts = np.bincount(plain_tokens(train_files, tok, chunk_chars), minlength=tok.vocab_size) + 1.0
+    log_unigram = torch.from_numpy(np.log(counts / counts.sum()))
+    nll, uni, n = 0.0, 0.0, 0
+    for i in range(0, len(data), 4):
+        batch = data[i:i + 4]
+        logits = model.logits(batch[:, :-1])
+        targets = batch[:, 1:]
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="sum").item()
+        uni -= log_unigram[targets].sum().item()
+        n += targets.numel()
+    scored_bytes = sum(len(read_source(f).encode()) for f in held_files) * n / len(held)
+    return {"tokens": n, "model_nats_per_token": nll / n, "unigram_nats_per_token": uni / n,
+            "model_bits_per_byte": nll / math.log(2) / scored_bytes,
+            "unigram_bits_per_byte": uni / math.log(2) / scored_bytes}
+
+
+# ---- held-out functions -----------------------------------------------------------------------
+
+def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> list[str]:
+    """Source of every function (dedented) of the held-out files with min..max lines, in file order."""
+    out = []
+    for f in held_files:
+        text = read_source(f)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
+                src = textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))
+                if min_lines <= src.count("\n") <= max_lines and _parses(src) and header(src).endswith(":\n"):
+                    out.append(src)
+    return out
+
+
+def _parses(src: str) -> bool:
+    try:
+        ast.parse(src)
+        return True
+    except SyntaxError:
+        return False
+
+
+def header(func_src: str) -> str:
+    """The `def ...:` line(s) of a function, through the line where its signature ends."""
+    body = ast.parse(func_src).body[0].body[0]
+    return "".join(func_src.splitlines(keepends=True)[:body.lineno - 1])
+
+
+def function_end(program: str, header_lines: int, hit_limit: bool) -> str:
+    """`program` (a header of `header_lines` lines + its completion) cut before the first top-level line
+    after the header; if the generation ran out of tokens inside the function, an unfinished last line
+    is dropped (the statements before it must still parse)."""
+    lines = program.splitlines(keepends=True)
+    for i in range(header_lines, len(lines)):
+        if lines[i].strip() and not lines[i][0].isspace():
+            return "".join(lines[:i])
+    if hit_limit and len(lines) > header_lines + 1 and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    return "".join(lines)
+
+
+def completion_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
+    picked = random.Random(0).sample(funcs, min(n, len(funcs)))
+    ok, examples = 0, []
+    for src in picked:
+        prompt = header(src)
+        c = model.generate(prompt, max_new_tokens=max_new_tokens)
+        program = function_end(prompt + c.text, prompt.count("\n"), c.finish_reason == "length")
+        valid = _parses(program)
+        ok += valid
+        examples.append({"prompt": prompt, "completion": program[len(prompt):], "parses": valid})
+    return {"functions": len(picked), "parse_ok": ok, "share": ok / len(picked), "max_new_tokens": max_new_tokens,
+            "examples": examples[:5]}
+
+
+def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
+    picked = random.Random(1).sample(funcs, min(n, len(funcs)))
+    result = {}
+    for order in ("psm", "spm"):
+        exact, first, reasons, examples = 0, 0, Counter(), []
+        for k, src in enumerate(picked):
+            lines = src.splitlines(keepends=True)
+            first_body = len(header(src).splitlines())
+            candidates = [i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3]
+            i = random.Random(k).choice(candidates)
+            prefix, line, suffix = "".join(lines[:i]), lines[i], "".join(lines[i + 1:])
+            c = model.infill(prefix, suffix, suffix_first=order == "spm", max_new_tokens=max_new_tokens)
+            hit = c.text.rstrip("\n") == line.rstrip("\n")
+            exact += hit
+            first += c.text.split("\n")[0] == line.rstrip("\n")  # the removed line comes first (alone, or followed by more)
+            reasons[c.finish_reason] += 1
+            if len(examples) < 5:
+                examples.append({"line": line, "infill": c.text, "exact": hit, "finish_reason": c.finish_reason})
+        result[order] = {"cases": len(picked), "exact_line": exact, "share": exact / len(picked),
+                         "first_line_right": first,
+                         "finish_reasons": dict(reasons), "examples": examples}
+    result["max_new_tokens"] = max_new_tokens
+    return result
+
+
+# ---- model card -------------------------------------------------------------------------------
+
+def phases(training: dict) -> list[dict]:
+    """The training records in order: a run that continued another (`--init-from`) carries it."""
+    earlier = phases(training["continues"]) if "continues" in training else []
+    return earlier + [training]
+
+
+def phase_text(k: int, r: dict) -> str:
+    o, opt = r["objective"], r["optimizer"]
+    log = "\n".join(f"| {e['step']} | {e['minutes']:.1f} | {e['train_loss']:.3f} | {e['held_out_loss']:.3f} |"
+                    for e in r["log"])
+    return f"""### Phase {k}
+
+    {r['command']}
+
+- Objective: with probability {o['fim_rate']} a chunk is split into prefix/middle/suffix ({o['split']}) and
+  written in SPM order with probability {o.get('spm_share', 0.5)}, else PSM; otherwise plain text after BOS.
+- {r['steps']} AdamW steps of {opt['batch_rows']} x {opt['seq_len']} tokens ({r['tokens'] / 1e6:.1f}M tokens,
+  {r['epochs_started']} passes over the data), lr {opt['adamw_lr']} with {opt['warmup']} warmup steps and cosine
+  decay to 10%, weight decay {opt['weight_decay']}, fp32 weights with bf16 autocast, {r['threads']} CPU threads
+  (torch {r['torch']}): {r['train_minutes']} minutes of steps, {r.get('wall_minutes', '?')} minutes wall clock in
+  {r.get('sessions', 1)} session(s). Final training loss {r['final_train_loss']:.3f}; held-out loss (all
+  held-out files, fp32 weights) {r['held_out_loss_fp32_train_model']:.3f}.
+
+| step | minutes | train loss | held-out loss (48-row sample) |
+|---|---|---|---|
+{log}
+"""
+
+
+def _endings(reasons: dict) -> str:
+    ok = set(reasons) <= {"eot", "length"}
+    return ("ended at `<EOT>` or the token limit" if ok else "did NOT all end at `<EOT>` or the limit") + \
+        f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})"
+
+
+def model_card(training: dict, ev: dict) -> str:
+    m, lo = training["model"], ev["held_out"]
+    comp, inf = ev["completion"], ev["infill"]
+    c = training["corpus"]
+    runs = phases(training)
+    return f"""# The embedded default model
+
+A {m['parameters'] / 1e6:.2f}M-parameter CodeLlama-architecture model (Llama-2 blocks: RMSNorm, GQA
+{m['n_heads']} query / {m['n_kv_heads']} key-value heads of {m['head_dim']}, SwiGLU {m['ffn_dim']}, rotary
+theta {m['rope_theta']:g}; dim {m['dim']}, {m['n_layers']} layers, context {m['max_seq_len']}) trained by this
+project on Python's standard library, with CodeLlama's infilling objective, so `codellama_rt.load()` and
+`codellama-rt generate` / `infill` work with no download. It writes stdlib-flavoured Python; it is a
+test fixture and a demo, not a coding assistant.
+
+Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePiece BPE,
+{training['tokenizer']['vocab_size']} pieces, byte fallback, `▁<PRE>`/`▁<SUF>`/`▁<MID>`/`▁<EOT>` control pieces),
+`generation_config.json`, `training.json` (every setting and loss log of every phase), `evaluation.json`.
+
+## How it was trained
+
+- Corpus: `.py` files of the standard library of Python {training['python']} (the interpreter running the
+  script), without {', '.join(c['excluded_dirs'])}; {c['train_files']} files ({c['train_bytes'] / 1e6:.1f} MB)
+  for training, {c['held_out_files']} ({c['held_out_bytes'] / 1e6:.2f} MB) held out by `{c['held_out']}`.
+- Examples: source cut into ~{training['objective']['chunk_chars']}-character runs of whole lines; infilling
+  examples are built exactly as `Tokenizer.encode_infill` builds prompts, followed by the middle (no
+  leading space) and `<EOT>`. Examples are packed into rows without attention masking between them.
+- {len(runs)} phase(s), {sum(r['train_minutes'] for r in runs):.0f} minutes of training steps in all on a
+  2-core CPU; the tokenizer is trained on the training files first (seconds).
+
+{chr(10).join(phase_text(k + 1, r) for k, r in enumerate(runs))}
+## How good it is (`python tools/eval_default_model.py`, shipped bf16 weights, fp32 compute)
+
+- Held-out loss: **{lo['model_nats_per_token']:.3f} nats/token** ({lo['model_bits_per_byte']:.2f} bits/byte) on
+  {lo['tokens']} tokens of the held-out files, against **{lo['unigram_nats_per_token']:.3f}** nats/token
+  ({lo['unigram_bits_per_byte']:.2f} bits/byte) for the unigram distribution of the training tokens.
+- Completion: greedy continuation ({comp['max_new_tokens']} new tokens at most) of {comp['functions']} held-out
+  function headers, cut where the function ends: **{comp['parse_ok']}/{comp['functions']}
+  ({comp['share']:.0%})** parse with `ast.parse`.
+- Infilling: {inf['psm']['cases']} held-out functions with one line removed (greedy, {inf['max_new_tokens']}
+  new tokens at most); exact line recovered **PSM {inf['psm']['exact_line']}/{inf['psm']['cases']}
+  ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
+  The first line of the infill is the removed line in PSM {inf['psm']['first_line_right']}, SPM
+  {inf['spm']['first_line_right']} cases. PSM infills {_endings(inf['psm']['finish_reasons'])}; SPM infills
+  {_endings(inf['spm']['finish_reasons'])}.
+
+Evaluation took {ev['seconds'] / 60:.1f} minutes.
+"""
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=Path(cl.default_model_path()))
+    p.add_argument("--functions", type=int, default=40)
+    p.add_argument("--infill", type=int, default=60)
+    a = p.parse_args(argv)
+    t0 = time.time()
+    training = json.loads((a.model / "training.json").read_text())
+    model = cl.load(a.model, backend="reference", dtype=torch.float32, device="cpu")
+    train_files, held_files = corpus_split()
+    funcs = held_out_functions(held_files)
+    ev = {"held_out": held_out_loss(model, train_files, held_files, training["objective"]["chunk_chars"])}
+    print("held-out:", ev["held_out"], flush=True)
+    ev["completion"] = completion_eval(model, funcs, a.functions, max_new_tokens=128)
+    print("completion:", {k: v for k, v in ev["completion"].items() if k != "examples"}, flush=True)
+    ev["infill"] = infill_eval(model, funcs, a.infill, max_new_tokens=48)
+    print("infill:", {k: {kk: vv for kk, vv in v.items() if kk != "examples"} if isinstance(v, dict) else v
+                      for k, v in ev["infill"].items()}, flush=True)
+    ev["held_out_functions"] = len(funcs)
+    ev["seconds"] = round(time.time() - t0, 1)
+    (a.model / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")
+    (a.model / "README.md").write_text(model_card(training, ev))
+    print(f"wrote {a.model / 'evaluation.json'} and {a.model / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
