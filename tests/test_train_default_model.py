@@ -41,12 +41,14 @@ def test_corpus_split_is_disjoint_and_stable():
     assert tdm.corpus_split() == (train, held)
 
 
-def test_chunks_are_whole_lines_covering_the_text():
+@pytest.mark.parametrize("trim", [False, True])
+def test_chunks_are_whole_lines_covering_the_text(trim):
     train, _ = tdm.corpus_split()
     for f in train[:40]:
         text = tdm.read_source(f)
         pos = 0
-        for part in tdm.chunks(text, 1500):
+        for part in tdm.chunks(text, 1500, trim):
+            assert not (trim and part.startswith("\n"))
             start = text.index(part, pos)
             assert text[pos:start].strip() == "", "only blank lines are left out"
             assert start == 0 or text[start - 1] == "\n", "a chunk starts at a line start"

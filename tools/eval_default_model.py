@@ -162,6 +162,7 @@ def phase_text(k: int, r: dict) -> str:
 
 - Objective: with probability {o['fim_rate']} a chunk is split into prefix/middle/suffix ({o['split']}) and
   written in SPM order with probability {o.get('spm_share', 0.5)}, else PSM; otherwise plain text after BOS.
+  Chunks {'lose' if o.get('trim_chunks') else 'keep'} the blank lines they start with.
 - {r['steps']} AdamW steps of {opt['batch_rows']} x {opt['seq_len']} tokens ({r['tokens'] / 1e6:.1f}M tokens,
   {r['epochs_started']} passes over the data), lr {opt['adamw_lr']} with {opt['warmup']} warmup steps and cosine
   decay to 10%, weight decay {opt['weight_decay']}, fp32 weights with bf16 autocast, {r['threads']} CPU threads

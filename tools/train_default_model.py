@@ -67,8 +67,9 @@ def read_source(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def chunks(text: str, max_chars: int) -> list[str]:
-    """Split source into runs of whole lines of at most ~max_chars, preferring breaks at blank lines."""
+def chunks(text: str, max_chars: int, trim: bool = False) -> list[str]:
+    """Split source into runs of whole lines of at most ~max_chars, preferring breaks at blank lines
+    (which then start the next run, unless `trim` drops a run's leading blank lines)."""
     out, cur, size = [], [], 0
     for line in text.splitlines(keepends=True):
         if cur and size + len(line) > max_chars:
@@ -81,6 +82,8 @@ def chunks(text: str, max_chars: int) -> list[str]:
         size += len(line)
     if cur:
         out.append("".join(cur))
+    if trim:
+        out = [c[len(c) - len(c.lstrip("\n")):] if c.strip() else c for c in out]
     return [c for c in out if c.strip()]
 
 
@@ -110,12 +113,12 @@ def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: floa
 
 
 def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
-                 line_share: float = 0.5, spm_share: float = 0.5) -> np.ndarray:
+                 line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False) -> np.ndarray:
     """All examples of one epoch (shuffled with `seed`), concatenated: int32 [n_tokens]."""
     rng = random.Random(seed)
     examples = []
     for f in files:
-        parts = chunks(read_source(f), max_chars)
+        parts = chunks(read_source(f), max_chars, trim)
         examples += [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
     rng.shuffle(examples)
     ids = [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
@@ -235,6 +238,8 @@ def parse_args(argv=None):
     p.add_argument("--line-fim", type=float, default=0.5, help="share of infilling examples split around "
                    "whole lines (the rest at random characters)")
     p.add_argument("--spm-share", type=float, default=0.5, help="share of infilling examples in SPM order")
+    p.add_argument("--trim-chunks", action="store_true", help="drop the blank lines a chunk starts with (else "
+                   "nearly every SPM example's prefix, after <MID>, starts with a blank line)")
     p.add_argument("--init-from", type=Path, default=None, help="another --work directory whose finished "
                    "run this one continues (weights and tokenizer; new optimizer and schedule)")
     p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
@@ -314,7 +319,7 @@ def main(argv=None) -> None:
         if data_epoch != state["epoch"]:
             t0 = time.time()
             data = rows(epoch_tokens(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate, a.chunk_chars,
-                                     a.line_fim, a.spm_share), a.seq_len)
+                                     a.line_fim, a.spm_share, a.trim_chunks), a.seq_len)
             data_epoch = state["epoch"]
             print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -369,7 +374,7 @@ def main(argv=None) -> None:
                    "held_out_bytes": sum(f.stat().st_size for f in held_files)},
         "tokenizer": {"type": "SentencePiece BPE, byte fallback", "vocab_size": tok.vocab_size},
         "model": {**dataclasses.asdict(args), "parameters": n_params},
-        "objective": {"fim_rate": a.fim_rate, "spm_share": a.spm_share,
+        "objective": {"fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
                       "chunk_chars": a.chunk_chars},
         "optimizer": {"adamw_lr": a.lr, "betas": [0.9, 0.95], "weight_decay": a.weight_decay,
