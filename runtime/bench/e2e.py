@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -315,20 +316,26 @@ def _median_ttft_ms(run, prompt, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _ttft_row(model, spec: ModelSpec, plan: Plan, provider: str, backend: str, n: int, run) -> dict:
+    """One TTFT row: `run(prompts, new_tokens)` (-> (t0, token stamps, ...)) on a random n-token prompt,
+    batch 1, with the peak memory it reached; a failure is a row, not a crash."""
+    device = model.module.device
+    row = dict(model=spec.name, provider=provider, backend=backend, prompt_tokens=n)
+    try:
+        prompt = random_prompts(model.args.vocab_size, 1, n, seed=n)
+        _reset_peak(device)
+        ttft = _median_ttft_ms(lambda p: run(p, 1), prompt, plan.ttft_repeats)
+        row.update(status="ok", ttft_ms=ttft, peak_gib=_peak_gib(device))
+    except Exception as e:  # noqa: BLE001
+        row.update(status=f"failed: {_reason(e)}")
+    return row
+
+
 def ours_ttft(model, spec: ModelSpec, plan: Plan) -> list[dict]:
     """Time to first token (batch 1) at each prompt length: median of `ttft_repeats` after a warm-up."""
-    rows, device = [], model.module.device
     engine = make_engine(model, 1, max(plan.ttft_prompts) + 1, None)
-    for n in plan.ttft_prompts:
-        row = dict(model=spec.name, provider=OURS, backend=model.backend, prompt_tokens=n)
-        try:
-            prompt = random_prompts(model.args.vocab_size, 1, n, seed=n)
-            _reset_peak(device)
-            ttft = _median_ttft_ms(lambda p: _stamped_run(engine, p, 1), prompt, plan.ttft_repeats)
-            row.update(status="ok", ttft_ms=ttft, peak_gib=_peak_gib(device))
-        except Exception as e:  # noqa: BLE001
-            row.update(status=f"failed: {_reason(e)}")
-        rows.append(row)
+    rows = [_ttft_row(model, spec, plan, OURS, model.backend, n, partial(_stamped_run, engine))
+            for n in plan.ttft_prompts]
     del engine
     _free()
     return rows
@@ -494,15 +501,7 @@ def hf_rows(model, spec: ModelSpec, plan: Plan, emit=None) -> list[dict]:
     except Exception as e:  # noqa: BLE001
         return missing_peer_rows("hf", spec, plan, [], f"failed: {_reason(e)}")
     for n in plan.ttft_prompts:
-        row = dict(model=spec.name, provider=HF, backend="transformers", prompt_tokens=n)
-        try:
-            prompt = random_prompts(model.args.vocab_size, 1, n, seed=n)
-            _reset_peak(device)
-            ttft = _median_ttft_ms(lambda p: _hf_generate(hf, p, 1), prompt, plan.ttft_repeats)
-            row.update(status="ok", ttft_ms=ttft, peak_gib=_peak_gib(device))
-        except Exception as e:  # noqa: BLE001
-            row.update(status=f"failed: {_reason(e)}")
-        rows.append(row)
+        rows.append(_ttft_row(model, spec, plan, HF, "transformers", n, partial(_hf_generate, hf)))
         emit(rows)
         _free()
     for b in plan.batches:
