@@ -71,14 +71,13 @@ def test_cli_generate_and_infill_without_model(capsys, reference):
 def test_held_out_loss_beats_unigram(reference):
     """On one held-out stdlib file: the model's loss is well under the unigram distribution of its own
     training tokens (the full measurement is tools/eval_default_model.py's)."""
+    from eval_default_model import unigram_log_probs
     from train_default_model import corpus_split, plain_tokens, rows
 
     train, held = corpus_split()
     tok = reference.tokenizer
     data = rows(plain_tokens(held[:3], tok, 1500), 511)[:2]
-    counts = torch.bincount(torch.from_numpy(plain_tokens(train[:60], tok, 1500)).long(),
-                            minlength=tok.vocab_size).double() + 1
-    log_p = (counts / counts.sum()).log()
+    log_p = unigram_log_probs(plain_tokens(train[:60], tok, 1500), tok.vocab_size)
     logits = reference.logits(data[:, :-1])
     model_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten()).item()
     unigram_loss = -log_p[data[:, 1:]].mean().item()

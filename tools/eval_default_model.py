@@ -34,6 +34,12 @@ from train_default_model import corpus_split, plain_tokens, read_source, rows  #
 
 # ---- held-out loss ----------------------------------------------------------------------------
 
+def unigram_log_probs(train_tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """fp64 [vocab_size] log-probabilities of the add-one-smoothed unigram distribution of the tokens."""
+    counts = np.bincount(train_tokens, minlength=vocab_size) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum()))
+
+
 @torch.inference_mode()
 def held_out_loss(model, train_files, held_files, chunk_chars: int) -> dict:
     """Mean next-token loss of the model and of the unigram (add-one) baseline on the same targets,
@@ -41,8 +47,7 @@ def held_out_loss(model, train_files, held_files, chunk_chars: int) -> dict:
     tok = model.tokenizer
     held = plain_tokens(held_files, tok, chunk_chars)
     data = rows(held, model.args.max_seq_len - 1)
-    counts = np.bincount(plain_tokens(train_files, tok, chunk_chars), minlength=tok.vocab_size) + 1.0
-    log_unigram = torch.from_numpy(np.log(counts / counts.sum()))
+    log_unigram = unigram_log_probs(plain_tokens(train_files, tok, chunk_chars), tok.vocab_size)
     nll, uni, n = 0.0, 0.0, 0
     for i in range(0, len(data), 4):
         batch = data[i:i + 4]
