@@ -5,6 +5,7 @@ uninterrupted one)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -74,6 +75,47 @@ def test_fim_example_is_the_runtime_infill_prompt_plus_middle(tiny, seed):
 def test_plain_example_is_bos_text_eos(tiny):
     ids = tdm.encode_example(tiny, SOURCE, random.Random(0), fim_rate=0.0, last=True)
     assert ids == tiny.encode(SOURCE, add_bos=True, add_eos=True)
+
+
+def test_rows_start_at_examples_and_hold_whole_examples_then_a_head():
+    examples = [[1, 10 + k] + [7] * n for k, n in enumerate([3, 8, 1, 2, 20, 4, 0, 5])]
+    rows = tdm.pack_rows(examples, seq_len=9)
+    assert rows.shape[1] == 10 and rows.dtype == torch.int64
+    pos = 0  # the rows, in order, are whole examples, each row's last one possibly cut at the row's end
+    for row in rows.tolist():
+        k = 0
+        while k < len(row):
+            ex = examples[pos]
+            assert row[k:k + len(ex)] == ex[:len(row) - k]
+            k, pos = k + len(ex), pos + 1
+        assert row[0] == 1
+    assert pos >= len(examples) - 2  # only a final partial row is left out
+
+
+def test_infill_probe_sees_the_suffix_the_prompt_holds(tiny):
+    train, held = tdm.corpus_split()
+    cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=4000, n=5)
+    assert len(cases) == 5
+    for prompt, middle, plain_pre, plain, n_chars in cases:
+        assert prompt[:2] == [tiny.bos_id, tiny.prefix_id] and prompt[-1] == tiny.middle_id
+        assert plain[:len(plain_pre)] == plain_pre and len(tiny.decode_infill(middle)) == n_chars
+
+
+def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
+    _, held = tdm.corpus_split()
+    cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=1024, n=4)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=tiny.vocab_size,
+                     rope_theta=1e6, max_seq_len=1024)
+    model = tdm.init_model(args, seed=0)
+    with torch.no_grad():
+        model.output.weight.zero_()  # every next-token distribution is uniform
+    got = tdm.infill_probe(model, cases, tiny.eot_id)
+    log_v, chars = math.log(tiny.vocab_size), sum(c[4] for c in cases)
+    assert got["psm_nats_per_char"] == pytest.approx(log_v * sum(len(c[1]) for c in cases) / chars, rel=1e-4)
+    assert got["prefix_only_nats_per_char"] == pytest.approx(
+        log_v * sum(len(c[3]) - len(c[2]) for c in cases) / chars, rel=1e-4)
+    assert got["eot_nats"] == pytest.approx(log_v, rel=1e-4)
+    assert tdm.infill_probe(model, [], tiny.eot_id) is None
 
 
 def test_export_loads_back_with_the_trained_logits(tiny_tokenizer, tiny, tmp_path):

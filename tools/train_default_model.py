@@ -112,17 +112,29 @@ def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: floa
     return prompt + tok.encode_nospace(middle) + [tok.eot_id]
 
 
-def epoch_tokens(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
-                 line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False) -> np.ndarray:
-    """All examples of one epoch (shuffled with `seed`), concatenated: int32 [n_tokens]."""
+def epoch_examples(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
+                   line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False) -> list[list[int]]:
+    """Token ids of every example of one epoch, shuffled with `seed`."""
     rng = random.Random(seed)
     examples = []
     for f in files:
         parts = chunks(read_source(f), max_chars, trim)
         examples += [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
     rng.shuffle(examples)
-    ids = [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
-    return np.fromiter((i for e in ids for i in e), dtype=np.int32)
+    return [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
+
+
+def pack_rows(examples: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Rows of seq_len + 1 tokens that each start at an example's first token (BOS): whole examples while
+    they fit, then the head of the next one (its tail is dropped). No row starts inside an example, so
+    the `<PRE>`/`<SUF>` order that tells PSM from SPM is always in view: int64 [n_rows, seq_len + 1]."""
+    width, out, row = seq_len + 1, [], []
+    for ex in examples:
+        row += ex[:width - len(row)]
+        if len(row) == width:
+            out.append(row)
+            row = []
+    return torch.tensor(out, dtype=torch.int64).view(len(out), width)
 
 
 def plain_tokens(files: list[Path], tok: Tokenizer, max_chars: int) -> np.ndarray:
@@ -139,6 +151,50 @@ def rows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows of seq_len + 1 tokens: int64 [n_rows, seq_len + 1]."""
     n = len(tokens) // (seq_len + 1)
     return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+
+
+def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_len: int, n: int = 24,
+                       seed: int = 0):
+    """Up to n one-line holes in chunks of `files`: (PSM prompt ids, middle ids, BOS+prefix ids,
+    prefix+middle ids, middle chars), each at most max_len tokens long, for `infill_probe`."""
+    rng = random.Random(seed)
+    parts = [c for f in files for c in chunks(read_source(f), max_chars)]
+    cases = []
+    for _ in range(100 * n):
+        if len(cases) == n:
+            break
+        lines = rng.choice(parts).splitlines(keepends=True)
+        i = rng.randrange(1, len(lines)) if len(lines) > 2 else 0
+        prefix, middle, suffix = "".join(lines[:i]), lines[i] if lines else "", "".join(lines[i + 1:])
+        plain_pre, plain = tok.encode(prefix, add_bos=True), tok.encode(prefix + middle, add_bos=True)
+        prompt, mid_ids = tok.encode_infill(prefix, suffix), tok.encode_nospace(middle)
+        if len(middle.strip()) < 3 or plain[:len(plain_pre)] != plain_pre or \
+                max(len(prompt) + len(mid_ids) + 1, len(plain)) > max_len:
+            continue
+        cases.append((prompt, mid_ids, plain_pre, plain, len(middle)))
+    return cases
+
+
+@torch.no_grad()
+def infill_probe(model: Transformer, cases, eot_id: int) -> dict | None:
+    """Whether the model uses the suffix: nats per character of the held-out middles after a PSM prompt
+    vs after their prefix alone (plain causal), and the mean nats of `<EOT>` right after the middle.
+    None without cases (a context too short for any)."""
+    if not cases:
+        return None
+    def nll(ids: list[int], start: int) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(torch.tensor([ids[:-1]]), Prefill(0))[0, start - 1:].float()
+        return F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
+    psm = causal = eot = chars = 0.0
+    for prompt, middle, plain_pre, plain, n_chars in cases:
+        scored = nll(prompt + middle + [eot_id], len(prompt))
+        psm += scored[:-1].sum().item()
+        eot += scored[-1].item()
+        causal += nll(plain, len(plain_pre)).sum().item()
+        chars += n_chars
+    return {"psm_nats_per_char": psm / chars, "prefix_only_nats_per_char": causal / chars,
+            "eot_nats": eot / len(cases)}
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -288,6 +344,7 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
     held_eval = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:48]]
+    probe_cases = infill_probe_cases(held_files, tok, a.chunk_chars, a.max_seq_len)
 
     ckpt = a.work / "checkpoint.pt"
     state = {"step": 0, "epoch": 0, "row": 0, "seconds": 0.0, "wall_seconds": 0.0, "tokens": 0, "smooth": None,
@@ -318,8 +375,8 @@ def main(argv=None) -> None:
     while state["step"] < a.steps:
         if data_epoch != state["epoch"]:
             t0 = time.time()
-            data = rows(epoch_tokens(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate, a.chunk_chars,
-                                     a.line_fim, a.spm_share, a.trim_chunks), a.seq_len)
+            data = pack_rows(epoch_examples(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate,
+                                            a.chunk_chars, a.line_fim, a.spm_share, a.trim_chunks), a.seq_len)
             data_epoch = state["epoch"]
             print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -352,9 +409,12 @@ def main(argv=None) -> None:
                   f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min", flush=True)
         if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
             held_loss = mean_loss(model, held_eval, a.batch)
+            probe = infill_probe(model, probe_cases, tok.eot_id)
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
-                                 "minutes": state["seconds"] / 60})
-            print(f"  held-out loss {held_loss:.3f}", flush=True)
+                                 "infill_probe": probe, "minutes": state["seconds"] / 60})
+            print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
+                  f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
+                  f"<EOT> {probe['eot_nats']:.2f} nats" or ""), flush=True)
         if state["step"] % a.save_every == 0:
             save()
         if a.max_minutes and time.time() - session_start > a.max_minutes * 60:
@@ -375,6 +435,7 @@ def main(argv=None) -> None:
         "tokenizer": {"type": "SentencePiece BPE, byte fallback", "vocab_size": tok.vocab_size},
         "model": {**dataclasses.asdict(args), "parameters": n_params},
         "objective": {"fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
+                      "packing": "rows of whole examples, each row starting at an example",
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
                       "chunk_chars": a.chunk_chars},
         "optimizer": {"adamw_lr": a.lr, "betas": [0.9, 0.95], "weight_decay": a.weight_decay,
