@@ -159,15 +159,19 @@ def phases(training: dict) -> list[dict]:
 
 def phase_text(k: int, r: dict) -> str:
     o, opt = r["objective"], r["optimizer"]
-    log = "\n".join(f"| {e['step']} | {e['minutes']:.1f} | {e['train_loss']:.3f} | {e['held_out_loss']:.3f} |"
+    log = "\n".join(f"| {e['step']} | {e['minutes']:.1f} | {e['train_loss']:.3f} | {e['held_out_loss']:.3f} | "
+                    + (f"{e['infill_probe']['psm_nats_per_char']:.3f} / {e['infill_probe']['prefix_only_nats_per_char']:.3f}"
+                       f" / {e['infill_probe']['eot_nats']:.2f} |" if e.get("infill_probe") else "- |")
                     for e in r["log"])
+    packing = ("rows start at an example: whole examples, then the head of the next one (its tail dropped)"
+               if o.get("packing") else "examples concatenated and cut into rows (a row may start inside one)")
     return f"""### Phase {k}
 
     {r['command']}
 
 - Objective: with probability {o['fim_rate']} a chunk is split into prefix/middle/suffix ({o['split']}) and
   written in SPM order with probability {o.get('spm_share', 0.5)}, else PSM; otherwise plain text after BOS.
-  Chunks {'lose' if o.get('trim_chunks') else 'keep'} the blank lines they start with.
+  Chunks {'lose' if o.get('trim_chunks') else 'keep'} the blank lines they start with; {packing}.
 - {r['steps']} AdamW steps of {opt['batch_rows']} x {opt['seq_len']} tokens ({r['tokens'] / 1e6:.1f}M tokens,
   {r['epochs_started']} passes over the data), lr {opt['adamw_lr']} with {opt['warmup']} warmup steps and cosine
   decay to 10%, weight decay {opt['weight_decay']}, fp32 weights with bf16 autocast, {r['threads']} CPU threads
@@ -175,8 +179,8 @@ def phase_text(k: int, r: dict) -> str:
   {r.get('sessions', 1)} session(s). Final training loss {r['final_train_loss']:.3f}; held-out loss (all
   held-out files, fp32 weights) {r['held_out_loss_fp32_train_model']:.3f}.
 
-| step | minutes | train loss | held-out loss (48-row sample) |
-|---|---|---|---|
+| step | minutes | train loss | held-out loss (48-row sample) | infill probe: middle nats/char with suffix / prefix only / `<EOT>` nats |
+|---|---|---|---|---|
 {log}
 """
 
@@ -212,7 +216,9 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   for training, {c['held_out_files']} ({c['held_out_bytes'] / 1e6:.2f} MB) held out by `{c['held_out']}`.
 - Examples: source cut into ~{training['objective']['chunk_chars']}-character runs of whole lines; infilling
   examples are built exactly as `Tokenizer.encode_infill` builds prompts, followed by the middle (no
-  leading space) and `<EOT>`. Examples are packed into rows without attention masking between them.
+  leading space) and `<EOT>`, and packed into rows without attention masking between them. The infill
+  probe scores 24 one-line holes in held-out chunks: a middle cheaper with its suffix in view (PSM) than
+  after its prefix alone means the model uses the suffix.
 - {len(runs)} phase(s), {sum(r['train_minutes'] for r in runs):.0f} minutes of training steps in all on a
   2-core CPU; the tokenizer is trained on the training files first (seconds).
 
