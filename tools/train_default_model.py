@@ -10,7 +10,8 @@ set and a held-out set (`corpus_split`). Tokenizer: SentencePiece BPE trained on
 (byte fallback, BOS 1 / EOS 2, CodeLlama's `▁<PRE>`/`▁<SUF>`/`▁<MID>`/`▁<EOT>` as control pieces).
 Objective: CodeLlama's — each chunk of source is, with probability `--fim-rate`, split into
 prefix/middle/suffix and written as PSM or SPM exactly as `Tokenizer.encode_infill` builds prompts
-(followed by the middle and `<EOT>`), else kept as plain causal text. The model is the runtime's own
+(followed by the middle and `<EOT>`), else kept as plain causal text. Examples are packed into
+rows that each start at an example (`pack_rows`). The model is the runtime's own
 `Transformer` (reference backend with PyTorch's fused causal attention for speed), trained in fp32 with
 bf16 autocast, and exported in HF layout with bf16 weights.
 """
