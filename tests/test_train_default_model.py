@@ -92,8 +92,8 @@ def test_rows_start_at_examples_and_hold_whole_examples_then_a_head():
     assert pos >= len(examples) - 2  # only a final partial row is left out
 
 
-def test_infill_probe_sees_the_suffix_the_prompt_holds(tiny):
-    train, held = tdm.corpus_split()
+def test_infill_probe_cases_are_psm_prompts_with_their_plain_twins(tiny):
+    _, held = tdm.corpus_split()
     cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=4000, n=5)
     assert len(cases) == 5
     for prompt, middle, plain_pre, plain, n_chars in cases:
