@@ -183,9 +183,9 @@ def infill_probe(model: Transformer, cases, eot_id: int) -> dict | None:
     None without cases (a context too short for any)."""
     if not cases:
         return None
+
     def nll(ids: list[int], start: int) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(torch.tensor([ids[:-1]]), Prefill(0))[0, start - 1:].float()
+        logits = forward(model, torch.tensor([ids[:-1]]))[0, start - 1:].float()
         return F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
     psm = causal = eot = chars = 0.0
     for prompt, middle, plain_pre, plain, n_chars in cases:
@@ -223,10 +223,15 @@ def init_model(args: ModelArgs, seed: int) -> Transformer:
     return model
 
 
+def forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of int64 [B, T] tokens, as in training (bf16 autocast): [B, T, vocab]."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(tokens, Prefill(0))
+
+
 def loss_on(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of int64 [B, T + 1] rows."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(batch[:, :-1], Prefill(0))
+    logits = forward(model, batch[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
