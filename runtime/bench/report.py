@@ -81,6 +81,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
             resources_md = f"Not available: {e2e._reason(e)}"
         report["timings"]["aot_resources"] = time.monotonic() - t0
 
+    seen = {k: 0 for k in ("decode", "ttft", "kernels")}
     for unit, estimate, fn in _units(plan, report):
         if not budget.allows(estimate):
             report["skipped"].append(dict(unit=unit, reason=f"time budget: {budget.left():.0f} s left, "
@@ -95,6 +96,9 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
             report["skipped"].append(dict(unit=unit, reason=f"failed: {e2e._reason(e)}"))
             log(f"{unit} failed: {e2e._reason(e)}")
         report["timings"][unit] = time.monotonic() - t0
+        _log_new_rows(report, seen, log)
+        # a call killed at its time limit still leaves every finished unit's numbers
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
 
     _finish_rows(report)
     report["bars"] = evaluate_bars(report, cuda)
@@ -107,6 +111,15 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     log(md.split("\n## Models")[0])  # header, bars, decode and TTFT tables
     log(f"wrote {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {out / p}" for p in report["plots"]))
     return report
+
+
+def _log_new_rows(report: dict, seen: dict, log: Callable[[str], None]) -> None:
+    """Log the decode / TTFT / kernel rows added since the last call, one line each (token lists left out)."""
+    for key in seen:
+        for row in report[key][seen[key]:]:
+            log(f"  {key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in row.items() if not isinstance(v, (list, dict))))
+        seen[key] = len(report[key])
 
 
 # ---- units of work ---------------------------------------------------------------------------
