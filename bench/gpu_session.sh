@@ -17,7 +17,13 @@ tests_s=${TESTS_S:-200}
 card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown)
 dest="${OUT:-bench/results}/${card}-$(date +%Y-%m-%d)"
 mkdir -p "$dest"
-"$py" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || "$py" -m pip install -q --no-deps -e .
+# No pip install (the machine has no network, and pip's editable build wants to fetch setuptools): the
+# package is put on PYTHONPATH as setup.py's package_dir maps it, through links in a scratch folder.
+pkg=$(mktemp -d)
+mkdir "$pkg/codellama_rt"
+for f in "$PWD"/runtime/*; do ln -s "$f" "$pkg/codellama_rt/"; done
+ln -s "$PWD/kernels" "$pkg/codellama_rt/kernels"
+export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import codellama_rt, codellama_rt.kernels, codellama_rt.bench" || { echo "codellama_rt does not import"; exit 1; }
 nvidia-smi > "$dest/nvidia-smi.txt" 2>&1
 timeout -k 10 "$tests_s" "$py" -m pytest -q -rfE -m gpu tests 2>&1 | tee "$dest/gpu-tests.txt" | tail -40

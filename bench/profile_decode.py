@@ -1,0 +1,74 @@
+"""Where a decode step's GPU time goes: each kernel's time per decode step of a random-weight model.
+
+    python bench/profile_decode.py [--model 7B-bf16] [--tokens 32] [--out DIR]
+
+Runs our engine eagerly (no CUDA graphs, so each kernel is its own profiler event; kernel durations are
+the same as in a graph, launch gaps are not counted) for a short prompt, then `--tokens` greedy steps
+under torch.profiler, and prints the kernels by GPU time per step (prefill left out: the profile starts
+after the first token). On CPU it profiles the `tiny` model (a smoke test of the script).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from codellama_rt.bench import e2e
+from codellama_rt.sampling import SamplingParams
+
+
+def profile_steps(name: str, tokens: int) -> tuple[list[dict], float]:
+    """([{kernel, us_per_step, calls_per_step}], wall ms per step) for `tokens` eager decode steps."""
+    spec = e2e.MODELS[name]
+    model = e2e.build(spec)
+    engine = e2e.make_engine(model, 1, 64 + tokens + 8, cuda_graphs=False)
+    prompt = e2e.random_prompts(model.args.vocab_size, 1, 16, seed=0)
+    cuda = spec.cuda
+    for _ in engine.run(prompt, SamplingParams(max_new_tokens=4), {}):  # warm-up: JIT compiles
+        pass
+    run = engine.run(prompt, SamplingParams(max_new_tokens=tokens + 1), {})
+    it = iter(run)
+    next(it)  # the prefill's token
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in it:
+            pass
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    rows = []
+    for ev in events:
+        t = ev.device_time_total if cuda else ev.self_cpu_time_total
+        if t <= 0 or (cuda and ev.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        rows.append(dict(kernel=ev.key[:110], us_per_step=t / tokens, calls_per_step=ev.count / tokens))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    return rows, total
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a model of codellama_rt.bench.e2e.MODELS (default 7B-bf16 on CUDA, tiny on CPU)")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    name = a.model or ("7B-bf16" if torch.cuda.is_available() else "tiny")
+    if name not in e2e.MODELS:
+        raise SystemExit(f"--model {name!r}: expected one of {', '.join(e2e.MODELS)}")
+    if e2e.MODELS[name].cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--model {name} needs CUDA")
+    rows, total = profile_steps(name, a.tokens)
+    print(f"{name}: {total:.0f} us of kernel time per decode step ({'GPU' if e2e.MODELS[name].cuda else 'CPU self'})")
+    for r in rows[:40]:
+        print(f"{r['us_per_step']:9.1f} us {r['us_per_step'] / total:6.1%} {r['calls_per_step']:6.1f}x  {r['kernel']}")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / f"profile-{name}.json").write_text(json.dumps(dict(model=name, total_us=total, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
