@@ -5,7 +5,7 @@ touches this file. Fused weights: wqkv = [q; k; v] rows, w13 = [gate (w1); up (w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -61,19 +61,22 @@ class Decode:
 
     `kv_len` is a host-side upper bound on positions + 1 (attention reads cache[:, :, :kv_len]);
     the engine's `DecodeStep` passes the full cache length, fixed for a graph capture.
+    `lengths` (positions + 1, what attention reads per sequence) is computed once per step, not per layer.
     """
 
     positions: torch.Tensor
     kv_len: int
+    lengths: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.lengths = self.positions + 1
 
     def attend(self, ops: Backend, q, k, v, kv: tuple) -> torch.Tensor:
         B = q.shape[0]
         k_cache, v_cache = kv[0][:B], kv[1][:B]
-        rows = torch.arange(B, device=q.device)
-        k_cache[rows, :, self.positions] = k[:, :, 0]  # in place, no host sync
-        v_cache[rows, :, self.positions] = v[:, :, 0]
+        ops.kv_cache_write(k_cache, v_cache, k[:, :, 0], v[:, :, 0], self.positions)  # in place, no host sync
         out = ops.attention_decode(q[:, :, 0], k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len],
-                                   self.positions + 1)
+                                   self.lengths)
         return out.unsqueeze(2)
 
 

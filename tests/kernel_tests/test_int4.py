@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from codellama_rt.kernels import int4 as mod
+from codellama_rt.kernels._triton import launch_config
 from codellama_rt.kernels.int4 import (Int4Weight, dequantize_int4, int4_launch, int4_linear, int4_linear_ref,
                                        quantize_int4, unpack_gptq)
 from tolerances import assert_close, assert_error_within_torch
@@ -253,9 +254,15 @@ def _check_linear(y, x, w, dtype):
     ref = int4_linear_ref(x, w)
     assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous()
     assert_close(y, ref)
-    if dtype != torch.float32:  # the same dequantized weights: only fp32 summation order differs
-        assert (y == ref).float().mean() >= 0.98, "int4_linear's rounding steps differ from int4_linear_ref"
-    ref64 = F.linear(x.double(), dequantize_int4(w, x.dtype).double())
+    one_row = x.numel() == x.shape[-1]
+    if one_row:  # the M = 1 kernel does not round the dequantized weights to x's dtype
+        same_steps = F.linear(x.float(), dequantize_int4(w, torch.float32)).to(dtype)
+        ref64 = F.linear(x.double(), dequantize_int4(w, torch.float64))
+    else:  # the same dequantized weights as the reference
+        same_steps = ref
+        ref64 = F.linear(x.double(), dequantize_int4(w, x.dtype).double())
+    if dtype != torch.float32:  # then only fp32 summation order differs
+        assert (y == same_steps).float().mean() >= 0.98, "int4_linear's rounding steps are not the expected ones"
     assert_error_within_torch(y, ref, ref64, dtype)
 
 
@@ -317,7 +324,9 @@ def test_launch_decisions():
         assert tiles * cfg.block_k == K and 1 <= cfg.split_k <= tiles
         assert (tiles + cfg.split_k - 1) // cfg.split_k * (cfg.split_k - 1) < tiles  # no empty split
     assert int4_launch(1, 4096, 4096, 128, bf16, num_sms=132).split_k > 1
-    assert int4_launch(1, 57344, 8192, 128, bf16, num_sms=132).split_k == 1
+    assert int4_launch(1, 4096, 4096, 128, bf16).block_n == 256
+    assert int4_launch(1, 4096 * 132, 8192, 128, bf16, num_sms=132).split_k == 1  # >= 4 column blocks per SM
+    assert int4_launch(8, 57344, 8192, 128, bf16, num_sms=132).split_k == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -340,11 +349,27 @@ def test_aot_configs_compile(check_aot):
     for t in ("bf16", "fp16"):
         kinds = {(c.kernel.__name__, c.constexprs.get("BLOCK_M"), c.constexprs.get("WRITE_PARTIALS"))
                  for c in configs if c.label.startswith(t)}
-        assert kinds >= {("_int4_gemv_kernel", 1, True), ("_int4_gemv_kernel", 1, False),
+        assert kinds >= {("_int4_gemv_kernel", 1, True), ("_int4_gemv_kernel", 16, False),
                          ("_int4_gemv_kernel", 16, True), ("_int4_gemm_kernel", 128, None),
                          ("_int4_splitk_reduce_kernel", None, None)}, (t, kinds)
     assert len(set(labels)) == len(labels)
     check_aot(configs)
+
+
+def test_unsplit_one_row_gemv_compiles(check_aot):
+    """M = 1 without split-K (no model linear is wide enough to skip the split on an H100): compiled from
+    the launcher's own arguments for a layer with >= 4 column blocks per SM."""
+    N, K = 256 * 4 * 132, 4096
+    w = mod.Int4Weight(qweight=torch.empty(K // 8, N, dtype=torch.int32, device="meta"),
+                       qzeros=torch.empty(K // 128, N // 8, dtype=torch.int32, device="meta"),
+                       scales=torch.empty(K // 128, N, dtype=torch.bfloat16, device="meta"), shape=(N, K))
+    x = torch.empty(1, K, dtype=torch.bfloat16, device="meta")
+    _, launches = mod._prepare(x, w, on_cuda=True, num_sms=132)
+    assert len(launches) == 1
+    kern, _, args, constexprs, num_warps, num_stages = launches[0]
+    assert constexprs["BLOCK_M"] == 1 and not constexprs["WRITE_PARTIALS"]
+    check_aot([launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=num_stages,
+                             label="bf16 M=1 unsplit")])
 
 
 @pytest.mark.parametrize("dtypes,group_size", [((torch.float32,), 128), ((torch.bfloat16,), 32),
