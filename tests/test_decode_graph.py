@@ -364,9 +364,10 @@ def gpu_long_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.mark.gpu
 def test_capture_adds_no_second_kv_cache(gpu_long_checkpoint):
-    """The capture must reuse the engine's KV cache. It does allocate other memory: the graph's pool and, on
-    the capture stream, cuBLAS's workspace (32 MiB on Hopper, measured on an H200), so the cache is made
-    large (>= 512 MiB) for a second copy of it to stand far above those."""
+    """The capture must reuse the engine's KV cache. It does allocate other memory: the graph's pool and
+    cuBLAS workspaces for the side streams of warm-up and capture (32 MiB each on Hopper: 64 MiB allocated
+    and 36 MiB more reserved, measured on an H200), so the cache is made large (512 MiB) for a second copy
+    of it to stand far above those."""
     model = cl.load(gpu_long_checkpoint, backend="triton", device=DEV, max_seq_len=32768, max_batch_size=4,
                     cuda_graphs=True)
     eng = model.engine
@@ -383,5 +384,5 @@ def test_capture_adds_no_second_kv_cache(gpu_long_checkpoint):
     grown_reserved = torch.cuda.memory_reserved() - reserved
     pool = model.graph_pool_bytes()
     assert 0 < pool <= grown_reserved < cache.nbytes // 2, (pool, grown_reserved, cache.nbytes)
-    assert grown_allocated < cache.nbytes // 8, (grown_allocated, cache.nbytes)
+    assert grown_allocated < cache.nbytes // 4, (grown_allocated, cache.nbytes)
     assert step.cache.data.data_ptr() == cache.data.data_ptr()
