@@ -3,6 +3,8 @@ ahead-of-time compilation for a given GPU architecture (no GPU needed) with a re
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 import subprocess
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 import triton.runtime.interpreter as _interpreter
 from triton._C.libtriton import ir as _ir
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
@@ -81,19 +84,69 @@ class _Interpreted(InterpretedFunction):
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
+# ---- programmatic dependent launch (PDL) -------------------------------------------------------
+#
+# On Hopper a kernel launched with PDL may start while the kernel before it in the stream is finishing:
+# its launch latency and the previous kernel's tail overlap instead of adding up, which matters in decode
+# (hundreds of short kernels a step). A kernel takes part by having a `PDL: tl.constexpr = False` parameter
+# and calling `pdl_prologue(PDL)` before its first global memory access: it lets the next kernel launch,
+# then waits until the previous one has completed and its writes are visible (griddepcontrol), so no
+# read or write can race. `Kernel.on` sets PDL=True and launches with PDL for such kernels on sm_90+;
+# CODELLAMA_RT_PDL=0 turns it off (to measure its effect, or if a driver misbehaves).
+
+PDL_ENV = "CODELLAMA_RT_PDL"
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels with a PDL parameter launch with programmatic dependent launch on `device`."""
+    if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """With PDL: allow the next kernel to launch, then wait for the previous kernel (call it before any
+    global memory access). Without: nothing."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+class _PDLLaunch:
+    """`jit[grid](...)` with PDL=True and the PDL launch attribute."""
+
+    def __init__(self, jit: JITFunction):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        launch = self.jit[grid]
+        return lambda *args, **kwargs: launch(*args, **kwargs, PDL=True, launch_pdl=True)
+
+
 class Kernel:
     """A Triton kernel usable on both devices: `kernel.on(tensor)[grid](*args, **constexprs)` launches
     the compiled kernel for CUDA tensors and the interpreter (as TRITON_INTERPRET=1 would) for CPU
-    tensors, so the same source is what the CPU tests check and what the GPU runs."""
+    tensors, so the same source is what the CPU tests check and what the GPU runs. Kernels with a `PDL`
+    parameter launch with programmatic dependent launch where `pdl_enabled`."""
 
     def __init__(self, fn, **jit_kwargs):
         self.fn = fn
         self.jit = JITFunction(fn, **jit_kwargs)
         self.interp = _Interpreted(fn, **jit_kwargs)
         self.__name__ = fn.__name__
+        self.has_pdl = "PDL" in self.jit.arg_names
+        self._pdl = _PDLLaunch(self.jit) if self.has_pdl else None
 
     def on(self, tensor: torch.Tensor):
-        return self.jit if tensor.is_cuda else self.interp
+        if not tensor.is_cuda:
+            return self.interp
+        return self._pdl if self.has_pdl and pdl_enabled(tensor.device) else self.jit
 
 
 def as_rows(t: torch.Tensor, width: int, label: str) -> torch.Tensor:
@@ -186,18 +239,7 @@ def _cuobjdump() -> Path:
 
 def compile_for(cfg: LaunchConfig, arch: int) -> CompiledResources:
     """Compile `cfg` for sm_<arch> without a GPU; report registers, shared memory and spills."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = cfg.kernel.jit.arg_names
-    unknown = set(cfg.divisible_by_16) - set(cfg.signature)
-    if unknown:
-        raise ValueError(f"{cfg.kernel.__name__} [{cfg.label}]: divisible_by_16 names unknown arguments "
-                         f"{sorted(unknown)}")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in cfg.divisible_by_16}
-    src = ASTSource(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    compiled = compile_kernel(cfg, arch)
     cubin = compiled.asm["cubin"]
     import tempfile
 
@@ -212,6 +254,25 @@ def compile_for(cfg: LaunchConfig, arch: int) -> CompiledResources:
                              shared_bytes=max(int(fields.get("SHARED", 0)), int(compiled.metadata.shared)),
                              stack_bytes=int(fields.get("STACK", 0)), local_bytes=int(fields.get("LOCAL", 0)),
                              num_warps=cfg.num_warps)
+
+
+def compile_kernel(cfg: LaunchConfig, arch: int):
+    """triton.compile of `cfg` for sm_<arch> (no GPU needed), PDL as `Kernel.on` would launch it there."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = cfg.kernel.jit.arg_names
+    unknown = set(cfg.divisible_by_16) - set(cfg.signature)
+    if unknown:
+        raise ValueError(f"{cfg.kernel.__name__} [{cfg.label}]: divisible_by_16 names unknown arguments "
+                         f"{sorted(unknown)}")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in cfg.divisible_by_16}
+    constexprs = dict(cfg.constexprs)
+    if cfg.kernel.has_pdl:  # as `Kernel.on` launches it on that architecture (griddepcontrol is sm_90+)
+        constexprs["PDL"] = arch >= 90
+    src = ASTSource(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
 def triton_dtype(dtype: torch.dtype) -> str:

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, triton_dtype
+from ._triton import LaunchConfig, kernel, pdl_prologue, triton_dtype
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -62,8 +62,9 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vs,
     seq_len, num_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)  # kv head
     pid_s = tl.program_id(2)
@@ -127,8 +128,9 @@ def _decode_reduce_kernel(
     MidO, MidM, MidL, Out,
     stride_ob, stride_oh,
     num_splits,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     row0 = (pid_b.to(tl.int64) * tl.num_programs(1) + pid_h) * num_splits

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,10 +30,12 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @kernel
 def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-strided; out [N]
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """out[n] = sum_k W[n, k] x[k], products and sums in fp32, rounded once to the output dtype.
     One program per BLOCK_N rows of W, walking K in BLOCK_K columns; partial sums stay elementwise
     in registers and are reduced once at the end."""
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
 
 
 @dataclass
@@ -315,7 +315,9 @@ def _int4_gemv_kernel(
     M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -362,8 +364,10 @@ def _int4_gemv_kernel(
 
 
 @kernel(do_not_specialize=["num_splits"])
-def _int4_splitk_reduce_kernel(Part, Out, M, N, stride_om, num_splits, BLOCK: tl.constexpr):
+def _int4_splitk_reduce_kernel(Part, Out, M, N, stride_om, num_splits, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr = False):
     """Grid (M, cdiv(N, BLOCK)): out[m, n] = sum over splits s (in order) of Part[s, m, n], in fp32."""
+    pdl_prologue(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, kernel, launch_config, pdl_prologue, triton_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,8 +34,10 @@ def kv_cache_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Te
 def _kv_write_kernel(K, V, KC, VC, Pos, S,  # k/v [B, Hkv, D]; caches [B, Hkv, S, D]; Pos int64 [B]
                      stride_kb, stride_kh, stride_vb, stride_vh,
                      stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """One program per (sequence, kv head): copies its D-vector of k and of v into slot Pos[b]."""
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     pos = tl.load(Pos + b)

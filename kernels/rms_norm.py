@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -34,8 +34,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @kernel
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,  # x/res [rows, N] row-strided; w [N]; y/h [rows, N]
                      stride_x, stride_res, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """One program per row; the whole row (N <= BLOCK_N) is held in registers."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, kernel, launch_config, pdl_prologue, triton_dtype
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float, scale: float = 1.0,
@@ -65,8 +65,10 @@ def _rotate_heads(x_ptr, stride_h, n_heads, h0, cos, sin,
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,  # q [B,H,T,D], k [B,Hkv,T,D] strided; cos/sin [P, HALF]
                    T, n_q_heads, n_k_heads, n_q_blocks,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_pb, stride_pt,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """Grid (B * T, q head blocks + k head blocks): one token, BLOCK_H heads of q or of k."""
+    pdl_prologue(PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     b = token // T

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -22,8 +22,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @kernel
 def _swiglu_kernel(gate_ptr, up_ptr, out_ptr,  # gate/up [rows, F] row-strided; out [rows, F] contiguous
                    stride_gate, stride_up, n_cols,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """Grid (rows, cdiv(F, BLOCK)): BLOCK columns of one row."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols

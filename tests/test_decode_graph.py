@@ -386,3 +386,20 @@ def test_capture_adds_no_second_kv_cache(gpu_long_checkpoint):
     assert 0 < pool <= grown_reserved < cache.nbytes // 2, (pool, grown_reserved, cache.nbytes)
     assert grown_allocated < cache.nbytes // 4, (grown_allocated, cache.nbytes)
     assert step.cache.data.data_ptr() == cache.data.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_pdl_on_and_off_give_the_same_tokens(gpu_checkpoint, monkeypatch, cuda_graphs):
+    """Programmatic dependent launch only changes when kernels start, never what they compute."""
+    from codellama_rt.kernels._triton import PDL_ENV, pdl_enabled
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert pdl_enabled(torch.device(DEV))
+    sampling = dict(temperature=0.9, top_k=50, seed=7)
+    with_pdl = token_ids(gpu_model(gpu_checkpoint, "triton", cuda_graphs), PROMPTS[:1], 300, **sampling)
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled(torch.device(DEV))
+    without = token_ids(gpu_model(gpu_checkpoint, "triton", cuda_graphs), PROMPTS[:1], 300, **sampling)
+    assert with_pdl == without

@@ -23,3 +23,35 @@ def test_no_spills_and_shared_memory_within_limits(table):
     print("\n" + aot.format_table(table))
     assert aot.problems(table) == []
     assert all(r.registers > 0 for r in table)
+
+
+def test_decode_kernels_use_pdl_on_hopper_only():
+    """Every kernel a decode step launches takes part in programmatic dependent launch: on sm_90 its code
+    lets the next kernel launch and waits for the previous one (griddepcontrol) before touching memory;
+    on sm_80, which has no such instructions, neither."""
+    from codellama_rt.kernels._triton import compile_kernel
+
+    configs = {c.kernel.__name__: c for c in aot.all_configs() if c.kernel.has_pdl}
+    assert set(configs) >= {"_gemv_kernel", "_rms_norm_kernel", "_rotary_kernel", "_kv_write_kernel",
+                            "_decode_split_kernel", "_decode_reduce_kernel", "_swiglu_kernel",
+                            "_int4_gemv_kernel", "_int4_splitk_reduce_kernel"}, sorted(configs)
+    for name, cfg in configs.items():
+        ptx90 = compile_kernel(cfg, 90).asm["ptx"]
+        wait, launch = ptx90.find("griddepcontrol.wait"), ptx90.find("griddepcontrol.launch_dependents")
+        assert 0 <= launch < wait, name
+        first_access = min(i for i in (ptx90.find("ld.global"), ptx90.find("st.global")) if i >= 0)
+        assert wait < first_access, f"{name}: a global access before griddepcontrol.wait"
+        assert "griddepcontrol" not in compile_kernel(cfg, 80).asm["ptx"], name
+
+
+def test_pdl_switch(monkeypatch):
+    import torch
+
+    from codellama_rt.kernels._triton import PDL_ENV, pdl_enabled
+    from codellama_rt.kernels.gemv import _gemv_kernel
+
+    assert not pdl_enabled(torch.device("cpu"))
+    x = torch.empty(1)
+    assert _gemv_kernel.on(x) is _gemv_kernel.interp  # the interpreter never gets PDL
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled(torch.device("cuda", 0))  # off before any CUDA query

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..kernels._triton import pdl_enabled
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
@@ -56,7 +57,8 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     budget = Budget(budget_s or DEFAULT_BUDGET_S[cuda])
     meta = environment()
     meta.update(mode="quick" if quick else "full", gpu_run=cuda, budget_s=budget.seconds, only=only,
-                engine_cuda_graphs_option=e2e.engine_has_graphs())
+                engine_cuda_graphs_option=e2e.engine_has_graphs(),
+                pdl=cuda and pdl_enabled(torch.device("cuda")))
     report = {"meta": meta, "plan": dataclasses.asdict(plan), "bandwidth_gbps": None, "bandwidth_method": None,
               "models": [], "decode": [], "ttft": [], "kernels": [], "resources": [], "problems": [], "bars": [],
               "skipped": [], "timings": {}, "plots": []}
@@ -324,6 +326,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"took {report['timings'].get('total', 0):.0f} s",
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
+        f"programmatic dependent launch: {'on' if m.get('pdl') else 'off'}; "
         f"load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end",
         "", "Random weights at the models' real shapes, greedy decoding, no stop tokens. The bound of a decode row"
         " is batch / (bytes one step reads / measured bandwidth): the weights it multiplies by (the embedding table"
