@@ -75,11 +75,15 @@ def test_decode_attention_real_size(s):
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (32016, 4096), (16384, 22016)], ids=str)
 def test_gemv_real_size(N, K):
     """7B wqkv, 7B w2 (K not a multiple of the K tile), the 7B lm_head and a 34B-like w2, in bf16."""
-    from codellama_rt.kernels.gemv import gemv, gemv_ref
+    import torch.nn.functional as F
+
+    from codellama_rt.kernels.gemv import gemv, gemv_ref, linear
 
     w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     y = gemv(x, w)
+    assert torch.equal(linear(x, w), y) and torch.equal(linear(x[0], w), y[0])  # the backend takes the kernel
+    assert torch.equal(linear(x.expand(2, K), w), F.linear(x.expand(2, K), w))  # two rows: cuBLAS
     assert_close(y, gemv_ref(x, w))
     assert_error_within_torch(y, gemv_ref(x, w), x.double() @ w.double().t(), torch.bfloat16)
 

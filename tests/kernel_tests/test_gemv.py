@@ -74,10 +74,11 @@ def test_empty():
     assert torch.equal(gemv(x, w), torch.zeros(1, 5))
 
 
-def test_linear_dispatch():
-    """One row with a unit-stride weight: the kernel; anything else: exactly F.linear."""
+def test_linear_dispatch_on_cpu_is_f_linear():
+    """On CPU the backend's linear is exactly F.linear, one row or many (the interpreter is too slow for
+    the model tests; the kernel is checked above). On CUDA one row takes the kernel (tests/test_gpu_kernels.py)."""
     x1, w = _inputs(24, 96, torch.float32, seed=3)
-    assert torch.equal(linear(x1, w), gemv(x1, w))
+    assert torch.equal(linear(x1, w), F.linear(x1, w))
     x4 = torch.randn(4, 96)
     assert torch.equal(linear(x4, w), F.linear(x4, w))
     x3 = torch.randn(2, 3, 96)
