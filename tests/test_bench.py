@@ -22,7 +22,8 @@ from codellama_rt.png import Canvas, encode_png
 from codellama_rt.quant import model_weight_bytes, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "date", "mode"}
+META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "source_digest",
+             "date", "mode"}
 REPORT_KEYS = {"meta", "plan", "bandwidth_gbps", "bandwidth_method", "models", "decode", "ttft", "kernels",
                "resources", "problems", "bars", "skipped", "timings", "plots"}
 
@@ -284,3 +285,20 @@ def test_hbar_chart_png_backend(tmp_path):
     assert w > 500 and h > 200
     with pytest.raises(ValueError):
         hbar_chart(tmp_path / "d.png", "x", {"a": []}, unit="u")
+
+
+def test_source_digest_names_the_code(tmp_path, monkeypatch):
+    """Same files -> same digest; one byte changed in any runtime/ or kernels/ .py -> another digest."""
+    from codellama_rt.bench import common
+
+    for sub in ("runtime", "kernels"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("not code")
+    monkeypatch.setattr(common, "SOURCE_ROOT", tmp_path)
+    first = common.source_digest()
+    assert len(first) == 12 and int(first, 16) >= 0
+    (tmp_path / "README.md").write_text("changed, but not code")
+    assert common.source_digest() == first
+    (tmp_path / "kernels" / "a.py").write_text("x = 2\n")
+    assert common.source_digest() != first

@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing, copy bandwidth, the environment a report records, a time budget."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import statistics
@@ -99,6 +100,16 @@ def loadavg():
         return None
 
 
+def source_digest() -> str:
+    """sha256 (first 12 hex digits) of every .py file under runtime/ and kernels/, by relative path: names
+    the code that ran even where the checkout's git metadata is stale (a copied working tree)."""
+    h = hashlib.sha256()
+    for sub in ("runtime", "kernels"):
+        for path in sorted((SOURCE_ROOT / sub).rglob("*.py")):
+            h.update(str(path.relative_to(SOURCE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     """Card, driver and versions: what every report's numbers are tagged with."""
     meta = {
@@ -109,6 +120,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
+        "source_digest": source_digest(),
         "loadavg_start": loadavg(),  # CPU numbers mean little on a machine that is busy elsewhere
     }
     for mod in ("triton", "transformers", "matplotlib"):
