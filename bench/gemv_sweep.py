@@ -40,10 +40,11 @@ def dense_gemv(x, w, block_n, block_k, num_warps, num_stages=3):
     return gemv(x, w, GemvLaunch(block_n, block_k, num_warps, num_stages))
 
 
-def int4_variant(x, w, block_n, split, num_warps):
-    """The shipped `_int4_gemv_kernel` (M = 1 path) with another tile width / split count."""
+def int4_variant(x, w, block_n, split, num_warps, block_m=1):
+    """The shipped `_int4_gemv_kernel` with another tile width / split count; block_m=16 runs one row
+    through the tensor-core path (a 16-row tile, rows past 1 masked) instead of the FMA path."""
     N, K = w.shape
-    block_k = min(128, w.group_size)
+    block_k = min(128 if block_m == 1 else 64, w.group_size)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     tiles = K // block_k
     k_per_split = triton.cdiv(tiles, split) * block_k
@@ -51,8 +52,8 @@ def int4_variant(x, w, block_n, split, num_warps):
     part = torch.empty(split, 1, N, dtype=torch.float32, device=x.device) if split > 1 else out
     int4_mod._int4_gemv_kernel.on(x)[(triton.cdiv(N, block_n), split)](
         x, w.qweight, w.qzeros, w.scales, out, part, 1, N, K, x.stride(0), out.stride(0), k_per_split,
-        GROUP_SIZE=w.group_size, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_PARTIALS=split > 1,
-        FP32_DOT=False, UPCAST_DOT=False, num_warps=num_warps, num_stages=3)
+        GROUP_SIZE=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_PARTIALS=split > 1,
+        FP32_DOT=False, UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16, num_warps=num_warps, num_stages=3)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         int4_mod._int4_splitk_reduce_kernel.on(x)[(1, triton.cdiv(N, block))](
@@ -187,6 +188,10 @@ def main(argv=None) -> None:
             record("int4", name, f"triton {bn} split{split} w{warps}", qbytes,
                    lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps), copies,
                    (int4_variant(x, q0, bn, split, warps).float() - ref4).abs().max().item())
+        for bn, split, warps in ((64, 4, 4), (128, 4, 4), (128, 8, 8)):  # tensor-core tile at one row
+            record("int4", name, f"triton mma16 {bn} split{split} w{warps}", qbytes,
+                   lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps, 16), copies,
+                   (int4_variant(x, q0, bn, split, warps, 16).float() - ref4).abs().max().item())
         try:
             packed, sz = tinygemm_weight(q0, dev)
             tg = [(packed.clone(), sz.clone()) for _ in range(copies)]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call (under 10 minutes): the GPU test suite, then the benchmark report (end-to-end decode vs
-# the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots) into $OUT (or bench/results).
+# the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
+# (SWEEP_S seconds, default 60; 0 skips it) into $OUT (or bench/results).
 # Usage (device tool): bash bench/gpu_session.sh
 # Uses the machine's own torch/triton (the device image has them); installs this package without deps.
-# The report gets what is left of SESSION_S seconds (default 520) once the tests are done and skips, and
+# The report gets what is left of SESSION_S seconds (default 480) once the tests are done and skips, and
 # lists, whatever no longer fits. Each step has its own time limit, so a hang still leaves the logs of the
 # others (and report.json holds every unit finished before a kill).
 # The CPU kernel tests (Triton interpreter) are not run here: CI runs them, and the image's numpy is too new
@@ -12,7 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=$(command -v python3 || command -v python)
-session_s=${SESSION_S:-520}
+session_s=${SESSION_S:-480}
+sweep_s=${SWEEP_S:-60}
 tests_s=${TESTS_S:-200}
 card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown)
 dest="${OUT:-bench/results}/${card}-$(date +%Y-%m-%d)"
@@ -25,10 +27,14 @@ for f in "$PWD"/runtime/*; do ln -s "$f" "$pkg/codellama_rt/"; done
 ln -s "$PWD/kernels" "$pkg/codellama_rt/kernels"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import codellama_rt, codellama_rt.kernels, codellama_rt.bench" || { echo "codellama_rt does not import"; exit 1; }
-nvidia-smi > "$dest/nvidia-smi.txt" 2>&1
+nvidia-smi 2>&1 | head -20  # not kept: the device returns at most 8 files
 timeout -k 10 "$tests_s" "$py" -m pytest -q -rfE -m gpu tests 2>&1 | tee "$dest/gpu-tests.txt" | tail -40
 left=$((session_s - SECONDS))
 if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"
 timeout -k 10 $((left + 60)) "$py" bench/report.py --report "$dest" --budget-s "$left" 2>&1 | tee "$dest/report.log" | tail -60
+if [ "$sweep_s" -gt 0 ]; then
+  timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" 2>&1 | grep "^best\|failed" | tail -20
+  mv -f "$dest/sweep.json" "$dest/gemv-sweep.json" 2>/dev/null
+fi
 echo "report in $dest (session ${SECONDS} s)"

@@ -6,7 +6,7 @@ import importlib
 
 from ._triton import SHARED_LIMIT, CompiledResources, LaunchConfig, compile_for
 
-KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attention_decode", "nf4", "int4", "gemv", "kv_cache_write")
+KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attention_decode", "nf4", "int4", "gemv")
 ARCHS = (80, 90)
 
 

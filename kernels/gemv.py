@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
+from .swiglu import swiglu, swiglu_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,33 +27,54 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def linear_swiglu_ref(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """x [..., K], w13 [2F, K] = [gate; up] rows -> silu(gate) * up [..., F] in x's dtype (the projection
+    rounded to x's dtype, then `swiglu_ref`'s steps)."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
 # ---- Triton ----------------------------------------------------------------------------------
 
 @kernel
 def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-strided; out [N]
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[n] = sum_k W[n, k] x[k], products and sums in fp32, rounded once to the output dtype.
     One program per BLOCK_N rows of W, walking K in BLOCK_K columns; partial sums stay elementwise
-    in registers and are reduced once at the end."""
+    in registers and are reduced once at the end.
+    SWIGLU: W is [2N, K] = [gate; up]; the program also walks the up rows n + N and writes
+    silu(gate) * up with the steps of the unfused path (each projection rounded, then `_swiglu_kernel`'s)."""
     pdl_prologue(PDL)
     pid = tl.program_id(0)
+    DTYPE: tl.constexpr = Out.dtype.element_ty
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    up_ptrs = w_ptrs + N.to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            w_mask = n_mask[:, None]
             x = tl.load(X + k0 + offs_k)
         else:
             k_mask = k0 + offs_k < K
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            w_mask = n_mask[:, None] & k_mask[None, :]
             x = tl.load(X + k0 + offs_k, mask=k_mask, other=0.0)
+        w = tl.load(w_ptrs + k0, mask=w_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(Out + offs_n, tl.sum(acc, 1).to(Out.dtype.element_ty), mask=n_mask)
+        if SWIGLU:
+            w_up = tl.load(up_ptrs + k0, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    if SWIGLU:
+        gate = y.to(DTYPE).to(tl.float32)
+        up = tl.sum(acc_up, 1).to(DTYPE).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(DTYPE)
+        y = act.to(tl.float32) * up
+    tl.store(Out + offs_n, y.to(DTYPE), mask=n_mask)
 
 
 @dataclass(frozen=True)
@@ -66,40 +88,53 @@ class GemvLaunch:
 # Measured on an H200 (bench/gemv_sweep.py, 14 tiles at the four 7B shapes): 2 x 1024 with 4 warps was
 # within 3% of the best tile at every shape; the best per shape differed by shape.
 CUDA_LAUNCH = GemvLaunch(block_n=2, block_k=1024, num_warps=4, num_stages=3)
+# With the SwiGLU epilogue a program reads the same two weight rows, one gate and one up row.
+SWIGLU_CUDA_LAUNCH = GemvLaunch(block_n=1, block_k=1024, num_warps=4, num_stages=3)
 # The interpreter pays per program, not per byte: wide row blocks keep the CPU tests fast.
 INTERPRETER_LAUNCH = GemvLaunch(block_n=64, block_k=512, num_warps=4, num_stages=1)
 
 
-def gemv_launch(on_cuda: bool) -> GemvLaunch:
-    """The one place the tile is picked: CUDA_LAUNCH on a GPU, INTERPRETER_LAUNCH in the interpreter."""
-    return CUDA_LAUNCH if on_cuda else INTERPRETER_LAUNCH
+def gemv_launch(on_cuda: bool, swiglu: bool = False) -> GemvLaunch:
+    """The one place the tile is picked: CUDA_LAUNCH (SWIGLU_CUDA_LAUNCH with the SwiGLU epilogue) on a
+    GPU, INTERPRETER_LAUNCH in the interpreter."""
+    if not on_cuda:
+        return INTERPRETER_LAUNCH
+    return SWIGLU_CUDA_LAUNCH if swiglu else CUDA_LAUNCH
 
 
-def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on_cuda: bool | None = None):
+def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on_cuda: bool | None = None,
+             swiglu: bool = False):
     """Check the arguments, allocate the output and build the launch: (out, (grid, args, constexprs,
-    num_warps, num_stages)), or (zeros, None) when N or K is 0. Runs on meta tensors too (see `aot_configs`)."""
+    num_warps, num_stages)), or (zeros, None) when there is nothing to compute. Runs on meta tensors too
+    (see `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]."""
+    who = "gemv_swiglu" if swiglu else "gemv"
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"gemv: w must be a 2-d [N, K] tensor, got "
+        raise ValueError(f"{who}: w must be a 2-d [N, K] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     if x.dtype not in _DTYPES or w.dtype != x.dtype:
-        raise TypeError(f"gemv: x and w must share one dtype of float32/float16/bfloat16, got x {x.dtype}, "
+        raise TypeError(f"{who}: x and w must share one dtype of float32/float16/bfloat16, got x {x.dtype}, "
                         f"w {w.dtype}")
-    N, K = w.shape
+    rows, K = w.shape
+    if swiglu and rows % 2:
+        raise ValueError(f"{who}: w must stack gate and up rows ([2F, K]), got an odd row count {rows}")
+    N = rows // 2 if swiglu else rows
     if x.dim() < 1 or x.shape[-1] != K or x.numel() != K:
-        raise ValueError(f"gemv: x must be [..., {K}] holding one row for a [{N}, {K}] weight, got {tuple(x.shape)}")
+        raise ValueError(f"{who}: x must be [..., {K}] holding one row for a [{rows}, {K}] weight, got {tuple(x.shape)}")
     if x.device != w.device:
-        raise ValueError(f"gemv: x on {x.device}, w on {w.device}")
+        raise ValueError(f"{who}: x on {x.device}, w on {w.device}")
     if K > 0 and w.stride(1) != 1:
-        raise ValueError(f"gemv: w must have unit stride along K, got strides {w.stride()}")
+        raise ValueError(f"{who}: w must have unit stride along K, got strides {w.stride()}")
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    if N == 0 or K == 0:
+    if N == 0:
+        return out, None
+    if K == 0:  # the projection is 0; silu(0) * 0 = 0 too
         return out.zero_(), None
-    x1 = as_rows(x, K, "gemv: x")
+    x1 = as_rows(x, K, f"{who}: x")
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    cfg = cfg or gemv_launch(on_cuda)
+    cfg = cfg or gemv_launch(on_cuda, swiglu)
     grid = (triton.cdiv(N, cfg.block_n),)
     args = (x1, w, out, N, K, w.stride(0))
-    constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0)
+    constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu)
     return out, (grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -111,12 +146,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None) -> tor
     Returns a new contiguous [..., N] tensor in x's dtype. cfg: a tile other than `gemv_launch`'s (tests).
     CUDA tensors run the compiled kernel, CPU tensors Triton's interpreter.
     """
-    out, launch = _prepare(x, w, cfg)
-    if launch is None:
-        return out
-    grid, args, constexprs, num_warps, num_stages = launch
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _gemv_kernel.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    return _run(x, *_prepare(x, w, cfg))
+
+
+def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, cfg: GemvLaunch | None = None) -> torch.Tensor:
+    """Triton silu(gate) * up of the projection W13 x, W13 = [gate; up] ([2F, K]), in one kernel: the same
+    values as `swiglu` applied to `gemv`'s output with the same tile (each projection rounded to x's dtype,
+    then silu in fp32 rounded, times up rounded). Arguments as `gemv`; returns a new [..., F] tensor."""
+    return _run(x, *_prepare(x, w13, cfg, swiglu=True))
+
+
+def _run(x: torch.Tensor, out: torch.Tensor, launch) -> torch.Tensor:
+    if launch is not None:
+        grid, args, constexprs, num_warps, num_stages = launch
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _gemv_kernel.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -126,9 +170,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     F.linear. CPU tensors always take F.linear: Triton's interpreter spends ~35 ns per weight, which made
     the Triton backend's CPU tests (the golden decodes) 2.5x slower; the kernel's own interpreter tests
     (tests/kernel_tests/test_gemv.py) check it instead."""
-    if x.is_cuda and x.numel() == x.shape[-1] and w.dim() == 2 and w.dtype == x.dtype and w.stride(-1) == 1:
+    if _one_row_on_cuda(x, w):
         return gemv(x, w)
     return F.linear(x, w)
+
+
+def linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """The Triton backend's gated projection: silu(gate) * up of x @ w13^T, w13 = [gate; up] [2F, K] ->
+    [..., F]. Where `linear` takes the GEMV, `gemv_swiglu` (one kernel instead of two); otherwise F.linear
+    then the `swiglu` kernel on its two halves. Same values as `linear_swiglu_ref` up to summation order."""
+    if _one_row_on_cuda(x, w13) and w13.shape[0] % 2 == 0:
+        return gemv_swiglu(x, w13)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
+def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.is_cuda and x.numel() == x.shape[-1] and w.dim() == 2 and w.dtype == x.dtype and w.stride(-1) == 1
 
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
@@ -147,11 +205,13 @@ def aot_configs() -> list[LaunchConfig]:
             for name, (n, k) in shapes.items():
                 x = torch.empty(1, k, dtype=dtype, device="meta")
                 w = torch.empty(n, k, dtype=dtype, device="meta")
-                _, (_, args, constexprs, num_warps, num_stages) = _prepare(x, w, on_cuda=True)
-                cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
-                key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                if key not in configs:
-                    configs[key] = dataclasses.replace(
-                        cfg, label=f"{triton_dtype(dtype)} {CUDA_LAUNCH.block_n}x{CUDA_LAUNCH.block_k}"
-                                   f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
+                for swiglu in (False, True) if name == "w13" else (False,):
+                    _, (_, args, constexprs, num_warps, num_stages) = _prepare(x, w, on_cuda=True, swiglu=swiglu)
+                    cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
+                    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
+                    if key not in configs:
+                        tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
+                        configs[key] = dataclasses.replace(
+                            cfg, label=f"{triton_dtype(dtype)} {tile}{' swiglu' if swiglu else ''}"
+                                       f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
     return list(configs.values())

@@ -47,27 +47,44 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, n_heads, h0, cos, sin,
+def _rotate_heads(x_ptr, stride_h, dst_ptr, dst_stride_h, n_heads, h0, cos, sin, write,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate heads h0 .. h0 + BLOCK_H - 1 (< n_heads) of one token in place; x_ptr is its head 0, dim 0."""
+    """Rotate heads h0 .. h0 + BLOCK_H - 1 (< n_heads) of one token; x_ptr / dst_ptr: its head 0, dim 0 in
+    the source and the destination (the same for in place). Nothing is stored unless `write`."""
     heads = h0 + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_HALF)
     offs = heads[:, None].to(tl.int64) * stride_h + dims[None, :]
+    dst = heads[:, None].to(tl.int64) * dst_stride_h + dims[None, :]
     mask = (heads[:, None] < n_heads) & (dims[None, :] < HALF)
     x1 = tl.load(x_ptr + offs, mask=mask, other=0.0)
     x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(x_ptr + offs, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(x_ptr + offs + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    tl.store(dst_ptr + dst, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask & write)
+    tl.store(dst_ptr + dst + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask & write)
+
+
+@triton.jit
+def _copy_heads(x_ptr, stride_h, dst_ptr, dst_stride_h, n_heads, h0, write,
+                D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy heads h0 .. h0 + BLOCK_H - 1 (< n_heads) of one token's D-vectors to dst, if `write`."""
+    heads = h0 + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < n_heads) & (dims[None, :] < D) & write
+    x = tl.load(x_ptr + heads[:, None].to(tl.int64) * stride_h + dims[None, :], mask=mask)
+    tl.store(dst_ptr + heads[:, None].to(tl.int64) * dst_stride_h + dims[None, :], x, mask=mask)
 
 
 @kernel
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,  # q [B,H,T,D], k [B,Hkv,T,D] strided; cos/sin [P, HALF]
                    T, n_q_heads, n_k_heads, n_q_blocks,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_pb, stride_pt,
+                   v_ptr, kc_ptr, vc_ptr, slot_ptr, S,  # TO_CACHE: v [B,Hkv,1,D]; caches [B,Hkv,S,D]; slots [B]
+                   stride_vb, stride_vh, stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    """Grid (B * T, q head blocks + k head blocks): one token, BLOCK_H heads of q or of k."""
+                   TO_CACHE: tl.constexpr = False, PDL: tl.constexpr = False):
+    """Grid (B * T, q head blocks + k head blocks): one token, BLOCK_H heads of q or of k. q is rotated in
+    place; k in place, or (TO_CACHE, decode: T = 1) into the key cache at slot slots[b], with v's same
+    heads copied into the value cache there (a slot outside [0, S) writes nothing)."""
     pdl_prologue(PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -78,11 +95,22 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,  # q [B,H,T,D], k [B
     cos = tl.load(cos_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)[None, :]
     if block < n_q_blocks:
-        _rotate_heads(q_ptr + b * stride_qb + t * stride_qt, stride_qh, n_q_heads, block * BLOCK_H, cos, sin,
+        q_tok = q_ptr + b * stride_qb + t * stride_qt
+        _rotate_heads(q_tok, stride_qh, q_tok, stride_qh, n_q_heads, block * BLOCK_H, cos, sin, True,
                       HALF, BLOCK_H, BLOCK_HALF)
     else:
-        _rotate_heads(k_ptr + b * stride_kb + t * stride_kt, stride_kh, n_k_heads, (block - n_q_blocks) * BLOCK_H,
-                      cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+        h0 = (block - n_q_blocks) * BLOCK_H
+        k_tok = k_ptr + b * stride_kb + t * stride_kt
+        if TO_CACHE:
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            inside = (slot >= 0) & (slot < S)
+            _rotate_heads(k_tok, stride_kh, kc_ptr + b * stride_kcb + slot * stride_kcs, stride_kch, n_k_heads, h0,
+                          cos, sin, inside, HALF, BLOCK_H, BLOCK_HALF)
+            _copy_heads(v_ptr + b * stride_vb, stride_vh, vc_ptr + b * stride_vcb + slot * stride_vcs, stride_vch,
+                        n_k_heads, h0, inside, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
+        else:
+            _rotate_heads(k_tok, stride_kh, k_tok, stride_kh, n_k_heads, h0, cos, sin, True,
+                          HALF, BLOCK_H, BLOCK_HALF)
 
 
 def rotary_settings(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -111,16 +139,72 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     rounded once to the io dtype. Every position must be < max_pos: that cannot be checked without a host
     sync, so it is the caller's contract (the model's table covers max_seq_len).
     """
-    launch = _prepare(q, k, cos, sin, positions)
-    if launch is not None:
-        grid, args, constexprs, num_warps = launch
-        _rotary_kernel.on(q)[grid](*args, **constexprs, num_warps=num_warps)
+    _launch(q, _prepare(q, k, cos, sin, positions))
     return q, k
 
 
-def _prepare(q, k, cos, sin, positions):
+def rotary_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+    """Decode's rotary and KV-cache write in one launch: same values as `rotary_to_cache_ref`.
+
+    q [B, H, 1, D] is rotated IN PLACE and returned; k [B, Hkv, 1, D] is rotated into k_cache[b, :, slots[b]]
+    (k itself is left as it was) and v [B, Hkv, 1, D] copied into v_cache[b, :, slots[b]]. Caches
+    [B, Hkv, S, D] of q's dtype with unit stride along D; slots int64/int32 [B] on the device: a slot outside
+    [0, S) writes nothing (the engine clamps slots into its cache). Other arguments as `rotary` (T = 1).
+    """
+    _launch(q, _prepare(q, k, cos, sin, positions, (v, k_cache, v_cache, slots)))
+    return q
+
+
+def rotary_to_cache_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> torch.Tensor:
+    """`rotary_ref` of q and k; the rotated k and v written in place into k_cache / v_cache [B, Hkv, S, D]
+    at slots [B] (k_cache[b, :, slots[b]] = k[b, :, 0]); returns the rotated q (a new tensor). A slot outside
+    [0, S) raises, as torch's indexing does."""
+    q, k = rotary_ref(q, k, cos, sin, positions)
+    rows = torch.arange(k.shape[0], device=k.device)
+    k_cache[rows, :, slots] = k[:, :, 0]
+    v_cache[rows, :, slots] = v[:, :, 0]
+    return q
+
+
+def _launch(q, launch) -> None:
+    if launch is not None:
+        grid, args, constexprs, num_warps = launch
+        _rotary_kernel.on(q)[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _check_cache(q, k, cache) -> tuple:
+    """The TO_CACHE kernel arguments for cache = (v, k_cache, v_cache, slots), after checking them."""
+    v, k_cache, v_cache, slots = cache
+    B, _, T, D = q.shape
+    Hkv = k.shape[1]
+    if T != 1:
+        raise ValueError(f"rotary_to_cache: decode only (one token per sequence), got T={T}")
+    if v.shape != k.shape or v.dtype != q.dtype:
+        raise ValueError(f"rotary_to_cache: v must be {q.dtype} {tuple(k.shape)} like k, got {v.dtype} {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D:
+        raise ValueError(f"rotary_to_cache: k_cache and v_cache must be [{B}, {Hkv}, S, {D}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"rotary_to_cache: caches must be {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
+    if any(t.stride(-1) != 1 for t in (v, k_cache, v_cache)):
+        raise ValueError("rotary_to_cache: v and the caches need unit stride along head_dim")
+    if slots.shape != (B,) or slots.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"rotary_to_cache: slots must be an int64/int32 [{B}] tensor, got {slots.dtype} "
+                         f"{tuple(slots.shape)}")
+    if any(t.device != q.device for t in cache):
+        raise ValueError(f"rotary_to_cache: all tensors must be on one device, got "
+                         f"{[str(t.device) for t in (q, *cache)]}")
+    return (v, k_cache, v_cache, slots, k_cache.shape[2], v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2))
+
+
+def _prepare(q, k, cos, sin, positions, cache=None):
     """Check the arguments and build the launch (grid, args, constexprs, num_warps), or None when there
-    is nothing to rotate. Runs on meta tensors too (see `aot_configs`)."""
+    is nothing to rotate. cache: (v, k_cache, v_cache, slots) for `rotary_to_cache`. Runs on meta tensors
+    too (see `aot_configs`)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"rotary: q dtype {q.dtype} is not supported; expected float32, float16 or bfloat16")
     if k.dtype != q.dtype:
@@ -148,6 +232,8 @@ def _prepare(q, k, cos, sin, positions):
     tensors = (q, k, cos, sin, positions)
     if any(t.device != q.device for t in tensors):
         raise ValueError(f"rotary: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+    # without a cache the cache arguments are placeholders the kernel never reads
+    cache_args = _check_cache(q, k, cache) if cache is not None else (q, q, q, positions) + (0,) * 9
     if B * T == 0 or H + Hkv == 0:
         return None
     block_h, block_half, num_warps = rotary_settings(H, Hkv, D)
@@ -155,8 +241,9 @@ def _prepare(q, k, cos, sin, positions):
     grid = (B * T, n_q_blocks + triton.cdiv(Hkv, block_h))
     args = (q, k, cos, sin, positions, T, H, Hkv, n_q_blocks,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            positions.stride(0), positions.stride(1))
-    return grid, args, {"HALF": D // 2, "BLOCK_H": block_h, "BLOCK_HALF": block_half}, num_warps
+            positions.stride(0), positions.stride(1), *cache_args)
+    constexprs = {"HALF": D // 2, "BLOCK_H": block_h, "BLOCK_HALF": block_half, "TO_CACHE": cache is not None}
+    return grid, args, constexprs, num_warps
 
 
 def aot_configs() -> list[LaunchConfig]:
@@ -179,6 +266,12 @@ def aot_configs() -> list[LaunchConfig]:
                 positions = (torch.empty(B, dtype=torch.int64, device="meta")[:, None] if phase == "decode"
                              else torch.empty(T, dtype=torch.int64, device="meta").expand(B, T))
                 label = f"H={H} Hkv={Hkv} D={D} {triton_dtype(dtype)} {phase}"
-                grid, args, constexprs, num_warps = _prepare(q, k, cos, cos, positions)
+                cache = None
+                if phase == "decode":  # decode writes k and v into the cache (rotary_to_cache)
+                    data = torch.empty(2, B, Hkv, 4096, D, dtype=dtype, device="meta")
+                    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+                    cache = (v, data[0], data[1], torch.empty(B, dtype=torch.int64, device="meta"))
+                    label += " to cache"
+                grid, args, constexprs, num_warps = _prepare(q, k, cos, cos, positions, cache)
                 configs[label] = launch_config(_rotary_kernel, args, constexprs, num_warps=num_warps, label=label)
     return list(configs.values())

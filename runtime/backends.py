@@ -13,12 +13,11 @@ import torch.nn.functional as F
 
 from .kernels.attention_decode import attention_decode, attention_decode_ref
 from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
-from .kernels.gemv import linear as gemv_or_matmul
+from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref
 from .kernels.int4 import int4_linear, int4_linear_ref
-from .kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref
 from .kernels.nf4 import nf4_linear, nf4_linear_ref
 from .kernels.rms_norm import rms_norm, rms_norm_ref
-from .kernels.rotary import rotary, rotary_ref
+from .kernels.rotary import rotary, rotary_ref, rotary_to_cache, rotary_to_cache_ref
 from .kernels.swiglu import swiglu, swiglu_ref
 
 
@@ -29,11 +28,13 @@ class Backend:
     name: str
     rms_norm: Callable    # (x, weight, eps, residual=None) -> (y, new_residual)
     rotary: Callable      # (q [B,H,T,D], k [B,Hkv,T,D], cos, sin, positions [B,T]) -> (q, k)
+    # decode: rotate q; rotate k and copy v into the caches [B,Hkv,S,D] at slots [B] (in place) -> q
+    rotary_to_cache: Callable  # (q, k, v [B,*,1,D], cos, sin, positions [B,1], k_cache, v_cache, slots)
     attention_prefill: Callable  # (q [B,H,T,D], k, v [B,Hkv,S,D], start: int) -> [B,H,T,D]
     attention_decode: Callable   # (q [B,H,D], k_cache, v_cache [B,Hkv,S,D], lengths [B]) -> [B,H,D]
-    kv_cache_write: Callable     # (k_cache, v_cache [B,Hkv,S,D], k, v [B,Hkv,D], positions [B]) -> None, in place
     swiglu: Callable      # (gate, up) -> silu(gate) * up
     linear: Callable      # (x [..., in], weight [out, in]) -> [..., out]
+    linear_swiglu: Callable  # (x [..., in], w13 [2F, in] = [gate; up]) -> silu(gate) * up [..., F]
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
 
@@ -43,26 +44,28 @@ BACKENDS: dict[str, Backend] = {
         name="reference",
         rms_norm=rms_norm_ref,
         rotary=rotary_ref,
+        rotary_to_cache=rotary_to_cache_ref,
         attention_prefill=attention_prefill_ref,
         attention_decode=attention_decode_ref,
-        kv_cache_write=kv_cache_write_ref,
         swiglu=swiglu_ref,
         linear=F.linear,
+        linear_swiglu=linear_swiglu_ref,
         linear_nf4=nf4_linear_ref,
         linear_int4=int4_linear_ref,
     ),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
-    # Dense projections: the GEMV kernel for one row (batch-1 decode), torch (cuBLAS) otherwise;
-    # 4-bit weights use the fused dequant-matmul kernels.
+    # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
+    # in), torch (cuBLAS) otherwise; 4-bit weights use the fused dequant-matmul kernels.
     "triton": Backend(
         name="triton",
         rms_norm=rms_norm,
         rotary=rotary,
+        rotary_to_cache=rotary_to_cache,
         attention_prefill=attention_prefill,
         attention_decode=attention_decode,
-        kv_cache_write=kv_cache_write,
         swiglu=swiglu,
         linear=gemv_or_matmul,
+        linear_swiglu=linear_swiglu,
         linear_nf4=nf4_linear,
         linear_int4=int4_linear,
     ),

@@ -32,6 +32,10 @@ class Linear(nn.Module):
     def forward(self, ops: Backend, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight)
 
+    def swiglu(self, ops: Backend, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this projection's output, its rows being [gate; up] (w13): [..., out / 2]."""
+        return ops.linear_swiglu(x, self.weight)
+
 
 @dataclass
 class Prefill:
@@ -42,8 +46,9 @@ class Prefill:
     def positions(self, B: int, T: int, device) -> torch.Tensor:
         return torch.arange(self.start, self.start + T, device=device).expand(B, T)
 
-    def attend(self, ops: Backend, q, k, v, kv: Optional[tuple]) -> torch.Tensor:
-        """q [B,H,T,D], k/v [B,Hkv,T,D] (already rotated) -> [B,H,T,D]; writes k/v into the cache."""
+    def attend(self, ops: Backend, q, k, v, kv: Optional[tuple], rope: tuple, positions) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,Hkv,T,D] (not yet rotated) -> [B,H,T,D]; writes k/v into the cache."""
+        q, k = ops.rotary(q, k, rope[0], rope[1], positions)
         if kv is None:
             assert self.start == 0, "a prefill chunk after position 0 needs a KV cache"
             return ops.attention_prefill(q, k, v, 0)
@@ -71,10 +76,12 @@ class Decode:
     def __post_init__(self):
         self.lengths = self.positions + 1
 
-    def attend(self, ops: Backend, q, k, v, kv: tuple) -> torch.Tensor:
+    def attend(self, ops: Backend, q, k, v, kv: tuple, rope: tuple, positions) -> torch.Tensor:
+        """q [B,H,1,D], k/v [B,Hkv,1,D] (not yet rotated) -> [B,H,1,D]; k/v go into the cache at `positions`
+        (one launch with the rotary on the Triton backend; in place, no host sync)."""
         B = q.shape[0]
         k_cache, v_cache = kv[0][:B], kv[1][:B]
-        ops.kv_cache_write(k_cache, v_cache, k[:, :, 0], v[:, :, 0], self.positions)  # in place, no host sync
+        q = ops.rotary_to_cache(q, k, v, rope[0], rope[1], positions, k_cache, v_cache, self.positions)
         out = ops.attention_decode(q[:, :, 0], k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len],
                                    self.lengths)
         return out.unsqueeze(2)
@@ -94,21 +101,18 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = ops.rotary(q, k, rope[0], rope[1], positions)
-        out = step.attend(ops, q, k, v, kv)  # [B, H, T, D]
+        out = step.attend(ops, q, k, v, kv, rope, positions)  # [B, H, T, D]
         return self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
-        self.ffn_dim = args.ffn_dim
         self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, linear_device or device)
         self.w2 = Linear(args.dim, args.ffn_dim, dtype, linear_device or device)
 
     def forward(self, ops: Backend, x) -> torch.Tensor:
-        gate, up = self.w13(ops, x).split([self.ffn_dim, self.ffn_dim], dim=-1)
-        return self.w2(ops, ops.swiglu(gate, up))
+        return self.w2(ops, self.w13.swiglu(ops, x))
 
 
 class Block(nn.Module):

@@ -71,6 +71,11 @@ class QuantLinear(nn.Module):
             return getattr(ops, self._ops[0])(x, self.parts[0])
         return torch.cat([getattr(ops, op)(x, p) for op, p in zip(self._ops, self.parts)], dim=-1)
 
+    def swiglu(self, ops: Backend, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the output (rows [gate; up], as `Linear.swiglu`); not fused for 4-bit weights."""
+        gate, up = self(ops, x).chunk(2, dim=-1)
+        return ops.swiglu(gate, up)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, parts={[(p.format, p.shape) for p in self.parts]}"
 

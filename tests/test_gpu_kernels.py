@@ -88,6 +88,24 @@ def test_gemv_real_size(N, K):
     assert_error_within_torch(y, gemv_ref(x, w), x.double() @ w.double().t(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
+def test_gemv_swiglu_real_size(F_, K):
+    """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""
+    import torch.nn.functional as F
+
+    from codellama_rt.kernels.gemv import SWIGLU_CUDA_LAUNCH, gemv, gemv_swiglu, linear_swiglu, linear_swiglu_ref
+    from codellama_rt.kernels.swiglu import swiglu
+
+    w13 = torch.randn(2 * F_, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5 * 3
+    x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    y = gemv_swiglu(x, w13)
+    assert torch.equal(linear_swiglu(x, w13), y)
+    assert torch.equal(y, swiglu(*gemv(x, w13, SWIGLU_CUDA_LAUNCH).chunk(2, dim=-1)))
+    assert_close(y, linear_swiglu_ref(x, w13))
+    x2 = x.expand(2, K)
+    assert torch.equal(linear_swiglu(x2, w13), swiglu(*F.linear(x2, w13).chunk(2, dim=-1)))
+
+
 def test_triton_backend_end_to_end_bf16(tmp_path, tiny_tokenizer):
     import codellama_rt as cl
     from codellama_rt.config import ModelArgs

@@ -111,3 +111,36 @@ def test_aot_configs_compile(check_aot):
     labels = " ".join(c.label for c in configs)
     assert "bf16" in labels and "fp16" in labels and "masked K" in labels  # 7B w2: K = 11008
     check_aot(configs)
+
+
+# ---- the SwiGLU epilogue (w13 = [gate; up]) ----------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [pytest.param(None, id="default"), pytest.param(mod.SWIGLU_CUDA_LAUNCH, id="cuda-tile")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("F_,K", [(1, 1), (5, 17), (70, 1030), (33, 2048)], ids=str)
+def test_swiglu_epilogue_equals_the_unfused_kernels(nan_empty, F_, K, dtype, cfg):
+    """One kernel computes exactly what gemv followed by the swiglu kernel computes (same tile), and is
+    within tolerance of the reference."""
+    from codellama_rt.kernels.swiglu import swiglu
+
+    x, w13 = _inputs(2 * F_, K, dtype, seed=F_ + K)
+    w13 = (w13 * 3).to(dtype)  # gates well into both tails of silu
+    fused = mod.gemv_swiglu(x, w13, cfg)
+    assert fused.shape == (1, F_) and fused.dtype == dtype and not fused.isnan().any()
+    tile = cfg or mod.gemv_launch(on_cuda=False)
+    gate, up = gemv(x, w13, tile).chunk(2, dim=-1)
+    assert torch.equal(fused, swiglu(gate, up))
+    assert_close(fused, mod.linear_swiglu_ref(x, w13))
+
+
+def test_swiglu_dispatch_on_cpu_and_bad_input():
+    from codellama_rt.kernels.swiglu import swiglu
+
+    x, w13 = _inputs(48, 64, torch.float32, seed=9)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    assert torch.equal(mod.linear_swiglu(x, w13), swiglu(gate, up))  # CPU: F.linear, then the swiglu kernel
+    x4 = torch.randn(4, 64)
+    assert torch.equal(mod.linear_swiglu(x4, w13), swiglu(*F.linear(x4, w13).chunk(2, dim=-1)))
+    with pytest.raises(ValueError, match="odd row count 47"):
+        mod.gemv_swiglu(x, w13[:47])
+    assert torch.equal(mod.gemv_swiglu(torch.empty(1, 0), torch.empty(6, 0)), torch.zeros(1, 3))

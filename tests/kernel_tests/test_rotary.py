@@ -113,5 +113,69 @@ def test_bad_inputs_raise(changes, match):
 
 def test_aot_configs_compile(check_aot):
     configs = mod.aot_configs()
-    assert len(configs) == 8  # {7B, 34B/70B} x {bf16, fp16} x {prefill, decode}
+    assert len(configs) == 8  # {7B, 34B/70B} x {bf16, fp16} x {prefill, decode (to cache)}
+    assert sum(c.constexprs["TO_CACHE"] for c in configs) == 4
     check_aot(configs)
+
+
+# ---- decode: rotary and the KV-cache write in one launch (rotary_to_cache) -----------------------
+
+def _decode_case(B, H, Hkv, D, dtype, seed, max_batch, S=300):
+    """q/k/v as the model makes them (views of a fused qkv output, T = 1), caches as views [:B] of a
+    [max_batch, ...] KVCache layer, RoPE positions that differ from the cache slots."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    q, k, v = buf.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+    data = torch.randn(2, max_batch, Hkv, S, D, generator=g).to(dtype)
+    slots = torch.randperm(S, generator=g)[:B]
+    return buf, q, k, v, data[0][:B], data[1][:B], _positions(B, 1, seed), slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,Hkv,D,max_batch", [(1, 32, 32, 128, 1), (3, 8, 2, 64, 4), (2, 12, 3, 96, 2)], ids=str)
+def test_to_cache_matches_reference(B, H, Hkv, D, max_batch, dtype):
+    cos, sin = _tables(D, 1e6)
+    buf, q, k, v, kc, vc, pos, slots = _decode_case(B, H, Hkv, D, dtype, B + H, max_batch)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref = mod.rotary_to_cache_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, slots)
+    k_before = k.clone()
+    assert mod.rotary_to_cache(q, k, v, cos, sin, pos, kc, vc, slots) is q
+    assert_close(q, q_ref)
+    assert_close(kc, kc_ref)
+    assert torch.equal(vc, vc_ref) and torch.equal(k, k_before)  # v copied exactly; k itself untouched
+    rows = torch.arange(B)
+    untouched = torch.ones(kc.shape[:3], dtype=torch.bool)
+    untouched[rows, :, slots] = False
+    assert torch.equal(kc[untouched], kc_ref[untouched])
+    if dtype != torch.float32:
+        assert (kc == kc_ref).float().mean() >= 0.99 and (q == q_ref).float().mean() >= 0.99
+    # the same values as the unfused kernel rotating k in place
+    k2 = k.clone()
+    rotary(q.clone(), k2, cos, sin, pos)
+    assert torch.equal(kc[rows, :, slots], k2[:, :, 0])
+
+
+def test_to_cache_slot_outside_the_cache_writes_nothing():
+    cos, sin = _tables(64, 1e4)
+    _, q, k, v, kc, vc, pos, _ = _decode_case(2, 4, 2, 64, torch.float32, 0, 2, S=8)
+    before = kc.clone(), vc.clone()
+    mod.rotary_to_cache(q, k, v, cos, sin, pos, kc, vc, torch.tensor([8, -1]))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: {**a, "q": a["q"].expand(-1, -1, 2, -1), "k": a["k"].expand(-1, -1, 2, -1),
+                "positions": a["positions"].expand(-1, 2)}, "T=2"),
+    (lambda a: {**a, "v": a["v"][:, :1]}, "v must be"),
+    (lambda a: {**a, "k_cache": a["k_cache"].double(), "v_cache": a["v_cache"].double()}, "caches must be"),
+    (lambda a: {**a, "v_cache": a["v_cache"][:, :, :5]}, "k_cache and v_cache"),
+    (lambda a: {**a, "slots": a["slots"].float()}, "slots"),
+    (lambda a: {**a, "slots": a["slots"].to("meta")}, "one device"),
+], ids=["T", "v-shape", "cache-dtype", "cache-shape", "slots-dtype", "device"])
+def test_to_cache_bad_inputs_raise(change, match):
+    cos, sin = _tables(64, 1e4)
+    _, q, k, v, kc, vc, pos, slots = _decode_case(2, 4, 2, 64, torch.float32, 1, 2, S=16)
+    args = change(dict(q=q, k=k, v=v, cos=cos, sin=sin, positions=pos, k_cache=kc, v_cache=vc, slots=slots))
+    with pytest.raises((TypeError, ValueError), match=match):
+        mod.rotary_to_cache(**args)
