@@ -3,8 +3,10 @@
 Conventions (the whole file): a weight w [out, in] is cut along the input dim into groups of g
 consecutive columns; group i // g of output o has a scale s and a zero point z in 0..15, and
 w[o, i] = (q[o, i] - z) * s with q in 0..15. Dequantization computes (q - z) * s in fp32 and rounds
-once to the target dtype; every path here (reference, quantizer, Triton kernels) produces the same
-dequantized values, so the Triton matmul differs from `int4_linear_ref` only by fp32 summation order.
+once to the target dtype; the reference, the quantizer and the Triton kernels for M > 1 produce the same
+dequantized values, so those differ from `int4_linear_ref` only by fp32 summation order. The one-row
+decode kernel skips the rounding of each weight (q - z exact, the scale applied per tile in fp32): its
+result is nearer the exact product than the reference's.
 """
 from __future__ import annotations
 
@@ -518,13 +520,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """Triton x @ dequant(w)^T; same contract as `int4_linear_ref` (differs by fp32 summation order).
+    """Triton x @ dequant(w)^T; same contract as `int4_linear_ref` (differs by fp32 summation order, and
+    for one row by the rounding of the dequantized weights, which that kernel skips).
 
     x: [..., in] fp32/fp16/bf16, unit stride in the last dim, leading dims that flatten to one row
     stride (no copy); w: an Int4Weight [out, in] on x's device, contiguous fields, group size a
     multiple of 32 (scales in any float dtype; they are read as fp32). Returns a new contiguous
     [..., out] tensor in x's dtype. Weights dequantize to x's dtype ((q - z) * s in fp32, rounded
-    once), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
+    once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
     the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
     compiled kernels, CPU tensors Triton's interpreter.
     """
