@@ -7,7 +7,9 @@ Python launch cost, as in graphed decode), cycling through enough weight copies 
   - dense bf16: cuBLAS (F.linear) and the Triton GEMV (`kernels/gemv.py`) over a grid of tiles;
   - int4 (GPTQ layout, group 128): `int4_linear` as shipped, its M = 1 kernel over a grid of tile widths,
     split counts and warps, and torch's tinygemm op (`_weight_int4pack_mm`) as what a CUDA library reaches;
-  - nf4: `nf4_linear` as shipped.
+  - nf4: `nf4_linear` as shipped;
+  - first, decode attention at batch 1 (7B heads) for cache lengths 256 / 1024 / 4096 and each split count
+    (one split writes the output directly), for the split heuristic of short caches.
 Writes sweep.json (every row, with each candidate's max abs error against the reference) and prints one
 line per row as it goes. bench/results/NVIDIA-H200-2026-11-26/gemv-sweep.md is a run of it (with the
 experimental kernels that have since become the shipped ones); the launch tables in kernels/ come from it.
@@ -124,11 +126,44 @@ def int4_configs(N, K):
     return sorted(set(out))
 
 
+def attention_rows(record, dev) -> None:
+    """Decode attention at batch 1 with 7B heads (32 q / 32 kv, D 128): each split count at each cache length,
+    one split writing the output directly (no second pass). For the split heuristic of short caches."""
+    from codellama_rt.kernels.attention_decode import _launch, decode_launch
+
+    B, H, Hkv, D = 1, 32, 32, 128
+    for S in (256, 1024, 4096):
+        kv_bytes = 2 * B * Hkv * S * D * 2
+        copies = max(2, math.ceil(L2_FLUSH_BYTES / kv_bytes))
+        caches = [torch.randn(2, B, Hkv, S, D, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+        q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+        lengths = torch.full((B,), S, dtype=torch.long, device=dev)
+        base = decode_launch(B, Hkv, S, H // Hkv, D, 2, on_cuda=True)
+        for splits in sorted({1, 2, 4, 8, 16, base.num_splits}):
+            if splits > S // base.block_n:
+                continue
+            cfg = dataclasses.replace(base, num_splits=splits)
+
+            def run(c, cfg=cfg):
+                out = torch.empty(B, H, D, device=dev, dtype=torch.bfloat16)
+                mids = (out, out, out) if cfg.num_splits == 1 else (
+                    torch.empty(B, H, cfg.num_splits, D, device=dev), torch.empty(B, H, cfg.num_splits, device=dev),
+                    torch.empty(B, H, cfg.num_splits, device=dev))
+                return _launch(q, caches[c][0], caches[c][1], lengths, cfg, out, *mids)
+
+            tag = " (heuristic)" if splits == base.num_splits else ""
+            record("attention", f"7B S={S}", f"splits {splits}{' direct' if splits == 1 else ''}{tag}",
+                   kv_bytes, run, copies)
+        del caches
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget-s", type=float, default=200.0)
     p.add_argument("--shapes", default=",".join(SHAPES_7B))
+    p.add_argument("--no-attention", dest="attention", action="store_false",
+                   help="leave out the decode-attention split sweep (run first otherwise)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t_end = time.monotonic() + a.budget_s
@@ -154,6 +189,8 @@ def main(argv=None) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         (a.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
 
+    if a.attention:
+        attention_rows(record, dev)
     for name in a.shapes.split(","):
         N, K = SHAPES_7B[name]
         g = torch.Generator(device=dev).manual_seed(0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -56,14 +57,17 @@ _LOG2E = 1.4426950408889634
 
 @kernel(do_not_specialize=["seq_len", "num_splits"])  # one binary for every cache length and split count
 def _decode_split_kernel(
-    Q, K, V, Lengths, MidO, MidM, MidL,
+    Q, K, V, Lengths, MidO, MidM, MidL, Out,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh,
     seq_len, num_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, PDL: tl.constexpr = False,
+    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, DIRECT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    """Pass 1: one (sequence, kv head, split) per program; its partial softmax state goes to MidO/MidM/MidL.
+    DIRECT (one split): the program normalises and writes Out itself, as pass 2 would (no second pass)."""
     pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)  # kv head
@@ -117,10 +121,15 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision="ieee")
         m_i = m_new
 
-    row = (b64 * n_heads + heads) * num_splits + pid_s  # [BLOCK_G] index into [B, H, num_splits]
-    tl.store(MidM + row, m_i, mask=g_mask)
-    tl.store(MidL + row, l_i, mask=g_mask)
-    tl.store(MidO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+    if DIRECT:  # pass 2's arithmetic for one split: weight 2^0 = 1, acc / l (l = 0: empty, output 0)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        row = (b64 * n_heads + heads) * num_splits + pid_s  # [BLOCK_G] index into [B, H, num_splits]
+        tl.store(MidM + row, m_i, mask=g_mask)
+        tl.store(MidL + row, l_i, mask=g_mask)
+        tl.store(MidO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
 
 
 @kernel(do_not_specialize=["num_splits"])
@@ -213,29 +222,35 @@ def _reduce_constexprs(cfg: DecodeLaunch, head_dim: int) -> dict:
     return dict(BLOCK_S=cfg.reduce_block_s, HEAD_DIM=head_dim)
 
 
-def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l) -> torch.Tensor:
-    """Run both passes with the given decisions and buffers (inputs already checked; q with unit stride
+def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l,
+            direct: Optional[bool] = None) -> torch.Tensor:
+    """Run the passes with the given decisions and buffers (inputs already checked; q with unit stride
     along D; out [B, H, D] with unit stride along D; contiguous fp32 scratch mid_o [B, H, num_splits, D],
-    mid_m and mid_l [B, H, num_splits]). Tests call it with poisoned buffers."""
+    mid_m and mid_l [B, H, num_splits], unused when direct). direct (default: one split): pass 1 writes
+    out and pass 2 is skipped. Tests call it with poisoned buffers, and with direct=False for one split."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    direct = cfg.num_splits == 1 if direct is None else direct
+    assert not direct or cfg.num_splits == 1, "direct output needs one split"
     kv_aligned = _aligned16(k_cache) and _aligned16(v_cache)
     _decode_split_kernel.on(q)[(B, Hkv, cfg.num_splits)](
-        q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l,
+        q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l, out,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
         S, cfg.num_splits, _LOG2E / math.sqrt(D),
-        **_split_constexprs(cfg, H // Hkv, D, q.dtype, q.is_cuda, kv_aligned),
+        **_split_constexprs(cfg, H // Hkv, D, q.dtype, q.is_cuda, kv_aligned), DIRECT=direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _decode_reduce_kernel.on(q)[(B, H)](
-        mid_o, mid_m, mid_l, out,
-        out.stride(0), out.stride(1),
-        cfg.num_splits,
-        **_reduce_constexprs(cfg, D),
-        num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
-    )
+    if not direct:
+        _decode_reduce_kernel.on(q)[(B, H)](
+            mid_o, mid_m, mid_l, out,
+            out.stride(0), out.stride(1),
+            cfg.num_splits,
+            **_reduce_constexprs(cfg, D),
+            num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
+        )
     return out
 
 
@@ -283,6 +298,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=q.is_cuda,
                         num_sms=_num_sms(q.device))
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    if cfg.num_splits == 1:  # one pass writes out; no scratch
+        return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out)
     mid_o = torch.empty(B, H, cfg.num_splits, D, dtype=torch.float32, device=q.device)
     mid_m = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
@@ -314,19 +331,22 @@ def aot_configs() -> list[LaunchConfig]:
         for label, n_heads, n_kv in _AOT_MODELS:
             group = n_heads // n_kv
             cfg = decode_launch(1, n_kv, 4096, group, _AOT_HEAD_DIM, dtype.itemsize)
-            split_sig = {"Q": ty, "K": ty, "V": ty, "Lengths": "*i64",
-                         "MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32",
-                         **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kh",
-                                                     "stride_ks", "stride_vb", "stride_vh", "stride_vs",
-                                                     "seq_len", "num_splits")},
-                         "qk_scale": "fp32",
-                         **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
-                                                           "UPCAST_DOT", "KV_ALIGNED")}}
-            configs.append(LaunchConfig(
-                kernel=_decode_split_kernel, signature=split_sig,
-                constexprs=_split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                label=f"decode split {triton_dtype(dtype)} D{_AOT_HEAD_DIM} group {group} ({label})"))
+            for direct in (False, True):  # several splits, or one split writing the output itself
+                split_sig = {"Q": ty, "K": ty, "V": ty, "Lengths": "*i64",
+                             "MidO": ty if direct else "*fp32", "MidM": ty if direct else "*fp32",
+                             "MidL": ty if direct else "*fp32", "Out": ty,
+                             **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kh",
+                                                         "stride_ks", "stride_vb", "stride_vh", "stride_vs",
+                                                         "stride_ob", "stride_oh", "seq_len", "num_splits")},
+                             "qk_scale": "fp32",
+                             **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
+                                                               "UPCAST_DOT", "KV_ALIGNED", "DIRECT")}}
+                constexprs = _split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True)
+                configs.append(LaunchConfig(
+                    kernel=_decode_split_kernel, signature=split_sig, constexprs={**constexprs, "DIRECT": direct},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    label=f"decode split{' direct' if direct else ''} {triton_dtype(dtype)} D{_AOT_HEAD_DIM} "
+                          f"group {group} ({label})"))
             if dtype not in seen_reduce:  # the reduction does not depend on the group
                 seen_reduce.add(dtype)
                 reduce_sig = {"MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32", "Out": ty,

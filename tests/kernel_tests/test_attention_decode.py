@@ -168,6 +168,24 @@ def test_cuda_decisions_with_poisoned_buffers_in_interpreter():
         assert mid_m[b][:, ~empty].isfinite().all() and (mid_l[b][:, ~empty] >= 1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_one_split_writes_the_output_directly(dtype):
+    """With one split (here a 64-key cache, as the CUDA heuristic picks for S <= 64 or B * Hkv >= 2 x SMs)
+    pass 1 writes the output itself: bitwise what the two passes give, lengths 1..S and 0 included."""
+    B, H, Hkv, S, D = 3, 8, 2, 64, 64
+    q, k, v, lengths = make_inputs(B, H, Hkv, S, D, [1, 64, 37], dtype, seed=11)
+    cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=True)
+    assert cfg.num_splits == 1
+    two_pass = _launch(q, k, v, lengths, cfg, poisoned_like(q), torch.full((B, H, 1, D), float("nan")),
+                       torch.full((B, H, 1), float("nan")), torch.full((B, H, 1), float("nan")), direct=False)
+    untouched = torch.full((B, H, 1, D), float("nan"))
+    direct = _launch(q, k, v, lengths, cfg, poisoned_like(q), untouched, untouched, untouched)
+    assert torch.equal(direct, two_pass) and untouched.isnan().all()  # no scratch written
+    check(direct, q, k, v, lengths)
+    empty = _launch(q, k, v, torch.zeros_like(lengths), cfg, poisoned_like(q), untouched, untouched, untouched)
+    assert torch.equal(empty, torch.zeros_like(empty))  # no keys: 0, as pass 2 gives, never NaN
+
+
 @pytest.mark.parametrize("B,Hkv,S,splits", [
     (1, 8, 100_000, 33),   # 70B, one long sequence: 8 x 33 programs fill 2 x 132 SMs
     (1, 32, 100_000, 9),   # 7B
@@ -185,10 +203,10 @@ def test_cuda_split_heuristic(B, Hkv, S, splits):
 def test_aot_configs_cover_every_cuda_launch():
     """Tile sizes, warps and stages do not depend on (B, S): one AOT binary per (dtype, group) covers
     every batch size and cache length, split count included (a runtime argument)."""
-    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"]): c for c in aot_configs()
+    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"]): c for c in aot_configs()
                   if "GROUP" in c.constexprs}
-    assert set(split_cfgs) == {(ty, g) for ty in ("*bf16", "*fp16") for g in (1, 8)}
-    for (ty, group), c in split_cfgs.items():
+    assert set(split_cfgs) == {(ty, g, d) for ty in ("*bf16", "*fp16") for g in (1, 8) for d in (False, True)}
+    for (ty, group, _), c in split_cfgs.items():
         assert c.constexprs["UPCAST_DOT"] is False and c.constexprs["KV_ALIGNED"] is True
         for B in (1, 7, 64):
             for S in (1, 4097, 100_000):
