@@ -165,6 +165,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-attention", dest="attention", action="store_false",
                    help="leave out the decode-attention split sweep (run first otherwise)")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gemv_sweep.py needs CUDA (it times kernels inside CUDA graphs)")
     a.out.mkdir(parents=True, exist_ok=True)
     t_end = time.monotonic() + a.budget_s
     dev = "cuda"

@@ -34,7 +34,7 @@ if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"
 timeout -k 10 $((left + 60)) "$py" bench/report.py --report "$dest" --budget-s "$left" 2>&1 | tee "$dest/report.log" | tail -60
 if [ "$sweep_s" -gt 0 ]; then
-  timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" 2>&1 | grep "^best\|failed" | tail -20
+  timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" 2>&1 | grep "^best\|failed\|needs CUDA" | tail -20
   mv -f "$dest/sweep.json" "$dest/gemv-sweep.json" 2>/dev/null
 fi
 echo "report in $dest (session ${SECONDS} s)"
