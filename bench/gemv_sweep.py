@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from codellama_rt.bench.common import copy_bandwidth
+from codellama_rt.bench.common import clone_weight, copies_for, copy_bandwidth, graph_time_us
 from codellama_rt.kernels.gemv import GemvLaunch, gemv
 from codellama_rt.kernels import int4 as int4_mod
 from codellama_rt.kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
 from codellama_rt.kernels.nf4 import nf4_linear, quantize_nf4
 
 SHAPES_7B = {"wqkv": (3 * 4096, 4096), "wo": (4096, 4096), "w13": (2 * 11008, 4096), "w2": (4096, 11008)}
-L2_FLUSH_BYTES = 512 << 20  # weight copies cycled per shape: several times any card's L2
 
 
 def dense_gemv(x, w, block_n, block_k, num_warps, num_stages=3):
@@ -75,37 +74,6 @@ def tinygemm_weight(w_int4, device):
     return packed, sz
 
 
-def _clone(w):
-    """A copy of a quantized-weight dataclass with its own tensors (another place in memory)."""
-    return dataclasses.replace(w, **{f.name: getattr(w, f.name).clone() for f in dataclasses.fields(w)
-                                     if isinstance(getattr(w, f.name), torch.Tensor)})
-
-
-def graph_time_us(calls: list, reps: int = 4) -> float:
-    """Microseconds per call: all `calls` captured `reps` times in one CUDA graph, replayed 5 times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for f in calls:
-                f()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * reps * len(calls))
-
-
 def dense_configs():
     out = []
     for bn, bk, warps in ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
@@ -134,7 +102,7 @@ def attention_rows(record, dev) -> None:
     B, H, Hkv, D = 1, 32, 32, 128
     for S in (256, 1024, 4096):
         kv_bytes = 2 * B * Hkv * S * D * 2
-        copies = max(2, math.ceil(L2_FLUSH_BYTES / kv_bytes))
+        copies = copies_for(kv_bytes)
         caches = [torch.randn(2, B, Hkv, S, D, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
         q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
         lengths = torch.full((B,), S, dtype=torch.long, device=dev)
@@ -200,7 +168,7 @@ def main(argv=None) -> None:
         x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=g)
         # dense
         dense_bytes = w0.numel() * 2
-        copies = max(2, math.ceil(L2_FLUSH_BYTES / dense_bytes))
+        copies = copies_for(dense_bytes)
         ws = [w0] + [w0.clone() for _ in range(copies - 1)]
         ref = F.linear(x, w0).float()
         record("dense", name, "cublas", dense_bytes, lambda c: F.linear(x, ws[c]), copies)
@@ -218,8 +186,8 @@ def main(argv=None) -> None:
         # int4
         q0 = quantize_int4(w0, group_size=128)
         qbytes = sum(t.numel() * t.element_size() for t in (q0.qweight, q0.qzeros, q0.scales))
-        copies = max(2, math.ceil(L2_FLUSH_BYTES / qbytes))
-        qs = [q0] + [_clone(q0) for _ in range(copies - 1)]
+        copies = copies_for(qbytes)
+        qs = [q0] + [clone_weight(q0) for _ in range(copies - 1)]
         ref4 = int4_linear_ref(x, q0).float()
         record("int4", name, "shipped", qbytes, lambda c: int4_linear(x, qs[c]), copies,
                (int4_linear(x, q0).float() - ref4).abs().max().item())
@@ -246,8 +214,8 @@ def main(argv=None) -> None:
         # nf4 (shipped)
         n0 = quantize_nf4(w0)
         nbytes = sum(t.numel() * t.element_size() for t in vars(n0).values() if isinstance(t, torch.Tensor))
-        copies = max(2, math.ceil(L2_FLUSH_BYTES / nbytes))
-        ns = [n0] + [_clone(n0) for _ in range(copies - 1)]
+        copies = copies_for(nbytes)
+        ns = [n0] + [clone_weight(n0) for _ in range(copies - 1)]
         record("nf4", name, "shipped", nbytes, lambda c: nf4_linear(x, ns[c]), copies)
         del ns, w0
         torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing, copy bandwidth, the environment a report records, a time budget."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -143,3 +144,44 @@ def environment() -> dict:
 def card_slug(meta: dict) -> str:
     """The card name as a folder name: 'NVIDIA-H100-80GB-HBM3'."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(meta.get("card", "unknown"))).strip("-")
+
+
+# ---- timing inside CUDA graphs (decode's setting: no Python launch cost) --------------------------
+
+L2_FLUSH_BYTES = 512 << 20  # weight copies cycled per timed call: several times any card's L2
+
+
+def copies_for(nbytes: int) -> int:
+    """How many copies of an `nbytes` operand to cycle through so that none stays in L2."""
+    return max(2, -(-L2_FLUSH_BYTES // max(nbytes, 1)))
+
+
+def clone_weight(w):
+    """A copy of a quantized-weight dataclass with its own tensors (another place in memory)."""
+    return dataclasses.replace(w, **{f.name: getattr(w, f.name).clone() for f in dataclasses.fields(w)
+                                     if isinstance(getattr(w, f.name), torch.Tensor)})
+
+
+def graph_time_us(calls: list, reps: int = 4) -> float:
+    """Microseconds per call: all `calls` captured `reps` times in one CUDA graph, replayed 5 times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in calls:
+                f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps * len(calls))

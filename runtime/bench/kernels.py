@@ -6,7 +6,8 @@
 
 Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured device-to-device
 copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
-20/80% quantiles. Always writes the AOT resource table (registers, shared memory, spills).
+20/80% quantiles; the decode GEMV rows are timed inside CUDA graphs (see `run_quant_gemv`). Always
+writes the AOT resource table (registers, shared memory, spills).
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ import torch
 from ..kernels import aot
 from ..kernels.attention_decode import attention_decode, attention_decode_ref
 from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from ..kernels.gemv import gemv
 from ..kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
 from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
-from .common import bench, copy_bandwidth, environment
+from .common import bench, clone_weight, copies_for, copy_bandwidth, environment, graph_time_us
 
 SHAPES = {"7B": dict(dim=4096, heads=32, kv=32), "70B": dict(dim=8192, heads=64, kv=8)}
 
@@ -90,23 +92,40 @@ def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
 
 
 def run_quant_gemv(bw: float, dtype) -> list[dict]:
-    """4-bit decode GEMV (M = 1) at 7B shapes: GB/s counting the packed weight bytes read."""
+    """Decode GEMVs (M = 1) at 7B shapes: dense (cuBLAS vs our GEMV) and 4-bit (ours vs the reference).
+    GB/s counts the weight bytes read (4-bit: packed weights and their scales/zeros). Timed inside CUDA
+    graphs cycling through enough weight copies that none stays in L2, as a graphed decode step runs them
+    (do_bench would time Python's launch cost for kernels this short, tens of microseconds)."""
     rows = []
     for name, (n, k) in {"7B wqkv": (3 * 4096, 4096), "7B w13": (2 * 11008, 4096), "7B w2": (4096, 11008)}.items():
         w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
         x = torch.randn(1, k, dtype=dtype, device="cuda")
         dense_bytes = w.numel() * w.element_size()
-        ms = bench(lambda: torch.nn.functional.linear(x, w))
-        rows.append(dict(kernel="linear (dense)", shape=name, provider="torch", ms=ms,
-                         gbps=dense_bytes / ms[0] / 1e6, frac_copy=dense_bytes / ms[0] / 1e6 / bw))
+        ws = [w] + [w.clone() for _ in range(copies_for(dense_bytes) - 1)]
+        for prov, fn in (("torch", torch.nn.functional.linear), ("triton", gemv)):
+            rows.append(_graph_row("linear (dense)", name, prov, dense_bytes, bw, [lambda c=c, fn=fn: fn(x, c) for c in ws]))
+        del ws
         for fmt, qw, fns in (("nf4", quantize_nf4(w), (nf4_linear, nf4_linear_ref)),
                              ("int4", quantize_int4(w, group_size=128), (int4_linear, int4_linear_ref))):
             nbytes = sum(t.numel() * t.element_size() for t in vars(qw).values() if isinstance(t, torch.Tensor))
+            qws = [qw] + [clone_weight(qw) for _ in range(copies_for(nbytes) - 1)]
             for prov, fn in zip(("triton", "reference"), fns):
-                ms = bench(lambda: fn(x, qw))
-                rows.append(dict(kernel=f"{fmt} gemv", shape=name, provider=prov, ms=ms,
-                                 gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
+                calls = [lambda c=c, fn=fn: fn(x, c) for c in (qws if prov == "triton" else qws[:2])]
+                rows.append(_graph_row(f"{fmt} gemv", name, prov, nbytes, bw, calls))
+            del qws
     return rows
+
+
+def _graph_row(kernel: str, shape: str, provider: str, nbytes: int, bw: float, calls: list) -> dict:
+    """One kernel row timed by `graph_time_us` ("ms" holds the graph time three times: no quantiles there);
+    a provider that cannot be captured or fails becomes a row saying so."""
+    try:
+        ms = graph_time_us(calls) / 1e3
+    except Exception as e:  # noqa: BLE001 - one provider failing must not lose the other rows
+        torch.cuda.synchronize()
+        return dict(kernel=kernel, shape=shape, provider=f"{provider} (failed: {type(e).__name__}: {str(e)[:80]})")
+    return dict(kernel=kernel, shape=shape, provider=provider, ms=(ms, ms, ms), timing="cuda graph",
+                gbps=nbytes / ms / 1e6, frac_copy=nbytes / ms / 1e6 / bw)
 
 
 def to_markdown(rows: list[dict]) -> str:
