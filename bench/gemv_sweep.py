@@ -53,6 +53,7 @@ def int4_variant(x, w, block_n, split, num_warps, block_m=1):
     part = torch.empty(split, 1, N, dtype=torch.float32, device=x.device) if split > 1 else out
     int4_mod._int4_gemv_kernel.on(x)[(triton.cdiv(N, block_n), split)](
         x, w.qweight, w.qzeros, w.scales, out, part, 1, N, K, x.stride(0), out.stride(0), k_per_split,
+        int4_mod.FLOAT_BIAS_BITS,
         GROUP_SIZE=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_PARTIALS=split > 1,
         FP32_DOT=False, UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16, num_warps=num_warps, num_stages=3)
     if split > 1:
