@@ -42,6 +42,32 @@ def test_rotary_real_size(s):
 
 
 @pytest.mark.parametrize("s", SHAPES)
+def test_rotary_to_cache_real_size(s):
+    """Decode's rotary + KV-cache write at batch 4 into a 16k cache: q, the written slots and v as the reference
+    gives them; every other slot untouched."""
+    from codellama_rt.kernels.rotary import rope_tables, rotary_to_cache, rotary_to_cache_ref
+
+    B, D, S = 4, 128, 16384
+    H, Hkv = s["heads"], s["kv"]
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    cache = torch.randn(2, B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
+    cos, sin = rope_tables(D, S, 1e6, device=DEV)
+    pos = torch.tensor([[0], [1], [9000], [S - 1]], device=DEV)
+    slots = pos[:, 0].clone()
+    ref_cache = cache.clone()
+    q_ref = rotary_to_cache_ref(q.clone(), k, v, cos, sin, pos, ref_cache[0], ref_cache[1], slots)
+    q_out = rotary_to_cache(q, k, v, cos, sin, pos, cache[0], cache[1], slots)
+    assert_close(q_out, q_ref)
+    assert_close(cache, ref_cache)
+    assert torch.equal(cache[1], ref_cache[1])  # v is copied
+    rows = torch.arange(B, device=DEV)
+    keep = torch.ones(B, Hkv, S, dtype=torch.bool, device=DEV)
+    keep[rows, :, slots] = False
+    assert torch.equal(cache[0][keep], ref_cache[0][keep])
+
+
+@pytest.mark.parametrize("s", SHAPES)
 @pytest.mark.parametrize("T,start", [(4096, 0), (1000, 3000)])
 def test_prefill_attention_real_size(s, T, start):
     from codellama_rt.kernels.attention_prefill import attention_prefill, attention_prefill_ref
