@@ -200,8 +200,7 @@ def aot_configs() -> list[LaunchConfig]:
     for dtype in (torch.bfloat16, torch.float16):
         for preset, label in (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B")):
             a = PRESETS[preset]
-            shapes = {"wqkv": (a.q_dim + 2 * a.kv_dim, a.dim), "wo": (a.dim, a.q_dim),
-                      "w13": (2 * a.ffn_dim, a.dim), "w2": (a.dim, a.ffn_dim), "output": (a.vocab_size, a.dim)}
+            shapes = {**a.projection_shapes(), "output": (a.vocab_size, a.dim)}
             for name, (n, k) in shapes.items():
                 x = torch.empty(1, k, dtype=dtype, device="meta")
                 w = torch.empty(n, k, dtype=dtype, device="meta")

@@ -554,15 +554,6 @@ def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
-def _linear_shapes(preset: str) -> dict:
-    """name -> (out, in) of one layer's quantized linears (fused qkv and gate/up, as the model has them)."""
-    from ..config import PRESETS
-
-    a = PRESETS[preset]
-    return {"wqkv": (a.q_dim + 2 * a.kv_dim, a.dim), "wo": (a.dim, a.q_dim),
-            "w13": (2 * a.ffn_dim, a.dim), "w2": (a.dim, a.ffn_dim)}
-
-
 _AOT_MODELS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B"))
 
 
@@ -572,10 +563,12 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
     decode (M = 1 and 8) and prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed
     as the JIT would type them. Shapes that specialise alike share one entry, labelled with the first
     shape that needed it. The arguments let tests compile other specialisations (fp32, groups 32/64)."""
+    from ..config import PRESETS
+
     configs = {}
     for dtype in dtypes:
         for preset, model in models:
-            for name, (n_out, n_in) in _linear_shapes(preset).items():
+            for name, (n_out, n_in) in PRESETS[preset].projection_shapes().items():
                 groups = n_in // group_size
                 w = Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
                                qzeros=torch.empty(groups, n_out // 8, dtype=torch.int32, device="meta"),

@@ -499,15 +499,6 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
 
 # ---- ahead-of-time specialisations -------------------------------------------------------------
 
-def linear_shapes(preset: str) -> dict[str, tuple[int, int]]:
-    """(out, in) of a preset's four linear layers: fused wqkv, wo, fused w13 (gate + up), w2."""
-    from ..config import PRESETS
-
-    a = PRESETS[preset]
-    return {"wqkv": ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim), "wo": (a.dim, a.q_dim),
-            "w13": (2 * a.ffn_dim, a.dim), "w2": (a.dim, a.ffn_dim)}
-
-
 def _meta_weight(n: int, k: int, dtype: torch.dtype, double_quant: bool) -> NF4Weight:
     meta = dict(device="meta")
     n_blocks = n * k // QBLOCK
@@ -530,9 +521,11 @@ def aot_configs() -> list[LaunchConfig]:
     on meta tensors of those shapes, typed as the JIT would type them. Every dimension of these layers is
     a multiple of 16, so the JIT specialises all of them alike and the list keeps one config per
     (rows, dtype, double quant): the layers' launches are exactly these binaries."""
+    from ..config import PRESETS
+
     configs = {}
     for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):
-        for n, k in linear_shapes(preset).values():
+        for n, k in PRESETS[preset].projection_shapes().values():
             for dtype in (torch.bfloat16, torch.float16):
                 for dq in (True, False):
                     w = _meta_weight(n, k, dtype, dq)

@@ -72,11 +72,15 @@ class ModelArgs:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of one block's projections as the graph holds them: fused wqkv, wo, fused w13
+        (gate + up), w2."""
+        return {"wqkv": (self.q_dim + 2 * self.kv_dim, self.dim), "wo": (self.dim, self.q_dim),
+                "w13": (2 * self.ffn_dim, self.dim), "w2": (self.dim, self.ffn_dim)}
+
     def param_count(self) -> int:
         """Number of parameters, computed from shapes."""
-        attn = self.dim * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.dim
-        mlp = 3 * self.dim * self.ffn_dim
-        per_layer = attn + mlp + 2 * self.dim
+        per_layer = sum(o * i for o, i in self.projection_shapes().values()) + 2 * self.dim  # + two norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 

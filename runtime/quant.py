@@ -172,12 +172,6 @@ def int4_bytes(out: int, inn: int, *, group_size: int = 128, scale_bytes: int = 
     return out * inn // 2 + groups * (out // 8) * 4 + groups * out * scale_bytes
 
 
-def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
-    """[out, in] of one block's projections, as the graph holds them (fused wqkv and w13)."""
-    return [(args.q_dim + 2 * args.kv_dim, args.dim), (args.dim, args.q_dim),
-            (2 * args.ffn_dim, args.dim), (args.dim, args.ffn_dim)]
-
-
 def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional[str] = None,
                        group_size: int = 128, quantize_head: bool = False) -> int:
     """Weight bytes from shapes: dense (`method=None`) or quantized as `quantize_model` does it
@@ -195,7 +189,7 @@ def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
 
     V, d = args.vocab_size, args.dim
-    total = args.n_layers * (sum(q(o, i) for o, i in projection_shapes(args)) + 2 * d * bytes_per_elem)
+    total = args.n_layers * (sum(q(o, i) for o, i in args.projection_shapes().values()) + 2 * d * bytes_per_elem)
     total += (V * d + d) * bytes_per_elem                       # embedding, final norm
     if quantize_head:
         total += q(V, d)
