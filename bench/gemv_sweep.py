@@ -29,8 +29,7 @@ import triton
 
 from codellama_rt.bench.common import clone_weight, copies_for, copy_bandwidth, graph_time_us
 from codellama_rt.kernels.gemv import GemvLaunch, gemv
-from codellama_rt.kernels import int4 as int4_mod
-from codellama_rt.kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
+from codellama_rt.kernels.int4 import Int4Launch, int4_linear, int4_linear_ref, quantize_int4
 from codellama_rt.kernels.nf4 import nf4_linear, quantize_nf4
 
 SHAPES_7B = {"wqkv": (3 * 4096, 4096), "wo": (4096, 4096), "w13": (2 * 11008, 4096), "w2": (4096, 11008)}
@@ -42,25 +41,12 @@ def dense_gemv(x, w, block_n, block_k, num_warps, num_stages=3):
 
 
 def int4_variant(x, w, block_n, split, num_warps, block_m=1):
-    """The shipped `_int4_gemv_kernel` with another tile width / split count; block_m=16 runs one row
-    through the tensor-core path (a 16-row tile, rows past 1 masked) instead of the FMA path."""
-    N, K = w.shape
+    """`int4_linear` with another tile width / split count; block_m=16 runs one row through the tensor-core
+    path (a 16-row tile, rows past 1 masked) instead of the FMA path."""
     block_k = min(128 if block_m == 1 else 64, w.group_size)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    tiles = K // block_k
-    k_per_split = triton.cdiv(tiles, split) * block_k
-    split = triton.cdiv(K, k_per_split)
-    part = torch.empty(split, 1, N, dtype=torch.float32, device=x.device) if split > 1 else out
-    int4_mod._int4_gemv_kernel.on(x)[(triton.cdiv(N, block_n), split)](
-        x, w.qweight, w.qzeros, w.scales, out, part, 1, N, K, x.stride(0), out.stride(0), k_per_split,
-        int4_mod.FLOAT_BIAS_BITS,
-        GROUP_SIZE=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_PARTIALS=split > 1,
-        FP32_DOT=False, UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16, num_warps=num_warps, num_stages=3)
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(N))
-        int4_mod._int4_splitk_reduce_kernel.on(x)[(1, triton.cdiv(N, block))](
-            part, out, 1, N, out.stride(0), split, BLOCK=block, num_warps=4)
-    return out
+    tiles = w.shape[1] // block_k
+    split = triton.cdiv(tiles, triton.cdiv(tiles, min(split, tiles)))  # no empty splits, as int4_launch
+    return int4_linear(x, w, Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages=3))
 
 
 def tinygemm_weight(w_int4, device):

@@ -477,7 +477,8 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 
 # ---- launcher --------------------------------------------------------------------------------
 
-def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None):
+def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,
+             cfg: Optional[Int4Launch] = None):
     """Check the arguments, allocate the output (and split-K scratch) and build the launches:
     (out, [(kernel, grid, args, constexprs, num_warps, num_stages), ...]) — empty when there is nothing
     to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms)."""
@@ -504,7 +505,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    cfg = int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
+    cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
     common = dict(GROUP_SIZE=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     if cfg.kind == "gemm":
@@ -532,7 +533,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None) -> torch.Tensor:
     """Triton x @ dequant(w)^T; same contract as `int4_linear_ref` (differs by fp32 summation order, and
     for one row by the rounding of the dequantized weights, which that kernel skips).
 
@@ -542,9 +543,9 @@ def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     [..., out] tensor in x's dtype. Weights dequantize to x's dtype ((q - z) * s in fp32, rounded
     once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
     the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
-    compiled kernels, CPU tensors Triton's interpreter.
+    compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks).
     """
-    out, launches = _prepare(x, w)
+    out, launches = _prepare(x, w, cfg=cfg)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:  # Triton launches on the current CUDA device
         for kern, grid, args, constexprs, num_warps, num_stages in launches:
