@@ -3,7 +3,7 @@
 # the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
 # (SWEEP_S seconds, default 60; 0 skips it) into $OUT (or bench/results).
 # Usage (device tool): bash bench/gpu_session.sh
-# Uses the machine's own torch/triton (the device image has them); installs this package without deps.
+# Uses the machine's own torch/triton (the device image has them) and this checkout's sources, not installed.
 # The report gets what is left of SESSION_S seconds (default 480) once the tests are done and skips, and
 # lists, whatever no longer fits. Each step has its own time limit, so a hang still leaves the logs of the
 # others (and report.json holds every unit finished before a kill).

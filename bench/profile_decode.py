@@ -21,7 +21,8 @@ from codellama_rt.sampling import SamplingParams
 
 
 def profile_steps(name: str, tokens: int) -> tuple[list[dict], float]:
-    """([{kernel, us_per_step, calls_per_step}], wall ms per step) for `tokens` eager decode steps."""
+    """([{kernel, us_per_step, calls_per_step}] by time, their total us per step) for `tokens` eager decode
+    steps: GPU kernel time on CUDA, CPU self time of the ops on CPU."""
     spec = e2e.MODELS[name]
     model = e2e.build(spec)
     engine = e2e.make_engine(model, 1, 64 + tokens + 8, cuda_graphs=False)
