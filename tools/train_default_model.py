@@ -18,6 +18,7 @@ bf16 autocast, and exported in HF layout with bf16 weights.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import json
@@ -43,6 +44,7 @@ from codellama_rt.tokenizer import Tokenizer
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings",
                  "__pycache__"}
 HELD_OUT_PER_MILLE = 50  # 5% of files, chosen by hash of the relative path
+TEST_DIRS = ("test", "tests", "idle_test")  # the standard library's own test suites: `--with-tests`
 
 
 # ---- corpus -----------------------------------------------------------------------------------
@@ -62,6 +64,28 @@ def corpus_split(root: Path | None = None) -> tuple[list[Path], list[Path]]:
         digest = int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16)
         (held if digest % 1000 < HELD_OUT_PER_MILLE else train).append(f)
     return train, held
+
+
+def test_suite_files(root: Path | None = None) -> list[Path]:
+    """Extra training files for `--with-tests`: the `.py` files under the standard library's test
+    directories that parse as Python (its test suite also holds deliberately broken files), minus the
+    ones whose hash would hold them out, so the held-out set stays exactly `corpus_split`'s. Sorted."""
+    root = root or stdlib_root()
+    excluded = EXCLUDED_DIRS - set(TEST_DIRS)
+    out = []
+    for f in sorted(root.rglob("*.py")):
+        parts = f.relative_to(root).parts[:-1]
+        if excluded.intersection(parts) or not set(TEST_DIRS).intersection(parts):
+            continue
+        digest = int(hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest(), 16)
+        if digest % 1000 < HELD_OUT_PER_MILLE:
+            continue
+        try:
+            ast.parse(read_source(f))
+        except (SyntaxError, ValueError):
+            continue
+        out.append(f)
+    return out
 
 
 def read_source(path: Path) -> str:
@@ -304,6 +328,8 @@ def parse_args(argv=None):
                    "nearly every SPM example's prefix, after <MID>, starts with a blank line)")
     p.add_argument("--init-from", type=Path, default=None, help="another --work directory whose finished "
                    "run this one continues (weights and tokenizer; new optimizer and schedule)")
+    p.add_argument("--with-tests", action="store_true", help="also train on the standard library's test "
+                   "suites (the files that parse; the held-out set is unchanged)")
     p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--dim", type=int, default=256)
@@ -328,6 +354,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
     train_files, held_files = corpus_split()
+    if a.with_tests:
+        train_files = train_files + test_suite_files()
     if a.max_files:
         train_files, held_files = train_files[:a.max_files], held_files[:max(1, a.max_files // 10)]
     tok_path = a.work / "tokenizer.model"
@@ -434,7 +462,9 @@ def main(argv=None) -> None:
         "python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or
         platform.machine(), "threads": torch.get_num_threads(),
         "corpus": {"root": "the interpreter's standard library (sysconfig stdlib)",
-                   "excluded_dirs": sorted(EXCLUDED_DIRS), "held_out": f"sha1(relative path) % 1000 < "
+                   "excluded_dirs": sorted(EXCLUDED_DIRS),
+                   "with_test_suites": a.with_tests and f"{', '.join(TEST_DIRS)}: the files that parse, "
+                   "except those the held-out hash picks", "held_out": f"sha1(relative path) % 1000 < "
                    f"{HELD_OUT_PER_MILLE}", "train_files": len(train_files), "held_out_files": len(held_files),
                    "train_bytes": sum(f.stat().st_size for f in train_files),
                    "held_out_bytes": sum(f.stat().st_size for f in held_files)},
