@@ -6,7 +6,8 @@ w[o, i] = (q[o, i] - z) * s with q in 0..15. Dequantization computes (q - z) * s
 once to the target dtype; the reference, the quantizer and the Triton kernels for M > 1 produce the same
 dequantized values, so those differ from `int4_linear_ref` only by fp32 summation order. The one-row
 decode kernel skips the rounding of each weight (q - z exact, the scale applied per tile in fp32): its
-result is nearer the exact product than the reference's.
+result is nearer the exact product than the reference's. So does `_int4_gemv_mma_kernel` (up to 16 rows
+on tensor cores, the weight as the A operand; a launch one asks for, `int4_launch(kind="gemv_mma")`).
 """
 from __future__ import annotations
 
@@ -377,6 +378,110 @@ def _int4_gemv_kernel(
         tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
 
 
+# ---- decode GEMV on tensor cores, the weight tile as the MMA's A operand -------------------------
+
+# A nibble q OR-ed into the low mantissa bits of bf16 128.0 (0x4300) or fp16 1024.0 (0x6400) reads as
+# exactly bias + q: both have a unit step there. One PRMT gathers byte b of two int32 into the low bytes
+# of each 16-bit half, one LOP3 computes (t & 0x000F000F) | bias: two weights in two instructions.
+MMA_FLOAT_BIAS = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+MMA_BLOCK_K = 128  # 16 int32 rows: each of the 8 nibble planes is one K = 16 MMA step
+
+
+def nibble_pair_asm(byte: int, bias_bits: int) -> str:
+    """PTX taking two int32 ($1, $2) to two 16-bit floats in $0 (the first in the low half): the low
+    nibble of byte `byte` of each, OR-ed into the float bias `bias_bits`."""
+    selector = ((4 + byte) << 8) | byte  # result byte 0 <- $1's byte, byte 2 <- $2's byte
+    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {selector:#x}; "
+            f"lop3.b32 $0, t, 0x000F000F, {bias_bits * 0x10001:#x}, 0xEA; }}")  # 0xEA: (a & b) | c
+
+
+_NIBBLE_ASM_BF16 = tl.constexpr(tuple(nibble_pair_asm(b, MMA_FLOAT_BIAS[torch.bfloat16][0]) for b in range(4)))
+_NIBBLE_ASM_FP16 = tl.constexpr(tuple(nibble_pair_asm(b, MMA_FLOAT_BIAS[torch.float16][0]) for b in range(4)))
+
+
+@triton.jit
+def _nibble_plane(qw, qw_hi, J: tl.constexpr, DTYPE: tl.constexpr, BIAS: tl.constexpr, ASM: tl.constexpr):
+    """Nibble J of every int32 of qw as the float BIAS + q in DTYPE (exact), same shape. qw_hi is qw >> 4
+    (odd nibbles then sit at the bottom of a byte). ASM: PRMT + LOP3 per two weights (CUDA); else the
+    same values by arithmetic (the interpreter runs no PTX)."""
+    src = qw_hi if J % 2 == 1 else qw
+    if ASM:
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_NIBBLE_ASM_BF16[J // 2], "=r,r,r", [src], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(_NIBBLE_ASM_FP16[J // 2], "=r,r,r", [src], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+    else:
+        return (((src >> (8 * (J // 2))) & 0xF).to(tl.float32) + BIAS).to(DTYPE)
+
+
+@kernel(do_not_specialize=["k_per_split"])
+def _int4_gemv_mma_kernel(
+    X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
+    M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
+    ASM: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Up to 16 rows of x against BLOCK_N output columns, K tiles of BLOCK_K = 128 (inside one group). out^T = W x^T with the weight as the A operand, so its dequantized tile goes from the
+    registers it was loaded into straight to the tensor cores (x, the B operand, is the small one).
+    Nibble plane j of the [16, BLOCK_N] int32 tile is input rows k0 + 8r + j (r = 0..15): one
+    [BLOCK_N, 16] x [16, 16] MMA against the matching strided rows of x. The planes hold bias + q
+    (`_nibble_plane`), so per group and column: sum_k (q_k - z) x_k = part - (bias + z) sum_k x_k, then
+    times the scale, in fp32 (fp16: see ZERO_IN_PLANES)."""
+    pdl_prologue(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    offs_m = tl.arange(0, 16)
+    m_mask = offs_m < M
+    DTYPE: tl.constexpr = X.dtype.element_ty
+    BIAS: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
+    # fp16's bias of 1024 would cost the fp32 sums 10 bits (a tenth of fp16 results off by one ulp), so
+    # fp16 subtracts bias + z from the planes (exact, half an instruction a weight); bf16's 128 costs 7.
+    ZERO_IN_PLANES: tl.constexpr = DTYPE == tl.float16
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    qw_ptrs = QW + offs_r[:, None] * N + offs_n[None, :]
+    x_ptrs = X + offs_m[None, :].to(tl.int64) * stride_xm + offs_r[:, None] * 8  # [16 (r), 16 (m)]
+
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        scale, zero = _group_scale_zero(QZ, S, k0 // GROUP_SIZE, offs_n, n_mask, N)
+        qw = tl.load(qw_ptrs + (k0 // 8) * N, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+        qw = tl.trans(qw)  # [BLOCK_N, 16]
+        qw_hi = qw >> 4
+        zero_bias = zero + BIAS
+        part = tl.zeros([BLOCK_N, 16], tl.float32)
+        x_sum = tl.zeros([16, 16], tl.float32)
+        for j in tl.static_range(8):
+            w = _nibble_plane(qw, qw_hi, j, DTYPE, BIAS, ASM)
+            if ZERO_IN_PLANES:
+                w = w - zero_bias.to(DTYPE)[:, None]
+            x = tl.load(x_ptrs + k0 + j, mask=m_mask[None, :], other=0.0)
+            if not ZERO_IN_PLANES:
+                x_sum += x.to(tl.float32)
+            if ASM:
+                part = tl.dot(w, x, part)
+            else:  # the interpreter's numpy has no bf16 matmul; the products are exact in fp32 either way
+                part = tl.dot(w.to(tl.float32), x.to(tl.float32), part, input_precision="ieee")
+        if ZERO_IN_PLANES:
+            acc += part * scale[:, None]
+        else:
+            col_sum = tl.sum(x_sum, 0)  # [16]: each row of x summed over this K tile
+            acc += (part - zero_bias[:, None] * col_sum[None, :]) * scale[:, None]
+
+    mask = n_mask[:, None] & m_mask[None, :]
+    if WRITE_PARTIALS:
+        rows = (pid_k * M + offs_m).to(tl.int64)
+        tl.store(Part + rows[None, :] * N + offs_n[:, None], acc, mask=mask)
+    else:
+        out = Out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
+
+
 @kernel(do_not_specialize=["num_splits"])
 def _int4_splitk_reduce_kernel(Part, Out, M, N, stride_om, num_splits, BLOCK: tl.constexpr,
                                PDL: tl.constexpr = False):
@@ -430,8 +535,8 @@ def _int4_gemm_kernel(
 
 @dataclass(frozen=True)
 class Int4Launch:
-    kind: str        # "gemv" (M <= 16) or "gemm"
-    block_m: int     # gemv: 1 (FMA path) or 16 (one tensor-core row tile)
+    kind: str        # "gemv" (M <= 16), "gemv_mma" (M <= 16, weight as the A operand) or "gemm"
+    block_m: int     # gemv: 1 (FMA path) or 16 (one tensor-core row tile); gemv_mma: 16 (x's columns)
     block_n: int
     block_k: int     # divides the group size: one scale/zero row per K tile
     split_k: int     # gemv: programs along K (fp32 partials and a reduce pass when > 1); gemm: 1
@@ -439,8 +544,16 @@ class Int4Launch:
     num_stages: int
 
 
+def _split_count(tiles: int, N: int, block_n: int, on_cuda: bool, num_sms: int) -> int:
+    """GEMV programs along K: enough for 4 programs per SM where K has the tiles (at most 16), none empty;
+    3 at most in the interpreter."""
+    wanted = triton.cdiv(4 * num_sms, triton.cdiv(N, block_n)) if on_cuda else 3
+    split = max(1, min(wanted, tiles, _MAX_SPLIT_K))
+    return triton.cdiv(tiles, triton.cdiv(tiles, split))  # no empty splits
+
+
 def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_cuda: bool = True,
-                num_sms: int = _H100_SMS) -> Int4Launch:
+                num_sms: int = _H100_SMS, kind: Optional[str] = None) -> Int4Launch:
     """The one place tile sizes and the split count are picked (the same on sm_80 and sm_90, and in the
     interpreter except for the split count, so the CPU tests run the GPU's tiling).
 
@@ -454,7 +567,20 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
     gemm 16-bit: 128 x 128 tiles with 8 warps for M > 64, 64 x 128 with 4 warps otherwise, 3 stages.
     fp32 x (IEEE dots, no tensor cores; a debugging path): gemv 16 x 64 x 32 and gemm 64 x 64 x 32 with
     8 warps and 2 stages, tiles that do not spill on either architecture.
+    kind="gemv_mma" asks for `_int4_gemv_mma_kernel` (M <= 16, 16-bit x, group a multiple of 128): 256
+    columns, 4 warps, 3 stages, split as the gemv. Not the default until a GPU run measures it
+    (bench/gemv_sweep.py): 3.0 SASS instructions a weight at sm_90 against the FMA path's 4.7.
     """
+    if kind == "gemv_mma":
+        if M > _GEMV_MAX_M or dtype not in MMA_FLOAT_BIAS or group_size % MMA_BLOCK_K:
+            raise ValueError(f"int4 gemv_mma runs M <= {_GEMV_MAX_M} rows of fp16/bf16 with groups of a "
+                             f"multiple of {MMA_BLOCK_K}; got M={M}, {dtype}, group_size={group_size}")
+        block_n = 256
+        tiles = K // MMA_BLOCK_K
+        return Int4Launch("gemv_mma", 16, block_n, MMA_BLOCK_K, _split_count(tiles, N, block_n, on_cuda, num_sms),
+                          num_warps=4, num_stages=3)
+    if kind not in (None, "gemv", "gemm"):
+        raise ValueError(f"int4_launch: unknown kind {kind!r}; expected 'gemv', 'gemv_mma' or 'gemm'")
     pow2_of_group = group_size & -group_size
     fp32 = dtype == torch.float32
     if M <= _GEMV_MAX_M:
@@ -462,11 +588,7 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
         block_k = min(32 if fp32 and block_m > 1 else 128, pow2_of_group)
         num_warps, num_stages = (8, 2) if fp32 and block_m > 1 else (4, 3)
         block_n = 256 if block_m == 1 else 64
-        tiles = K // block_k
-        n_blocks = triton.cdiv(N, block_n)
-        wanted = triton.cdiv(4 * num_sms, n_blocks) if on_cuda else 3
-        split = max(1, min(wanted, tiles, _MAX_SPLIT_K))
-        split = triton.cdiv(tiles, triton.cdiv(tiles, split))  # no empty splits
+        split = _split_count(K // block_k, N, block_n, on_cuda, num_sms)
         return Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages)
     if fp32:
         return Int4Launch("gemm", 64, 64, min(32, pow2_of_group), 1, num_warps=8, num_stages=2)
@@ -506,6 +628,11 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
+    if cfg.kind == "gemv_mma" and (M > _GEMV_MAX_M or x.dtype not in MMA_FLOAT_BIAS or g % cfg.block_k
+                                   or cfg.block_k != MMA_BLOCK_K):
+        raise ValueError(f"int4_linear: a gemv_mma launch needs M <= {_GEMV_MAX_M}, fp16/bf16 x, BLOCK_K "
+                         f"{MMA_BLOCK_K} and a group a multiple of it; got M={M}, {x.dtype}, "
+                         f"BLOCK_K={cfg.block_k}, group_size={g}")
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
     common = dict(GROUP_SIZE=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     if cfg.kind == "gemm":
@@ -518,8 +645,13 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (x2, w.qweight, w.qzeros, w.scales, out2, part, M, N, K, x2.stride(0), out2.stride(0), k_per_split,
             FLOAT_BIAS_BITS)
-    launches = [(_int4_gemv_kernel, grid, args, dict(**common, WRITE_PARTIALS=cfg.split_k > 1, **flags),
-                 cfg.num_warps, cfg.num_stages)]
+    if cfg.kind == "gemv_mma":
+        launches = [(_int4_gemv_mma_kernel, grid, args[:-1],
+                     dict(GROUP_SIZE=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WRITE_PARTIALS=cfg.split_k > 1,
+                          ASM=on_cuda), cfg.num_warps, cfg.num_stages)]
+    else:
+        launches = [(_int4_gemv_kernel, grid, args, dict(**common, WRITE_PARTIALS=cfg.split_k > 1, **flags),
+                     cfg.num_warps, cfg.num_stages)]
     if cfg.split_k > 1:
         block = min(_REDUCE_BLOCK, triton.next_power_of_2(N))
         launches.append((_int4_splitk_reduce_kernel, (M, triton.cdiv(N, block)),
@@ -543,7 +675,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
     [..., out] tensor in x's dtype. Weights dequantize to x's dtype ((q - z) * s in fp32, rounded
     once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
     the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
-    compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks).
+    compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks;
+    a "gemv_mma" launch needs M <= 16, fp16/bf16 x and group 128, else ValueError).
     """
     out, launches = _prepare(x, w, cfg=cfg)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -561,7 +694,7 @@ _AOT_MODELS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b
 def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, rows=(1, 8, 512),
                 models=_AOT_MODELS) -> list[LaunchConfig]:
     """The CUDA launches of the 7B/34B/70B linears (wqkv, wo, w13, w2) in bf16 and fp16, group 128, for
-    decode (M = 1 and 8) and prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed
+    decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed
     as the JIT would type them. Shapes that specialise alike share one entry, labelled with the first
     shape that needed it. The arguments let tests compile other specialisations (fp32, groups 32/64)."""
     from ..config import PRESETS
@@ -578,6 +711,9 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
                 for M in rows:
                     x = torch.empty(M, n_in, dtype=dtype, device="meta")
                     _, launches = _prepare(x, w, on_cuda=True, num_sms=_H100_SMS)
+                    if M <= _GEMV_MAX_M and dtype in MMA_FLOAT_BIAS and group_size % MMA_BLOCK_K == 0:
+                        mma = int4_launch(M, n_out, n_in, group_size, dtype, num_sms=_H100_SMS, kind="gemv_mma")
+                        launches += _prepare(x, w, on_cuda=True, num_sms=_H100_SMS, cfg=mma)[1]
                     for kern, _, args, constexprs, num_warps, num_stages in launches:
                         cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=num_stages)
                         key = (kern.__name__, tuple(cfg.signature.items()), tuple(cfg.constexprs.items()),
@@ -587,6 +723,7 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
                         blocks = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")
                                           if k in constexprs)
                         extra = " partials" if constexprs.get("WRITE_PARTIALS") else ""
+                        extra += " mma" if kern is _int4_gemv_mma_kernel else ""
                         group = f" g{group_size}" if group_size != 128 else ""
                         label = (f"{triton_dtype(dtype)}{group} M={M} {blocks}{extra} ({model} {name} "
                                  f"{n_out}x{n_in})")

@@ -114,6 +114,31 @@ def test_gemv_real_size(N, K):
     assert_error_within_torch(y, gemv_ref(x, w), x.double() @ w.double().t(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008)], ids=["7B-wqkv", "7B-w2"])
+def test_int4_linear_real_size(N, K, M, kind, dtype):
+    """int4 decode GEMVs at 7B sizes, as int4_launch picks them and through the tensor-core kernel (its
+    PTX nibble conversion runs only here): against the exact product of the dequantized weights."""
+    import torch.nn.functional as F
+
+    from codellama_rt.kernels.int4 import dequantize_int4, int4_launch, int4_linear, int4_linear_ref, quantize_int4
+
+    g = torch.Generator(device=DEV).manual_seed(M)
+    w = quantize_int4(torch.randn(N, K, device=DEV, generator=g, dtype=dtype) / K ** 0.5, group_size=128)
+    x = torch.randn(M, K, device=DEV, generator=g, dtype=dtype)
+    cfg = int4_launch(M, N, K, 128, dtype, num_sms=torch.cuda.get_device_properties(DEV).multi_processor_count,
+                      kind=kind)
+    y = int4_linear(x, w, cfg)
+    exact = F.linear(x.double(), dequantize_int4(w, torch.float64))
+    assert_close(y, int4_linear_ref(x, w))
+    assert_error_within_torch(y, int4_linear_ref(x, w), exact, dtype)
+    if kind == "gemv_mma":  # exact weights, fp32 sums: as the fp32 product of the dequantized weights
+        same_steps = F.linear(x.float(), dequantize_int4(w, torch.float32)).to(dtype)
+        assert (y != same_steps).float().mean() <= 0.02
+
+
 @pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
 def test_gemv_swiglu_real_size(F_, K):
     """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""

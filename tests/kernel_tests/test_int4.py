@@ -3,6 +3,8 @@ written here, GPTQ v1/v2 zero conventions and act-order refusal, and the Triton 
 for M <= 16, GEMM above, run in Triton's interpreter) against `int4_linear_ref`."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -329,6 +331,87 @@ def test_launch_decisions():
     assert int4_launch(8, 57344, 8192, 128, bf16, num_sms=132).split_k == 1
 
 
+# ---- the tensor-core GEMV (weight as the A operand) -----------------------------------------------
+
+# (in, out, group): one to six K tiles of 128 (split-K 1..3), out not a multiple of the 256-column tile
+MMA_SHAPES = [(128, 8, 128), (384, 136, 128), (768, 264, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_f,out_f,group_size", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int4_gemv_mma_matches_exact_product(nan_empty, M, in_f, out_f, group_size, dtype):
+    """`_int4_gemv_mma_kernel` (its arithmetic nibble path; the PTX one is checked below): the exact
+    dequantized weights (not rounded to x's dtype) times x, fp32 sums, one rounding at the end."""
+    w = quantize_int4(_weight(out_f, in_f, seed=in_f + M, dtype=dtype), group_size=group_size)
+    x = torch.randn(M, in_f, generator=torch.Generator().manual_seed(M)).to(dtype)
+    cfg = int4_launch(M, out_f, in_f, group_size, dtype, on_cuda=False, kind="gemv_mma")
+    assert cfg.kind == "gemv_mma" and cfg.split_k == min(3, in_f // 128)
+    y = int4_linear(x, w, cfg)
+    assert not y.isnan().any(), "unwritten output elements (NaN poison survived)"
+    assert y.shape == (M, out_f) and y.dtype == dtype
+    exact = F.linear(x.double(), dequantize_int4(w, torch.float64))
+    same_steps = F.linear(x.float(), dequantize_int4(w, torch.float32)).to(dtype)
+    differ = (y != same_steps).sum().item()  # fp32 summation order flips a rounding now and then
+    assert differ <= max(1, 0.02 * y.numel()), f"{differ} of {y.numel()}: not the expected rounding steps"
+    assert_error_within_torch(y, same_steps, exact, dtype)
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): result byte i is byte (selector nibble i) & 7 of {b, a}, its top bit
+    replicated over the byte when the nibble's bit 3 is set."""
+    pool = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (selector >> (4 * i)) & 0xF
+        byte = (pool >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX lop3.b32: each result bit is bit (a_i b_i c_i) of the truth table lut (a is the high index)."""
+    return sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | (c >> i) & 1)) & 1) << i for i in range(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_nibble_pair_asm_reads_bias_plus_nibble(dtype):
+    """The PTX the CUDA path runs in place of `_nibble_plane`'s arithmetic, executed by a model of prmt
+    and lop3 written from the PTX ISA: for random int32 pairs, byte b's low nibble of each (b = 0..3, and
+    of qw >> 4 for the odd nibbles) lands in the right half as exactly bias + q in the float format."""
+    bits, bias = mod.MMA_FLOAT_BIAS[dtype]
+    assert torch.tensor([bits], dtype=torch.int16).view(dtype).item() == bias
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 2 ** 32, size=(64, 2), dtype=np.uint64).tolist() + [[0, 0], [2 ** 32 - 1, 2 ** 32 - 1]]
+    for byte in range(4):
+        asm = mod.nibble_pair_asm(byte, bits)
+        prmt, lop3 = re.fullmatch(r"\{ \.reg \.b32 t; prmt\.b32 t, \$1, \$2, (0x[0-9a-f]+); "
+                                  r"lop3\.b32 \$0, t, (0x[0-9a-f]+, 0x[0-9a-f]+, 0x[0-9a-f]+); \}", asm, re.I).groups()
+        mask, bias_bits, lut = (int(v, 16) for v in lop3.split(", "))
+        for a, b in pairs:
+            for shift in (0, 4):  # even nibble 2 byte, odd nibble 2 byte + 1 (read from qw >> 4)
+                sa, sb = a >> shift, b >> shift
+                got = _lop3(_prmt(sa, sb, int(prmt, 16)), mask, bias_bits, lut)
+                halves = torch.tensor([got & 0xFFFF, got >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+                want = [bias + ((v >> (8 * byte)) & 0xF) for v in (sa, sb)]
+                assert halves.tolist() == want, (asm, hex(a), hex(b), shift)
+
+
+@pytest.mark.parametrize("M,dtype,group_size,match", [
+    (17, torch.bfloat16, 128, "M=17"), (1, torch.float32, 128, "float32"), (1, torch.bfloat16, 64, "group_size=64")])
+def test_int4_gemv_mma_refuses_what_it_cannot_run(M, dtype, group_size, match):
+    with pytest.raises(ValueError, match=match):
+        int4_launch(M, 64, 256, group_size, dtype, kind="gemv_mma")
+    w = quantize_int4(_weight(64, 256, seed=3), group_size=group_size)
+    cfg = mod.Int4Launch("gemv_mma", 16, 256, 128, 1, 4, 3)
+    with pytest.raises(ValueError, match=match):
+        int4_linear(torch.zeros(M, 256, dtype=dtype), w, cfg)
+    with pytest.raises(ValueError, match="kind"):
+        int4_launch(1, 64, 256, 128, torch.bfloat16, kind="mma")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_layer_output_cosine_after_quantization(M, dtype):
@@ -351,7 +434,7 @@ def test_aot_configs_compile(check_aot):
                  for c in configs if c.label.startswith(t)}
         assert kinds >= {("_int4_gemv_kernel", 1, True), ("_int4_gemv_kernel", 16, False),
                          ("_int4_gemv_kernel", 16, True), ("_int4_gemm_kernel", 128, None),
-                         ("_int4_splitk_reduce_kernel", None, None)}, (t, kinds)
+                         ("_int4_splitk_reduce_kernel", None, None), ("_int4_gemv_mma_kernel", None, True)}, (t, kinds)
     assert len(set(labels)) == len(labels)
     check_aot(configs)
 
