@@ -1,15 +1,17 @@
 """Decode GEMV sweep (M = 1) at CodeLlama-7B shapes on a GPU: which kernel and tile reach the bandwidth.
 
-    python bench/gemv_sweep.py --out DIR [--budget-s 200] [--shapes wqkv,wo,w13,w2]
+    python bench/gemv_sweep.py --out DIR [--budget-s 200] [--shapes wqkv,wo,w13,w2] [--kinds attention,int4,...]
 
-Measures, per 7B linear (wqkv, wo, w13, w2), each candidate's time per call inside a CUDA graph (no
-Python launch cost, as in graphed decode), cycling through enough weight copies that none stays in L2:
+Measures, kind by kind in the order of --kinds (a budget cut drops the last), each candidate's time per
+call inside a CUDA graph (no Python launch cost, as in graphed decode), cycling through enough weight
+copies that none stays in L2:
+  - attention: decode attention at batch 1 (7B heads) for cache lengths 256 / 1024 / 4096 and each split
+    count (one split writes the output directly), for the split heuristic of short caches;
+  - int4 (GPTQ layout, group 128), per 7B linear (wqkv, wo, w13, w2): `int4_linear` as shipped, the
+    tensor-core kernel (`_int4_gemv_mma_kernel`) over tile widths, splits and warps, torch's tinygemm op
+    (`_weight_int4pack_mm`) as what a CUDA library reaches, then the FMA kernel's tile grid;
   - dense bf16: cuBLAS (F.linear) and the Triton GEMV (`kernels/gemv.py`) over a grid of tiles;
-  - int4 (GPTQ layout, group 128): `int4_linear` as shipped, its M = 1 kernel over a grid of tile widths,
-    split counts and warps, and torch's tinygemm op (`_weight_int4pack_mm`) as what a CUDA library reaches;
-  - nf4: `nf4_linear` as shipped;
-  - first, decode attention at batch 1 (7B heads) for cache lengths 256 / 1024 / 4096 and each split count
-    (one split writes the output directly), for the split heuristic of short caches.
+  - nf4: `nf4_linear` as shipped.
 Writes sweep.json (every row, with each candidate's max abs error against the reference) and prints one
 line per row as it goes. bench/results/NVIDIA-H200-2026-11-26/gemv-sweep.md is a run of it (with the
 experimental kernels that have since become the shipped ones); the launch tables in kernels/ come from it.
@@ -32,6 +34,7 @@ from codellama_rt.kernels.gemv import GemvLaunch, gemv
 from codellama_rt.kernels.int4 import Int4Launch, int4_linear, int4_linear_ref, quantize_int4
 from codellama_rt.kernels.nf4 import nf4_linear, quantize_nf4
 
+KINDS = ("attention", "int4", "dense", "nf4")
 SHAPES_7B = {"wqkv": (3 * 4096, 4096), "wo": (4096, 4096), "w13": (2 * 11008, 4096), "w2": (4096, 11008)}
 
 
@@ -47,6 +50,22 @@ def int4_variant(x, w, block_n, split, num_warps, block_m=1):
     tiles = w.shape[1] // block_k
     split = triton.cdiv(tiles, triton.cdiv(tiles, min(split, tiles)))  # no empty splits, as int4_launch
     return int4_linear(x, w, Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages=3))
+
+
+def int4_mma_variant(x, w, block_n, split, num_warps, num_stages=3):
+    """`int4_linear` through `_int4_gemv_mma_kernel` with another tile width / split count / warps."""
+    tiles = w.shape[1] // 128
+    split = triton.cdiv(tiles, triton.cdiv(tiles, min(split, tiles)))  # no empty splits, as int4_launch
+    return int4_linear(x, w, Int4Launch("gemv_mma", 16, block_n, 128, split, num_warps, num_stages))
+
+
+def int4_mma_configs(N, K):
+    """(block_n, split, warps): int4_launch's split for each width and twice it."""
+    out = []
+    for bn, warps in ((256, 4), (128, 4), (256, 8), (128, 2)):
+        split = max(1, min(16, math.ceil(4 * 132 / math.ceil(N / bn))))
+        out += [(bn, split, warps), (bn, min(16, 2 * split), warps)]
+    return list(dict.fromkeys(out))
 
 
 def tinygemm_weight(w_int4, device):
@@ -112,14 +131,82 @@ def attention_rows(record, dev) -> None:
         del caches
 
 
+def dense_rows(record, rows, name, w0, x) -> None:
+    """cuBLAS and the Triton GEMV over `dense_configs` for one weight."""
+    dense_bytes = w0.numel() * 2
+    copies = copies_for(dense_bytes)
+    ws = [w0] + [w0.clone() for _ in range(copies - 1)]
+    ref = F.linear(x, w0).float()
+    record("dense", name, "cublas", dense_bytes, lambda c: F.linear(x, ws[c]), copies)
+    for bn, bk, warps, stages in dense_configs():
+        try:
+            err = (dense_gemv(x, w0, bn, bk, warps, stages).float() - ref).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kind="dense", shape=name, provider=f"triton {bn}x{bk} w{warps} s{stages}",
+                             status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            continue
+        record("dense", name, f"triton {bn}x{bk} w{warps} s{stages}", dense_bytes,
+               lambda c, bn=bn, bk=bk, warps=warps, stages=stages: dense_gemv(x, ws[c], bn, bk, warps, stages),
+               copies, err)
+
+
+def int4_rows(record, rows, name, w0, x) -> None:
+    """One weight in int4 (group 128): as shipped, the tensor-core kernel's tiles, tinygemm, then the FMA
+    kernel's tile grid and the 16-row tensor-core tile (both swept before; last, for the budget)."""
+    N, K = w0.shape
+    q0 = quantize_int4(w0, group_size=128)
+    qbytes = sum(t.numel() * t.element_size() for t in (q0.qweight, q0.qzeros, q0.scales))
+    copies = copies_for(qbytes)
+    qs = [q0] + [clone_weight(q0) for _ in range(copies - 1)]
+    ref4 = int4_linear_ref(x, q0).float()
+    record("int4", name, "shipped", qbytes, lambda c: int4_linear(x, qs[c]), copies,
+           (int4_linear(x, q0).float() - ref4).abs().max().item())
+    for bn, split, warps in int4_mma_configs(N, K):
+        record("int4", name, f"triton gemv_mma {bn} split{split} w{warps}", qbytes,
+               lambda c, bn=bn, split=split, warps=warps: int4_mma_variant(x, qs[c], bn, split, warps), copies,
+               (int4_mma_variant(x, q0, bn, split, warps).float() - ref4).abs().max().item())
+    try:
+        packed, sz = tinygemm_weight(q0, x.device)
+        tg = [(packed.clone(), sz.clone()) for _ in range(copies)]
+        err = (torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz).float() - ref4).abs().max().item()
+        record("int4", name, "torch tinygemm (_weight_int4pack_mm)", qbytes,
+               lambda c: torch.ops.aten._weight_int4pack_mm(x, tg[c][0], 128, tg[c][1]), copies, err)
+        del tg
+    except Exception as e:  # noqa: BLE001
+        rows.append(dict(kind="int4", shape=name, provider="torch tinygemm",
+                         status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+        print(rows[-1], flush=True)
+    for bn, bk, split, warps in int4_configs(N, K):
+        record("int4", name, f"triton {bn} split{split} w{warps}", qbytes,
+               lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps), copies,
+               (int4_variant(x, q0, bn, split, warps).float() - ref4).abs().max().item())
+    for bn, split, warps in ((64, 4, 4), (128, 4, 4), (128, 8, 8)):  # tensor-core tile at one row
+        record("int4", name, f"triton mma16 {bn} split{split} w{warps}", qbytes,
+               lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps, 16), copies,
+               (int4_variant(x, q0, bn, split, warps, 16).float() - ref4).abs().max().item())
+
+
+def nf4_rows(record, rows, name, w0, x) -> None:
+    """One weight in nf4, as shipped."""
+    n0 = quantize_nf4(w0)
+    nbytes = sum(t.numel() * t.element_size() for t in vars(n0).values() if isinstance(t, torch.Tensor))
+    copies = copies_for(nbytes)
+    ns = [n0] + [clone_weight(n0) for _ in range(copies - 1)]
+    record("nf4", name, "shipped", nbytes, lambda c: nf4_linear(x, ns[c]), copies)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget-s", type=float, default=200.0)
     p.add_argument("--shapes", default=",".join(SHAPES_7B))
-    p.add_argument("--no-attention", dest="attention", action="store_false",
-                   help="leave out the decode-attention split sweep (run first otherwise)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help=f"what to sweep, in this order (default {','.join(KINDS)})")
     a = p.parse_args(argv)
+    kinds = a.kinds.split(",")
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        p.error(f"--kinds: unknown {sorted(unknown)}; expected some of {','.join(KINDS)}")
     if not torch.cuda.is_available():
         raise SystemExit("gemv_sweep.py needs CUDA (it times kernels inside CUDA graphs)")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -146,66 +233,18 @@ def main(argv=None) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         (a.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
 
-    if a.attention:
-        attention_rows(record, dev)
-    for name in a.shapes.split(","):
-        N, K = SHAPES_7B[name]
-        g = torch.Generator(device=dev).manual_seed(0)
-        w0 = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) / K ** 0.5
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=g)
-        # dense
-        dense_bytes = w0.numel() * 2
-        copies = copies_for(dense_bytes)
-        ws = [w0] + [w0.clone() for _ in range(copies - 1)]
-        ref = F.linear(x, w0).float()
-        record("dense", name, "cublas", dense_bytes, lambda c: F.linear(x, ws[c]), copies)
-        for bn, bk, warps, stages in dense_configs():
-            try:
-                err = (dense_gemv(x, w0, bn, bk, warps, stages).float() - ref).abs().max().item()
-            except Exception as e:  # noqa: BLE001
-                rows.append(dict(kind="dense", shape=name, provider=f"triton {bn}x{bk} w{warps} s{stages}",
-                                 status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-                continue
-            record("dense", name, f"triton {bn}x{bk} w{warps} s{stages}", dense_bytes,
-                   lambda c, bn=bn, bk=bk, warps=warps, stages=stages: dense_gemv(x, ws[c], bn, bk, warps, stages),
-                   copies, err)
-        del ws
-        # int4
-        q0 = quantize_int4(w0, group_size=128)
-        qbytes = sum(t.numel() * t.element_size() for t in (q0.qweight, q0.qzeros, q0.scales))
-        copies = copies_for(qbytes)
-        qs = [q0] + [clone_weight(q0) for _ in range(copies - 1)]
-        ref4 = int4_linear_ref(x, q0).float()
-        record("int4", name, "shipped", qbytes, lambda c: int4_linear(x, qs[c]), copies,
-               (int4_linear(x, q0).float() - ref4).abs().max().item())
-        for bn, bk, split, warps in int4_configs(N, K):
-            record("int4", name, f"triton {bn} split{split} w{warps}", qbytes,
-                   lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps), copies,
-                   (int4_variant(x, q0, bn, split, warps).float() - ref4).abs().max().item())
-        for bn, split, warps in ((64, 4, 4), (128, 4, 4), (128, 8, 8)):  # tensor-core tile at one row
-            record("int4", name, f"triton mma16 {bn} split{split} w{warps}", qbytes,
-                   lambda c, bn=bn, split=split, warps=warps: int4_variant(x, qs[c], bn, split, warps, 16), copies,
-                   (int4_variant(x, q0, bn, split, warps, 16).float() - ref4).abs().max().item())
-        try:
-            packed, sz = tinygemm_weight(q0, dev)
-            tg = [(packed.clone(), sz.clone()) for _ in range(copies)]
-            err = (torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz).float() - ref4).abs().max().item()
-            record("int4", name, "torch tinygemm (_weight_int4pack_mm)", qbytes,
-                   lambda c: torch.ops.aten._weight_int4pack_mm(x, tg[c][0], 128, tg[c][1]), copies, err)
-            del tg
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(kind="int4", shape=name, provider="torch tinygemm",
-                             status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-            print(rows[-1], flush=True)
-        del qs
-        # nf4 (shipped)
-        n0 = quantize_nf4(w0)
-        nbytes = sum(t.numel() * t.element_size() for t in vars(n0).values() if isinstance(t, torch.Tensor))
-        copies = copies_for(nbytes)
-        ns = [n0] + [clone_weight(n0) for _ in range(copies - 1)]
-        record("nf4", name, "shipped", nbytes, lambda c: nf4_linear(x, ns[c]), copies)
-        del ns, w0
-        torch.cuda.empty_cache()
+    for kind in kinds:  # kind by kind, so a budget cut loses the last kinds, not the last shapes of each
+        if kind == "attention":
+            attention_rows(record, dev)
+            continue
+        for name in a.shapes.split(","):
+            N, K = SHAPES_7B[name]
+            g = torch.Generator(device=dev).manual_seed(0)
+            w0 = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) / K ** 0.5
+            x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=g)
+            {"dense": dense_rows, "int4": int4_rows, "nf4": nf4_rows}[kind](record, rows, name, w0, x)
+            del w0
+            torch.cuda.empty_cache()
     (a.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     best = {}
     for r in rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (under 10 minutes): the GPU test suite, then the benchmark report (end-to-end decode vs
 # the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
-# (SWEEP_S seconds, default 60; 0 skips it) into $OUT (or bench/results).
+# (SWEEP_S seconds, default 60, 0 skips it; SWEEP_KINDS, default attention,int4) into $OUT (or bench/results).
 # Usage (device tool): bash bench/gpu_session.sh
 # Uses the machine's own torch/triton (the device image has them) and this checkout's sources, not installed.
 # The report gets what is left of SESSION_S seconds (default 480) once the tests are done and skips, and
@@ -15,6 +15,7 @@ export PYTHONUNBUFFERED=1
 py=$(command -v python3 || command -v python)
 session_s=${SESSION_S:-480}
 sweep_s=${SWEEP_S:-60}
+sweep_kinds=${SWEEP_KINDS:-attention,int4}  # dense was swept on the H200 (bench/results/NVIDIA-H200-2026-11-26)
 tests_s=${TESTS_S:-200}
 card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown)
 dest="${OUT:-bench/results}/${card}-$(date +%Y-%m-%d)"
@@ -34,7 +35,7 @@ if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"
 timeout -k 10 $((left + 60)) "$py" bench/report.py --report "$dest" --budget-s "$left" 2>&1 | tee "$dest/report.log" | tail -60
 if [ "$sweep_s" -gt 0 ]; then
-  timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" 2>&1 | grep "^best\|failed\|needs CUDA" | tail -20
+  timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" --kinds "$sweep_kinds" 2>&1 | grep "^best\|failed\|needs CUDA" | tail -20
   mv -f "$dest/sweep.json" "$dest/gemv-sweep.json" 2>/dev/null
 fi
 echo "report in $dest (session ${SECONDS} s)"

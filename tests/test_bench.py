@@ -302,3 +302,36 @@ def test_source_digest_names_the_code(tmp_path, monkeypatch):
     assert common.source_digest() == first
     (tmp_path / "kernels" / "a.py").write_text("x = 2\n")
     assert common.source_digest() != first
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemv_sweep_int4_candidates_compute_the_product():
+    """The sweep's int4 candidates (tensor-core tiles and FMA tiles, through `int4_linear` with a launch
+    override) compute x @ W^T here in the interpreter, for every tile it would try at these widths."""
+    from codellama_rt.kernels.int4 import dequantize_int4, quantize_int4
+
+    sweep = _load_script("gemv_sweep")
+    g = torch.Generator().manual_seed(0)
+    N, K = 264, 512
+    w = quantize_int4(torch.randn(N, K, generator=g).bfloat16() / K ** 0.5, group_size=128)
+    x = torch.randn(1, K, generator=g).bfloat16()
+    exact = x.double() @ dequantize_int4(w, torch.float64).t()
+    configs = sweep.int4_mma_configs(N, K)
+    assert len(configs) >= 4 and all(1 <= split <= 16 for _, split, _ in configs)
+    for bn, split, warps in configs:
+        y = sweep.int4_mma_variant(x, w, bn, split, warps)
+        torch.testing.assert_close(y.double(), exact, rtol=0.02, atol=0.02)
+    bn, bk, split, warps = sweep.int4_configs(N, K)[0]
+    torch.testing.assert_close(sweep.int4_variant(x, w, bn, split, warps).double(), exact, rtol=0.02, atol=0.02)
+    r = subprocess.run([sys.executable, str(Path(sweep.__file__)), "--out", "unused", "--kinds", "int4,bogus"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bogus" in r.stderr

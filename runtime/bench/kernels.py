@@ -21,7 +21,7 @@ from ..kernels import aot
 from ..kernels.attention_decode import attention_decode, attention_decode_ref
 from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from ..kernels.gemv import gemv
-from ..kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
+from ..kernels.int4 import int4_launch, int4_linear, int4_linear_ref, quantize_int4
 from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
@@ -109,8 +109,13 @@ def run_quant_gemv(bw: float, dtype) -> list[dict]:
                              ("int4", quantize_int4(w, group_size=128), (int4_linear, int4_linear_ref))):
             nbytes = sum(t.numel() * t.element_size() for t in vars(qw).values() if isinstance(t, torch.Tensor))
             qws = [qw] + [clone_weight(qw) for _ in range(copies_for(nbytes) - 1)]
-            for prov, fn in zip(("triton", "reference"), fns):
-                calls = [lambda c=c, fn=fn: fn(x, c) for c in (qws if prov == "triton" else qws[:2])]
+            provs = list(zip(("triton", "reference"), fns))
+            if fmt == "int4" and dtype != torch.float32:  # tensor cores: not int4_launch's pick until measured
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                mma = int4_launch(1, n, k, 128, dtype, num_sms=sms, kind="gemv_mma")
+                provs.insert(1, ("triton gemv_mma", lambda x, w, mma=mma: int4_linear(x, w, mma)))
+            for prov, fn in provs:
+                calls = [lambda c=c, fn=fn: fn(x, c) for c in (qws if prov != "reference" else qws[:2])]
                 rows.append(_graph_row(f"{fmt} gemv", name, prov, nbytes, bw, calls))
             del qws
     return rows
