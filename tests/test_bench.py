@@ -188,8 +188,8 @@ def test_gpu_plan_and_unit_order():
     assert plan.models == ("7B-bf16", "7B-int4", "34B-int4", "7B-nf4") and plan.batches == (1, 8)
     assert plan.ttft_prompts == (512, 2048, 8192) and plan.kernels and plan.isolate_peers
     assert [u[0] for u in report._units(plan, {})] == [
-        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "ours 34B-int4", "ours 7B-nf4", "kernels",
-        "compile 7B-int4", "hf 7B-bf16"]
+        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "compile 7B-int4", "kernels", "ours 34B-int4",
+        "ours 7B-nf4", "hf 7B-bf16"]
     quick = e2e.make_plan(cuda=True, quick=True)
     assert [u[0] for u in report._units(quick, {})] == ["ours 7B-bf16", "ours 7B-int4"]
     only = e2e.make_plan(cuda=True, quick=False, only=["7b-BF16", "kernels"])

@@ -109,10 +109,12 @@ class Plan:
     estimates: dict = field(default_factory=dict)  # unit -> rough seconds, to skip what no longer fits
 
 
-# Rough seconds per unit of work on an H100 (cold Triton/Inductor caches) and on 2 CPU cores; the report
-# records the real ones under "timings", which is where to correct these from.
-GPU_ESTIMATES = {"7B-bf16": 75, "7B-int4": 60, "34B-int4": 90, "7B-nf4": 60, "compile": 120, "hf": 120, "kernels": 90}
-CPU_ESTIMATES = {"tiny": 5, "100M": 30}  # ours and transformers together
+# Rough seconds per unit of work with cold Triton/Inductor caches, on a GPU (the H200 run of 2026-11-26
+# took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin) and
+# on 2 CPU cores; the report records the real ones under "timings", which is where to correct these from.
+GPU_ESTIMATES = {"7B-bf16": 30, "7B-int4": 40, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
+                 "kernels": 45, "resources": 60}
+CPU_ESTIMATES = {"tiny": 5, "100M": 30, "resources": 120}  # models: ours and transformers together
 
 
 def make_plan(*, cuda: bool, quick: bool, only=None) -> Plan:
