@@ -4,6 +4,7 @@ trained model's logits) and checkpoint/resume (an interrupted run ends with the 
 uninterrupted one)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -40,6 +41,25 @@ def test_corpus_split_is_disjoint_and_stable():
     for f in train + held:
         assert not tdm.EXCLUDED_DIRS.intersection(f.relative_to(root).parts[:-1])
     assert tdm.corpus_split() == (train, held)
+
+
+def test_test_suite_files_parse_and_leave_the_held_out_set_alone(tmp_path):
+    """--with-tests adds only files under the test directories that parse, none the held-out hash picks;
+    a deliberately broken file is left out."""
+    root = tmp_path / "lib"
+    for rel, text in {"a.py": "x = 1\n", "test/test_ok.py": "def test(): pass\n",
+                      "test/badsyntax_x.py": "def (:\n", "pkg/tests/t.py": "y = 2\n",
+                      "idlelib/idle_test/h.py": "z = 3\n", "site-packages/test/s.py": "w = 4\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    extra = [f.relative_to(root).as_posix() for f in tdm.test_suite_files(root)]
+    held_by_hash = {r for r in ("test/test_ok.py", "pkg/tests/t.py", "idlelib/idle_test/h.py")
+                    if int(hashlib.sha1(r.encode()).hexdigest(), 16) % 1000 < tdm.HELD_OUT_PER_MILLE}
+    want = {"test/test_ok.py", "pkg/tests/t.py", "idlelib/idle_test/h.py"} - held_by_hash
+    assert set(extra) == want and extra == sorted(extra)
+    real_train, real_held = tdm.corpus_split()
+    real_extra = tdm.test_suite_files()
+    assert not set(real_extra) & (set(real_train) | set(real_held))
 
 
 @pytest.mark.parametrize("trim", [False, True])

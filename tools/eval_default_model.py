@@ -196,6 +196,14 @@ def model_card(training: dict, ev: dict) -> str:
     comp, inf = ev["completion"], ev["infill"]
     c = training["corpus"]
     runs = phases(training)
+    c0 = runs[0]["corpus"]
+    with_tests = [k + 1 for k, r in enumerate(runs) if r["corpus"].get("with_test_suites")]
+    tests_text = ""
+    if with_tests:
+        ct = runs[with_tests[0] - 1]["corpus"]
+        tests_text = (f"\n  Phase(s) {', '.join(map(str, with_tests))} also train on the standard library's own test "
+                      f"suites ({ct['with_test_suites']}): {ct['train_files'] - c0['train_files']} files "
+                      f"({(ct['train_bytes'] - c0['train_bytes']) / 1e6:.1f} MB) more.")
     return f"""# The embedded default model
 
 A {m['parameters'] / 1e6:.2f}M-parameter CodeLlama-architecture model (Llama-2 blocks: RMSNorm, GQA
@@ -212,8 +220,8 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
 ## How it was trained
 
 - Corpus: `.py` files of the standard library of Python {training['python']} (the interpreter running the
-  script), without {', '.join(c['excluded_dirs'])}; {c['train_files']} files ({c['train_bytes'] / 1e6:.1f} MB)
-  for training, {c['held_out_files']} ({c['held_out_bytes'] / 1e6:.2f} MB) held out by `{c['held_out']}`.
+  script), without {', '.join(c['excluded_dirs'])}; {c0['train_files']} files ({c0['train_bytes'] / 1e6:.1f} MB)
+  for training, {c['held_out_files']} ({c['held_out_bytes'] / 1e6:.2f} MB) held out by `{c['held_out']}`.{tests_text}
 - Examples: source cut into ~{training['objective']['chunk_chars']}-character runs of whole lines; infilling
   examples are built exactly as `Tokenizer.encode_infill` builds prompts, followed by the middle (no
   leading space) and `<EOT>`, and packed into rows without attention masking between them. The infill
