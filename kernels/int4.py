@@ -423,8 +423,9 @@ def _int4_gemv_mma_kernel(
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
     ASM: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Up to 16 rows of x against BLOCK_N output columns, K tiles of BLOCK_K = 128 (inside one group). out^T = W x^T with the weight as the A operand, so its dequantized tile goes from the
-    registers it was loaded into straight to the tensor cores (x, the B operand, is the small one).
+    """Up to 16 rows of x against BLOCK_N output columns, K tiles of BLOCK_K = 128 (inside one group).
+    out^T = W x^T with the weight as the A operand, so its dequantized tile goes from the registers it
+    was loaded into straight to the tensor cores (x, the B operand, is the small one).
     Nibble plane j of the [16, BLOCK_N] int32 tile is input rows k0 + 8r + j (r = 0..15): one
     [BLOCK_N, 16] x [16, 16] MMA against the matching strided rows of x. The planes hold bias + q
     (`_nibble_plane`), so per group and column: sum_k (q_k - z) x_k = part - (bias + z) sum_k x_k, then
@@ -544,6 +545,15 @@ class Int4Launch:
     num_stages: int
 
 
+def _check_mma(M: int, dtype: torch.dtype, group_size: int, block_k: int, who: str) -> None:
+    """ValueError unless `_int4_gemv_mma_kernel` can run this: M <= 16 rows of fp16/bf16 x, K tiles of
+    128 inside a group."""
+    if M > _GEMV_MAX_M or dtype not in MMA_FLOAT_BIAS or block_k != MMA_BLOCK_K or group_size % MMA_BLOCK_K:
+        raise ValueError(f"{who}: gemv_mma runs M <= {_GEMV_MAX_M} rows of fp16/bf16 x in K tiles of "
+                         f"{MMA_BLOCK_K} with groups of a multiple of it; got M={M}, {dtype}, "
+                         f"BLOCK_K={block_k}, group_size={group_size}")
+
+
 def _split_count(tiles: int, N: int, block_n: int, on_cuda: bool, num_sms: int) -> int:
     """GEMV programs along K: enough for 4 programs per SM where K has the tiles (at most 16), none empty;
     3 at most in the interpreter."""
@@ -569,12 +579,10 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
     8 warps and 2 stages, tiles that do not spill on either architecture.
     kind="gemv_mma" asks for `_int4_gemv_mma_kernel` (M <= 16, 16-bit x, group a multiple of 128): 256
     columns, 4 warps, 3 stages, split as the gemv. Not the default until a GPU run measures it
-    (bench/gemv_sweep.py): 3.0 SASS instructions a weight at sm_90 against the FMA path's 4.7.
+    (bench/gemv_sweep.py); sm_90 SASS loop: 2.6 instructions a weight (fp16 3.0) against the FMA path's 4.8.
     """
     if kind == "gemv_mma":
-        if M > _GEMV_MAX_M or dtype not in MMA_FLOAT_BIAS or group_size % MMA_BLOCK_K:
-            raise ValueError(f"int4 gemv_mma runs M <= {_GEMV_MAX_M} rows of fp16/bf16 with groups of a "
-                             f"multiple of {MMA_BLOCK_K}; got M={M}, {dtype}, group_size={group_size}")
+        _check_mma(M, dtype, group_size, MMA_BLOCK_K, "int4_launch")
         block_n = 256
         tiles = K // MMA_BLOCK_K
         return Int4Launch("gemv_mma", 16, block_n, MMA_BLOCK_K, _split_count(tiles, N, block_n, on_cuda, num_sms),
@@ -628,11 +636,8 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
-    if cfg.kind == "gemv_mma" and (M > _GEMV_MAX_M or x.dtype not in MMA_FLOAT_BIAS or g % cfg.block_k
-                                   or cfg.block_k != MMA_BLOCK_K):
-        raise ValueError(f"int4_linear: a gemv_mma launch needs M <= {_GEMV_MAX_M}, fp16/bf16 x, BLOCK_K "
-                         f"{MMA_BLOCK_K} and a group a multiple of it; got M={M}, {x.dtype}, "
-                         f"BLOCK_K={cfg.block_k}, group_size={g}")
+    if cfg.kind == "gemv_mma":
+        _check_mma(M, x.dtype, g, cfg.block_k, "int4_linear")
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
     common = dict(GROUP_SIZE=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     if cfg.kind == "gemm":
@@ -694,9 +699,10 @@ _AOT_MODELS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b
 def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, rows=(1, 8, 512),
                 models=_AOT_MODELS) -> list[LaunchConfig]:
     """The CUDA launches of the 7B/34B/70B linears (wqkv, wo, w13, w2) in bf16 and fp16, group 128, for
-    decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed
-    as the JIT would type them. Shapes that specialise alike share one entry, labelled with the first
-    shape that needed it. The arguments let tests compile other specialisations (fp32, groups 32/64)."""
+    decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on
+    meta tensors (H100's SM count), typed as the JIT would type them. Shapes that specialise alike share
+    one entry, labelled with the first shape that needed it. The arguments let tests compile other
+    specialisations (fp32, groups 32/64)."""
     from ..config import PRESETS
 
     configs = {}
