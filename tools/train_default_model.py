@@ -6,7 +6,8 @@
 
 Corpus: the `.py` files of the running interpreter's standard library (no site-packages, tests,
 generated codec tables or pydoc topics), split by a hash of each file's relative path into a training
-set and a held-out set (`corpus_split`). Tokenizer: SentencePiece BPE trained on the training files
+set and a held-out set (`corpus_split`); `--with-tests` adds the standard library's test suites to the
+training set (`test_suite_files`). Tokenizer: SentencePiece BPE trained on the training files
 (byte fallback, BOS 1 / EOS 2, CodeLlama's `▁<PRE>`/`▁<SUF>`/`▁<MID>`/`▁<EOT>` as control pieces).
 Objective: CodeLlama's — each chunk of source is, with probability `--fim-rate`, split into
 prefix/middle/suffix and written as PSM or SPM exactly as `Tokenizer.encode_infill` builds prompts
@@ -53,6 +54,11 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def held_out(rel: Path) -> bool:
+    """Whether the file at `rel` (relative to the standard library) is held out: by a hash of the path."""
+    return int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16) % 1000 < HELD_OUT_PER_MILLE
+
+
 def corpus_split(root: Path | None = None) -> tuple[list[Path], list[Path]]:
     """(training files, held-out files) of the standard library, each sorted by relative path."""
     root = root or stdlib_root()
@@ -61,8 +67,7 @@ def corpus_split(root: Path | None = None) -> tuple[list[Path], list[Path]]:
         rel = f.relative_to(root)
         if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
             continue
-        digest = int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16)
-        (held if digest % 1000 < HELD_OUT_PER_MILLE else train).append(f)
+        (held if held_out(rel) else train).append(f)
     return train, held
 
 
@@ -74,11 +79,9 @@ def test_suite_files(root: Path | None = None) -> list[Path]:
     excluded = EXCLUDED_DIRS - set(TEST_DIRS)
     out = []
     for f in sorted(root.rglob("*.py")):
-        parts = f.relative_to(root).parts[:-1]
-        if excluded.intersection(parts) or not set(TEST_DIRS).intersection(parts):
-            continue
-        digest = int(hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest(), 16)
-        if digest % 1000 < HELD_OUT_PER_MILLE:
+        rel = f.relative_to(root)
+        if excluded.intersection(rel.parts[:-1]) or not set(TEST_DIRS).intersection(rel.parts[:-1]) \
+                or held_out(rel):
             continue
         try:
             ast.parse(read_source(f))
