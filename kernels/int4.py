@@ -313,6 +313,18 @@ def _k_block_dot(acc, x_ptrs, m_mask, qw_ptrs, QZ, S, k0, offs_n, n_mask, N,
     return acc
 
 
+@triton.jit
+def _gemv_program(QW, N, K, k_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This GEMV program's columns (offs_n, n_mask), its K range (k_start, k_end) and the pointers of its
+    first [BLOCK_K / 8, BLOCK_N] qweight tile: grid (column blocks, K splits)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    return offs_n, n_mask, offs_r, k_start, k_end, QW + offs_r[:, None] * N + offs_n[None, :]
+
+
 @kernel(do_not_specialize=["k_per_split", "float_bias"])
 def _int4_gemv_kernel(
     X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
@@ -323,15 +335,8 @@ def _int4_gemv_kernel(
     PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = tl.arange(0, BLOCK_K // 8)
+    offs_n, n_mask, offs_r, k_start, k_end, qw_ptrs = _gemv_program(QW, N, K, k_per_split, BLOCK_N, BLOCK_K)
     DTYPE: tl.constexpr = X.dtype.element_ty
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    qw_ptrs = QW + offs_r[:, None] * N + offs_n[None, :]
 
     if BLOCK_M == 1:
         # nibble plane j of the tile is input rows k0 + 8r + j: dequantized in the layout qw was loaded
@@ -371,7 +376,7 @@ def _int4_gemv_kernel(
 
     mask = (offs_m[:, None] < M) & n_mask[None, :]
     if WRITE_PARTIALS:
-        rows = (pid_k * M + offs_m).to(tl.int64)
+        rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
         tl.store(Part + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
     else:
         out = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -421,7 +426,7 @@ def _int4_gemv_mma_kernel(
     X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
     M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
-    ASM: tl.constexpr, PDL: tl.constexpr = False,
+    BIAS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,  # BIAS: MMA_FLOAT_BIAS[x.dtype][1]
 ):
     """Up to 16 rows of x against BLOCK_N output columns, K tiles of BLOCK_K = 128 (inside one group).
     out^T = W x^T with the weight as the A operand, so its dequantized tile goes from the registers it
@@ -431,21 +436,13 @@ def _int4_gemv_mma_kernel(
     (`_nibble_plane`), so per group and column: sum_k (q_k - z) x_k = part - (bias + z) sum_k x_k, then
     times the scale, in fp32 (fp16: see ZERO_IN_PLANES)."""
     pdl_prologue(PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = tl.arange(0, BLOCK_K // 8)
+    offs_n, n_mask, offs_r, k_start, k_end, qw_ptrs = _gemv_program(QW, N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, 16)
     m_mask = offs_m < M
     DTYPE: tl.constexpr = X.dtype.element_ty
-    BIAS: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
     # fp16's bias of 1024 would cost the fp32 sums 10 bits (a tenth of fp16 results off by one ulp), so
     # fp16 subtracts bias + z from the planes (exact, half an instruction a weight); bf16's 128 costs 7.
     ZERO_IN_PLANES: tl.constexpr = DTYPE == tl.float16
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    qw_ptrs = QW + offs_r[:, None] * N + offs_n[None, :]
     x_ptrs = X + offs_m[None, :].to(tl.int64) * stride_xm + offs_r[:, None] * 8  # [16 (r), 16 (m)]
 
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
@@ -476,7 +473,7 @@ def _int4_gemv_mma_kernel(
 
     mask = n_mask[:, None] & m_mask[None, :]
     if WRITE_PARTIALS:
-        rows = (pid_k * M + offs_m).to(tl.int64)
+        rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
         tl.store(Part + rows[None, :] * N + offs_n[:, None], acc, mask=mask)
     else:
         out = Out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
@@ -653,7 +650,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     if cfg.kind == "gemv_mma":
         launches = [(_int4_gemv_mma_kernel, grid, args[:-1],
                      dict(GROUP_SIZE=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WRITE_PARTIALS=cfg.split_k > 1,
-                          ASM=on_cuda), cfg.num_warps, cfg.num_stages)]
+                          BIAS=MMA_FLOAT_BIAS[x.dtype][1], ASM=on_cuda), cfg.num_warps, cfg.num_stages)]
     else:
         launches = [(_int4_gemv_kernel, grid, args, dict(**common, WRITE_PARTIALS=cfg.split_k > 1, **flags),
                      cfg.num_warps, cfg.num_stages)]
