@@ -112,13 +112,17 @@ def test_rows_start_at_examples_and_hold_whole_examples_then_a_head():
     assert pos >= len(examples) - 2  # only a final partial row is left out
 
 
-def test_infill_probe_cases_are_psm_prompts_with_their_plain_twins(tiny):
+def test_infill_probe_cases_are_psm_and_spm_prompts_with_their_plain_twins(tiny):
     _, held = tdm.corpus_split()
     cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=4000, n=5)
     assert len(cases) == 5
-    for prompt, middle, plain_pre, plain, n_chars in cases:
+    for prompt, middle, plain_pre, plain, n_chars, spm_prompt in cases:
         assert prompt[:2] == [tiny.bos_id, tiny.prefix_id] and prompt[-1] == tiny.middle_id
         assert plain[:len(plain_pre)] == plain_pre and len(tiny.decode_infill(middle)) == n_chars
+        # SPM: the suffix's ids, then the prefix's (those of the plain twin after BOS)
+        suffix_ids = prompt[prompt.index(tiny.suffix_id) + 1:-1]
+        assert spm_prompt == [tiny.bos_id, tiny.prefix_id, tiny.suffix_id] + suffix_ids + [tiny.middle_id] \
+            + prompt[2:prompt.index(tiny.suffix_id)]
 
 
 def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
@@ -135,6 +139,8 @@ def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
     assert got["prefix_only_nats_per_char"] == pytest.approx(
         log_v * sum(len(c[3]) - len(c[2]) for c in cases) / chars, rel=1e-4)
     assert got["eot_nats"] == pytest.approx(log_v, rel=1e-4)
+    assert got["spm_nats_per_char"] == pytest.approx(got["psm_nats_per_char"], rel=1e-4)
+    assert got["spm_eot_nats"] == pytest.approx(log_v, rel=1e-4)
     assert tdm.infill_probe(model, [], tiny.eot_id) is None
 
 

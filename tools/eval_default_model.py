@@ -157,12 +157,17 @@ def phases(training: dict) -> list[dict]:
     return earlier + [training]
 
 
+def _probe_cells(p: dict | None) -> str:
+    """The PSM and SPM probe cells of a log row ('-' where a phase's probe did not score them)."""
+    psm = f"{p['psm_nats_per_char']:.3f} / {p['prefix_only_nats_per_char']:.3f} / {p['eot_nats']:.2f}" if p else "-"
+    spm = f"{p['spm_nats_per_char']:.3f} / {p['spm_eot_nats']:.2f}" if p and "spm_eot_nats" in p else "-"
+    return f"{psm} | {spm} |"
+
+
 def phase_text(k: int, r: dict) -> str:
     o, opt = r["objective"], r["optimizer"]
     log = "\n".join(f"| {e['step']} | {e['minutes']:.1f} | {e['train_loss']:.3f} | {e['held_out_loss']:.3f} | "
-                    + (f"{e['infill_probe']['psm_nats_per_char']:.3f} / {e['infill_probe']['prefix_only_nats_per_char']:.3f}"
-                       f" / {e['infill_probe']['eot_nats']:.2f} |" if e.get("infill_probe") else "- |")
-                    for e in r["log"])
+                    + _probe_cells(e.get("infill_probe")) for e in r["log"])
     packing = ("rows start at an example: whole examples, then the head of the next one (its tail dropped)"
                if o.get("packing") else "examples concatenated and cut into rows (a row may start inside one)")
     return f"""### Phase {k}
@@ -179,8 +184,8 @@ def phase_text(k: int, r: dict) -> str:
   {r.get('sessions', 1)} session(s). Final training loss {r['final_train_loss']:.3f}; held-out loss (all
   held-out files, fp32 weights) {r['held_out_loss_fp32_train_model']:.3f}.
 
-| step | minutes | train loss | held-out loss (48-row sample) | infill probe: middle nats/char with suffix / prefix only / `<EOT>` nats |
-|---|---|---|---|---|
+| step | minutes | train loss | held-out loss (48-row sample) | infill probe, PSM: middle nats/char with suffix / prefix only / `<EOT>` nats | SPM: middle nats/char / `<EOT>` nats |
+|---|---|---|---|---|---|
 {log}
 """
 
@@ -226,7 +231,8 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   examples are built exactly as `Tokenizer.encode_infill` builds prompts, followed by the middle (no
   leading space) and `<EOT>`, and packed into rows without attention masking between them. The infill
   probe scores 24 one-line holes in held-out chunks: a middle cheaper with its suffix in view (PSM) than
-  after its prefix alone means the model uses the suffix.
+  after its prefix alone means the model uses the suffix; the SPM columns score the same holes in SPM
+  order ('-' for phases trained before the probe scored SPM).
 - {len(runs)} phase(s), {sum(r['train_minutes'] for r in runs):.0f} minutes of training steps in all on a
   2-core CPU; the tokenizer is trained on the training files first (seconds).
 

@@ -184,7 +184,7 @@ def rows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
 def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_len: int, n: int = 24,
                        seed: int = 0):
     """Up to n one-line holes in chunks of `files`: (PSM prompt ids, middle ids, BOS+prefix ids,
-    prefix+middle ids, middle chars), each at most max_len tokens long, for `infill_probe`."""
+    prefix+middle ids, middle chars, SPM prompt ids), each at most max_len tokens long, for `infill_probe`."""
     rng = random.Random(seed)
     parts = [c for f in files for c in chunks(read_source(f), max_chars)]
     cases = []
@@ -199,30 +199,34 @@ def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_le
         if len(middle.strip()) < 3 or plain[:len(plain_pre)] != plain_pre or \
                 max(len(prompt) + len(mid_ids) + 1, len(plain)) > max_len:
             continue
-        cases.append((prompt, mid_ids, plain_pre, plain, len(middle)))
+        spm_prompt = tok.encode_infill(prefix, suffix, suffix_first=True)  # as long as the PSM prompt
+        cases.append((prompt, mid_ids, plain_pre, plain, len(middle), spm_prompt))
     return cases
 
 
 @torch.no_grad()
 def infill_probe(model: Transformer, cases, eot_id: int) -> dict | None:
     """Whether the model uses the suffix: nats per character of the held-out middles after a PSM prompt
-    vs after their prefix alone (plain causal), and the mean nats of `<EOT>` right after the middle.
-    None without cases (a context too short for any)."""
+    vs after their prefix alone (plain causal), and the mean nats of `<EOT>` right after the middle;
+    the same two for SPM prompts. None without cases (a context too short for any)."""
     if not cases:
         return None
 
     def nll(ids: list[int], start: int) -> torch.Tensor:
         logits = forward(model, torch.tensor([ids[:-1]]))[0, start - 1:].float()
         return F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
-    psm = causal = eot = chars = 0.0
-    for prompt, middle, plain_pre, plain, n_chars in cases:
+    psm = causal = eot = spm = spm_eot = chars = 0.0
+    for prompt, middle, plain_pre, plain, n_chars, spm_prompt in cases:
         scored = nll(prompt + middle + [eot_id], len(prompt))
         psm += scored[:-1].sum().item()
         eot += scored[-1].item()
+        scored = nll(spm_prompt + middle + [eot_id], len(spm_prompt))
+        spm += scored[:-1].sum().item()
+        spm_eot += scored[-1].item()
         causal += nll(plain, len(plain_pre)).sum().item()
         chars += n_chars
     return {"psm_nats_per_char": psm / chars, "prefix_only_nats_per_char": causal / chars,
-            "eot_nats": eot / len(cases)}
+            "eot_nats": eot / len(cases), "spm_nats_per_char": spm / chars, "spm_eot_nats": spm_eot / len(cases)}
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -451,7 +455,8 @@ def main(argv=None) -> None:
                                  "infill_probe": probe, "minutes": state["seconds"] / 60})
             print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
                   f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
-                  f"<EOT> {probe['eot_nats']:.2f} nats" or ""), flush=True)
+                  f"<EOT> {probe['eot_nats']:.2f} nats; SPM {probe['spm_nats_per_char']:.3f}, "
+                  f"<EOT> {probe['spm_eot_nats']:.2f} nats" or ""), flush=True)
         if state["step"] % a.save_every == 0:
             save()
         if a.max_minutes and time.time() - session_start > a.max_minutes * 60:
