@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels._triton import pdl_enabled
+from ..kernels.int4 import gemv_preference
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
@@ -58,7 +59,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     meta = environment()
     meta.update(mode="quick" if quick else "full", gpu_run=cuda, budget_s=budget.seconds, only=only,
                 engine_cuda_graphs_option=e2e.engine_has_graphs(),
-                pdl=cuda and pdl_enabled(torch.device("cuda")))
+                pdl=cuda and pdl_enabled(torch.device("cuda")), int4_gemv=gemv_preference())
     report = {"meta": meta, "plan": dataclasses.asdict(plan), "bandwidth_gbps": None, "bandwidth_method": None,
               "models": [], "decode": [], "ttft": [], "kernels": [], "resources": [], "problems": [], "bars": [],
               "skipped": [], "timings": {}, "plots": []}
@@ -334,6 +335,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
         f"programmatic dependent launch: {'on' if m.get('pdl') else 'off'}; "
+        f"int4 decode GEMV: {m.get('int4_gemv', 'fma')} (CODELLAMA_RT_INT4_GEMV); "
         f"load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end",
         "", "Random weights at the models' real shapes, greedy decoding, no stop tokens. The bound of a decode row"
         " is batch / (bytes one step reads / measured bandwidth): the weights it multiplies by (the embedding table"
