@@ -118,6 +118,35 @@ def pdl_prologue(PDL: tl.constexpr):
         gdc_wait()
 
 
+# ---- experiments -------------------------------------------------------------------------------
+#
+# Kernel paths that are built and tested (interpreter, AOT compile, `gpu` tests) but not yet the default,
+# because no GPU run has measured them against the path they would replace. CODELLAMA_RT_EXPERIMENTS,
+# a comma-separated list of the names below, turns them on; bench/gpu_session.sh reruns the 7B rows
+# with all of them so one device call measures both.
+
+EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
+EXPERIMENTS = {
+    "int4_mma": "int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)",
+}
+
+
+def experiments_on() -> list[str]:
+    """The experiments CODELLAMA_RT_EXPERIMENTS turns on, sorted; ValueError naming an unknown one."""
+    names = {n.strip() for n in os.environ.get(EXPERIMENTS_ENV, "").split(",") if n.strip()}
+    unknown = sorted(names - EXPERIMENTS.keys())
+    if unknown:
+        raise ValueError(f"{EXPERIMENTS_ENV}: unknown experiment(s) {', '.join(unknown)}; "
+                         f"expected some of {', '.join(EXPERIMENTS)}")
+    return sorted(names)
+
+
+def experiment(name: str) -> bool:
+    """Whether experiment `name` (a key of EXPERIMENTS) is on."""
+    assert name in EXPERIMENTS, name
+    return name in experiments_on()
+
+
 class _PDLLaunch:
     """`jit[grid](...)` with PDL=True and the PDL launch attribute."""
 

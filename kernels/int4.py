@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
 
 
 @dataclass
@@ -273,10 +272,6 @@ FLOAT_BIAS_BITS = 0x4B000000  # the fp32 2^23: OR-ed with a nibble q (< 2^23) it
 _MAX_SPLIT_K = 16
 _GEMV_MAX_M = 16
 _REDUCE_BLOCK = 1024
-# Which GEMV decode rows (M <= 16) get by default: "fma" (the shipped kernels) or "mma" (the tensor-core
-# GEMV, where it can run: 16-bit x, groups of a multiple of 128). An environment switch, like
-# CODELLAMA_RT_PDL, so one GPU run can measure both end to end (bench/gpu_session.sh).
-GEMV_ENV = "CODELLAMA_RT_INT4_GEMV"
 
 
 @triton.jit
@@ -582,9 +577,9 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
     kind="gemv_mma" asks for `_int4_gemv_mma_kernel` (M <= 16, 16-bit x, group a multiple of 128): 256
     columns, 4 warps, 3 stages, split as the gemv. Not the default until a GPU run measures it
     (bench/gemv_sweep.py); sm_90 SASS loop: 2.6 instructions a weight (fp16 3.0) against the FMA path's 4.8.
-    With CODELLAMA_RT_INT4_GEMV=mma it is what kind=None gives where it can run.
+    With the experiment "int4_mma" on (`_triton.EXPERIMENTS`) it is what kind=None gives where it can run.
     """
-    if kind is None and M <= _GEMV_MAX_M and gemv_preference() == "mma" and dtype in MMA_FLOAT_BIAS \
+    if kind is None and M <= _GEMV_MAX_M and experiment("int4_mma") and dtype in MMA_FLOAT_BIAS \
             and group_size % MMA_BLOCK_K == 0:
         kind = "gemv_mma"
     if kind == "gemv_mma":
@@ -609,14 +604,6 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
     if M > 64:
         return Int4Launch("gemm", 128, 128, min(64, pow2_of_group), 1, num_warps=8, num_stages=3)
     return Int4Launch("gemm", 64, 128, min(64, pow2_of_group), 1, num_warps=4, num_stages=3)
-
-
-def gemv_preference() -> str:
-    """"fma" or "mma": the GEMV that decode rows get by default (`GEMV_ENV`; "fma" when unset)."""
-    value = os.environ.get(GEMV_ENV, "fma")
-    if value not in ("fma", "mma"):
-        raise ValueError(f"{GEMV_ENV}={value!r} is invalid: expected 'fma' or 'mma'")
-    return value
 
 
 # ---- launcher --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from codellama_rt.quant import model_weight_bytes, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "source_digest",
-             "date", "mode", "pdl", "int4_gemv"}
+             "date", "mode", "pdl", "experiments"}
 REPORT_KEYS = {"meta", "plan", "bandwidth_gbps", "bandwidth_method", "models", "decode", "ttft", "kernels",
                "resources", "problems", "bars", "skipped", "timings", "plots"}
 

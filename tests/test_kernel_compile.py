@@ -44,6 +44,23 @@ def test_decode_kernels_use_pdl_on_hopper_only():
         assert "griddepcontrol" not in compile_kernel(cfg, 80).asm["ptx"], name
 
 
+def test_experiments_switch(monkeypatch):
+    """CODELLAMA_RT_EXPERIMENTS: a comma list of known names (spaces and empty items ignored); an unknown
+    name is refused with the known ones listed."""
+    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV, experiment, experiments_on
+
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    assert experiments_on() == [] and not any(experiment(n) for n in EXPERIMENTS)
+    names = sorted(EXPERIMENTS)
+    monkeypatch.setenv(EXPERIMENTS_ENV, " , ".join(reversed(names)) + ",")
+    assert experiments_on() == names and all(experiment(n) for n in names)
+    monkeypatch.setenv(EXPERIMENTS_ENV, names[0])
+    assert [n for n in names if experiment(n)] == names[:1]
+    monkeypatch.setenv(EXPERIMENTS_ENV, f"{names[0]},fast_please")
+    with pytest.raises(ValueError, match=f"CODELLAMA_RT_EXPERIMENTS: unknown experiment.*fast_please.*{names[0]}"):
+        experiments_on()
+
+
 def test_pdl_switch(monkeypatch):
     import torch
 

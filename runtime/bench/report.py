@@ -23,8 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels._triton import pdl_enabled
-from ..kernels.int4 import gemv_preference
+from ..kernels._triton import experiments_on, pdl_enabled
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
@@ -59,12 +58,13 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     meta = environment()
     meta.update(mode="quick" if quick else "full", gpu_run=cuda, budget_s=budget.seconds, only=only,
                 engine_cuda_graphs_option=e2e.engine_has_graphs(),
-                pdl=cuda and pdl_enabled(torch.device("cuda")), int4_gemv=gemv_preference())
+                pdl=cuda and pdl_enabled(torch.device("cuda")), experiments=experiments_on())
     report = {"meta": meta, "plan": dataclasses.asdict(plan), "bandwidth_gbps": None, "bandwidth_method": None,
               "models": [], "decode": [], "ttft": [], "kernels": [], "resources": [], "problems": [], "bars": [],
               "skipped": [], "timings": {}, "plots": []}
     device = "cuda" if cuda else "cpu"
-    log(f"bench: {meta['card']}, {meta['mode']} mode, budget {budget.seconds:.0f} s")
+    log(f"bench: {meta['card']}, {meta['mode']} mode, budget {budget.seconds:.0f} s, "
+        f"experiments: {', '.join(meta['experiments']) or 'none'}")
     t0 = time.monotonic()
     report["bandwidth_gbps"], report["bandwidth_method"] = memory_bandwidth(device)
     report["timings"]["bandwidth"] = time.monotonic() - t0
@@ -335,7 +335,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
         f"programmatic dependent launch: {'on' if m.get('pdl') else 'off'}; "
-        f"int4 decode GEMV: {m.get('int4_gemv', 'fma')} (CODELLAMA_RT_INT4_GEMV); "
+        f"experiments (CODELLAMA_RT_EXPERIMENTS): {', '.join(m.get('experiments') or []) or 'none'}; "
         f"load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end",
         "", "Random weights at the models' real shapes, greedy decoding, no stop tokens. The bound of a decode row"
         " is batch / (bytes one step reads / measured bandwidth): the weights it multiplies by (the embedding table"

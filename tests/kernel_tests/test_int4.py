@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from codellama_rt.kernels import int4 as mod
-from codellama_rt.kernels._triton import launch_config
+from codellama_rt.kernels._triton import EXPERIMENTS_ENV, launch_config
 from codellama_rt.kernels.int4 import (Int4Weight, dequantize_int4, int4_launch, int4_linear, int4_linear_ref,
                                        quantize_int4, unpack_gptq)
 from tolerances import assert_close, assert_error_within_torch
@@ -412,15 +412,13 @@ def test_int4_gemv_mma_refuses_what_it_cannot_run(M, dtype, group_size, match):
         int4_launch(1, 64, 256, 128, torch.bfloat16, kind="mma")
 
 
-def test_gemv_preference_switch(monkeypatch):
-    """CODELLAMA_RT_INT4_GEMV=mma gives decode rows the tensor-core GEMV where it can run (and only there);
-    unset or "fma" keeps the shipped kernels; anything else is refused, naming the variable."""
+def test_int4_mma_experiment_switch(monkeypatch):
+    """The experiment "int4_mma" gives decode rows the tensor-core GEMV where it can run (and only there);
+    off, the shipped kernels."""
     bf16 = torch.bfloat16
-    monkeypatch.delenv(mod.GEMV_ENV, raising=False)
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     assert int4_launch(1, 4096, 4096, 128, bf16).kind == "gemv"
-    monkeypatch.setenv(mod.GEMV_ENV, "fma")
-    assert int4_launch(8, 4096, 4096, 128, bf16).kind == "gemv"
-    monkeypatch.setenv(mod.GEMV_ENV, "mma")
+    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
     for M in (1, 8, 16):
         assert int4_launch(M, 4096, 4096, 128, bf16) == int4_launch(M, 4096, 4096, 128, bf16, kind="gemv_mma")
     assert int4_launch(1, 4096, 4096, 128, torch.float16).kind == "gemv_mma"
@@ -428,18 +426,16 @@ def test_gemv_preference_switch(monkeypatch):
     assert int4_launch(1, 4096, 4096, 128, torch.float32).kind == "gemv"  # no fp32 tensor-core GEMV
     assert int4_launch(1, 4096, 4096, 64, bf16).kind == "gemv"  # groups smaller than its K tile
     assert int4_launch(1, 4096, 4096, 128, bf16, kind="gemv").kind == "gemv"  # an explicit kind wins
-    monkeypatch.setenv(mod.GEMV_ENV, "tensor")
-    with pytest.raises(ValueError, match="CODELLAMA_RT_INT4_GEMV='tensor'"):
-        int4_launch(1, 4096, 4096, 128, bf16)
 
 
-def test_int4_linear_with_mma_preference_runs_the_mma_kernel(monkeypatch):
-    """The switch reaches `int4_linear` without a launch argument: the same bits as asking for gemv_mma."""
+def test_int4_linear_with_the_mma_experiment_runs_the_mma_kernel(monkeypatch):
+    """The experiment reaches `int4_linear` without a launch argument: the same bits as asking for gemv_mma."""
     w = quantize_int4(_weight(136, 384, seed=11, dtype=torch.bfloat16), group_size=128)
     x = torch.randn(3, 384, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = int4_linear(x, w, int4_launch(3, 136, 384, 128, torch.bfloat16, on_cuda=False, kind="gemv_mma"))
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     fma = int4_linear(x, w)
-    monkeypatch.setenv(mod.GEMV_ENV, "mma")
+    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
     got = int4_linear(x, w)
     assert torch.equal(got, want)
     assert not torch.equal(fma, want)  # the kernels round differently, so the switch is seen
