@@ -128,6 +128,7 @@ def pdl_prologue(PDL: tl.constexpr):
 EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
 EXPERIMENTS = {
     "int4_mma": "int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)",
+    "norm_gemv": "batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV (kernels/gemv.py)",
 }
 
 

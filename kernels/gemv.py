@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
+from .rms_norm import rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,13 +39,19 @@ def linear_swiglu_ref(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
 
 @kernel
 def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-strided; out [N]
+                 R, NW, H, eps,  # NORM only: residual [K] (HAS_RESIDUAL), norm weight [K], new residual [K]
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
+                 SWIGLU: tl.constexpr = False, NORM: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     """out[n] = sum_k W[n, k] x[k], products and sums in fp32, rounded once to the output dtype.
     One program per BLOCK_N rows of W, walking K in BLOCK_K columns; partial sums stay elementwise
     in registers and are reduced once at the end.
     SWIGLU: W is [2N, K] = [gate; up]; the program also walks the up rows n + N and writes
-    silu(gate) * up with the steps of the unfused path (each projection rounded, then `_swiglu_kernel`'s)."""
+    silu(gate) * up with the steps of the unfused path (each projection rounded, then `_swiglu_kernel`'s).
+    NORM: the operand is RMSNorm(x + residual) * NW (RMSNorm of x alone without HAS_RESIDUAL) in one pass:
+    h = x + residual rounded to the io dtype (program 0 stores it to H, the new residual stream), the
+    products take h * NW in fp32, and the sums of squares of h, gathered on the way, give the per-row
+    1 / rms that scales the fp32 sums at the end (no rounding of the normalised operand)."""
     pdl_prologue(PDL)
     pid = tl.program_id(0)
     DTYPE: tl.constexpr = Out.dtype.element_ty
@@ -55,23 +62,38 @@ def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-s
     up_ptrs = w_ptrs + N.to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + offs_k < K
         if EVEN_K:
             w_mask = n_mask[:, None]
             x = tl.load(X + k0 + offs_k)
         else:
-            k_mask = k0 + offs_k < K
             w_mask = n_mask[:, None] & k_mask[None, :]
             x = tl.load(X + k0 + offs_k, mask=k_mask, other=0.0)
         w = tl.load(w_ptrs + k0, mask=w_mask, other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x32 = x.to(tl.float32)
+        if NORM:
+            if HAS_RESIDUAL:
+                r = tl.load(R + k0 + offs_k, mask=k_mask, other=0.0)
+                h = (x32 + r.to(tl.float32)).to(DTYPE)  # rounded once, as PyTorch's io-dtype add
+                tl.store(H + k0 + offs_k, h, mask=k_mask & (pid == 0))
+                x32 = h.to(tl.float32)
+            squares += x32 * x32
+            x32 = x32 * tl.load(NW + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x32[None, :]
         if SWIGLU:
             w_up = tl.load(up_ptrs + k0, mask=w_mask, other=0.0, eviction_policy="evict_first")
-            acc_up += w_up.to(tl.float32) * x.to(tl.float32)[None, :]
+            acc_up += w_up.to(tl.float32) * x32[None, :]
     y = tl.sum(acc, 1)
+    y_up = tl.sum(acc_up, 1)
+    if NORM:  # IEEE fp32 for the per-row scalar, as `_rms_norm_kernel`
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 0), tl.cast(K, tl.float32)) + eps))
+        y = y * rstd
+        y_up = y_up * rstd
     if SWIGLU:
         gate = y.to(DTYPE).to(tl.float32)
-        up = tl.sum(acc_up, 1).to(DTYPE).to(tl.float32)
+        up = y_up.to(DTYPE).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(DTYPE)
         y = act.to(tl.float32) * up
     tl.store(Out + offs_n, y.to(DTYPE), mask=n_mask)
@@ -90,24 +112,40 @@ class GemvLaunch:
 CUDA_LAUNCH = GemvLaunch(block_n=2, block_k=1024, num_warps=4, num_stages=3)
 # With the SwiGLU epilogue a program reads the same two weight rows, one gate and one up row.
 SWIGLU_CUDA_LAUNCH = GemvLaunch(block_n=1, block_k=1024, num_warps=4, num_stages=3)
+# With the RMSNorm prologue every program also reads the residual and the norm weight and squares h: four
+# weight rows a program (not yet measured) spread that over twice the weights of the plain tiles.
+NORM_CUDA_LAUNCH = GemvLaunch(block_n=4, block_k=1024, num_warps=4, num_stages=3)
+NORM_SWIGLU_CUDA_LAUNCH = GemvLaunch(block_n=2, block_k=1024, num_warps=4, num_stages=3)
 # The interpreter pays per program, not per byte: wide row blocks keep the CPU tests fast.
 INTERPRETER_LAUNCH = GemvLaunch(block_n=64, block_k=512, num_warps=4, num_stages=1)
 
 
-def gemv_launch(on_cuda: bool, swiglu: bool = False) -> GemvLaunch:
-    """The one place the tile is picked: CUDA_LAUNCH (SWIGLU_CUDA_LAUNCH with the SwiGLU epilogue) on a
-    GPU, INTERPRETER_LAUNCH in the interpreter."""
+def gemv_launch(on_cuda: bool, swiglu: bool = False, norm: bool = False) -> GemvLaunch:
+    """The one place the tile is picked: on a GPU CUDA_LAUNCH, SWIGLU_CUDA_LAUNCH with the SwiGLU epilogue,
+    NORM_*_CUDA_LAUNCH with the RMSNorm prologue; INTERPRETER_LAUNCH in the interpreter."""
     if not on_cuda:
         return INTERPRETER_LAUNCH
+    if norm:
+        return NORM_SWIGLU_CUDA_LAUNCH if swiglu else NORM_CUDA_LAUNCH
     return SWIGLU_CUDA_LAUNCH if swiglu else CUDA_LAUNCH
 
 
+@dataclass(frozen=True)
+class NormInput:
+    """The RMSNorm in front of a projection: the operand is rms_norm(x + residual) * weight."""
+
+    residual: torch.Tensor | None  # [..., K] like x, or None (the first layer's norm)
+    weight: torch.Tensor           # [K] in x's dtype
+    eps: float
+
+
 def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on_cuda: bool | None = None,
-             swiglu: bool = False):
-    """Check the arguments, allocate the output and build the launch: (out, (grid, args, constexprs,
-    num_warps, num_stages)), or (zeros, None) when there is nothing to compute. Runs on meta tensors too
-    (see `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]."""
-    who = "gemv_swiglu" if swiglu else "gemv"
+             swiglu: bool = False, norm: NormInput | None = None):
+    """Check the arguments, allocate the outputs and build the launch: (out, h, (grid, args, constexprs,
+    num_warps, num_stages)), or (out, h, None) when there is nothing to launch. h is the new residual
+    stream with `norm` (x itself without a residual), else None. Runs on meta tensors too (see
+    `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]."""
+    who = ("norm_" if norm else "") + ("gemv_swiglu" if swiglu else "gemv")
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"{who}: w must be a 2-d [N, K] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
@@ -124,18 +162,39 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on
         raise ValueError(f"{who}: x on {x.device}, w on {w.device}")
     if K > 0 and w.stride(1) != 1:
         raise ValueError(f"{who}: w must have unit stride along K, got strides {w.stride()}")
+    h = None
+    if norm is not None:
+        nw, res = norm.weight, norm.residual
+        if nw.shape != (K,) or nw.dtype != x.dtype or not nw.is_contiguous() or nw.device != x.device:
+            raise ValueError(f"{who}: norm weight must be a contiguous [{K}] {x.dtype} tensor on {x.device}, got "
+                             f"{tuple(nw.shape)} {nw.dtype} on {nw.device}")
+        if res is not None and (res.shape != x.shape or res.dtype != x.dtype or res.device != x.device):
+            raise ValueError(f"{who}: residual must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
+                             f"{tuple(res.shape)} {res.dtype} on {res.device}")
+        if not norm.eps > 0:
+            raise ValueError(f"{who}: eps must be > 0, got {norm.eps}")
+        if K == 0:
+            raise ValueError(f"{who}: RMSNorm of an empty row (K = 0) is undefined")
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if res is not None else x
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     if N == 0:
-        return out, None
+        if h is not None and h is not x:  # nothing to project, but the residual stream is owed
+            h.copy_(x + norm.residual)
+        return out, h, None
     if K == 0:  # the projection is 0; silu(0) * 0 = 0 too
-        return out.zero_(), None
+        return out.zero_(), h, None
     x1 = as_rows(x, K, f"{who}: x")
+    norm_args = (x1, x1, x1, 0.0)  # unused pointers without NORM
+    if norm is not None:
+        res = as_rows(norm.residual, K, f"{who}: residual") if norm.residual is not None else x1
+        norm_args = (res, norm.weight, h.view(K), float(norm.eps))
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    cfg = cfg or gemv_launch(on_cuda, swiglu)
+    cfg = cfg or gemv_launch(on_cuda, swiglu, norm is not None)
     grid = (triton.cdiv(N, cfg.block_n),)
-    args = (x1, w, out, N, K, w.stride(0))
-    constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu)
-    return out, (grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+    args = (x1, w, out, N, K, w.stride(0)) + norm_args
+    constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu,
+                      NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None)
+    return out, h, (grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None) -> torch.Tensor:
@@ -146,22 +205,33 @@ def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None) -> tor
     Returns a new contiguous [..., N] tensor in x's dtype. cfg: a tile other than `gemv_launch`'s (tests).
     CUDA tensors run the compiled kernel, CPU tensors Triton's interpreter.
     """
-    return _run(x, *_prepare(x, w, cfg))
+    return _run(x, *_prepare(x, w, cfg))[0]
 
 
 def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, cfg: GemvLaunch | None = None) -> torch.Tensor:
     """Triton silu(gate) * up of the projection W13 x, W13 = [gate; up] ([2F, K]), in one kernel: the same
     values as `swiglu` applied to `gemv`'s output with the same tile (each projection rounded to x's dtype,
     then silu in fp32 rounded, times up rounded). Arguments as `gemv`; returns a new [..., F] tensor."""
-    return _run(x, *_prepare(x, w13, cfg, swiglu=True))
+    return _run(x, *_prepare(x, w13, cfg, swiglu=True))[0]
 
 
-def _run(x: torch.Tensor, out: torch.Tensor, launch) -> torch.Tensor:
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              w: torch.Tensor, swiglu: bool = False, cfg: GemvLaunch | None = None):
+    """Triton W rms_norm(x + residual) * norm_weight (`gemv`, or `gemv_swiglu` with swiglu) in one kernel,
+    -> (y, h): y as `gemv` / `gemv_swiglu`; h = x + residual rounded to x's dtype (a new tensor), or x
+    itself without a residual. x, residual: one row [..., K]; norm_weight: [K] contiguous; all x's dtype.
+    Numerics: `norm_linear_ref`'s, except that the normalised operand is not rounded to x's dtype (the
+    1 / rms scales the fp32 sums instead), so the result is nearer the exact one."""
+    out, h, launch = _prepare(x, w, cfg, swiglu=swiglu, norm=NormInput(residual, norm_weight, eps))
+    return _run(x, out, h, launch)[:2]
+
+
+def _run(x: torch.Tensor, out: torch.Tensor, h, launch):
     if launch is not None:
         grid, args, constexprs, num_warps, num_stages = launch
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _gemv_kernel.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-    return out
+    return out, h
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -185,6 +255,25 @@ def linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     return swiglu(gate, up)
 
 
+def norm_linear_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: torch.Tensor, swiglu: bool = False):
+    """A pre-norm projection: (linear or linear_swiglu of rms_norm(x + residual) * norm_weight, h), h the
+    new residual stream (`rms_norm_ref`'s). x, residual [..., K]; norm_weight [K]; w [N, K] ([2F, K])."""
+    normed, h = rms_norm_ref(x, norm_weight, eps, residual)
+    return (linear_swiglu_ref(normed, w) if swiglu else F.linear(normed, w)), h
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                w: torch.Tensor, swiglu: bool = False):
+    """The Triton backend's pre-norm projection, `norm_linear_ref`'s contract: the `rms_norm` kernel, then
+    `linear` / `linear_swiglu`; with the experiment "norm_gemv" on, where those take the GEMV, one
+    `norm_gemv` kernel instead of two."""
+    if experiment("norm_gemv") and _one_row_on_cuda(x, w) and (not swiglu or w.shape[0] % 2 == 0):
+        return norm_gemv(x, residual, norm_weight, eps, w, swiglu)
+    normed, h = rms_norm(x, norm_weight, eps, residual)
+    return (linear_swiglu(normed, w) if swiglu else linear(normed, w)), h
+
+
 def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and x.numel() == x.shape[-1] and w.dim() == 2 and w.dtype == x.dtype and w.stride(-1) == 1
 
@@ -192,8 +281,9 @@ def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
 def aot_configs() -> list[LaunchConfig]:
-    """The CUDA launches of the 7B/34B/70B projections at one row (wqkv, wo, w13, w2 and the lm_head),
-    in bf16 and fp16: `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
+    """The CUDA launches of the 7B/34B/70B projections at one row (wqkv, wo, w13, w2 and the lm_head; wqkv
+    and w13 with the RMSNorm prologue too), in bf16 and fp16: `_prepare` on meta tensors. Shapes that
+    specialise alike share one entry."""
     from ..config import PRESETS
 
     configs = {}
@@ -204,13 +294,21 @@ def aot_configs() -> list[LaunchConfig]:
             for name, (n, k) in shapes.items():
                 x = torch.empty(1, k, dtype=dtype, device="meta")
                 w = torch.empty(n, k, dtype=dtype, device="meta")
+                nw = torch.empty(k, dtype=dtype, device="meta")
+                norms = [None]  # the pre-norm projections also with the RMSNorm prologue (the first layer's
+                if name in ("wqkv", "w13"):  # norm has no residual)
+                    norms += [NormInput(None, nw, 1e-5), NormInput(torch.empty_like(x), nw, 1e-5)]
                 for swiglu in (False, True) if name == "w13" else (False,):
-                    _, (_, args, constexprs, num_warps, num_stages) = _prepare(x, w, on_cuda=True, swiglu=swiglu)
-                    cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
-                    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                    if key not in configs:
-                        tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
-                        configs[key] = dataclasses.replace(
-                            cfg, label=f"{triton_dtype(dtype)} {tile}{' swiglu' if swiglu else ''}"
-                                       f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
+                    for norm in norms:
+                        _, _, (_, args, constexprs, num_warps, num_stages) = _prepare(x, w, on_cuda=True,
+                                                                                      swiglu=swiglu, norm=norm)
+                        cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps,
+                                            num_stages=num_stages)
+                        key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
+                        if key not in configs:
+                            tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
+                            extra = "" if norm is None else " norm" + ("+residual" if norm.residual is not None else "")
+                            configs[key] = dataclasses.replace(
+                                cfg, label=f"{triton_dtype(dtype)} {tile}{' swiglu' if swiglu else ''}{extra}"
+                                           f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
     return list(configs.values())

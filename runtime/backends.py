@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .kernels.attention_decode import attention_decode, attention_decode_ref
 from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
-from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref
+from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
 from .kernels.int4 import int4_linear, int4_linear_ref
 from .kernels.nf4 import nf4_linear, nf4_linear_ref
 from .kernels.rms_norm import rms_norm, rms_norm_ref
@@ -35,6 +35,8 @@ class Backend:
     swiglu: Callable      # (gate, up) -> silu(gate) * up
     linear: Callable      # (x [..., in], weight [out, in]) -> [..., out]
     linear_swiglu: Callable  # (x [..., in], w13 [2F, in] = [gate; up]) -> silu(gate) * up [..., F]
+    # a dense projection (swiglu: linear_swiglu) of rms_norm(x + residual) * norm_weight -> (y, new residual)
+    norm_linear: Callable  # (x, residual | None, norm_weight [in], eps, weight, swiglu=False)
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
 
@@ -50,12 +52,14 @@ BACKENDS: dict[str, Backend] = {
         swiglu=swiglu_ref,
         linear=F.linear,
         linear_swiglu=linear_swiglu_ref,
+        norm_linear=norm_linear_ref,
         linear_nf4=nf4_linear_ref,
         linear_int4=int4_linear_ref,
     ),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
-    # in), torch (cuBLAS) otherwise; 4-bit weights use the fused dequant-matmul kernels.
+    # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
+    # otherwise; 4-bit weights use the fused dequant-matmul kernels.
     "triton": Backend(
         name="triton",
         rms_norm=rms_norm,
@@ -66,6 +70,7 @@ BACKENDS: dict[str, Backend] = {
         swiglu=swiglu,
         linear=gemv_or_matmul,
         linear_swiglu=linear_swiglu,
+        norm_linear=norm_linear,
         linear_nf4=nf4_linear,
         linear_int4=int4_linear,
     ),

@@ -36,6 +36,10 @@ class Linear(nn.Module):
         """silu(gate) * up of this projection's output, its rows being [gate; up] (w13): [..., out / 2]."""
         return ops.linear_swiglu(x, self.weight)
 
+    def normed(self, ops: Backend, x, residual, norm_weight, eps: float, swiglu: bool = False):
+        """This projection (`swiglu` as above) of rms_norm(x + residual) * norm_weight: (y, new residual)."""
+        return ops.norm_linear(x, residual, norm_weight, eps, self.weight, swiglu)
+
 
 @dataclass
 class Prefill:
@@ -94,15 +98,17 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.q_dim + 2 * args.kv_dim, args.dim, dtype, linear_device or device)
         self.wo = Linear(args.dim, args.q_dim, dtype, linear_device or device)
 
-    def forward(self, ops: Backend, x, rope, positions, step, kv) -> torch.Tensor:
+    def forward(self, ops: Backend, x, residual, norm_weight, eps, rope, positions, step, kv):
+        """Pre-norm attention of the stream x + residual: (output [B, T, dim], new residual)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(ops, x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        qkv, residual = self.wqkv.normed(ops, x, residual, norm_weight, eps)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         out = step.attend(ops, q, k, v, kv, rope, positions)  # [B, H, T, D]
-        return self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D))
+        return self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D)), residual
 
 
 class FeedForward(nn.Module):
@@ -111,8 +117,10 @@ class FeedForward(nn.Module):
         self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, linear_device or device)
         self.w2 = Linear(args.dim, args.ffn_dim, dtype, linear_device or device)
 
-    def forward(self, ops: Backend, x) -> torch.Tensor:
-        return self.w2(ops, self.w13.swiglu(ops, x))
+    def forward(self, ops: Backend, x, residual, norm_weight, eps):
+        """Pre-norm SwiGLU MLP of the stream x + residual: (output, new residual)."""
+        act, residual = self.w13.normed(ops, x, residual, norm_weight, eps, swiglu=True)
+        return self.w2(ops, act), residual
 
 
 class Block(nn.Module):
@@ -126,10 +134,8 @@ class Block(nn.Module):
 
     def forward(self, ops: Backend, x, residual, rope, positions, step, kv):
         """x: output of the previous block (not yet added); residual: the stream before it (or None)."""
-        h, residual = ops.rms_norm(x, self.attn_norm, self.eps, residual)
-        x = self.attn(ops, h, rope, positions, step, kv)
-        h, residual = ops.rms_norm(x, self.mlp_norm, self.eps, residual)
-        return self.mlp(ops, h), residual
+        x, residual = self.attn(ops, x, residual, self.attn_norm, self.eps, rope, positions, step, kv)
+        return self.mlp(ops, x, residual, self.mlp_norm, self.eps)
 
 
 class Transformer(nn.Module):

@@ -76,6 +76,11 @@ class QuantLinear(nn.Module):
         gate, up = self(ops, x).chunk(2, dim=-1)
         return ops.swiglu(gate, up)
 
+    def normed(self, ops: Backend, x, residual, norm_weight, eps: float, swiglu: bool = False):
+        """`Linear.normed`: the `rms_norm` op, then this projection (4-bit weights have no fused prologue)."""
+        h, residual = ops.rms_norm(x, norm_weight, eps, residual)
+        return (self.swiglu(ops, h) if swiglu else self(ops, h)), residual
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, parts={[(p.format, p.shape) for p in self.parts]}"
 

@@ -403,3 +403,17 @@ def test_pdl_on_and_off_give_the_same_tokens(gpu_checkpoint, monkeypatch, cuda_g
     assert not pdl_enabled(torch.device(DEV))
     without = token_ids(gpu_model(gpu_checkpoint, "triton", cuda_graphs), PROMPTS[:1], 300, **sampling)
     assert with_pdl == without
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4])
+def test_experiments_keep_graph_tokens_equal_eager_tokens(gpu_checkpoint, monkeypatch, B):
+    """With every experiment on (CODELLAMA_RT_EXPERIMENTS: kernel paths not yet the default), the graphed
+    decode step still gives the eager step's tokens, over 300 sampled steps."""
+    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
+
+    monkeypatch.setenv(EXPERIMENTS_ENV, ",".join(EXPERIMENTS))
+    sampling = dict(temperature=0.9, top_k=50, seed=7)
+    graphed = token_ids(gpu_model(gpu_checkpoint, "triton", True), PROMPTS[:B], 300, **sampling)
+    eager = token_ids(gpu_model(gpu_checkpoint, "triton", False), PROMPTS[:B], 300, **sampling)
+    assert graphed == eager

@@ -157,6 +157,38 @@ def test_gemv_swiglu_real_size(F_, K):
     assert torch.equal(linear_swiglu(x2, w13), swiglu(*F.linear(x2, w13).chunk(2, dim=-1)))
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-layer"])
+@pytest.mark.parametrize("N,K,swiglu", [(12288, 4096, False), (22016, 4096, True), (57344, 8192, True)],
+                         ids=["7B-wqkv", "7B-w13", "70B-w13"])
+def test_norm_gemv_real_size(N, K, swiglu, residual, monkeypatch):
+    """The RMSNorm prologue at real sizes: against the exact result no worse than the unfused reference,
+    the residual stream exact, and what the backend runs once the experiment "norm_gemv" is on."""
+    import torch.nn.functional as F
+
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+    from codellama_rt.kernels.gemv import norm_gemv, norm_linear, norm_linear_ref
+
+    g = torch.Generator(device=DEV).manual_seed(N)
+    w = torch.randn(N, K, device=DEV, generator=g, dtype=torch.bfloat16) / K ** 0.5
+    x = torch.randn(1, K, device=DEV, generator=g, dtype=torch.bfloat16)
+    r = (3 * torch.randn(1, K, device=DEV, generator=g)).to(torch.bfloat16) if residual else None
+    nw = (1 + 0.3 * torch.randn(K, device=DEV, generator=g)).to(torch.bfloat16)
+    y, h = norm_gemv(x, r, nw, 1e-5, w, swiglu)
+    ref, h_ref = norm_linear_ref(x, r, nw, 1e-5, w, swiglu)
+    assert torch.equal(h, h_ref)
+    h64 = h.double()
+    exact = F.linear(h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double(), w.double())
+    if swiglu:
+        gate, up = exact.chunk(2, dim=-1)
+        exact = F.silu(gate) * up
+    assert_error_within_torch(y, ref, exact, torch.bfloat16)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "norm_gemv")
+    y2, h2 = norm_linear(x, r, nw, 1e-5, w, swiglu)
+    assert torch.equal(y2, y) and torch.equal(h2, h)
+    monkeypatch.delenv(EXPERIMENTS_ENV)
+    assert torch.equal(norm_linear(x, r, nw, 1e-5, w, swiglu)[1], h)  # unfused: the rms_norm kernel's h
+
+
 def test_triton_backend_end_to_end_bf16(tmp_path, tiny_tokenizer):
     import codellama_rt as cl
     from codellama_rt.config import ModelArgs

@@ -144,3 +144,98 @@ def test_swiglu_dispatch_on_cpu_and_bad_input():
     with pytest.raises(ValueError, match="odd row count 47"):
         mod.gemv_swiglu(x, w13[:47])
     assert torch.equal(mod.gemv_swiglu(torch.empty(1, 0), torch.empty(6, 0)), torch.zeros(1, 3))
+
+
+# ---- the RMSNorm prologue (pre-norm projections: wqkv, w13) ---------------------------------------
+
+NORM_LAUNCHES = [pytest.param(None, id="default"), pytest.param("cuda", id="cuda-tile")]
+
+
+def _norm_inputs(N, K, dtype, seed, residual=True):
+    x, w = _inputs(N, K, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = (3 * torch.randn(1, K, generator=g)).to(dtype) if residual else None  # the stream dominates x
+    nw = (1 + 0.5 * torch.randn(K, generator=g)).to(dtype)
+    return x, r, nw, w
+
+
+def _normed64(x, r, nw, eps):
+    """The exact pre-norm operand from the io-dtype residual sum: fp64 rms, weight, no rounding."""
+    h = (x if r is None else x + r).double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+
+
+@pytest.mark.parametrize("cfg", NORM_LAUNCHES)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-layer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K", [(5, 17), (40, 1024), (33, 1500), (7, 4096)], ids=str)
+def test_norm_prologue_matches_reference(nan_empty, N, K, dtype, residual, cfg):
+    """norm_gemv = the rms_norm kernel then gemv, within tolerance, with an error against the exact result
+    no worse than the unfused reference's; h is exactly the io-dtype residual sum (x itself without one)."""
+    x, r, nw, w = _norm_inputs(N, K, dtype, seed=N + K, residual=residual)
+    tile = mod.gemv_launch(True, norm=True) if cfg == "cuda" else None
+    y, h = mod.norm_gemv(x, r, nw, 1e-5, w, cfg=tile)
+    ref, h_ref = mod.norm_linear_ref(x, r, nw, 1e-5, w)
+    assert not y.isnan().any() and y.shape == (1, N) and y.dtype == dtype
+    assert torch.equal(h, h_ref) and (h is x) == (r is None)
+    assert_close(y, ref)
+    assert_error_within_torch(y, ref, F.linear(_normed64(x, r, nw, 1e-5), w.double()), dtype)
+
+
+@pytest.mark.parametrize("cfg", NORM_LAUNCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("F_,K", [(3, 17), (70, 1030), (33, 2048)], ids=str)
+def test_norm_prologue_with_swiglu_epilogue(nan_empty, F_, K, dtype, cfg):
+    """Both ends fused (w13): an error against the exact result no worse than the reference's (elementwise
+    closeness is too strict here: the unrounded operand moves a gate or up by one rounding step now and
+    then, and silu(gate) * up magnifies it), and the SwiGLU steps on the kernel's own rounded gate and up
+    are those of the unfused epilogue."""
+    x, r, nw, w13 = _norm_inputs(2 * F_, K, dtype, seed=F_ * 3 + K)
+    w13 = (w13 * 3).to(dtype)
+    tile = mod.gemv_launch(True, swiglu=True, norm=True) if cfg == "cuda" else None
+    y, h = mod.norm_gemv(x, r, nw, 1e-5, w13, swiglu=True, cfg=tile)
+    ref, h_ref = mod.norm_linear_ref(x, r, nw, 1e-5, w13, swiglu=True)
+    assert y.shape == (1, F_) and not y.isnan().any() and torch.equal(h, h_ref)
+    gate64, up64 = F.linear(_normed64(x, r, nw, 1e-5), w13.double()).chunk(2, dim=-1)
+    assert_error_within_torch(y, ref, F.silu(gate64) * up64, dtype)
+    gate, up = mod.norm_gemv(x, r, nw, 1e-5, w13, cfg=tile or mod.gemv_launch(False))[0].chunk(2, dim=-1)
+    from codellama_rt.kernels.swiglu import swiglu
+
+    assert torch.equal(y, swiglu(gate, up))
+
+
+def test_norm_linear_dispatch(monkeypatch):
+    """The backend op on CPU: the rms_norm kernel then F.linear (then the swiglu kernel), experiment on or
+    off (the fused kernel is for one row on CUDA); the reference is rms_norm_ref then F.linear."""
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+    from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
+    from codellama_rt.kernels.swiglu import swiglu
+
+    x, r, nw, w = _norm_inputs(48, 64, torch.float32, seed=5)
+    normed, h = rms_norm(x, nw, 1e-5, r)
+    for on in ("", "norm_gemv"):
+        monkeypatch.setenv(EXPERIMENTS_ENV, on)
+        y, h2 = mod.norm_linear(x, r, nw, 1e-5, w)
+        assert torch.equal(y, F.linear(normed, w)) and torch.equal(h2, h)
+        y, _ = mod.norm_linear(x, r, nw, 1e-5, w, swiglu=True)
+        assert torch.equal(y, swiglu(*F.linear(normed, w).chunk(2, dim=-1)))
+    normed_ref, h_ref = rms_norm_ref(x, nw, 1e-5, r)
+    y_ref, h_ref2 = mod.norm_linear_ref(x, r, nw, 1e-5, w)
+    assert torch.equal(y_ref, F.linear(normed_ref, w)) and torch.equal(h_ref2, h_ref)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(nw=torch.ones(63)), r"norm weight must be a contiguous \[64\]"),
+    (dict(nw=torch.ones(64).double()), "norm weight"),
+    (dict(r=torch.ones(1, 63)), "residual must match x"),
+    (dict(r=torch.ones(1, 64).half()), "residual must match x"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(eps=float("nan")), "eps must be > 0"),
+])
+def test_norm_prologue_bad_input_names_the_problem(change, match):
+    x, r, nw, w = _norm_inputs(8, 64, torch.float32, seed=2)
+    args = dict(x=x, r=r, nw=nw, eps=1e-5) | change
+    with pytest.raises(ValueError, match=match):
+        mod.norm_gemv(args["x"], args["r"], args["nw"], args["eps"], w)
+    with pytest.raises(ValueError, match="empty row"):
+        mod.norm_gemv(torch.empty(1, 0), None, torch.empty(0), 1e-5, torch.empty(4, 0))
