@@ -129,6 +129,8 @@ EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
 EXPERIMENTS = {
     "int4_mma": "int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)",
     "norm_gemv": "batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV (kernels/gemv.py)",
+    "attn_one_pass": "decode attention's split combine done by each head's last program, no second launch "
+                     "(kernels/attention_decode.py)",
 }
 
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, experiment, kernel, pdl_prologue, triton_dtype
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -57,17 +57,20 @@ _LOG2E = 1.4426950408889634
 
 @kernel(do_not_specialize=["seq_len", "num_splits"])  # one binary for every cache length and split count
 def _decode_split_kernel(
-    Q, K, V, Lengths, MidO, MidM, MidL, Out,
+    Q, K, V, Lengths, MidO, MidM, MidL, Out, Tickets,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh,
     seq_len, num_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, DIRECT: tl.constexpr = False, PDL: tl.constexpr = False,
+    UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, DIRECT: tl.constexpr = False,
+    ONE_PASS: tl.constexpr = False, BLOCK_S: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
     """Pass 1: one (sequence, kv head, split) per program; its partial softmax state goes to MidO/MidM/MidL.
-    DIRECT (one split): the program normalises and writes Out itself, as pass 2 would (no second pass)."""
+    DIRECT (one split): the program normalises and writes Out itself, as pass 2 would (no second pass).
+    ONE_PASS: the last program of a (sequence, kv head) to finish (a ticket from Tickets, int32 [B * Hkv],
+    zero before the launch and reset to zero by that program) combines the splits as pass 2 would."""
     pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)  # kv head
@@ -130,6 +133,48 @@ def _decode_split_kernel(
         tl.store(MidM + row, m_i, mask=g_mask)
         tl.store(MidL + row, l_i, mask=g_mask)
         tl.store(MidO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        if ONE_PASS:
+            # Every thread's partials are written before the ticket is taken (barrier, then a release at GPU
+            # scope); the last taker acquires, so the other programs' partials are visible to it.
+            tl.debug_barrier()
+            ticket_ptr = Tickets + b64 * tl.num_programs(1) + pid_g
+            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.debug_barrier()
+                for gi in tl.static_range(GROUP):
+                    head = pid_g * GROUP + gi
+                    _combine_splits(MidO, MidM, MidL, (b64 * n_heads + head) * num_splits, num_splits,
+                                    Out + b64 * stride_ob + head * stride_oh, BLOCK_S, HEAD_DIM)
+                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+@triton.jit
+def _combine_splits(MidO, MidM, MidL, row0, num_splits, out_ptr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pass 2's arithmetic for one (sequence, head): its num_splits partials from row row0 on ->
+    out_ptr[0 .. HEAD_DIM). Loads skip L1 (.cg): in one-pass mode other SMs wrote the partials."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.load(MidM + row0 + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"),
+                    cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m)
+    big_m = tl.max(m_max, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every split empty (length 0): no NaN
+
+    l_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_mask = s0 + offs_s < num_splits
+        m = tl.load(MidM + row0 + s0 + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(m - big_m)  # neutral partial: 2^-inf = 0
+        l_sum += w * tl.load(MidL + row0 + s0 + offs_s, mask=s_mask, other=0.0, cache_modifier=".cg")
+        o = tl.load(MidO + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+    denom = tl.sum(l_sum, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    out = tl.sum(acc, 0) / denom
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @kernel(do_not_specialize=["num_splits"])
@@ -143,30 +188,8 @@ def _decode_reduce_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     row0 = (pid_b.to(tl.int64) * tl.num_programs(1) + pid_h) * num_splits
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        m = tl.load(MidM + row0 + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
-        m_max = tl.maximum(m_max, m)
-    big_m = tl.max(m_max, 0)
-    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every split empty (length 0): no NaN
-
-    l_sum = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_mask = s0 + offs_s < num_splits
-        m = tl.load(MidM + row0 + s0 + offs_s, mask=s_mask, other=float("-inf"))
-        w = tl.exp2(m - big_m)  # neutral partial: 2^-inf = 0
-        l_sum += w * tl.load(MidL + row0 + s0 + offs_s, mask=s_mask, other=0.0)
-        o = tl.load(MidO + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None],
-                    other=0.0)
-        acc += w[:, None] * o
-    denom = tl.sum(l_sum, 0)
-    denom = tl.where(denom == 0.0, 1.0, denom)
-    out = tl.sum(acc, 0) / denom
-    tl.store(Out + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    _combine_splits(MidO, MidM, MidL, row0, num_splits, Out + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh,
+                    BLOCK_S, HEAD_DIM)
 
 
 # ---- launch heuristics -----------------------------------------------------------------------
@@ -215,7 +238,8 @@ def _split_constexprs(cfg: DecodeLaunch, group: int, head_dim: int, dtype: torch
                       kv_aligned: bool) -> dict:
     """Pass 1's constexprs, shared by the launcher and `aot_configs` so the two cannot drift apart."""
     return dict(GROUP=group, BLOCK_G=cfg.block_g, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
-                UPCAST_DOT=not on_cuda and dtype == torch.bfloat16, KV_ALIGNED=kv_aligned)
+                UPCAST_DOT=not on_cuda and dtype == torch.bfloat16, KV_ALIGNED=kv_aligned,
+                BLOCK_S=cfg.reduce_block_s)
 
 
 def _reduce_constexprs(cfg: DecodeLaunch, head_dim: int) -> dict:
@@ -223,27 +247,29 @@ def _reduce_constexprs(cfg: DecodeLaunch, head_dim: int) -> dict:
 
 
 def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l,
-            direct: Optional[bool] = None) -> torch.Tensor:
+            direct: Optional[bool] = None, one_pass: bool = False) -> torch.Tensor:
     """Run the passes with the given decisions and buffers (inputs already checked; q with unit stride
     along D; out [B, H, D] with unit stride along D; contiguous fp32 scratch mid_o [B, H, num_splits, D],
     mid_m and mid_l [B, H, num_splits], unused when direct). direct (default: one split): pass 1 writes
-    out and pass 2 is skipped. Tests call it with poisoned buffers, and with direct=False for one split."""
+    out and pass 2 is skipped. one_pass: pass 1's last program per (sequence, kv head) combines the splits
+    (no pass-2 launch). Tests call it with poisoned buffers, and with direct=False for one split."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     direct = cfg.num_splits == 1 if direct is None else direct
     assert not direct or cfg.num_splits == 1, "direct output needs one split"
+    assert not (direct and one_pass), "one split writes the output directly"
     kv_aligned = _aligned16(k_cache) and _aligned16(v_cache)
     _decode_split_kernel.on(q)[(B, Hkv, cfg.num_splits)](
-        q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l, out,
+        q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l, out, tickets(q.device, B * Hkv),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         S, cfg.num_splits, _LOG2E / math.sqrt(D),
         **_split_constexprs(cfg, H // Hkv, D, q.dtype, q.is_cuda, kv_aligned), DIRECT=direct,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ONE_PASS=one_pass, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not direct:
+    if not direct and not one_pass:
         _decode_reduce_kernel.on(q)[(B, H)](
             mid_o, mid_m, mid_l, out,
             out.stride(0), out.stride(1),
@@ -252,6 +278,21 @@ def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, 
             num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
         )
     return out
+
+
+_TICKETS: dict = {}  # device -> int32 counters, all zero between launches (the last program resets its own)
+_OUTGROWN: list = []  # counters replaced by bigger ones: a captured CUDA graph may still use them
+
+
+def tickets(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counters on `device` for one-pass decode attention, from a buffer kept for the life of
+    the process (a captured graph holds its address); a bigger zeroed one replaces it when n outgrows it."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _TICKETS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf[:n]
 
 
 def _aligned16(t: torch.Tensor) -> bool:
@@ -303,7 +344,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mid_o = torch.empty(B, H, cfg.num_splits, D, dtype=torch.float32, device=q.device)
     mid_m = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
-    return _launch(q, k_cache, v_cache, lengths, cfg, out, mid_o, mid_m, mid_l)
+    return _launch(q, k_cache, v_cache, lengths, cfg, out, mid_o, mid_m, mid_l,
+                   one_pass=experiment("attn_one_pass"))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -331,22 +373,25 @@ def aot_configs() -> list[LaunchConfig]:
         for label, n_heads, n_kv in _AOT_MODELS:
             group = n_heads // n_kv
             cfg = decode_launch(1, n_kv, 4096, group, _AOT_HEAD_DIM, dtype.itemsize)
-            for direct in (False, True):  # several splits, or one split writing the output itself
+            # several splits (and a second pass, or one pass), or one split writing the output itself
+            for direct, one_pass in ((False, False), (False, True), (True, False)):
                 split_sig = {"Q": ty, "K": ty, "V": ty, "Lengths": "*i64",
                              "MidO": ty if direct else "*fp32", "MidM": ty if direct else "*fp32",
-                             "MidL": ty if direct else "*fp32", "Out": ty,
+                             "MidL": ty if direct else "*fp32", "Out": ty, "Tickets": "*i32",
                              **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kh",
                                                          "stride_ks", "stride_vb", "stride_vh", "stride_vs",
                                                          "stride_ob", "stride_oh", "seq_len", "num_splits")},
                              "qk_scale": "fp32",
                              **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
-                                                               "UPCAST_DOT", "KV_ALIGNED", "DIRECT")}}
+                                                               "UPCAST_DOT", "KV_ALIGNED", "DIRECT", "ONE_PASS",
+                                                               "BLOCK_S")}}
                 constexprs = _split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True)
+                kind = " direct" if direct else " one-pass" if one_pass else ""
                 configs.append(LaunchConfig(
-                    kernel=_decode_split_kernel, signature=split_sig, constexprs={**constexprs, "DIRECT": direct},
+                    kernel=_decode_split_kernel, signature=split_sig,
+                    constexprs={**constexprs, "DIRECT": direct, "ONE_PASS": one_pass},
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    label=f"decode split{' direct' if direct else ''} {triton_dtype(dtype)} D{_AOT_HEAD_DIM} "
-                          f"group {group} ({label})"))
+                    label=f"decode split{kind} {triton_dtype(dtype)} D{_AOT_HEAD_DIM} group {group} ({label})"))
             if dtype not in seen_reduce:  # the reduction does not depend on the group
                 seen_reduce.add(dtype)
                 reduce_sig = {"MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32", "Out": ty,

@@ -186,6 +186,57 @@ def test_one_split_writes_the_output_directly(dtype):
     assert torch.equal(empty, torch.zeros_like(empty))  # no keys: 0, as pass 2 gives, never NaN
 
 
+@pytest.mark.parametrize("H,Hkv", [(8, 8), (8, 1), (16, 2)], ids=["mha", "group8", "group8-2kv"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_one_pass_combine_equals_the_second_pass(H, Hkv, dtype):
+    """One pass (each (sequence, kv head)'s last program combines the splits): bitwise the two-pass result,
+    neutral splits and a zero length included, and every ticket back at zero for the next launch."""
+    from codellama_rt.kernels.attention_decode import tickets
+
+    B, S, D = 3, 1024, 64
+    q, k, v, lengths = make_inputs(B, H, Hkv, S, D, [1, 1024, 333], dtype, seed=H + Hkv)
+    cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=True)
+    assert cfg.num_splits > 1
+
+    def run(lens, one_pass):
+        scratch = [torch.full(shape, float("nan")) for shape in
+                   ((B, H, cfg.num_splits, D), (B, H, cfg.num_splits), (B, H, cfg.num_splits))]
+        return _launch(q, k, v, lens, cfg, poisoned_like(q), *scratch, one_pass=one_pass)
+
+    outputs = []
+    for lens in (lengths, torch.tensor([0, 5, 1024])):
+        outputs.append(run(lens, True))
+        assert torch.equal(outputs[-1], run(lens, False))
+        assert (tickets(q.device, B * Hkv) == 0).all()
+    check(outputs[0], q, k, v, lengths)
+    assert torch.equal(outputs[1][0], torch.zeros_like(outputs[1][0]))  # no keys: 0, never NaN
+
+
+def test_one_pass_experiment_reaches_the_public_launcher(monkeypatch):
+    """With the experiment "attn_one_pass" on, `attention_decode` launches pass 1 alone (pass 2 never runs)
+    and gives the same output."""
+    from codellama_rt.kernels import attention_decode as mod
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+
+    q, k, v, lengths = make_inputs(2, 8, 2, 700, 64, [700, 20], torch.float16, seed=3)
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    two = attention_decode(q, k, v, lengths)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_one_pass")
+    monkeypatch.setattr(mod._decode_reduce_kernel, "interp", None)  # a launch of pass 2 would fail
+    assert torch.equal(attention_decode(q, k, v, lengths), two)
+
+
+def test_tickets_buffer_grows_and_keeps_the_old_one():
+    from codellama_rt.kernels import attention_decode as mod
+
+    dev = torch.device("cpu")
+    small = mod.tickets(dev, 4)
+    assert small.dtype == torch.int32 and (small == 0).all() and mod.tickets(dev, 8).data_ptr() == small.data_ptr()
+    big = mod.tickets(dev, 100_000)
+    assert big.numel() == 100_000 and (big == 0).all() and big.data_ptr() != small.data_ptr()
+    assert any(t.data_ptr() == small.data_ptr() for t in mod._OUTGROWN)  # a captured graph may still use it
+
+
 @pytest.mark.parametrize("B,Hkv,S,splits", [
     (1, 8, 100_000, 33),   # 70B, one long sequence: 8 x 33 programs fill 2 x 132 SMs
     (1, 32, 100_000, 9),   # 7B
@@ -203,10 +254,11 @@ def test_cuda_split_heuristic(B, Hkv, S, splits):
 def test_aot_configs_cover_every_cuda_launch():
     """Tile sizes, warps and stages do not depend on (B, S): one AOT binary per (dtype, group) covers
     every batch size and cache length, split count included (a runtime argument)."""
-    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"]): c for c in aot_configs()
-                  if "GROUP" in c.constexprs}
-    assert set(split_cfgs) == {(ty, g, d) for ty in ("*bf16", "*fp16") for g in (1, 8) for d in (False, True)}
-    for (ty, group, _), c in split_cfgs.items():
+    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"], c.constexprs["ONE_PASS"]): c
+                  for c in aot_configs() if "GROUP" in c.constexprs}
+    assert set(split_cfgs) == {(ty, g, d, o) for ty in ("*bf16", "*fp16") for g in (1, 8)
+                               for d, o in ((False, False), (False, True), (True, False))}
+    for (ty, group, _, _), c in split_cfgs.items():
         assert c.constexprs["UPCAST_DOT"] is False and c.constexprs["KV_ALIGNED"] is True
         for B in (1, 7, 64):
             for S in (1, 4097, 100_000):
@@ -295,3 +347,32 @@ def test_cuda_graph_replay(H, Hkv):
         assert_close(out, attention_decode_ref(q, k, v, lengths))
         ref32 = attention_decode_ref(q.float(), k.float(), v.float(), lengths)
         assert_error_within_torch(out, torch_same_dtype(q, k, v, lengths), ref32, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv,B", [(32, 32, 1), (64, 8, 1), (64, 8, 4)], ids=["7B", "70B", "70B-batch4"])
+def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
+    """The one-pass combine on real programs racing for their tickets (eager and in a replayed graph, many
+    times): bitwise the two-pass output every time, and the tickets back at zero."""
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+    from codellama_rt.kernels.attention_decode import tickets
+
+    dev, D, S = "cuda", 128, 8192
+    q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([1, 64, 4097, S][:B] if B > 1 else [300], device=dev)
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    want = attention_decode(q, k, v, lengths)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_one_pass")
+    for _ in range(50):
+        assert torch.equal(attention_decode(q, k, v, lengths), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention_decode(q, k, v, lengths)
+    for _ in range(50):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    assert (tickets(q.device, B * Hkv) == 0).all()
