@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
 # One device call (under 10 minutes): the GPU test suite, then the benchmark report (end-to-end decode vs
-# the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the 7B bf16 and int4
-# rows again with every experiment on (CODELLAMA_RT_EXPERIMENTS: the kernel paths not yet the default;
-# EXPERIMENTS_S seconds, default 70, 0 skips them), then the batch-1 GEMV sweep (SWEEP_S seconds, default
-# 60, 0 skips it; SWEEP_KINDS, default attention,int4) into $OUT (or bench/results). The device returns at
-# most 8 files: the logs, the JSON beside the sweep and the second report's files but its report.md (kept
-# as experiments.md) travel in logs.tar.gz.
+# the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
+# (SWEEP_S seconds, default 60, 0 skips it; SWEEP_KINDS, default attention,int4) into $OUT (or bench/results).
 # Usage (device tool): bash bench/gpu_session.sh
 # Uses the machine's own torch/triton (the device image has them) and this checkout's sources, not installed.
-# The report gets what is left of SESSION_S seconds (default 440) once the tests are done and skips, and
+# The report gets what is left of SESSION_S seconds (default 480) once the tests are done and skips, and
 # lists, whatever no longer fits. Each step has its own time limit, so a hang still leaves the logs of the
 # others (and report.json holds every unit finished before a kill).
 # The CPU kernel tests (Triton interpreter) are not run here: CI runs them, and the image's numpy is too new
@@ -17,8 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=$(command -v python3 || command -v python)
-session_s=${SESSION_S:-440}
-experiments_s=${EXPERIMENTS_S:-70}
+session_s=${SESSION_S:-480}
 sweep_s=${SWEEP_S:-60}
 sweep_kinds=${SWEEP_KINDS:-attention,int4}  # dense was swept on the H200 (bench/results/NVIDIA-H200-2026-11-26)
 tests_s=${TESTS_S:-200}
@@ -39,17 +34,8 @@ left=$((session_s - SECONDS))
 if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"
 timeout -k 10 $((left + 60)) "$py" bench/report.py --report "$dest" --budget-s "$left" 2>&1 | tee "$dest/report.log" | tail -60
-if [ "$experiments_s" -gt 0 ]; then
-  all=$("$py" -c "from codellama_rt.kernels._triton import EXPERIMENTS; print(','.join(EXPERIMENTS))")
-  CODELLAMA_RT_EXPERIMENTS=$all timeout -k 10 $((experiments_s + 60)) "$py" bench/report.py --only 7B-bf16,7B-int4 \
-    --no-resources --report "$dest/experiments" --budget-s "$experiments_s" > "$dest/experiments.log" 2>&1
-  grep "experiments\|decode: \|failed" "$dest/experiments.log" | cut -c1-200
-  cp "$dest/experiments/report.md" "$dest/experiments.md" 2>/dev/null
-fi
 if [ "$sweep_s" -gt 0 ]; then
   timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" --kinds "$sweep_kinds" 2>&1 | grep "^best\|failed\|needs CUDA" | tail -20
   mv -f "$dest/sweep.json" "$dest/gemv-sweep.json" 2>/dev/null
 fi
-(cd "$dest" && tar -czf logs.tar.gz --ignore-failed-read report.log experiments.log experiments gemv-sweep.json \
-  2>/dev/null && rm -rf report.log experiments.log experiments gemv-sweep.json)
-echo "report in $dest (session ${SECONDS} s): $(ls "$dest" | tr '\n' ' ')"
+echo "report in $dest (session ${SECONDS} s)"

@@ -203,6 +203,32 @@ def test_gpu_plan_and_unit_order():
         e2e.make_plan(cuda=True, quick=True, only=["tiny", "7B-int4"])
 
 
+def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
+    """A GPU plan measures each experiment alone and all together on the bars' models; a row's engine is
+    built, captured and run with exactly its experiments on, and the switch is restored after."""
+    import os
+
+    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
+
+    plan = e2e.make_plan(cuda=True, quick=False)
+    assert set(plan.experiment_sets) == {(n,) for n in EXPERIMENTS} | {tuple(EXPERIMENTS)}
+    assert report.BAR_MODELS == ("7B-bf16", "7B-int4")
+    seen, real = [], e2e.make_engine
+
+    def spy(*args, **kwargs):
+        seen.append(os.environ.get(EXPERIMENTS_ENV))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(e2e, "make_engine", spy)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
+    cpu_plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
+    spec = e2e.MODELS["tiny"]
+    row = e2e.ours_decode(e2e.build(spec), spec, cpu_plan, e2e.OURS_EAGER, 1,
+                          experiments=("norm_gemv", "attn_one_pass"))
+    assert row["provider"] == "ours (eager) [norm_gemv+attn_one_pass]" and row["status"] == "ok"
+    assert seen == ["norm_gemv,attn_one_pass"] and os.environ[EXPERIMENTS_ENV] == "int4_mma"
+
+
 def test_peer_without_transformers_is_skipped_without_a_child(monkeypatch):
     real = e2e.importlib.util.find_spec
     monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name))

@@ -21,6 +21,7 @@ token to stream) give tokens/s = batch * (n - 1) / (t_last - t_first); TTFT = fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -43,6 +44,7 @@ import torch
 from ..api import random_model
 from ..config import ModelArgs
 from ..generate import Engine
+from ..kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
 from ..quant import weight_bytes
 from ..sampling import SamplingParams
 
@@ -107,12 +109,14 @@ class Plan:
     isolate_peers: bool         # peers in child processes with a timeout
     peer_timeout_s: float = 240.0
     estimates: dict = field(default_factory=dict)  # unit -> rough seconds, to skip what no longer fits
+    experiment_sets: tuple = ()  # tuples of experiment names: extra batch-1 graph rows of the bars' models
 
 
 # Rough seconds per unit of work with cold Triton/Inductor caches, on a GPU (the H200 run of 2026-11-26
-# took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin) and
+# took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin, and
+# ~3 s per experiment row for the first two) and
 # on 2 CPU cores; the report records the real ones under "timings", which is where to correct these from.
-GPU_ESTIMATES = {"7B-bf16": 30, "7B-int4": 40, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
+GPU_ESTIMATES = {"7B-bf16": 45, "7B-int4": 55, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
                  "kernels": 45, "resources": 60}
 CPU_ESTIMATES = {"tiny": 5, "100M": 30, "resources": 120}  # models: ours and transformers together
 
@@ -142,7 +146,8 @@ def make_plan(*, cuda: bool, quick: bool, only=None) -> Plan:
     if cuda:
         plan = Plan(models=GPU_MODELS, decode_prompt=128, decode_tokens=128, batches=(1, 8),
                     ttft_prompts=(512, 2048, 8192), ttft_repeats=3, compile_models=("7B-bf16", "7B-int4"),
-                    hf_models=("7B-bf16",), kernels=True, isolate_peers=True, estimates=dict(GPU_ESTIMATES))
+                    hf_models=("7B-bf16",), kernels=True, isolate_peers=True, estimates=dict(GPU_ESTIMATES),
+                    experiment_sets=tuple((n,) for n in EXPERIMENTS) + (tuple(EXPERIMENTS),))
         if quick:
             plan = dataclasses.replace(plan, models=("7B-bf16", "7B-int4"), decode_tokens=32,
                                        ttft_prompts=(512, 2048), ttft_repeats=2, compile_models=(),
@@ -284,8 +289,13 @@ def _rate(stamps: list, batch: int) -> tuple[float, float]:
     return batch * steps / dt, dt / steps * 1e3
 
 
-def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int) -> dict:
-    """One decode row of our engine: graphs on (OURS_GRAPHS) or off (OURS_EAGER)."""
+def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, experiments: tuple = ()) -> dict:
+    """One decode row of our engine: graphs on (OURS_GRAPHS) or off (OURS_EAGER); with `experiments` (names
+    of `EXPERIMENTS`) on while its engine is built, captured and run, named in the provider."""
+    if experiments:
+        provider = f"{provider} [{'+'.join(experiments)}]"
+        with experiments_set(experiments):
+            return ours_decode(model, spec, plan, provider, batch)
     row = _decode_row(spec, provider, batch, plan, backend=model.backend)
     device = model.module.device
     try:
@@ -306,6 +316,20 @@ def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int) -
         del engine
         _free()
     return row
+
+
+@contextlib.contextmanager
+def experiments_set(names: tuple):
+    """CODELLAMA_RT_EXPERIMENTS set to `names` inside the block, as it was after."""
+    before = os.environ.get(EXPERIMENTS_ENV)
+    os.environ[EXPERIMENTS_ENV] = ",".join(names)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(EXPERIMENTS_ENV, None)
+        else:
+            os.environ[EXPERIMENTS_ENV] = before
 
 
 def _median_ttft_ms(run, prompt, repeats: int) -> float:

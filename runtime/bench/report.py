@@ -42,6 +42,8 @@ BARS = [
     ("graphs-vs-eager", "CUDA graphs >= 1.3x eager decode at batch 1 (7B bf16)", "graphs", ("7B-bf16", 1.3)),
 ]
 
+BAR_MODELS = tuple(dict.fromkeys(b[3][0] for b in BARS))  # ("7B-bf16", "7B-int4")
+
 
 def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] = None, resources: bool = True,
         log: Callable[[str], None] = print) -> dict:
@@ -177,6 +179,9 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
         for batch in plan.batches:  # batch-1 rows of both providers first: the bars need them
             for provider in providers:
                 report["decode"].append(e2e.ours_decode(model, spec, plan, provider, batch))
+        if spec.cuda and name in BAR_MODELS:
+            for names in plan.experiment_sets:
+                report["decode"].append(e2e.ours_decode(model, spec, plan, e2e.OURS_GRAPHS, 1, experiments=names))
         report["ttft"] += e2e.ours_ttft(model, spec, plan)
         if not plan.isolate_peers:
             for kind, names in (("compile", plan.compile_models), ("hf", plan.hf_models)):
