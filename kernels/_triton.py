@@ -131,6 +131,8 @@ EXPERIMENTS = {
     "norm_gemv": "batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV (kernels/gemv.py)",
     "attn_one_pass": "decode attention's split combine done by each head's last program, no second launch "
                      "(kernels/attention_decode.py)",
+    "gemv_prefetch": "the dense GEMV asks for its weights into L2 before waiting on the previous kernel "
+                     "(PDL launches only; kernels/gemv.py)",
 }
 
 

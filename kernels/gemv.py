@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
 from .rms_norm import rms_norm, rms_norm_ref
@@ -37,12 +40,19 @@ def linear_swiglu_ref(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
 
 # ---- Triton ----------------------------------------------------------------------------------
 
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of every address in `ptrs` (GPU only: inline PTX)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @kernel
 def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-strided; out [N]
                  R, NW, H, eps,  # NORM only: residual [K] (HAS_RESIDUAL), norm weight [K], new residual [K]
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SWIGLU: tl.constexpr = False, NORM: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
-                 PDL: tl.constexpr = False):
+                 PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[n] = sum_k W[n, k] x[k], products and sums in fp32, rounded once to the output dtype.
     One program per BLOCK_N rows of W, walking K in BLOCK_K columns; partial sums stay elementwise
     in registers and are reduced once at the end.
@@ -51,8 +61,10 @@ def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-s
     NORM: the operand is RMSNorm(x + residual) * NW (RMSNorm of x alone without HAS_RESIDUAL) in one pass:
     h = x + residual rounded to the io dtype (program 0 stores it to H, the new residual stream), the
     products take h * NW in fp32, and the sums of squares of h, gathered on the way, give the per-row
-    1 / rms that scales the fp32 sums at the end (no rounding of the normalised operand)."""
-    pdl_prologue(PDL)
+    1 / rms that scales the fp32 sums at the end (no rounding of the normalised operand).
+    PREFETCH (with PDL): between letting the next kernel launch and waiting for the previous one, the
+    program asks for its weight rows into L2 (weights never change during decode), so their fetch
+    overlaps the previous kernel's end instead of starting after it."""
     pid = tl.program_id(0)
     DTYPE: tl.constexpr = Out.dtype.element_ty
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,6 +72,19 @@ def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-s
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     up_ptrs = w_ptrs + N.to(tl.int64) * stride_wn
+    if PDL and PREFETCH:
+        gdc_launch_dependents()
+        LINE: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        rows = W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+        lines = tl.arange(0, BLOCK_K // LINE) * LINE
+        for k0 in range(0, K, BLOCK_K):
+            cols = tl.minimum(k0 + lines, K - 1)
+            _prefetch_l2(rows[:, None] + cols[None, :])
+            if SWIGLU:
+                _prefetch_l2(rows[:, None] + N.to(tl.int64) * stride_wn + cols[None, :])
+        gdc_wait()
+    else:
+        pdl_prologue(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
@@ -140,11 +165,12 @@ class NormInput:
 
 
 def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on_cuda: bool | None = None,
-             swiglu: bool = False, norm: NormInput | None = None):
+             swiglu: bool = False, norm: NormInput | None = None, prefetch: bool | None = None):
     """Check the arguments, allocate the outputs and build the launch: (out, h, (grid, args, constexprs,
     num_warps, num_stages)), or (out, h, None) when there is nothing to launch. h is the new residual
     stream with `norm` (x itself without a residual), else None. Runs on meta tensors too (see
-    `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]."""
+    `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]. prefetch: the kernel's PREFETCH
+    (default: whether the experiment "gemv_prefetch" is on; it acts only where the launch has PDL)."""
     who = ("norm_" if norm else "") + ("gemv_swiglu" if swiglu else "gemv")
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"{who}: w must be a 2-d [N, K] tensor, got "
@@ -193,7 +219,8 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on
     grid = (triton.cdiv(N, cfg.block_n),)
     args = (x1, w, out, N, K, w.stride(0)) + norm_args
     constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu,
-                      NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None)
+                      NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
+                      PREFETCH=prefetch if prefetch is not None else experiment("gemv_prefetch"))
     return out, h, (grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -282,8 +309,8 @@ def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def aot_configs() -> list[LaunchConfig]:
     """The CUDA launches of the 7B/34B/70B projections at one row (wqkv, wo, w13, w2 and the lm_head; wqkv
-    and w13 with the RMSNorm prologue too), in bf16 and fp16: `_prepare` on meta tensors. Shapes that
-    specialise alike share one entry."""
+    and w13 with the RMSNorm prologue too; each with and without the L2 prefetch), in bf16 and fp16:
+    `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
     from ..config import PRESETS
 
     configs = {}
@@ -298,17 +325,18 @@ def aot_configs() -> list[LaunchConfig]:
                 norms = [None]  # the pre-norm projections also with the RMSNorm prologue (the first layer's
                 if name in ("wqkv", "w13"):  # norm has no residual)
                     norms += [NormInput(None, nw, 1e-5), NormInput(torch.empty_like(x), nw, 1e-5)]
-                for swiglu in (False, True) if name == "w13" else (False,):
-                    for norm in norms:
-                        _, _, (_, args, constexprs, num_warps, num_stages) = _prepare(x, w, on_cuda=True,
-                                                                                      swiglu=swiglu, norm=norm)
-                        cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps,
-                                            num_stages=num_stages)
-                        key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                        if key not in configs:
-                            tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
-                            extra = "" if norm is None else " norm" + ("+residual" if norm.residual is not None else "")
-                            configs[key] = dataclasses.replace(
-                                cfg, label=f"{triton_dtype(dtype)} {tile}{' swiglu' if swiglu else ''}{extra}"
-                                           f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
+                for swiglu, norm, prefetch in itertools.product((False, True) if name == "w13" else (False,),
+                                                                norms, (False, True)):
+                    _, _, (_, args, constexprs, num_warps, num_stages) = _prepare(
+                        x, w, on_cuda=True, swiglu=swiglu, norm=norm, prefetch=prefetch)
+                    cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
+                    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
+                    if key not in configs:
+                        tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
+                        extra = (" swiglu" if swiglu else "") + (" prefetch" if prefetch else "")
+                        if norm is not None:
+                            extra += " norm" + ("+residual" if norm.residual is not None else "")
+                        configs[key] = dataclasses.replace(
+                            cfg, label=f"{triton_dtype(dtype)} {tile}{extra}"
+                                       f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
     return list(configs.values())

@@ -114,6 +114,23 @@ def test_gemv_real_size(N, K):
     assert_error_within_torch(y, gemv_ref(x, w), x.double() @ w.double().t(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("swiglu", [False, True], ids=["wqkv", "w13-swiglu"])
+def test_gemv_prefetch_changes_no_bits(swiglu, monkeypatch):
+    """The L2 prefetch before the PDL wait (experiment "gemv_prefetch") only moves when weights arrive."""
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+    from codellama_rt.kernels.gemv import gemv, gemv_swiglu
+
+    N, K = (22016, 4096) if swiglu else (12288, 4096)
+    w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5
+    x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    run = gemv_swiglu if swiglu else gemv
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    want = run(x, w)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "gemv_prefetch")
+    for _ in range(3):
+        assert torch.equal(run(x, w), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
 @pytest.mark.parametrize("M", [1, 8])
