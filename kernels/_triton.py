@@ -131,6 +131,8 @@ EXPERIMENTS = {
     "norm_gemv": "batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV (kernels/gemv.py)",
     "attn_one_pass": "decode attention's split combine done by each head's last program, no second launch "
                      "(kernels/attention_decode.py)",
+    "int4_one_pass": "int4 split-K GEMV partials summed by each column block's last program, no second "
+                     "launch (kernels/int4.py)",
     "gemv_prefetch": "the dense GEMV asks for its weights into L2 before waiting on the previous kernel "
                      "(PDL launches only; kernels/gemv.py)",
 }
@@ -150,6 +152,46 @@ def experiment(name: str) -> bool:
     """Whether experiment `name` (a key of EXPERIMENTS) is on."""
     assert name in EXPERIMENTS, name
     return name in experiments_on()
+
+
+# ---- tickets: "the last program to finish does the combine" --------------------------------------
+#
+# One-pass split reductions (decode attention, int4 split-K): each program stores its partial, then takes
+# a ticket (an atomic add on its output block's counter); the one that draws the last ticket combines the
+# partials and puts the counter back to zero. The counters are shared by every such kernel: stream order
+# (and the PDL wait before any memory access) keeps two launches from using them at once.
+
+_TICKETS: dict = {}  # device -> int32 counters, all zero between launches
+_OUTGROWN: list = []  # counters replaced by bigger ones: a captured CUDA graph may still use them
+
+
+def tickets(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counters on `device`, from a buffer kept for the life of the process (a captured
+    graph holds its address); a bigger zeroed one replaces it when n outgrows it."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _TICKETS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf[:n]
+
+
+@triton.jit
+def last_to_finish(ticket_ptr, num_programs) -> tl.tensor:
+    """After this program stored its partials: True in the one program (of the num_programs sharing
+    ticket_ptr) that finishes last; every other program's stores are then visible to it (a barrier so
+    all of this program's threads have stored, then acq_rel at GPU scope). That program must load the
+    partials with cache_modifier=".cg" (other SMs wrote them; L1 is not coherent) and then call
+    `ticket_reset`."""
+    tl.debug_barrier()
+    last = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_programs - 1
+    tl.debug_barrier()
+    return last
+
+
+@triton.jit
+def ticket_reset(ticket_ptr):
+    tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
 
 
 class _PDLLaunch:

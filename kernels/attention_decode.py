@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, experiment, kernel, pdl_prologue, triton_dtype
+from ._triton import (LaunchConfig, experiment, kernel, last_to_finish, pdl_prologue, ticket_reset, tickets,
+                      triton_dtype)
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -134,17 +135,13 @@ def _decode_split_kernel(
         tl.store(MidL + row, l_i, mask=g_mask)
         tl.store(MidO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
         if ONE_PASS:
-            # Every thread's partials are written before the ticket is taken (barrier, then a release at GPU
-            # scope); the last taker acquires, so the other programs' partials are visible to it.
-            tl.debug_barrier()
             ticket_ptr = Tickets + b64 * tl.num_programs(1) + pid_g
-            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.debug_barrier()
+            if last_to_finish(ticket_ptr, num_splits):
                 for gi in tl.static_range(GROUP):
                     head = pid_g * GROUP + gi
                     _combine_splits(MidO, MidM, MidL, (b64 * n_heads + head) * num_splits, num_splits,
                                     Out + b64 * stride_ob + head * stride_oh, BLOCK_S, HEAD_DIM)
-                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                ticket_reset(ticket_ptr)
 
 
 @triton.jit
@@ -278,21 +275,6 @@ def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, 
             num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
         )
     return out
-
-
-_TICKETS: dict = {}  # device -> int32 counters, all zero between launches (the last program resets its own)
-_OUTGROWN: list = []  # counters replaced by bigger ones: a captured CUDA graph may still use them
-
-
-def tickets(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 counters on `device` for one-pass decode attention, from a buffer kept for the life of
-    the process (a captured graph holds its address); a bigger zeroed one replaces it when n outgrows it."""
-    buf = _TICKETS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        buf = _TICKETS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return buf[:n]
 
 
 def _aligned16(t: torch.Tensor) -> bool:

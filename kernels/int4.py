@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import (LaunchConfig, as_rows, experiment, kernel, last_to_finish, launch_config, pdl_prologue,
+                      ticket_reset, tickets, triton_dtype)
 
 
 @dataclass
@@ -328,11 +330,12 @@ def _gemv_program(QW, N, K, k_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
 @kernel(do_not_specialize=["k_per_split", "float_bias"])
 def _int4_gemv_kernel(
     X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
+    Tickets,  # ONE_PASS: int32 [cdiv(N, BLOCK_N)], zero
     M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
     float_bias,  # FLOAT_BIAS_BITS, a run-time value so that ptxas merges mask and OR into one LOP3 (M = 1)
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)
     offs_n, n_mask, offs_r, k_start, k_end, qw_ptrs = _gemv_program(QW, N, K, k_per_split, BLOCK_N, BLOCK_K)
@@ -378,9 +381,29 @@ def _int4_gemv_kernel(
     if WRITE_PARTIALS:
         rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
         tl.store(Part + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
+        if ONE_PASS:
+            _sum_splits_if_last(Part, Out, Tickets, acc, offs_m[:, None].to(tl.int64), offs_n[None, :], mask,
+                                M, N, stride_om)
     else:
         out = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_if_last(Part, Out, Tickets, acc, rows, cols, mask, M, N, stride_om):
+    """ONE_PASS split-K: the column block's last program to finish (`last_to_finish`) sums every split's
+    partials in split order, as `_int4_splitk_reduce_kernel` does (the same bits), and writes Out.
+    acc: this program's [.., ..] partial (for the shape); rows, cols: broadcastable int64 / int32 indices
+    of the output rows and columns in acc's layout; mask: acc's valid elements."""
+    ticket_ptr = Tickets + tl.program_id(0)
+    if last_to_finish(ticket_ptr, tl.num_programs(1)):
+        total = tl.zeros_like(acc)
+        part_ptrs = Part + rows * N + cols
+        for _ in range(tl.num_programs(1)):
+            total += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            part_ptrs += M * N
+        tl.store(Out + rows * stride_om + cols, total.to(Out.dtype.element_ty), mask=mask)
+        ticket_reset(ticket_ptr)
 
 
 # ---- decode GEMV on tensor cores, the weight tile as the MMA's A operand -------------------------
@@ -424,9 +447,11 @@ def _nibble_plane(qw, qw_hi, J: tl.constexpr, DTYPE: tl.constexpr, BIAS: tl.cons
 @kernel(do_not_specialize=["k_per_split"])
 def _int4_gemv_mma_kernel(
     X, QW, QZ, S, Out, Part,  # x [M, K] row-strided; qweight [K/8, N]; qzeros [K/g, N/8]; scales [K/g, N]
+    Tickets,  # ONE_PASS: int32 [cdiv(N, BLOCK_N)], zero
     M, N, K, stride_xm, stride_om, k_per_split,  # out [M, N] row-strided; Part fp32 [SPLIT_K, M, N]
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
-    BIAS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,  # BIAS: MMA_FLOAT_BIAS[x.dtype][1]
+    BIAS: tl.constexpr, ASM: tl.constexpr, ONE_PASS: tl.constexpr = False,  # BIAS: MMA_FLOAT_BIAS[x.dtype][1]
+    PDL: tl.constexpr = False,
 ):
     """Up to 16 rows of x against BLOCK_N output columns, K tiles of BLOCK_K = 128 (inside one group).
     out^T = W x^T with the weight as the A operand, so its dequantized tile goes from the registers it
@@ -475,6 +500,9 @@ def _int4_gemv_mma_kernel(
     if WRITE_PARTIALS:
         rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
         tl.store(Part + rows[None, :] * N + offs_n[:, None], acc, mask=mask)
+        if ONE_PASS:
+            _sum_splits_if_last(Part, Out, Tickets, acc, offs_m[None, :].to(tl.int64), offs_n[:, None], mask,
+                                M, N, stride_om)
     else:
         out = Out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
         tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
@@ -609,10 +637,12 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 # ---- launcher --------------------------------------------------------------------------------
 
 def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,
-             cfg: Optional[Int4Launch] = None):
+             cfg: Optional[Int4Launch] = None, one_pass: Optional[bool] = None):
     """Check the arguments, allocate the output (and split-K scratch) and build the launches:
     (out, [(kernel, grid, args, constexprs, num_warps, num_stages), ...]) — empty when there is nothing
-    to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms)."""
+    to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms).
+    one_pass (default: the experiment "int4_one_pass"): with split-K, the GEMV's last program per column
+    block sums the partials (`_sum_splits_if_last`) instead of `_int4_splitk_reduce_kernel`."""
     if not isinstance(w, Int4Weight):
         raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -649,16 +679,19 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     k_per_split = triton.cdiv(K // cfg.block_k, cfg.split_k) * cfg.block_k
     part = (torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out2)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    args = (x2, w.qweight, w.qzeros, w.scales, out2, part, M, N, K, x2.stride(0), out2.stride(0), k_per_split,
-            FLOAT_BIAS_BITS)
+    one_pass = cfg.split_k > 1 and (experiment("int4_one_pass") if one_pass is None else one_pass)
+    args = (x2, w.qweight, w.qzeros, w.scales, out2, part, tickets(x.device, grid[0]), M, N, K, x2.stride(0),
+            out2.stride(0), k_per_split, FLOAT_BIAS_BITS)
     if cfg.kind == "gemv_mma":
         launches = [(_int4_gemv_mma_kernel, grid, args[:-1],
                      dict(GROUP_SIZE=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WRITE_PARTIALS=cfg.split_k > 1,
-                          BIAS=MMA_FLOAT_BIAS[x.dtype][1], ASM=on_cuda), cfg.num_warps, cfg.num_stages)]
-    else:
-        launches = [(_int4_gemv_kernel, grid, args, dict(**common, WRITE_PARTIALS=cfg.split_k > 1, **flags),
+                          BIAS=MMA_FLOAT_BIAS[x.dtype][1], ASM=on_cuda, ONE_PASS=one_pass),
                      cfg.num_warps, cfg.num_stages)]
-    if cfg.split_k > 1:
+    else:
+        launches = [(_int4_gemv_kernel, grid, args,
+                     dict(**common, WRITE_PARTIALS=cfg.split_k > 1, ONE_PASS=one_pass, **flags),
+                     cfg.num_warps, cfg.num_stages)]
+    if cfg.split_k > 1 and not one_pass:
         block = min(_REDUCE_BLOCK, triton.next_power_of_2(N))
         launches.append((_int4_splitk_reduce_kernel, (M, triton.cdiv(N, block)),
                          (part, out2, M, N, out2.stride(0), cfg.split_k), dict(BLOCK=block), 4, 1))
@@ -717,10 +750,12 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
                                shape=(n_out, n_in), group_size=group_size)
                 for M in rows:
                     x = torch.empty(M, n_in, dtype=dtype, device="meta")
-                    _, launches = _prepare(x, w, on_cuda=True, num_sms=_H100_SMS)
+                    cfgs = [None]
                     if M <= _GEMV_MAX_M and dtype in MMA_FLOAT_BIAS and group_size % MMA_BLOCK_K == 0:
-                        mma = int4_launch(M, n_out, n_in, group_size, dtype, num_sms=_H100_SMS, kind="gemv_mma")
-                        launches += _prepare(x, w, on_cuda=True, num_sms=_H100_SMS, cfg=mma)[1]
+                        cfgs.append(int4_launch(M, n_out, n_in, group_size, dtype, num_sms=_H100_SMS, kind="gemv_mma"))
+                    launches = []  # split-K partials summed by a second kernel, or by the last program
+                    for cfg, one_pass in itertools.product(cfgs, (False, True)):
+                        launches += _prepare(x, w, on_cuda=True, num_sms=_H100_SMS, cfg=cfg, one_pass=one_pass)[1]
                     for kern, _, args, constexprs, num_warps, num_stages in launches:
                         cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=num_stages)
                         key = (kern.__name__, tuple(cfg.signature.items()), tuple(cfg.constexprs.items()),
@@ -730,6 +765,7 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
                         blocks = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")
                                           if k in constexprs)
                         extra = " partials" if constexprs.get("WRITE_PARTIALS") else ""
+                        extra += " one-pass" if constexprs.get("ONE_PASS") else ""
                         extra += " mma" if kern is _int4_gemv_mma_kernel else ""
                         group = f" g{group_size}" if group_size != 128 else ""
                         label = (f"{triton_dtype(dtype)}{group} M={M} {blocks}{extra} ({model} {name} "

@@ -156,6 +156,35 @@ def test_int4_linear_real_size(N, K, M, kind, dtype):
         assert (y != same_steps).float().mean() <= 0.02
 
 
+@pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
+@pytest.mark.parametrize("M", [1, 8])
+def test_int4_one_pass_split_k_real_size(M, kind, monkeypatch):
+    """The experiment "int4_one_pass" at the 7B wqkv size (11 splits racing per column block), eagerly and
+    in a replayed graph, many times: bitwise the reduce kernel's result, tickets back at zero."""
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV, tickets
+    from codellama_rt.kernels.int4 import int4_launch, int4_linear, quantize_int4
+
+    N, K = 12288, 4096
+    w = quantize_int4(torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5, group_size=128)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    cfg = int4_launch(M, N, K, 128, torch.bfloat16,
+                      num_sms=torch.cuda.get_device_properties(DEV).multi_processor_count, kind=kind)
+    assert cfg.split_k > 1
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    want = int4_linear(x, w, cfg)
+    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_one_pass")
+    for _ in range(20):
+        assert torch.equal(int4_linear(x, w, cfg), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_linear(x, w, cfg)
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    assert (tickets(x.device, N // cfg.block_n) == 0).all()
+
+
 @pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
 def test_gemv_swiglu_real_size(F_, K):
     """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""

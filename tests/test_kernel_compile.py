@@ -61,6 +61,19 @@ def test_experiments_switch(monkeypatch):
         experiments_on()
 
 
+def test_tickets_buffer_grows_and_keeps_the_old_one():
+    import torch
+
+    from codellama_rt.kernels import _triton as mod
+
+    dev = torch.device("cpu")
+    small = mod.tickets(dev, 4)
+    assert small.dtype == torch.int32 and (small == 0).all() and mod.tickets(dev, 8).data_ptr() == small.data_ptr()
+    big = mod.tickets(dev, 100_000)
+    assert big.numel() == 100_000 and (big == 0).all() and big.data_ptr() != small.data_ptr()
+    assert any(t.data_ptr() == small.data_ptr() for t in mod._OUTGROWN)  # a captured graph may still use it
+
+
 def test_pdl_switch(monkeypatch):
     import torch
 

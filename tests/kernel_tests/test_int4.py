@@ -441,6 +441,28 @@ def test_int4_linear_with_the_mma_experiment_runs_the_mma_kernel(monkeypatch):
     assert not torch.equal(fma, want)  # the kernels round differently, so the switch is seen
 
 
+@pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["fma", "mma"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_one_pass_split_k_is_bitwise_the_reduce_kernel(nan_empty, monkeypatch, M, kind):
+    """The experiment "int4_one_pass": each column block's last program sums the split-K partials, in split
+    order, as the reduce kernel would: the same bits, no reduce launch, and the tickets back at zero."""
+    from codellama_rt.kernels._triton import tickets
+
+    in_f, out_f = 768, 520  # 6 K tiles in 3 splits, a partial last column block
+    w = quantize_int4(_weight(out_f, in_f, seed=M, dtype=torch.bfloat16), group_size=128)
+    x = torch.randn(M, in_f, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+    cfg = int4_launch(M, out_f, in_f, 128, torch.bfloat16, on_cuda=False, kind=kind)
+    assert cfg.split_k == 3
+    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+    want = int4_linear(x, w, cfg)
+    assert mod._prepare(x, w, on_cuda=False, cfg=cfg)[1][-1][0] is mod._int4_splitk_reduce_kernel
+    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_one_pass")
+    launches = mod._prepare(x, w, on_cuda=False, cfg=cfg)[1]
+    assert [k.__name__ for k, *_ in launches] == [launches[0][0].__name__]  # no reduce kernel
+    assert torch.equal(int4_linear(x, w, cfg), want)
+    assert (tickets(x.device, 64) == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_layer_output_cosine_after_quantization(M, dtype):
