@@ -126,15 +126,23 @@ def pdl_prologue(PDL: tl.constexpr):
 # with all of them so one device call measures both.
 
 EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
+@dataclass(frozen=True)
+class Experiment:
+    doc: str
+    weights: tuple  # the weight formats whose decode it changes: "dense" (16-bit), "int4", "nf4"
+
+
 EXPERIMENTS = {
-    "int4_mma": "int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)",
-    "norm_gemv": "batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV (kernels/gemv.py)",
-    "attn_one_pass": "decode attention's split combine done by each head's last program, no second launch "
-                     "(kernels/attention_decode.py)",
-    "int4_one_pass": "int4 split-K GEMV partials summed by each column block's last program, no second "
-                     "launch (kernels/int4.py)",
-    "gemv_prefetch": "the dense GEMV asks for its weights into L2 before waiting on the previous kernel "
-                     "(PDL launches only; kernels/gemv.py)",
+    "int4_mma": Experiment("int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)", ("int4",)),
+    "norm_gemv": Experiment("batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV "
+                            "(kernels/gemv.py)", ("dense",)),
+    "attn_one_pass": Experiment("decode attention's split combine done by each head's last program, no second "
+                                "launch (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
+    "int4_one_pass": Experiment("int4 split-K GEMV partials summed by each column block's last program, no "
+                                "second launch (kernels/int4.py)", ("int4",)),
+    # every model's lm_head is dense
+    "gemv_prefetch": Experiment("the dense GEMV asks for its weights into L2 before waiting on the previous "
+                                "kernel (PDL launches only; kernels/gemv.py)", ("dense", "int4", "nf4")),
 }
 
 

@@ -213,6 +213,13 @@ def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
     plan = e2e.make_plan(cuda=True, quick=False)
     assert set(plan.experiment_sets) == {(n,) for n in EXPERIMENTS} | {tuple(EXPERIMENTS)}
     assert report.BAR_MODELS == ("7B-bf16", "7B-int4")
+    for name, weights in (("7B-bf16", "dense"), ("7B-int4", "int4")):
+        sets = report.experiment_sets(e2e.MODELS[name], plan)
+        assert sets[-1] == tuple(EXPERIMENTS)
+        assert [s[0] for s in sets[:-1]] == [n for n, e in EXPERIMENTS.items() if weights in e.weights]
+    assert ("int4_mma",) not in report.experiment_sets(e2e.MODELS["7B-bf16"], plan)
+    assert report.experiment_sets(e2e.MODELS["34B-int4"], plan) == []
+    assert report.experiment_sets(e2e.MODELS["tiny"], plan) == []
     seen, real = [], e2e.make_engine
 
     def spy(*args, **kwargs):

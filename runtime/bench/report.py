@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels._triton import experiments_on, pdl_enabled
+from ..kernels._triton import EXPERIMENTS, experiments_on, pdl_enabled
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
@@ -179,9 +179,8 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
         for batch in plan.batches:  # batch-1 rows of both providers first: the bars need them
             for provider in providers:
                 report["decode"].append(e2e.ours_decode(model, spec, plan, provider, batch))
-        if spec.cuda and name in BAR_MODELS:
-            for names in plan.experiment_sets:
-                report["decode"].append(e2e.ours_decode(model, spec, plan, e2e.OURS_GRAPHS, 1, experiments=names))
+        for names in experiment_sets(spec, plan):
+            report["decode"].append(e2e.ours_decode(model, spec, plan, e2e.OURS_GRAPHS, 1, experiments=names))
         report["ttft"] += e2e.ours_ttft(model, spec, plan)
         if not plan.isolate_peers:
             for kind, names in (("compile", plan.compile_models), ("hf", plan.hf_models)):
@@ -190,6 +189,15 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
         del model
         e2e._free()
     return fn
+
+
+def experiment_sets(spec: e2e.ModelSpec, plan: e2e.Plan) -> list:
+    """The plan's experiment sets that get a row for `spec`: on a GPU, for the bars' models, those with an
+    experiment that changes this weight format's decode (else the row would repeat the default one)."""
+    if not spec.cuda or spec.name not in BAR_MODELS:
+        return []
+    weights = spec.quantize or "dense"
+    return [names for names in plan.experiment_sets if any(weights in EXPERIMENTS[n].weights for n in names)]
 
 
 def _peer_unit(kind: str, name: str, plan: e2e.Plan, report: dict):
