@@ -122,10 +122,12 @@ def pdl_prologue(PDL: tl.constexpr):
 #
 # Kernel paths that are built and tested (interpreter, AOT compile, `gpu` tests) but not yet the default,
 # because no GPU run has measured them against the path they would replace. CODELLAMA_RT_EXPERIMENTS,
-# a comma-separated list of the names below, turns them on; bench/gpu_session.sh reruns the 7B rows
-# with all of them so one device call measures both.
+# a comma-separated list of the names below, turns them on; the benchmark report measures each (a decode
+# row per experiment beside the default one), so one device call shows which to make the default.
 
 EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
+
+
 @dataclass(frozen=True)
 class Experiment:
     doc: str

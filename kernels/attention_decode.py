@@ -44,7 +44,9 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 # writes the fp32 partials (running max m in log2 units, sum l, unnormalised sum of p * V).
 # A chunk past the end of the sequence writes the neutral partial (m = -inf, l = 0, acc = 0).
 # Pass 2 (`_decode_reduce_kernel`), grid (B, H): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
-# with M = max_s m_s (neutral partials weigh exactly 0), cast to q's dtype.
+# with M = max_s m_s (neutral partials weigh exactly 0), cast to q's dtype. With the experiment
+# "attn_one_pass" pass 1's last program per (sequence, kv head) does that (`_combine_splits`, the same
+# arithmetic) and pass 2 is not launched.
 #
 # KV_ALIGNED: the launcher found the K/V base addresses and batch/head/position strides 16-byte aligned
 # (always so for slices of a contiguous cache) and the kernel states it with tl.multiple_of. The JIT

@@ -137,8 +137,8 @@ class GemvLaunch:
 CUDA_LAUNCH = GemvLaunch(block_n=2, block_k=1024, num_warps=4, num_stages=3)
 # With the SwiGLU epilogue a program reads the same two weight rows, one gate and one up row.
 SWIGLU_CUDA_LAUNCH = GemvLaunch(block_n=1, block_k=1024, num_warps=4, num_stages=3)
-# With the RMSNorm prologue every program also reads the residual and the norm weight and squares h: four
-# weight rows a program (not yet measured) spread that over twice the weights of the plain tiles.
+# With the RMSNorm prologue every program also reads the residual and the norm weight and squares h, work
+# spread here over twice the weight rows of the plain tiles (four rows a program; not yet measured).
 NORM_CUDA_LAUNCH = GemvLaunch(block_n=4, block_k=1024, num_warps=4, num_stages=3)
 NORM_SWIGLU_CUDA_LAUNCH = GemvLaunch(block_n=2, block_k=1024, num_warps=4, num_stages=3)
 # The interpreter pays per program, not per byte: wide row blocks keep the CPU tests fast.
@@ -249,8 +249,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     itself without a residual. x, residual: one row [..., K]; norm_weight: [K] contiguous; all x's dtype.
     Numerics: `norm_linear_ref`'s, except that the normalised operand is not rounded to x's dtype (the
     1 / rms scales the fp32 sums instead), so the result is nearer the exact one."""
-    out, h, launch = _prepare(x, w, cfg, swiglu=swiglu, norm=NormInput(residual, norm_weight, eps))
-    return _run(x, out, h, launch)[:2]
+    return _run(x, *_prepare(x, w, cfg, swiglu=swiglu, norm=NormInput(residual, norm_weight, eps)))
 
 
 def _run(x: torch.Tensor, out: torch.Tensor, h, launch):

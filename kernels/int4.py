@@ -258,8 +258,9 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 # `int4_linear_ref` is. 2 <= M <= 16: one 16-row tile (rows past M masked); the
 # tile expanded to [BLOCK_K // 8, 8, BLOCK_N], reshaped to [BLOCK_K, BLOCK_N] and fed to tl.dot.
 # With SPLIT_K > 1 each program writes fp32 partials [SPLIT_K, M, N] and `_int4_splitk_reduce_kernel`
-# sums them in split order (deterministic) and rounds to x's dtype; with SPLIT_K = 1 the program
-# writes the output.
+# sums them in split order (deterministic) and rounds to x's dtype (with the experiment "int4_one_pass",
+# the column block's last program does, `_sum_splits_if_last`); with SPLIT_K = 1 the program writes the
+# output.
 # Prefill (M > 16): `_int4_gemm_kernel`, [BLOCK_M, BLOCK_N] output tiles in grouped order (GROUP_M
 # row tiles share the weight columns in L2), K loop of [BLOCK_M, BLOCK_K] x tiles and dequantized
 # [BLOCK_K, BLOCK_N] weight tiles, tl.dot with fp32 accumulation.
