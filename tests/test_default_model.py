@@ -105,3 +105,16 @@ def test_golden_triton_interpreter(triton_model, i):
     case = golden["cases"][i]
     c = run_case(triton_model, case)
     assert (c.token_ids, c.finish_reason) == (case["token_ids"], case["finish_reason"])
+
+
+def test_infill_cases_remove_one_body_line():
+    """The evaluation's infill holes: prefix + line + suffix is the function, the line a body line of >= 3
+    characters, the same one for the same case number (PSM, SPM and the prefix-only baseline share them)."""
+    from eval_default_model import _hole, header
+
+    src = 'def f(a,\n      b):\n    """Doc."""\n    x = a + b\n\n    return x\n'
+    for k in range(20):
+        prefix, line, suffix = _hole(src, k)
+        assert prefix + line + suffix == src and _hole(src, k) == (prefix, line, suffix)
+        assert len(line.strip()) >= 3 and prefix.startswith(header(src))
+    assert {_hole(src, k)[1] for k in range(20)} == {'    """Doc."""\n', "    x = a + b\n", "    return x\n"}

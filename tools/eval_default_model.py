@@ -8,7 +8,9 @@ Loads the shipped files through `codellama_rt.load` (reference backend, fp32 on 
 - completion: greedy continuation of held-out function headers, cut where the function ends, and the
   share that `ast.parse` accepts;
 - infilling: held-out functions with one line removed (PSM and SPM), the share whose exact line is
-  recovered, and how every infill ended (<EOT> or the token limit).
+  recovered, and how every infill ended (<EOT> or the token limit); for scale, how often greedy
+  continuation of the prefix alone gives the line, and the teacher-forced cost of the true line and of
+  `<EOT>` after it in each order.
 Writes evaluation.json and README.md (the model card, with training.json) next to the weights.
 """
 from __future__ import annotations
@@ -130,11 +132,7 @@ def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
     for order in ("psm", "spm"):
         exact, first, reasons, examples = 0, 0, Counter(), []
         for k, src in enumerate(picked):
-            lines = src.splitlines(keepends=True)
-            first_body = len(header(src).splitlines())
-            candidates = [i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3]
-            i = random.Random(k).choice(candidates)
-            prefix, line, suffix = "".join(lines[:i]), lines[i], "".join(lines[i + 1:])
+            prefix, line, suffix = _hole(src, k)
             c = model.infill(prefix, suffix, suffix_first=order == "spm", max_new_tokens=max_new_tokens)
             hit = c.text.rstrip("\n") == line.rstrip("\n")
             exact += hit
@@ -145,8 +143,53 @@ def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
         result[order] = {"cases": len(picked), "exact_line": exact, "share": exact / len(picked),
                          "first_line_right": first,
                          "finish_reasons": dict(reasons), "examples": examples}
+    # For scale: the same lines continued from the prefix alone (plain greedy generation, no suffix).
+    plain = 0
+    for k, src in enumerate(picked):
+        prefix, line, _ = _hole(src, k)
+        plain += model.generate(prefix, max_new_tokens=max_new_tokens).text.split("\n")[0] == line.rstrip("\n")
+    result["prefix_only_next_line"] = plain
+    result["scores"] = hole_scores(model, [_hole(src, k) for k, src in enumerate(picked)])
     result["max_new_tokens"] = max_new_tokens
     return result
+
+
+@torch.no_grad()
+def hole_scores(model, holes) -> dict:
+    """Teacher-forced costs of the removed lines: nats per character of the line after a PSM prompt, an
+    SPM prompt and the prefix alone (plain), and the mean nats of `<EOT>` right after the true line per
+    order (low: the model knows the middle ends there)."""
+    tok = model.tokenizer
+
+    def nll(ids: list[int], start: int) -> torch.Tensor:
+        logits = model.logits(ids[:-1])[0, start - 1:]
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
+
+    sums = Counter()
+    for prefix, line, suffix in holes:
+        middle = tok.encode_nospace(line)
+        for order in ("psm", "spm"):
+            prompt = tok.encode_infill(prefix, suffix, suffix_first=order == "spm")
+            scored = nll(prompt + middle + [tok.eot_id], len(prompt))
+            sums[order] += scored[:-1].sum().item()
+            sums[order + "_eot"] += scored[-1].item()
+        before, after = tok.encode(prefix, add_bos=True), tok.encode(prefix + line, add_bos=True)
+        if after[:len(before)] == before:  # the line's own tokens follow the prefix's unchanged
+            sums["plain"] += nll(after, len(before)).sum().item()
+            sums["plain_chars"] += len(line)
+        sums["chars"] += len(line)
+    return {"psm_nats_per_char": sums["psm"] / sums["chars"], "spm_nats_per_char": sums["spm"] / sums["chars"],
+            "prefix_only_nats_per_char": sums["plain"] / max(sums["plain_chars"], 1),
+            "psm_eot_nats": sums["psm_eot"] / len(holes), "spm_eot_nats": sums["spm_eot"] / len(holes)}
+
+
+def _hole(src: str, k: int) -> tuple[str, str, str]:
+    """(prefix, removed line, suffix) of infill case k: a body line of >= 3 characters, picked with seed k."""
+    lines = src.splitlines(keepends=True)
+    first_body = len(header(src).splitlines())
+    candidates = [i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3]
+    i = random.Random(k).choice(candidates)
+    return "".join(lines[:i]), lines[i], "".join(lines[i + 1:])
 
 
 # ---- model card -------------------------------------------------------------------------------
@@ -188,6 +231,18 @@ def phase_text(k: int, r: dict) -> str:
 |---|---|---|---|---|---|
 {log}
 """
+
+
+def _plain_next_line(inf: dict) -> str:
+    """The prefix-only baseline and the teacher-forced scores, when the evaluation has them."""
+    if "scores" not in inf:
+        return ""
+    sc = inf["scores"]
+    return (f"; for scale, greedy continuation of the prefix alone (no suffix) gives the removed line in "
+            f"{inf['prefix_only_next_line']}/{inf['psm']['cases']}. Teacher-forced, the removed lines cost "
+            f"{sc['psm_nats_per_char']:.3f} (PSM) / {sc['spm_nats_per_char']:.3f} (SPM) / "
+            f"{sc['prefix_only_nats_per_char']:.3f} (prefix alone) nats per character, and `<EOT>` right "
+            f"after the true line {sc['psm_eot_nats']:.2f} (PSM) / {sc['spm_eot_nats']:.2f} (SPM) nats")
 
 
 def _endings(reasons: dict) -> str:
@@ -249,7 +304,7 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   new tokens at most); exact line recovered **PSM {inf['psm']['exact_line']}/{inf['psm']['cases']}
   ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
   The first line of the infill is the removed line in PSM {inf['psm']['first_line_right']}, SPM
-  {inf['spm']['first_line_right']} cases. PSM infills {_endings(inf['psm']['finish_reasons'])}; SPM infills
+  {inf['spm']['first_line_right']} cases{_plain_next_line(inf)}. PSM infills {_endings(inf['psm']['finish_reasons'])}; SPM infills
   {_endings(inf['spm']['finish_reasons'])}.
 
 Evaluation took {ev['seconds'] / 60:.1f} minutes.
