@@ -34,3 +34,35 @@ def test_triton_backend_matches_reference(hf_checkpoint, cfg):
 def test_auto_backend_is_reference_on_cpu(hf_checkpoint):
     path, _ = hf_checkpoint()
     assert cl.load(path, backend="auto", device="cpu").backend == "reference"
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantize):
+    """The one-pass experiments compute the paths they replace bit for bit, so decoding through the model
+    (GQA, split decode attention, split-K int4 GEMVs in the interpreter) gives the same tokens with them on."""
+    from codellama_rt.kernels import attention_decode, int4
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+
+    reduce_kernels = [attention_decode._decode_reduce_kernel] + ([int4._int4_splitk_reduce_kernel] if quantize else [])
+    launches = {k: 0 for k in reduce_kernels}
+    for k in reduce_kernels:
+        real = k.interp
+
+        class Counting:
+            def __getitem__(self, grid, k=k, real=real):
+                launches[k] += 1
+                return real[grid]
+
+        monkeypatch.setattr(k, "interp", Counting())
+    path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    prompts = [PROMPT, "import os"]
+    runs = []
+    for on in ("", "attn_one_pass,int4_one_pass"):
+        monkeypatch.setenv(EXPERIMENTS_ENV, on)
+        model = cl.load(path, backend="triton", max_seq_len=128, max_batch_size=2, quantize=quantize)
+        runs.append([c.token_ids for c in model.generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)])
+        if not on:  # the default path splits (so the experiments have partials to combine) ...
+            assert all(launches.values()), launches
+            launches = dict.fromkeys(launches, 0)
+    assert not any(launches.values()), launches  # ... and with them on, no second pass runs
+    assert runs[0] == runs[1] and all(len(t) == 8 for t in runs[0])
