@@ -114,8 +114,8 @@ class Plan:
 
 # Rough seconds per unit of work with cold Triton/Inductor caches, on a GPU (the H200 run of 2026-11-26
 # took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin, and
-# ~3 s per experiment row for the first two) and
-# on 2 CPU cores; the report records the real ones under "timings", which is where to correct these from.
+# ~4 s per experiment row to the two bar models) and on 2 CPU cores; the report records the real ones
+# under "timings", which is where to correct these from.
 GPU_ESTIMATES = {"7B-bf16": 45, "7B-int4": 55, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
                  "kernels": 45, "resources": 60}
 CPU_ESTIMATES = {"tiny": 5, "100M": 30, "resources": 120}  # models: ours and transformers together
