@@ -150,18 +150,23 @@ EXPERIMENTS = {
 
 def experiments_on() -> list[str]:
     """The experiments CODELLAMA_RT_EXPERIMENTS turns on, sorted; ValueError naming an unknown one."""
-    names = {n.strip() for n in os.environ.get(EXPERIMENTS_ENV, "").split(",") if n.strip()}
+    return list(_parse_experiments(os.environ.get(EXPERIMENTS_ENV, "")))
+
+
+@functools.lru_cache(maxsize=16)  # launchers ask per call: parse each value of the variable once
+def _parse_experiments(value: str) -> tuple:
+    names = {n.strip() for n in value.split(",") if n.strip()}
     unknown = sorted(names - EXPERIMENTS.keys())
     if unknown:
         raise ValueError(f"{EXPERIMENTS_ENV}: unknown experiment(s) {', '.join(unknown)}; "
                          f"expected some of {', '.join(EXPERIMENTS)}")
-    return sorted(names)
+    return tuple(sorted(names))
 
 
 def experiment(name: str) -> bool:
     """Whether experiment `name` (a key of EXPERIMENTS) is on."""
     assert name in EXPERIMENTS, name
-    return name in experiments_on()
+    return name in _parse_experiments(os.environ.get(EXPERIMENTS_ENV, ""))
 
 
 # ---- tickets: "the last program to finish does the combine" --------------------------------------

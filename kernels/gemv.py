@@ -294,7 +294,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     """The Triton backend's pre-norm projection, `norm_linear_ref`'s contract: the `rms_norm` kernel, then
     `linear` / `linear_swiglu`; with the experiment "norm_gemv" on, where those take the GEMV, one
     `norm_gemv` kernel instead of two."""
-    if experiment("norm_gemv") and _one_row_on_cuda(x, w) and (not swiglu or w.shape[0] % 2 == 0):
+    if _one_row_on_cuda(x, w) and (not swiglu or w.shape[0] % 2 == 0) and experiment("norm_gemv"):
         return norm_gemv(x, residual, norm_weight, eps, w, swiglu)
     normed, h = rms_norm(x, norm_weight, eps, residual)
     return (linear_swiglu(normed, w) if swiglu else linear(normed, w)), h
