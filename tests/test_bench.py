@@ -165,6 +165,25 @@ def _row(model, provider, tok_s, bound=None, status="ok"):
     return r
 
 
+def test_experiment_summary_compares_with_the_default_row(quick_report):
+    exp = dict(_row("7B-bf16", e2e.OURS_GRAPHS + " [norm_gemv]", 220.0, 250.0), experiments=["norm_gemv"],
+               agree_with_ours="128/128")
+    failed = dict(_row("7B-int4", e2e.OURS_GRAPHS + " [int4_mma]", None, status="failed: x"), experiments=["int4_mma"])
+    data = {"decode": [_row("7B-bf16", e2e.OURS_GRAPHS, 200.0, 250.0), _row("7B-bf16", e2e.OURS_EAGER, 50.0, 250.0),
+                       exp, _row("7B-int4", e2e.OURS_GRAPHS, 300.0, 1000.0), failed]}
+    summary = report.experiment_summary(data)
+    assert [(e["model"], e["experiments"], e["default_tok_s"]) for e in summary] == [
+        ("7B-bf16", ["norm_gemv"], 200.0), ("7B-int4", ["int4_mma"], 300.0)]
+    assert summary[0]["speedup"] == pytest.approx(1.1) and summary[0]["frac_bound"] == pytest.approx(0.88)
+    assert summary[1]["speedup"] is None and summary[1]["tok_s"] is None
+    full = json.loads((quick_report[1] / "report.json").read_text())
+    assert "## Experiments" not in report.to_markdown(full, "")  # the CPU subset has none
+    full["decode"] += data["decode"]
+    md = report.to_markdown(full, "")
+    assert "## Experiments" in md and "| 7B-bf16 | norm_gemv | 220.0 | 200.0 | 1.100 | 88% | 128/128 |" in md
+    assert "| 7B-int4 | int4_mma |  | 300.0 |  |  |  |" in md
+
+
 def test_bars_pass_fail_unmeasured():
     decode = [_row("7B-bf16", e2e.OURS_GRAPHS, 180.0, 200.0), _row("7B-bf16", e2e.OURS_EAGER, 120.0, 200.0),
               _row("7B-bf16", e2e.COMPILE, 150.0, 200.0), _row("7B-int4", e2e.OURS_GRAPHS, None, status="failed: x"),

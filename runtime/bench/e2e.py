@@ -295,7 +295,7 @@ def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, e
     if experiments:
         provider = f"{provider} [{'+'.join(experiments)}]"
         with experiments_set(experiments):
-            return ours_decode(model, spec, plan, provider, batch)
+            return dict(ours_decode(model, spec, plan, provider, batch), experiments=list(experiments))
     row = _decode_row(spec, provider, batch, plan, backend=model.backend)
     device = model.module.device
     try:

@@ -252,6 +252,21 @@ def _finish_rows(report: dict) -> None:
         row.pop("tokens0", None)
 
 
+def experiment_summary(report: dict) -> list:
+    """Each experiment row beside its model's default batch-1 CUDA-graph row: tok/s of both, the speedup
+    (None where either failed), the share of the bound and the token agreement."""
+    out = []
+    for r in report["decode"]:
+        if not r.get("experiments"):
+            continue
+        base = _find(report, r["model"], e2e.OURS_GRAPHS)
+        tok_s, base_tok_s = r.get("tok_s"), base.get("tok_s") if base else None
+        out.append(dict(model=r["model"], experiments=r["experiments"], tok_s=tok_s, default_tok_s=base_tok_s,
+                        speedup=tok_s / base_tok_s if tok_s and base_tok_s else None,
+                        frac_bound=r.get("frac_bound"), agree_with_ours=r.get("agree_with_ours", "")))
+    return out
+
+
 def _find(report: dict, model: str, provider: str, batch: int = 1) -> Optional[dict]:
     return next((r for r in report["decode"] if r["model"] == model and r["provider"] == provider
                  and r["batch"] == batch), None)
@@ -366,6 +381,15 @@ def to_markdown(report: dict, resources_md: str) -> str:
                      f"{_f(r.get('ms_per_step'), '.2f')} | {_f(r.get('peak_gib'), '.2f')} | "
                      f"{r.get('agree_with_ours', '')} | {r['status']}"
                      f"{'; ' + r['notes'] if r.get('notes') else ''} |")
+    summary = experiment_summary(report)
+    if summary:
+        lines += ["", "## Experiments (batch 1, CUDA graphs; CODELLAMA_RT_EXPERIMENTS)", "",
+                  "Each row: a fresh engine captured with the named kernel paths on, beside the default row.", "",
+                  "| model | experiments | tok/s | default tok/s | x default | of bound | same tokens as ours (eager) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['model']} | {', '.join(e['experiments'])} | {_f(e['tok_s'], '.1f')} | "
+                  f"{_f(e['default_tok_s'], '.1f')} | {_f(e['speedup'], '.3f')} | {_f(e['frac_bound'], '.0%')} | "
+                  f"{e['agree_with_ours']} |" for e in summary]
     lines += ["", "## Time to first token (batch 1)", "",
               "| model | provider | prompt tokens | TTFT ms | peak GiB | status |", "|---|---|---|---|---|---|"]
     for r in report["ttft"]:
