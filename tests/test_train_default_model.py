@@ -133,7 +133,7 @@ def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
     model = tdm.init_model(args, seed=0)
     with torch.no_grad():
         model.output.weight.zero_()  # every next-token distribution is uniform
-    got = tdm.infill_probe(model, cases, tiny.eot_id)
+    got = tdm.infill_probe(lambda ids: tdm.forward(model, torch.tensor([ids]))[0], cases, tiny.eot_id)
     log_v, chars = math.log(tiny.vocab_size), sum(c[4] for c in cases)
     assert got["psm_nats_per_char"] == pytest.approx(log_v * sum(len(c[1]) for c in cases) / chars, rel=1e-4)
     assert got["prefix_only_nats_per_char"] == pytest.approx(
@@ -141,7 +141,7 @@ def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
     assert got["eot_nats"] == pytest.approx(log_v, rel=1e-4)
     assert got["spm_nats_per_char"] == pytest.approx(got["psm_nats_per_char"], rel=1e-4)
     assert got["spm_eot_nats"] == pytest.approx(log_v, rel=1e-4)
-    assert tdm.infill_probe(model, [], tiny.eot_id) is None
+    assert tdm.infill_probe(lambda ids: 1 / 0, [], tiny.eot_id) is None
 
 
 def test_export_loads_back_with_the_trained_logits(tiny_tokenizer, tiny, tmp_path):

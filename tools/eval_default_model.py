@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import codellama_rt as cl  # noqa: E402
-from train_default_model import corpus_split, plain_tokens, read_source, rows  # noqa: E402
+from train_default_model import (corpus_split, infill_probe, plain_tokens, probe_case, read_source,  # noqa: E402
+                                 rows)
 
 
 # ---- held-out loss ----------------------------------------------------------------------------
@@ -149,38 +150,12 @@ def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
         prefix, line, _ = _hole(src, k)
         plain += model.generate(prefix, max_new_tokens=max_new_tokens).text.split("\n")[0] == line.rstrip("\n")
     result["prefix_only_next_line"] = plain
-    result["scores"] = hole_scores(model, [_hole(src, k) for k, src in enumerate(picked)])
+    cases = [probe_case(model.tokenizer, *_hole(src, k)) for k, src in enumerate(picked)]
+    # teacher-forced: the removed line's cost per order and of <EOT> after it (as the training probe)
+    result["scores"] = dict(infill_probe(lambda ids: model.logits(ids)[0], [c for c in cases if c],
+                                         model.tokenizer.eot_id), holes=sum(c is not None for c in cases))
     result["max_new_tokens"] = max_new_tokens
     return result
-
-
-@torch.no_grad()
-def hole_scores(model, holes) -> dict:
-    """Teacher-forced costs of the removed lines: nats per character of the line after a PSM prompt, an
-    SPM prompt and the prefix alone (plain), and the mean nats of `<EOT>` right after the true line per
-    order (low: the model knows the middle ends there)."""
-    tok = model.tokenizer
-
-    def nll(ids: list[int], start: int) -> torch.Tensor:
-        logits = model.logits(ids[:-1])[0, start - 1:]
-        return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
-
-    sums = Counter()
-    for prefix, line, suffix in holes:
-        middle = tok.encode_nospace(line)
-        for order in ("psm", "spm"):
-            prompt = tok.encode_infill(prefix, suffix, suffix_first=order == "spm")
-            scored = nll(prompt + middle + [tok.eot_id], len(prompt))
-            sums[order] += scored[:-1].sum().item()
-            sums[order + "_eot"] += scored[-1].item()
-        before, after = tok.encode(prefix, add_bos=True), tok.encode(prefix + line, add_bos=True)
-        if after[:len(before)] == before:  # the line's own tokens follow the prefix's unchanged
-            sums["plain"] += nll(after, len(before)).sum().item()
-            sums["plain_chars"] += len(line)
-        sums["chars"] += len(line)
-    return {"psm_nats_per_char": sums["psm"] / sums["chars"], "spm_nats_per_char": sums["spm"] / sums["chars"],
-            "prefix_only_nats_per_char": sums["plain"] / max(sums["plain_chars"], 1),
-            "psm_eot_nats": sums["psm_eot"] / len(holes), "spm_eot_nats": sums["spm_eot"] / len(holes)}
 
 
 def _hole(src: str, k: int) -> tuple[str, str, str]:
@@ -242,7 +217,7 @@ def _plain_next_line(inf: dict) -> str:
             f"{inf['prefix_only_next_line']}/{inf['psm']['cases']}. Teacher-forced, the removed lines cost "
             f"{sc['psm_nats_per_char']:.3f} (PSM) / {sc['spm_nats_per_char']:.3f} (SPM) / "
             f"{sc['prefix_only_nats_per_char']:.3f} (prefix alone) nats per character, and `<EOT>` right "
-            f"after the true line {sc['psm_eot_nats']:.2f} (PSM) / {sc['spm_eot_nats']:.2f} (SPM) nats")
+            f"after the true line {sc['eot_nats']:.2f} (PSM) / {sc['spm_eot_nats']:.2f} (SPM) nats")
 
 
 def _endings(reasons: dict) -> str:

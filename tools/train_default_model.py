@@ -181,10 +181,20 @@ def rows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
 
 
+def probe_case(tok: Tokenizer, prefix: str, middle: str, suffix: str):
+    """One hole for `infill_probe`: (PSM prompt ids, middle ids, BOS+prefix ids, BOS+prefix+middle ids,
+    middle chars, SPM prompt ids), or None when the prefix's own tokens change once the middle follows it
+    (the plain score would then not be the middle's)."""
+    plain_pre, plain = tok.encode(prefix, add_bos=True), tok.encode(prefix + middle, add_bos=True)
+    if plain[:len(plain_pre)] != plain_pre:
+        return None
+    return (tok.encode_infill(prefix, suffix), tok.encode_nospace(middle), plain_pre, plain, len(middle),
+            tok.encode_infill(prefix, suffix, suffix_first=True))
+
+
 def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_len: int, n: int = 24,
                        seed: int = 0):
-    """Up to n one-line holes in chunks of `files`: (PSM prompt ids, middle ids, BOS+prefix ids,
-    prefix+middle ids, middle chars, SPM prompt ids), each at most max_len tokens long, for `infill_probe`."""
+    """Up to n one-line holes (`probe_case`s) in chunks of `files`, each at most max_len tokens long."""
     rng = random.Random(seed)
     parts = [c for f in files for c in chunks(read_source(f), max_chars)]
     cases = []
@@ -194,26 +204,24 @@ def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_le
         lines = rng.choice(parts).splitlines(keepends=True)
         i = rng.randrange(1, len(lines)) if len(lines) > 2 else 0
         prefix, middle, suffix = "".join(lines[:i]), lines[i] if lines else "", "".join(lines[i + 1:])
-        plain_pre, plain = tok.encode(prefix, add_bos=True), tok.encode(prefix + middle, add_bos=True)
-        prompt, mid_ids = tok.encode_infill(prefix, suffix), tok.encode_nospace(middle)
-        if len(middle.strip()) < 3 or plain[:len(plain_pre)] != plain_pre or \
-                max(len(prompt) + len(mid_ids) + 1, len(plain)) > max_len:
+        case = probe_case(tok, prefix, middle, suffix) if len(middle.strip()) >= 3 else None
+        if case is None or max(len(case[0]) + len(case[1]) + 1, len(case[3])) > max_len:
             continue
-        spm_prompt = tok.encode_infill(prefix, suffix, suffix_first=True)  # as long as the PSM prompt
-        cases.append((prompt, mid_ids, plain_pre, plain, len(middle), spm_prompt))
+        cases.append(case)
     return cases
 
 
 @torch.no_grad()
-def infill_probe(model: Transformer, cases, eot_id: int) -> dict | None:
+def infill_probe(logits_of, cases, eot_id: int) -> dict | None:
     """Whether the model uses the suffix: nats per character of the held-out middles after a PSM prompt
     vs after their prefix alone (plain causal), and the mean nats of `<EOT>` right after the middle;
-    the same two for SPM prompts. None without cases (a context too short for any)."""
+    the same two for SPM prompts. logits_of: ids (list of T ints) -> [T, vocab] logits. None without
+    cases (a context too short for any)."""
     if not cases:
         return None
 
     def nll(ids: list[int], start: int) -> torch.Tensor:
-        logits = forward(model, torch.tensor([ids[:-1]]))[0, start - 1:].float()
+        logits = logits_of(ids[:-1])[start - 1:].float()
         return F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
     psm = causal = eot = spm = spm_eot = chars = 0.0
     for prompt, middle, plain_pre, plain, n_chars, spm_prompt in cases:
@@ -450,7 +458,7 @@ def main(argv=None) -> None:
                   f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min", flush=True)
         if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
             held_loss = mean_loss(model, held_eval, a.batch)
-            probe = infill_probe(model, probe_cases, tok.eot_id)
+            probe = infill_probe(lambda ids: forward(model, torch.tensor([ids]))[0], probe_cases, tok.eot_id)
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
                                  "infill_probe": probe, "minutes": state["seconds"] / 60})
             print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
