@@ -207,19 +207,33 @@ def test_gpu_plan_and_unit_order():
     assert plan.models == ("7B-bf16", "7B-int4", "34B-int4", "7B-nf4") and plan.batches == (1, 8)
     assert plan.ttft_prompts == (512, 2048, 8192) and plan.kernels and plan.isolate_peers
     assert [u[0] for u in report._units(plan, {})] == [
-        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "compile 7B-int4", "kernels", "ours 34B-int4",
-        "ours 7B-nf4", "hf 7B-bf16"]
+        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "compile 7B-int4", "experiments 7B-bf16",
+        "experiments 7B-int4", "kernels", "ours 34B-int4", "ours 7B-nf4", "hf 7B-bf16"]
     quick = e2e.make_plan(cuda=True, quick=True)
     assert [u[0] for u in report._units(quick, {})] == ["ours 7B-bf16", "ours 7B-int4"]
     only = e2e.make_plan(cuda=True, quick=False, only=["7b-BF16", "kernels"])
     assert only.models == ("7B-bf16",) and only.kernels
-    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "compile 7B-bf16", "kernels", "hf 7B-bf16"]
+    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "compile 7B-bf16", "experiments 7B-bf16",
+                                                       "kernels", "hf 7B-bf16"]
     cpu = e2e.make_plan(cuda=False, quick=True)
     assert cpu.models == ("tiny", "100M") and cpu.hf_models == cpu.models and not cpu.isolate_peers
     assert e2e.make_plan(cuda=True, quick=True, only=["tiny"]) == dataclasses.replace(cpu, models=("tiny",))
     assert not e2e.plan_uses_gpu(cpu) and e2e.plan_uses_gpu(quick)
     with pytest.raises(ValueError, match="separate"):
         e2e.make_plan(cuda=True, quick=True, only=["tiny", "7B-int4"])
+
+
+def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
+    """The child-process path the experiment rows take on a GPU, here on the tiny CPU model: one row per
+    set, named and tagged with its experiments; a timeout leaves a failed row for every set."""
+    plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
+    sets = [("attn_one_pass",), ("attn_one_pass", "int4_one_pass")]
+    rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=120)
+    assert [r["provider"] for r in rows] == [e2e.OURS_GRAPHS + " [attn_one_pass]",
+                                             e2e.OURS_GRAPHS + " [attn_one_pass+int4_one_pass]"]
+    assert [r["experiments"] for r in rows] == [list(n) for n in sets] and {r["status"] for r in rows} == {"ok"}
+    rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=1)
+    assert [(r["experiments"], r["status"]) for r in rows] == [(list(n), "failed: timed out after 1 s") for n in sets]
 
 
 def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):

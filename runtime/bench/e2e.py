@@ -113,11 +113,11 @@ class Plan:
 
 
 # Rough seconds per unit of work with cold Triton/Inductor caches, on a GPU (the H200 run of 2026-11-26
-# took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin, and
-# ~4 s per experiment row to the two bar models) and on 2 CPU cores; the report records the real ones
-# under "timings", which is where to correct these from.
-GPU_ESTIMATES = {"7B-bf16": 45, "7B-int4": 55, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
-                 "kernels": 45, "resources": 60}
+# took 16, 28, 54, 82, 80 and 24 s for the units below and 47 s for the AOT table; these add a margin; the
+# experiment rows of one model, a child that rebuilds it, are a guess) and on 2 CPU cores; the report
+# records the real ones under "timings", which is where to correct these from.
+GPU_ESTIMATES = {"7B-bf16": 30, "7B-int4": 40, "34B-int4": 75, "7B-nf4": 100, "compile": 110, "hf": 120,
+                 "kernels": 45, "resources": 60, "experiments": 60}
 CPU_ESTIMATES = {"tiny": 5, "100M": 30, "resources": 120}  # models: ours and transformers together
 
 
@@ -151,7 +151,7 @@ def make_plan(*, cuda: bool, quick: bool, only=None) -> Plan:
         if quick:
             plan = dataclasses.replace(plan, models=("7B-bf16", "7B-int4"), decode_tokens=32,
                                        ttft_prompts=(512, 2048), ttft_repeats=2, compile_models=(),
-                                       hf_models=(), kernels=False)
+                                       hf_models=(), kernels=False, experiment_sets=())
     else:
         plan = Plan(models=CPU_MODELS, decode_prompt=64, decode_tokens=48, batches=(1, 4),
                     ttft_prompts=(128, 512), ttft_repeats=3, compile_models=(), hf_models=CPU_MODELS,
@@ -591,9 +591,46 @@ def peer_rows_isolated(kind: str, spec: ModelSpec, plan: Plan, timeout_s: float)
     reason = peer_unavailable(kind)
     if reason:
         return missing_peer_rows(kind, spec, plan, [], reason)
+    have, reason = _run_child(["peer", kind, spec.name], plan, timeout_s)
+    return missing_peer_rows(kind, spec, plan, have, reason)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.communicate()
+
+
+def experiment_rows(model, spec: ModelSpec, plan: Plan, sets, emit=None) -> list[dict]:
+    """One batch-1 CUDA-graph decode row (`ours_decode`) per set of experiment names, `emit`ted as they come."""
+    rows = []
+    for names in sets:
+        rows.append(ours_decode(model, spec, plan, OURS_GRAPHS, 1, experiments=tuple(names)))
+        if emit:
+            emit(rows)
+    return rows
+
+
+def experiment_rows_isolated(spec: ModelSpec, plan: Plan, sets, timeout_s: float) -> list[dict]:
+    """`experiment_rows` in a child process that rebuilds the model from the seed, so a kernel path that has
+    never run on this GPU cannot take the report's own CUDA context down with it; a timeout or a crash
+    becomes failed rows for the sets the child had not finished."""
+    have, reason = _run_child(["experiments", spec.name, "--sets", json.dumps([list(n) for n in sets])], plan,
+                              timeout_s)
+    done = [tuple(r.get("experiments", ())) for r in have]
+    missing = [dict(_decode_row(spec, f"{OURS_GRAPHS} [{'+'.join(n)}]", 1, plan, status=reason),
+                    experiments=list(n)) for n in map(tuple, sets) if n not in done]
+    return have + missing
+
+
+def _run_child(args: list, plan: Plan, timeout_s: float) -> tuple[list, str]:
+    """(rows the child `python -m codellama_rt.bench.e2e ARGS` wrote, the status for rows it did not) with a
+    timeout that ends the child's whole process group."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
-        cmd = [sys.executable, "-m", "codellama_rt.bench.e2e", "peer", kind, spec.name,
+        cmd = [sys.executable, "-m", "codellama_rt.bench.e2e", *args,
                "--plan", json.dumps(dataclasses.asdict(plan)), "--out", str(out)]
         # its own session, so a timeout ends the child's compile workers too
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -612,25 +649,21 @@ def peer_rows_isolated(kind: str, spec: ModelSpec, plan: Plan, timeout_s: float)
             have = json.loads(out.read_text()) if out.is_file() else []
         except json.JSONDecodeError:  # killed mid-write
             have = []
-    return missing_peer_rows(kind, spec, plan, have, reason)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.communicate()
+    return have, reason
 
 
 def _child_main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m codellama_rt.bench.e2e", description="one peer, in isolation")
+    p = argparse.ArgumentParser(prog="python -m codellama_rt.bench.e2e",
+                                description="one peer, or the experiment rows of one model, in isolation")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("peer")
     q.add_argument("kind", choices=sorted(PEERS))
-    q.add_argument("model", choices=sorted(MODELS))
-    q.add_argument("--plan", required=True)
-    q.add_argument("--out", required=True, type=Path)
+    e = sub.add_parser("experiments")
+    e.add_argument("--sets", required=True, help="JSON list of lists of experiment names")
+    for parser in (q, e):
+        parser.add_argument("model", choices=sorted(MODELS))
+        parser.add_argument("--plan", required=True)
+        parser.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
     plan_dict = json.loads(a.plan)
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan_dict.items()})
@@ -642,7 +675,10 @@ def _child_main(argv=None) -> None:
         tmp.write_text(json.dumps(rows))
         tmp.replace(a.out)
 
-    emit(peer_rows(a.kind, model, spec, plan, emit))
+    if a.cmd == "peer":
+        emit(peer_rows(a.kind, model, spec, plan, emit))
+    else:
+        emit(experiment_rows(model, spec, plan, json.loads(a.sets), emit))
 
 
 if __name__ == "__main__":

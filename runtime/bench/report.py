@@ -135,7 +135,8 @@ def _log_new_rows(report: dict, seen: dict, log: Callable[[str], None]) -> None:
 
 def _units(plan: e2e.Plan, report: dict) -> list:
     """(name, estimated seconds, fn(budget)) in the order they run: the bars' models (the first two), their
-    compile peers, kernels, the other models, the remaining peers. (The AOT resource table comes last.)"""
+    compile peers, their experiment rows, kernels, the other models, the remaining peers. (The AOT resource
+    table comes last.)"""
     est = plan.estimates
     models = list(plan.models)
     ours = [(f"ours {m}", est.get(m, 60), _ours_unit(m, plan, report)) for m in models]
@@ -149,7 +150,9 @@ def _units(plan: e2e.Plan, report: dict) -> list:
     bar_models = models[:2]
     bar_peers = [p for p in peers if p[0].startswith("compile ") and p[0].split(" ", 1)[1] in bar_models]
     rest = [p for p in peers if p not in bar_peers]
-    return ours[:2] + bar_peers + kernels + ours[2:] + rest
+    experiments = [(f"experiments {m}", est.get("experiments", 60), _experiments_unit(m, plan, report))
+                   for m in models if experiment_sets(e2e.MODELS[m], plan)]
+    return ours[:2] + bar_peers + experiments + kernels + ours[2:] + rest
 
 
 def _model_info(spec: e2e.ModelSpec, model=None, build_s=None) -> dict:
@@ -179,8 +182,6 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
         for batch in plan.batches:  # batch-1 rows of both providers first: the bars need them
             for provider in providers:
                 report["decode"].append(e2e.ours_decode(model, spec, plan, provider, batch))
-        for names in experiment_sets(spec, plan):
-            report["decode"].append(e2e.ours_decode(model, spec, plan, e2e.OURS_GRAPHS, 1, experiments=names))
         report["ttft"] += e2e.ours_ttft(model, spec, plan)
         if not plan.isolate_peers:
             for kind, names in (("compile", plan.compile_models), ("hf", plan.hf_models)):
@@ -188,6 +189,14 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
                     _add_peer_rows(report, e2e.peer_rows(kind, model, spec, plan))
         del model
         e2e._free()
+    return fn
+
+
+def _experiments_unit(name: str, plan: e2e.Plan, report: dict):
+    def fn(budget: Budget) -> None:
+        spec = e2e.MODELS[name]
+        timeout = max(30.0, min(plan.peer_timeout_s, budget.left() - 15))
+        report["decode"].extend(e2e.experiment_rows_isolated(spec, plan, experiment_sets(spec, plan), timeout))
     return fn
 
 
