@@ -406,6 +406,7 @@ def test_pdl_on_and_off_give_the_same_tokens(gpu_checkpoint, monkeypatch, cuda_g
 
 
 @pytest.mark.gpu
+@pytest.mark.experiment
 @pytest.mark.parametrize("B", [1, 4])
 def test_experiments_keep_graph_tokens_equal_eager_tokens(gpu_checkpoint, monkeypatch, B):
     """With every experiment on (CODELLAMA_RT_EXPERIMENTS: kernel paths not yet the default), the graphed

@@ -114,6 +114,7 @@ def test_gemv_real_size(N, K):
     assert_error_within_torch(y, gemv_ref(x, w), x.double() @ w.double().t(), torch.bfloat16)
 
 
+@pytest.mark.experiment
 @pytest.mark.parametrize("swiglu", [False, True], ids=["wqkv", "w13-swiglu"])
 def test_gemv_prefetch_changes_no_bits(swiglu, monkeypatch):
     """The L2 prefetch before the PDL wait (experiment "gemv_prefetch") only moves when weights arrive."""
@@ -132,7 +133,8 @@ def test_gemv_prefetch_changes_no_bits(swiglu, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
+@pytest.mark.parametrize("kind", [None, pytest.param("gemv_mma", marks=pytest.mark.experiment)],
+                         ids=["default", "gemv_mma"])
 @pytest.mark.parametrize("M", [1, 8])
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008)], ids=["7B-wqkv", "7B-w2"])
 def test_int4_linear_real_size(N, K, M, kind, dtype):
@@ -156,6 +158,7 @@ def test_int4_linear_real_size(N, K, M, kind, dtype):
         assert (y != same_steps).float().mean() <= 0.02
 
 
+@pytest.mark.experiment
 @pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
 @pytest.mark.parametrize("M", [1, 8])
 def test_int4_one_pass_split_k_real_size(M, kind, monkeypatch):
@@ -203,6 +206,7 @@ def test_gemv_swiglu_real_size(F_, K):
     assert torch.equal(linear_swiglu(x2, w13), swiglu(*F.linear(x2, w13).chunk(2, dim=-1)))
 
 
+@pytest.mark.experiment
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-layer"])
 @pytest.mark.parametrize("N,K,swiglu", [(12288, 4096, False), (22016, 4096, True), (57344, 8192, True)],
                          ids=["7B-wqkv", "7B-w13", "70B-w13"])

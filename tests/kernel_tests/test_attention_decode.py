@@ -339,6 +339,7 @@ def test_cuda_graph_replay(H, Hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.experiment
 @pytest.mark.parametrize("H,Hkv,B", [(32, 32, 1), (64, 8, 1), (64, 8, 4)], ids=["7B", "70B", "70B-batch4"])
 def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
     """The one-pass combine on real programs racing for their tickets (eager and in a replayed graph, many
