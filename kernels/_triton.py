@@ -143,6 +143,8 @@ EXPERIMENTS = {
     "int4_one_pass": Experiment("int4 split-K GEMV partials summed by each column block's last program, no "
                                 "second launch (kernels/int4.py)", ("int4",)),
     # every model's lm_head is dense
+    "attn_rope": Experiment("decode's rotary and KV-cache write inside decode attention, no launch of their "
+                            "own (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
     "gemv_prefetch": Experiment("the dense GEMV asks for its weights into L2 before waiting on the previous "
                                 "kernel (PDL launches only; kernels/gemv.py)", ("dense", "int4", "nf4")),
 }
@@ -167,6 +169,18 @@ def experiment(name: str) -> bool:
     """Whether experiment `name` (a key of EXPERIMENTS) is on."""
     assert name in EXPERIMENTS, name
     return name in _parse_experiments(os.environ.get(EXPERIMENTS_ENV, ""))
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for a pointer argument the launch never dereferences (a variant's unused
+    inputs), so every launch of a kernel passes the same argument types."""
+    key = (str(device), dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
 
 
 # ---- tickets: "the last program to finish does the combine" --------------------------------------

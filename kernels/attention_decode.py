@@ -1,6 +1,7 @@
 """Grouped-query attention of one query token per sequence against its KV cache (decode)."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -9,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (LaunchConfig, experiment, kernel, last_to_finish, pdl_prologue, ticket_reset, tickets,
-                      triton_dtype)
+from ._triton import (LaunchConfig, experiment, kernel, last_to_finish, pdl_prologue, placeholder, ticket_reset,
+                      tickets, triton_dtype)
+from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -66,14 +68,22 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh,
     seq_len, num_splits, qk_scale,
+    # ROPE only: the new token's k, v [B, Hkv, D] (row-strided), rotary tables [P, D/2], positions, slots [B]
+    KNew, VNew, stride_knb, stride_knh, stride_vnb, stride_vnh, Cos, Sin, Pos, stride_pb, Slots,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, KV_ALIGNED: tl.constexpr, DIRECT: tl.constexpr = False,
-    ONE_PASS: tl.constexpr = False, BLOCK_S: tl.constexpr = 16, PDL: tl.constexpr = False,
+    ONE_PASS: tl.constexpr = False, BLOCK_S: tl.constexpr = 16, ROPE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Pass 1: one (sequence, kv head, split) per program; its partial softmax state goes to MidO/MidM/MidL.
     DIRECT (one split): the program normalises and writes Out itself, as pass 2 would (no second pass).
     ONE_PASS: the last program of a (sequence, kv head) to finish (a ticket from Tickets, int32 [B * Hkv],
-    zero before the launch and reset to zero by that program) combines the splits as pass 2 would."""
+    zero before the launch and reset to zero by that program) combines the splits as pass 2 would.
+    ROPE (decode's rotary and cache write, `_rotary_kernel`'s arithmetic): Q is not yet rotated; each
+    program rotates its query heads at Pos[b]. The program whose keys hold slot Slots[b] (program 0 when
+    no split does) rotates the new key into K[b, g, slot] and copies the new value into V, before its own
+    loop reads them; the slot must be the last attended key (lengths[b] - 1) or beyond the attended ones,
+    which is what decode passes. A slot outside [0, seq_len) writes nothing."""
     pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)  # kv head
@@ -93,8 +103,27 @@ def _decode_split_kernel(
     heads = pid_g * GROUP + offs_g  # query heads of this kv head
 
     b64 = pid_b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None],
-                other=0.0)
+    q_ptrs = Q + b64 * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner = (offs_d + HALF) % HEAD_DIM  # rotate-half: dimension d pairs with d +- D/2
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        pos = tl.load(Pos + b64 * stride_pb).to(tl.int64)
+        cos = tl.load(Cos + pos * HALF + offs_d % HALF)
+        sin = tl.load(Sin + pos * HALF + offs_d % HALF)
+        q_p = tl.load(q_ptrs + partner[None, :], mask=g_mask[:, None], other=0.0)
+        q = _rotated(q, q_p, cos, sin, sign)
+        slot = tl.load(Slots + b64).to(tl.int32)
+        writes = (slot >= start) & (slot < end) | (pid_s == 0) & (slot >= length)
+        if writes & (slot >= 0) & (slot < seq_len):
+            kv_g = pid_g.to(tl.int64)
+            k_new = KNew + b64 * stride_knb + kv_g * stride_knh
+            k_rot = _rotated(tl.load(k_new + offs_d), tl.load(k_new + partner), cos, sin, sign)
+            tl.store(K + b64 * stride_kb + kv_g * stride_kh + slot * stride_ks + offs_d, k_rot)
+            v_new = tl.load(VNew + b64 * stride_vnb + kv_g * stride_vnh + offs_d)
+            tl.store(V + b64 * stride_vb + kv_g * stride_vh + slot * stride_vs + offs_d, v_new)
+        tl.debug_barrier()  # the new key and value are in the cache before any thread's loop reads them
     if UPCAST_DOT:
         q = q.to(tl.float32)
     k_ptrs = K + b64 * stride_kb + pid_g.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -144,6 +173,15 @@ def _decode_split_kernel(
                     _combine_splits(MidO, MidM, MidL, (b64 * n_heads + head) * num_splits, num_splits,
                                     Out + b64 * stride_ob + head * stride_oh, BLOCK_S, HEAD_DIM)
                 ticket_reset(ticket_ptr)
+
+
+@triton.jit
+def _rotated(x, x_partner, cos, sin, sign):
+    """Rotate-half RoPE of x (any shape, last dim D) given each element's partner (d +- D/2), the tables
+    spread over D and sign -1 / +1 for the first / second half: in fp32, rounded to x's dtype, as
+    `_rotary_kernel` computes x1 cos - x2 sin and x2 cos + x1 sin."""
+    xf, pf = x.to(tl.float32), x_partner.to(tl.float32)
+    return (xf * cos + sign * (pf * sin)).to(x.dtype)
 
 
 @triton.jit
@@ -245,28 +283,48 @@ def _reduce_constexprs(cfg: DecodeLaunch, head_dim: int) -> dict:
     return dict(BLOCK_S=cfg.reduce_block_s, HEAD_DIM=head_dim)
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """Decode's new token for the ROPE variant: k, v [B, Hkv, D] (unit stride along D) not yet rotated nor
+    cached, rotary tables cos / sin fp32 [P, D/2], positions int64 [B, 1], cache slots int64 [B]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+
 def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l,
-            direct: Optional[bool] = None, one_pass: bool = False) -> torch.Tensor:
+            direct: Optional[bool] = None, one_pass: bool = False, new: Optional[NewToken] = None) -> torch.Tensor:
     """Run the passes with the given decisions and buffers (inputs already checked; q with unit stride
     along D; out [B, H, D] with unit stride along D; contiguous fp32 scratch mid_o [B, H, num_splits, D],
     mid_m and mid_l [B, H, num_splits], unused when direct). direct (default: one split): pass 1 writes
     out and pass 2 is skipped. one_pass: pass 1's last program per (sequence, kv head) combines the splits
-    (no pass-2 launch). Tests call it with poisoned buffers, and with direct=False for one split."""
+    (no pass-2 launch). new: q is not yet rotated and pass 1 also rotates and caches the new token (ROPE).
+    Tests call it with poisoned buffers, and with direct=False for one split."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     direct = cfg.num_splits == 1 if direct is None else direct
     assert not direct or cfg.num_splits == 1, "direct output needs one split"
     assert not (direct and one_pass), "one split writes the output directly"
     kv_aligned = _aligned16(k_cache) and _aligned16(v_cache)
+    if new is None:  # unused pointers of the ROPE variant
+        f32 = placeholder(q.device, torch.float32)
+        rope_args = (q, q, 0, 0, 0, 0, f32, f32, lengths, 0, lengths)
+    else:
+        rope_args = (new.k, new.v, new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1),
+                     new.cos, new.sin, new.positions, new.positions.stride(0), new.slots)
     _decode_split_kernel.on(q)[(B, Hkv, cfg.num_splits)](
         q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l, out, tickets(q.device, B * Hkv),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        S, cfg.num_splits, _LOG2E / math.sqrt(D),
+        S, cfg.num_splits, _LOG2E / math.sqrt(D), *rope_args,
         **_split_constexprs(cfg, H // Hkv, D, q.dtype, q.is_cuda, kv_aligned), DIRECT=direct,
-        ONE_PASS=one_pass, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ONE_PASS=one_pass, ROPE=new is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct and not one_pass:
         _decode_reduce_kernel.on(q)[(B, H)](
@@ -316,6 +374,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Graph-capturable: launch decisions depend on shapes only; scratch comes from torch.empty.
     """
     _check(q, k_cache, v_cache, lengths)
+    return _attention(q, k_cache, v_cache, lengths)
+
+
+def _attention(q, k_cache, v_cache, lengths, new: Optional[NewToken] = None) -> torch.Tensor:
+    """`attention_decode` once its arguments are checked (with `new`: the ROPE variant)."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if q.stride(-1) != 1:
@@ -324,12 +387,34 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                         num_sms=_num_sms(q.device))
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if cfg.num_splits == 1:  # one pass writes out; no scratch
-        return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out)
+        return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out, new=new)
     mid_o = torch.empty(B, H, cfg.num_splits, D, dtype=torch.float32, device=q.device)
     mid_m = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     return _launch(q, k_cache, v_cache, lengths, cfg, out, mid_o, mid_m, mid_l,
-                   one_pass=experiment("attn_one_pass"))
+                   one_pass=experiment("attn_one_pass"), new=new)
+
+
+def rotary_attention_decode_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots, lengths) -> torch.Tensor:
+    """Decode's attention step: `rotary_to_cache_ref` (q, k rotated at positions [B, 1]; k and v written
+    into k_cache / v_cache [B, Hkv, S, D] at slots [B]), then `attention_decode_ref` of the rotated q
+    [B, H, D] over the caches up to lengths [B]. q [B, H, 1, D], k, v [B, Hkv, 1, D]. -> [B, H, D]."""
+    q = rotary_to_cache_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+    return attention_decode_ref(q[:, :, 0], k_cache, v_cache, lengths)
+
+
+def rotary_attention_decode(q, k, v, cos, sin, positions, k_cache, v_cache, slots, lengths) -> torch.Tensor:
+    """The Triton backend's decode attention step, `rotary_attention_decode_ref`'s contract (slots[b] must
+    be lengths[b] - 1, as decode passes them; q may be rotated in place). `rotary_to_cache` then
+    `attention_decode`; with the experiment "attn_rope" on, one launch: the attention kernel rotates q
+    itself and its program holding the slot rotates and caches the new key and value first."""
+    if not experiment("attn_rope"):
+        q = rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+        return attention_decode(q[:, :, 0], k_cache, v_cache, lengths)
+    check_rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+    _check(q[:, :, 0], k_cache, v_cache, lengths)
+    new = NewToken(k[:, :, 0], v[:, :, 0], cos, sin, positions, slots)
+    return _attention(q[:, :, 0], k_cache, v_cache, lengths, new)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -357,23 +442,27 @@ def aot_configs() -> list[LaunchConfig]:
         for label, n_heads, n_kv in _AOT_MODELS:
             group = n_heads // n_kv
             cfg = decode_launch(1, n_kv, 4096, group, _AOT_HEAD_DIM, dtype.itemsize)
-            # several splits (and a second pass, or one pass), or one split writing the output itself
-            for direct, one_pass in ((False, False), (False, True), (True, False)):
+            # several splits (and a second pass, or one pass), or one split writing the output itself; each
+            # also rotating and caching the new token (ROPE)
+            for (direct, one_pass), rope in itertools.product(((False, False), (False, True), (True, False)),
+                                                              (False, True)):
                 split_sig = {"Q": ty, "K": ty, "V": ty, "Lengths": "*i64",
                              "MidO": ty if direct else "*fp32", "MidM": ty if direct else "*fp32",
                              "MidL": ty if direct else "*fp32", "Out": ty, "Tickets": "*i32",
                              **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kh",
                                                          "stride_ks", "stride_vb", "stride_vh", "stride_vs",
                                                          "stride_ob", "stride_oh", "seq_len", "num_splits")},
-                             "qk_scale": "fp32",
+                             "qk_scale": "fp32", "KNew": ty, "VNew": ty,
+                             **{name: "i32" for name in ("stride_knb", "stride_knh", "stride_vnb", "stride_vnh")},
+                             "Cos": "*fp32", "Sin": "*fp32", "Pos": "*i64", "stride_pb": "i32", "Slots": "*i64",
                              **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
                                                                "UPCAST_DOT", "KV_ALIGNED", "DIRECT", "ONE_PASS",
-                                                               "BLOCK_S")}}
+                                                               "BLOCK_S", "ROPE")}}
                 constexprs = _split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True)
-                kind = " direct" if direct else " one-pass" if one_pass else ""
+                kind = (" direct" if direct else " one-pass" if one_pass else "") + (" rope" if rope else "")
                 configs.append(LaunchConfig(
                     kernel=_decode_split_kernel, signature=split_sig,
-                    constexprs={**constexprs, "DIRECT": direct, "ONE_PASS": one_pass},
+                    constexprs={**constexprs, "DIRECT": direct, "ONE_PASS": one_pass, "ROPE": rope},
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     label=f"decode split{kind} {triton_dtype(dtype)} D{_AOT_HEAD_DIM} group {group} ({label})"))
             if dtype not in seen_reduce:  # the reduction does not depend on the group

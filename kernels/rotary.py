@@ -157,6 +157,11 @@ def rotary_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return q
 
 
+def check_rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> None:
+    """`rotary_to_cache`'s argument checks (a ValueError / TypeError naming the problem) without a launch."""
+    _prepare(q, k, cos, sin, positions, (v, k_cache, v_cache, slots))
+
+
 def rotary_to_cache_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> torch.Tensor:
     """`rotary_ref` of q and k; the rotated k and v written in place into k_cache / v_cache [B, Hkv, S, D]
     at slots [B] (k_cache[b, :, slots[b]] = k[b, :, 0]); returns the rotated q (a new tensor). A slot outside

@@ -11,13 +11,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels.attention_decode import attention_decode, attention_decode_ref
+from .kernels.attention_decode import rotary_attention_decode, rotary_attention_decode_ref
 from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
 from .kernels.int4 import int4_linear, int4_linear_ref
 from .kernels.nf4 import nf4_linear, nf4_linear_ref
 from .kernels.rms_norm import rms_norm, rms_norm_ref
-from .kernels.rotary import rotary, rotary_ref, rotary_to_cache, rotary_to_cache_ref
+from .kernels.rotary import rotary, rotary_ref
 from .kernels.swiglu import swiglu, swiglu_ref
 
 
@@ -28,10 +28,10 @@ class Backend:
     name: str
     rms_norm: Callable    # (x, weight, eps, residual=None) -> (y, new_residual)
     rotary: Callable      # (q [B,H,T,D], k [B,Hkv,T,D], cos, sin, positions [B,T]) -> (q, k)
-    # decode: rotate q; rotate k and copy v into the caches [B,Hkv,S,D] at slots [B] (in place) -> q
-    rotary_to_cache: Callable  # (q, k, v [B,*,1,D], cos, sin, positions [B,1], k_cache, v_cache, slots)
     attention_prefill: Callable  # (q [B,H,T,D], k, v [B,Hkv,S,D], start: int) -> [B,H,T,D]
-    attention_decode: Callable   # (q [B,H,D], k_cache, v_cache [B,Hkv,S,D], lengths [B]) -> [B,H,D]
+    # decode: rotate q and k, write k and v into the caches [B,Hkv,S,D] at slots [B] (= lengths - 1), attend
+    rotary_attention_decode: Callable  # (q, k, v [B,*,1,D], cos, sin, positions [B,1], k_cache, v_cache,
+    #                                      slots, lengths) -> [B,H,D]
     swiglu: Callable      # (gate, up) -> silu(gate) * up
     linear: Callable      # (x [..., in], weight [out, in]) -> [..., out]
     linear_swiglu: Callable  # (x [..., in], w13 [2F, in] = [gate; up]) -> silu(gate) * up [..., F]
@@ -46,9 +46,8 @@ BACKENDS: dict[str, Backend] = {
         name="reference",
         rms_norm=rms_norm_ref,
         rotary=rotary_ref,
-        rotary_to_cache=rotary_to_cache_ref,
         attention_prefill=attention_prefill_ref,
-        attention_decode=attention_decode_ref,
+        rotary_attention_decode=rotary_attention_decode_ref,
         swiglu=swiglu_ref,
         linear=F.linear,
         linear_swiglu=linear_swiglu_ref,
@@ -64,9 +63,8 @@ BACKENDS: dict[str, Backend] = {
         name="triton",
         rms_norm=rms_norm,
         rotary=rotary,
-        rotary_to_cache=rotary_to_cache,
         attention_prefill=attention_prefill,
-        attention_decode=attention_decode,
+        rotary_attention_decode=rotary_attention_decode,
         swiglu=swiglu,
         linear=gemv_or_matmul,
         linear_swiglu=linear_swiglu,

@@ -82,13 +82,11 @@ class Decode:
 
     def attend(self, ops: Backend, q, k, v, kv: tuple, rope: tuple, positions) -> torch.Tensor:
         """q [B,H,1,D], k/v [B,Hkv,1,D] (not yet rotated) -> [B,H,1,D]; k/v go into the cache at `positions`
-        (one launch with the rotary on the Triton backend; in place, no host sync)."""
+        (in place, no host sync)."""
         B = q.shape[0]
-        k_cache, v_cache = kv[0][:B], kv[1][:B]
-        q = ops.rotary_to_cache(q, k, v, rope[0], rope[1], positions, k_cache, v_cache, self.positions)
-        out = ops.attention_decode(q[:, :, 0], k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len],
-                                   self.lengths)
-        return out.unsqueeze(2)
+        k_cache, v_cache = kv[0][:B, :, :self.kv_len], kv[1][:B, :, :self.kv_len]
+        return ops.rotary_attention_decode(q, k, v, rope[0], rope[1], positions, k_cache, v_cache, self.positions,
+                                           self.lengths).unsqueeze(2)
 
 
 class Attention(nn.Module):

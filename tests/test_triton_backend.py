@@ -38,8 +38,9 @@ def test_auto_backend_is_reference_on_cpu(hf_checkpoint):
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantize):
-    """The one-pass experiments compute the paths they replace bit for bit, so decoding through the model
-    (GQA, split decode attention, split-K int4 GEMVs in the interpreter) gives the same tokens with them on."""
+    """The one-pass and rope-in-attention experiments compute the paths they replace bit for bit, so decoding
+    through the model (GQA, split decode attention, split-K int4 GEMVs in the interpreter) gives the same
+    tokens with them on."""
     from codellama_rt.kernels import attention_decode, int4
     from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
@@ -57,7 +58,7 @@ def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantiz
     path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
     prompts = [PROMPT, "import os"]
     runs = []
-    for on in ("", "attn_one_pass,int4_one_pass"):
+    for on in ("", "attn_one_pass,int4_one_pass,attn_rope"):
         monkeypatch.setenv(EXPERIMENTS_ENV, on)
         model = cl.load(path, backend="triton", max_seq_len=128, max_batch_size=2, quantize=quantize)
         runs.append([c.token_ids for c in model.generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)])

@@ -226,6 +226,66 @@ def test_one_pass_experiment_reaches_the_public_launcher(monkeypatch):
     assert torch.equal(attention_decode(q, k, v, lengths), two)
 
 
+# ---- decode's rotary and cache write inside the attention kernel (experiment "attn_rope") -----------
+
+def _new_token(B, H, Hkv, S, D, lengths, dtype, seed):
+    """A decode step's inputs: q, k, v [B, *, 1, D] as views of one projection row (as the model has
+    them), rotary tables, positions [B, 1] = lengths - 1, slots, and caches [B, Hkv, S, D] of random keys."""
+    from codellama_rt.kernels.rotary import rope_tables
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, 1, n, D).transpose(1, 2) for t, n in ((q, H), (k, Hkv), (v, Hkv)))
+    cos, sin = rope_tables(D, S + 5, 1e6)
+    lengths = torch.tensor(lengths)
+    caches = [torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2)]
+    return q, k, v, cos, sin, (lengths - 1)[:, None], caches, lengths - 1, lengths
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("S,lengths", [(64, [1, 64]), (300, [1, 300, 129])], ids=["one-split", "splits"])
+def test_rope_inside_attention_equals_the_two_launches(monkeypatch, H, Hkv, dtype, S, lengths):
+    """With "attn_rope" the attention kernel rotates q itself and caches the new key and value before
+    reading them: the output and both caches bitwise what `rotary_to_cache` then `attention_decode` give,
+    and within tolerance of the reference."""
+    from codellama_rt.kernels import attention_decode as mod
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+
+    B, D = len(lengths), 64
+    from codellama_rt.kernels import rotary
+
+    runs = {}
+    for on in ("", "attn_rope"):
+        q, k, v, cos, sin, pos, caches, slots, lens = _new_token(B, H, Hkv, S, D, lengths, dtype, seed=S + H)
+        monkeypatch.setenv(EXPERIMENTS_ENV, on)
+        if on:  # one launch: the rotary kernel must not run
+            monkeypatch.setattr(rotary._rotary_kernel, "interp", None)
+        out = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens)
+        runs[on] = (out, *caches)
+    q, k, v, cos, sin, pos, caches, slots, lens = _new_token(B, H, Hkv, S, D, lengths, dtype, seed=S + H)
+    ref = mod.rotary_attention_decode_ref(q, k, v, cos, sin, pos, *caches, slots, lens)
+    for got, want in zip(runs["attn_rope"], runs[""]):
+        assert torch.equal(got, want)
+    assert torch.equal(runs["attn_rope"][1], caches[0]) and torch.equal(runs["attn_rope"][2], caches[1])
+    assert_close(runs["attn_rope"][0], ref)
+
+
+def test_rope_inside_attention_checks_its_arguments(monkeypatch):
+    from codellama_rt.kernels import attention_decode as mod
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+
+    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_rope")
+    q, k, v, cos, sin, pos, caches, slots, lens = _new_token(2, 4, 2, 64, 64, [3, 9], torch.float32, seed=1)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        mod.rotary_attention_decode(q, k, v, cos, sin, pos.int(), *caches, slots, lens)
+    with pytest.raises(TypeError, match="cos/sin must be fp32"):
+        mod.rotary_attention_decode(q, k, v, cos.double(), sin.double(), pos, *caches, slots, lens)
+    with pytest.raises(AssertionError, match="lengths must have shape"):
+        mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens[:1])
+
+
 @pytest.mark.parametrize("B,Hkv,S,splits", [
     (1, 8, 100_000, 33),   # 70B, one long sequence: 8 x 33 programs fill 2 x 132 SMs
     (1, 32, 100_000, 9),   # 7B
@@ -243,11 +303,11 @@ def test_cuda_split_heuristic(B, Hkv, S, splits):
 def test_aot_configs_cover_every_cuda_launch():
     """Tile sizes, warps and stages do not depend on (B, S): one AOT binary per (dtype, group) covers
     every batch size and cache length, split count included (a runtime argument)."""
-    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"], c.constexprs["ONE_PASS"]): c
-                  for c in aot_configs() if "GROUP" in c.constexprs}
-    assert set(split_cfgs) == {(ty, g, d, o) for ty in ("*bf16", "*fp16") for g in (1, 8)
-                               for d, o in ((False, False), (False, True), (True, False))}
-    for (ty, group, _, _), c in split_cfgs.items():
+    split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"], c.constexprs["ONE_PASS"],
+                   c.constexprs["ROPE"]): c for c in aot_configs() if "GROUP" in c.constexprs}
+    assert set(split_cfgs) == {(ty, g, d, o, r) for ty in ("*bf16", "*fp16") for g in (1, 8)
+                               for d, o in ((False, False), (False, True), (True, False)) for r in (False, True)}
+    for (ty, group, _, _, _), c in split_cfgs.items():
         assert c.constexprs["UPCAST_DOT"] is False and c.constexprs["KV_ALIGNED"] is True
         for B in (1, 7, 64):
             for S in (1, 4097, 100_000):
@@ -366,3 +426,34 @@ def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
         torch.cuda.synchronize()
         assert torch.equal(out, want)
     assert (tickets(q.device, B * Hkv) == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.experiment
+@pytest.mark.parametrize("H,Hkv,B", [(32, 32, 1), (64, 8, 4)], ids=["7B", "70B-batch4"])
+def test_rope_inside_attention_on_gpu(H, Hkv, B, monkeypatch):
+    """"attn_rope" at real sizes: the output and the cached key within rounding of the two launches (the
+    rotation may contract into FMAs differently), the cached value exact; a replayed graph gives the
+    eager output bit for bit."""
+    from codellama_rt.kernels import attention_decode as mod
+    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+
+    D, S = 128, 8192
+    lengths = [300, 1, 4097, S][:B]
+    runs = {}
+    for on in ("", "attn_rope"):
+        q, k, v, cos, sin, pos, caches, slots, lens = (
+            t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
+            for t in _new_token(B, H, Hkv, S, D, lengths, torch.bfloat16, seed=H))
+        monkeypatch.setenv(EXPERIMENTS_ENV, on)
+        runs[on] = (mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens), *caches)
+    out, k_cache, v_cache = runs["attn_rope"]
+    assert_close(out, runs[""][0])
+    assert_close(k_cache, runs[""][1])
+    assert torch.equal(v_cache, runs[""][2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, runs["attn_rope"][0])
