@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import triton
 
 from codellama_rt.bench.common import clone_weight, copies_for, copy_bandwidth, graph_time_us
 from codellama_rt.kernels.gemv import GemvLaunch, gemv
-from codellama_rt.kernels.int4 import Int4Launch, int4_linear, int4_linear_ref, quantize_int4
+from codellama_rt.kernels.int4 import Int4Launch, int4_linear, int4_linear_ref, quantize_int4, split_count
 from codellama_rt.kernels.nf4 import nf4_linear, quantize_nf4
 
 KINDS = ("attention", "int4", "dense", "nf4")
@@ -47,15 +46,13 @@ def int4_variant(x, w, block_n, split, num_warps, block_m=1):
     """`int4_linear` with another tile width / split count; block_m=16 runs one row through the tensor-core
     path (a 16-row tile, rows past 1 masked) instead of the FMA path."""
     block_k = min(128 if block_m == 1 else 64, w.group_size)
-    tiles = w.shape[1] // block_k
-    split = triton.cdiv(tiles, triton.cdiv(tiles, min(split, tiles)))  # no empty splits, as int4_launch
+    split = split_count(w.shape[1] // block_k, w.shape[0], block_n, wanted=split)  # capped, none empty
     return int4_linear(x, w, Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages=3))
 
 
 def int4_mma_variant(x, w, block_n, split, num_warps, num_stages=3):
     """`int4_linear` through `_int4_gemv_mma_kernel` with another tile width / split count / warps."""
-    tiles = w.shape[1] // 128
-    split = triton.cdiv(tiles, triton.cdiv(tiles, min(split, tiles)))  # no empty splits, as int4_launch
+    split = split_count(w.shape[1] // 128, w.shape[0], block_n, wanted=split)  # capped, none empty
     return int4_linear(x, w, Int4Launch("gemv_mma", 16, block_n, 128, split, num_warps, num_stages))
 
 
@@ -63,8 +60,8 @@ def int4_mma_configs(N, K):
     """(block_n, split, warps): int4_launch's split for each width and twice it."""
     out = []
     for bn, warps in ((256, 4), (128, 4), (256, 8), (128, 2)):
-        split = max(1, min(16, math.ceil(4 * 132 / math.ceil(N / bn))))
-        out += [(bn, split, warps), (bn, min(16, 2 * split), warps)]
+        split = split_count(K // 128, N, bn)
+        out += [(bn, split, warps), (bn, split_count(K // 128, N, bn, wanted=2 * split), warps)]
     return list(dict.fromkeys(out))
 
 
@@ -95,7 +92,7 @@ def int4_configs(N, K):
         for warps in (2, 4, 8):
             if bn * 16 // (32 * warps) > 64:
                 continue
-            for split in (1, max(1, min(16, math.ceil(4 * 132 / math.ceil(N / bn))))):
+            for split in (1, split_count(K // 128, N, bn)):  # one split, and int4_launch's count
                 out.append((bn, 128, split, warps))
     return sorted(set(out))
 

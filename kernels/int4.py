@@ -580,10 +580,13 @@ def _check_mma(M: int, dtype: torch.dtype, group_size: int, block_k: int, who: s
                          f"BLOCK_K={block_k}, group_size={group_size}")
 
 
-def _split_count(tiles: int, N: int, block_n: int, on_cuda: bool, num_sms: int) -> int:
-    """GEMV programs along K: enough for 4 programs per SM where K has the tiles (at most 16), none empty;
-    3 at most in the interpreter."""
-    wanted = triton.cdiv(4 * num_sms, triton.cdiv(N, block_n)) if on_cuda else 3
+def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms: int = _H100_SMS,
+                wanted: Optional[int] = None) -> int:
+    """GEMV programs along K (tiles of BLOCK_K): enough for 4 programs per SM where K has the tiles (at most
+    16), none empty; 3 at most in the interpreter. wanted: ask for that many instead (bench/gemv_sweep.py),
+    still capped and made non-empty."""
+    if wanted is None:
+        wanted = triton.cdiv(4 * num_sms, triton.cdiv(N, block_n)) if on_cuda else 3
     split = max(1, min(wanted, tiles, _MAX_SPLIT_K))
     return triton.cdiv(tiles, triton.cdiv(tiles, split))  # no empty splits
 
@@ -615,7 +618,7 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
         _check_mma(M, dtype, group_size, MMA_BLOCK_K, "int4_launch")
         block_n = 256
         tiles = K // MMA_BLOCK_K
-        return Int4Launch("gemv_mma", 16, block_n, MMA_BLOCK_K, _split_count(tiles, N, block_n, on_cuda, num_sms),
+        return Int4Launch("gemv_mma", 16, block_n, MMA_BLOCK_K, split_count(tiles, N, block_n, on_cuda, num_sms),
                           num_warps=4, num_stages=3)
     if kind not in (None, "gemv", "gemm"):
         raise ValueError(f"int4_launch: unknown kind {kind!r}; expected 'gemv', 'gemv_mma' or 'gemm'")
@@ -626,7 +629,7 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
         block_k = min(32 if fp32 and block_m > 1 else 128, pow2_of_group)
         num_warps, num_stages = (8, 2) if fp32 and block_m > 1 else (4, 3)
         block_n = 256 if block_m == 1 else 64
-        split = _split_count(K // block_k, N, block_n, on_cuda, num_sms)
+        split = split_count(K // block_k, N, block_n, on_cuda, num_sms)
         return Int4Launch("gemv", block_m, block_n, block_k, split, num_warps, num_stages)
     if fp32:
         return Int4Launch("gemm", 64, 64, min(32, pow2_of_group), 1, num_warps=8, num_stages=2)
