@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
-from .rms_norm import rms_norm, rms_norm_ref
+from .rms_norm import inv_rms, rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,8 +112,8 @@ def _gemv_kernel(X, W, Out, N, K, stride_wn,  # x [K] contiguous; W [N, K] row-s
             acc_up += w_up.to(tl.float32) * x32[None, :]
     y = tl.sum(acc, 1)
     y_up = tl.sum(acc_up, 1)
-    if NORM:  # IEEE fp32 for the per-row scalar, as `_rms_norm_kernel`
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 0), tl.cast(K, tl.float32)) + eps))
+    if NORM:
+        rstd = inv_rms(tl.sum(squares, 0), K, eps)
         y = y * rstd
         y_up = y_up * rstd
     if SWIGLU:

@@ -31,6 +31,13 @@ MAX_DIM = 16384
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def inv_rms(sum_sq, n, eps):
+    """1 / sqrt(sum_sq / n + eps), the per-row scalar, in IEEE fp32 (div_rn / sqrt_rn: plain `/` and
+    tl.rsqrt are approximate on the GPU)."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, tl.cast(n, tl.float32)) + eps))
+
+
 @kernel
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,  # x/res [rows, N] row-strided; w [N]; y/h [rows, N]
                      stride_x, stride_res, N, eps,
@@ -50,9 +57,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,  # x/res [rows, N] row
     else:
         h = x
     h32 = h.to(tl.float32)
-    # the per-row scalar in IEEE fp32 (sqrt_rn/div_rn; plain `/` and tl.rsqrt are approximate on the GPU)
-    mean_sq = tl.div_rn(tl.sum(h32 * h32, axis=0), tl.cast(N, tl.float32))
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
+    rstd = inv_rms(tl.sum(h32 * h32, axis=0), N, eps)
     # normalise in fp32, round to the io dtype, then the weight multiply rounded again (as the ref)
     normed = (h32 * rstd).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
