@@ -229,8 +229,8 @@ def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
     plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
     sets = [("attn_one_pass",), ("attn_one_pass", "int4_one_pass")]
     rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=120)
-    assert [r["provider"] for r in rows] == [e2e.OURS_GRAPHS + " [attn_one_pass]",
-                                             e2e.OURS_GRAPHS + " [attn_one_pass+int4_one_pass]"]
+    assert [r["provider"] for r in rows] == [e2e.OURS_EAGER + " [attn_one_pass]",
+                                             e2e.OURS_EAGER + " [attn_one_pass+int4_one_pass]"]
     assert [r["experiments"] for r in rows] == [list(n) for n in sets] and {r["status"] for r in rows} == {"ok"}
     rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=1)
     assert [(r["experiments"], r["status"]) for r in rows] == [(list(n), "failed: timed out after 1 s") for n in sets]
@@ -238,7 +238,8 @@ def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
 
 def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
     """A GPU plan measures each experiment alone and all together on the bars' models; a row's engine is
-    built, captured and run with exactly its experiments on, and the switch is restored after."""
+    built (with CUDA graphs where the model is on a GPU) and run with exactly its experiments on, and the
+    switch is restored after."""
     import os
 
     from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
@@ -255,18 +256,20 @@ def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
     assert report.experiment_sets(e2e.MODELS["tiny"], plan) == []
     seen, real = [], e2e.make_engine
 
-    def spy(*args, **kwargs):
-        seen.append(os.environ.get(EXPERIMENTS_ENV))
-        return real(*args, **kwargs)
+    def spy(model, batch, max_seq_len, cuda_graphs):
+        seen.append((os.environ.get(EXPERIMENTS_ENV), cuda_graphs))
+        return real(model, batch, max_seq_len, cuda_graphs)
 
     monkeypatch.setattr(e2e, "make_engine", spy)
     monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
     cpu_plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
     spec = e2e.MODELS["tiny"]
-    row = e2e.ours_decode(e2e.build(spec), spec, cpu_plan, e2e.OURS_EAGER, 1,
-                          experiments=("norm_gemv", "attn_one_pass"))
-    assert row["provider"] == "ours (eager) [norm_gemv+attn_one_pass]" and row["status"] == "ok"
-    assert seen == ["norm_gemv,attn_one_pass"] and os.environ[EXPERIMENTS_ENV] == "int4_mma"
+    rows = e2e.experiment_rows(e2e.build(spec), spec, cpu_plan, [("norm_gemv", "attn_one_pass")])
+    assert [(r["provider"], r["experiments"], r["status"]) for r in rows] == [
+        ("ours (eager) [norm_gemv+attn_one_pass]", ["norm_gemv", "attn_one_pass"], "ok")]
+    assert seen == [("norm_gemv,attn_one_pass", False)] and os.environ[EXPERIMENTS_ENV] == "int4_mma"
+    gpu_spec = e2e.MODELS["7B-bf16"]  # on a GPU, CUDA-graph rows
+    assert e2e.experiment_provider(gpu_spec, ("norm_gemv",)) == (e2e.OURS_GRAPHS, "ours (CUDA graphs) [norm_gemv]")
 
 
 def test_peer_without_transformers_is_skipped_without_a_child(monkeypatch):

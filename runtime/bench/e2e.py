@@ -289,14 +289,10 @@ def _rate(stamps: list, batch: int) -> tuple[float, float]:
     return batch * steps / dt, dt / steps * 1e3
 
 
-def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, experiments: tuple = ()) -> dict:
-    """One decode row of our engine: graphs on (OURS_GRAPHS) or off (OURS_EAGER); with `experiments` (names
-    of `EXPERIMENTS`) on while its engine is built, captured and run, named in the provider."""
-    if experiments:
-        provider = f"{provider} [{'+'.join(experiments)}]"
-        with experiments_set(experiments):
-            return dict(ours_decode(model, spec, plan, provider, batch), experiments=list(experiments))
-    row = _decode_row(spec, provider, batch, plan, backend=model.backend)
+def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, label: Optional[str] = None) -> dict:
+    """One decode row of our engine: graphs on (OURS_GRAPHS) or off (OURS_EAGER); label: the row's provider
+    name when it is not `provider` (an experiment row)."""
+    row = _decode_row(spec, label or provider, batch, plan, backend=model.backend)
     device = model.module.device
     try:
         engine = make_engine(model, batch, plan.decode_prompt + plan.decode_tokens, provider == OURS_GRAPHS)
@@ -603,11 +599,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
+def experiment_provider(spec: ModelSpec, names) -> tuple[str, str]:
+    """(how, name) of an experiment row: our CUDA-graph decode (eager where graphs cannot run: the CPU
+    tests) with `names` on, named after them."""
+    how = OURS_GRAPHS if spec.cuda else OURS_EAGER
+    return how, f"{how} [{'+'.join(names)}]"
+
+
 def experiment_rows(model, spec: ModelSpec, plan: Plan, sets, emit=None) -> list[dict]:
-    """One batch-1 CUDA-graph decode row (`ours_decode`) per set of experiment names, `emit`ted as they come."""
+    """One batch-1 decode row (`ours_decode`, `experiment_provider`'s) per set of experiment names, each
+    engine built, captured and run with just those on; `emit`ted as they come."""
     rows = []
     for names in sets:
-        rows.append(ours_decode(model, spec, plan, OURS_GRAPHS, 1, experiments=tuple(names)))
+        how, label = experiment_provider(spec, names)
+        with experiments_set(names):
+            rows.append(dict(ours_decode(model, spec, plan, how, 1, label=label), experiments=list(names)))
         if emit:
             emit(rows)
     return rows
@@ -620,7 +626,7 @@ def experiment_rows_isolated(spec: ModelSpec, plan: Plan, sets, timeout_s: float
     have, reason = _run_child(["experiments", spec.name, "--sets", json.dumps([list(n) for n in sets])], plan,
                               timeout_s)
     done = [tuple(r.get("experiments", ())) for r in have]
-    missing = [dict(_decode_row(spec, f"{OURS_GRAPHS} [{'+'.join(n)}]", 1, plan, status=reason),
+    missing = [dict(_decode_row(spec, experiment_provider(spec, n)[1], 1, plan, status=reason),
                     experiments=list(n)) for n in map(tuple, sets) if n not in done]
     return have + missing
 
