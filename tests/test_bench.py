@@ -215,6 +215,9 @@ def test_gpu_plan_and_unit_order():
     assert only.models == ("7B-bf16",) and only.kernels
     assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "compile 7B-bf16", "experiments 7B-bf16",
                                                        "kernels", "hf 7B-bf16"]
+    # the bar model goes first however --only lists the models
+    only = e2e.make_plan(cuda=True, quick=False, only=["34B-int4", "7B-int4"])
+    assert [u[0] for u in report._units(only, {})][:3] == ["ours 7B-int4", "compile 7B-int4", "experiments 7B-int4"]
     cpu = e2e.make_plan(cuda=False, quick=True)
     assert cpu.models == ("tiny", "100M") and cpu.hf_models == cpu.models and not cpu.isolate_peers
     assert e2e.make_plan(cuda=True, quick=True, only=["tiny"]) == dataclasses.replace(cpu, models=("tiny",))

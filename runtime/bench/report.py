@@ -134,9 +134,9 @@ def _log_new_rows(report: dict, seen: dict, log: Callable[[str], None]) -> None:
 # ---- units of work ---------------------------------------------------------------------------
 
 def _units(plan: e2e.Plan, report: dict) -> list:
-    """(name, estimated seconds, fn(budget)) in the order they run: the bars' models (the first two), their
-    compile peers, their experiment rows, kernels, the other models, the remaining peers. (The AOT resource
-    table comes last.)"""
+    """(name, estimated seconds, fn(budget)) in the order they run: the bars' models (BAR_MODELS, those the
+    plan has), their compile peers, their experiment rows, kernels, the other models, the remaining peers.
+    (The AOT resource table comes last.)"""
     est = plan.estimates
     models = list(plan.models)
     ours = [(f"ours {m}", est.get(m, 60), _ours_unit(m, plan, report)) for m in models]
@@ -147,12 +147,12 @@ def _units(plan: e2e.Plan, report: dict) -> list:
         peers += [(f"hf {m}", est.get("hf", 150), _peer_unit("hf", m, plan, report))
                   for m in plan.hf_models if m in models]
     kernels = [("kernels", est.get("kernels", 120), _kernels_unit(report))] if plan.kernels else []
-    bar_models = models[:2]
-    bar_peers = [p for p in peers if p[0].startswith("compile ") and p[0].split(" ", 1)[1] in bar_models]
+    bars = [u for u, m in zip(ours, models) if m in BAR_MODELS]
+    bar_peers = [p for p in peers if p[0].startswith("compile ") and p[0].split(" ", 1)[1] in BAR_MODELS]
     rest = [p for p in peers if p not in bar_peers]
     experiments = [(f"experiments {m}", est.get("experiments", 60), _experiments_unit(m, plan, report))
                    for m in models if experiment_sets(e2e.MODELS[m], plan)]
-    return ours[:2] + bar_peers + experiments + kernels + ours[2:] + rest
+    return bars + bar_peers + experiments + kernels + [u for u in ours if u not in bars] + rest
 
 
 def _model_info(spec: e2e.ModelSpec, model=None, build_s=None) -> dict:
