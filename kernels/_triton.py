@@ -254,6 +254,17 @@ class Kernel:
         return self._pdl if self.has_pdl and pdl_enabled(tensor.device) else self.jit
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python ints, for launchers: triton.cdiv called from the host goes through Triton's
+    constexpr-function wrapper (~1.5 us a call, several calls a launch in eager decode)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1 (as triton.next_power_of_2, without its host-call cost)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def as_rows(t: torch.Tensor, width: int, label: str) -> torch.Tensor:
     """[..., width] -> a [rows, width] view with unit column stride (no copy), or a ValueError naming
     `label` (e.g. "swiglu: gate"). Launchers pass row strides to their kernels instead of copying."""

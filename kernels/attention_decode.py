@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (LaunchConfig, experiment, kernel, last_to_finish, pdl_prologue, placeholder, ticket_reset,
-                      tickets, triton_dtype)
+from ._triton import (LaunchConfig, cdiv, experiment, kernel, last_to_finish, next_power_of_2, pdl_prologue,
+                      placeholder, ticket_reset, tickets, triton_dtype)
 from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
@@ -263,9 +263,9 @@ def decode_launch(B: int, n_kv_heads: int, S: int, group: int, head_dim: int, el
     pays per program, not per byte.
     """
     block_n = max(16, min(128, 16384 // (head_dim * elem_size)))
-    block_g = max(16, triton.next_power_of_2(group))
-    n_blocks = triton.cdiv(S, block_n)
-    wanted = triton.cdiv(2 * num_sms, B * n_kv_heads) if on_cuda else 4
+    block_g = max(16, next_power_of_2(group))
+    n_blocks = cdiv(S, block_n)
+    wanted = cdiv(2 * num_sms, B * n_kv_heads) if on_cuda else 4
     num_splits = max(1, min(wanted, n_blocks, _MAX_SPLITS))
     return DecodeLaunch(num_splits=num_splits, block_n=block_n, block_g=block_g, num_warps=4, num_stages=3,
                         reduce_block_s=_REDUCE_BLOCK_S, reduce_num_warps=4, reduce_num_stages=1)

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, cdiv, kernel, launch_config, triton_dtype
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -208,7 +207,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, on_c
         return out, None
     on_cuda = q.is_cuda if on_cuda is None else on_cuda
     cfg = prefill_launch(q.dtype, D)
-    grid = (triton.cdiv(T, cfg.block_m), H, B)
+    grid = (cdiv(T, cfg.block_m), H, B)
     args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             T, start, H // Hkv, _LOG2E / math.sqrt(D))
     constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._triton import LaunchConfig, as_rows, experiment, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, cdiv, experiment, kernel, launch_config, pdl_prologue, triton_dtype
 from .rms_norm import inv_rms, rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
 
@@ -216,7 +216,7 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on
         norm_args = (res, norm.weight, h.view(K), float(norm.eps))
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     cfg = cfg or gemv_launch(on_cuda, swiglu, norm is not None)
-    grid = (triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(N, cfg.block_n),)
     args = (x1, w, out, N, K, w.stride(0)) + norm_args
     constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu,
                       NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (LaunchConfig, as_rows, experiment, kernel, last_to_finish, launch_config, pdl_prologue,
-                      ticket_reset, tickets, triton_dtype)
+from ._triton import (LaunchConfig, as_rows, cdiv, experiment, kernel, last_to_finish, launch_config,
+                      next_power_of_2, pdl_prologue, ticket_reset, tickets, triton_dtype)
 
 
 @dataclass
@@ -586,9 +586,9 @@ def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms:
     16), none empty; 3 at most in the interpreter. wanted: ask for that many instead (bench/gemv_sweep.py),
     still capped and made non-empty."""
     if wanted is None:
-        wanted = triton.cdiv(4 * num_sms, triton.cdiv(N, block_n)) if on_cuda else 3
+        wanted = cdiv(4 * num_sms, cdiv(N, block_n)) if on_cuda else 3
     split = max(1, min(wanted, tiles, _MAX_SPLIT_K))
-    return triton.cdiv(tiles, triton.cdiv(tiles, split))  # no empty splits
+    return cdiv(tiles, cdiv(tiles, split))  # no empty splits
 
 
 def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_cuda: bool = True,
@@ -676,13 +676,13 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
     common = dict(GROUP_SIZE=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     if cfg.kind == "gemm":
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
         args = (x2, w.qweight, w.qzeros, w.scales, out2, M, N, K, x2.stride(0), out2.stride(0))
         return out, [(_int4_gemm_kernel, grid, args, dict(**common, GROUP_M=8, **flags), cfg.num_warps,
                       cfg.num_stages)]
-    k_per_split = triton.cdiv(K // cfg.block_k, cfg.split_k) * cfg.block_k
+    k_per_split = cdiv(K // cfg.block_k, cfg.split_k) * cfg.block_k
     part = (torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out2)
-    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(N, cfg.block_n), cfg.split_k)
     one_pass = cfg.split_k > 1 and (experiment("int4_one_pass") if one_pass is None else one_pass)
     args = (x2, w.qweight, w.qzeros, w.scales, out2, part, tickets(x.device, grid[0]), M, N, K, x2.stride(0),
             out2.stride(0), k_per_split, FLOAT_BIAS_BITS)
@@ -696,8 +696,8 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
                      dict(**common, WRITE_PARTIALS=cfg.split_k > 1, ONE_PASS=one_pass, **flags),
                      cfg.num_warps, cfg.num_stages)]
     if cfg.split_k > 1 and not one_pass:
-        block = min(_REDUCE_BLOCK, triton.next_power_of_2(N))
-        launches.append((_int4_splitk_reduce_kernel, (M, triton.cdiv(N, block)),
+        block = min(_REDUCE_BLOCK, next_power_of_2(N))
+        launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)),
                          (part, out2, M, N, out2.stride(0), cfg.split_k), dict(BLOCK=block), 4, 1))
     return out, launches
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, as_rows, cdiv, kernel, launch_config, next_power_of_2, triton_dtype
 
 
 @dataclass
@@ -385,7 +385,7 @@ def nf4_launch(m: int, dtype: torch.dtype) -> NF4Launch:
     tile or fewer warps spills: IEEE dots over a 64-deep step hold many registers).
     """
     if m <= GEMV_MAX_M:
-        return NF4Launch("gemv", triton.next_power_of_2(max(m, 1)), 64, 4, 2)
+        return NF4Launch("gemv", next_power_of_2(max(m, 1)), 64, 4, 2)
     if dtype == torch.float32:
         return NF4Launch("gemm", 16, 64, 8, 2)
     if m <= 16:
@@ -464,10 +464,10 @@ def _prepare(x: torch.Tensor, w: NF4Weight, on_cuda: bool = None):
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
     if cfg.kind == "gemv":
         xk = _as_pairs(x2)
-        kern, grid = _nf4_gemv_kernel, (triton.cdiv(N, cfg.block_n),)
+        kern, grid = _nf4_gemv_kernel, (cdiv(N, cfg.block_n),)
     else:
         xk = x2
-        kern, grid = _nf4_gemm_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
+        kern, grid = _nf4_gemm_kernel, (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n))
         constexprs.update(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
     args = (xk, w.codes, w.absmax, nested_code, nested_absmax, w.code, out, M, N, K, xk.stride(0), K // 2,
             float(w.nested_offset))

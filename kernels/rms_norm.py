@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -68,7 +68,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,  # x/res [rows, N] row
 def rms_norm_settings(dim: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for a row of `dim` elements: the whole row in one block, the warps growing
     with it so each thread holds at most 32 fp32 values of the row (16 up to dim 4096)."""
-    block = triton.next_power_of_2(dim)
+    block = next_power_of_2(dim)
     num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     return block, num_warps
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, cdiv, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float, scale: float = 1.0,
@@ -118,8 +118,8 @@ def rotary_settings(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, 
     token. BLOCK_H is the smaller head count (rounded up to a power of two), so for GQA the q and k blocks
     are both full, capped at 2048 pairs per program; one warp per 256 pairs (at most 4) gives each thread
     8-16 contiguous pairs (16-byte bf16 loads) once the tile has 256 or more."""
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = min(triton.next_power_of_2(min(n_heads, n_kv_heads)), max(1, 2048 // block_half))
+    block_half = next_power_of_2(head_dim // 2)
+    block_h = min(next_power_of_2(min(n_heads, n_kv_heads)), max(1, 2048 // block_half))
     num_warps = max(1, min(4, block_h * block_half // 256))
     return block_h, block_half, num_warps
 
@@ -242,8 +242,8 @@ def _prepare(q, k, cos, sin, positions, cache=None):
     if B * T == 0 or H + Hkv == 0:
         return None
     block_h, block_half, num_warps = rotary_settings(H, Hkv, D)
-    n_q_blocks = triton.cdiv(H, block_h)
-    grid = (B * T, n_q_blocks + triton.cdiv(Hkv, block_h))
+    n_q_blocks = cdiv(H, block_h)
+    grid = (B * T, n_q_blocks + cdiv(Hkv, block_h))
     args = (q, k, cos, sin, positions, T, H, Hkv, n_q_blocks,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             positions.stride(0), positions.stride(1), *cache_args)

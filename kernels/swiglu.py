@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 import triton.language as tl
 
-from ._triton import LaunchConfig, as_rows, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, cdiv, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,7 @@ def _swiglu_kernel(gate_ptr, up_ptr, out_ptr,  # gate/up [rows, F] row-strided; 
 def swiglu_settings(ffn_dim: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 1024 columns a program (8 per thread with 4 warps: one 16-byte bf16 load each
     of gate and up), fewer for narrow rows."""
-    block = min(1024, triton.next_power_of_2(ffn_dim))
+    block = min(1024, next_power_of_2(ffn_dim))
     return block, max(1, min(4, block // 256))
 
 
@@ -77,7 +76,7 @@ def _prepare(gate, up):
         return out, None
     g2, u2 = as_rows(gate, ffn, "swiglu: gate"), as_rows(up, ffn, "swiglu: up")
     block, num_warps = swiglu_settings(ffn)
-    grid = (g2.shape[0], triton.cdiv(ffn, block))
+    grid = (g2.shape[0], cdiv(ffn, block))
     if grid[1] > 65535:
         raise ValueError(f"swiglu: F={ffn} needs {grid[1]} column blocks > 65535 (CUDA grid y limit)")
     return out, (grid, (g2, u2, out, g2.stride(0), u2.stride(0), ffn), {"BLOCK": block}, num_warps)
