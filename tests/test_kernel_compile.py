@@ -74,6 +74,17 @@ def test_tickets_buffer_grows_and_keeps_the_old_one():
     assert any(t.data_ptr() == small.data_ptr() for t in mod._OUTGROWN)  # a captured graph may still use it
 
 
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    from codellama_rt.kernels._triton import cdiv, next_power_of_2
+
+    for a in list(range(0, 70)) + [4095, 4096, 4097, 11008, 12288, 2 ** 31 - 1]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 7, 16, 64, 128, 256, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
 def test_pdl_switch(monkeypatch):
     import torch
 
