@@ -118,3 +118,29 @@ def test_infill_cases_remove_one_body_line():
         assert prefix + line + suffix == src and _hole(src, k) == (prefix, line, suffix)
         assert len(line.strip()) >= 3 and prefix.startswith(header(src))
     assert {_hole(src, k)[1] for k in range(20)} == {'    """Doc."""\n', "    x = a + b\n", "    return x\n"}
+
+
+def test_in_file_holes_are_the_same_line_in_its_file_cut_to_fit(reference):
+    """The evaluation's in-file holes: the function's case-k line, indented as in the file, with the file's
+    lines around it (cut at line boundaries) and a prompt within the budget in both orders."""
+    from eval_default_model import HeldOutFunction, _hole, in_file_hole
+
+    tok = reference.tokenizer
+    head = "".join(f"import mod{i}\n" for i in range(60))
+    method = '    def f(self, a):\n        """Doc."""\n        x = a + self.b\n\n        return x\n'
+    tail = "".join(f"CONST_{i} = {i}\n" for i in range(60))
+    text = head + "class C:\n" + method + tail
+    lines = tuple(text.splitlines(keepends=True))
+    f = HeldOutFunction(src='def f(self, a):\n    """Doc."""\n    x = a + self.b\n\n    return x\n',
+                        file_lines=lines, first_line=61)
+    for k in range(10):
+        dedented = _hole(f.src, k)[1]
+        for budget in (1000, 120):
+            prefix, line, suffix = in_file_hole(f, k, tok, budget)
+            assert line == "    " + dedented
+            start = text.index(prefix + line + suffix)  # one contiguous run of the file's lines
+            assert (start == 0 or text[start - 1] == "\n") and suffix.endswith("\n")
+            assert (start == 0 and text.endswith(suffix)) == (budget == 1000)  # the whole file fits 1000
+            for spm in (False, True):
+                assert len(tok.encode_infill(prefix, suffix, suffix_first=spm)) <= budget
+            assert len(tok.encode(suffix)) > 10  # the small budget still leaves some suffix

@@ -24,6 +24,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,15 @@ def held_out_loss(model, train_files, held_files, chunk_chars: int) -> dict:
 
 # ---- held-out functions -----------------------------------------------------------------------
 
-def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> list[str]:
-    """Source of every function (dedented) of the held-out files with min..max lines, in file order."""
+@dataclass(frozen=True)
+class HeldOutFunction:
+    src: str                # the function's source, dedented
+    file_lines: tuple       # its file's lines (with their line ends)
+    first_line: int         # index in file_lines of the function's first line
+
+
+def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> list[HeldOutFunction]:
+    """Every function of the held-out files with min..max lines, in file order."""
     out = []
     for f in held_files:
         text = read_source(f)
@@ -77,12 +85,12 @@ def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> l
             tree = ast.parse(text)
         except SyntaxError:
             continue
-        lines = text.splitlines(keepends=True)
+        lines = tuple(text.splitlines(keepends=True))
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
                 src = textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))
                 if min_lines <= src.count("\n") <= max_lines and _parses(src) and header(src).endswith(":\n"):
-                    out.append(src)
+                    out.append(HeldOutFunction(src, lines, node.lineno - 1))
     return out
 
 
@@ -114,7 +122,7 @@ def function_end(program: str, header_lines: int, hit_limit: bool) -> str:
 
 
 def completion_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
-    picked = random.Random(0).sample(funcs, min(n, len(funcs)))
+    picked = [f.src for f in random.Random(0).sample(funcs, min(n, len(funcs)))]
     ok, examples = 0, []
     for src in picked:
         prompt = header(src)
@@ -127,30 +135,16 @@ def completion_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dic
             "examples": examples[:5]}
 
 
-def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
+def infill_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int) -> dict:
     picked = random.Random(1).sample(funcs, min(n, len(funcs)))
-    result = {}
-    for order in ("psm", "spm"):
-        exact, first, reasons, examples = 0, 0, Counter(), []
-        for k, src in enumerate(picked):
-            prefix, line, suffix = _hole(src, k)
-            c = model.infill(prefix, suffix, suffix_first=order == "spm", max_new_tokens=max_new_tokens)
-            hit = c.text.rstrip("\n") == line.rstrip("\n")
-            exact += hit
-            first += c.text.split("\n")[0] == line.rstrip("\n")  # the removed line comes first (alone, or followed by more)
-            reasons[c.finish_reason] += 1
-            if len(examples) < 5:
-                examples.append({"line": line, "infill": c.text, "exact": hit, "finish_reason": c.finish_reason})
-        result[order] = {"cases": len(picked), "exact_line": exact, "share": exact / len(picked),
-                         "first_line_right": first,
-                         "finish_reasons": dict(reasons), "examples": examples}
-    # For scale: the same lines continued from the prefix alone (plain greedy generation, no suffix).
-    plain = 0
-    for k, src in enumerate(picked):
-        prefix, line, _ = _hole(src, k)
-        plain += model.generate(prefix, max_new_tokens=max_new_tokens).text.split("\n")[0] == line.rstrip("\n")
-    result["prefix_only_next_line"] = plain
-    cases = [probe_case(model.tokenizer, *_hole(src, k)) for k, src in enumerate(picked)]
+    holes = [_hole(f.src, k) for k, f in enumerate(picked)]
+    result = _infill_runs(model, holes, max_new_tokens, examples=5)
+    # The same holes in their files, as an editor sends them: the file around the line, cut to fit.
+    budget = model.args.max_seq_len - max_new_tokens
+    result["in_file"] = _infill_runs(model, [in_file_hole(f, k, model.tokenizer, budget)
+                                             for k, f in enumerate(picked)], max_new_tokens, examples=0)
+    result["in_file"]["context_tokens"] = budget
+    cases = [probe_case(model.tokenizer, *hole) for hole in holes]
     # teacher-forced: the removed line's cost per order and of <EOT> after it (as the training probe)
     result["scores"] = dict(infill_probe(lambda ids: model.logits(ids)[0], [c for c in cases if c],
                                          model.tokenizer.eot_id), holes=sum(c is not None for c in cases))
@@ -158,13 +152,64 @@ def infill_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
     return result
 
 
-def _hole(src: str, k: int) -> tuple[str, str, str]:
-    """(prefix, removed line, suffix) of infill case k: a body line of >= 3 characters, picked with seed k."""
+def _infill_runs(model, holes: list[tuple[str, str, str]], max_new_tokens: int, examples: int) -> dict:
+    """Greedy PSM and SPM infills of (prefix, line, suffix) holes: exact lines, first lines right, how each
+    ended; and, for scale, how often greedy continuation of the prefix alone gives the line."""
+    result = {}
+    for order in ("psm", "spm"):
+        exact, first, reasons, shown = 0, 0, Counter(), []
+        for prefix, line, suffix in holes:
+            c = model.infill(prefix, suffix, suffix_first=order == "spm", max_new_tokens=max_new_tokens)
+            hit = c.text.rstrip("\n") == line.rstrip("\n")
+            exact += hit
+            first += c.text.split("\n")[0] == line.rstrip("\n")  # the removed line comes first (alone, or followed by more)
+            reasons[c.finish_reason] += 1
+            if len(shown) < examples:
+                shown.append({"line": line, "infill": c.text, "exact": hit, "finish_reason": c.finish_reason})
+        result[order] = {"cases": len(holes), "exact_line": exact, "share": exact / len(holes),
+                         "first_line_right": first, "finish_reasons": dict(reasons), "examples": shown}
+    result["prefix_only_next_line"] = sum(
+        model.generate(prefix, max_new_tokens=max_new_tokens).text.split("\n")[0] == line.rstrip("\n")
+        for prefix, line, _ in holes)
+    return result
+
+
+def _hole_index(src: str, k: int) -> int:
+    """The line removed in infill case k: a body line of >= 3 characters, picked with seed k."""
     lines = src.splitlines(keepends=True)
     first_body = len(header(src).splitlines())
-    candidates = [i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3]
-    i = random.Random(k).choice(candidates)
+    return random.Random(k).choice([i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3])
+
+
+def _hole(src: str, k: int) -> tuple[str, str, str]:
+    """(prefix, removed line, suffix) of infill case k in the function alone (dedented)."""
+    lines = src.splitlines(keepends=True)
+    i = _hole_index(src, k)
     return "".join(lines[:i]), lines[i], "".join(lines[i + 1:])
+
+
+def in_file_hole(f: HeldOutFunction, k: int, tok, budget: int, suffix_share: float = 0.3) -> tuple[str, str, str]:
+    """The same line as `_hole(f.src, k)` removed from f's file: (prefix, line, suffix) with the prefix cut
+    at a line start and the suffix at a line end so the infill prompt is at most `budget` tokens (the
+    suffix gets up to `suffix_share` of it, the prefix the rest)."""
+    at = f.first_line + _hole_index(f.src, k)
+    lines = f.file_lines
+    cost = [len(tok.encode(line, add_bos=False)) for line in lines]
+    room = budget - 8  # BOS, PRE, SUF, MID and SentencePiece's seams between lines
+    while True:
+        start, used = at, 0
+        while start > 0 and used + cost[start - 1] <= room * (1 - suffix_share):
+            start -= 1
+            used += cost[start]
+        end = at + 1
+        while end < len(lines) and used + cost[end] <= room:
+            used += cost[end]
+            end += 1
+        prefix, suffix = "".join(lines[start:at]), "".join(lines[at + 1:end])
+        if len(tok.encode_infill(prefix, suffix)) <= budget and len(tok.encode_infill(prefix, suffix,
+                                                                                      suffix_first=True)) <= budget:
+            return prefix, lines[at], suffix
+        room -= 16
 
 
 # ---- model card -------------------------------------------------------------------------------
@@ -218,6 +263,20 @@ def _plain_next_line(inf: dict) -> str:
             f"{sc['psm_nats_per_char']:.3f} (PSM) / {sc['spm_nats_per_char']:.3f} (SPM) / "
             f"{sc['prefix_only_nats_per_char']:.3f} (prefix alone) nats per character, and `<EOT>` right "
             f"after the true line {sc['eot_nats']:.2f} (PSM) / {sc['spm_eot_nats']:.2f} (SPM) nats")
+
+
+def _in_file(inf: dict) -> str:
+    """The same holes in their files, when the evaluation has them."""
+    if "in_file" not in inf:
+        return ""
+    f = inf["in_file"]
+    n = f["psm"]["cases"]
+    return f"""
+- The same {n} lines removed from their files, as an editor sends a hole: the file's lines around it, cut
+  to fit a {f['context_tokens']}-token prompt (up to 30% of it suffix): exact line **PSM {f['psm']['exact_line']}/{n},
+  SPM {f['spm']['exact_line']}/{n}**; first line right PSM {f['psm']['first_line_right']}, SPM
+  {f['spm']['first_line_right']}; the prefix alone continues with the line in {f['prefix_only_next_line']}/{n}.
+  PSM infills {_endings(f['psm']['finish_reasons'])}; SPM infills {_endings(f['spm']['finish_reasons'])}."""
 
 
 def _endings(reasons: dict) -> str:
@@ -280,7 +339,7 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
   The first line of the infill is the removed line in PSM {inf['psm']['first_line_right']}, SPM
   {inf['spm']['first_line_right']} cases{_plain_next_line(inf)}. PSM infills {_endings(inf['psm']['finish_reasons'])}; SPM infills
-  {_endings(inf['spm']['finish_reasons'])}.
+  {_endings(inf['spm']['finish_reasons'])}.{_in_file(inf)}
 
 Evaluation took {ev['seconds'] / 60:.1f} minutes.
 """
