@@ -123,16 +123,18 @@ def function_end(program: str, header_lines: int, hit_limit: bool) -> str:
 
 def completion_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
     picked = [f.src for f in random.Random(0).sample(funcs, min(n, len(funcs)))]
-    ok, examples = 0, []
+    ok, examples, reasons = 0, [], Counter()
     for src in picked:
         prompt = header(src)
         c = model.generate(prompt, max_new_tokens=max_new_tokens)
         program = function_end(prompt + c.text, prompt.count("\n"), c.finish_reason == "length")
         valid = _parses(program)
         ok += valid
+        reasons[c.finish_reason, valid] += 1
         examples.append({"prompt": prompt, "completion": program[len(prompt):], "parses": valid})
     return {"functions": len(picked), "parse_ok": ok, "share": ok / len(picked), "max_new_tokens": max_new_tokens,
-            "examples": examples[:5]}
+            "finish_reasons": {r: {"ended": reasons[r, True] + reasons[r, False], "parse_ok": reasons[r, True]}
+                               for r in sorted({r for r, _ in reasons})}, "examples": examples[:5]}
 
 
 def infill_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int) -> dict:
@@ -265,6 +267,11 @@ def _plain_next_line(inf: dict) -> str:
             f"after the true line {sc['eot_nats']:.2f} (PSM) / {sc['spm_eot_nats']:.2f} (SPM) nats")
 
 
+def _stderr_points(share: float, n: int) -> str:
+    """One binomial standard error of a share of n cases, in percentage points."""
+    return f"{100 * math.sqrt(share * (1 - share) / n):.0f}"
+
+
 def _in_file(inf: dict) -> str:
     """The same holes in their files, when the evaluation has them."""
     if "in_file" not in inf:
@@ -333,7 +340,9 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   ({lo['unigram_bits_per_byte']:.2f} bits/byte) for the unigram distribution of the training tokens.
 - Completion: greedy continuation ({comp['max_new_tokens']} new tokens at most) of {comp['functions']} held-out
   function headers, cut where the function ends: **{comp['parse_ok']}/{comp['functions']}
-  ({comp['share']:.0%})** parse with `ast.parse`.
+  ({comp['share']:.0%})** parse with `ast.parse` (± {_stderr_points(comp['share'], comp['functions'])} points, one standard error).
+  How the generations ended: {', '.join(f"{k}: {v['ended']} ({v['parse_ok']} parse)"
+                                        for k, v in comp.get('finish_reasons', {}).items())}.
 - Infilling: {inf['psm']['cases']} held-out functions with one line removed (greedy, {inf['max_new_tokens']}
   new tokens at most); exact line recovered **PSM {inf['psm']['exact_line']}/{inf['psm']['cases']}
   ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
@@ -348,7 +357,7 @@ Evaluation took {ev['seconds'] / 60:.1f} minutes.
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path(cl.default_model_path()))
-    p.add_argument("--functions", type=int, default=40)
+    p.add_argument("--functions", type=int, default=150)
     p.add_argument("--infill", type=int, default=60)
     a = p.parse_args(argv)
     t0 = time.time()
