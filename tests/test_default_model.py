@@ -144,3 +144,13 @@ def test_in_file_holes_are_the_same_line_in_its_file_cut_to_fit(reference):
             for spm in (False, True):
                 assert len(tok.encode_infill(prefix, suffix, suffix_first=spm)) <= budget
             assert len(tok.encode(suffix)) > 10  # the small budget still leaves some suffix
+
+
+def test_model_card_is_what_the_evaluation_writes():
+    """The shipped card is tools/eval_default_model.py's rendering of the shipped training.json and
+    evaluation.json: no number in it was edited by hand or left stale by a change of the template."""
+    from eval_default_model import model_card
+
+    d = cl.default_model_path()
+    training, ev = (json.loads((d / f).read_text()) for f in ("training.json", "evaluation.json"))
+    assert (d / "README.md").read_text() == model_card(training, ev)
