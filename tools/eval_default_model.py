@@ -10,7 +10,8 @@ Loads the shipped files through `codellama_rt.load` (reference backend, fp32 on 
 - infilling: held-out functions with one line removed (PSM and SPM), the share whose exact line is
   recovered, and how every infill ended (<EOT> or the token limit); for scale, how often greedy
   continuation of the prefix alone gives the line, and the teacher-forced cost of the true line and of
-  `<EOT>` after it in each order.
+  `<EOT>` after it in each order; then the same lines removed from their whole files (cut to fit the
+  context), as an editor sends a hole.
 Writes evaluation.json and README.md (the model card, with training.json) next to the weights.
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def function_end(program: str, header_lines: int, hit_limit: bool) -> str:
     return "".join(lines)
 
 
-def completion_eval(model, funcs: list[str], n: int, max_new_tokens: int) -> dict:
+def completion_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int) -> dict:
     picked = [f.src for f in random.Random(0).sample(funcs, min(n, len(funcs)))]
     ok, examples, reasons = 0, [], Counter()
     for src in picked:
@@ -190,17 +191,17 @@ def _hole(src: str, k: int) -> tuple[str, str, str]:
     return "".join(lines[:i]), lines[i], "".join(lines[i + 1:])
 
 
-def in_file_hole(f: HeldOutFunction, k: int, tok, budget: int, suffix_share: float = 0.3) -> tuple[str, str, str]:
+def in_file_hole(f: HeldOutFunction, k: int, tok, budget: int, prefix_share: float = 0.7) -> tuple[str, str, str]:
     """The same line as `_hole(f.src, k)` removed from f's file: (prefix, line, suffix) with the prefix cut
     at a line start and the suffix at a line end so the infill prompt is at most `budget` tokens (the
-    suffix gets up to `suffix_share` of it, the prefix the rest)."""
+    prefix takes up to `prefix_share` of it, the suffix what the prefix leaves)."""
     at = f.first_line + _hole_index(f.src, k)
     lines = f.file_lines
     cost = [len(tok.encode(line, add_bos=False)) for line in lines]
     room = budget - 8  # BOS, PRE, SUF, MID and SentencePiece's seams between lines
     while True:
         start, used = at, 0
-        while start > 0 and used + cost[start - 1] <= room * (1 - suffix_share):
+        while start > 0 and used + cost[start - 1] <= room * prefix_share:
             start -= 1
             used += cost[start]
         end = at + 1
@@ -280,7 +281,7 @@ def _in_file(inf: dict) -> str:
     n = f["psm"]["cases"]
     return f"""
 - The same {n} lines removed from their files, as an editor sends a hole: the file's lines around it, cut
-  to fit a {f['context_tokens']}-token prompt (up to 30% of it suffix): exact line **PSM {f['psm']['exact_line']}/{n},
+  to fit a {f['context_tokens']}-token prompt (the prefix up to 70% of it): exact line **PSM {f['psm']['exact_line']}/{n},
   SPM {f['spm']['exact_line']}/{n}**; first line right PSM {f['psm']['first_line_right']}, SPM
   {f['spm']['first_line_right']}; the prefix alone continues with the line in {f['prefix_only_next_line']}/{n}.
   PSM infills {_endings(f['psm']['finish_reasons'])}; SPM infills {_endings(f['spm']['finish_reasons'])}."""
