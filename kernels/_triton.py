@@ -254,6 +254,21 @@ class Kernel:
         return self._pdl if self.has_pdl and pdl_enabled(tensor.device) else self.jit
 
 
+H100_SMS = 132  # the SM count launch heuristics assume off the GPU (interpreter, AOT compiles)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` for launch heuristics: the GPU's count, H100_SMS off CUDA."""
+    if device.type != "cuda":
+        return H100_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of Python ints, for launchers: triton.cdiv called from the host goes through Triton's
     constexpr-function wrapper (~1.5 us a call, several calls a launch in eager decode)."""

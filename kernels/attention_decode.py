@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (LaunchConfig, cdiv, experiment, kernel, last_to_finish, next_power_of_2, pdl_prologue,
-                      placeholder, ticket_reset, tickets, triton_dtype)
+from ._triton import (H100_SMS, LaunchConfig, cdiv, experiment, kernel, last_to_finish, next_power_of_2,
+                      pdl_prologue, placeholder, sm_count, ticket_reset, tickets, triton_dtype)
 from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
@@ -231,7 +231,6 @@ def _decode_reduce_kernel(
 
 # ---- launch heuristics -----------------------------------------------------------------------
 
-_H100_SMS = 132
 _MAX_SPLITS = 128
 _REDUCE_BLOCK_S = 16
 
@@ -251,7 +250,7 @@ class DecodeLaunch:
 
 
 def decode_launch(B: int, n_kv_heads: int, S: int, group: int, head_dim: int, elem_size: int,
-                  on_cuda: bool = True, num_sms: int = _H100_SMS) -> DecodeLaunch:
+                  on_cuda: bool = True, num_sms: int = H100_SMS) -> DecodeLaunch:
     """The one place that picks split count and tile sizes, from (B, Hkv, S) and the head shape.
 
     CUDA: K/V tiles of 16 KiB (BLOCK_N = 64 keys at D=128 in 16-bit; three-stage cp.async pipeline,
@@ -384,7 +383,7 @@ def _attention(q, k_cache, v_cache, lengths, new: Optional[NewToken] = None) -> 
     if q.stride(-1) != 1:
         q = q.contiguous()  # [B, H, D] is tiny; the kernel then needs no head_dim stride
     cfg = decode_launch(B, Hkv, S, H // Hkv, D, q.element_size(), on_cuda=q.is_cuda,
-                        num_sms=_num_sms(q.device))
+                        num_sms=sm_count(q.device))
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if cfg.num_splits == 1:  # one pass writes out; no scratch
         return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out, new=new)
@@ -415,12 +414,6 @@ def rotary_attention_decode(q, k, v, cos, sin, positions, k_cache, v_cache, slot
     _check(q[:, :, 0], k_cache, v_cache, lengths)
     new = NewToken(k[:, :, 0], v[:, :, 0], cos, sin, positions, slots)
     return _attention(q[:, :, 0], k_cache, v_cache, lengths, new)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------

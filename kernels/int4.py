@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (LaunchConfig, as_rows, cdiv, experiment, kernel, last_to_finish, launch_config,
-                      next_power_of_2, pdl_prologue, ticket_reset, tickets, triton_dtype)
+from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, experiment, kernel, last_to_finish, launch_config,
+                      next_power_of_2, pdl_prologue, sm_count, ticket_reset, tickets, triton_dtype)
 
 
 @dataclass
@@ -270,7 +270,6 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 # FP32_DOT: float32 x takes IEEE dots (tl.dot would use TF32). UPCAST_DOT (interpreter only): Triton
 # 3.6's interpreter cannot multiply bf16 values, so bf16 dot operands go to fp32 (same exact products).
 
-_H100_SMS = 132
 FLOAT_BIAS_BITS = 0x4B000000  # the fp32 2^23: OR-ed with a nibble q (< 2^23) it reads as 2^23 + q
 _MAX_SPLIT_K = 16
 _GEMV_MAX_M = 16
@@ -580,7 +579,7 @@ def _check_mma(M: int, dtype: torch.dtype, group_size: int, block_k: int, who: s
                          f"BLOCK_K={block_k}, group_size={group_size}")
 
 
-def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms: int = _H100_SMS,
+def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms: int = H100_SMS,
                 wanted: Optional[int] = None) -> int:
     """GEMV programs along K (tiles of BLOCK_K): enough for 4 programs per SM where K has the tiles (at most
     16), none empty; 3 at most in the interpreter. wanted: ask for that many instead (bench/gemv_sweep.py),
@@ -592,7 +591,7 @@ def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms:
 
 
 def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_cuda: bool = True,
-                num_sms: int = _H100_SMS, kind: Optional[str] = None) -> Int4Launch:
+                num_sms: int = H100_SMS, kind: Optional[str] = None) -> Int4Launch:
     """The one place tile sizes and the split count are picked (the same on sm_80 and sm_90, and in the
     interpreter except for the split count, so the CPU tests run the GPU's tiling).
 
@@ -670,7 +669,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or _num_sms(x.device))
+    cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or sm_count(x.device))
     if cfg.kind == "gemv_mma":
         _check_mma(M, x.dtype, g, cfg.block_k, "int4_linear")
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
@@ -700,12 +699,6 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
         launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)),
                          (part, out2, M, N, out2.stride(0), cfg.split_k), dict(BLOCK=block), 4, 1))
     return out, launches
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None) -> torch.Tensor:
@@ -756,10 +749,10 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
                     x = torch.empty(M, n_in, dtype=dtype, device="meta")
                     cfgs = [None]
                     if M <= _GEMV_MAX_M and dtype in MMA_FLOAT_BIAS and group_size % MMA_BLOCK_K == 0:
-                        cfgs.append(int4_launch(M, n_out, n_in, group_size, dtype, num_sms=_H100_SMS, kind="gemv_mma"))
+                        cfgs.append(int4_launch(M, n_out, n_in, group_size, dtype, num_sms=H100_SMS, kind="gemv_mma"))
                     launches = []  # split-K partials summed by a second kernel, or by the last program
                     for cfg, one_pass in itertools.product(cfgs, (False, True)):
-                        launches += _prepare(x, w, on_cuda=True, num_sms=_H100_SMS, cfg=cfg, one_pass=one_pass)[1]
+                        launches += _prepare(x, w, on_cuda=True, num_sms=H100_SMS, cfg=cfg, one_pass=one_pass)[1]
                     for kern, _, args, constexprs, num_warps, num_stages in launches:
                         cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=num_stages)
                         key = (kern.__name__, tuple(cfg.signature.items()), tuple(cfg.constexprs.items()),
