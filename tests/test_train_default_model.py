@@ -1,7 +1,8 @@
 """tools/train_default_model.py: the corpus split, the infilling objective's layout (the exact prompt
 format the runtime builds at inference), the HF export (loads back through `codellama_rt.load` with the
-trained model's logits) and checkpoint/resume (an interrupted run ends with the weights of an
-uninterrupted one)."""
+trained model's logits), checkpoint/resume (an interrupted run ends with the weights of an
+uninterrupted one), and the unlikelihood objective's parts (greedy rollouts equal the runtime's greedy
+generation; repeated n-grams and the loss against known answers)."""
 from __future__ import annotations
 
 import hashlib
@@ -178,3 +179,96 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
         assert torch.equal(a[k], b[k]), k
     record = json.loads((tmp_path / "resumed" / "training.json").read_text())
     assert record["steps"] == 3 and record["sessions"] == 2 and record["tokens"] == 3 * 2 * 64
+
+
+def test_repeated_ngrams_marks_the_tokens_of_each_later_occurrence_from_start():
+    ids = torch.tensor([[5, 1, 2, 3, 1, 2, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8], [7, 7, 7, 7, 7, 0, 0, 0]])
+    got = tdm.repeated_ngrams(ids, start=0, n=3)
+    assert got[0].tolist() == [False] * 4 + [True] * 3 + [False]  # (1, 2, 3) again at 4..6
+    assert not got[1].any()
+    assert got[2].tolist() == [False, True, True, True, True, False, False, False]  # (7, 7, 7) at 1 and 2
+    assert tdm.repeated_ngrams(ids, start=5, n=3)[0].tolist() == [False] * 5 + [True] * 2 + [False]
+    assert not tdm.repeated_ngrams(ids, start=0, n=4)[0].any()
+
+
+def _tiny_model(tiny, seed=0):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=tiny.vocab_size,
+                     rope_theta=1e6, max_seq_len=128)
+    model = tdm.init_model(args, seed=seed)
+    with torch.no_grad():  # what an export stores, so a loaded copy computes the same logits
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float() * 8)  # sharper logits than the init's: clear argmaxes
+    return model
+
+
+def test_rollout_prompts_are_bos_then_dedented_training_source(tiny):
+    train, _ = tdm.corpus_split()
+    prompts = tdm.rollout_prompts(train[:30], tiny, random.Random(0), n=12, length=20)
+    assert prompts.shape == (12, 20) and prompts.dtype == torch.int64
+    assert (prompts[:, 0] == tiny.bos_id).all()
+    texts = [tiny.decode(p[1:].tolist()) for p in prompts]
+    assert all(t.strip() and not t[0].isspace() for t in texts)  # a line start with its indent removed
+    assert sum(t.startswith(("def ", "async def ")) for t in texts) >= 3
+
+
+def test_greedy_rollout_is_the_runtime_greedy_generation(tiny_tokenizer, tiny, tmp_path):
+    model = _tiny_model(tiny)
+    tdm.export_hf(model, tiny_tokenizer, tmp_path, {"note": "test"})
+    loaded = cl.load(tmp_path, backend="reference", dtype=torch.float32, device="cpu")
+    for text in ("def read(path):\n", SOURCE):
+        ids = tiny.encode(text, add_bos=True)
+        got = tdm.greedy_rollout(model, torch.tensor([ids]), new_tokens=20)[0].tolist()
+        want = loaded.generate(text, max_new_tokens=20)
+        assert got[:len(ids)] == ids and len(got) == len(ids) + 20
+        assert got[len(ids):len(ids) + len(want.token_ids)] == want.token_ids and len(want.token_ids) > 3
+    prompts = torch.tensor([tiny.encode(SOURCE, add_bos=True)[:8], tiny.encode(SOURCE[40:], add_bos=True)[:8]])
+    batched = tdm.greedy_rollout(model, prompts, new_tokens=16)
+    for b in range(2):  # each row of a batch is the row's own rollout
+        assert torch.equal(batched[b], tdm.greedy_rollout(model, prompts[b:b + 1], new_tokens=16)[0])
+
+
+def test_unlikelihood_loss_of_a_uniform_model_is_log_of_one_minus_one_over_vocab(tiny):
+    model = _tiny_model(tiny)
+    with torch.no_grad():
+        model.output.weight.zero_()  # p = 1 / V for every token
+    seqs = torch.tensor([[1, 5, 6, 7, 5, 6, 7, 8, 9, 5, 6, 7]])
+    loss, share = tdm.unlikelihood_loss(model, seqs, start=3, n=3)
+    marked = 6  # positions 4..6 and 9..11
+    assert share == pytest.approx(marked / 9)
+    assert loss.item() == pytest.approx(-math.log1p(-1 / tiny.vocab_size) * marked / 9, rel=1e-3)
+
+
+def test_unlikelihood_step_lowers_the_probability_of_the_repeats(tiny):
+    model = tdm.init_model(_tiny_model(tiny).args, seed=1)
+    seqs = torch.tensor([tiny.encode(SOURCE, add_bos=True)[:8] + [40, 41, 42] * 6])  # a loop after a prompt
+    mask = tdm.repeated_ngrams(seqs, 8, 2)[:, 1:]
+    assert mask.sum() == 15  # all but the first [40, 41, 42]
+
+    def p_marked():
+        with torch.no_grad():
+            p = tdm.forward(model, seqs[:, :-1]).float().softmax(-1).gather(-1, seqs[:, 1:, None])[..., 0]
+        return p[mask].mean().item()
+
+    before = p_marked()
+    loss, _ = tdm.unlikelihood_loss(model, seqs, 8, 2)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    with torch.no_grad():  # a step of length 0.5 against the gradient
+        for p in model.parameters():
+            p -= 0.5 * p.grad / norm
+    assert p_marked() < 0.9 * before
+
+
+def test_a_phase_can_start_from_an_export_and_train_with_unlikelihood(tmp_path):
+    _run(tmp_path / "w1", tmp_path / "first")
+    start = tdm.init_weights(tmp_path / "first")
+    exported = load_file(tmp_path / "first" / "model.safetensors")
+    assert torch.equal(start["tok_embeddings"], exported["model.embed_tokens.weight"].float())
+    _run(tmp_path / "w2", tmp_path / "second", "--init-from", str(tmp_path / "first"), "--unlikelihood", "1",
+         "--ul-batch", "2", "--ul-prompt", "8", "--ul-new", "8", "--ul-ngram", "2")
+    record = json.loads((tmp_path / "second" / "training.json").read_text())
+    assert record["continues"] == json.loads((tmp_path / "first" / "training.json").read_text())
+    assert record["objective"]["unlikelihood"]["ngram"] == 2
+    assert all(0 <= e["greedy_repeated_ngram_share"] <= 1 for e in record["log"])
+    tokenizers = [(tmp_path / d / "tokenizer.model").read_bytes() for d in ("first", "second")]
+    assert tokenizers[0] == tokenizers[1]

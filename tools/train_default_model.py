@@ -14,7 +14,9 @@ prefix/middle/suffix and written as PSM or SPM exactly as `Tokenizer.encode_infi
 (followed by the middle and `<EOT>`), else kept as plain causal text. Examples are packed into
 rows that each start at an example (`pack_rows`). The model is the runtime's own
 `Transformer` (reference backend with PyTorch's fused causal attention for speed), trained in fp32 with
-bf16 autocast, and exported in HF layout with bf16 weights.
+bf16 autocast, and exported in HF layout with bf16 weights. `--unlikelihood W` adds sequence-level
+unlikelihood against repetition loops (`unlikelihood_loss`); `--init-from` continues a finished run or
+the shipped export with a fresh schedule.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 from codellama_rt.backends import BACKENDS
 from codellama_rt.checkpoint import hf_plan
 from codellama_rt.config import ModelArgs
-from codellama_rt.model import Prefill, Transformer
+from codellama_rt.kv_cache import KVCache
+from codellama_rt.model import Decode, Prefill, Transformer
 from codellama_rt.tiny import hf_config, train_tokenizer
 from codellama_rt.tokenizer import Tokenizer
 
@@ -283,6 +286,81 @@ def mean_loss(model: Transformer, data: torch.Tensor, batch_size: int) -> float:
     return total / len(data)
 
 
+# ---- unlikelihood against repetition loops -----------------------------------------------------
+# Greedy decoding of a small model falls into loops (a docstring sentence or a statement repeated to the
+# token limit). Sequence-level unlikelihood (Welleck et al. 2019, "Neural text generation with
+# unlikelihood training") trains on the model's own greedy continuations: every generated token that
+# lies in an n-gram already seen earlier in the sequence has its probability pushed down with
+# -log(1 - p), while the ordinary next-token loss on real code keeps the language model.
+
+def rollout_prompts(files: list[Path], tok: Tokenizer, rng: random.Random, n: int, length: int,
+                    def_share: float = 0.5) -> torch.Tensor:
+    """n prompts of BOS + `length` - 1 tokens of training source, each from a line start (a `def` line
+    with probability `def_share`), dedented as the evaluation's headers are: int64 [n, length]."""
+    out = []
+    while len(out) < n:
+        lines = read_source(rng.choice(files)).splitlines(keepends=True)
+        defs = [i for i, l in enumerate(lines) if l.lstrip().startswith(("def ", "async def "))]
+        starts = defs if defs and rng.random() < def_share else [i for i, l in enumerate(lines) if l.strip()]
+        if not starts:
+            continue
+        i = rng.choice(starts)
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        text = "".join("\n" if not l.strip() else l[indent:] if l[:indent].isspace() else l
+                       for l in lines[i:i + 40])
+        ids = tok.encode(text, add_bos=True)
+        if len(ids) >= length:
+            out.append(ids[:length])
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@torch.no_grad()
+def greedy_rollout(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation of int64 [B, P] prompts by `new_tokens` tokens (fp32, KV cache, as the runtime's
+    reference backend generates): int64 [B, P + new_tokens]."""
+    B, P = prompts.shape
+    cache = KVCache(model.args, B, P + new_tokens, torch.float32, "cpu")
+    logits = model(prompts, Prefill(0), cache, last_index=torch.full((B,), P - 1))
+    out = [prompts]
+    for i in range(new_tokens):
+        nxt = logits.argmax(-1)
+        out.append(nxt[:, None])
+        if i + 1 < new_tokens:
+            logits = model(nxt[:, None], Decode(torch.full((B,), P + i), P + new_tokens), cache)[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def repeated_ngrams(ids: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """bool [B, T] of int64 [B, T] ids: positions >= start inside an n-gram that occurs earlier in its row."""
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        seen = set()
+        for i in range(len(row) - n + 1):
+            gram = tuple(row[i:i + n])
+            if gram in seen and i + n > start:
+                mask[b, max(i, start):i + n] = True
+            seen.add(gram)
+    return mask
+
+
+def unlikelihood_loss(model: Transformer, seqs: torch.Tensor, start: int, n: int) -> tuple[torch.Tensor, float]:
+    """Sum over the generated tokens (positions >= start of int64 [B, T] seqs) that repeat an n-gram of
+    -log(1 - p(token)), divided by the number of generated tokens; and the share of them marked."""
+    mask = repeated_ngrams(seqs, start, n)[:, 1:]
+    logits = forward(model, seqs[:, :-1]).float()
+    p = logits.log_softmax(-1).gather(-1, seqs[:, 1:, None])[..., 0].exp()
+    loss = -(torch.log1p(-p.clamp(max=1 - 1e-5)) * mask).sum() / (seqs[:, start:].numel())
+    return loss, mask.sum().item() / seqs[:, start:].numel()
+
+
+def init_weights(source: Path) -> dict:
+    """fp32 weights to start a phase from: a --work directory's checkpoint.pt, or an HF-layout export."""
+    if (source / "checkpoint.pt").is_file():
+        return torch.load(source / "checkpoint.pt", weights_only=False)["model"]
+    import codellama_rt as cl
+    return cl.load(source, backend="reference", dtype=torch.float32, device="cpu").module.state_dict()
+
+
 def lr_at(step: int, a) -> float:
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
@@ -342,7 +420,15 @@ def parse_args(argv=None):
     p.add_argument("--trim-chunks", action="store_true", help="drop the blank lines a chunk starts with (else "
                    "nearly every SPM example's prefix, after <MID>, starts with a blank line)")
     p.add_argument("--init-from", type=Path, default=None, help="another --work directory whose finished "
-                   "run this one continues (weights and tokenizer; new optimizer and schedule)")
+                   "run this one continues, or an exported model (runtime/default_model): weights and tokenizer; "
+                   "new optimizer and schedule")
+    p.add_argument("--unlikelihood", type=float, default=0.0, help="weight of the sequence-level unlikelihood "
+                   "loss on the model's own greedy continuations (0: off)")
+    p.add_argument("--ul-batch", type=int, default=8, help="greedy continuations per step")
+    p.add_argument("--ul-prompt", type=int, default=24, help="prompt tokens of each continuation")
+    p.add_argument("--ul-new", type=int, default=96, help="tokens generated per continuation")
+    p.add_argument("--ul-ngram", type=int, default=8, help="a generated token inside a repeat of an n-gram "
+                   "this long is penalised")
     p.add_argument("--with-tests", action="store_true", help="also train on the standard library's test "
                    "suites (the files that parse; the held-out set is unchanged)")
     p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
@@ -387,8 +473,9 @@ def main(argv=None) -> None:
     model = init_model(args, a.seed)
     previous = None
     if a.init_from:  # a further phase: the finished run's weights, a fresh optimizer and schedule
-        model.load_state_dict(torch.load(a.init_from / "checkpoint.pt", weights_only=False)["model"])
-        previous = json.loads((a.init_from / "record.json").read_text())
+        model.load_state_dict(init_weights(a.init_from))
+        record_file = a.init_from / ("record.json" if (a.init_from / "record.json").is_file() else "training.json")
+        previous = json.loads(record_file.read_text())
     opt = optimizer(model, a)
     n_params = sum(p.numel() for p in model.parameters())
     held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
@@ -413,14 +500,14 @@ def main(argv=None) -> None:
         nonlocal wall_mark
         state["wall_seconds"] += time.time() - wall_mark
         wall_mark = time.time()
-        state["smooth"] = smooth
+        state["smooth"], state["ul_smooth"] = smooth, ul_smooth
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "state": state}, tmp)
         tmp.replace(ckpt)
 
     data, data_epoch = None, None
     session_start = time.time()
-    smooth = state["smooth"]
+    smooth, ul_smooth = state["smooth"], state.get("ul_smooth")
     while state["step"] < a.steps:
         if data_epoch != state["epoch"]:
             t0 = time.time()
@@ -438,8 +525,16 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(state["step"], a)
         t0 = time.time()
         loss = loss_on(model, batch)
+        total = loss
+        if a.unlikelihood:
+            prompts = rollout_prompts(train_files, tok, random.Random(a.seed * 100_003 + state["step"]),
+                                      a.ul_batch, a.ul_prompt)
+            ul, repeats = unlikelihood_loss(model, greedy_rollout(model, prompts, a.ul_new), a.ul_prompt,
+                                            a.ul_ngram)
+            total = loss + a.unlikelihood * ul
+            ul_smooth = repeats if ul_smooth is None else 0.95 * ul_smooth + 0.05 * repeats
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         dt = time.time() - t0
@@ -455,12 +550,15 @@ def main(argv=None) -> None:
             continue
         if state["step"] % 10 == 0:
             print(f"step {state['step']}/{a.steps} loss {smooth:.3f} lr {lr_at(state['step'], a):.2e} "
-                  f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min", flush=True)
+                  f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min"
+                  + (f"; greedy tokens in repeated {a.ul_ngram}-grams {ul_smooth:.1%}" if a.unlikelihood else ""),
+                  flush=True)
         if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
             held_loss = mean_loss(model, held_eval, a.batch)
             probe = infill_probe(lambda ids: forward(model, torch.tensor([ids]))[0], probe_cases, tok.eot_id)
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
-                                 "infill_probe": probe, "minutes": state["seconds"] / 60})
+                                 "infill_probe": probe, "minutes": state["seconds"] / 60,
+                                 **({"greedy_repeated_ngram_share": ul_smooth} if a.unlikelihood else {})})
             print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
                   f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
                   f"<EOT> {probe['eot_nats']:.2f} nats; SPM {probe['spm_nats_per_char']:.3f}, "
@@ -486,7 +584,13 @@ def main(argv=None) -> None:
                    "held_out_bytes": sum(f.stat().st_size for f in held_files)},
         "tokenizer": {"type": "SentencePiece BPE, byte fallback", "vocab_size": tok.vocab_size},
         "model": {**dataclasses.asdict(args), "parameters": n_params},
-        "objective": {"fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
+        "objective": {**({"unlikelihood": {
+                          "weight": a.unlikelihood, "continuations_per_step": a.ul_batch,
+                          "prompt_tokens": a.ul_prompt, "new_tokens": a.ul_new, "ngram": a.ul_ngram,
+                          "what": "sequence-level unlikelihood (Welleck et al. 2019) on greedy continuations of "
+                                  "training-source prompts: -log(1 - p) of each generated token inside a "
+                                  "repeated n-gram, added to the next-token loss"}} if a.unlikelihood else {}),
+                      "fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
                       "packing": "rows of whole examples, each row starting at an example",
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
                       "chunk_chars": a.chunk_chars},
