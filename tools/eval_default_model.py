@@ -242,7 +242,7 @@ def phase_text(k: int, r: dict) -> str:
 
 - Objective: with probability {o['fim_rate']} a chunk is split into prefix/middle/suffix ({o['split']}) and
   written in SPM order with probability {o.get('spm_share', 0.5)}, else PSM; otherwise plain text after BOS.
-  Chunks {'lose' if o.get('trim_chunks') else 'keep'} the blank lines they start with; {packing}.
+  Chunks {'lose' if o.get('trim_chunks') else 'keep'} the blank lines they start with; {packing}.{_unlikelihood(r)}
 - {r['steps']} AdamW steps of {opt['batch_rows']} x {opt['seq_len']} tokens ({r['tokens'] / 1e6:.1f}M tokens,
   {r['epochs_started']} passes over the data), lr {opt['adamw_lr']} with {opt['warmup']} warmup steps and cosine
   decay to 10%, weight decay {opt['weight_decay']}, fp32 weights with bf16 autocast, {r['threads']} CPU threads
@@ -254,6 +254,20 @@ def phase_text(k: int, r: dict) -> str:
 |---|---|---|---|---|---|
 {log}
 """
+
+
+def _unlikelihood(r: dict) -> str:
+    """The phase's unlikelihood term against repetition loops, if it had one, with its logged repeat share."""
+    u = r["objective"].get("unlikelihood")
+    if not u:
+        return ""
+    shares = ", ".join(f"{e['greedy_repeated_ngram_share']:.0%} at step {e['step']}" for e in r["log"])
+    return f"""
+- Against repetition loops: each step also greedily continues {u['continuations_per_step']} prompts of
+  {u['prompt_tokens']} training-source tokens by {u['new_tokens']} tokens and adds {u['weight']} x the mean over
+  generated tokens of -log(1 - p) for those inside a repeated {u['ngram']}-gram (sequence-level unlikelihood,
+  Welleck et al. 2019), plus the next-token loss of those prompts' real continuations. Share of greedy
+  tokens inside a repeated {u['ngram']}-gram (smoothed): {shares}."""
 
 
 def _plain_next_line(inf: dict) -> str:

@@ -527,12 +527,16 @@ def main(argv=None) -> None:
         loss = loss_on(model, batch)
         total = loss
         if a.unlikelihood:
-            prompts = rollout_prompts(train_files, tok, random.Random(a.seed * 100_003 + state["step"]),
-                                      a.ul_batch, a.ul_prompt)
-            ul, repeats = unlikelihood_loss(model, greedy_rollout(model, prompts, a.ul_new), a.ul_prompt,
-                                            a.ul_ngram)
-            total = loss + a.unlikelihood * ul
-            ul_smooth = repeats if ul_smooth is None else 0.95 * ul_smooth + 0.05 * repeats
+            real = rollout_prompts(train_files, tok, random.Random(a.seed * 100_003 + state["step"]),
+                                   a.ul_batch, a.ul_prompt + a.ul_new)
+            ul, repeats = unlikelihood_loss(model, greedy_rollout(model, real[:, :a.ul_prompt], a.ul_new),
+                                            a.ul_prompt, a.ul_ngram)
+            # the prompts' real continuations, learned as usual: the unlikelihood term alone is met more
+            # cheaply by flattening the next-token distributions after short prompts than by ending loops
+            anchor = loss_on(model, real)
+            total = loss + anchor + a.unlikelihood * ul
+            ul_smooth = [repeats, anchor.item()] if ul_smooth is None else \
+                [0.95 * s + 0.05 * v for s, v in zip(ul_smooth, (repeats, anchor.item()))]
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -551,14 +555,17 @@ def main(argv=None) -> None:
         if state["step"] % 10 == 0:
             print(f"step {state['step']}/{a.steps} loss {smooth:.3f} lr {lr_at(state['step'], a):.2e} "
                   f"{state['tokens'] / state['seconds']:.0f} tok/s {state['seconds'] / 60:.1f} min"
-                  + (f"; greedy tokens in repeated {a.ul_ngram}-grams {ul_smooth:.1%}" if a.unlikelihood else ""),
+                  + (f"; greedy tokens in repeated {a.ul_ngram}-grams {ul_smooth[0]:.1%}, loss on the real "
+                     f"continuations {ul_smooth[1]:.3f}" if a.unlikelihood else ""),
                   flush=True)
         if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
             held_loss = mean_loss(model, held_eval, a.batch)
             probe = infill_probe(lambda ids: forward(model, torch.tensor([ids]))[0], probe_cases, tok.eot_id)
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
                                  "infill_probe": probe, "minutes": state["seconds"] / 60,
-                                 **({"greedy_repeated_ngram_share": ul_smooth} if a.unlikelihood else {})})
+                                 **({"greedy_repeated_ngram_share": ul_smooth[0],
+                                     "rollout_prompts_real_continuation_loss": ul_smooth[1]}
+                                    if a.unlikelihood else {})})
             print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
                   f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
                   f"<EOT> {probe['eot_nats']:.2f} nats; SPM {probe['spm_nats_per_char']:.3f}, "
@@ -589,7 +596,8 @@ def main(argv=None) -> None:
                           "prompt_tokens": a.ul_prompt, "new_tokens": a.ul_new, "ngram": a.ul_ngram,
                           "what": "sequence-level unlikelihood (Welleck et al. 2019) on greedy continuations of "
                                   "training-source prompts: -log(1 - p) of each generated token inside a "
-                                  "repeated n-gram, added to the next-token loss"}} if a.unlikelihood else {}),
+                                  "repeated n-gram, added to the next-token loss and to the next-token loss "
+                                  "of the prompts' real continuations"}} if a.unlikelihood else {}),
                       "fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
                       "packing": "rows of whole examples, each row starting at an example",
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
