@@ -2,7 +2,8 @@
 format the runtime builds at inference), the HF export (loads back through `codellama_rt.load` with the
 trained model's logits), checkpoint/resume (an interrupted run ends with the weights of an
 uninterrupted one), and the unlikelihood objective's parts (greedy rollouts equal the runtime's greedy
-generation; repeated n-grams and the loss against known answers)."""
+generation; repeated n-grams and the loss against known answers), and the logged completion probe
+(the evaluation's cut and parse; the evaluation's share on the shipped model)."""
 from __future__ import annotations
 
 import hashlib
@@ -270,5 +271,38 @@ def test_a_phase_can_start_from_an_export_and_train_with_unlikelihood(tmp_path):
     assert record["continues"] == json.loads((tmp_path / "first" / "training.json").read_text())
     assert record["objective"]["unlikelihood"]["ngram"] == 2
     assert all(0 <= e["greedy_repeated_ngram_share"] <= 1 for e in record["log"])
+    assert all(0 <= e["completion_parse_share"] <= 1 for e in record["log"])
     tokenizers = [(tmp_path / d / "tokenizer.model").read_bytes() for d in ("first", "second")]
     assert tokenizers[0] == tokenizers[1]
+
+
+def test_completion_probe_cuts_and_parses_as_the_evaluation_does(tiny):
+    """Known continuations: a finished function then the next top-level line parses; an unclosed bracket
+    at the token limit does not; text after EOS is ignored."""
+    def scripted(text, eos=False):
+        def continue_ids(ids, n):
+            new = tiny.encode(tiny.decode(ids) + text, add_bos=True)[len(ids):]
+            return (new + [tiny.eos_id] + tiny.encode("(((", add_bos=False) if eos else new)[:n]
+        return continue_ids
+
+    headers = ["def f(x):\n", "def g(a, b):\n"]
+    assert tdm.completion_probe(scripted("    return x + 1\n\n\ndef h(:\n"), tiny, headers, 64) == 1.0
+    assert tdm.completion_probe(scripted("    return (x +\n    1,"), tiny, headers, 64) == 0.0
+    assert tdm.completion_probe(scripted("    return x\n", eos=True), tiny, headers, 64) == 1.0
+    assert tdm.completion_probe(scripted("    return x\n"), tiny, [], 64) is None
+
+
+def test_completion_probe_of_the_shipped_model_matches_the_evaluation():
+    """The training log's completion probe (greedy rollouts of the training model) and the evaluation's
+    completion measure (the runtime's greedy generation) agree on the shipped model."""
+    from eval_default_model import completion_eval, header, held_out_functions
+
+    shipped = cl.load(None, backend="reference", dtype=torch.float32, device="cpu")
+    model = tdm.init_model(shipped.args, seed=0)
+    model.load_state_dict(tdm.init_weights(cl.default_model_path()))
+    _, held = tdm.corpus_split()
+    funcs = held_out_functions(held)[:8]
+    want = completion_eval(shipped, funcs, len(funcs), max_new_tokens=48)["share"]
+    got = tdm.completion_probe(lambda ids, n: tdm.greedy_rollout(model, torch.tensor([ids]), n)[0, len(ids):].tolist(),
+                               shipped.tokenizer, [header(f.src) for f in funcs], new_tokens=48)
+    assert 0 < want < 1 and got == want

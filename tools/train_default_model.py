@@ -353,6 +353,29 @@ def unlikelihood_loss(model: Transformer, seqs: torch.Tensor, start: int, n: int
     return loss, mask.sum().item() / seqs[:, start:].numel()
 
 
+def completion_probe(continue_ids, tok: Tokenizer, headers: list[str], new_tokens: int = 96) -> float | None:
+    """Share of function `headers` whose greedy continuation parses once cut where the function ends (as
+    tools/eval_default_model.py measures completion): greedy loops show here and not in held-out loss.
+    continue_ids(ids, n): the n greedy tokens after the list of token ids `ids`."""
+    from eval_default_model import function_end
+
+    if not headers:
+        return None
+    ok = 0
+    for h in headers:
+        ids = tok.encode(h, add_bos=True)
+        new = continue_ids(ids, new_tokens)
+        hit_limit = tok.eos_id not in new
+        new = new if hit_limit else new[:new.index(tok.eos_id)]
+        program = function_end(tok.decode(ids + new), h.count("\n"), hit_limit)
+        try:
+            ast.parse(program)
+            ok += 1
+        except SyntaxError:
+            pass
+    return ok / len(headers)
+
+
 def init_weights(source: Path) -> dict:
     """fp32 weights to start a phase from: a --work directory's checkpoint.pt, or an HF-layout export."""
     if (source / "checkpoint.pt").is_file():
@@ -429,6 +452,8 @@ def parse_args(argv=None):
     p.add_argument("--ul-new", type=int, default=96, help="tokens generated per continuation")
     p.add_argument("--ul-ngram", type=int, default=8, help="a generated token inside a repeat of an n-gram "
                    "this long is penalised")
+    p.add_argument("--probe-completions", type=int, default=24, help="held-out function headers completed "
+                   "greedily at each evaluation; the share that parses is logged (0: off)")
     p.add_argument("--with-tests", action="store_true", help="also train on the standard library's test "
                    "suites (the files that parse; the held-out set is unchanged)")
     p.add_argument("--chunk-chars", type=int, default=1500, help="source is cut into examples this long")
@@ -481,6 +506,13 @@ def main(argv=None) -> None:
     held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
     held_eval = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:48]]
     probe_cases = infill_probe_cases(held_files, tok, a.chunk_chars, a.max_seq_len)
+    from eval_default_model import header, held_out_functions  # the evaluation's held-out functions
+    funcs = held_out_functions(held_files)
+    probe_headers = [header(f.src) for f in random.Random(0).sample(funcs, min(a.probe_completions, len(funcs)))]
+
+    def greedy_ids(ids: list[int], n: int) -> list[int]:  # within the context
+        n = min(n, args.max_seq_len - len(ids))
+        return greedy_rollout(model, torch.tensor([ids]), n)[0, len(ids):].tolist() if n > 0 else []
 
     ckpt = a.work / "checkpoint.pt"
     state = {"step": 0, "epoch": 0, "row": 0, "seconds": 0.0, "wall_seconds": 0.0, "tokens": 0, "smooth": None,
@@ -561,12 +593,16 @@ def main(argv=None) -> None:
         if state["step"] % a.eval_every == 0 or state["step"] == a.steps:
             held_loss = mean_loss(model, held_eval, a.batch)
             probe = infill_probe(lambda ids: forward(model, torch.tensor([ids]))[0], probe_cases, tok.eot_id)
+            parses = completion_probe(greedy_ids, tok, probe_headers)
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
                                  "infill_probe": probe, "minutes": state["seconds"] / 60,
+                                 **({"completion_parse_share": parses} if parses is not None else {}),
                                  **({"greedy_repeated_ngram_share": ul_smooth[0],
                                      "rollout_prompts_real_continuation_loss": ul_smooth[1]}
                                     if a.unlikelihood else {})})
-            print(f"  held-out loss {held_loss:.3f}" + (probe and f"; middle nats/char with suffix "
+            parse_text = "" if parses is None else \
+                f"; greedy completions of {len(probe_headers)} held-out headers parse {parses:.0%}"
+            print(f"  held-out loss {held_loss:.3f}{parse_text}" + (probe and f"; middle nats/char with suffix "
                   f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
                   f"<EOT> {probe['eot_nats']:.2f} nats; SPM {probe['spm_nats_per_char']:.3f}, "
                   f"<EOT> {probe['spm_eot_nats']:.2f} nats" or ""), flush=True)
