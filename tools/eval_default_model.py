@@ -90,12 +90,12 @@ def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> l
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
                 src = textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))
-                if min_lines <= src.count("\n") <= max_lines and _parses(src) and header(src).endswith(":\n"):
+                if min_lines <= src.count("\n") <= max_lines and parses(src) and header(src).endswith(":\n"):
                     out.append(HeldOutFunction(src, lines, node.lineno - 1))
     return out
 
 
-def _parses(src: str) -> bool:
+def parses(src: str) -> bool:
     try:
         ast.parse(src)
         return True
@@ -129,7 +129,7 @@ def completion_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens:
         prompt = header(src)
         c = model.generate(prompt, max_new_tokens=max_new_tokens)
         program = function_end(prompt + c.text, prompt.count("\n"), c.finish_reason == "length")
-        valid = _parses(program)
+        valid = parses(program)
         ok += valid
         reasons[c.finish_reason, valid] += 1
         examples.append({"prompt": prompt, "completion": program[len(prompt):], "parses": valid})

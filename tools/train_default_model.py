@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import codellama_rt as cl
 from codellama_rt.backends import BACKENDS
 from codellama_rt.checkpoint import hf_plan
 from codellama_rt.config import ModelArgs
@@ -357,7 +358,7 @@ def completion_probe(continue_ids, tok: Tokenizer, headers: list[str], new_token
     """Share of function `headers` whose greedy continuation parses once cut where the function ends (as
     tools/eval_default_model.py measures completion): greedy loops show here and not in held-out loss.
     continue_ids(ids, n): the n greedy tokens after the list of token ids `ids`."""
-    from eval_default_model import function_end
+    from eval_default_model import function_end, parses
 
     if not headers:
         return None
@@ -367,12 +368,7 @@ def completion_probe(continue_ids, tok: Tokenizer, headers: list[str], new_token
         new = continue_ids(ids, new_tokens)
         hit_limit = tok.eos_id not in new
         new = new if hit_limit else new[:new.index(tok.eos_id)]
-        program = function_end(tok.decode(ids + new), h.count("\n"), hit_limit)
-        try:
-            ast.parse(program)
-            ok += 1
-        except SyntaxError:
-            pass
+        ok += parses(function_end(tok.decode(ids + new), h.count("\n"), hit_limit))
     return ok / len(headers)
 
 
@@ -380,7 +376,6 @@ def init_weights(source: Path) -> dict:
     """fp32 weights to start a phase from: a --work directory's checkpoint.pt, or an HF-layout export."""
     if (source / "checkpoint.pt").is_file():
         return torch.load(source / "checkpoint.pt", weights_only=False)["model"]
-    import codellama_rt as cl
     return cl.load(source, backend="reference", dtype=torch.float32, device="cpu").module.state_dict()
 
 
