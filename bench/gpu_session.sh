@@ -29,7 +29,9 @@ ln -s "$PWD/kernels" "$pkg/codellama_rt/kernels"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import codellama_rt, codellama_rt.kernels, codellama_rt.bench" || { echo "codellama_rt does not import"; exit 1; }
 nvidia-smi 2>&1 | head -20  # not kept: the device returns at most 8 files
-timeout -k 10 "$tests_s" "$py" -m pytest -q -rfE -m gpu tests 2>&1 | tee "$dest/gpu-tests.txt" | tail -40
+# run from tests/: `python -m pytest` puts the working directory on sys.path, and the root's kernels/ would
+# shadow the PyPI package `kernels` that transformers imports
+(cd tests && timeout -k 10 "$tests_s" "$py" -m pytest -q -rfE -m gpu .) 2>&1 | tee "$dest/gpu-tests.txt" | tail -40
 left=$((session_s - SECONDS))
 if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"

@@ -7,4 +7,6 @@ bash scripts/setup.sh --test
 # when these cannot be installed.
 .venv/bin/python -m pip --disable-pip-version-check -q install -c scripts/constraints.txt bitsandbytes accelerate \
   || echo "bitsandbytes/accelerate unavailable: their oracle tests will be skipped"
-exec .venv/bin/python -m pytest -q "$@"
+# .venv/bin/pytest, not `python -m pytest`: that puts the working directory first on sys.path, where this
+# repository's kernels/ would shadow the PyPI package `kernels` that transformers imports
+exec .venv/bin/pytest -q "$@"
