@@ -638,9 +638,11 @@ def _run_child(args: list, plan: Plan, timeout_s: float) -> tuple[list, str]:
         out = Path(d) / "rows.json"
         cmd = [sys.executable, "-m", "codellama_rt.bench.e2e", *args,
                "--plan", json.dumps(dataclasses.asdict(plan)), "--out", str(out)]
-        # its own session, so a timeout ends the child's compile workers too
+        # its own session, so a timeout ends the child's compile workers too; run in the scratch folder because
+        # `python -m` puts the working directory on sys.path, where a checkout's kernels/ would shadow the
+        # PyPI package `kernels` that transformers imports
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, cwd=d)
         try:
             _, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
