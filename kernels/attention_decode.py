@@ -306,8 +306,10 @@ def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, 
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     direct = cfg.num_splits == 1 if direct is None else direct
-    assert not direct or cfg.num_splits == 1, "direct output needs one split"
-    assert not (direct and one_pass), "one split writes the output directly"
+    if direct and cfg.num_splits != 1:
+        raise ValueError("attention_decode: direct output needs one split")
+    if direct and one_pass:
+        raise ValueError("attention_decode: one_pass needs several splits (one split writes the output directly)")
     kv_aligned = _aligned16(k_cache) and _aligned16(v_cache)
     if new is None:  # unused pointers of the ROPE variant
         f32 = placeholder(q.device, torch.float32)
@@ -342,23 +344,40 @@ def _aligned16(t: torch.Tensor) -> bool:
 
 
 def _check(q, k_cache, v_cache, lengths) -> None:
-    assert q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}"
+    who = "attention_decode"
+    if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache, lengths)):
+        raise TypeError(f"{who}: q, k_cache, v_cache and lengths must be tensors")
+    if q.dim() != 3:
+        raise ValueError(f"{who}: q must be [B, H, D], got shape {tuple(q.shape)}")
     B, H, D = q.shape
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} not fp16/bf16/fp32"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{who}: q dtype {q.dtype} is not supported; expected float16, bfloat16 or float32")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        assert t.dim() == 4, f"{name} must be [B, Hkv, S, D], got shape {tuple(t.shape)}"
-        assert t.dtype == q.dtype, f"{name} dtype {t.dtype} != q dtype {q.dtype}"
-        assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
-        assert t.stride(-1) == 1, f"{name} must be contiguous along head_dim (stride {t.stride(-1)})"
-    assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+        if t.dim() != 4:
+            raise ValueError(f"{who}: {name} must be [B, Hkv, S, D], got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{who}: {name} dtype {t.dtype} != q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{who}: {name} on {t.device}, q on {q.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{who}: {name} must be contiguous along head_dim (stride {t.stride(-1)})")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{who}: k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}")
     Bk, Hkv, S, Dk = k_cache.shape
-    assert Bk == B and Dk == D, f"cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
-    assert D >= 16 and D <= 256 and D & (D - 1) == 0, f"head_dim {D} must be a power of two in [16, 256]"
-    assert Hkv >= 1 and H % Hkv == 0, f"n_heads {H} is not a multiple of n_kv_heads {Hkv}"
-    assert S >= 1, "empty KV cache"
-    assert lengths.dtype == torch.int64, f"lengths must be int64, got {lengths.dtype}"
-    assert lengths.shape == (B,), f"lengths must have shape ({B},), got {tuple(lengths.shape)}"
-    assert lengths.device == q.device, f"lengths on {lengths.device}, q on {q.device}"
+    if Bk != B or Dk != D:
+        raise ValueError(f"{who}: cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
+    if not (16 <= D <= 256 and D & (D - 1) == 0):
+        raise ValueError(f"{who}: head_dim {D} must be a power of two in [16, 256]")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"{who}: n_heads {H} is not a multiple of n_kv_heads {Hkv}")
+    if S < 1:
+        raise ValueError(f"{who}: empty KV cache")
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"{who}: lengths must be int64, got {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"{who}: lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        raise ValueError(f"{who}: lengths on {lengths.device}, q on {q.device}")
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
