@@ -7,21 +7,22 @@ permuted from the interleaved RoPE layout to the rotate-half layout the graph us
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .config import ModelArgs, read_json
+from .config import ModelArgs, generation_eos_ids, read_json
 from .errors import CheckpointError
 from .model import Linear, Transformer
 from .progress import Progress
 from .quant import QuantLinear, quantize_model, quantized_modules, set_module
-from .quant_checkpoint import Quantization, Tensors, read_projection, read_quantization
+from .quant_checkpoint import _BNB_STATE, Quantization, Tensors, read_projection, read_quantization
 from .tensor_files import open_tensor_file
 
 SUPPORTED_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -100,6 +101,7 @@ class HFSource:
                 weight_map = read_json(index).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise CheckpointError("index has no 'weight_map'", file=index)
+                _check_weight_map(weight_map, index)
                 for name, f in weight_map.items():
                     if not (directory / f).is_file():
                         raise CheckpointError(f"shard file not found (index {index.name} places this tensor in it)",
@@ -134,12 +136,13 @@ class HFSource:
     def total_bytes(self) -> int:
         return sum(r.path.stat().st_size for r in self.files)
 
+    def check(self, part: Part) -> None:
+        """Shape and dtype of `part` against the file's metadata (no data read)."""
+        _check(self._reader(part.name), part.name, part.shape)
+
     def read(self, part: Part) -> torch.Tensor:
-        reader = self.where.get(part.name)
-        if reader is None:
-            raise CheckpointError("missing tensor", file=self.weights_file, tensor=part.name)
-        _check(reader, part.name, part.shape)
-        return reader.get(part.name)
+        self.check(part)
+        return self.where[part.name].get(part.name)
 
     # raw access for quantized checkpoints (any dtype; the caller validates shapes)
     def has(self, name: str) -> bool:
@@ -171,6 +174,7 @@ class MetaSource:
             raise CheckpointError("no consolidated.NN.pth weight files found", file=directory)
         self.shards = [open_tensor_file(p) for p in paths]
         self.files = self.shards
+        self.weights_file = paths[0]
 
     def names(self) -> set[str]:
         return set().union(*(s.keys() for s in self.shards))
@@ -181,7 +185,28 @@ class MetaSource:
     def total_bytes(self) -> int:
         return sum(s.path.stat().st_size for s in self.shards)
 
-    def read(self, part: Part) -> torch.Tensor:
+    # metadata of one shard's copy or slice (the first shard holding it)
+    def has(self, name: str) -> bool:
+        return any(name in s.keys() for s in self.shards)
+
+    def _shard(self, name: str):
+        shard = next((s for s in self.shards if name in s.keys()), None)
+        if shard is None:
+            raise CheckpointError("missing tensor", file=self.shards[0].path, tensor=name)
+        return shard
+
+    def shape(self, name: str) -> tuple:
+        return self._shard(name).shape(name)
+
+    def dtype(self, name: str):
+        return self._shard(name).dtype(name)
+
+    def _used_shards(self, part: Part) -> list:
+        """The shards `part` is read from (all for a split tensor, the first for a replicated one)."""
+        return self.shards if part.cat_dim is not None else self.shards[:1]
+
+    def check(self, part: Part) -> None:
+        """Shape and dtype of `part`'s slice in each shard it is read from (no data read)."""
         n = len(self.shards)
         if part.cat_dim is None:
             shard_shape = part.shape
@@ -190,14 +215,14 @@ class MetaSource:
                 raise CheckpointError(f"dimension {part.shape[part.cat_dim]} does not split over {n} shards",
                                       file=self.shards[0].path, tensor=part.name)
             shard_shape = tuple(d // n if i == part.cat_dim else d for i, d in enumerate(part.shape))
-        pieces = []
-        for shard in self.shards:
+        for shard in self._used_shards(part):
             if part.name not in shard.keys():
                 raise CheckpointError("missing tensor", file=shard.path, tensor=part.name)
             _check(shard, part.name, shard_shape)
-            pieces.append(shard.get(part.name))
-            if part.cat_dim is None:
-                break
+
+    def read(self, part: Part) -> torch.Tensor:
+        self.check(part)
+        pieces = [shard.get(part.name) for shard in self._used_shards(part)]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
         return _interleaved_to_rotate_half(t, part.rope_heads) if part.rope_heads else t
 
@@ -211,6 +236,17 @@ def _check(reader, name: str, shape: tuple) -> None:
     if dtype not in SUPPORTED_SOURCE_DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype} (expected float32, float16 or bfloat16)",
                               file=reader.path, tensor=name)
+
+
+def _check_weight_map(weight_map: dict, index: Path) -> None:
+    """Every entry names a tensor and a file inside the model directory, judged lexically: symlinks are
+    not resolved (the Hugging Face cache links each snapshot file into ../../blobs)."""
+    for name, f in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"weight_map key {name!r} is not a tensor name (expected a string)", file=index)
+        if not isinstance(f, str) or not f or PurePath(f).is_absolute() or ".." in PurePath(f).parts:
+            raise CheckpointError(f"weight_map places this tensor in {f!r}: refused, expected a file name inside "
+                                  "the model directory (not absolute, no '..')", file=index, tensor=name)
 
 
 def _interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -266,12 +302,42 @@ def read_args(directory: Path, layout: str) -> ModelArgs:
         args = ModelArgs.from_hf_config(config, file=directory / "config.json")
         gen = directory / "generation_config.json"
         if gen.is_file():
-            eos = read_json(gen).get("eos_token_id")
-            if eos is not None:
-                extra = eos if isinstance(eos, list) else [eos]
-                args.eos_ids = tuple(dict.fromkeys([*args.eos_ids, *map(int, extra)]))
+            extra = generation_eos_ids(read_json(gen), file=gen)
+            args.eos_ids = tuple(dict.fromkeys([*args.eos_ids, *extra]))
         return args
     return ModelArgs.from_meta_params(read_json(directory / "params.json"), file=directory / "params.json")
+
+
+def check_shapes(source, layout: str, args: ModelArgs) -> None:
+    """Check the shape and dtype of every tensor of the model's plan that `source` holds densely, from
+    tensor metadata alone (no data is read), so that a config disagreeing with the weights fails before
+    the model is allocated; each failure is the CheckpointError `load_weights` would raise.
+
+    Quantized projections (stored under other names, as integers, or with a bitsandbytes quant state)
+    are left to the loader, and so are missing tensors, except each layer's first norm: layers the
+    weights lack are reported before a plan for a corrupt n_layers is built.
+    """
+    norm = "model.layers.{}.input_layernorm.weight" if layout == "hf" else "layers.{}.attention_norm.weight"
+    layers = {m.group(1) for n in source.names() if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", n))}
+    for i in range(min(args.n_layers, len(layers) + 1)):  # bounded: a corrupt n_layers must not build a huge plan
+        if not source.has(norm.format(i)):
+            raise CheckpointError("missing tensor", file=source.weights_file, tensor=norm.format(i))
+    if args.vocab_size < 1:  # Meta's -1: the loader takes it from the embedding
+        embedding = "tok_embeddings.weight" if layout == "meta" else "model.embed_tokens.weight"
+        if not source.has(embedding) or len(source.shape(embedding)) != 2:
+            return  # the loader reports it
+        args = dataclasses.replace(args, vocab_size=source.shape(embedding)[0])
+    plan = hf_plan(args) if layout == "hf" else meta_plan(args)
+    for parts in plan.values():
+        for part in parts:
+            if source.has(part.name) and not _stored_quantized(source, part.name):
+                source.check(part)
+
+
+def _stored_quantized(source, name: str) -> bool:
+    dtype = source.dtype(name)
+    integer = isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex)
+    return integer or source.has(name + _BNB_STATE)  # bnb_4bit_quant_storage may be a float dtype
 
 
 def checkpoint_quantization(directory: Path, layout: str) -> Optional[Quantization]:

@@ -6,6 +6,8 @@ in a CheckpointError naming the file and tensor.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -67,8 +69,7 @@ class TorchReader:
         try:
             sd = torch.load(str(self.path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"cannot read torch checkpoint (truncated or corrupt?): {e}",
-                                  file=self.path) from None
+            raise CheckpointError(_torch_load_failure(self.path, e), file=self.path) from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError("expected a flat dict of tensors", file=self.path)
         self._sd = sd
@@ -92,6 +93,28 @@ class TorchReader:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
         return t
+
+
+def _torch_load_failure(path: Path, err: Exception) -> str:
+    """Why torch.load refused `path`: the legacy format, unsafe pickled objects, or a damaged file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"cannot read file: {e}"
+    if magic[:1] == b"\x80":  # a raw pickle stream: torch.save(..., _use_new_zipfile_serialization=False)
+        return ("legacy (non-zip) torch serialization format, which cannot be memory-mapped; re-save it with a "
+                "current torch: python -c \"import torch; "
+                f"torch.save(torch.load({str(path)!r}, weights_only=True), {str(path)!r})\"")
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        return (f"contains pickled Python objects other than tensors{f' ({found[1]})' if found else ''}: refused "
+                "for safety (loading it could run code); convert it to safetensors with a tool you trust")
+    if not magic:
+        return "file is empty"
+    if magic != b"PK\x03\x04":
+        return "not a torch checkpoint (neither a zip archive nor a legacy pickle stream)"
+    return f"cannot read torch checkpoint (truncated or corrupt?): {' '.join(str(err).split())}"
 
 
 def _require(reader, name: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 import codellama_rt
 from codellama_rt import PRESETS, CheckpointError, ModelArgs
+from codellama_rt.config import MAX_CONTEXT
 
 # name: (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size)
 PUBLISHED = {
@@ -269,6 +270,89 @@ def test_invalid_shapes_raise():
         ModelArgs(dim=4096, n_heads=32, n_kv_heads=5)
     with pytest.raises(ValueError, match="factor"):
         ModelArgs(rope_scaling={"type": "linear", "factor": 0})
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(n_heads=0), "n_heads"),  # was ZeroDivisionError
+    (dict(dim=-1), "dim"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(n_kv_heads=0), "n_kv_heads"),
+    (dict(ffn_dim=-11008), "ffn_dim"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(dim=4096.5), "dim"),
+    (dict(n_layers=True), "n_layers"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(rope_theta="1e6"), "rope_theta"),
+    (dict(rope_scaling="linear"), "rope_scaling"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(max_seq_len=MAX_CONTEXT + 1), "max_seq_len"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(head_dim=-128), "head_dim"),
+    (dict(bos_id=-1), "bos_id"),
+    (dict(eos_ids=("x",)), "eos_ids"),
+    (dict(eos_ids=()), "eos_ids"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (dict(dim=72, n_heads=8, n_kv_heads=8), "n_heads"),  # head_dim 9: odd
+])
+def test_invalid_values_raise_plain_value_error(kwargs, field):
+    """Code that builds ModelArgs directly gets a ValueError (not a CheckpointError: no file is involved)
+    naming the field."""
+    with pytest.raises(ValueError) as info:
+        ModelArgs(**kwargs)
+    assert type(info.value) is ValueError
+    assert f"{field}=" in str(info.value)
+
+
+def test_values_are_normalized():
+    a = ModelArgs(dim=4096.0, n_layers=32.0, max_seq_len=16384.0, rope_theta=1000000, norm_eps=1e-5, eos_ids=2)
+    assert (type(a.dim), type(a.n_layers), type(a.max_seq_len), type(a.rope_theta)) == (int, int, int, float)
+    assert a == PRESETS["CodeLlama-7b"]
+    assert ModelArgs(vocab_size=-1).vocab_size == -1  # Meta's "from the embedding"
+    assert ModelArgs(rope_scaling={"rope_type": "linear", "factor": 2}).rope_scaling == {"type": "linear",
+                                                                                          "factor": 2.0}
+    a.n_heads = 0
+    with pytest.raises(ValueError, match="n_heads=0"):
+        a.validate()
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0"),
+    ({"vocab_size": -1}, "vocab_size=-1"),
+    ({"hidden_size": 4096.5}, "hidden_size=4096.5"),
+    ({"rope_theta": float("nan")}, "rope_theta=NaN"),
+    ({"rope_scaling": {"type": "linear", "factor": float("inf")}}, "rope_scaling.factor=Infinity"),
+    ({"max_position_embeddings": 10 ** 12}, "max_position_embeddings=1000000000000"),
+    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings="false"'),
+    ({"hidden_size": 4100}, "hidden_size=4100 is not divisible by num_attention_heads=32"),
+    ({"num_key_value_heads": 5}, "num_attention_heads=32 is not a multiple of num_key_value_heads=5"),
+])
+def test_from_hf_config_invalid_value_names_file_and_key(changes, key):
+    with pytest.raises(CheckpointError) as info:
+        ModelArgs.from_hf_config(dict(HF4_7B, **changes), file="/models/x/config.json")
+    assert str(info.value).startswith(f"/models/x/config.json: {key}"), str(info.value)
+
+
+def test_from_hf_config_integral_floats():
+    config = dict(HF4_7B, hidden_size=4096.0, num_hidden_layers=32.0, max_position_embeddings=16384.0)
+    assert ModelArgs.from_hf_config(config) == PRESETS["CodeLlama-7b"]
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"n_heads": 0}, "n_heads=0"),
+    ({"dim": -4096}, "dim=-4096"),
+    ({"multiple_of": 0}, "multiple_of=0"),
+    ({"norm_eps": -1e-5}, "norm_eps=-1e-05"),
+    ({"ffn_dim_multiplier": float("nan")}, "ffn_dim_multiplier=NaN"),
+    ({"n_kv_heads": 0}, "n_kv_heads=0"),
+    ({"vocab_size": 0}, "vocab_size=0"),
+    ({"max_seq_len": 2 ** 40}, "max_seq_len=1099511627776"),
+])
+def test_from_meta_params_invalid_value_names_file_and_key(changes, key):
+    with pytest.raises(CheckpointError) as info:
+        ModelArgs.from_meta_params(dict(META_PARAMS["70b"], **changes), file="/models/x/params.json")
+    assert str(info.value).startswith(f"/models/x/params.json: {key} is invalid"), str(info.value)
 
 
 # ---- a checkpoint's values win over defaults ----------------------------------------------------
