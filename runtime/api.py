@@ -7,9 +7,10 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .backends import resolve_backend
-from .checkpoint import checkpoint_quantization, detect_layout, load_weights, open_source, read_args, resolve_path
+from .checkpoint import (check_shapes, checkpoint_quantization, detect_layout, load_weights, open_source, read_args,
+                         resolve_path)
 from .config import ModelArgs
-from .errors import CheckpointError
+from .errors import CheckpointError, is_allocation_failure
 from .generate import Completion, Engine
 from .model import Linear, Transformer
 from .quant import quantize_model
@@ -17,6 +18,9 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, list]
+# Meta reports CodeLlama (rope theta 1e6) generating stably with up to 100,000 tokens of context, past the
+# 16,384 its config states; other models are limited to their config's context.
+LONG_CONTEXT = 100_000
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _QUANTIZE = (None, "nf4", "int4")
@@ -50,6 +54,45 @@ def parse_device(device) -> torch.device:
     return device
 
 
+def context_limit(args: ModelArgs) -> int:
+    """The largest `max_seq_len` a model accepts: its config's context (max_position_embeddings), or
+    LONG_CONTEXT for CodeLlama's long-context rotary base (rope_theta >= 1e6) when that is larger."""
+    return max(args.max_seq_len, LONG_CONTEXT) if args.rope_theta >= 1e6 else args.max_seq_len
+
+
+def check_seq_len(max_seq_len: Optional[int], args: ModelArgs) -> int:
+    """`max_seq_len` (None: the model's context) checked against `context_limit(args)`."""
+    if max_seq_len is None:
+        return args.max_seq_len
+    limit = context_limit(args)
+    if max_seq_len > limit:
+        extended = f"; rope theta {args.rope_theta:g} extends it to {limit}" if limit > args.max_seq_len else ""
+        raise ValueError(f"max_seq_len={max_seq_len} is invalid: this model supports at most {limit} tokens "
+                         f"(its context is {args.max_seq_len}{extended})")
+    return max_seq_len
+
+
+def int4_group_size(args: ModelArgs) -> int:
+    """The largest int4 group size (128, 64, 32) dividing every projection's input width (the lm_head's
+    is `dim`, so this holds with `quantize_head` too)."""
+    from .kernels.int4 import GROUP_SIZES
+
+    widths = {args.dim, args.q_dim, args.ffn_dim}
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if all(w % g == 0 for w in widths):
+            return g
+    raise ValueError(f"int4 needs a group size in {GROUP_SIZES} dividing every projection's input width "
+                     f"({sorted(widths)}); none does: use nf4")
+
+
+def resolve_group_size(group_size: Optional[int], quantize: Optional[str], args: ModelArgs) -> int:
+    """The int4 group size a load uses: `group_size` when given, else `int4_group_size` for int4 (128 for
+    the other methods, which ignore it)."""
+    if group_size is not None:
+        return group_size
+    return int4_group_size(args) if quantize == "int4" else 128
+
+
 def default_model_path() -> Path:
     """The embedded default model shipped as package data (its README.md says how it was trained)."""
     return Path(__file__).parent / "default_model"
@@ -61,12 +104,14 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
-    `quantize="nf4" | "int4"` quantizes the blocks' projections while loading (int4: groups of 128);
+    `quantize="nf4" | "int4"` quantizes the blocks' projections while loading (int4: groups of 128, or
+    the largest of 64 and 32 that divides the model's widths);
     a quantized checkpoint (bitsandbytes 4-bit, GPTQ, or `codellama-rt quantize` output) loads as
     stored without it. The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens
-    (default: the model's context) and is allocated on first generation. `cuda_graphs` (default: on
-    for CUDA, off on CPU) captures each decode step into a CUDA graph once per batch size and
-    sampling signature and replays it for every token; the tokens are those of eager decoding.
+    (default: the model's context; at most `context_limit`) and is allocated on first generation.
+    `cuda_graphs` (default: on for CUDA, off on CPU) captures each decode step into a CUDA graph once
+    per batch size and sampling signature and replays it for every token; the tokens are those of
+    eager decoding. One model runs one generation at a time (see `Model`).
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
@@ -74,10 +119,11 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
-               group_size: int = 128, quantize_head: bool = False, max_seq_len: Optional[int] = None,
+               group_size: Optional[int] = None, quantize_head: bool = False, max_seq_len: Optional[int] = None,
                max_batch_size: int = 1, progress: Optional[bool] = None,
                cuda_graphs: Optional[bool] = None) -> "Model":
-    """`load` with the quantizer's knobs: int4 `group_size`, and `quantize_head` (the lm_head too)."""
+    """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
+    `quantize_head` (the lm_head too)."""
     device = parse_device(device)
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs={cuda_graphs!r} is invalid: expected True, False or None (auto)")
@@ -95,10 +141,12 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     directory = resolve_path(path)
     layout = detect_layout(directory)
     args = read_args(directory, layout)
+    seq_len = check_seq_len(max_seq_len, args)
     tokenizer = Tokenizer.from_pretrained(directory)
     source = open_source(directory, layout)
     if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it
         args.vocab_size = source.shards[0].shape("tok_embeddings.weight")[0]
+    check_shapes(source, layout, args)  # before allocating what the config asks for
     if tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model embeds only "
                               f"{args.vocab_size}", file=directory / "tokenizer.model")
@@ -106,10 +154,9 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if quantize is not None and quantization is not None and quantize != quantization.method:
         raise ValueError(f"quantize={quantize!r}, but {directory} is already quantized as "
                          f"{quantization.describe()}")
-    seq_len = max_seq_len or args.max_seq_len
+    group_size = resolve_group_size(group_size, quantize, args)
     quantized = quantize is not None or quantization is not None
-    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len,
-                        linear_device="meta" if quantized else None)
+    model = _transformer(args, ops, dtype, device, seq_len, quantized)
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
                  quantize_head=quantize_head, progress=progress)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs)
@@ -117,7 +164,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
 
 
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,
-                 quantize: Optional[str] = None, group_size: int = 128, quantize_head: bool = False,
+                 quantize: Optional[str] = None, group_size: Optional[int] = None, quantize_head: bool = False,
                  max_seq_len: Optional[int] = None, max_batch_size: int = 1, seed: int = 0,
                  std: float = 0.5) -> "Model":
     """A Model with random weights at `args`' shapes, drawn directly on `device`: benchmarks at real
@@ -134,9 +181,9 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
     dtype = parse_dtype(dtype, device)
     _check_options(quantize, group_size, max_batch_size, max_seq_len)
     ops = resolve_backend(backend, device)
-    seq_len = max_seq_len or args.max_seq_len
-    model = Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len,
-                        linear_device="meta" if quantize else None)
+    seq_len = check_seq_len(max_seq_len, args)
+    group_size = resolve_group_size(group_size, quantize, args)
+    model = _transformer(args, ops, dtype, device, seq_len, quantize is not None)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def draw(shape, scale: float, offset: float = 0.0) -> torch.Tensor:
@@ -161,11 +208,25 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
 
 
+def _transformer(args: ModelArgs, ops, dtype, device, seq_len: int, quantized: bool) -> Transformer:
+    """The module graph with uninitialised weights (the projections on the meta device when they will be
+    quantized one by one); a failed allocation becomes a MemoryError saying how much was asked for."""
+    try:
+        return Transformer(args, ops, dtype=dtype, device=device, rope_len=seq_len,
+                           linear_device="meta" if quantized else None)
+    except RuntimeError as e:
+        if not is_allocation_failure(e):
+            raise
+        raise MemoryError(f"not enough {device} memory for the model ({args.param_count() / 1e9:.2f} B "
+                          f"parameters in {dtype})") from None
+
+
 def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
     if quantize not in _QUANTIZE:
         raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1 (or None: automatic)")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
@@ -174,7 +235,10 @@ def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
 
 
 class Model:
-    """A loaded model with its tokenizer and generation engine (see API.md)."""
+    """A loaded model with its tokenizer and generation engine (see API.md).
+
+    One generation at a time: a second `generate`/`stream`/`infill`/`chat` while one is running (another
+    thread, or a stream neither exhausted nor closed) raises ModelBusyError; it never mixes the two."""
 
     def __init__(self, args: ModelArgs, module: Transformer, tokenizer: Tokenizer, engine: Engine, path=None):
         self.args, self.module, self.tokenizer, self.engine, self.path = args, module, tokenizer, engine, path
@@ -182,6 +246,11 @@ class Model:
     @property
     def backend(self) -> str:
         return self.module.ops.name
+
+    @property
+    def max_seq_len(self) -> int:
+        """The context this model was loaded with: prompt plus generated tokens, per sequence."""
+        return self.engine.max_seq_len
 
     def graph_pool_bytes(self) -> int:
         """Device memory held by the captured decode CUDA graphs (0 on CPU or before any capture)."""
@@ -235,9 +304,11 @@ class Model:
         return completions if batch else completions[0]
 
     def stream(self, prompt, **sampling) -> Iterator[str]:
-        """Text pieces of one prompt's completion as they become final (arguments checked now)."""
-        run = self._run([self._ids(prompt)], sampling)
-        return (piece for _, piece in run)
+        """Text pieces of one prompt's completion as they become final (arguments checked now).
+
+        The model is busy from the first piece until the stream is exhausted or closed (`close()`,
+        or dropped); meanwhile another generation on it raises ModelBusyError."""
+        return _pieces(self._run([self._ids(prompt)], sampling))
 
     def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, **sampling) -> Completion:
         """The middle between `prefix` and `suffix` (Meta's prompt format); stops at <EOT>."""
@@ -250,8 +321,17 @@ class Model:
 
     def stream_chat(self, messages: list, **sampling) -> Iterator[str]:
         """`chat`, streamed as text pieces."""
-        run = self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat")
-        return (piece for _, piece in run)
+        return _pieces(self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat"))
+
+
+def _pieces(run) -> Iterator[str]:
+    """The text pieces of a one-prompt Run; closing this closes the Run (the engine is free again)."""
+    it = iter(run)
+    try:
+        for _, piece in it:
+            yield piece
+    finally:
+        it.close()
 
 
 def _finish(run) -> list[Completion]:

@@ -18,6 +18,7 @@ from .model import Decode, Transformer
 from .sampling import SamplingParams, SamplingSignature, sample
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture: Triton JIT, cuBLAS handles and workspaces
+NONFINITE = -1    # in `tokens`: that row's logits were NaN or +inf (or all -inf)
 
 
 class DecodeStep:
@@ -35,18 +36,26 @@ class DecodeStep:
       positions    int64 [B]    where `tokens` sit in the cache; +1 per call, clamped to the last slot
       seen         bool [B, V]  tokens of each row so far (repetition penalty only; else None)
       temperature, top_p, penalty   fp32 []   sampling values, so one capture serves all of them
+      top_k        int64 []     the top-k value, within the signature's bucket
     The caller reads `tokens` after a call (`tokens.tolist()`): the one host sync per token, outside
-    the step.
+    the step. A row whose logits were not finite (NaN, +inf, or all -inf) gets NONFINITE (-1) instead
+    of a token, so broken numerics surface as an error rather than a stream of id 0.
+
+    `vocab_limit` (default: the whole vocabulary): ids at or above it are never sampled (an embedding
+    padded past the tokenizer's pieces has rows no text decodes to).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, batch: int, sig: SamplingSignature,
-                 generator: Optional[torch.Generator] = None, *, graphed: bool = False, pool=None):
+                 generator: Optional[torch.Generator] = None, *, graphed: bool = False, pool=None,
+                 vocab_limit: Optional[int] = None):
         if not 1 <= batch <= cache.max_batch:
             raise ValueError(f"batch {batch} does not fit the KV cache (max_batch {cache.max_batch})")
         if graphed and model.device.type != "cuda":
             raise ValueError(f"a graphed decode step needs a CUDA model, not {model.device}")
         device = model.device
         self.model, self.cache, self.batch, self.sig = model, cache, batch, sig
+        V = model.args.vocab_size
+        self.vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
         self.generator = None if sig.greedy else generator
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -55,6 +64,7 @@ class DecodeStep:
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.top_p = torch.ones((), dtype=torch.float32, device=device)
         self.penalty = torch.ones((), dtype=torch.float32, device=device)
+        self.top_k = torch.ones((), dtype=torch.long, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         if graphed:
             self._capture(pool)
@@ -62,7 +72,7 @@ class DecodeStep:
     def buffers(self) -> dict:
         """Name -> every tensor a call reads or writes in place (the KV cache included)."""
         named = {"tokens": self.tokens, "positions": self.positions, "temperature": self.temperature,
-                 "top_p": self.top_p, "penalty": self.penalty, "kv_cache": self.cache.data}
+                 "top_p": self.top_p, "penalty": self.penalty, "top_k": self.top_k, "kv_cache": self.cache.data}
         if self.seen is not None:
             named["seen"] = self.seen
         return named
@@ -72,12 +82,13 @@ class DecodeStep:
         """Load a generation: prompts (id lists, already prefilled into the cache) and `logits` fp32
         [B, V] at their last tokens. Samples the first new tokens into `tokens` with the step's own
         values; the next call decodes them at positions len(prompt)."""
-        if len(prompts) != self.batch or SamplingSignature.of(params) != self.sig:
+        if len(prompts) != self.batch or SamplingSignature.of(params, self.model.args.vocab_size) != self.sig:
             raise ValueError("start: prompts or sampling do not match this decode step")
         device = self.tokens.device
         self.temperature.fill_(params.temperature if not params.greedy else 1.0)
         self.top_p.fill_(params.top_p)
         self.penalty.fill_(params.repetition_penalty)
+        self.top_k.fill_(max(params.top_k, 1))
         self.positions.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.long))
         self.positions.clamp_(max=self.cache.max_seq_len - 1)  # a prompt filling the cache is done already
         if self.seen is not None:
@@ -96,8 +107,11 @@ class DecodeStep:
     # ---- the step itself -------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, self.sig, temperature=self.temperature, top_p=self.top_p, penalty=self.penalty,
-                      seen=self.seen, generator=self.generator)
+        if self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
+        tokens = sample(logits, self.sig, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        penalty=self.penalty, seen=self.seen, generator=self.generator)
+        return tokens.masked_fill(~torch.isfinite(logits.amax(dim=-1)), NONFINITE)  # amax propagates NaN
 
     def _step(self) -> None:
         """The captured work: fixed shapes, in-place updates of the static buffers, no host reads."""

@@ -14,3 +14,16 @@ class CheckpointError(ValueError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.file = None if file is None else str(file)
         self.tensor = tensor
+
+
+class ModelBusyError(RuntimeError):
+    """A model was asked for a generation while another one is still running on it (another thread,
+    or a stream not yet exhausted or closed). One model runs one generation at a time."""
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    """Whether `e` is torch failing to allocate memory (torch.OutOfMemoryError on CUDA, a RuntimeError
+    from the CPU allocator)."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in text for s in ("out of memory", "can't allocate",
+                                                                   "cannot allocate"))

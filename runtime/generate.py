@@ -1,16 +1,19 @@
 """The generation engine: batched prefill into the static KV cache, then one-token decode steps."""
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 
-from .decode_graph import DecodeStep
+from .decode_graph import NONFINITE, DecodeStep
 from .detokenize import TextStream
+from .errors import ModelBusyError
 from .kv_cache import KVCache
 from .model import Prefill, Transformer
-from .sampling import SamplingParams, SamplingSignature
+from .sampling import MAX_DECODE_STEPS, SamplingParams, SamplingSignature
 from .tokenizer import Tokenizer
 
 
@@ -32,11 +35,16 @@ class Engine:
     call needs more, so memory follows use rather than the model's full context.
 
     Every decode step runs through a `DecodeStep` (static buffers, attention over the whole cache),
-    kept per (batch size, sampling signature) and reused by later generations. With `cuda_graphs`
-    (default: on for a CUDA model, off on CPU) each step is captured into a CUDA graph on first use
-    and replayed for every token; growing the cache drops the steps, which are captured again.
+    kept per (batch size, sampling signature) and reused by later generations (at most
+    MAX_DECODE_STEPS, the least recently used dropped first). With `cuda_graphs` (default: on for a
+    CUDA model, off on CPU) each step is captured into a CUDA graph on first use and replayed for
+    every token; growing the cache drops the steps, which are captured again.
     `generator` draws all sampling noise: each generation seeds it (`seed`) before its first token.
-    One engine runs one generation at a time (they share the cache and the steps).
+
+    One engine runs one generation at a time (they share the cache, the steps and the generator): a
+    `Run` claims the engine when its iteration starts and releases it when it ends, fails or is
+    closed; another generation meanwhile (another thread, or a second live stream) raises
+    ModelBusyError instead of corrupting the first.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
@@ -52,8 +60,27 @@ class Engine:
         self.generator = torch.Generator(device=model.device)
         self.captures = 0  # CUDA graphs captured so far (a replayed step adds none)
         self._cache: Optional[KVCache] = None
-        self._steps: dict = {}  # (batch, SamplingSignature, graphed) -> DecodeStep over self._cache
+        self._steps: OrderedDict = OrderedDict()  # (batch, signature, graphed) -> DecodeStep, LRU order
         self._pool = None  # memory pool shared by the captured graphs (never replayed concurrently)
+        self._claim_lock = threading.Lock()
+        self._active: Optional["Run"] = None  # the Run now using the cache and steps
+        V = model.args.vocab_size
+        self.vocab_limit = min(getattr(tokenizer, "vocab_size", V) or V, V)  # ids generation may emit
+
+    def claim(self, run: "Run") -> None:
+        """Make `run` the engine's one generation, or raise ModelBusyError while another one is live."""
+        with self._claim_lock:
+            if self._active is not None and self._active is not run:
+                raise ModelBusyError(
+                    "model is busy with another generation (another thread, or a stream that is neither "
+                    "exhausted nor closed): one model runs one generation at a time; finish or close() the "
+                    "other stream first, or load one model per thread")
+            self._active = run
+
+    def release(self, run: "Run") -> None:
+        with self._claim_lock:
+            if self._active is run:
+                self._active = None
 
     def cache_for(self, n_tokens: int) -> KVCache:
         """A KV cache holding at least `n_tokens` (<= max_seq_len) tokens per sequence."""
@@ -74,11 +101,15 @@ class Engine:
         key = (batch, sig, graphed)
         step = self._steps.get(key)
         if step is None:
+            while len(self._steps) >= MAX_DECODE_STEPS:
+                self._steps.popitem(last=False)
             if graphed and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            step = DecodeStep(self.model, cache, batch, sig, self.generator, graphed=graphed, pool=self._pool)
+            step = DecodeStep(self.model, cache, batch, sig, self.generator, graphed=graphed, pool=self._pool,
+                              vocab_limit=self.vocab_limit)
             self.captures += graphed
             self._steps[key] = step
+        self._steps.move_to_end(key)
         return step
 
     def graph_pool_bytes(self) -> int:
@@ -120,17 +151,28 @@ class Run:
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_tokens: dict):
         self.engine, self.prompts, self.params, self.stop_tokens = engine, prompts, params, stop_tokens
         self.completions: list[Optional[Completion]] = [None] * len(prompts)
+        self._iterated = False
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        if not self.params.greedy:  # one random stream for the whole call, groups included
-            if self.params.seed is None:
-                self.engine.generator.seed()
-            else:
-                self.engine.generator.manual_seed(self.params.seed)
-        mb = self.engine.max_batch
-        for g in range(0, len(self.prompts), mb):
-            for row, piece in self._group(g, self.prompts[g:g + mb]):
-                yield g + row, piece
+        if self._iterated:
+            raise RuntimeError("a generation can be iterated only once")
+        self._iterated = True
+        return self._pieces()
+
+    def _pieces(self) -> Iterator[tuple[int, str]]:
+        self.engine.claim(self)  # at the first next(): a stream created but never read holds nothing
+        try:
+            if not self.params.greedy:  # one random stream for the whole call, groups included
+                if self.params.seed is None:
+                    self.engine.generator.seed()
+                else:
+                    self.engine.generator.manual_seed(self.params.seed)
+            mb = self.engine.max_batch
+            for g in range(0, len(self.prompts), mb):
+                for row, piece in self._group(g, self.prompts[g:g + mb]):
+                    yield g + row, piece
+        finally:
+            self.engine.release(self)
 
     def _group(self, offset: int, prompts) -> Iterator[tuple[int, str]]:
         eng, params = self.engine, self.params
@@ -147,13 +189,19 @@ class Run:
                 cache = eng.cache_for(max(n + b for n, b in zip(lens, budget)))
                 # Built (captured) before the prefill: a capture's warm-up writes K/V only into slots
                 # that this generation rewrites before reading them.
-                step = eng.decode_step(B, SamplingSignature.of(params), cache)
+                step = eng.decode_step(B, SamplingSignature.of(params, eng.model.args.vocab_size), cache)
                 step.start(self._prefill(prompts, lens, cache), prompts, params)
             while True:
                 tokens = step.tokens.tolist()  # the one host sync per token: stops and streaming
                 for b, t in enumerate(tokens):
                     if done[b]:
                         continue
+                    if t == NONFINITE:
+                        raise FloatingPointError(
+                            f"the model's logits are not finite (NaN or inf) at generated token "
+                            f"{len(streams[b].ids) + 1} of prompt {offset + b}: the weights or the "
+                            f"arithmetic overflow (dtype {eng.model.dtype}; float16 overflows where "
+                            "bfloat16 and float32 do not)")
                     if t in self.stop_tokens:
                         finish[b], done[b] = self.stop_tokens[t], True
                         continue

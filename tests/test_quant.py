@@ -434,9 +434,12 @@ def test_bad_own_format(fp32_ckpt, tmp_path):
 
 
 def test_bad_quantize_requests(fp32_ckpt, tmp_path):
-    # int4's default group of 128 does not divide ffn 192: named with the source tensor
+    # a group of 128 does not divide ffn 192: named with the source tensor
     _expect(fp32_ckpt, fp32_ckpt / "model.safetensors", "model.layers.0.mlp.down_proj.weight", "group_size=128",
-            quantize="int4")
+            quantize="int4", group_size=128)
+    # without a group size, int4 takes the largest that divides every width (64 here)
+    auto = cl.load(fp32_ckpt, quantize="int4")
+    assert {p.group_size for q in quantized_modules(auto.module).values() for p in q.parts} == {64}
     d = write_bnb_like(fp32_ckpt, tmp_path / "d")
     with pytest.raises(ValueError, match="already quantized"):
         cl.load(d, quantize="int4")
