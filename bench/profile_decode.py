@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: each kernel's time per decode step of a random-weight model.
 
-    python bench/profile_decode.py [--model 7B-bf16] [--tokens 32] [--out DIR]
+    python bench/profile_decode.py [--model 7B-bf16] [--tokens 32] [--out DIR] [--experiments NAMES] [--no-pdl]
 
 Runs our engine eagerly (no CUDA graphs, so each kernel is its own profiler event; kernel durations are
 the same as in a graph, launch gaps are not counted) for a short prompt, then `--tokens` greedy steps
@@ -17,14 +17,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from codellama_rt.bench import e2e
+from codellama_rt.cli import add_kernel_flags, kernel_options
+from codellama_rt.kernels.options import DEFAULT_OPTIONS, KernelOptions
 from codellama_rt.sampling import SamplingParams
 
 
-def profile_steps(name: str, tokens: int) -> tuple[list[dict], float]:
+def profile_steps(name: str, tokens: int, options: KernelOptions = DEFAULT_OPTIONS) -> tuple[list[dict], float]:
     """([{kernel, us_per_step, calls_per_step}] by time, their total us per step) for `tokens` eager decode
-    steps: GPU kernel time on CUDA, CPU self time of the ops on CPU."""
+    steps with the kernel `options`: GPU kernel time on CUDA, CPU self time of the ops on CPU."""
     spec = e2e.MODELS[name]
-    model = e2e.build(spec)
+    model = e2e.build(spec, options)
     engine = e2e.make_engine(model, 1, 64 + tokens + 8, cuda_graphs=False)
     prompt = e2e.random_prompts(model.args.vocab_size, 1, 16, seed=0)
     cuda = spec.cuda
@@ -56,13 +58,14 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="a model of codellama_rt.bench.e2e.MODELS (default 7B-bf16 on CUDA, tiny on CPU)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
+    add_kernel_flags(p)
     a = p.parse_args(argv)
     name = a.model or ("7B-bf16" if torch.cuda.is_available() else "tiny")
     if name not in e2e.MODELS:
         raise SystemExit(f"--model {name!r}: expected one of {', '.join(e2e.MODELS)}")
     if e2e.MODELS[name].cuda and not torch.cuda.is_available():
         raise SystemExit(f"--model {name} needs CUDA")
-    rows, total = profile_steps(name, a.tokens)
+    rows, total = profile_steps(name, a.tokens, kernel_options(a))
     print(f"{name}: {total:.0f} us of kernel time per decode step ({'GPU' if e2e.MODELS[name].cuda else 'CPU self'})")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} us {r['us_per_step'] / total:6.1%} {r['calls_per_step']:6.1f}x  {r['kernel']}")

@@ -4,7 +4,6 @@ ahead-of-time compilation for a given GPU architecture (no GPU needed) with a re
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from triton._C.libtriton import ir as _ir
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
+
+from .options import KernelOptions
 
 
 _device_fns: dict = {}
@@ -91,15 +92,15 @@ class _Interpreted(InterpretedFunction):
 # (hundreds of short kernels a step). A kernel takes part by having a `PDL: tl.constexpr = False` parameter
 # and calling `pdl_prologue(PDL)` before its first global memory access: it lets the next kernel launch,
 # then waits until the previous one has completed and its writes are visible (griddepcontrol), so no
-# read or write can race. `Kernel.on` sets PDL=True and launches with PDL for such kernels on sm_90+;
-# CODELLAMA_RT_PDL=0 turns it off (to measure its effect, or if a driver misbehaves).
-
-PDL_ENV = "CODELLAMA_RT_PDL"
+# read or write can race. `Kernel.on` sets PDL=True and launches with PDL for such kernels on sm_90+
+# unless the launch's KernelOptions say pdl=False (to measure its effect, or if a driver misbehaves).
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels with a PDL parameter launch with programmatic dependent launch on `device`."""
-    if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+def pdl_enabled(device: torch.device, options: KernelOptions | bool) -> bool:
+    """Whether kernels with a PDL parameter launch with programmatic dependent launch on `device` under
+    `options` (a KernelOptions, or its `pdl` flag)."""
+    pdl = options.pdl if isinstance(options, KernelOptions) else options
+    if device.type != "cuda" or not pdl:
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
@@ -116,59 +117,6 @@ def pdl_prologue(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-
-
-# ---- experiments -------------------------------------------------------------------------------
-#
-# Kernel paths that are built and tested (interpreter, AOT compile, `gpu` tests) but not yet the default,
-# because no GPU run has measured them against the path they would replace. CODELLAMA_RT_EXPERIMENTS,
-# a comma-separated list of the names below, turns them on; the benchmark report measures each (a decode
-# row per experiment beside the default one), so one device call shows which to make the default.
-
-EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
-
-
-@dataclass(frozen=True)
-class Experiment:
-    doc: str
-    weights: tuple  # the weight formats whose decode it changes: "dense" (16-bit), "int4", "nf4"
-
-
-EXPERIMENTS = {
-    "int4_mma": Experiment("int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)", ("int4",)),
-    "norm_gemv": Experiment("batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV "
-                            "(kernels/gemv.py)", ("dense",)),
-    "attn_one_pass": Experiment("decode attention's split combine done by each head's last program, no second "
-                                "launch (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
-    "int4_one_pass": Experiment("int4 split-K GEMV partials summed by each column block's last program, no "
-                                "second launch (kernels/int4.py)", ("int4",)),
-    # every model's lm_head is dense
-    "attn_rope": Experiment("decode's rotary and KV-cache write inside decode attention, no launch of their "
-                            "own (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
-    "gemv_prefetch": Experiment("the dense GEMV asks for its weights into L2 before waiting on the previous "
-                                "kernel (PDL launches only; kernels/gemv.py)", ("dense", "int4", "nf4")),
-}
-
-
-def experiments_on() -> list[str]:
-    """The experiments CODELLAMA_RT_EXPERIMENTS turns on, sorted; ValueError naming an unknown one."""
-    return list(_parse_experiments(os.environ.get(EXPERIMENTS_ENV, "")))
-
-
-@functools.lru_cache(maxsize=16)  # launchers ask per call: parse each value of the variable once
-def _parse_experiments(value: str) -> tuple:
-    names = {n.strip() for n in value.split(",") if n.strip()}
-    unknown = sorted(names - EXPERIMENTS.keys())
-    if unknown:
-        raise ValueError(f"{EXPERIMENTS_ENV}: unknown experiment(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(EXPERIMENTS)}")
-    return tuple(sorted(names))
-
-
-def experiment(name: str) -> bool:
-    """Whether experiment `name` (a key of EXPERIMENTS) is on."""
-    assert name in EXPERIMENTS, name
-    return name in _parse_experiments(os.environ.get(EXPERIMENTS_ENV, ""))
 
 
 _PLACEHOLDERS: dict = {}
@@ -235,10 +183,10 @@ class _PDLLaunch:
 
 
 class Kernel:
-    """A Triton kernel usable on both devices: `kernel.on(tensor)[grid](*args, **constexprs)` launches
+    """A Triton kernel usable on both devices: `kernel.on(tensor, options)[grid](*args, **constexprs)` launches
     the compiled kernel for CUDA tensors and the interpreter (as TRITON_INTERPRET=1 would) for CPU
     tensors, so the same source is what the CPU tests check and what the GPU runs. Kernels with a `PDL`
-    parameter launch with programmatic dependent launch where `pdl_enabled`."""
+    parameter launch with programmatic dependent launch where `pdl_enabled` under the launch's options."""
 
     def __init__(self, fn, **jit_kwargs):
         self.fn = fn
@@ -248,10 +196,14 @@ class Kernel:
         self.has_pdl = "PDL" in self.jit.arg_names
         self._pdl = _PDLLaunch(self.jit) if self.has_pdl else None
 
-    def on(self, tensor: torch.Tensor):
+    def on(self, tensor: torch.Tensor, options: KernelOptions | bool | None = None):
+        """The launchable kernel for `tensor`'s device. options (a KernelOptions, or its `pdl` flag) is
+        required for a kernel with a PDL parameter, so no launcher can leave its choice to a default."""
+        if options is None and self.has_pdl:
+            raise TypeError(f"{self.__name__}.on: a kernel with a PDL parameter needs the launch's options")
         if not tensor.is_cuda:
             return self.interp
-        return self._pdl if self.has_pdl and pdl_enabled(tensor.device) else self.jit
+        return self._pdl if self.has_pdl and pdl_enabled(tensor.device, options) else self.jit
 
 
 H100_SMS = 132  # the SM count launch heuristics assume off the GPU (interpreter, AOT compiles)

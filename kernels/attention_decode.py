@@ -10,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (H100_SMS, LaunchConfig, cdiv, experiment, kernel, last_to_finish, next_power_of_2,
+from ._triton import (H100_SMS, LaunchConfig, cdiv, kernel, last_to_finish, next_power_of_2,
                       pdl_prologue, placeholder, sm_count, ticket_reset, tickets, triton_dtype)
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
@@ -296,13 +297,15 @@ class NewToken:
 
 
 def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, mid_l,
-            direct: Optional[bool] = None, one_pass: bool = False, new: Optional[NewToken] = None) -> torch.Tensor:
+            direct: Optional[bool] = None, one_pass: bool = False, new: Optional[NewToken] = None,
+            options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Run the passes with the given decisions and buffers (inputs already checked; q with unit stride
     along D; out [B, H, D] with unit stride along D; contiguous fp32 scratch mid_o [B, H, num_splits, D],
     mid_m and mid_l [B, H, num_splits], unused when direct). direct (default: one split): pass 1 writes
     out and pass 2 is skipped. one_pass: pass 1's last program per (sequence, kv head) combines the splits
     (no pass-2 launch). new: q is not yet rotated and pass 1 also rotates and caches the new token (ROPE).
-    Tests call it with poisoned buffers, and with direct=False for one split."""
+    options: PDL (one_pass is the caller's). Tests call it with poisoned buffers, and with direct=False for
+    one split."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     direct = cfg.num_splits == 1 if direct is None else direct
@@ -317,7 +320,7 @@ def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, 
     else:
         rope_args = (new.k, new.v, new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1),
                      new.cos, new.sin, new.positions, new.positions.stride(0), new.slots)
-    _decode_split_kernel.on(q)[(B, Hkv, cfg.num_splits)](
+    _decode_split_kernel.on(q, options)[(B, Hkv, cfg.num_splits)](
         q, k_cache, v_cache, lengths, mid_o, mid_m, mid_l, out, tickets(q.device, B * Hkv),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -328,7 +331,7 @@ def _launch(q, k_cache, v_cache, lengths, cfg: DecodeLaunch, out, mid_o, mid_m, 
         ONE_PASS=one_pass, ROPE=new is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct and not one_pass:
-        _decode_reduce_kernel.on(q)[(B, H)](
+        _decode_reduce_kernel.on(q, options)[(B, H)](
             mid_o, mid_m, mid_l, out,
             out.stride(0), out.stride(1),
             cfg.num_splits,
@@ -381,7 +384,7 @@ def _check(q, k_cache, v_cache, lengths) -> None:
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+                     lengths: torch.Tensor, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Triton flash-decoding; same contract and result as `attention_decode_ref`.
 
     q: [B, H, D] (any strides); k_cache, v_cache: [B, Hkv, S, D], unit stride along D (e.g. slices
@@ -389,13 +392,15 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     1 <= lengths[b] <= S (not checked: reading it would sync). D a power of two in [16, 256].
     Scores, softmax and the weighted sum accumulate in fp32 (P is rounded to the V dtype for the
     P @ V product, as in flash-attention); returns a new contiguous [B, H, D] in q's dtype.
-    Graph-capturable: launch decisions depend on shapes only; scratch comes from torch.empty.
+    Graph-capturable: launch decisions depend on shapes and `options` only (PDL, the experiment
+    "attn_one_pass"); scratch comes from torch.empty.
     """
     _check(q, k_cache, v_cache, lengths)
-    return _attention(q, k_cache, v_cache, lengths)
+    return _attention(q, k_cache, v_cache, lengths, options=options)
 
 
-def _attention(q, k_cache, v_cache, lengths, new: Optional[NewToken] = None) -> torch.Tensor:
+def _attention(q, k_cache, v_cache, lengths, new: Optional[NewToken] = None, *,
+               options: KernelOptions) -> torch.Tensor:
     """`attention_decode` once its arguments are checked (with `new`: the ROPE variant)."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -405,12 +410,12 @@ def _attention(q, k_cache, v_cache, lengths, new: Optional[NewToken] = None) -> 
                         num_sms=sm_count(q.device))
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if cfg.num_splits == 1:  # one pass writes out; no scratch
-        return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out, new=new)
+        return _launch(q, k_cache, v_cache, lengths, cfg, out, out, out, out, new=new, options=options)
     mid_o = torch.empty(B, H, cfg.num_splits, D, dtype=torch.float32, device=q.device)
     mid_m = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H, cfg.num_splits, dtype=torch.float32, device=q.device)
     return _launch(q, k_cache, v_cache, lengths, cfg, out, mid_o, mid_m, mid_l,
-                   one_pass=experiment("attn_one_pass"), new=new)
+                   one_pass=options.has("attn_one_pass"), new=new, options=options)
 
 
 def rotary_attention_decode_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots, lengths) -> torch.Tensor:
@@ -421,18 +426,19 @@ def rotary_attention_decode_ref(q, k, v, cos, sin, positions, k_cache, v_cache, 
     return attention_decode_ref(q[:, :, 0], k_cache, v_cache, lengths)
 
 
-def rotary_attention_decode(q, k, v, cos, sin, positions, k_cache, v_cache, slots, lengths) -> torch.Tensor:
+def rotary_attention_decode(q, k, v, cos, sin, positions, k_cache, v_cache, slots, lengths, *,
+                            options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """The Triton backend's decode attention step, `rotary_attention_decode_ref`'s contract (slots[b] must
     be lengths[b] - 1, as decode passes them; q may be rotated in place). `rotary_to_cache` then
-    `attention_decode`; with the experiment "attn_rope" on, one launch: the attention kernel rotates q
-    itself and its program holding the slot rotates and caches the new key and value first."""
-    if not experiment("attn_rope"):
-        q = rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
-        return attention_decode(q[:, :, 0], k_cache, v_cache, lengths)
+    `attention_decode`; with the experiment "attn_rope" in `options`, one launch: the attention kernel
+    rotates q itself and its program holding the slot rotates and caches the new key and value first."""
+    if not options.has("attn_rope"):
+        q = rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots, options=options)
+        return attention_decode(q[:, :, 0], k_cache, v_cache, lengths, options=options)
     check_rotary_to_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
     _check(q[:, :, 0], k_cache, v_cache, lengths)
     new = NewToken(k[:, :, 0], v[:, :, 0], cos, sin, positions, slots)
-    return _attention(q[:, :, 0], k_cache, v_cache, lengths, new)
+    return _attention(q[:, :, 0], k_cache, v_cache, lengths, new, options=options)
 
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._triton import LaunchConfig, as_rows, cdiv, experiment, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, as_rows, cdiv, kernel, launch_config, pdl_prologue, triton_dtype
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .rms_norm import inv_rms, rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
 
@@ -165,12 +166,13 @@ class NormInput:
 
 
 def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on_cuda: bool | None = None,
-             swiglu: bool = False, norm: NormInput | None = None, prefetch: bool | None = None):
+             swiglu: bool = False, norm: NormInput | None = None, prefetch: bool | None = None,
+             options: KernelOptions = DEFAULT_OPTIONS):
     """Check the arguments, allocate the outputs and build the launch: (out, h, (grid, args, constexprs,
     num_warps, num_stages)), or (out, h, None) when there is nothing to launch. h is the new residual
     stream with `norm` (x itself without a residual), else None. Runs on meta tensors too (see
     `aot_configs`). swiglu: w is [2F, K] = [gate; up] and out [..., F]. prefetch: the kernel's PREFETCH
-    (default: whether the experiment "gemv_prefetch" is on; it acts only where the launch has PDL)."""
+    (default: whether `options` has the experiment "gemv_prefetch"; it acts only where the launch has PDL)."""
     who = ("norm_" if norm else "") + ("gemv_swiglu" if swiglu else "gemv")
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"{who}: w must be a 2-d [N, K] tensor, got "
@@ -220,65 +222,70 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on
     args = (x1, w, out, N, K, w.stride(0)) + norm_args
     constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, SWIGLU=swiglu,
                       NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-                      PREFETCH=prefetch if prefetch is not None else experiment("gemv_prefetch"))
+                      PREFETCH=prefetch if prefetch is not None else options.has("gemv_prefetch"))
     return out, h, (grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, *,
+         options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Triton W x; same contract as `gemv_ref` (differs by fp32 summation order).
 
     x: [..., K] with exactly one row (numel == K), fp32/fp16/bf16, unit stride along K;
     w: [N, K] of x's dtype on x's device, unit stride along K (any row stride).
     Returns a new contiguous [..., N] tensor in x's dtype. cfg: a tile other than `gemv_launch`'s (tests).
+    options: the kernel paths (PDL, the experiment "gemv_prefetch").
     CUDA tensors run the compiled kernel, CPU tensors Triton's interpreter.
     """
-    return _run(x, *_prepare(x, w, cfg))[0]
+    return _run(x, *_prepare(x, w, cfg, options=options), options)[0]
 
 
-def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, cfg: GemvLaunch | None = None) -> torch.Tensor:
+def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, cfg: GemvLaunch | None = None, *,
+                options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Triton silu(gate) * up of the projection W13 x, W13 = [gate; up] ([2F, K]), in one kernel: the same
     values as `swiglu` applied to `gemv`'s output with the same tile (each projection rounded to x's dtype,
     then silu in fp32 rounded, times up rounded). Arguments as `gemv`; returns a new [..., F] tensor."""
-    return _run(x, *_prepare(x, w13, cfg, swiglu=True))[0]
+    return _run(x, *_prepare(x, w13, cfg, swiglu=True, options=options), options)[0]
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              w: torch.Tensor, swiglu: bool = False, cfg: GemvLaunch | None = None):
+              w: torch.Tensor, swiglu: bool = False, cfg: GemvLaunch | None = None, *,
+              options: KernelOptions = DEFAULT_OPTIONS):
     """Triton W rms_norm(x + residual) * norm_weight (`gemv`, or `gemv_swiglu` with swiglu) in one kernel,
     -> (y, h): y as `gemv` / `gemv_swiglu`; h = x + residual rounded to x's dtype (a new tensor), or x
     itself without a residual. x, residual: one row [..., K]; norm_weight: [K] contiguous; all x's dtype.
     Numerics: `norm_linear_ref`'s, except that the normalised operand is not rounded to x's dtype (the
     1 / rms scales the fp32 sums instead), so the result is nearer the exact one."""
-    return _run(x, *_prepare(x, w, cfg, swiglu=swiglu, norm=NormInput(residual, norm_weight, eps)))
+    norm = NormInput(residual, norm_weight, eps)
+    return _run(x, *_prepare(x, w, cfg, swiglu=swiglu, norm=norm, options=options), options)
 
 
-def _run(x: torch.Tensor, out: torch.Tensor, h, launch):
+def _run(x: torch.Tensor, out: torch.Tensor, h, launch, options: KernelOptions):
     if launch is not None:
         grid, args, constexprs, num_warps, num_stages = launch
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _gemv_kernel.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            _gemv_kernel.on(x, options)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     return out, h
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """The dense projection of the Triton backend: x [..., K] @ w[N, K]^T -> [..., N] in x's dtype.
     On CUDA, one row in all (batch-1 decode) with a unit-stride weight of x's dtype: `gemv`; otherwise
     F.linear. CPU tensors always take F.linear: Triton's interpreter spends ~35 ns per weight, which made
     the Triton backend's CPU tests (the golden decodes) 2.5x slower; the kernel's own interpreter tests
     (tests/kernel_tests/test_gemv.py) check it instead."""
     if _one_row_on_cuda(x, w):
-        return gemv(x, w)
+        return gemv(x, w, options=options)
     return F.linear(x, w)
 
 
-def linear_swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+def linear_swiglu(x: torch.Tensor, w13: torch.Tensor, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """The Triton backend's gated projection: silu(gate) * up of x @ w13^T, w13 = [gate; up] [2F, K] ->
     [..., F]. Where `linear` takes the GEMV, `gemv_swiglu` (one kernel instead of two); otherwise F.linear
     then the `swiglu` kernel on its two halves. Same values as `linear_swiglu_ref` up to summation order."""
     if _one_row_on_cuda(x, w13) and w13.shape[0] % 2 == 0:
-        return gemv_swiglu(x, w13)
+        return gemv_swiglu(x, w13, options=options)
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return swiglu(gate, up)
+    return swiglu(gate, up, options=options)
 
 
 def norm_linear_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -290,14 +297,14 @@ def norm_linear_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                w: torch.Tensor, swiglu: bool = False):
+                w: torch.Tensor, swiglu: bool = False, *, options: KernelOptions = DEFAULT_OPTIONS):
     """The Triton backend's pre-norm projection, `norm_linear_ref`'s contract: the `rms_norm` kernel, then
-    `linear` / `linear_swiglu`; with the experiment "norm_gemv" on, where those take the GEMV, one
-    `norm_gemv` kernel instead of two."""
-    if _one_row_on_cuda(x, w) and (not swiglu or w.shape[0] % 2 == 0) and experiment("norm_gemv"):
-        return norm_gemv(x, residual, norm_weight, eps, w, swiglu)
-    normed, h = rms_norm(x, norm_weight, eps, residual)
-    return (linear_swiglu(normed, w) if swiglu else linear(normed, w)), h
+    `linear` / `linear_swiglu`; with the experiment "norm_gemv" in `options`, where those take the GEMV,
+    one `norm_gemv` kernel instead of two."""
+    if _one_row_on_cuda(x, w) and (not swiglu or w.shape[0] % 2 == 0) and options.has("norm_gemv"):
+        return norm_gemv(x, residual, norm_weight, eps, w, swiglu, options=options)
+    normed, h = rms_norm(x, norm_weight, eps, residual, options=options)
+    return (linear_swiglu(normed, w, options=options) if swiglu else linear(normed, w, options=options)), h
 
 
 def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:

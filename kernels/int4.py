@@ -22,8 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, experiment, kernel, last_to_finish, launch_config,
+from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, kernel, last_to_finish, launch_config,
                       next_power_of_2, pdl_prologue, sm_count, ticket_reset, tickets, triton_dtype)
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 
 @dataclass
@@ -591,7 +592,8 @@ def split_count(tiles: int, N: int, block_n: int, on_cuda: bool = True, num_sms:
 
 
 def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_cuda: bool = True,
-                num_sms: int = H100_SMS, kind: Optional[str] = None) -> Int4Launch:
+                num_sms: int = H100_SMS, kind: Optional[str] = None, *,
+                options: KernelOptions = DEFAULT_OPTIONS) -> Int4Launch:
     """The one place tile sizes and the split count are picked (the same on sm_80 and sm_90, and in the
     interpreter except for the split count, so the CPU tests run the GPU's tiling).
 
@@ -608,9 +610,10 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
     kind="gemv_mma" asks for `_int4_gemv_mma_kernel` (M <= 16, 16-bit x, group a multiple of 128): 256
     columns, 4 warps, 3 stages, split as the gemv. Not the default until a GPU run measures it
     (bench/gemv_sweep.py); sm_90 SASS loop: 2.6 instructions a weight (fp16 3.0) against the FMA path's 4.8.
-    With the experiment "int4_mma" on (`_triton.EXPERIMENTS`) it is what kind=None gives where it can run.
+    With the experiment "int4_mma" in `options` (see kernels/options.py) it is what kind=None gives where
+    it can run.
     """
-    if kind is None and M <= _GEMV_MAX_M and experiment("int4_mma") and dtype in MMA_FLOAT_BIAS \
+    if kind is None and M <= _GEMV_MAX_M and options.has("int4_mma") and dtype in MMA_FLOAT_BIAS \
             and group_size % MMA_BLOCK_K == 0:
         kind = "gemv_mma"
     if kind == "gemv_mma":
@@ -640,12 +643,13 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 # ---- launcher --------------------------------------------------------------------------------
 
 def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,
-             cfg: Optional[Int4Launch] = None, one_pass: Optional[bool] = None):
+             cfg: Optional[Int4Launch] = None, one_pass: Optional[bool] = None,
+             options: KernelOptions = DEFAULT_OPTIONS):
     """Check the arguments, allocate the output (and split-K scratch) and build the launches:
     (out, [(kernel, grid, args, constexprs, num_warps, num_stages), ...]) — empty when there is nothing
     to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms).
-    one_pass (default: the experiment "int4_one_pass"): with split-K, the GEMV's last program per column
-    block sums the partials (`_sum_splits_if_last`) instead of `_int4_splitk_reduce_kernel`."""
+    one_pass (default: whether `options` has the experiment "int4_one_pass"): with split-K, the GEMV's last
+    program per column block sums the partials (`_sum_splits_if_last`) instead of `_int4_splitk_reduce_kernel`."""
     if not isinstance(w, Int4Weight):
         raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -669,7 +673,8 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or sm_count(x.device))
+    cfg = cfg or int4_launch(M, N, K, g, x.dtype, on_cuda=on_cuda, num_sms=num_sms or sm_count(x.device),
+                             options=options)
     if cfg.kind == "gemv_mma":
         _check_mma(M, x.dtype, g, cfg.block_k, "int4_linear")
     flags = dict(FP32_DOT=x.dtype == torch.float32, UPCAST_DOT=not on_cuda and x.dtype == torch.bfloat16)
@@ -682,7 +687,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     k_per_split = cdiv(K // cfg.block_k, cfg.split_k) * cfg.block_k
     part = (torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out2)
     grid = (cdiv(N, cfg.block_n), cfg.split_k)
-    one_pass = cfg.split_k > 1 and (experiment("int4_one_pass") if one_pass is None else one_pass)
+    one_pass = cfg.split_k > 1 and (options.has("int4_one_pass") if one_pass is None else one_pass)
     args = (x2, w.qweight, w.qzeros, w.scales, out2, part, tickets(x.device, grid[0]), M, N, K, x2.stride(0),
             out2.stride(0), k_per_split, FLOAT_BIAS_BITS)
     if cfg.kind == "gemv_mma":
@@ -701,7 +706,8 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     return out, launches
 
 
-def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None, *,
+                options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Triton x @ dequant(w)^T; same contract as `int4_linear_ref` (differs by fp32 summation order, and
     for one row by the rounding of the dequantized weights, which that kernel skips).
 
@@ -712,13 +718,14 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
     once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
     the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
     compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks;
-    a "gemv_mma" launch needs M <= 16, fp16/bf16 x and group 128, else ValueError).
+    a "gemv_mma" launch needs M <= 16, fp16/bf16 x and group 128, else ValueError). options: the kernel
+    paths (PDL, the experiments "int4_mma" and "int4_one_pass").
     """
-    out, launches = _prepare(x, w, cfg=cfg)
+    out, launches = _prepare(x, w, cfg=cfg, options=options)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:  # Triton launches on the current CUDA device
         for kern, grid, args, constexprs, num_warps, num_stages in launches:
-            kern.on(x)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            kern.on(x, options)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ._triton import LaunchConfig, as_rows, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -74,7 +75,8 @@ def rms_norm_settings(dim: int) -> tuple[int, int]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             residual: Optional[torch.Tensor] = None, *,
+             options: KernelOptions = DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton RMSNorm fused with the residual add; same contract and rounding steps as `rms_norm_ref`.
 
     x, residual: [..., dim], 1 <= dim <= 16384, fp32/fp16/bf16 (the same dtype); unit stride in the last
@@ -85,11 +87,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     the mean of squares and the normalisation run in fp32 on that rounded h, the result is rounded to the
     io dtype, then multiplied by weight in fp32 and rounded again (PyTorch's io-dtype multiply).
     One program per row (rows = product of the leading dims), the whole row in registers.
+    options: the kernel paths (PDL).
     """
     y, h, launch = _prepare(x, weight, eps, residual)
     if launch is not None:
         grid, args, constexprs, num_warps = launch
-        _rms_norm_kernel.on(x)[grid](*args, **constexprs, num_warps=num_warps)
+        _rms_norm_kernel.on(x, options)[grid](*args, **constexprs, num_warps=num_warps)
     return y, h
 
 

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ._triton import LaunchConfig, cdiv, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float, scale: float = 1.0,
@@ -125,7 +126,8 @@ def rotary_settings(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, 
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           positions: torch.Tensor, *,
+           options: KernelOptions = DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton RoPE, IN PLACE on q and k; returns (q, k) themselves. Same values as `rotary_ref`.
 
     Layout: Hugging Face rotate-half: dimension i pairs with i + D/2 (out_i = x_i cos - x_{i+D/2} sin,
@@ -137,15 +139,16 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     cos, sin: the cached fp32 tables [max_pos, D/2] from `rope_tables` (contiguous): angles come from the
     table lookup (computed in fp64 once, rounded to fp32), not recomputed; the rotation is done in fp32 and
     rounded once to the io dtype. Every position must be < max_pos: that cannot be checked without a host
-    sync, so it is the caller's contract (the model's table covers max_seq_len).
+    sync, so it is the caller's contract (the model's table covers max_seq_len). options: the kernel
+    paths (PDL).
     """
-    _launch(q, _prepare(q, k, cos, sin, positions))
+    _launch(q, _prepare(q, k, cos, sin, positions), options)
     return q, k
 
 
 def rotary_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slots: torch.Tensor) -> torch.Tensor:
+                    slots: torch.Tensor, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Decode's rotary and KV-cache write in one launch: same values as `rotary_to_cache_ref`.
 
     q [B, H, 1, D] is rotated IN PLACE and returned; k [B, Hkv, 1, D] is rotated into k_cache[b, :, slots[b]]
@@ -153,7 +156,7 @@ def rotary_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     [B, Hkv, S, D] of q's dtype with unit stride along D; slots int64/int32 [B] on the device: a slot outside
     [0, S) writes nothing (the engine clamps slots into its cache). Other arguments as `rotary` (T = 1).
     """
-    _launch(q, _prepare(q, k, cos, sin, positions, (v, k_cache, v_cache, slots)))
+    _launch(q, _prepare(q, k, cos, sin, positions, (v, k_cache, v_cache, slots)), options)
     return q
 
 
@@ -173,10 +176,10 @@ def rotary_to_cache_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -
     return q
 
 
-def _launch(q, launch) -> None:
+def _launch(q, launch, options: KernelOptions) -> None:
     if launch is not None:
         grid, args, constexprs, num_warps = launch
-        _rotary_kernel.on(q)[grid](*args, **constexprs, num_warps=num_warps)
+        _rotary_kernel.on(q, options)[grid](*args, **constexprs, num_warps=num_warps)
 
 
 def _check_cache(q, k, cache) -> tuple:

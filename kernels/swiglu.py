@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import triton.language as tl
 
 from ._triton import LaunchConfig, as_rows, cdiv, kernel, launch_config, next_power_of_2, pdl_prologue, triton_dtype
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -43,18 +44,18 @@ def swiglu_settings(ffn_dim: int) -> tuple[int, int]:
     return block, max(1, min(4, block // 256))
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Triton silu(gate) * up -> a new contiguous tensor of gate's shape and dtype; same values as `swiglu_ref`.
 
     gate, up: [..., F], the same shape and fp32/fp16/bf16 dtype, unit stride in the last dim, leading
     dims that flatten to rows with one stride: the column slices `w13_out.split([F, F], -1)` (row stride
     2F) are read where they lie, no copy. Numerics as PyTorch's: silu in fp32 (g / (1 + exp(-g))) rounded
-    to the io dtype, then the product in fp32 rounded to the io dtype.
+    to the io dtype, then the product in fp32 rounded to the io dtype. options: the kernel paths (PDL).
     """
     out, launch = _prepare(gate, up)
     if launch is not None:
         grid, args, constexprs, num_warps = launch
-        _swiglu_kernel.on(gate)[grid](*args, **constexprs, num_warps=num_warps)
+        _swiglu_kernel.on(gate, options)[grid](*args, **constexprs, num_warps=num_warps)
     return out
 
 

@@ -12,6 +12,7 @@ from .checkpoint import (check_shapes, checkpoint_quantization, detect_layout, l
 from .config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
 from .generate import Completion, Engine
+from .kernels.options import KernelOptions
 from .model import Linear, Transformer
 from .quant import quantize_model
 from .sampling import SamplingParams
@@ -100,7 +101,7 @@ def default_model_path() -> Path:
 
 def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None,
-         cuda_graphs: Optional[bool] = None) -> "Model":
+         cuda_graphs: Optional[bool] = None, kernel_options=None) -> "Model":
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
@@ -111,17 +112,19 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     (default: the model's context; at most `context_limit`) and is allocated on first generation.
     `cuda_graphs` (default: on for CUDA, off on CPU) captures each decode step into a CUDA graph once
     per batch size and sampling signature and replays it for every token; the tokens are those of
-    eager decoding. One model runs one generation at a time (see `Model`).
+    eager decoding. `kernel_options`: the Triton backend's kernel paths, a `KernelOptions` or a dict of
+    its fields (experiments, pdl); None: `KernelOptions()` (no experiments, PDL on; the environment is
+    not read). One model runs one generation at a time (see `Model`).
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, kernel_options=kernel_options)
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
                group_size: Optional[int] = None, quantize_head: bool = False, max_seq_len: Optional[int] = None,
                max_batch_size: int = 1, progress: Optional[bool] = None,
-               cuda_graphs: Optional[bool] = None) -> "Model":
+               cuda_graphs: Optional[bool] = None, kernel_options=None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
     `quantize_head` (the lm_head too)."""
     device = parse_device(device)
@@ -131,7 +134,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
         raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={str(device)!r}")
     dtype = parse_dtype(dtype, device)
     _check_options(quantize, group_size, max_batch_size, max_seq_len)
-    ops = resolve_backend(backend, device)
+    ops = resolve_backend(backend, device, parse_kernel_options(kernel_options))
 
     if path is None:
         path = default_model_path()
@@ -166,7 +169,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,
                  quantize: Optional[str] = None, group_size: Optional[int] = None, quantize_head: bool = False,
                  max_seq_len: Optional[int] = None, max_batch_size: int = 1, seed: int = 0,
-                 std: float = 0.5) -> "Model":
+                 std: float = 0.5, kernel_options=None) -> "Model":
     """A Model with random weights at `args`' shapes, drawn directly on `device`: benchmarks at real
     shapes without a checkpoint. Arguments as `load_model`.
 
@@ -180,7 +183,7 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     _check_options(quantize, group_size, max_batch_size, max_seq_len)
-    ops = resolve_backend(backend, device)
+    ops = resolve_backend(backend, device, parse_kernel_options(kernel_options))
     seq_len = check_seq_len(max_seq_len, args)
     group_size = resolve_group_size(group_size, quantize, args)
     model = _transformer(args, ops, dtype, device, seq_len, quantize is not None)
@@ -206,6 +209,26 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
             if quantize is not None and (name != "output" or quantize_head):
                 quantize_model(model, quantize, group_size=group_size, quantize_head=quantize_head, only=[name])
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
+
+
+def parse_kernel_options(value) -> KernelOptions:
+    """`kernel_options` as given to `load`: None (`KernelOptions()`), a KernelOptions, or a dict of its
+    fields; anything else, or a bad field, is a ValueError naming `kernel_options`."""
+    if value is None:
+        return KernelOptions()
+    if isinstance(value, KernelOptions):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"kernel_options={value!r} is invalid: expected a KernelOptions, a dict of its fields "
+                         "(experiments, pdl) or None")
+    unknown = sorted(set(value) - {"experiments", "pdl"}, key=str)
+    if unknown:
+        raise ValueError(f"kernel_options: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         "expected experiments, pdl")
+    try:
+        return KernelOptions(**value)
+    except ValueError as e:
+        raise ValueError(f"kernel_options: {e}") from None
 
 
 def _transformer(args: ModelArgs, ops, dtype, device, seq_len: int, quantized: bool) -> Transformer:

@@ -1,10 +1,15 @@
 """The backend table: every op the module graph uses, by backend name.
 
 The graph calls `ops.rms_norm`, `ops.rotary`, ... on the Backend it was given and never
-branches on the backend itself, so new kernels plug in by adding a row here.
+branches on the backend itself, so new kernels plug in by adding a row here. A backend's kernel
+options (`KernelOptions`: experiments, PDL) are bound into its ops by `resolve_backend`, so one
+model carries one set of them and the graph never passes them.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +21,7 @@ from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
 from .kernels.int4 import int4_linear, int4_linear_ref
 from .kernels.nf4 import nf4_linear, nf4_linear_ref
+from .kernels.options import DEFAULT_OPTIONS, KernelOptions
 from .kernels.rms_norm import rms_norm, rms_norm_ref
 from .kernels.rotary import rotary, rotary_ref
 from .kernels.swiglu import swiglu, swiglu_ref
@@ -39,6 +45,7 @@ class Backend:
     norm_linear: Callable  # (x, residual | None, norm_weight [in], eps, weight, swiglu=False)
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
+    options: KernelOptions = DEFAULT_OPTIONS  # the kernel options bound into the ops above
 
 
 BACKENDS: dict[str, Backend] = {
@@ -75,10 +82,31 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Pick the Backend for `name` ("auto", "reference", "triton") on `device`."""
+def resolve_backend(name: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> Backend:
+    """Pick the Backend for `name` ("auto", "reference", "triton") on `device`, its ops bound to `options`
+    (the reference ops take none: that backend is returned as it is)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "reference"
-    if name in BACKENDS:
-        return BACKENDS[name]
-    raise ValueError(f"unknown backend={name!r}; expected one of: {', '.join(['auto', *BACKENDS])}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend={name!r}; expected one of: {', '.join(['auto', *BACKENDS])}")
+    if not isinstance(options, KernelOptions):
+        raise ValueError(f"options must be a KernelOptions, got {type(options).__name__}")
+    return _bound(BACKENDS[name], options)
+
+
+_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options"))
+
+
+@functools.lru_cache(maxsize=None)  # one Backend per (table row, options): models with equal options share it
+def _bound(backend: Backend, options: KernelOptions) -> Backend:
+    """`backend` with every op that takes an `options` keyword bound to `options` (unchanged without any)."""
+    ops = {op: getattr(backend, op) for op in _OPS}
+    bound = {op: functools.partial(fn, options=options) for op, fn in ops.items() if _takes_options(fn)}
+    return dataclasses.replace(backend, options=options, **bound) if bound else backend
+
+
+def _takes_options(fn: Callable) -> bool:
+    try:
+        return "options" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature (F.linear)
+        return False

@@ -38,6 +38,38 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128, dividing the "
                    "model's widths (default: the largest that does)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    add_kernel_flags(p)
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """--experiments / --no-pdl: the triton backend's KernelOptions (`kernel_options`); unset, they take
+    CODELLAMA_RT_EXPERIMENTS / CODELLAMA_RT_PDL."""
+    p.add_argument("--experiments", type=_experiment_names, default=None, metavar="NAMES",
+                   help="comma-separated kernel paths not yet the default (kernels/options.py lists them; "
+                   "default: $CODELLAMA_RT_EXPERIMENTS, else none)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None, help="programmatic dependent "
+                   "launch on sm_90+ GPUs (default: on unless CODELLAMA_RT_PDL=0)")
+
+
+def _experiment_names(text: str) -> frozenset:
+    from .kernels.options import KernelOptions, parse_experiments
+
+    try:
+        return KernelOptions(parse_experiments(text)).experiments
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def kernel_options(a):
+    """The KernelOptions of `add_kernel_flags`' flags; the environment (`KernelOptions.from_env`, read here
+    once) fills in those not given."""
+    from .kernels.options import KernelOptions
+
+    if a.experiments is not None and a.pdl is not None:
+        return KernelOptions(a.experiments, a.pdl)
+    env = KernelOptions.from_env()
+    return KernelOptions(env.experiments if a.experiments is None else a.experiments,
+                         env.pdl if a.pdl is None else a.pdl)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -127,7 +159,7 @@ def _load(a):
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
     return load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
-                      group_size=a.group_size, max_seq_len=a.max_seq_len)
+                      group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a))
 
 
 def _write(text: str) -> None:
@@ -356,7 +388,8 @@ def cmd_bench(a) -> None:
     from .bench import parse_only
     from .bench.report import run
 
-    run(a.report, quick=a.quick, only=parse_only(a.only), budget_s=a.budget_s, resources=not a.no_resources)
+    run(a.report, quick=a.quick, only=parse_only(a.only), budget_s=a.budget_s, resources=not a.no_resources,
+        kernel_options=kernel_options(a))
 
 
 COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "chat": cmd_chat, "quantize": cmd_quantize,

@@ -51,9 +51,11 @@ def png_info(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    """`codellama-rt bench --report DIR --quick --only tiny` (no AOT table: the compile test covers it)."""
+    """`codellama-rt bench --report DIR --quick --only tiny` (no AOT table: the compile test covers it), with
+    kernel options (the tiny model's reference backend ignores them; the report records them)."""
     out = tmp_path_factory.mktemp("bench")
-    code = cli.main(["bench", "--report", str(out), "--quick", "--only", "tiny", "--no-resources"])
+    code = cli.main(["bench", "--report", str(out), "--quick", "--only", "tiny", "--no-resources",
+                     "--experiments", "attn_rope", "--no-pdl"])
     return code, out
 
 
@@ -63,6 +65,8 @@ def test_cli_quick_report_writes_everything(quick_report):
     data = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(data)
     assert META_KEYS <= set(data["meta"]) and data["meta"]["mode"] == "quick"
+    assert data["meta"]["experiments"] == data["plan"]["experiments"] == ["attn_rope"]
+    assert data["meta"]["pdl"] is False and data["plan"]["pdl"] is False
     assert data["meta"]["gpu_run"] is False and data["bandwidth_gbps"] > 0
     assert data["meta"]["card"].startswith("CPU") or torch.cuda.is_available()
     assert [m["model"] for m in data["models"]] == ["tiny"]
@@ -101,6 +105,7 @@ def test_budget_skips_units_and_still_writes(tmp_path):
     (["bench", "--report", "R", "--only", ","], "no names"),
     (["bench", "--report", "R", "--budget-s", "0"], "budget"),
     (["bench", "--report", "R", "--quick", "--bogus"], "--bogus"),
+    (["bench", "--report", "R", "--experiments", "bogus"], "bogus"),
 ])
 def test_cli_bench_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     argv = [str(tmp_path / "r") if a == "R" else a for a in argv]
@@ -239,13 +244,11 @@ def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
     assert [(r["experiments"], r["status"]) for r in rows] == [(list(n), "failed: timed out after 1 s") for n in sets]
 
 
-def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
+def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
     """A GPU plan measures each experiment alone and all together on the bars' models; a row's engine is
-    built (with CUDA graphs where the model is on a GPU) and run with exactly its experiments on, and the
-    switch is restored after."""
-    import os
-
-    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
+    built (with CUDA graphs where the model is on a GPU) on the model's module bound to the plan's kernel
+    options plus its experiments, and the module's backend is restored after."""
+    from codellama_rt.kernels.options import EXPERIMENTS, KernelOptions
 
     plan = e2e.make_plan(cuda=True, quick=False)
     assert set(plan.experiment_sets) == {(n,) for n in EXPERIMENTS} | {tuple(EXPERIMENTS)}
@@ -257,20 +260,25 @@ def test_experiment_rows_set_the_switch_for_their_engine_only(monkeypatch):
     assert ("int4_mma",) not in report.experiment_sets(e2e.MODELS["7B-bf16"], plan)
     assert report.experiment_sets(e2e.MODELS["34B-int4"], plan) == []
     assert report.experiment_sets(e2e.MODELS["tiny"], plan) == []
-    seen, real = [], e2e.make_engine
+    seen = []
 
-    def spy(model, batch, max_seq_len, cuda_graphs):
-        seen.append((os.environ.get(EXPERIMENTS_ENV), cuda_graphs))
-        return real(model, batch, max_seq_len, cuda_graphs)
+    def spy(model, batch, max_seq_len, cuda_graphs):  # records what the engine would run, builds none
+        seen.append((model.module.ops.options, cuda_graphs))
+        raise e2e.Unavailable("spied")
 
     monkeypatch.setattr(e2e, "make_engine", spy)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
-    cpu_plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
+    cpu_plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"],
+                             kernel_options=KernelOptions(experiments={"int4_mma"}, pdl=False))
     spec = e2e.MODELS["tiny"]
-    rows = e2e.experiment_rows(e2e.build(spec), spec, cpu_plan, [("norm_gemv", "attn_one_pass")])
+    args = spec.args()  # the triton backend (the CPU models' default is the reference one, which takes none)
+    model = random_model(args, e2e.IdTokenizer(args.vocab_size), backend="triton", device="cpu")
+    before = model.module.ops
+    rows = e2e.experiment_rows(model, spec, cpu_plan, [("norm_gemv", "attn_one_pass")])
     assert [(r["provider"], r["experiments"], r["status"]) for r in rows] == [
-        ("ours (eager) [norm_gemv+attn_one_pass]", ["norm_gemv", "attn_one_pass"], "ok")]
-    assert seen == [("norm_gemv,attn_one_pass", False)] and os.environ[EXPERIMENTS_ENV] == "int4_mma"
+        ("ours (eager) [norm_gemv+attn_one_pass]", ["norm_gemv", "attn_one_pass"], "unavailable: spied")]
+    assert seen == [(KernelOptions(experiments={"int4_mma", "norm_gemv", "attn_one_pass"}, pdl=False), False)]
+    assert model.module.ops is before and before.options == KernelOptions()
+    assert e2e.plan_from_json(json.dumps(dataclasses.asdict(cpu_plan))) == cpu_plan  # as a child gets it
     gpu_spec = e2e.MODELS["7B-bf16"]  # on a GPU, CUDA-graph rows
     assert e2e.experiment_provider(gpu_spec, ("norm_gemv",)) == (e2e.OURS_GRAPHS, "ours (CUDA graphs) [norm_gemv]")
 

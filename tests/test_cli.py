@@ -238,10 +238,39 @@ def bad(capsys, *argv, stdin=None, monkeypatch=None) -> str:
     (["--quantize", "bogus"], "bogus"),
     (["--max-seq-len", "0"], "max_seq_len"),
     (["--temperature", "warm"], "temperature"),
+    (["--experiments", "bogus"], "--experiments: unknown experiment(s) bogus"),
+    (["--experiments", "attn_rope,fast"], "--experiments: unknown experiment(s) fast"),
 ])
 def test_bad_generate_flags(capsys, ckpt, flags, names):
     line = bad(capsys, "generate", "--model", ckpt[0], *flags, PROMPT)
     assert names in line
+
+
+def test_kernel_flags_reach_load_with_the_environment_as_default(capsys, monkeypatch, ckpt, model):
+    """--experiments / --pdl / --no-pdl become load's kernel_options; unset, CODELLAMA_RT_EXPERIMENTS and
+    CODELLAMA_RT_PDL fill them in; a bad variable exits 2 naming it."""
+    from codellama_rt import KernelOptions, api
+
+    seen = []
+
+    def load_model(*args, kernel_options=None, **kwargs):
+        seen.append(kernel_options)
+        return model
+
+    monkeypatch.setattr(api, "load_model", load_model)
+    monkeypatch.delenv("CODELLAMA_RT_EXPERIMENTS", raising=False)
+    monkeypatch.delenv("CODELLAMA_RT_PDL", raising=False)
+    gen = ["generate", "--model", ckpt[0], "--max-new-tokens", 2]
+    ok(capsys, *gen, PROMPT)
+    ok(capsys, *gen, "--experiments", "attn_rope, norm_gemv", "--no-pdl", PROMPT)
+    monkeypatch.setenv("CODELLAMA_RT_EXPERIMENTS", "attn_one_pass")
+    monkeypatch.setenv("CODELLAMA_RT_PDL", "0")
+    ok(capsys, *gen, PROMPT)
+    ok(capsys, *gen, "--experiments", "", "--pdl", PROMPT)
+    assert seen == [KernelOptions(), KernelOptions({"attn_rope", "norm_gemv"}, pdl=False),
+                    KernelOptions({"attn_one_pass"}, pdl=False), KernelOptions()]
+    monkeypatch.setenv("CODELLAMA_RT_EXPERIMENTS", "bogus")
+    assert "CODELLAMA_RT_EXPERIMENTS: unknown experiment(s) bogus" in bad(capsys, *gen, PROMPT)
 
 
 def test_bad_device_cuda_without_cuda(capsys, ckpt):

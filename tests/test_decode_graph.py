@@ -295,8 +295,9 @@ def gpu_checkpoint(tmp_path_factory, tiny_tokenizer):
     return write_random_checkpoint(tmp_path_factory.mktemp("decode_graph_gpu") / "m", args, tiny_tokenizer)
 
 
-def gpu_model(path, backend, cuda_graphs):
-    return cl.load(path, backend=backend, device=DEV, max_seq_len=2048, max_batch_size=4, cuda_graphs=cuda_graphs)
+def gpu_model(path, backend, cuda_graphs, kernel_options=None):
+    return cl.load(path, backend=backend, device=DEV, max_seq_len=2048, max_batch_size=4, cuda_graphs=cuda_graphs,
+                   kernel_options=kernel_options)
 
 
 @pytest.mark.gpu
@@ -390,31 +391,32 @@ def test_capture_adds_no_second_kv_cache(gpu_long_checkpoint):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_pdl_on_and_off_give_the_same_tokens(gpu_checkpoint, monkeypatch, cuda_graphs):
+def test_pdl_on_and_off_give_the_same_tokens(gpu_checkpoint, cuda_graphs):
     """Programmatic dependent launch only changes when kernels start, never what they compute."""
-    from codellama_rt.kernels._triton import PDL_ENV, pdl_enabled
+    from codellama_rt.kernels._triton import pdl_enabled
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
-    assert pdl_enabled(torch.device(DEV))
+    no_pdl = cl.KernelOptions(pdl=False)
+    assert pdl_enabled(torch.device(DEV), cl.KernelOptions()) and not pdl_enabled(torch.device(DEV), no_pdl)
     sampling = dict(temperature=0.9, top_k=50, seed=7)
     with_pdl = token_ids(gpu_model(gpu_checkpoint, "triton", cuda_graphs), PROMPTS[:1], 300, **sampling)
-    monkeypatch.setenv(PDL_ENV, "0")
-    assert not pdl_enabled(torch.device(DEV))
-    without = token_ids(gpu_model(gpu_checkpoint, "triton", cuda_graphs), PROMPTS[:1], 300, **sampling)
+    model = gpu_model(gpu_checkpoint, "triton", cuda_graphs, kernel_options=no_pdl)
+    assert model.module.ops.options == no_pdl
+    without = token_ids(model, PROMPTS[:1], 300, **sampling)
     assert with_pdl == without
 
 
 @pytest.mark.gpu
 @pytest.mark.experiment
 @pytest.mark.parametrize("B", [1, 4])
-def test_experiments_keep_graph_tokens_equal_eager_tokens(gpu_checkpoint, monkeypatch, B):
-    """With every experiment on (CODELLAMA_RT_EXPERIMENTS: kernel paths not yet the default), the graphed
-    decode step still gives the eager step's tokens, over 300 sampled steps."""
-    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
+def test_experiments_keep_graph_tokens_equal_eager_tokens(gpu_checkpoint, B):
+    """With every experiment on (`kernel_options`: kernel paths not yet the default), the graphed decode step
+    still gives the eager step's tokens, over 300 sampled steps."""
+    from codellama_rt.kernels.options import EXPERIMENTS
 
-    monkeypatch.setenv(EXPERIMENTS_ENV, ",".join(EXPERIMENTS))
+    every = cl.KernelOptions(experiments=EXPERIMENTS)
     sampling = dict(temperature=0.9, top_k=50, seed=7)
-    graphed = token_ids(gpu_model(gpu_checkpoint, "triton", True), PROMPTS[:B], 300, **sampling)
-    eager = token_ids(gpu_model(gpu_checkpoint, "triton", False), PROMPTS[:B], 300, **sampling)
+    graphed = token_ids(gpu_model(gpu_checkpoint, "triton", True, every), PROMPTS[:B], 300, **sampling)
+    eager = token_ids(gpu_model(gpu_checkpoint, "triton", False, every), PROMPTS[:B], 300, **sampling)
     assert graphed == eager

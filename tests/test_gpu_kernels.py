@@ -116,20 +116,18 @@ def test_gemv_real_size(N, K):
 
 @pytest.mark.experiment
 @pytest.mark.parametrize("swiglu", [False, True], ids=["wqkv", "w13-swiglu"])
-def test_gemv_prefetch_changes_no_bits(swiglu, monkeypatch):
+def test_gemv_prefetch_changes_no_bits(swiglu):
     """The L2 prefetch before the PDL wait (experiment "gemv_prefetch") only moves when weights arrive."""
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
     from codellama_rt.kernels.gemv import gemv, gemv_swiglu
+    from codellama_rt.kernels.options import KernelOptions
 
     N, K = (22016, 4096) if swiglu else (12288, 4096)
     w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     run = gemv_swiglu if swiglu else gemv
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     want = run(x, w)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "gemv_prefetch")
     for _ in range(3):
-        assert torch.equal(run(x, w), want)
+        assert torch.equal(run(x, w, options=KernelOptions(experiments={"gemv_prefetch"})), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -161,26 +159,26 @@ def test_int4_linear_real_size(N, K, M, kind, dtype):
 @pytest.mark.experiment
 @pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["default", "gemv_mma"])
 @pytest.mark.parametrize("M", [1, 8])
-def test_int4_one_pass_split_k_real_size(M, kind, monkeypatch):
+def test_int4_one_pass_split_k_real_size(M, kind):
     """The experiment "int4_one_pass" at the 7B wqkv size (11 splits racing per column block), eagerly and
     in a replayed graph, many times: bitwise the reduce kernel's result, tickets back at zero."""
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV, tickets
+    from codellama_rt.kernels._triton import tickets
     from codellama_rt.kernels.int4 import int4_launch, int4_linear, quantize_int4
+    from codellama_rt.kernels.options import KernelOptions
 
+    one_pass = KernelOptions(experiments={"int4_one_pass"})
     N, K = 12288, 4096
     w = quantize_int4(torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5, group_size=128)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     cfg = int4_launch(M, N, K, 128, torch.bfloat16,
                       num_sms=torch.cuda.get_device_properties(DEV).multi_processor_count, kind=kind)
     assert cfg.split_k > 1
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     want = int4_linear(x, w, cfg)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_one_pass")
     for _ in range(20):
-        assert torch.equal(int4_linear(x, w, cfg), want)
+        assert torch.equal(int4_linear(x, w, cfg, options=one_pass), want)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = int4_linear(x, w, cfg)
+        out = int4_linear(x, w, cfg, options=one_pass)
     for _ in range(20):
         graph.replay()
         torch.cuda.synchronize()
@@ -210,13 +208,13 @@ def test_gemv_swiglu_real_size(F_, K):
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-layer"])
 @pytest.mark.parametrize("N,K,swiglu", [(12288, 4096, False), (22016, 4096, True), (57344, 8192, True)],
                          ids=["7B-wqkv", "7B-w13", "70B-w13"])
-def test_norm_gemv_real_size(N, K, swiglu, residual, monkeypatch):
+def test_norm_gemv_real_size(N, K, swiglu, residual):
     """The RMSNorm prologue at real sizes: against the exact result no worse than the unfused reference,
     the residual stream exact, and what the backend runs once the experiment "norm_gemv" is on."""
     import torch.nn.functional as F
 
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
     from codellama_rt.kernels.gemv import norm_gemv, norm_linear, norm_linear_ref
+    from codellama_rt.kernels.options import KernelOptions
 
     g = torch.Generator(device=DEV).manual_seed(N)
     w = torch.randn(N, K, device=DEV, generator=g, dtype=torch.bfloat16) / K ** 0.5
@@ -232,10 +230,8 @@ def test_norm_gemv_real_size(N, K, swiglu, residual, monkeypatch):
         gate, up = exact.chunk(2, dim=-1)
         exact = F.silu(gate) * up
     assert_error_within_torch(y, ref, exact, torch.bfloat16)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "norm_gemv")
-    y2, h2 = norm_linear(x, r, nw, 1e-5, w, swiglu)
+    y2, h2 = norm_linear(x, r, nw, 1e-5, w, swiglu, options=KernelOptions(experiments={"norm_gemv"}))
     assert torch.equal(y2, y) and torch.equal(h2, h)
-    monkeypatch.delenv(EXPERIMENTS_ENV)
     assert torch.equal(norm_linear(x, r, nw, 1e-5, w, swiglu)[1], h)  # unfused: the rms_norm kernel's h
 
 

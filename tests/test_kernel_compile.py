@@ -44,23 +44,6 @@ def test_decode_kernels_use_pdl_on_hopper_only():
         assert "griddepcontrol" not in compile_kernel(cfg, 80).asm["ptx"], name
 
 
-def test_experiments_switch(monkeypatch):
-    """CODELLAMA_RT_EXPERIMENTS: a comma list of known names (spaces and empty items ignored); an unknown
-    name is refused with the known ones listed."""
-    from codellama_rt.kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV, experiment, experiments_on
-
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
-    assert experiments_on() == [] and not any(experiment(n) for n in EXPERIMENTS)
-    names = sorted(EXPERIMENTS)
-    monkeypatch.setenv(EXPERIMENTS_ENV, " , ".join(reversed(names)) + ",")
-    assert experiments_on() == names and all(experiment(n) for n in names)
-    monkeypatch.setenv(EXPERIMENTS_ENV, names[0])
-    assert [n for n in names if experiment(n)] == names[:1]
-    monkeypatch.setenv(EXPERIMENTS_ENV, f"{names[0]},fast_please")
-    with pytest.raises(ValueError, match=f"CODELLAMA_RT_EXPERIMENTS: unknown experiment.*fast_please.*{names[0]}"):
-        experiments_on()
-
-
 def test_tickets_buffer_grows_and_keeps_the_old_one():
     import torch
 
@@ -83,16 +66,3 @@ def test_host_integer_helpers_match_triton():
         assert next_power_of_2(a) == triton.next_power_of_2(a), a
         for b in (1, 2, 3, 7, 16, 64, 128, 256, 1000):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
-
-
-def test_pdl_switch(monkeypatch):
-    import torch
-
-    from codellama_rt.kernels._triton import PDL_ENV, pdl_enabled
-    from codellama_rt.kernels.gemv import _gemv_kernel
-
-    assert not pdl_enabled(torch.device("cpu"))
-    x = torch.empty(1)
-    assert _gemv_kernel.on(x) is _gemv_kernel.interp  # the interpreter never gets PDL
-    monkeypatch.setenv(PDL_ENV, "0")
-    assert not pdl_enabled(torch.device("cuda", 0))  # off before any CUDA query

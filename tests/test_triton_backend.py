@@ -39,10 +39,9 @@ def test_auto_backend_is_reference_on_cpu(hf_checkpoint):
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantize):
     """The one-pass and rope-in-attention experiments compute the paths they replace bit for bit, so decoding
-    through the model (GQA, split decode attention, split-K int4 GEMVs in the interpreter) gives the same
-    tokens with them on."""
+    through a model loaded with them on (`kernel_options`, a KernelOptions or a dict; GQA, split decode
+    attention, split-K int4 GEMVs in the interpreter) gives the default options' tokens."""
     from codellama_rt.kernels import attention_decode, int4
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
     reduce_kernels = [attention_decode._decode_reduce_kernel] + ([int4._int4_splitk_reduce_kernel] if quantize else [])
     launches = {k: 0 for k in reduce_kernels}
@@ -57,13 +56,28 @@ def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantiz
         monkeypatch.setattr(k, "interp", Counting())
     path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
     prompts = [PROMPT, "import os"]
+    on = ["attn_one_pass", "int4_one_pass", "attn_rope"]
     runs = []
-    for on in ("", "attn_one_pass,int4_one_pass,attn_rope"):
-        monkeypatch.setenv(EXPERIMENTS_ENV, on)
-        model = cl.load(path, backend="triton", max_seq_len=128, max_batch_size=2, quantize=quantize)
+    for options in (None, {"experiments": on} if quantize else cl.KernelOptions(experiments=on)):
+        model = cl.load(path, backend="triton", max_seq_len=128, max_batch_size=2, quantize=quantize,
+                        kernel_options=options)
+        assert model.module.ops.options.experiments == (set(on) if options else set())
         runs.append([c.token_ids for c in model.generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)])
-        if not on:  # the default path splits (so the experiments have partials to combine) ...
+        if options is None:  # the default path splits (so the experiments have partials to combine) ...
             assert all(launches.values()), launches
             launches = dict.fromkeys(launches, 0)
     assert not any(launches.values()), launches  # ... and with them on, no second pass runs
     assert runs[0] == runs[1] and all(len(t) == 8 for t in runs[0])
+
+
+def test_experiments_keep_the_greedy_tokens(hf_checkpoint):
+    """Every experiment on and PDL off (on the CPU the bitwise experiments run and the CUDA-only ones change
+    nothing): the default options' greedy tokens."""
+    from codellama_rt.kernels.options import EXPERIMENTS
+
+    path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    runs = []
+    for options in (None, cl.KernelOptions(experiments=EXPERIMENTS, pdl=False)):
+        model = cl.load(path, backend="triton", max_seq_len=128, kernel_options=options)
+        runs.append(model.generate(PROMPT, max_new_tokens=8).token_ids)
+    assert runs[0] == runs[1] and len(runs[0]) == 8

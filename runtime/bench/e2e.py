@@ -44,7 +44,7 @@ import torch
 from ..api import random_model
 from ..config import ModelArgs
 from ..generate import Engine
-from ..kernels._triton import EXPERIMENTS, EXPERIMENTS_ENV
+from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
 from ..quant import weight_bytes
 from ..sampling import SamplingParams
 
@@ -110,6 +110,12 @@ class Plan:
     peer_timeout_s: float = 240.0
     estimates: dict = field(default_factory=dict)  # unit -> rough seconds, to skip what no longer fits
     experiment_sets: tuple = ()  # tuples of experiment names: extra batch-1 graph rows of the bars' models
+    experiments: tuple = ()     # the KernelOptions of every row: experiments on (an experiment row adds its set)
+    pdl: bool = True            # ... and programmatic dependent launch
+
+    def kernel_options(self, extra=()) -> KernelOptions:
+        """The KernelOptions of a row: the plan's, with the experiments `extra` on too."""
+        return KernelOptions(experiments={*self.experiments, *extra}, pdl=self.pdl)
 
 
 # Rough seconds per unit of work with cold Triton/Inductor caches, on a GPU (the H200 run of 2026-11-26
@@ -121,10 +127,10 @@ GPU_ESTIMATES = {"7B-bf16": 30, "7B-int4": 40, "34B-int4": 75, "7B-nf4": 100, "c
 CPU_ESTIMATES = {"tiny": 5, "100M": 30, "resources": 120}  # models: ours and transformers together
 
 
-def make_plan(*, cuda: bool, quick: bool, only=None) -> Plan:
+def make_plan(*, cuda: bool, quick: bool, only=None, kernel_options: KernelOptions = DEFAULT_OPTIONS) -> Plan:
     """The measurement matrix: full or quick, on a GPU (`cuda`) or the CPU subset. `only` keeps the named
     models and/or "kernels", e.g. ["7B-bf16", "kernels"]; naming only CPU models ("tiny", "100M") runs the
-    CPU subset's plan for them, with a GPU or without."""
+    CPU subset's plan for them, with a GPU or without. `kernel_options`: those of every row."""
     wanted = None
     if only:
         names = {n.lower(): n for n in [*MODELS, "kernels"]}
@@ -161,7 +167,7 @@ def make_plan(*, cuda: bool, quick: bool, only=None) -> Plan:
                                        ttft_prompts=(128,), ttft_repeats=2)
     if wanted is not None:
         plan = dataclasses.replace(plan, models=tuple(n for n in MODELS if n in wanted), kernels="kernels" in wanted)
-    return plan
+    return dataclasses.replace(plan, experiments=tuple(sorted(kernel_options.experiments)), pdl=kernel_options.pdl)
 
 
 def plan_uses_gpu(plan: Plan) -> bool:
@@ -205,11 +211,12 @@ class IdTokenizer:
         return "x" * len(ids)
 
 
-def build(spec: ModelSpec):
-    """The random-weight Model of `spec` (reference backend on the CPU, auto on CUDA)."""
+def build(spec: ModelSpec, kernel_options: KernelOptions = DEFAULT_OPTIONS):
+    """The random-weight Model of `spec` (reference backend on the CPU, auto on CUDA) with `kernel_options`."""
     args = spec.args()
     return random_model(args, IdTokenizer(args.vocab_size), dtype=spec.dtype, device=spec.device,
-                        backend="auto" if spec.cuda else "reference", quantize=spec.quantize, seed=SEED)
+                        backend="auto" if spec.cuda else "reference", quantize=spec.quantize, seed=SEED,
+                        kernel_options=kernel_options)
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -315,17 +322,18 @@ def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, l
 
 
 @contextlib.contextmanager
-def experiments_set(names: tuple):
-    """CODELLAMA_RT_EXPERIMENTS set to `names` inside the block, as it was after."""
-    before = os.environ.get(EXPERIMENTS_ENV)
-    os.environ[EXPERIMENTS_ENV] = ",".join(names)
+def kernel_options_set(model, options: KernelOptions):
+    """`model`'s module runs its backend bound to `options` inside the block (engines built there capture
+    those kernel paths), as it was after: the weights are shared, not rebuilt."""
+    from ..backends import resolve_backend
+
+    module = model.module
+    saved = module.ops
+    module.ops = resolve_backend(saved.name, module.device, options)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(EXPERIMENTS_ENV, None)
-        else:
-            os.environ[EXPERIMENTS_ENV] = before
+        module.ops = saved
 
 
 def _median_ttft_ms(run, prompt, repeats: int) -> float:
@@ -608,11 +616,12 @@ def experiment_provider(spec: ModelSpec, names) -> tuple[str, str]:
 
 def experiment_rows(model, spec: ModelSpec, plan: Plan, sets, emit=None) -> list[dict]:
     """One batch-1 decode row (`ours_decode`, `experiment_provider`'s) per set of experiment names, each
-    engine built, captured and run with just those on; `emit`ted as they come."""
+    engine built, captured and run with the plan's kernel options plus those (`kernel_options_set`);
+    `emit`ted as they come."""
     rows = []
     for names in sets:
         how, label = experiment_provider(spec, names)
-        with experiments_set(names):
+        with kernel_options_set(model, plan.kernel_options(names)):
             rows.append(dict(ours_decode(model, spec, plan, how, 1, label=label), experiments=list(names)))
         if emit:
             emit(rows)
@@ -660,6 +669,11 @@ def _run_child(args: list, plan: Plan, timeout_s: float) -> tuple[list, str]:
     return have, reason
 
 
+def plan_from_json(text: str) -> Plan:
+    """The Plan `_run_child` passes as JSON (`dataclasses.asdict`), its lists tuples again."""
+    return Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
+
+
 def _child_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m codellama_rt.bench.e2e",
                                 description="one peer, or the experiment rows of one model, in isolation")
@@ -673,10 +687,9 @@ def _child_main(argv=None) -> None:
         parser.add_argument("--plan", required=True)
         parser.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
-    plan_dict = json.loads(a.plan)
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan_dict.items()})
+    plan = plan_from_json(a.plan)
     spec = MODELS[a.model]
-    model = build(spec)
+    model = build(spec, plan.kernel_options())
 
     def emit(rows):  # write-then-rename: a kill leaves the last complete list
         tmp = a.out.with_suffix(".tmp")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from ..kernels.gemv import gemv
 from ..kernels.int4 import int4_launch, int4_linear, int4_linear_ref, quantize_int4
 from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
+from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
 from .common import bench, clone_weight, copies_for, copy_bandwidth, environment, graph_time_us
@@ -39,8 +41,9 @@ def providers(triton_fn, ref_fn):
     return out
 
 
-def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
-    """Every kernel row; `bw`: the copy bandwidth (GB/s) when already measured."""
+def run_gpu(dtype=torch.bfloat16, bw: float | None = None, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
+    """Every kernel row; `bw`: the copy bandwidth (GB/s) when already measured; `options`: the Triton
+    launchers' kernel options."""
     bw = bw or copy_bandwidth()
     rows = [dict(kernel="copy", shape="1 GiB", provider="torch", gbps=bw)]
     dev = "cuda"
@@ -50,7 +53,7 @@ def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
         r = torch.randn_like(x)
         w = torch.randn(dim, dtype=dtype, device=dev)
         nbytes = 4 * x.numel() * x.element_size()  # read x, residual; write y, h
-        for prov, fn in providers(rms_norm, rms_norm_ref).items():
+        for prov, fn in providers(partial(rms_norm, options=options), rms_norm_ref).items():
             ms = bench(lambda: fn(x, w, 1e-5, r))
             rows.append(dict(kernel="rms_norm", shape=f"{name} {tokens}x{dim}", provider=prov, ms=ms,
                              gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
@@ -60,7 +63,7 @@ def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
         cos, sin = rope_tables(D, T, 1e6, device=dev)
         pos = torch.arange(T, device=dev).expand(B, T)
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-        for prov, fn in providers(rotary, rotary_ref).items():
+        for prov, fn in providers(partial(rotary, options=options), rotary_ref).items():
             ms = bench(lambda: fn(q, k, cos, sin, pos))
             rows.append(dict(kernel="rotary", shape=f"{name} T={T}", provider=prov, ms=ms,
                              gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
@@ -83,15 +86,15 @@ def run_gpu(dtype=torch.bfloat16, bw: float | None = None) -> list[dict]:
             vc = torch.randn_like(kc)
             lengths = torch.full((B,), S, dtype=torch.long, device=dev)
             nbytes = 2 * kc.numel() * kc.element_size()
-            for prov, fn in providers(attention_decode, attention_decode_ref).items():
+            for prov, fn in providers(partial(attention_decode, options=options), attention_decode_ref).items():
                 ms = bench(lambda: fn(q, kc, vc, lengths))
                 rows.append(dict(kernel="attention_decode", shape=f"{name} S={S}", provider=prov, ms=ms,
                                  gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
-    rows += run_quant_gemv(bw, dtype)
+    rows += run_quant_gemv(bw, dtype, options)
     return rows
 
 
-def run_quant_gemv(bw: float, dtype) -> list[dict]:
+def run_quant_gemv(bw: float, dtype, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
     """Decode GEMVs (M = 1) at 7B shapes: dense (cuBLAS vs our GEMV) and 4-bit (ours vs the reference).
     GB/s counts the weight bytes read (4-bit: packed weights and their scales/zeros). Timed inside CUDA
     graphs cycling through enough weight copies that none stays in L2, as a graphed decode step runs them
@@ -102,18 +105,19 @@ def run_quant_gemv(bw: float, dtype) -> list[dict]:
         x = torch.randn(1, k, dtype=dtype, device="cuda")
         dense_bytes = w.numel() * w.element_size()
         ws = [w] + [w.clone() for _ in range(copies_for(dense_bytes) - 1)]
-        for prov, fn in (("torch", torch.nn.functional.linear), ("triton", gemv)):
+        for prov, fn in (("torch", torch.nn.functional.linear), ("triton", partial(gemv, options=options))):
             rows.append(_graph_row("linear (dense)", name, prov, dense_bytes, bw, [lambda c=c, fn=fn: fn(x, c) for c in ws]))
         del ws
         for fmt, qw, fns in (("nf4", quantize_nf4(w), (nf4_linear, nf4_linear_ref)),
-                             ("int4", quantize_int4(w, group_size=128), (int4_linear, int4_linear_ref))):
+                             ("int4", quantize_int4(w, group_size=128),
+                              (partial(int4_linear, options=options), int4_linear_ref))):
             nbytes = sum(t.numel() * t.element_size() for t in vars(qw).values() if isinstance(t, torch.Tensor))
             qws = [qw] + [clone_weight(qw) for _ in range(copies_for(nbytes) - 1)]
             provs = list(zip(("triton", "reference"), fns))
             if fmt == "int4" and dtype != torch.float32:  # tensor cores: not int4_launch's pick until measured
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
                 mma = int4_launch(1, n, k, 128, dtype, num_sms=sms, kind="gemv_mma")
-                provs.insert(1, ("triton gemv_mma", lambda x, w, mma=mma: int4_linear(x, w, mma)))
+                provs.insert(1, ("triton gemv_mma", lambda x, w, mma=mma: int4_linear(x, w, mma, options=options)))
             for prov, fn in provs:
                 calls = [lambda c=c, fn=fn: fn(x, c) for c in (qws if prov != "reference" else qws[:2])]
                 rows.append(_graph_row(f"{fmt} gemv", name, prov, nbytes, bw, calls))

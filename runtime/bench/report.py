@@ -23,7 +23,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels._triton import EXPERIMENTS, experiments_on, pdl_enabled
+from ..cli import kernel_options
+from ..kernels._triton import pdl_enabled
+from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
@@ -46,9 +48,10 @@ BAR_MODELS = tuple(dict.fromkeys(b[3][0] for b in BARS))  # ("7B-bf16", "7B-int4
 
 
 def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] = None, resources: bool = True,
-        log: Callable[[str], None] = print) -> dict:
-    """Measure, then write report.md, report.json and the plots into `out`; returns the report dict."""
-    plan = e2e.make_plan(cuda=torch.cuda.is_available(), quick=quick, only=only)
+        log: Callable[[str], None] = print, kernel_options: KernelOptions = DEFAULT_OPTIONS) -> dict:
+    """Measure, then write report.md, report.json and the plots into `out`; returns the report dict.
+    `kernel_options`: those of every row (experiment rows add their own experiments)."""
+    plan = e2e.make_plan(cuda=torch.cuda.is_available(), quick=quick, only=only, kernel_options=kernel_options)
     cuda = e2e.plan_uses_gpu(plan)  # False for the CPU subset, even on a machine with a GPU
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"--budget-s={budget_s} is invalid: expected > 0")
@@ -60,7 +63,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     meta = environment()
     meta.update(mode="quick" if quick else "full", gpu_run=cuda, budget_s=budget.seconds, only=only,
                 engine_cuda_graphs_option=e2e.engine_has_graphs(),
-                pdl=cuda and pdl_enabled(torch.device("cuda")), experiments=experiments_on())
+                pdl=cuda and pdl_enabled(torch.device("cuda"), plan.pdl), experiments=list(plan.experiments))
     report = {"meta": meta, "plan": dataclasses.asdict(plan), "bandwidth_gbps": None, "bandwidth_method": None,
               "models": [], "decode": [], "ttft": [], "kernels": [], "resources": [], "problems": [], "bars": [],
               "skipped": [], "timings": {}, "plots": []}
@@ -146,7 +149,7 @@ def _units(plan: e2e.Plan, report: dict) -> list:
                  for m in plan.compile_models if m in models]
         peers += [(f"hf {m}", est.get("hf", 150), _peer_unit("hf", m, plan, report))
                   for m in plan.hf_models if m in models]
-    kernels = [("kernels", est.get("kernels", 120), _kernels_unit(report))] if plan.kernels else []
+    kernels = [("kernels", est.get("kernels", 120), _kernels_unit(report, plan))] if plan.kernels else []
     bars = [u for u, m in zip(ours, models) if m in BAR_MODELS]
     bar_peers = [p for p in peers if p[0].startswith("compile ") and p[0].split(" ", 1)[1] in BAR_MODELS]
     rest = [p for p in peers if p not in bar_peers]
@@ -176,7 +179,7 @@ def _ours_unit(name: str, plan: e2e.Plan, report: dict):
     def fn(budget: Budget) -> None:
         spec = e2e.MODELS[name]
         t0 = time.monotonic()
-        model = e2e.build(spec)
+        model = e2e.build(spec, plan.kernel_options())
         report["models"].append(_model_info(spec, model, time.monotonic() - t0))
         providers = [e2e.OURS_GRAPHS, e2e.OURS_EAGER] if spec.cuda else [e2e.OURS_EAGER]
         for batch in plan.batches:  # batch-1 rows of both providers first: the bars need them
@@ -222,11 +225,11 @@ def _add_peer_rows(report: dict, rows: list) -> None:
         report["ttft" if "new_tokens" not in r else "decode"].append(r)
 
 
-def _kernels_unit(report: dict):
+def _kernels_unit(report: dict, plan: e2e.Plan):
     def fn(budget: Budget) -> None:
         from .kernels import run_gpu
 
-        report["kernels"] = run_gpu(bw=report["bandwidth_gbps"])
+        report["kernels"] = run_gpu(bw=report["bandwidth_gbps"], options=plan.kernel_options())
     return fn
 
 
@@ -372,7 +375,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
         f"programmatic dependent launch: {'on' if m.get('pdl') else 'off'}; "
-        f"experiments (CODELLAMA_RT_EXPERIMENTS): {', '.join(m.get('experiments') or []) or 'none'}; "
+        f"experiments (--experiments): {', '.join(m.get('experiments') or []) or 'none'}; "
         f"load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end",
         "", "Random weights at the models' real shapes, greedy decoding, no stop tokens. The bound of a decode row"
         " is batch / (bytes one step reads / measured bandwidth): the weights it multiplies by (the embedding table"
@@ -392,8 +395,9 @@ def to_markdown(report: dict, resources_md: str) -> str:
                      f"{'; ' + r['notes'] if r.get('notes') else ''} |")
     summary = experiment_summary(report)
     if summary:
-        lines += ["", "## Experiments (batch 1, CUDA graphs; CODELLAMA_RT_EXPERIMENTS)", "",
-                  "Each row: a fresh engine captured with the named kernel paths on, beside the default row.", "",
+        lines += ["", "## Experiments (batch 1, CUDA graphs; KernelOptions experiments)", "",
+                  "Each row: a fresh engine captured with the named kernel paths on too, beside the default row.",
+                  "",
                   "| model | experiments | tok/s | default tok/s | x default | of bound | same tokens as ours (eager) |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {e['model']} | {', '.join(e['experiments'])} | {_f(e['tok_s'], '.1f')} | "
@@ -431,7 +435,8 @@ def main(argv=None) -> None:
     add_arguments(p)
     a = p.parse_args(argv)
     try:
-        run(a.report, quick=a.quick, only=parse_only(a.only), budget_s=a.budget_s, resources=not a.no_resources)
+        run(a.report, quick=a.quick, only=parse_only(a.only), budget_s=a.budget_s, resources=not a.no_resources,
+            kernel_options=kernel_options(a))
     except ValueError as e:
         p.error(str(e))
 

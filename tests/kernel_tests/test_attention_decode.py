@@ -25,12 +25,19 @@ from codellama_rt.kernels.attention_decode import (  # noqa: E402
     attention_decode_ref,
     decode_launch,
 )
+from codellama_rt.kernels.options import KernelOptions  # noqa: E402
 
 # The interpreter converts the loop bounds (loaded from `lengths`) with a NumPy deprecation warning.
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
 GARBAGE = 1e4  # written into every cache slot a sequence must not read
+ONE_PASS = KernelOptions(experiments={"attn_one_pass"})
+
+
+def _options(names: str) -> KernelOptions:
+    """KernelOptions with the comma-separated experiments `names` on ("" : none)."""
+    return KernelOptions(experiments=[n for n in names.split(",") if n])
 
 
 def make_inputs(B, H, Hkv, S, D, lengths, dtype, seed=0, garbage=GARBAGE):
@@ -214,17 +221,14 @@ def test_one_pass_combine_equals_the_second_pass(H, Hkv, dtype):
 
 
 def test_one_pass_experiment_reaches_the_public_launcher(monkeypatch):
-    """With the experiment "attn_one_pass" on, `attention_decode` launches pass 1 alone (pass 2 never runs)
-    and gives the same output."""
+    """With the experiment "attn_one_pass" in its options, `attention_decode` launches pass 1 alone (pass 2
+    never runs) and gives the same output."""
     from codellama_rt.kernels import attention_decode as mod
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
     q, k, v, lengths = make_inputs(2, 8, 2, 700, 64, [700, 20], torch.float16, seed=3)
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     two = attention_decode(q, k, v, lengths)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_one_pass")
     monkeypatch.setattr(mod._decode_reduce_kernel, "interp", None)  # a launch of pass 2 would fail
-    assert torch.equal(attention_decode(q, k, v, lengths), two)
+    assert torch.equal(attention_decode(q, k, v, lengths, options=ONE_PASS), two)
 
 
 # ---- decode's rotary and cache write inside the attention kernel (experiment "attn_rope") -----------
@@ -252,7 +256,6 @@ def test_rope_inside_attention_equals_the_two_launches(monkeypatch, H, Hkv, dtyp
     reading them: the output and both caches bitwise what `rotary_to_cache` then `attention_decode` give,
     and within tolerance of the reference."""
     from codellama_rt.kernels import attention_decode as mod
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
     B, D = len(lengths), 64
     from codellama_rt.kernels import rotary
@@ -260,10 +263,9 @@ def test_rope_inside_attention_equals_the_two_launches(monkeypatch, H, Hkv, dtyp
     runs = {}
     for on in ("", "attn_rope"):
         q, k, v, cos, sin, pos, caches, slots, lens = _new_token(B, H, Hkv, S, D, lengths, dtype, seed=S + H)
-        monkeypatch.setenv(EXPERIMENTS_ENV, on)
         if on:  # one launch: the rotary kernel must not run
             monkeypatch.setattr(rotary._rotary_kernel, "interp", None)
-        out = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens)
+        out = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens, options=_options(on))
         runs[on] = (out, *caches)
     q, k, v, cos, sin, pos, caches, slots, lens = _new_token(B, H, Hkv, S, D, lengths, dtype, seed=S + H)
     ref = mod.rotary_attention_decode_ref(q, k, v, cos, sin, pos, *caches, slots, lens)
@@ -273,18 +275,17 @@ def test_rope_inside_attention_equals_the_two_launches(monkeypatch, H, Hkv, dtyp
     assert_close(runs["attn_rope"][0], ref)
 
 
-def test_rope_inside_attention_checks_its_arguments(monkeypatch):
+def test_rope_inside_attention_checks_its_arguments():
     from codellama_rt.kernels import attention_decode as mod
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
-    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_rope")
+    rope = _options("attn_rope")
     q, k, v, cos, sin, pos, caches, slots, lens = _new_token(2, 4, 2, 64, 64, [3, 9], torch.float32, seed=1)
     with pytest.raises(ValueError, match="positions must be int64"):
-        mod.rotary_attention_decode(q, k, v, cos, sin, pos.int(), *caches, slots, lens)
+        mod.rotary_attention_decode(q, k, v, cos, sin, pos.int(), *caches, slots, lens, options=rope)
     with pytest.raises(TypeError, match="cos/sin must be fp32"):
-        mod.rotary_attention_decode(q, k, v, cos.double(), sin.double(), pos, *caches, slots, lens)
+        mod.rotary_attention_decode(q, k, v, cos.double(), sin.double(), pos, *caches, slots, lens, options=rope)
     with pytest.raises(ValueError, match="lengths must have shape"):
-        mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens[:1])
+        mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens[:1], options=rope)
 
 
 @pytest.mark.parametrize("B,Hkv,S,splits", [
@@ -416,10 +417,9 @@ def test_cuda_graph_replay(H, Hkv):
 @pytest.mark.gpu
 @pytest.mark.experiment
 @pytest.mark.parametrize("H,Hkv,B", [(32, 32, 1), (64, 8, 1), (64, 8, 4)], ids=["7B", "70B", "70B-batch4"])
-def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
+def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B):
     """The one-pass combine on real programs racing for their tickets (eager and in a replayed graph, many
     times): bitwise the two-pass output every time, and the tickets back at zero."""
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
     from codellama_rt.kernels._triton import tickets
 
     dev, D, S = "cuda", 128, 8192
@@ -427,15 +427,13 @@ def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
     k = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     lengths = torch.tensor([1, 64, 4097, S][:B] if B > 1 else [300], device=dev)
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     want = attention_decode(q, k, v, lengths)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "attn_one_pass")
     for _ in range(50):
-        assert torch.equal(attention_decode(q, k, v, lengths), want)
+        assert torch.equal(attention_decode(q, k, v, lengths, options=ONE_PASS), want)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = attention_decode(q, k, v, lengths)
+        out = attention_decode(q, k, v, lengths, options=ONE_PASS)
     for _ in range(50):
         graph.replay()
         torch.cuda.synchronize()
@@ -446,12 +444,11 @@ def test_one_pass_on_gpu_is_bitwise_the_two_pass_result(H, Hkv, B, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.experiment
 @pytest.mark.parametrize("H,Hkv,B", [(32, 32, 1), (64, 8, 4)], ids=["7B", "70B-batch4"])
-def test_rope_inside_attention_on_gpu(H, Hkv, B, monkeypatch):
+def test_rope_inside_attention_on_gpu(H, Hkv, B):
     """"attn_rope" at real sizes: the output and the cached key within rounding of the two launches (the
     rotation may contract into FMAs differently), the cached value exact; a replayed graph gives the
     eager output bit for bit."""
     from codellama_rt.kernels import attention_decode as mod
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
 
     D, S = 128, 8192
     lengths = [300, 1, 4097, S][:B]
@@ -460,15 +457,16 @@ def test_rope_inside_attention_on_gpu(H, Hkv, B, monkeypatch):
         q, k, v, cos, sin, pos, caches, slots, lens = (
             t.cuda() if isinstance(t, torch.Tensor) else [c.cuda() for c in t]
             for t in _new_token(B, H, Hkv, S, D, lengths, torch.bfloat16, seed=H))
-        monkeypatch.setenv(EXPERIMENTS_ENV, on)
-        runs[on] = (mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens), *caches)
+        runs[on] = (mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens, options=_options(on)),
+                    *caches)
     out, k_cache, v_cache = runs["attn_rope"]
     assert_close(out, runs[""][0])
     assert_close(k_cache, runs[""][1])
     assert torch.equal(v_cache, runs[""][2])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens)
+        replayed = mod.rotary_attention_decode(q, k, v, cos, sin, pos, *caches, slots, lens,
+                                               options=_options("attn_rope"))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, runs["attn_rope"][0])

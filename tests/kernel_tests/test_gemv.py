@@ -204,24 +204,37 @@ def test_norm_prologue_with_swiglu_epilogue(nan_empty, F_, K, dtype, cfg):
     assert torch.equal(y, swiglu(gate, up))
 
 
-def test_norm_linear_dispatch(monkeypatch):
+def test_norm_linear_dispatch():
     """The backend op on CPU: the rms_norm kernel then F.linear (then the swiglu kernel), experiment on or
     off (the fused kernel is for one row on CUDA); the reference is rms_norm_ref then F.linear."""
-    from codellama_rt.kernels._triton import EXPERIMENTS_ENV
+    from codellama_rt.kernels.options import KernelOptions
     from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
     from codellama_rt.kernels.swiglu import swiglu
 
     x, r, nw, w = _norm_inputs(48, 64, torch.float32, seed=5)
     normed, h = rms_norm(x, nw, 1e-5, r)
-    for on in ("", "norm_gemv"):
-        monkeypatch.setenv(EXPERIMENTS_ENV, on)
-        y, h2 = mod.norm_linear(x, r, nw, 1e-5, w)
+    for options in (KernelOptions(), KernelOptions(experiments={"norm_gemv"})):
+        y, h2 = mod.norm_linear(x, r, nw, 1e-5, w, options=options)
         assert torch.equal(y, F.linear(normed, w)) and torch.equal(h2, h)
-        y, _ = mod.norm_linear(x, r, nw, 1e-5, w, swiglu=True)
+        y, _ = mod.norm_linear(x, r, nw, 1e-5, w, swiglu=True, options=options)
         assert torch.equal(y, swiglu(*F.linear(normed, w).chunk(2, dim=-1)))
     normed_ref, h_ref = rms_norm_ref(x, nw, 1e-5, r)
     y_ref, h_ref2 = mod.norm_linear_ref(x, r, nw, 1e-5, w)
     assert torch.equal(y_ref, F.linear(normed_ref, w)) and torch.equal(h_ref2, h_ref)
+
+
+def test_prefetch_follows_the_options_unless_asked():
+    """The kernel's PREFETCH is the experiment "gemv_prefetch" of the launch's options; `prefetch` overrides it."""
+    from codellama_rt.kernels.options import KernelOptions
+
+    x, w = _inputs(64, 128, torch.float32, seed=1)
+    on = KernelOptions(experiments={"gemv_prefetch"})
+
+    def prefetch(**kw):
+        return mod._prepare(x, w, **kw)[2][2]["PREFETCH"]
+
+    assert not prefetch() and prefetch(options=on)
+    assert prefetch(prefetch=True) and not prefetch(prefetch=False, options=on)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from codellama_rt.kernels import int4 as mod
-from codellama_rt.kernels._triton import EXPERIMENTS_ENV, launch_config
+from codellama_rt.kernels._triton import launch_config
 from codellama_rt.kernels.int4 import (Int4Weight, dequantize_int4, int4_launch, int4_linear, int4_linear_ref,
                                        quantize_int4, unpack_gptq)
+from codellama_rt.kernels.options import KernelOptions
 from tolerances import assert_close, assert_error_within_torch
 
 # the interpreter turns scalar loop bounds into 1-element arrays and int()s them (numpy deprecation)
@@ -412,38 +413,39 @@ def test_int4_gemv_mma_refuses_what_it_cannot_run(M, dtype, group_size, match):
         int4_launch(1, 64, 256, 128, torch.bfloat16, kind="mma")
 
 
-def test_int4_mma_experiment_switch(monkeypatch):
+MMA = KernelOptions(experiments={"int4_mma"})
+ONE_PASS = KernelOptions(experiments={"int4_one_pass"})
+
+
+def test_int4_mma_experiment_switch():
     """The experiment "int4_mma" gives decode rows the tensor-core GEMV where it can run (and only there);
     off, the shipped kernels."""
     bf16 = torch.bfloat16
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     assert int4_launch(1, 4096, 4096, 128, bf16).kind == "gemv"
-    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
     for M in (1, 8, 16):
-        assert int4_launch(M, 4096, 4096, 128, bf16) == int4_launch(M, 4096, 4096, 128, bf16, kind="gemv_mma")
-    assert int4_launch(1, 4096, 4096, 128, torch.float16).kind == "gemv_mma"
-    assert int4_launch(17, 4096, 4096, 128, bf16).kind == "gemm"
-    assert int4_launch(1, 4096, 4096, 128, torch.float32).kind == "gemv"  # no fp32 tensor-core GEMV
-    assert int4_launch(1, 4096, 4096, 64, bf16).kind == "gemv"  # groups smaller than its K tile
-    assert int4_launch(1, 4096, 4096, 128, bf16, kind="gemv").kind == "gemv"  # an explicit kind wins
+        assert int4_launch(M, 4096, 4096, 128, bf16, options=MMA) == int4_launch(M, 4096, 4096, 128, bf16,
+                                                                                 kind="gemv_mma")
+    assert int4_launch(1, 4096, 4096, 128, torch.float16, options=MMA).kind == "gemv_mma"
+    assert int4_launch(17, 4096, 4096, 128, bf16, options=MMA).kind == "gemm"
+    assert int4_launch(1, 4096, 4096, 128, torch.float32, options=MMA).kind == "gemv"  # no fp32 tensor-core GEMV
+    assert int4_launch(1, 4096, 4096, 64, bf16, options=MMA).kind == "gemv"  # groups smaller than its K tile
+    assert int4_launch(1, 4096, 4096, 128, bf16, kind="gemv", options=MMA).kind == "gemv"  # an explicit kind wins
 
 
-def test_int4_linear_with_the_mma_experiment_runs_the_mma_kernel(monkeypatch):
+def test_int4_linear_with_the_mma_experiment_runs_the_mma_kernel():
     """The experiment reaches `int4_linear` without a launch argument: the same bits as asking for gemv_mma."""
     w = quantize_int4(_weight(136, 384, seed=11, dtype=torch.bfloat16), group_size=128)
     x = torch.randn(3, 384, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = int4_linear(x, w, int4_launch(3, 136, 384, 128, torch.bfloat16, on_cuda=False, kind="gemv_mma"))
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
     fma = int4_linear(x, w)
-    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_mma")
-    got = int4_linear(x, w)
+    got = int4_linear(x, w, options=MMA)
     assert torch.equal(got, want)
     assert not torch.equal(fma, want)  # the kernels round differently, so the switch is seen
 
 
 @pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["fma", "mma"])
 @pytest.mark.parametrize("M", [1, 3])
-def test_one_pass_split_k_is_bitwise_the_reduce_kernel(nan_empty, monkeypatch, M, kind):
+def test_one_pass_split_k_is_bitwise_the_reduce_kernel(nan_empty, M, kind):
     """The experiment "int4_one_pass": each column block's last program sums the split-K partials, in split
     order, as the reduce kernel would: the same bits, no reduce launch, and the tickets back at zero."""
     from codellama_rt.kernels._triton import tickets
@@ -453,13 +455,16 @@ def test_one_pass_split_k_is_bitwise_the_reduce_kernel(nan_empty, monkeypatch, M
     x = torch.randn(M, in_f, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
     cfg = int4_launch(M, out_f, in_f, 128, torch.bfloat16, on_cuda=False, kind=kind)
     assert cfg.split_k == 3
-    monkeypatch.delenv(EXPERIMENTS_ENV, raising=False)
+
+    def kernels(**kw):  # what `int4_linear` would launch
+        return [k for k, *_ in mod._prepare(x, w, on_cuda=False, cfg=cfg, **kw)[1]]
+
     want = int4_linear(x, w, cfg)
-    assert mod._prepare(x, w, on_cuda=False, cfg=cfg)[1][-1][0] is mod._int4_splitk_reduce_kernel
-    monkeypatch.setenv(EXPERIMENTS_ENV, "int4_one_pass")
-    launches = mod._prepare(x, w, on_cuda=False, cfg=cfg)[1]
-    assert [k.__name__ for k, *_ in launches] == [launches[0][0].__name__]  # no reduce kernel
-    assert torch.equal(int4_linear(x, w, cfg), want)
+    assert kernels()[-1] is mod._int4_splitk_reduce_kernel
+    assert len(kernels(options=ONE_PASS)) == 1  # no reduce kernel
+    assert kernels(one_pass=True) == kernels(options=ONE_PASS)  # the explicit override wins either way
+    assert kernels(one_pass=False, options=ONE_PASS) == kernels()
+    assert torch.equal(int4_linear(x, w, cfg, options=ONE_PASS), want)
     assert (tickets(x.device, 64) == 0).all()
 
 

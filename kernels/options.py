@@ -1,0 +1,97 @@
+"""Kernel options: which kernel paths a model's launches take (the experiments, programmatic dependent
+launch), as one explicit value the backend binds into its ops (`resolve_backend`) instead of something a
+launch reads from the environment; a captured CUDA graph then replays the paths its model was built with.
+The environment variables below are only the command line's defaults (`KernelOptions.from_env`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
+PDL_ENV = "CODELLAMA_RT_PDL"
+
+
+# ---- experiments -------------------------------------------------------------------------------
+#
+# Kernel paths that are built and tested (interpreter, AOT compile, `gpu` tests) but not yet the default,
+# because no GPU run has measured them against the path they would replace. KernelOptions(experiments=...)
+# turns them on (CLI: --experiments, default CODELLAMA_RT_EXPERIMENTS, a comma-separated list of the names
+# below); the benchmark report measures each (a decode row per experiment beside the default one), so one
+# device call shows which to make the default.
+
+@dataclass(frozen=True)
+class Experiment:
+    doc: str
+    weights: tuple  # the weight formats whose decode it changes: "dense" (16-bit), "int4", "nf4"
+
+
+EXPERIMENTS = {
+    "int4_mma": Experiment("int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)", ("int4",)),
+    "norm_gemv": Experiment("batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV "
+                            "(kernels/gemv.py)", ("dense",)),
+    "attn_one_pass": Experiment("decode attention's split combine done by each head's last program, no second "
+                                "launch (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
+    "int4_one_pass": Experiment("int4 split-K GEMV partials summed by each column block's last program, no "
+                                "second launch (kernels/int4.py)", ("int4",)),
+    # every model's lm_head is dense
+    "attn_rope": Experiment("decode's rotary and KV-cache write inside decode attention, no launch of their "
+                            "own (kernels/attention_decode.py)", ("dense", "int4", "nf4")),
+    "gemv_prefetch": Experiment("the dense GEMV asks for its weights into L2 before waiting on the previous "
+                                "kernel (PDL launches only; kernels/gemv.py)", ("dense", "int4", "nf4")),
+}
+
+
+def parse_experiments(text: str) -> frozenset:
+    """A comma-separated list of experiment names -> the set of them (spaces and empty items ignored;
+    names are checked by KernelOptions)."""
+    return frozenset(n.strip() for n in text.split(",") if n.strip())
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernel paths one model's launches take.
+
+    experiments: names of EXPERIMENTS to turn on (any iterable of str; kept as a frozenset).
+    pdl: launch kernels that support it with programmatic dependent launch (sm_90+ GPUs only).
+    """
+
+    experiments: frozenset = frozenset()
+    pdl: bool = True
+
+    def __post_init__(self):
+        names = self.experiments
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise ValueError(f"experiments must be an iterable of experiment names, got {names!r}")
+        names = frozenset(names)
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"experiments must be names (str), got {sorted(map(repr, names))}")
+        unknown = sorted(names - EXPERIMENTS.keys())
+        if unknown:
+            raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; "
+                             f"expected some of {', '.join(EXPERIMENTS)}")
+        if not isinstance(self.pdl, bool):
+            raise ValueError(f"pdl must be True or False, got {self.pdl!r}")
+        object.__setattr__(self, "experiments", names)
+
+    def has(self, name: str) -> bool:
+        """Whether experiment `name` (a key of EXPERIMENTS) is on."""
+        if name not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
+        return name in self.experiments
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "KernelOptions":
+        """The options CODELLAMA_RT_EXPERIMENTS (comma-separated names) and CODELLAMA_RT_PDL ("0": off)
+        ask for in `environ` (default: os.environ), read once; a ValueError names the variable."""
+        environ = os.environ if environ is None else environ
+        try:
+            experiments = parse_experiments(environ.get(EXPERIMENTS_ENV, ""))
+            return cls(experiments=experiments, pdl=environ.get(PDL_ENV, "1").strip() != "0")
+        except ValueError as e:
+            raise ValueError(f"{EXPERIMENTS_ENV}: {e}") from None
+
+
+DEFAULT_OPTIONS = KernelOptions()
