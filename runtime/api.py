@@ -7,8 +7,8 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .backends import resolve_backend
-from .checkpoint import (check_shapes, checkpoint_quantization, detect_layout, load_weights, open_source, read_args,
-                         resolve_path)
+from .checkpoint import (check_shapes, checkpoint_quantization, detect_layout, fill_vocab_size, load_weights,
+                         open_source, read_args, resolve_path)
 from .config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
 from .generate import Completion, Engine
@@ -147,8 +147,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     seq_len = check_seq_len(max_seq_len, args)
     tokenizer = Tokenizer.from_pretrained(directory)
     source = open_source(directory, layout)
-    if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it
-        args.vocab_size = source.shards[0].shape("tok_embeddings.weight")[0]
+    fill_vocab_size(args, source, layout)
     check_shapes(source, layout, args)  # before allocating what the config asks for
     if tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model embeds only "

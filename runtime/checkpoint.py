@@ -308,6 +308,15 @@ def read_args(directory: Path, layout: str) -> ModelArgs:
     return ModelArgs.from_meta_params(read_json(directory / "params.json"), file=directory / "params.json")
 
 
+_EMBEDDING = {"hf": "model.embed_tokens.weight", "meta": "tok_embeddings.weight"}
+
+
+def fill_vocab_size(args: ModelArgs, source, layout: str) -> None:
+    """Meta's params.json may say vocab_size -1: take it from the embedding's rows (in place)."""
+    if args.vocab_size <= 0:
+        args.vocab_size = source.shape(_EMBEDDING[layout])[0]
+
+
 def check_shapes(source, layout: str, args: ModelArgs) -> None:
     """Check the shape and dtype of every tensor of the model's plan that `source` holds densely, from
     tensor metadata alone (no data is read), so that a config disagreeing with the weights fails before
@@ -323,10 +332,11 @@ def check_shapes(source, layout: str, args: ModelArgs) -> None:
         if not source.has(norm.format(i)):
             raise CheckpointError("missing tensor", file=source.weights_file, tensor=norm.format(i))
     if args.vocab_size < 1:  # Meta's -1: the loader takes it from the embedding
-        embedding = "tok_embeddings.weight" if layout == "meta" else "model.embed_tokens.weight"
+        embedding = _EMBEDDING[layout]
         if not source.has(embedding) or len(source.shape(embedding)) != 2:
             return  # the loader reports it
-        args = dataclasses.replace(args, vocab_size=source.shape(embedding)[0])
+        args = dataclasses.replace(args)
+        fill_vocab_size(args, source, layout)
     plan = hf_plan(args) if layout == "hf" else meta_plan(args)
     for parts in plan.values():
         for part in parts:

@@ -321,7 +321,8 @@ def cmd_info(a) -> None:
     import torch
 
     from .api import check_seq_len, parse_dtype, resolve_group_size
-    from .checkpoint import checkpoint_quantization, detect_layout, open_source, read_args, resolve_path
+    from .checkpoint import (checkpoint_quantization, detect_layout, fill_vocab_size, open_source, read_args,
+                             resolve_path)
     from .config import PRESETS, ModelArgs
     from .quant import model_weight_bytes
 
@@ -337,8 +338,8 @@ def cmd_info(a) -> None:
         directory = resolve_path(a.model if a.model is not None else default_model_path())
         layout = detect_layout(directory)
         args, where = read_args(directory, layout), f"{directory} ({layout} layout)"
-        if args.vocab_size <= 0:  # Meta's params.json may say -1: the embedding carries it (as load() does)
-            args.vocab_size = open_source(directory, layout).shards[0].shape("tok_embeddings.weight")[0]
+        if args.vocab_size <= 0:  # Meta's -1: read the embedding's shape, as load() does
+            fill_vocab_size(args, open_source(directory, layout), layout)
         files = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".pth", ".bin"))
         quantization = checkpoint_quantization(directory, layout)
         if quantization is not None and method is None:  # show the checkpoint's own

@@ -154,17 +154,17 @@ def _check_fields(values: dict, names: dict) -> dict:
     """`values` (ModelArgs fields) normalized by their rules, then checked for how heads and sizes fit together.
 
     Raises ValueError naming each value as `names` does (a field missing from it by its own name)."""
-    def name(field: str) -> str:
-        return names.get(field, field)
+    def name(attr: str) -> str:
+        return names.get(attr, attr)
 
     values = dict(values)
     if values.get("n_kv_heads") is None:
         values["n_kv_heads"] = values["n_heads"]
-    for field, parse in _FIELD_RULES.items():
+    for attr, parse in _FIELD_RULES.items():
         try:
-            values[field] = parse(values[field])
+            values[attr] = parse(values[attr])
         except ValueError as e:
-            raise ValueError(_problem(name(field), values[field], e)) from None
+            raise ValueError(_problem(name(attr), values[attr], e)) from None
     dim, n_heads, n_kv_heads, head_dim = (values[f] for f in ("dim", "n_heads", "n_kv_heads", "head_dim"))
     if not head_dim and dim % n_heads:
         raise ValueError(f"{name('dim')}={dim} is not divisible by {name('n_heads')}={n_heads}")

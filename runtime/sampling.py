@@ -155,8 +155,6 @@ def sample(logits: torch.Tensor, sig: SamplingSignature, *, temperature: Scalar 
         logits = apply_repetition_penalty(logits, seen, penalty)
     if sig.greedy:
         return torch.argmax(logits, dim=-1)
-    if not sig.top_k:
-        top_k = 0
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p, nucleus=sig.top_p, k_width=sig.top_k)
     probs = torch.softmax(logits, dim=-1)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)

@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from ..api import random_model
+from ..backends import resolve_backend
 from ..config import ModelArgs
 from ..generate import Engine
 from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
@@ -325,8 +326,6 @@ def ours_decode(model, spec: ModelSpec, plan: Plan, provider: str, batch: int, l
 def kernel_options_set(model, options: KernelOptions):
     """`model`'s module runs its backend bound to `options` inside the block (engines built there capture
     those kernel paths), as it was after: the weights are shared, not rebuilt."""
-    from ..backends import resolve_backend
-
     module = model.module
     saved = module.ops
     module.ops = resolve_backend(saved.name, module.device, options)
