@@ -6,7 +6,9 @@ setup(
     version="0.1.0",
     description="Lean CodeLlama inference runtime with Triton kernels and a PyTorch reference path",
     python_requires=">=3.10",
-    packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench"],
+    packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench", "codellama_rt.checkpoint",
+              "codellama_rt.cli", "codellama_rt.engine", "codellama_rt.model", "codellama_rt.quant",
+              "codellama_rt.tokenizer"],
     package_dir={"codellama_rt": "runtime", "codellama_rt.kernels": "kernels"},
     # the embedded default model (see runtime/default_model/README.md)
     package_data={"codellama_rt": ["default_model/*.json", "default_model/*.safetensors",

@@ -17,9 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from codellama_rt.bench import e2e
-from codellama_rt.cli import add_kernel_flags, kernel_options
+from codellama_rt.cli.common import add_kernel_flags, kernel_options
 from codellama_rt.kernels.options import DEFAULT_OPTIONS, KernelOptions
-from codellama_rt.sampling import SamplingParams
+from codellama_rt.engine.sampling import SamplingParams
 
 
 def profile_steps(name: str, tokens: int, options: KernelOptions = DEFAULT_OPTIONS) -> tuple[list[dict], float]:

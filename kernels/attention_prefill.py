@@ -257,7 +257,7 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16)) -> list[LaunchConfig]:
     head layouts of 7B (32 heads, 32 kv: group 1, a constexpr) and 34B/70B (64 heads, 8 kv: group 8):
     `_prepare` run on meta tensors laid out as the model passes them, typed as the JIT would type
     them. T and start are never specialised, so one binary serves every chunk."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for dtype in dtypes:

@@ -317,7 +317,7 @@ def aot_configs() -> list[LaunchConfig]:
     """The CUDA launches of the 7B/34B/70B projections at one row (wqkv, wo, w13, w2 and the lm_head; wqkv
     and w13 with the RMSNorm prologue too; each with and without the L2 prefetch), in bf16 and fp16:
     `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for dtype in (torch.bfloat16, torch.float16):

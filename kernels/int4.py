@@ -741,7 +741,7 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, r
     meta tensors (H100's SM count), typed as the JIT would type them. Shapes that specialise alike share
     one entry, labelled with the first shape that needed it. The arguments let tests compile other
     specialisations (fp32, groups 32/64)."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for dtype in dtypes:

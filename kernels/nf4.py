@@ -521,7 +521,7 @@ def aot_configs() -> list[LaunchConfig]:
     on meta tensors of those shapes, typed as the JIT would type them. Every dimension of these layers is
     a multiple of 16, so the JIT specialises all of them alike and the list keeps one config per
     (rows, dtype, double quant): the layers' launches are exactly these binaries."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):

@@ -131,7 +131,7 @@ def aot_configs() -> list[LaunchConfig]:
     """The launches of CodeLlama 7B (dim 4096) and 34B/70B (dim 8192) in bf16 and fp16, with and without
     the residual (the first layer's norm has none), on contiguous activations: `_prepare` run on meta
     tensors of those shapes, typed as the JIT would type them."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):

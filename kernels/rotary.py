@@ -259,7 +259,7 @@ def aot_configs() -> list[LaunchConfig]:
     in bf16 and fp16, for prefill (T tokens, positions an expanded arange) and decode (T = 1, positions
     `[B] -> [B, 1]`), q/k being the transposed views of the fused qkv linear output as in the model:
     `_prepare` run on meta tensors of those shapes, typed as the JIT would type them."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):

@@ -87,7 +87,7 @@ def aot_configs() -> list[LaunchConfig]:
     """The launches of CodeLlama 7B (ffn 11008), 34B (22016) and 70B (28672) in bf16 and fp16, gate and up
     being the two halves of the fused w13 linear output as in the model: `_prepare` run on meta tensors of
     those shapes, typed as the JIT would type them."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
 
     configs = {}
     for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):

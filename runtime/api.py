@@ -6,17 +6,17 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .backends import resolve_backend
-from .checkpoint import (check_shapes, checkpoint_quantization, detect_layout, fill_vocab_size, load_weights,
-                         open_source, read_args, resolve_path)
-from .config import ModelArgs
+from .model.backends import resolve_backend
+from .checkpoint.loader import check_shapes, checkpoint_quantization, fill_vocab_size, load_weights
+from .checkpoint.sources import detect_layout, open_source, read_args, resolve_path
+from .model.config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
-from .generate import Completion, Engine
+from .engine.generate import Completion, Engine
 from .kernels.options import KernelOptions
-from .model import Linear, Transformer
-from .quant import quantize_model
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .model.transformer import Linear, Transformer
+from .quant.linear import quantize_model
+from .engine.sampling import SamplingParams
+from .tokenizer.tokenizer import Tokenizer
 
 Prompt = Union[str, list]
 # Meta reports CodeLlama (rope theta 1e6) generating stably with up to 100,000 tokens of context, past the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
+from .model.config import ModelArgs
 
 INFILL_PIECES = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
 

@@ -19,7 +19,7 @@ from codellama_rt.api import random_model
 from codellama_rt.bench import e2e, report
 from codellama_rt.bench.plots import Bar, hbar_chart
 from codellama_rt.png import Canvas, encode_png
-from codellama_rt.quant import model_weight_bytes, weight_bytes
+from codellama_rt.quant.linear import model_weight_bytes, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "source_digest",

@@ -352,7 +352,7 @@ def write_meta_checkpoint(directory: Path, tokenizer_model: Path, *, params=META
 
 
 def test_meta_ffn_size_matches_params():
-    from codellama_rt.config import ModelArgs
+    from codellama_rt.model.config import ModelArgs
 
     assert ModelArgs.from_meta_params(META_PARAMS).ffn_dim == META_FFN
 

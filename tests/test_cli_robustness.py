@@ -49,7 +49,7 @@ def test_internal_error_exits_1_and_says_how_to_report(capsys, monkeypatch):
     def broken(a):
         raise KeyError("a bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    monkeypatch.setattr(cli.info, "run", broken)
     code, out, err = run(capsys, "info")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "internal error: KeyError" in err and "--debug" in err and "report" in err

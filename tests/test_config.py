@@ -13,7 +13,7 @@ import pytest
 
 import codellama_rt
 from codellama_rt import PRESETS, CheckpointError, ModelArgs
-from codellama_rt.config import MAX_CONTEXT
+from codellama_rt.model.config_rules import MAX_CONTEXT
 
 # name: (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size)
 PUBLISHED = {

@@ -1,4 +1,4 @@
-"""The decode step (`codellama_rt.decode_graph.DecodeStep`): static buffers, no host sync, fixed shapes,
+"""The decode step (`codellama_rt.engine.decode_graph.DecodeStep`): static buffers, no host sync, fixed shapes,
 eager tokens equal to a plain no-cache loop, reuse and recapture rules; on CUDA (tests marked `gpu`),
 the graph-captured step against the eager one, replay without recapture, no sync, no second KV cache."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import codellama_rt as cl
-from codellama_rt.config import ModelArgs
-from codellama_rt.decode_graph import DecodeStep
-from codellama_rt.model import Prefill
-from codellama_rt.sampling import SamplingParams, SamplingSignature, sample_next
+from codellama_rt.model.config import ModelArgs
+from codellama_rt.engine.decode_graph import DecodeStep
+from codellama_rt.model.transformer import Prefill
+from codellama_rt.engine.sampling import SamplingParams, SamplingSignature, sample_next
 from codellama_rt.tiny import write_random_checkpoint
 
 PROMPTS = ["def fibonacci(n):\n    if n < 2:", "import os\n", "class Config:\n    def __init__(self", "x = ["]

@@ -9,9 +9,9 @@ import torch
 
 import codellama_rt as cl
 from codellama_rt.api import LONG_CONTEXT
-from codellama_rt.decode_graph import NONFINITE, DecodeStep
-from codellama_rt.kv_cache import KVCache
-from codellama_rt.sampling import SamplingParams, SamplingSignature, filter_top_k_top_p, top_k_bucket
+from codellama_rt.engine.decode_graph import NONFINITE, DecodeStep
+from codellama_rt.model.kv_cache import KVCache
+from codellama_rt.engine.sampling import SamplingParams, SamplingSignature, filter_top_k_top_p, top_k_bucket
 from codellama_rt.tiny import write_random_checkpoint
 
 PROMPT = "def parse(line):\n    key, value ="
@@ -109,7 +109,7 @@ def test_top_k_values_in_one_bucket_give_their_own_tokens(model):
 
 
 def test_decode_steps_are_bounded_least_recent_first(model, monkeypatch):
-    import codellama_rt.generate as generate
+    import codellama_rt.engine.generate as generate
 
     monkeypatch.setattr(generate, "MAX_DECODE_STEPS", 2)
     eng = model.engine

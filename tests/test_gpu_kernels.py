@@ -237,7 +237,7 @@ def test_norm_gemv_real_size(N, K, swiglu, residual):
 
 def test_triton_backend_end_to_end_bf16(tmp_path, tiny_tokenizer):
     import codellama_rt as cl
-    from codellama_rt.config import ModelArgs
+    from codellama_rt.model.config import ModelArgs
     from codellama_rt.tiny import write_random_checkpoint
 
     args = ModelArgs(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=2816, vocab_size=1000, max_seq_len=4096)

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from codellama_rt import CheckpointError
-from codellama_rt.checkpoint import _check_weight_map, check_shapes, detect_layout, open_source, read_args
+from codellama_rt.checkpoint.loader import check_shapes
+from codellama_rt.checkpoint.sources import _check_weight_map, detect_layout, open_source, read_args
 from codellama_rt.cli import main
-from codellama_rt.config import MAX_CONTEXT
+from codellama_rt.model.config_rules import MAX_CONTEXT
 from conftest import write_hf_checkpoint
 from test_checkpoint_errors import META_PARAMS, assert_loads, expect_error, write_meta_checkpoint
 

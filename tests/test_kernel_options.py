@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import codellama_rt as cl
-from codellama_rt.backends import BACKENDS, resolve_backend
+from codellama_rt.model.backends import BACKENDS, resolve_backend
 from codellama_rt.kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions, parse_experiments
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"

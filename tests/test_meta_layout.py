@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import codellama_rt as cl
-from codellama_rt.checkpoint import _interleaved_to_rotate_half, resolve_path
+from codellama_rt.checkpoint.layouts import interleaved_to_rotate_half
+from codellama_rt.checkpoint.sources import resolve_path
 from codellama_rt.kernels.rotary import rope_tables, rotary_ref
 
 LOGITS_REL_TOL = 1e-4  # max|Δ| / max|ref|, fp32
@@ -277,7 +278,7 @@ def test_hf_permute_roundtrip_and_runtime_agree():
         assert torch.equal(hf_unpermute(hf_permute(w, n_heads), n_heads), w)
         assert torch.equal(hf_permute(hf_unpermute(w, n_heads), n_heads), w)
         # the runtime's loader permutes Meta -> HF exactly as HF's convert script does
-        assert torch.equal(_interleaved_to_rotate_half(w, n_heads), hf_permute(w, n_heads))
+        assert torch.equal(interleaved_to_rotate_half(w, n_heads), hf_permute(w, n_heads))
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6])

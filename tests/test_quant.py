@@ -20,12 +20,12 @@ import codellama_rt as cl
 from codellama_rt import CheckpointError
 from codellama_rt.api import load_model
 from codellama_rt.cli import main
-from codellama_rt.config import ModelArgs
+from codellama_rt.model.config import ModelArgs
 from codellama_rt.kernels.int4 import quantize_int4
 from codellama_rt.kernels.nf4 import quantize_nf4
-from codellama_rt.quant import (QuantLinear, model_weight_bytes, projection_names, quantize_model,
+from codellama_rt.quant.linear import (QuantLinear, model_weight_bytes, projection_names, quantize_model,
                                 quantized_modules, set_module, weight_bytes)
-from codellama_rt.quant_checkpoint import _part_tensors
+from codellama_rt.checkpoint.writer import part_tensors
 from conftest import write_hf_checkpoint
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n"
@@ -65,7 +65,7 @@ def write_bnb_like(src: Path, out: Path) -> Path:
     tensors = {}
     for name, t in sd.items():
         if _is_proj(name):
-            tensors.update(_part_tensors(name[:-len(".weight")], quantize_nf4(t)))
+            tensors.update(part_tensors(name[:-len(".weight")], quantize_nf4(t)))
         else:
             tensors[name] = t
     # clone: the NF4 codebook is one shared tensor, and safetensors refuses shared storage

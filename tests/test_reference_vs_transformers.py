@@ -68,7 +68,7 @@ def test_decode_with_cache_equals_full_forward(hf_checkpoint):
     ids = model.tokenizer.encode(PROMPTS[1])
     full = model.logits(ids)[0]
     eng, module = model.engine, model.module
-    from codellama_rt.model import Decode, Prefill
+    from codellama_rt.model.transformer import Decode, Prefill
 
     with torch.inference_mode():
         k = 5

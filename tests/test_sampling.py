@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codellama_rt.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k_top_p,
+from codellama_rt.engine.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k_top_p,
                                    sample_next)
 
 

@@ -20,7 +20,7 @@ import sentencepiece as spm
 from hypothesis import given, settings, strategies as st
 
 from codellama_rt import Tokenizer
-from codellama_rt.detokenize import TextStream
+from codellama_rt.tokenizer.detokenize import TextStream
 from conftest import SHARED_TOKENIZERS, available_tokenizers, real_tokenizer
 
 LLAMA2 = SHARED_TOKENIZERS / "llama2-tokenizer.model"

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import codellama_rt as cl
 from codellama_rt import Tokenizer
 from codellama_rt.cli import main as cli_main
-from codellama_rt.detokenize import TextStream
+from codellama_rt.tokenizer.detokenize import TextStream
 from codellama_rt.tiny import stdlib_sources
 from conftest import SHARED_TOKENIZERS, TINY_VOCAB, available_tokenizers, real_tokenizer
 
@@ -597,7 +597,7 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
 
 @pytest.mark.parametrize("suffix_first", [False, True])
 def test_cli_mask_png(capsys, tmp_path, tiny_tokenizer, suffix_first):
-    from codellama_rt.mask_view import SEGMENTS
+    from codellama_rt.cli.mask_view import SEGMENTS
 
     tok = Tokenizer.from_file(tiny_tokenizer)
     png = tmp_path / "out.png"

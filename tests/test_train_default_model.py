@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import codellama_rt as cl
-from codellama_rt.config import ModelArgs
-from codellama_rt.model import Prefill
+from codellama_rt.model.config import ModelArgs
+from codellama_rt.model.transformer import Prefill
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import train_default_model as tdm  # noqa: E402

@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 import codellama_rt as cl
-from codellama_rt.backends import BACKENDS
-from codellama_rt.checkpoint import hf_plan
-from codellama_rt.config import ModelArgs
-from codellama_rt.kv_cache import KVCache
-from codellama_rt.model import Decode, Prefill, Transformer
+from codellama_rt.model.backends import BACKENDS
+from codellama_rt.checkpoint.layouts import hf_plan
+from codellama_rt.model.config import ModelArgs
+from codellama_rt.model.kv_cache import KVCache
+from codellama_rt.model.transformer import Decode, Prefill, Transformer
 from codellama_rt.tiny import hf_config, train_tokenizer
-from codellama_rt.tokenizer import Tokenizer
+from codellama_rt.tokenizer.tokenizer import Tokenizer
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings",
                  "__pycache__"}

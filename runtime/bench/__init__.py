@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock seconds for the whole report (default: 480 on a GPU, 300 on the CPU)")
     p.add_argument("--no-resources", action="store_true",
                    help="leave out the AOT resource table (about 30 s of compiling on a cold Triton cache)")
-    from ..cli import add_kernel_flags
+    from ..cli.common import add_kernel_flags
 
     add_kernel_flags(p)  # the kernel options of every row (experiment rows add their own experiments)
 

@@ -42,12 +42,12 @@ from typing import Optional
 import torch
 
 from ..api import random_model
-from ..backends import resolve_backend
-from ..config import ModelArgs
-from ..generate import Engine
+from ..model.backends import resolve_backend
+from ..model.config import ModelArgs
+from ..engine.generate import Engine
 from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
-from ..quant import weight_bytes
-from ..sampling import SamplingParams
+from ..quant.linear import weight_bytes
+from ..engine.sampling import SamplingParams
 
 OURS_GRAPHS = "ours (CUDA graphs)"
 OURS_EAGER = "ours (eager)"
@@ -376,9 +376,9 @@ def compiled_reference_decode(model, spec: ModelSpec, plan: Plan, batch: int = 1
     """gpt-fast's recipe on our graph with the reference ops: eager prefill into a static KV cache, then
     `torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)` fed its own argmax, no host
     sync per token. Falls back to fullgraph=False (noted in the row) when dynamo cannot trace it whole."""
-    from ..backends import BACKENDS
-    from ..kv_cache import KVCache
-    from ..model import Decode, Prefill
+    from ..model.backends import BACKENDS
+    from ..model.kv_cache import KVCache
+    from ..model.transformer import Decode, Prefill
 
     row = _decode_row(spec, COMPILE, batch, plan, backend="reference")
     module, device = model.module, model.module.device
@@ -481,7 +481,7 @@ def hf_model(model):
     q/k/v and gate/up views, no copy. eos is unset so generation always runs max_new_tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..checkpoint import hf_plan
+    from ..checkpoint.layouts import hf_plan
     from ..tiny import hf_config
 
     module, args = model.module, model.args

@@ -23,10 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cli import kernel_options
+from ..cli.common import kernel_options
 from ..kernels._triton import pdl_enabled
 from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
-from ..quant import model_weight_bytes
+from ..quant.linear import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
 from .common import Budget, environment, loadavg, memory_bandwidth
@@ -167,7 +167,7 @@ def _model_info(spec: e2e.ModelSpec, model=None, build_s=None) -> dict:
                 params=args.param_count(), weight_bytes=shapes, weights_read_per_token=shapes - emb,
                 kv_bytes_per_token=args.kv_cache_bytes(1, 1, elem), elem_bytes=elem)
     if model is not None:
-        from ..quant import weight_bytes
+        from ..quant.linear import weight_bytes
 
         info.update(weight_bytes_measured=weight_bytes(model.module),
                     weights_read_measured=e2e.weights_read_per_token(model.module), build_s=build_s,

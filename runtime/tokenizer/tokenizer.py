@@ -14,7 +14,7 @@ from typing import Optional
 
 import sentencepiece as spm
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .sp_model import mark_unused
 
 B_INST, E_INST = "[INST]", "[/INST]"

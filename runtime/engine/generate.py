@@ -9,12 +9,12 @@ from typing import Iterator, Optional
 import torch
 
 from .decode_graph import NONFINITE, DecodeStep
-from .detokenize import TextStream
-from .errors import ModelBusyError
-from .kv_cache import KVCache
-from .model import Prefill, Transformer
+from ..tokenizer.detokenize import TextStream
+from ..errors import ModelBusyError
+from ..model.kv_cache import KVCache
+from ..model.transformer import Prefill, Transformer
 from .sampling import MAX_DECODE_STEPS, SamplingParams, SamplingSignature
-from .tokenizer import Tokenizer
+from ..tokenizer.tokenizer import Tokenizer
 
 
 @dataclass

@@ -16,15 +16,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels.attention_decode import rotary_attention_decode, rotary_attention_decode_ref
-from .kernels.attention_prefill import attention_prefill, attention_prefill_ref
-from .kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
-from .kernels.int4 import int4_linear, int4_linear_ref
-from .kernels.nf4 import nf4_linear, nf4_linear_ref
-from .kernels.options import DEFAULT_OPTIONS, KernelOptions
-from .kernels.rms_norm import rms_norm, rms_norm_ref
-from .kernels.rotary import rotary, rotary_ref
-from .kernels.swiglu import swiglu, swiglu_ref
+from ..kernels.attention_decode import rotary_attention_decode, rotary_attention_decode_ref
+from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
+from ..kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
+from ..kernels.int4 import int4_linear, int4_linear_ref
+from ..kernels.nf4 import nf4_linear, nf4_linear_ref
+from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
+from ..kernels.rms_norm import rms_norm, rms_norm_ref
+from ..kernels.rotary import rotary, rotary_ref
+from ..kernels.swiglu import swiglu, swiglu_ref
 
 
 @dataclass(frozen=True)

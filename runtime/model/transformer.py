@@ -13,7 +13,7 @@ from torch import nn
 
 from .backends import Backend
 from .config import ModelArgs
-from .kernels.rotary import rope_tables
+from ..kernels.rotary import rope_tables
 from .kv_cache import KVCache
 
 
@@ -23,7 +23,7 @@ def _param(*shape, dtype, device) -> nn.Parameter:
 
 class Linear(nn.Module):
     """y = x @ weight^T via `ops.linear`; weight [out, in]. The single place a quantized layer swaps in
-    (see `codellama_rt.quant`): every projection of the graph is one of these."""
+    (see `codellama_rt.quant.linear`): every projection of the graph is one of these."""
 
     def __init__(self, out_features: int, in_features: int, dtype, device):
         super().__init__()
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
     tok_embeddings [V, dim]; layers[i].attn_norm [dim]; layers[i].attn.wqkv [(H + 2 Hkv) D, dim];
     layers[i].attn.wo [dim, H D]; layers[i].mlp_norm [dim]; layers[i].mlp.w13 [2 ffn, dim];
     layers[i].mlp.w2 [dim, ffn]; norm [dim]; output [V, dim] (the embedding when tied).
-    Projections are `Linear` modules (their `.weight`), or `QuantLinear` once quantized (`codellama_rt.quant`).
+    Projections are `Linear` modules (their `.weight`), or `QuantLinear` once quantized (`codellama_rt.quant.linear`).
 
     linear_device: where the blocks' projection weights are allocated (default: `device`); "meta"
     allocates nothing, for a loader that fills or quantizes them one projection at a time.

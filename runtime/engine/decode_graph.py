@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .kv_cache import KVCache
-from .model import Decode, Transformer
+from ..model.kv_cache import KVCache
+from ..model.transformer import Decode, Transformer
 from .sampling import SamplingParams, SamplingSignature, sample
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture: Triton JIT, cuBLAS handles and workspaces

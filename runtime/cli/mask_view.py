@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import png
-from .tokenizer import FILL_ME, Tokenizer, split_fill
+from .. import png
+from ..tokenizer.tokenizer import FILL_ME, Tokenizer, split_fill
 
 # segment -> (one-letter tag, ANSI colour, RGB)
 SEGMENTS = {

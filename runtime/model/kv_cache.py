@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelArgs
-from .errors import is_allocation_failure
+from ..errors import is_allocation_failure
 
 
 class KVCache:

@@ -1,0 +1,150 @@
+"""Loading a model's weights from a checkpoint source (`sources`): every parameter of the graph filled per
+its layout's plan (`layouts`), dense or quantized (the checkpoint's own quantization, read by `quantized`, or
+quantized while loading); tensors the plan does not use are reported. Every failure raises CheckpointError
+naming the file and tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..model.config import ModelArgs
+from ..model.config_rules import read_json
+from ..model.transformer import Linear, Transformer
+from ..progress import Progress
+from ..quant.linear import QuantLinear, quantize_model, quantized_modules, set_module
+from .layouts import EMBEDDING, hf_plan, meta_plan
+from .quantized import _BNB_STATE, Quantization, Tensors, read_projection, read_quantization
+
+_IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rope\.freqs)$")
+
+
+def fill_vocab_size(args: ModelArgs, source, layout: str) -> None:
+    """Meta's params.json may say vocab_size -1: take it from the embedding's rows (in place)."""
+    if args.vocab_size <= 0:
+        args.vocab_size = source.shape(EMBEDDING[layout])[0]
+
+
+def check_shapes(source, layout: str, args: ModelArgs) -> None:
+    """Check the shape and dtype of every tensor of the model's plan that `source` holds densely, from
+    tensor metadata alone (no data is read), so that a config disagreeing with the weights fails before
+    the model is allocated; each failure is the CheckpointError `load_weights` would raise.
+
+    Quantized projections (stored under other names, as integers, or with a bitsandbytes quant state)
+    are left to the loader, and so are missing tensors, except each layer's first norm: layers the
+    weights lack are reported before a plan for a corrupt n_layers is built.
+    """
+    norm = "model.layers.{}.input_layernorm.weight" if layout == "hf" else "layers.{}.attention_norm.weight"
+    layers = {m.group(1) for n in source.names() if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", n))}
+    for i in range(min(args.n_layers, len(layers) + 1)):  # bounded: a corrupt n_layers must not build a huge plan
+        if not source.has(norm.format(i)):
+            raise CheckpointError("missing tensor", file=source.weights_file, tensor=norm.format(i))
+    if args.vocab_size < 1:  # Meta's -1: the loader takes it from the embedding
+        embedding = EMBEDDING[layout]
+        if not source.has(embedding) or len(source.shape(embedding)) != 2:
+            return  # the loader reports it
+        args = dataclasses.replace(args)
+        fill_vocab_size(args, source, layout)
+    plan = hf_plan(args) if layout == "hf" else meta_plan(args)
+    for parts in plan.values():
+        for part in parts:
+            if source.has(part.name) and not _stored_quantized(source, part.name):
+                source.check(part)
+
+
+def _stored_quantized(source, name: str) -> bool:
+    dtype = source.dtype(name)
+    integer = isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex)
+    return integer or source.has(name + _BNB_STATE)  # bnb_4bit_quant_storage may be a float dtype
+
+
+def checkpoint_quantization(directory: Path, layout: str) -> Optional[Quantization]:
+    """How the checkpoint's weights are quantized (its config.json's quantization_config), or None."""
+    if layout != "hf":
+        return None
+    return read_quantization(read_json(directory / "config.json"), directory / "config.json")
+
+def load_weights(model: Transformer, source, layout: str, *, quantization: Optional[Quantization] = None,
+                 quantize: Optional[str] = None, group_size: int = 128, quantize_head: bool = False,
+                 progress: Optional[bool] = None) -> None:
+    """Fill every parameter of `model` from `source`, converting dtype and device once per tensor.
+
+    quantization: the checkpoint's own (its quantized projections become QuantLinear modules as stored).
+    quantize: "nf4" | "int4" quantizes every dense projection of the blocks (and the lm_head with
+    `quantize_head`) right after reading it, so the dense model never exists whole; the blocks'
+    projections may then be allocated on the meta device (see `Transformer(linear_device=...)`).
+    """
+    plan = hf_plan(model.args) if layout == "hf" else meta_plan(model.args)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    linears = {name for name, m in model.named_modules() if isinstance(m, Linear)}
+    bar = Progress(source.total_bytes(), f"loading {source.directory.name}", enabled=progress)
+    consumed = set()
+    tensors = Tensors(source, consumed, bar, model.device) if quantization is not None else None
+    try:
+        for target, parts in plan.items():
+            module, _, leaf = target.rpartition(".")
+            if leaf != "weight" or module not in linears:
+                _read_dense(source, parts, params[target], consumed, bar)
+                continue
+            lin = model.get_submodule(module)
+            shape = tuple(lin.weight.shape)
+            if tensors is not None:
+                qparts = read_projection(tensors, quantization, module, parts, shape, model.dtype)
+                if qparts is not None:
+                    set_module(model, module, QuantLinear(qparts))
+                    continue
+            if lin.weight.is_meta:
+                lin.weight = nn.Parameter(torch.empty(shape, dtype=model.dtype, device=model.device),
+                                          requires_grad=False)
+            _read_dense(source, parts, lin.weight, consumed, bar)
+            if quantize is not None and (module != "output" or quantize_head):
+                _quantize(model, quantize, group_size, quantize_head, [module], source, parts)
+        if tensors is not None and quantization.quantize_head and "output.weight" not in plan:
+            # tied embeddings, quantized head: the head's parts are stored on their own
+            set_module(model, "output", QuantLinear(read_projection(
+                tensors, quantization, "output", [], (model.args.vocab_size, model.args.dim), model.dtype)))
+        if quantize is not None:  # what the plan does not name (a tied head)
+            _quantize(model, quantize, group_size, quantize_head, None, source, [])
+    finally:
+        bar.close()
+    unexpected = sorted(n for n in source.names() - consumed if not _IGNORED.search(n))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor: not part of a Llama model with n_layers={model.args.n_layers}"
+                              f"{' and tied embeddings' if model.args.tie_word_embeddings else ''} "
+                              f"(config and weights disagree?); {len(unexpected)} such tensor(s)",
+                              file=source.file_of(unexpected[0]), tensor=unexpected[0])
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise CheckpointError("no weights for this parameter", file=source.directory, tensor=name)
+        if not torch.isfinite(p).all():
+            raise CheckpointError("weights contain NaN or Inf", file=source.directory, tensor=name)
+    for name, q in quantized_modules(model).items():
+        for buf_name, b in q.named_buffers(recurse=False):
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise CheckpointError("quantization scales contain NaN or Inf", file=source.directory,
+                                      tensor=f"{name}.{buf_name}")
+
+
+def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar) -> None:
+    offset = 0
+    for part in parts:
+        t = source.read(part)
+        dest[offset:offset + part.shape[0]].copy_(t)
+        offset += part.shape[0]
+        consumed.add(part.name)
+        bar.update(t.numel() * t.element_size())
+
+
+def _quantize(model, method, group_size, quantize_head, only, source, parts) -> None:
+    try:
+        quantize_model(model, method, group_size=group_size, quantize_head=quantize_head, only=only)
+    except ValueError as e:
+        name = parts[0].name if parts else None
+        raise CheckpointError(f"cannot quantize to {method}: {e}",
+                              file=source.file_of(name) if name else source.directory, tensor=name) from None

@@ -1,0 +1,71 @@
+"""Command line: `codellama-rt generate | infill | chat | quantize | info | mask | bench` (see ../shared/docs/API.md).
+
+Bad arguments or bad input print one line on stderr and exit with status 2; an internal error prints
+one line saying how to report it and exits with status 1 (`--debug`, or CODELLAMA_RT_DEBUG=1, shows
+the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import CheckpointError
+from . import bench, chat, generate, info, infill, mask, quantize
+from .common import PROG, Parser, UsageError
+
+# bad arguments or input: one line, exit 2 (FloatingPointError: the model's numerics overflow;
+# MemoryError: the KV cache or weights do not fit what was asked for)
+_INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError)
+SUBCOMMANDS = (generate, infill, chat, mask, quantize, bench, info)  # in --help's order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description="CodeLlama inference runtime")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    debug = Parser(add_help=False)  # --debug also after the command (SUPPRESS keeps the top level's value)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, required=True)
+    for command in SUBCOMMANDS:
+        command.add_parser(sub, [debug])
+    return parser
+
+
+def main(argv=None) -> int:
+    debug = os.environ.get("CODELLAMA_RT_DEBUG", "") not in ("", "0")
+    try:
+        a = build_parser().parse_args(argv)
+        debug = debug or a.debug
+        a.run(a)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `| head` (an OSError, so before that clause): stop quietly
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except _INPUT_ERRORS as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours, not bad input
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {' '.join(str(e).split())} (a bug in codellama-rt: "
+              "please report it with the output of the same command run with --debug)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into the closed pipe stays quiet."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured by a test)
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

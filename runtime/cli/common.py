@@ -1,0 +1,94 @@
+"""What the subcommands share: the parser class, model / kernel / sampling flags, loading the model, and
+writing to stdout / stderr."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "codellama-rt"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the "
+                   "local HF cache; default: the embedded default model")
+    p.add_argument("--backend", default="auto", help="auto | reference | triton")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--quantize", default=None, help="nf4 | int4")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128, dividing the "
+                   "model's widths (default: the largest that does)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    add_kernel_flags(p)
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """--experiments / --no-pdl: the triton backend's KernelOptions (`kernel_options`); unset, they take
+    CODELLAMA_RT_EXPERIMENTS / CODELLAMA_RT_PDL."""
+    p.add_argument("--experiments", type=_experiment_names, default=None, metavar="NAMES",
+                   help="comma-separated kernel paths not yet the default (kernels/options.py lists them; "
+                   "default: $CODELLAMA_RT_EXPERIMENTS, else none)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None, help="programmatic dependent "
+                   "launch on sm_90+ GPUs (default: on unless CODELLAMA_RT_PDL=0)")
+
+
+def _experiment_names(text: str) -> frozenset:
+    from ..kernels.options import KernelOptions, parse_experiments
+
+    try:
+        return KernelOptions(parse_experiments(text)).experiments
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def kernel_options(a):
+    """The KernelOptions of `add_kernel_flags`' flags; the environment (`KernelOptions.from_env`, read here
+    once) fills in those not given."""
+    from ..kernels.options import KernelOptions
+
+    if a.experiments is not None and a.pdl is not None:
+        return KernelOptions(a.experiments, a.pdl)
+    env = KernelOptions.from_env()
+    return KernelOptions(env.experiments if a.experiments is None else a.experiments,
+                         env.pdl if a.pdl is None else a.pdl)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def load(a):
+    from ..api import load_model
+
+    if a.group_size is not None and a.quantize != "int4":
+        raise ValueError("--group-size applies to --quantize int4 only")
+    return load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
+                      group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a))
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def warn(text: str) -> None:
+    print(f"{PROG}: {' '.join(text.split())}", file=sys.stderr, flush=True)

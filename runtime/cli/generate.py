@@ -1,0 +1,25 @@
+"""`codellama-rt generate PROMPT`: stream a completion to stdout."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_flags, add_sampling_flags, load, sampling, write
+
+
+def add_parser(sub, parents: list) -> None:
+    g = sub.add_parser("generate", parents=parents, help="stream a completion of PROMPT to stdout")
+    add_model_flags(g)
+    add_sampling_flags(g)
+    g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    g.set_defaults(run=run)
+
+
+def run(a) -> None:
+    from ..engine.sampling import SamplingParams
+
+    SamplingParams(**sampling(a))  # reject bad flags before loading weights
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    model = load(a)
+    for piece in model.stream(prompt, **sampling(a)):
+        write(piece)
+    write("\n")

@@ -1,0 +1,36 @@
+"""`codellama-rt quantize`: write a 4-bit checkpoint (nf4 or int4) that `load()` reads back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub, parents: list) -> None:
+    q = sub.add_parser("quantize", parents=parents,
+                       help="write a 4-bit checkpoint (nf4 or int4) that load() reads back")
+    q.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the local HF cache")
+    q.add_argument("--method", required=True, choices=("nf4", "int4"))
+    q.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale/zero (32, 64, "
+                   "128; default: the largest dividing the model's widths)")
+    q.add_argument("--quantize-head", action="store_true", help="quantize the lm_head too (default: kept dense)")
+    q.add_argument("--out", required=True, help="output directory (new or empty)")
+    q.add_argument("--dtype", default=None, help="dtype of the dense tensors and of what the weights dequantize "
+                   "to (default: bf16 on CUDA, fp32 on CPU)")
+    q.add_argument("--device", default=None, help="where to quantize: cpu | cuda | cuda:N (default: cuda when available)")
+    q.set_defaults(run=run)
+
+
+def run(a) -> None:
+    from ..api import default_model_path, load_model, resolve_group_size
+    from ..checkpoint.writer import save_quantized
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty directory")
+    model = load_model(a.model, dtype=a.dtype, device=a.device, quantize=a.method, group_size=a.group_size,
+                       quantize_head=a.quantize_head)
+    group_size = resolve_group_size(a.group_size, a.method, model.args)  # what load_model chose
+    save_quantized(model, out, method=a.method, group_size=group_size, quantize_head=a.quantize_head,
+                   source_dir=model.path or default_model_path())
+    from ..quant.linear import weight_bytes
+
+    print(f"wrote {out} ({a.method}, weights {weight_bytes(model.module) / 2 ** 30:.2f} GiB)")
