@@ -16,7 +16,7 @@ import torch
 
 from codellama_rt import ModelArgs, SamplingParams, cli
 from codellama_rt.api import random_model
-from codellama_rt.bench import e2e, report
+from codellama_rt.bench import e2e, ours, report
 from codellama_rt.bench.plots import Bar, hbar_chart
 from codellama_rt.png import Canvas, encode_png
 from codellama_rt.quant.linear import model_weight_bytes, weight_bytes
@@ -137,13 +137,13 @@ def test_decode_bound_arithmetic():
     # 7B bf16 read per token: every parameter but the embedding table, 2 bytes each
     per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
     weights = (32 * per_layer + 4096 + 32016 * 4096) * 2
-    assert report._model_info(e2e.MODELS["7B-bf16"])["weights_read_per_token"] == weights == 13_214_818_304
+    assert report.model_info(e2e.MODELS["7B-bf16"])["weights_read_per_token"] == weights == 13_214_818_304
     kv = 2 * 32 * 8 * 32 * 128 * 2 * 1024  # K and V, layers, batch, heads, head dim, bytes, tokens
     step = e2e.decode_step_bytes(weights, args, batch=8, context=1024, elem_bytes=2)
     assert step == weights + kv == 13_214_818_304 + 4_294_967_296
     assert e2e.decode_bound(step, 3000.0, batch=8) == pytest.approx(8 * 3e12 / step)
     # int4 g128 read per token: the shape formula less the dense embedding
-    int4 = report._model_info(e2e.MODELS["7B-int4"])
+    int4 = report.model_info(e2e.MODELS["7B-int4"])
     assert int4["weights_read_per_token"] == model_weight_bytes(args, bytes_per_elem=2, method="int4") - 32016 * 4096 * 2
 
 
@@ -153,9 +153,9 @@ def test_finish_rows_bound_and_agreement():
     graphs = dict(row, provider=e2e.OURS_GRAPHS, tokens0=[5, 6, 7, 8])
     peer = dict(row, provider=e2e.COMPILE, tokens0=[5, 6, 9, 8])
     data = {"bandwidth_gbps": 3000.0, "models": [], "decode": [graphs, row, peer]}
-    report._finish_rows(data)
+    report.finish_rows(data)
     assert graphs["agree_with_ours"] == "4/4"
-    info = report._model_info(e2e.MODELS["7B-bf16"])
+    info = report.model_info(e2e.MODELS["7B-bf16"])
     step = info["weights_read_per_token"] + info["kv_bytes_per_token"] * (128 + 64)
     assert row["step_bytes"] == step and row["bound_tok_s"] == pytest.approx(3e12 / step)
     assert row["frac_bound"] == pytest.approx(100.0 * step / 3e12)
@@ -266,7 +266,7 @@ def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
         seen.append((model.module.ops.options, cuda_graphs))
         raise e2e.Unavailable("spied")
 
-    monkeypatch.setattr(e2e, "make_engine", spy)
+    monkeypatch.setattr(ours, "make_engine", spy)
     cpu_plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"],
                              kernel_options=KernelOptions(experiments={"int4_mma"}, pdl=False))
     spec = e2e.MODELS["tiny"]
@@ -284,8 +284,10 @@ def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
 
 
 def test_peer_without_transformers_is_skipped_without_a_child(monkeypatch):
-    real = e2e.importlib.util.find_spec
-    monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name))
     plan = e2e.make_plan(cuda=True, quick=False)
     rows = e2e.peer_rows_isolated("hf", e2e.MODELS["7B-bf16"], plan, timeout_s=1)
     assert len(rows) == len(plan.ttft_prompts) + len(plan.batches)
