@@ -17,8 +17,8 @@ from torch import nn
 
 from .backends import Backend
 from .config import ModelArgs
-from .kernels.int4 import Int4Weight, quantize_int4
-from .kernels.nf4 import NF4Weight, quantize_nf4
+from .kernels.int4_format import Int4Weight, quantize_int4
+from .kernels.nf4_format import NF4Weight, quantize_nf4
 from .model import Linear, Transformer
 
 METHODS = ("nf4", "int4")
