@@ -76,7 +76,7 @@ def check_seq_len(max_seq_len: Optional[int], args: ModelArgs) -> int:
 def int4_group_size(args: ModelArgs) -> int:
     """The largest int4 group size (128, 64, 32) dividing every projection's input width (the lm_head's
     is `dim`, so this holds with `quantize_head` too)."""
-    from .kernels.int4 import GROUP_SIZES
+    from .kernels.int4_format import GROUP_SIZES
 
     widths = {args.dim, args.q_dim, args.ffn_dim}
     for g in sorted(GROUP_SIZES, reverse=True):

@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError
-from ..kernels.int4 import Int4Weight, unpack_gptq
-from ..kernels.nf4 import NF4Weight
+from ..kernels.int4_format import Int4Weight, unpack_gptq
+from ..kernels.nf4_format import NF4Weight
 from ..quant.linear import METHODS, merge_int4
 
 OWN_METHOD = "codellama-rt"

@@ -15,10 +15,10 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..kernels.int4_format import Int4Weight, quantize_int4
+from ..kernels.nf4_format import NF4Weight, quantize_nf4
 from ..model.backends import Backend
 from ..model.config import ModelArgs
-from ..kernels.int4 import Int4Weight, quantize_int4
-from ..kernels.nf4 import NF4Weight, quantize_nf4
 from ..model.transformer import Linear, Transformer
 
 METHODS = ("nf4", "int4")
