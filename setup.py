@@ -20,7 +20,9 @@ setup(
         "numpy>=1.24,<2.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45"],
+        # PNG charts of the benchmark report and `codellama-rt mask --png`; without it both say how to get it
+        "plots": ["matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
 )

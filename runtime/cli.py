@@ -11,12 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingExtraError
 
 PROG = "codellama-rt"
 # bad arguments or input: one line, exit 2 (FloatingPointError: the model's numerics overflow;
-# MemoryError: the KV cache or weights do not fit what was asked for)
-_INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError)
+# MemoryError: the KV cache or weights do not fit what was asked for; MissingExtraError: an option
+# needs an optional extra, e.g. mask --png needs matplotlib)
+_INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError, MissingExtraError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -284,6 +285,10 @@ def cmd_mask(a) -> None:
     from .mask_view import prompt_segments, render_text, write_png
     from .tokenizer import Tokenizer
 
+    if a.png:
+        from .plotting import require
+
+        require("--png")  # before any work: without matplotlib say how to get it
     if a.max_tokens < 1:
         raise ValueError(f"--max-tokens={a.max_tokens} is invalid: expected >= 1")
     if a.tokenizer is not None:

@@ -1,9 +1,10 @@
 """The benchmark report (codellama_rt.bench): the CPU quick run end to end, the bound arithmetic, the
-bars, the PNG writer, random-weight models, and the CLI / script entry points. Speed itself is never
+bars, the charts (with and without matplotlib), random-weight models, and the CLI / script entry points. Speed itself is never
 asserted here (see bench/README.md)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import struct
 import subprocess
@@ -18,7 +19,8 @@ from codellama_rt import ModelArgs, SamplingParams, cli
 from codellama_rt.api import random_model
 from codellama_rt.bench import e2e, ours, report
 from codellama_rt.bench.plots import Bar, hbar_chart
-from codellama_rt.png import Canvas, encode_png
+from codellama_rt.errors import MissingExtraError
+from codellama_rt.plotting import INSTALL_HINT
 from codellama_rt.quant import model_weight_bytes, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +30,11 @@ REPORT_KEYS = {"meta", "plan", "bandwidth_gbps", "bandwidth_method", "models", "
                "resources", "problems", "bars", "skipped", "timings", "plots"}
 
 
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
 def png_info(data: bytes) -> tuple[int, int]:
-    """(width, height) of an 8-bit RGB PNG, after checking its signature, chunk CRCs and pixel data size."""
+    """(width, height) of a PNG, after checking its signature, chunk CRCs and (8-bit RGB) pixel data size."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
     while pos < len(data):
@@ -41,7 +46,7 @@ def png_info(data: bytes) -> tuple[int, int]:
     assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     w, h, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
     assert w > 0 and h > 0 and depth in (8, 16) and color in (2, 6)
-    if (depth, color) == (8, 2):  # ours; matplotlib writes RGBA
+    if (depth, color) == (8, 2):  # matplotlib writes RGBA
         raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
         assert len(raw) == h * (1 + 3 * w)
     return w, h
@@ -82,9 +87,12 @@ def test_cli_quick_report_writes_everything(quick_report):
         assert hf[0]["status"] == "ok" and hf[0]["agree_with_ours"] == "16/16"
         assert any(r["provider"] == e2e.HF and r["status"] == "ok" for r in data["ttft"])
     assert [b["status"] for b in data["bars"]] == ["unmeasured"] * len(report.BARS)
-    assert data["plots"] == ["decode_vs_bound.png"]
-    assert png_info((out / "decode_vs_bound.png").read_bytes())[0] > 100
     md = (out / "report.md").read_text()
+    if HAVE_MATPLOTLIB:
+        assert data["plots"] == ["decode_vs_bound.png"] and data["plots_missing"] is None
+        assert png_info((out / "decode_vs_bound.png").read_bytes())[0] > 100
+    else:  # the tables all the same, and the report says how to get the charts
+        assert data["plots"] == [] and INSTALL_HINT in data["plots_missing"] and INSTALL_HINT in md
     for heading in ("## Bars", "## Decode", "## Time to first token", "## Models", "## Plots", "## Timings"):
         assert heading in md
     assert "| tiny | ours (eager) | 1 |" in md and "AOT resources" in md
@@ -342,31 +350,42 @@ def test_random_model_rejects_bad_options():
         random_model(TINY, None, max_batch_size=0)
 
 
-# ---- PNG and charts ---------------------------------------------------------------------------
+# ---- charts ------------------------------------------------------------------------------------
 
-def test_encode_png_round_trip():
-    assert png_info(encode_png(1, 3, [bytes([9, y, 7]) for y in range(3)])) == (1, 3)
-    c = Canvas(40, 20)
-    c.rect(-5, -5, 10, 10, (255, 0, 0))  # clipped
-    end = c.text(2, 10, "Ab1%?", (0, 0, 0))
-    assert end == 2 + 5 * 6
-    data = c.png()
-    assert png_info(data) == (40, 20)
-    raw = zlib.decompress(data[data.index(b"IDAT") + 4:])
-    assert raw[1:4] == b"\xff\x00\x00" and raw[1 + 3 * 39:1 + 3 * 40] == b"\xff\xff\xff"
-    with pytest.raises(ValueError):
-        encode_png(2, 1, [b"\x00" * 3])
+CHART_PANELS = {"7B-bf16": [Bar("b1", 150.0, "ours", bound=200.0, text="150 (75%)"), Bar("b1", 90.0, "peer")],
+                "tiny": [Bar("b8", 12000.0, "ours", bound=15000.0)]}
 
 
-def test_hbar_chart_png_backend(tmp_path):
-    panels = {"7B-bf16": [Bar("b1", 150.0, "ours", bound=200.0, text="150 (75%)"), Bar("b1", 90.0, "peer")],
-              "tiny": [Bar("b8", 12000.0, "ours", bound=15000.0)]}
-    path = hbar_chart(tmp_path / "c.png", "Decode", panels, unit="tok/s", ref=180.0, ref_label="copy",
-                      backend="png")
+def test_hbar_chart_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image  # matplotlib's own dependency
+
+    path = hbar_chart(tmp_path / "c.png", "Decode", CHART_PANELS, unit="tok/s", ref=180.0, ref_label="copy")
     w, h = png_info(path.read_bytes())
-    assert w > 500 and h > 200
+    assert (w, h) == (1210, 330)  # 11 x (1.2 + 0.3 * panel rows) inches at 110 dpi
+    with Image.open(path) as img:
+        colors = {rgb for _, rgb in img.convert("RGB").getcolors(maxcolors=w * h)}
+    assert (31, 119, 180) in colors and (255, 127, 14) in colors  # "ours" and "peer" bars (C0, C1)
+    assert (215, 215, 215) in colors  # the bounds behind them
     with pytest.raises(ValueError):
         hbar_chart(tmp_path / "d.png", "x", {"a": []}, unit="u")
+
+
+def test_charts_without_matplotlib_say_how_to_get_them(tmp_path, quick_report, no_matplotlib):
+    """Without the plots extra a chart raises MissingExtraError naming the extra; the report keeps its
+    tables and says in report.md why there are no plots."""
+    with pytest.raises(MissingExtraError, match=r"needs matplotlib.*pip install 'codellama-rt\[plots\]'"):
+        hbar_chart(tmp_path / "c.png", "Decode", CHART_PANELS, unit="tok/s")
+    assert not (tmp_path / "c.png").exists()
+    data = json.loads((quick_report[1] / "report.json").read_text())
+    assert data["decode"]  # rows to plot
+    data["plots_missing"] = None
+    data["plots"] = report.write_plots(data, tmp_path)
+    assert data["plots"] == [] and list(tmp_path.iterdir()) == []
+    assert data["plots_missing"] == f"drawing PNG charts needs matplotlib, which is not installed: {INSTALL_HINT}"
+    md = report.to_markdown(data, "")
+    assert "## Decode" in md and "| tiny | ours (eager) | 1 |" in md
+    assert f"## Plots\n\nNot drawn: drawing PNG charts needs matplotlib, which is not installed: {INSTALL_HINT}." in md
 
 
 def test_source_digest_names_the_code(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from typing import Optional
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", required=True, type=Path, metavar="DIR",
-                   help="output folder (report.md, report.json, PNG plots)")
+                   help="output folder (report.md, report.json; PNG plots with the plots extra)")
     p.add_argument("--quick", action="store_true",
                    help="fewer models and tokens (GPU: 7B bf16 and int4, no peers or kernels; CPU: CI-sized)")
     p.add_argument("--only", action="append", default=None, metavar="NAMES",
