@@ -16,6 +16,7 @@ setup(
         "triton>=3.6",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
+        "tqdm>=4.60",  # the loading progress bar
         # triton's CPU interpreter (TRITON_INTERPRET=1) needs numpy < 2.3
         "numpy>=1.24,<2.3",
     ],
