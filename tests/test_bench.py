@@ -388,21 +388,95 @@ def test_charts_without_matplotlib_say_how_to_get_them(tmp_path, quick_report, n
     assert f"## Plots\n\nNot drawn: drawing PNG charts needs matplotlib, which is not installed: {INSTALL_HINT}." in md
 
 
-def test_source_digest_names_the_code(tmp_path, monkeypatch):
-    """Same files -> same digest; one byte changed in any runtime/ or kernels/ .py -> another digest."""
-    from codellama_rt.bench import common
+def _package(root: Path, layout: str, files: dict) -> tuple[Path, Path]:
+    """(package dir, kernels dir) holding `files` ({name inside the package: text}) laid out as a checkout
+    (runtime/ and kernels/ side by side) or as an installed package (kernels/ inside codellama_rt/)."""
+    pkg = root / ("runtime" if layout == "checkout" else "site-packages/codellama_rt")
+    kernels = root / "kernels" if layout == "checkout" else pkg / "kernels"
+    for name, text in files.items():
+        path = kernels / name[len("kernels/"):] if name.startswith("kernels/") else pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return pkg, kernels
 
-    for sub in ("runtime", "kernels"):
-        (tmp_path / sub).mkdir()
-        (tmp_path / sub / "a.py").write_text("x = 1\n")
-    (tmp_path / "README.md").write_text("not code")
-    monkeypatch.setattr(common, "SOURCE_ROOT", tmp_path)
-    first = common.source_digest()
-    assert len(first) == 12 and int(first, 16) >= 0
-    (tmp_path / "README.md").write_text("changed, but not code")
-    assert common.source_digest() == first
-    (tmp_path / "kernels" / "a.py").write_text("x = 2\n")
-    assert common.source_digest() != first
+
+CODE = {"__init__.py": "x = 1\n", "bench/common.py": "y = 2\n", "kernels/__init__.py": "", "kernels/a.py": "z = 3\n"}
+
+
+def test_source_digest_names_the_code(tmp_path):
+    """The same files give the same digest in a checkout and installed; one byte changed in any .py, of the
+    package or its kernels, gives another; other files do not count."""
+    from codellama_rt.bench import provenance
+
+    checkout = _package(tmp_path / "a", "checkout", CODE)
+    installed = _package(tmp_path / "b", "installed", CODE)
+    first = provenance.source_digest(*checkout)
+    assert len(first) == 12 and int(first, 16) >= 0 and provenance.source_digest(*installed) == first
+    assert [n for n, _ in provenance.package_files(*installed)] == sorted(CODE)
+    (checkout[0] / "README.md").write_text("not code")
+    assert provenance.source_digest(*checkout) == first
+    (checkout[1] / "a.py").write_text("z = 4\n")
+    assert provenance.source_digest(*checkout) != first
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_checkout(tmp_path):
+    """A git repository with one commit holding a checkout's runtime/ and kernels/, and a virtualenv-like
+    site-packages inside it (untracked) holding the same code installed."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    root = tmp_path / "repo"
+    checkout = _package(root, "checkout", CODE)
+    _git(root, "init", "-q")
+    _git(root, "add", "runtime", "kernels")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    return root, checkout, _package(root / ".venv", "installed", CODE)
+
+
+def test_provenance_of_a_git_checkout(git_checkout):
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    root, checkout, _ = git_checkout
+    head = _git(root, "rev-parse", "HEAD")
+    got = provenance.provenance(*checkout)
+    assert got == {"codellama_rt": __version__, "package": str(checkout[0]), "git_commit": head,
+                   "source_digest": provenance.source_digest(*checkout)}
+    (checkout[1] / "a.py").write_text("z = 5\n")  # a tracked file changed
+    assert provenance.git_commit(checkout[0]) == head + "+dirty"
+
+
+def test_provenance_of_an_installed_package_says_the_commit_is_unknown(git_checkout, tmp_path):
+    """Installed (even in a virtualenv inside a checkout, whose HEAD is not the package's): version and
+    digest known, the commit explicitly unknown; a source tree without git says so too."""
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    _, checkout, installed = git_checkout
+    got = provenance.provenance(*installed)
+    assert got["git_commit"] == f"unknown (installed package at {installed[0]}, not a git checkout)"
+    assert got["codellama_rt"] == __version__ and got["source_digest"] == provenance.source_digest(*checkout)
+    loose = _package(tmp_path / "tarball", "checkout", CODE)
+    assert provenance.git_commit(loose[0]) == f"unknown (source tree at {loose[0].parent}, not a git checkout)"
+
+
+def test_this_run_records_its_provenance(quick_report):
+    """The report names the code it ran: this package's version and digest, and a commit or why not."""
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    meta = json.loads((quick_report[1] / "report.json").read_text())["meta"]
+    assert meta["codellama_rt"] == __version__ and meta["source_digest"] == provenance.source_digest()
+    assert meta["package"] == str(provenance.PACKAGE_DIR)
+    commit = meta["git_commit"]
+    assert commit.startswith("unknown (") or len(commit.removesuffix("+dirty")) == 40
+    assert f"commit {commit} (source digest {meta['source_digest']})" in (quick_report[1] / "report.md").read_text()
 
 
 def _load_script(name: str):

@@ -54,7 +54,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- card: **{m['card']}**, driver {m.get('driver')}, CUDA {m.get('cuda')}",
         f"- torch {m['torch']}, triton {m.get('triton')}, transformers {m.get('transformers')}, "
         f"python {m['python']}",
-        f"- commit {m.get('git_commit')} (source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
+        f"- codellama-rt {m.get('codellama_rt')}, commit {m.get('git_commit')} (source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
         f"took {report['timings'].get('total', 0):.0f} s",
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
