@@ -479,6 +479,38 @@ def test_this_run_records_its_provenance(quick_report):
     assert f"commit {commit} (source digest {meta['source_digest']})" in (quick_report[1] / "report.md").read_text()
 
 
+# ---- pytest-benchmark micro-benchmarks (bench/) ---------------------------------------------------
+
+BENCHMARKS = {"test_rms_norm", "test_rotary", "test_attention_prefill", "test_attention_decode",
+              "test_linear_decode", "test_linear_swiglu_decode", "test_int4_linear_decode",
+              "test_nf4_linear_decode", "test_decode", "test_prefill"}
+
+
+def test_pytest_benchmark_suite_saves_a_json_named_after_the_card(tmp_path):
+    """`pytest bench --benchmark-only` from the repository root, in a child with the fewest rounds, run by
+    the pytest script (`python -m pytest` would put the root, whose kernels/ shadows a PyPI package, on
+    sys.path): one JSON in the storage, named after the card, with every benchmark and the provenance."""
+    from codellama_rt.bench.common import card_name, card_slug
+    from codellama_rt.bench.provenance import provenance
+
+    script = Path(sys.executable).with_name("pytest")
+    if not script.is_file():
+        pytest.skip(f"no pytest script beside {sys.executable}")
+    cmd = [str(script), "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider", "--benchmark-min-rounds=1",
+           "--benchmark-max-time=0", "--benchmark-warmup=off", f"--benchmark-storage=file://{tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    saved = list(tmp_path.rglob("*.json"))
+    slug = card_slug({"card": card_name()})
+    assert len(saved) == 1 and saved[0].name.startswith(f"0001_{slug}_"), saved
+    data = json.loads(saved[0].read_text())
+    names = {b["name"].split("[")[0] for b in data["benchmarks"]}
+    assert names == BENCHMARKS
+    assert all(b["stats"]["rounds"] >= 1 and b["stats"]["median"] > 0 for b in data["benchmarks"])
+    assert data["machine_info"]["card"] == card_name()
+    assert data["commit_info"]["codellama_rt"] == provenance()  # the package this test imports: the same code
+
+
 def _load_script(name: str):
     import importlib.util
 
