@@ -18,11 +18,14 @@ setup(
         "triton>=3.6",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
+        "tqdm>=4.60",  # the loading progress bar
         # triton's CPU interpreter (TRITON_INTERPRET=1) needs numpy < 2.3
         "numpy>=1.24,<2.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45"],
+        # PNG charts of the benchmark report and `codellama-rt mask --png`; without it both say how to get it
+        "plots": ["matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
 )

@@ -27,3 +27,7 @@ def is_allocation_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(s in text for s in ("out of memory", "can't allocate",
                                                                    "cannot allocate"))
+
+
+class MissingExtraError(ImportError):
+    """A feature needs an optional extra that is not installed; the message says how to install it."""

@@ -1,31 +1,29 @@
-"""A minimal progress bar on stderr for long loads (no dependency; shown only on a terminal)."""
+"""The loading progress bar: tqdm on stderr, by default only for loads of 1 GiB or more on a terminal."""
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
 class Progress:
+    """Bytes loaded of `total_bytes`, shown on `stream` (stderr) as `label: 42%|####  | 1.2G/2.9G [...]`.
+    enabled: True shows it, False shows nothing, None shows it for 1 GiB or more when `stream` is a terminal."""
+
     def __init__(self, total_bytes: int, label: str, *, enabled: bool | None = None, stream=None):
-        self.stream = stream or sys.stderr
+        stream = stream or sys.stderr
         if enabled is None:
-            enabled = total_bytes >= (1 << 30) and getattr(self.stream, "isatty", lambda: False)()
-        self.enabled, self.total, self.label = enabled, max(total_bytes, 1), label
-        self.done, self.t0, self._last = 0, time.monotonic(), 0.0
+            enabled = total_bytes >= (1 << 30) and getattr(stream, "isatty", lambda: False)()
+        self.enabled = bool(enabled)
+        self._bar = tqdm(total=max(total_bytes, 1), desc=label, file=stream, unit="B", unit_scale=True,
+                         unit_divisor=1024, mininterval=0.1, dynamic_ncols=True) if self.enabled else None
 
     def update(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(30 * frac)
-            rate = self.done / max(now - self.t0, 1e-9) / 2**20
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done / 2**30:.2f}/"
-                              f"{self.total / 2**30:.2f} GiB {rate:.0f} MiB/s")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(nbytes)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Draw the final state and end the line (nothing when disabled)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -107,3 +107,10 @@ def hf_checkpoint(tmp_path, tiny_tokenizer):
 
 # tests import the tolerance table as `from tolerances import ...`
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib made unimportable for the test, as on an install without the `plots` extra."""
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)

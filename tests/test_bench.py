@@ -1,9 +1,10 @@
 """The benchmark report (codellama_rt.bench): the CPU quick run end to end, the bound arithmetic, the
-bars, the PNG writer, random-weight models, and the CLI / script entry points. Speed itself is never
+bars, the charts (with and without matplotlib), random-weight models, and the CLI / script entry points. Speed itself is never
 asserted here (see bench/README.md)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import struct
 import subprocess
@@ -18,7 +19,8 @@ from codellama_rt import ModelArgs, SamplingParams, cli
 from codellama_rt.api import random_model
 from codellama_rt.bench import e2e, ours, report
 from codellama_rt.bench.plots import Bar, hbar_chart
-from codellama_rt.png import Canvas, encode_png
+from codellama_rt.errors import MissingExtraError
+from codellama_rt.plotting import INSTALL_HINT
 from codellama_rt.quant.linear import model_weight_bytes, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +30,11 @@ REPORT_KEYS = {"meta", "plan", "bandwidth_gbps", "bandwidth_method", "models", "
                "resources", "problems", "bars", "skipped", "timings", "plots"}
 
 
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
 def png_info(data: bytes) -> tuple[int, int]:
-    """(width, height) of an 8-bit RGB PNG, after checking its signature, chunk CRCs and pixel data size."""
+    """(width, height) of a PNG, after checking its signature, chunk CRCs and (8-bit RGB) pixel data size."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
     while pos < len(data):
@@ -41,7 +46,7 @@ def png_info(data: bytes) -> tuple[int, int]:
     assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     w, h, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
     assert w > 0 and h > 0 and depth in (8, 16) and color in (2, 6)
-    if (depth, color) == (8, 2):  # ours; matplotlib writes RGBA
+    if (depth, color) == (8, 2):  # matplotlib writes RGBA
         raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
         assert len(raw) == h * (1 + 3 * w)
     return w, h
@@ -82,9 +87,12 @@ def test_cli_quick_report_writes_everything(quick_report):
         assert hf[0]["status"] == "ok" and hf[0]["agree_with_ours"] == "16/16"
         assert any(r["provider"] == e2e.HF and r["status"] == "ok" for r in data["ttft"])
     assert [b["status"] for b in data["bars"]] == ["unmeasured"] * len(report.BARS)
-    assert data["plots"] == ["decode_vs_bound.png"]
-    assert png_info((out / "decode_vs_bound.png").read_bytes())[0] > 100
     md = (out / "report.md").read_text()
+    if HAVE_MATPLOTLIB:
+        assert data["plots"] == ["decode_vs_bound.png"] and data["plots_missing"] is None
+        assert png_info((out / "decode_vs_bound.png").read_bytes())[0] > 100
+    else:  # the tables all the same, and the report says how to get the charts
+        assert data["plots"] == [] and INSTALL_HINT in data["plots_missing"] and INSTALL_HINT in md
     for heading in ("## Bars", "## Decode", "## Time to first token", "## Models", "## Plots", "## Timings"):
         assert heading in md
     assert "| tiny | ours (eager) | 1 |" in md and "AOT resources" in md
@@ -342,48 +350,165 @@ def test_random_model_rejects_bad_options():
         random_model(TINY, None, max_batch_size=0)
 
 
-# ---- PNG and charts ---------------------------------------------------------------------------
+# ---- charts ------------------------------------------------------------------------------------
 
-def test_encode_png_round_trip():
-    assert png_info(encode_png(1, 3, [bytes([9, y, 7]) for y in range(3)])) == (1, 3)
-    c = Canvas(40, 20)
-    c.rect(-5, -5, 10, 10, (255, 0, 0))  # clipped
-    end = c.text(2, 10, "Ab1%?", (0, 0, 0))
-    assert end == 2 + 5 * 6
-    data = c.png()
-    assert png_info(data) == (40, 20)
-    raw = zlib.decompress(data[data.index(b"IDAT") + 4:])
-    assert raw[1:4] == b"\xff\x00\x00" and raw[1 + 3 * 39:1 + 3 * 40] == b"\xff\xff\xff"
-    with pytest.raises(ValueError):
-        encode_png(2, 1, [b"\x00" * 3])
+CHART_PANELS = {"7B-bf16": [Bar("b1", 150.0, "ours", bound=200.0, text="150 (75%)"), Bar("b1", 90.0, "peer")],
+                "tiny": [Bar("b8", 12000.0, "ours", bound=15000.0)]}
 
 
-def test_hbar_chart_png_backend(tmp_path):
-    panels = {"7B-bf16": [Bar("b1", 150.0, "ours", bound=200.0, text="150 (75%)"), Bar("b1", 90.0, "peer")],
-              "tiny": [Bar("b8", 12000.0, "ours", bound=15000.0)]}
-    path = hbar_chart(tmp_path / "c.png", "Decode", panels, unit="tok/s", ref=180.0, ref_label="copy",
-                      backend="png")
+def test_hbar_chart_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image  # matplotlib's own dependency
+
+    path = hbar_chart(tmp_path / "c.png", "Decode", CHART_PANELS, unit="tok/s", ref=180.0, ref_label="copy")
     w, h = png_info(path.read_bytes())
-    assert w > 500 and h > 200
+    assert (w, h) == (1210, 330)  # 11 x (1.2 + 0.3 * panel rows) inches at 110 dpi
+    with Image.open(path) as img:
+        colors = {rgb for _, rgb in img.convert("RGB").getcolors(maxcolors=w * h)}
+    assert (31, 119, 180) in colors and (255, 127, 14) in colors  # "ours" and "peer" bars (C0, C1)
+    assert (215, 215, 215) in colors  # the bounds behind them
     with pytest.raises(ValueError):
         hbar_chart(tmp_path / "d.png", "x", {"a": []}, unit="u")
 
 
-def test_source_digest_names_the_code(tmp_path, monkeypatch):
-    """Same files -> same digest; one byte changed in any runtime/ or kernels/ .py -> another digest."""
-    from codellama_rt.bench import common
+def test_charts_without_matplotlib_say_how_to_get_them(tmp_path, quick_report, no_matplotlib):
+    """Without the plots extra a chart raises MissingExtraError naming the extra; the report keeps its
+    tables and says in report.md why there are no plots."""
+    with pytest.raises(MissingExtraError, match=r"needs matplotlib.*pip install 'codellama-rt\[plots\]'"):
+        hbar_chart(tmp_path / "c.png", "Decode", CHART_PANELS, unit="tok/s")
+    assert not (tmp_path / "c.png").exists()
+    data = json.loads((quick_report[1] / "report.json").read_text())
+    assert data["decode"]  # rows to plot
+    data["plots_missing"] = None
+    data["plots"] = report.write_plots(data, tmp_path)
+    assert data["plots"] == [] and list(tmp_path.iterdir()) == []
+    assert data["plots_missing"] == f"drawing PNG charts needs matplotlib, which is not installed: {INSTALL_HINT}"
+    md = report.to_markdown(data, "")
+    assert "## Decode" in md and "| tiny | ours (eager) | 1 |" in md
+    assert f"## Plots\n\nNot drawn: drawing PNG charts needs matplotlib, which is not installed: {INSTALL_HINT}." in md
 
-    for sub in ("runtime", "kernels"):
-        (tmp_path / sub).mkdir()
-        (tmp_path / sub / "a.py").write_text("x = 1\n")
-    (tmp_path / "README.md").write_text("not code")
-    monkeypatch.setattr(common, "SOURCE_ROOT", tmp_path)
-    first = common.source_digest()
-    assert len(first) == 12 and int(first, 16) >= 0
-    (tmp_path / "README.md").write_text("changed, but not code")
-    assert common.source_digest() == first
-    (tmp_path / "kernels" / "a.py").write_text("x = 2\n")
-    assert common.source_digest() != first
+
+def _package(root: Path, layout: str, files: dict) -> tuple[Path, Path]:
+    """(package dir, kernels dir) holding `files` ({name inside the package: text}) laid out as a checkout
+    (runtime/ and kernels/ side by side) or as an installed package (kernels/ inside codellama_rt/)."""
+    pkg = root / ("runtime" if layout == "checkout" else "site-packages/codellama_rt")
+    kernels = root / "kernels" if layout == "checkout" else pkg / "kernels"
+    for name, text in files.items():
+        path = kernels / name[len("kernels/"):] if name.startswith("kernels/") else pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return pkg, kernels
+
+
+CODE = {"__init__.py": "x = 1\n", "bench/common.py": "y = 2\n", "kernels/__init__.py": "", "kernels/a.py": "z = 3\n"}
+
+
+def test_source_digest_names_the_code(tmp_path):
+    """The same files give the same digest in a checkout and installed; one byte changed in any .py, of the
+    package or its kernels, gives another; other files do not count."""
+    from codellama_rt.bench import provenance
+
+    checkout = _package(tmp_path / "a", "checkout", CODE)
+    installed = _package(tmp_path / "b", "installed", CODE)
+    first = provenance.source_digest(*checkout)
+    assert len(first) == 12 and int(first, 16) >= 0 and provenance.source_digest(*installed) == first
+    assert [n for n, _ in provenance.package_files(*installed)] == sorted(CODE)
+    (checkout[0] / "README.md").write_text("not code")
+    assert provenance.source_digest(*checkout) == first
+    (checkout[1] / "a.py").write_text("z = 4\n")
+    assert provenance.source_digest(*checkout) != first
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_checkout(tmp_path):
+    """A git repository with one commit holding a checkout's runtime/ and kernels/, and a virtualenv-like
+    site-packages inside it (untracked) holding the same code installed."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    root = tmp_path / "repo"
+    checkout = _package(root, "checkout", CODE)
+    _git(root, "init", "-q")
+    _git(root, "add", "runtime", "kernels")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    return root, checkout, _package(root / ".venv", "installed", CODE)
+
+
+def test_provenance_of_a_git_checkout(git_checkout):
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    root, checkout, _ = git_checkout
+    head = _git(root, "rev-parse", "HEAD")
+    got = provenance.provenance(*checkout)
+    assert got == {"codellama_rt": __version__, "package": str(checkout[0]), "git_commit": head,
+                   "source_digest": provenance.source_digest(*checkout)}
+    (checkout[1] / "a.py").write_text("z = 5\n")  # a tracked file changed
+    assert provenance.git_commit(checkout[0]) == head + "+dirty"
+
+
+def test_provenance_of_an_installed_package_says_the_commit_is_unknown(git_checkout, tmp_path):
+    """Installed (even in a virtualenv inside a checkout, whose HEAD is not the package's): version and
+    digest known, the commit explicitly unknown; a source tree without git says so too."""
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    _, checkout, installed = git_checkout
+    got = provenance.provenance(*installed)
+    assert got["git_commit"] == f"unknown (installed package at {installed[0]}, not a git checkout)"
+    assert got["codellama_rt"] == __version__ and got["source_digest"] == provenance.source_digest(*checkout)
+    loose = _package(tmp_path / "tarball", "checkout", CODE)
+    assert provenance.git_commit(loose[0]) == f"unknown (source tree at {loose[0].parent}, not a git checkout)"
+
+
+def test_this_run_records_its_provenance(quick_report):
+    """The report names the code it ran: this package's version and digest, and a commit or why not."""
+    from codellama_rt import __version__
+    from codellama_rt.bench import provenance
+
+    meta = json.loads((quick_report[1] / "report.json").read_text())["meta"]
+    assert meta["codellama_rt"] == __version__ and meta["source_digest"] == provenance.source_digest()
+    assert meta["package"] == str(provenance.PACKAGE_DIR)
+    commit = meta["git_commit"]
+    assert commit.startswith("unknown (") or len(commit.removesuffix("+dirty")) == 40
+    assert f"commit {commit} (source digest {meta['source_digest']})" in (quick_report[1] / "report.md").read_text()
+
+
+# ---- pytest-benchmark micro-benchmarks (bench/) ---------------------------------------------------
+
+BENCHMARKS = {"test_rms_norm", "test_rotary", "test_attention_prefill", "test_attention_decode",
+              "test_linear_decode", "test_linear_swiglu_decode", "test_int4_linear_decode",
+              "test_nf4_linear_decode", "test_decode", "test_prefill"}
+
+
+def test_pytest_benchmark_suite_saves_a_json_named_after_the_card(tmp_path):
+    """`pytest bench --benchmark-only` from the repository root, in a child with the fewest rounds, run by
+    the pytest script (`python -m pytest` would put the root, whose kernels/ shadows a PyPI package, on
+    sys.path): one JSON in the storage, named after the card, with every benchmark and the provenance."""
+    from codellama_rt.bench.common import card_name, card_slug
+    from codellama_rt.bench.provenance import provenance
+
+    script = Path(sys.executable).with_name("pytest")
+    if not script.is_file():
+        pytest.skip(f"no pytest script beside {sys.executable}")
+    cmd = [str(script), "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider", "--benchmark-min-rounds=1",
+           "--benchmark-max-time=0", "--benchmark-warmup=off", f"--benchmark-storage=file://{tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    saved = list(tmp_path.rglob("*.json"))
+    slug = card_slug({"card": card_name()})
+    assert len(saved) == 1 and saved[0].name.startswith(f"0001_{slug}_"), saved
+    data = json.loads(saved[0].read_text())
+    names = {b["name"].split("[")[0] for b in data["benchmarks"]}
+    assert names == BENCHMARKS
+    assert all(b["stats"]["rounds"] >= 1 and b["stats"]["median"] > 0 for b in data["benchmarks"])
+    assert data["machine_info"]["card"] == card_name()
+    assert data["commit_info"]["codellama_rt"] == provenance()  # the package this test imports: the same code
 
 
 def _load_script(name: str):

@@ -1,4 +1,4 @@
-"""The loading progress bar: silent by default for small loads, complete when enabled."""
+"""The loading progress bar (tqdm): silent by default for small loads and non-terminals, complete when enabled."""
 import io
 
 from codellama_rt.progress import Progress
@@ -11,12 +11,38 @@ def test_progress_bar_reaches_100_percent_when_enabled():
         bar.update(2**20)
     bar.close()
     text = out.getvalue()
-    assert "loading x" in text and "100.0%" in text and text.endswith("\n")
+    last = text.rstrip("\n").split("\r")[-1]  # the final redraw of the line
+    assert last.startswith("loading x: 100%") and "3.00M/3.00M" in last  # bytes in binary units
+    assert text.endswith("\n") and text.count("\n") == 1
+    bar.close()  # a second close writes nothing more
+    assert out.getvalue() == text
 
 
 def test_progress_bar_silent_for_small_loads_and_non_terminals():
     out = io.StringIO()
     bar = Progress(10 * 2**30, "loading y", stream=out)  # a StringIO is not a terminal
     bar.update(10 * 2**30)
+    bar.close()
+    assert out.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_default_shows_only_large_loads_on_a_terminal():
+    small, large = _Terminal(), _Terminal()
+    for out, total in ((small, 2**20), (large, 2**30)):
+        bar = Progress(total, "loading z", stream=out)
+        bar.update(total)
+        bar.close()
+    assert small.getvalue() == "" and "loading z: 100%" in large.getvalue()
+
+
+def test_progress_false_writes_nothing_even_on_a_terminal():
+    out = _Terminal()
+    bar = Progress(2**31, "loading w", enabled=False, stream=out)
+    bar.update(2**31)
     bar.close()
     assert out.getvalue() == ""

@@ -11,8 +11,6 @@ Three kinds of vocabulary:
 from __future__ import annotations
 
 import re
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -581,51 +579,57 @@ def test_cli_mask_plain_prompt_with_tag_text(capsys, step_model, step):
     assert "".join(tag for _, tag, _, _ in rows) == "*" + "T" * (len(step.encode(prompt)) - 1)
 
 
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, i = [], 8
-    while i < len(data):
-        (n,) = struct.unpack(">I", data[i:i + 4])
-        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
-        (crc,) = struct.unpack(">I", data[i + 8 + n:i + 12 + n])
-        assert crc == zlib.crc32(kind + body), kind
-        chunks.append((kind, body))
-        i += 12 + n
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    return chunks
-
-
 @pytest.mark.parametrize("suffix_first", [False, True])
-def test_cli_mask_png(capsys, tmp_path, tiny_tokenizer, suffix_first):
-    from codellama_rt.cli.mask_view import SEGMENTS
+def test_mask_image_follows_infill_layout(tiny_tokenizer, suffix_first):
+    """The picture's pixels, one per cell: segment strips on the top and left edges, each visible cell the
+    key's segment colour, every masked cell one grey that no segment uses."""
+    from codellama_rt.cli.mask_view import SEGMENTS, mask_image, prompt_segments
 
     tok = Tokenizer.from_file(tiny_tokenizer)
-    png = tmp_path / "out.png"
-    flags = ["--suffix-first"] if suffix_first else []
-    code, out, _ = _mask(capsys, "--tokenizer", tiny_tokenizer, *flags, "--png", png, MASK_PROMPT)
-    assert code == 0 and out.splitlines()[-1] == f"wrote {png}"
     ids, tags = expected_layout(tok, MASK_PROMPT, suffix_first)
+    got_ids, labels = prompt_segments(tok, MASK_PROMPT, suffix_first=suffix_first)
+    assert got_ids == ids
+    img = mask_image(labels)
     n = len(ids)
-    chunks = _png_chunks(png.read_bytes())
-    w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    cell = max(1, min(24, 640 // (n + 1)))
-    assert (w, h, depth, color, interlace) == (cell * (n + 1), cell * (n + 1), 8, 2, 0)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    assert len(raw) == h * (1 + 3 * w)
-    stride = 1 + 3 * w
-    assert all(raw[y * stride] == 0 for y in range(h))  # filter type 0 on every scanline
+    assert img.shape == (n + 1, n + 1, 3) and str(img.dtype) == "uint8"
+    rgb = {tag: SEGMENTS[name][2] for name, tag in SEG_TAG.items()}
 
     def pixel(x, y):
-        return tuple(raw[y * stride + 1 + 3 * x: y * stride + 4 + 3 * x])
+        return tuple(int(c) for c in img[y, x])
 
-    rgb = {tag: SEGMENTS[name][2] for name, tag in SEG_TAG.items()}
-    masked = {pixel((k + 1) * cell, (q + 1) * cell) for q in range(n) for k in range(q + 1, n)}
+    masked = {pixel(k + 1, q + 1) for q in range(n) for k in range(q + 1, n)}
     assert len(masked) == 1 and not masked & set(rgb.values())
     for q in range(n):
-        assert pixel(0, (q + 1) * cell) == rgb[tags[q]]  # left strip: the query's segment
-        assert pixel((q + 1) * cell, 0) == rgb[tags[q]]  # top strip: the key's segment
+        assert pixel(0, q + 1) == rgb[tags[q]]  # left strip: the query's segment
+        assert pixel(q + 1, 0) == rgb[tags[q]]  # top strip: the key's segment
         for k in range(q + 1):
-            assert pixel((k + 1) * cell, (q + 1) * cell) == rgb[tags[k]]  # visible: the key's segment
+            assert pixel(k + 1, q + 1) == rgb[tags[k]]  # visible: the key's segment
+
+
+def test_cli_mask_png(capsys, tmp_path, tiny_tokenizer):
+    """--png writes a PNG (matplotlib) that reads back at the figure's size with the segments' colours in it."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    import numpy as np
+
+    from codellama_rt.cli.mask_view import SEGMENTS
+
+    png = tmp_path / "out.png"
+    code, out, _ = _mask(capsys, "--tokenizer", tiny_tokenizer, "--png", png, MASK_PROMPT)
+    assert code == 0 and out.splitlines()[-1] == f"wrote {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(png)  # floats in [0, 1], RGB or RGBA
+    assert img.shape[:2] == (700, 700)  # 7 x 7 inches at 100 dpi
+    pixels = np.round(img[..., :3] * 255).astype(int).reshape(-1, 3)
+    for name in ("special", "prefix", "suffix"):  # the cells and the legend are drawn in these colours
+        assert (np.abs(pixels - SEGMENTS[name][2]).max(axis=1) <= 2).sum() > 100, name
+
+
+def test_cli_mask_png_without_matplotlib_says_how_to_get_it(capsys, tmp_path, tiny_tokenizer, no_matplotlib):
+    png = tmp_path / "out.png"
+    code, out, err = _mask(capsys, "--tokenizer", tiny_tokenizer, "--png", png, MASK_PROMPT)
+    assert code == 2 and out == "" and not png.exists()
+    assert err.count("\n") == 1 and "--png needs matplotlib" in err and "pip install 'codellama-rt[plots]'" in err
 
 
 def test_cli_mask_bad_prompts_exit_2(capsys, tiny_tokenizer):

@@ -1,7 +1,9 @@
 """Benchmarks (not imported by the runtime): kernel speed (`kernels`), end-to-end decode tokens/s against
-the bandwidth bound, time to first token and peak memory (`e2e`), plots (`plots`), and the one-command
-report that runs them all (`report`: `codellama-rt bench --report DIR`, `python bench/report.py`).
-Shared helpers (timing, bandwidth, environment, time budget) are in `common`."""
+the bandwidth bound, time to first token and peak memory (`e2e`, the face of `plan`, `bound`, `measure`,
+`ours`, `peers` and `child`), and the one-command report that runs them all (`report`: `codellama-rt bench
+--report DIR`, `python bench/report.py`), with its derived numbers (`derived`), report.md and charts
+(`render`, `plots`). Shared helpers (timing, bandwidth, environment, time budget) are in `common`; what code
+ran in `provenance`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Optional
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", required=True, type=Path, metavar="DIR",
-                   help="output folder (report.md, report.json, PNG plots)")
+                   help="output folder (report.md, report.json; PNG plots with the plots extra)")
     p.add_argument("--quick", action="store_true",
                    help="fewer models and tokens (GPU: 7B bf16 and int4, no peers or kernels; CPU: CI-sized)")
     p.add_argument("--only", action="append", default=None, metavar="NAMES",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import platform
 import statistics
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding runtime/ and kernels/
+from .provenance import provenance
 
 
 def bench(fn) -> tuple[float, float, float]:
@@ -85,30 +84,11 @@ def _run(cmd: list, cwd=None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_commit() -> str | None:
-    """HEAD of the source checkout, with "+dirty" when tracked files differ from it (None outside git)."""
-    head = _run(["git", "rev-parse", "HEAD"], cwd=SOURCE_ROOT)
-    if head is None:
-        return None
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_ROOT)
-    return head + ("+dirty" if dirty else "")
-
-
 def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
-
-
-def source_digest() -> str:
-    """sha256 (first 12 hex digits) of every .py file under runtime/ and kernels/, by relative path: names
-    the code that ran even where the checkout's git metadata is stale (a copied working tree)."""
-    h = hashlib.sha256()
-    for sub in ("runtime", "kernels"):
-        for path in sorted((SOURCE_ROOT / sub).rglob("*.py")):
-            h.update(str(path.relative_to(SOURCE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
 
 
 def environment() -> dict:
@@ -120,8 +100,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "source_digest": source_digest(),
+        **provenance(),  # codellama_rt (version), package, source_digest, git_commit (or why it is unknown)
         "loadavg_start": loadavg(),  # CPU numbers mean little on a machine that is busy elsewhere
     }
     for mod in ("triton", "transformers", "matplotlib"):
@@ -137,13 +116,33 @@ def environment() -> dict:
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
         meta["driver"] = smi.splitlines()[0].strip() if smi else None
     else:
-        meta.update(card=f"CPU ({platform.processor() or platform.machine()})", cuda=None, driver=None)
+        meta.update(card=card_name(), cuda=None, driver=None)
     return meta
 
 
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC 7B13 64-Core Processor'): /proc/cpuinfo on Linux, sysctl on macOS,
+    else what `platform` knows (often only the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor() or platform.machine()
+
+
+def card_name() -> str:
+    """What numbers are measured on: the GPU's name, or 'CPU (<model>)' without CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({cpu_model()})"
+
+
 def card_slug(meta: dict) -> str:
-    """The card name as a folder name: 'NVIDIA-H100-80GB-HBM3'."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(meta.get("card", "unknown"))).strip("-")
+    """The card name as a folder or file name: 'NVIDIA-H100-80GB-HBM3', 'CPU-AMD-EPYC-7B13-64-Core-Processor'."""
+    name = "".join(c if c.isalnum() or c in "_." else "-" for c in str(meta.get("card", "unknown")))
+    return "-".join(part for part in name.split("-") if part)
 
 
 # ---- timing inside CUDA graphs (decode's setting: no Python launch cost) --------------------------

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MissingExtraError
+from ..plotting import require
 from .derived import experiment_summary
 
 
 def write_plots(report: dict, out: Path) -> list:
+    """Draw the decode and kernel charts into `out`; returns the file names written. Without matplotlib
+    none is drawn and report["plots_missing"] says how to get them (the tables are the report)."""
     from .plots import Bar, hbar_chart
 
+    try:
+        require("drawing PNG charts")
+    except MissingExtraError as e:
+        report["plots_missing"] = str(e)
+        return []
     written = []
     panels = {}
     for r in report["decode"]:
@@ -45,7 +54,7 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- card: **{m['card']}**, driver {m.get('driver')}, CUDA {m.get('cuda')}",
         f"- torch {m['torch']}, triton {m.get('triton')}, transformers {m.get('transformers')}, "
         f"python {m['python']}",
-        f"- commit {m.get('git_commit')} (source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
+        f"- codellama-rt {m.get('codellama_rt')}, commit {m.get('git_commit')} (source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
         f"took {report['timings'].get('total', 0):.0f} s",
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
@@ -96,6 +105,8 @@ def to_markdown(report: dict, resources_md: str) -> str:
         lines += ["", "## Kernels", "", kernels_md(report["kernels"])]
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    elif report.get("plots_missing"):
+        lines += ["", "## Plots", "", f"Not drawn: {report['plots_missing']}."]
     if report["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['unit']}: {s['reason']}" for s in report["skipped"]]
     lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]

@@ -53,7 +53,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
                 pdl=cuda and pdl_enabled(torch.device("cuda"), plan.pdl), experiments=list(plan.experiments))
     report = {"meta": meta, "plan": dataclasses.asdict(plan), "bandwidth_gbps": None, "bandwidth_method": None,
               "models": [], "decode": [], "ttft": [], "kernels": [], "resources": [], "problems": [], "bars": [],
-              "skipped": [], "timings": {}, "plots": []}
+              "skipped": [], "timings": {}, "plots": [], "plots_missing": None}
     device = "cuda" if cuda else "cpu"
     log(f"bench: {meta['card']}, {meta['mode']} mode, budget {budget.seconds:.0f} s, "
         f"experiments: {', '.join(meta['experiments']) or 'none'}")
@@ -102,6 +102,8 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
     finish_rows(report)
     report["bars"] = evaluate_bars(report, cuda)
     report["plots"] = write_plots(report, out)
+    if report["plots_missing"]:
+        log(f"plots not drawn: {report['plots_missing']}")
     report["timings"]["total"] = budget.elapsed()
     meta["loadavg_end"] = loadavg()
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

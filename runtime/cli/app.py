@@ -10,13 +10,14 @@ import argparse
 import os
 import sys
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MissingExtraError
 from . import bench, chat, generate, info, infill, mask, quantize
 from .common import PROG, Parser, UsageError
 
 # bad arguments or input: one line, exit 2 (FloatingPointError: the model's numerics overflow;
-# MemoryError: the KV cache or weights do not fit what was asked for)
-_INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError)
+# MemoryError: the KV cache or weights do not fit what was asked for; MissingExtraError: an option
+# needs an optional extra, e.g. mask --png needs matplotlib)
+_INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError, MissingExtraError)
 SUBCOMMANDS = (generate, infill, chat, mask, quantize, bench, info)  # in --help's order
 
 

@@ -21,6 +21,10 @@ def run(a) -> None:
     from .mask_view import prompt_segments, render_text, write_png
     from ..tokenizer.tokenizer import Tokenizer
 
+    if a.png:
+        from ..plotting import require
+
+        require("--png")  # before any work: without matplotlib say how to get it
     if a.max_tokens < 1:
         raise ValueError(f"--max-tokens={a.max_tokens} is invalid: expected >= 1")
     if a.tokenizer is not None:

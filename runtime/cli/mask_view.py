@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import png
 from ..tokenizer.tokenizer import FILL_ME, Tokenizer, split_fill
 
 # segment -> (one-letter tag, ANSI colour, RGB)
@@ -74,24 +73,48 @@ def render_text(tok: Tokenizer, ids: list[int], labels: list[str], *, color: boo
 PNG_MAX_TOKENS = 1024
 
 
-def write_png(path, labels: list[str], *, cell: int = 0) -> Path:
-    """A picture of the mask for the first PNG_MAX_TOKENS tokens: visible cells coloured by the key's
-    segment, a segment strip on the top and left edges, masked cells grey.
-    cell: pixels per token (0: fit about 640 pixels)."""
-    labels = labels[:PNG_MAX_TOKENS]
+def mask_image(labels: list[str]):
+    """The mask as an RGB array [n + 1, n + 1, 3] (uint8): row q + 1, column k + 1 is key k's segment colour
+    where query q may attend to it, grey where masked; row 0 and column 0 are the segment strips."""
+    import numpy as np
+
     n = len(labels)
-    cell = cell or max(1, min(24, 640 // (n + 1)))
-    rgb = [bytes(SEGMENTS[label][2]) for label in labels]
-    gap = 1 if cell >= 4 else 0  # white grid lines between cells when there is room
+    rgb = np.array([SEGMENTS[label][2] for label in labels], dtype=np.uint8).reshape(n, 3)
+    img = np.empty((n + 1, n + 1, 3), dtype=np.uint8)
+    img[0, 0] = _BG_RGB
+    img[0, 1:] = rgb                                   # key segments along the top
+    img[1:, 0] = rgb                                   # query segments down the left
+    visible = np.tril(np.ones((n, n), dtype=bool))     # causal: query q sees keys 0..q
+    img[1:, 1:] = np.where(visible[..., None], rgb[None, :, :], np.array(_MASKED_RGB, dtype=np.uint8))
+    return img
 
-    def block(px: bytes) -> bytes:
-        return px * (cell - gap) + bytes(_BG_RGB) * gap
 
-    header_row = bytes(_BG_RGB) * cell + b"".join(px * cell for px in rgb)
-    rows = [header_row] * cell
-    for q in range(n):
-        cells = b"".join(block(rgb[k]) for k in range(q + 1)) + block(bytes(_MASKED_RGB)) * (n - 1 - q)
-        body = rgb[q] * cell + cells
-        rows += [body] * (cell - gap) + [bytes(_BG_RGB) * (cell * (n + 1))] * gap
-    size = cell * (n + 1)
-    return png.write_png(path, size, size, rows)
+def write_png(path, labels: list[str]) -> Path:
+    """A picture of `mask_image` for the first PNG_MAX_TOKENS tokens (matplotlib, the `plots` extra), with
+    a legend of the segments. Raises MissingExtraError without matplotlib."""
+    import numpy as np
+
+    from ..plotting import new_figure
+
+    fig = new_figure("writing the mask picture", figsize=(7, 7), layout="tight")
+    from matplotlib.patches import Patch
+
+    total, labels = len(labels), labels[:PNG_MAX_TOKENS]
+    n = len(labels)
+    ax = fig.subplots()
+    ax.imshow(mask_image(labels), interpolation="nearest", extent=(-1.5, n - 0.5, n - 0.5, -1.5))
+    if n <= 64:  # white lines between cells while they are large enough to see
+        ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
+        ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
+        ax.grid(which="minor", color="white", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    shown = f"the first {n} of {total}" if n < total else f"{n}"
+    ax.set_title(f"{shown} tokens, causal mask (grey: masked)", fontsize=10)
+    present = [name for name in SEGMENTS if name in labels]
+    ax.legend(handles=[Patch(color=np.array(SEGMENTS[name][2]) / 255, label=name) for name in present],
+              loc="upper right", bbox_to_anchor=(1, n / (n + 1)), fontsize=8)  # below the strip, on grey
+    path = Path(path)
+    fig.savefig(path, dpi=100, format="png")
+    return path
