@@ -29,7 +29,7 @@ from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
 from ..quant import model_weight_bytes
 from . import e2e
 from . import add_arguments, parse_only
-from .common import Budget, environment, loadavg, memory_bandwidth
+from .common import Budget, aot_models, environment, loadavg, memory_bandwidth
 
 DEFAULT_BUDGET_S = {True: 480.0, False: 300.0}  # CUDA / CPU
 
@@ -103,7 +103,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
         try:
             from ..kernels import aot
 
-            table = aot.resource_table()
+            table = aot.resource_table(aot_models())
             report["resources"] = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r))
                                    for r in table]
             report["problems"] = aot.problems(table)
