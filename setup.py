@@ -15,7 +15,7 @@ setup(
                                    "default_model/*.model", "default_model/*.md"]},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.6",
+        "triton>=3.6,<3.7",  # kernels/_interpreter_shims.py patches private interpreter functions of 3.6
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "tqdm>=4.60",  # the loading progress bar

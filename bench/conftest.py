@@ -95,7 +95,7 @@ def device() -> torch.device:
 
 @pytest.fixture(params=BACKEND_NAMES)
 def ops(request, device):
-    """The backend's op table (`codellama_rt.backends`): what the model calls."""
+    """The backend's op table (`codellama_rt.model.backends`): what the model calls."""
     from codellama_rt.model.backends import resolve_backend
 
     return resolve_backend(request.param, device)

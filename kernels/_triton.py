@@ -1,88 +1,23 @@
-"""Shared Triton plumbing: one kernel source, run compiled on CUDA and interpreted on CPU, and
-ahead-of-time compilation for a given GPU architecture (no GPU needed) with a resource report.
+"""Shared Triton helpers: the `kernel` decorator (one kernel source, run compiled on CUDA and interpreted on
+CPU), launch helpers (cdiv, PDL, tickets, placeholders, SM counts) and ahead-of-time compilation for a
+given GPU architecture (no GPU needed) with a resource report. The interpreter's patches live in
+`_interpreter_shims`, imported on a kernel's first CPU launch only (never on the CUDA path).
 """
 from __future__ import annotations
 
 import functools
 import re
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
-import triton.runtime.interpreter as _interpreter
-from triton._C.libtriton import ir as _ir
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
 from .options import KernelOptions
-
-
-_device_fns: dict = {}
-
-
-@contextmanager
-def _device_calls_interpreted():
-    """While an interpreted grid runs, make `triton.jit` device functions the kernel calls (tl.sum, tl.max,
-    tl.sigmoid, our own helpers) run interpreted too: outside TRITON_INTERPRET=1 they are JITFunctions,
-    whose __call__ raises "Cannot call @triton.jit'd outside of the scope of a kernel". Each call patches
-    the language for the callee's module and restores it on return (LIFO inside the grid's own patch)."""
-    original = JITFunction.__call__
-
-    def call(jit_fn, *args, **kwargs):
-        fn = jit_fn.fn
-        if fn not in _device_fns:
-            _device_fns[fn] = InterpretedFunction(fn).rewrite()
-        scope = _patch_lang(fn)
-        try:
-            return _device_fns[fn](*args, **kwargs)
-        finally:
-            scope.restore()
-
-    JITFunction.__call__ = call
-    try:
-        yield
-    finally:
-        JITFunction.__call__ = original
-
-
-_convert_float = _interpreter._convert_float
-
-
-def _convert_float_as_gpu(data, src_dtype, dst_dtype, rounding_mode):
-    """The interpreter's float conversion, with fp32 <-> bf16 done as on the GPU: fp32 -> bf16 rounded to
-    nearest even (`cvt.rn.bf16.f32`; the interpreter truncates: up to 1 ulp off, biased) and bf16 -> fp32
-    exact for subnormals too (the interpreter flushes some of them)."""
-    if src_dtype == tl.float32 and dst_dtype == tl.bfloat16 and rounding_mode != _ir.ROUNDING_MODE.RTZ:
-        f32 = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-        return f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
-        return (np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return _convert_float(data, src_dtype, dst_dtype, rounding_mode)
-
-
-@contextmanager
-def _bf16_rounding_as_gpu():
-    _interpreter._convert_float = _convert_float_as_gpu
-    try:
-        yield
-    finally:
-        _interpreter._convert_float = _convert_float
-
-
-class _Interpreted(InterpretedFunction):
-    """The interpreter (as TRITON_INTERPRET=1 would run it), with device-function calls and fp32 -> bf16
-    rounding as on the GPU. Still unlike the GPU: arithmetic directly on bf16 values (the interpreter
-    stores them as uint16 and computes on the integers), so kernels upcast bf16 to fp32 first."""
-
-    def run(self, *args, grid, warmup, **kwargs):
-        with _device_calls_interpreted(), _bf16_rounding_as_gpu():
-            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 # ---- programmatic dependent launch (PDL) -------------------------------------------------------
@@ -191,10 +126,18 @@ class Kernel:
     def __init__(self, fn, **jit_kwargs):
         self.fn = fn
         self.jit = JITFunction(fn, **jit_kwargs)
-        self.interp = _Interpreted(fn, **jit_kwargs)
+        self._jit_kwargs = jit_kwargs
         self.__name__ = fn.__name__
         self.has_pdl = "PDL" in self.jit.arg_names
         self._pdl = _PDLLaunch(self.jit) if self.has_pdl else None
+
+    @functools.cached_property
+    def interp(self):
+        """The kernel in Triton's interpreter (with `_interpreter_shims`' patches), built on its first CPU
+        launch: CUDA processes never import the shims."""
+        from ._interpreter_shims import interpreted
+
+        return interpreted(self.fn, **self._jit_kwargs)
 
     def on(self, tensor: torch.Tensor, options: KernelOptions | bool | None = None):
         """The launchable kernel for `tensor`'s device. options (a KernelOptions, or its `pdl` flag) is

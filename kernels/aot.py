@@ -1,5 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel at the launch configurations the launchers use,
-for sm_80 and sm_90, without a GPU: the resource table the compile test checks and bench/ reports."""
+for sm_80 and sm_90, without a GPU: the resource table the compile test checks and bench/ reports.
+The model shapes come from the caller (`shapes.ModelShape`s; the runtime's are
+`codellama_rt.bench.common.aot_models()`), so kernels/ never imports the runtime's presets."""
 from __future__ import annotations
 
 import importlib
@@ -10,16 +12,17 @@ KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attentio
 ARCHS = (80, 90)
 
 
-def all_configs() -> list[LaunchConfig]:
-    """Every module's `aot_configs()`, in KERNEL_MODULES order."""
+def all_configs(models) -> list[LaunchConfig]:
+    """Every module's `aot_configs(models)` for `models` (ModelShapes), in KERNEL_MODULES order."""
     configs = []
     for name in KERNEL_MODULES:
-        configs += importlib.import_module(f"{__package__}.{name}").aot_configs()
+        configs += importlib.import_module(f"{__package__}.{name}").aot_configs(models)
     return configs
 
 
-def resource_table(archs=ARCHS) -> list[CompiledResources]:
-    return [compile_for(cfg, arch) for cfg in all_configs() for arch in archs]
+def resource_table(models, archs=ARCHS) -> list[CompiledResources]:
+    """`compile_for` of every config of `all_configs(models)` for each of `archs`."""
+    return [compile_for(cfg, arch) for cfg in all_configs(models) for arch in archs]
 
 
 def problems(rows: list[CompiledResources]) -> list[str]:
@@ -42,9 +45,3 @@ def format_table(rows: list[CompiledResources]) -> str:
                      f"{r.stack_bytes + r.local_bytes} |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    table = resource_table()
-    print(format_table(table))
-    for line in problems(table):
-        print("PROBLEM:", line)

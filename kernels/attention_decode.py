@@ -13,6 +13,7 @@ import triton.language as tl
 from ._triton import (H100_SMS, LaunchConfig, cdiv, kernel, last_to_finish, next_power_of_2,
                       pdl_prologue, placeholder, sm_count, ticket_reset, tickets, triton_dtype)
 from .options import DEFAULT_OPTIONS, KernelOptions
+from .shapes import head_layouts
 from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
@@ -443,13 +444,9 @@ def rotary_attention_decode(q, k, v, cos, sin, positions, k_cache, v_cache, slot
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
-# (label, n_heads, n_kv_heads) of the CodeLlama models; 13B has the same head layout as 7B.
-_AOT_MODELS = (("7B", 32, 32), ("34B/70B", 64, 8))
-_AOT_HEAD_DIM = 128
-
-
-def aot_configs() -> list[LaunchConfig]:
-    """The CUDA specialisations of both passes: bf16 and fp16, head_dim 128, GQA groups of the models.
+def aot_configs(models) -> list[LaunchConfig]:
+    """The CUDA specialisations of both passes: bf16 and fp16, the head layouts (GQA group, head_dim) of
+    `models` (ModelShapes, e.g. CodeLlama 7B: group 1, 34B/70B: group 8, head_dim 128).
 
     Block sizes come from `decode_launch`, as on the GPU; the split count and strides are runtime
     arguments, so one binary per (dtype, group) serves every batch size and cache length.
@@ -457,9 +454,9 @@ def aot_configs() -> list[LaunchConfig]:
     configs, seen_reduce = [], set()
     for dtype in (torch.bfloat16, torch.float16):
         ty = "*" + triton_dtype(dtype)
-        for label, n_heads, n_kv in _AOT_MODELS:
+        for label, n_heads, n_kv, head_dim in head_layouts(models):
             group = n_heads // n_kv
-            cfg = decode_launch(1, n_kv, 4096, group, _AOT_HEAD_DIM, dtype.itemsize)
+            cfg = decode_launch(1, n_kv, 4096, group, head_dim, dtype.itemsize)
             # several splits (and a second pass, or one pass), or one split writing the output itself; each
             # also rotating and caching the new token (ROPE)
             for (direct, one_pass), rope in itertools.product(((False, False), (False, True), (True, False)),
@@ -476,21 +473,21 @@ def aot_configs() -> list[LaunchConfig]:
                              **{name: "constexpr" for name in ("GROUP", "BLOCK_G", "BLOCK_N", "HEAD_DIM",
                                                                "UPCAST_DOT", "KV_ALIGNED", "DIRECT", "ONE_PASS",
                                                                "BLOCK_S", "ROPE")}}
-                constexprs = _split_constexprs(cfg, group, _AOT_HEAD_DIM, dtype, on_cuda=True, kv_aligned=True)
+                constexprs = _split_constexprs(cfg, group, head_dim, dtype, on_cuda=True, kv_aligned=True)
                 kind = (" direct" if direct else " one-pass" if one_pass else "") + (" rope" if rope else "")
                 configs.append(LaunchConfig(
                     kernel=_decode_split_kernel, signature=split_sig,
                     constexprs={**constexprs, "DIRECT": direct, "ONE_PASS": one_pass, "ROPE": rope},
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    label=f"decode split{kind} {triton_dtype(dtype)} D{_AOT_HEAD_DIM} group {group} ({label})"))
-            if dtype not in seen_reduce:  # the reduction does not depend on the group
-                seen_reduce.add(dtype)
+                    label=f"decode split{kind} {triton_dtype(dtype)} D{head_dim} group {group} ({label})"))
+            if (dtype, head_dim) not in seen_reduce:  # the reduction does not depend on the group
+                seen_reduce.add((dtype, head_dim))
                 reduce_sig = {"MidO": "*fp32", "MidM": "*fp32", "MidL": "*fp32", "Out": ty,
                               "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32",
                               "BLOCK_S": "constexpr", "HEAD_DIM": "constexpr"}
                 configs.append(LaunchConfig(
                     kernel=_decode_reduce_kernel, signature=reduce_sig,
-                    constexprs=_reduce_constexprs(cfg, _AOT_HEAD_DIM),
+                    constexprs=_reduce_constexprs(cfg, head_dim),
                     num_warps=cfg.reduce_num_warps, num_stages=cfg.reduce_num_stages,
-                    label=f"decode reduce {triton_dtype(dtype)} D{_AOT_HEAD_DIM}"))
+                    label=f"decode reduce {triton_dtype(dtype)} D{head_dim}"))
     return configs

@@ -9,6 +9,7 @@ import torch
 import triton.language as tl
 
 from ._triton import LaunchConfig, cdiv, kernel, launch_config, triton_dtype
+from .shapes import head_layouts
 
 
 def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -252,21 +253,21 @@ def _model_tensors(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dt
     return q, k_cache[:B, :, :start + T], v_cache[:B, :, :start + T], start
 
 
-def aot_configs(dtypes=(torch.bfloat16, torch.float16)) -> list[LaunchConfig]:
-    """The CUDA launches for `dtypes`, head_dim 128 (CodeLlama) and 64 (small models), with the
-    head layouts of 7B (32 heads, 32 kv: group 1, a constexpr) and 34B/70B (64 heads, 8 kv: group 8):
-    `_prepare` run on meta tensors laid out as the model passes them, typed as the JIT would type
-    them. T and start are never specialised, so one binary serves every chunk."""
-    from ..model.config import PRESETS
-
+def aot_configs(models, dtypes=(torch.bfloat16, torch.float16)) -> list[LaunchConfig]:
+    """The CUDA launches for `dtypes`, head_dim 128 (CodeLlama) and 64 (small models), with the head
+    layouts of `models` (ModelShapes; CodeLlama 7B: 32 heads, 32 kv: group 1, a constexpr; 34B/70B: 64
+    heads, 8 kv: group 8): `_prepare` run on meta tensors laid out as the model passes them, typed as the
+    JIT would type them. T and start are never specialised, so one binary serves every chunk."""
     configs = {}
+    layouts = {}  # (heads, kv heads) -> the models' joined labels ("34B/70B"); head_dim is looped below
+    for names, h, hkv, _ in head_layouts(models):
+        layouts.setdefault((h, hkv), names)
     for dtype in dtypes:
         for head_dim in (128, 64):
-            for models, preset in (("7B", "CodeLlama-7b"), ("34B/70B", "CodeLlama-34b")):
-                H, Hkv = PRESETS[preset].n_heads, PRESETS[preset].n_kv_heads
+            for (H, Hkv), names in layouts.items():
                 q, k, v, start = _model_tensors(H, Hkv, head_dim, dtype)
                 _, (_, args, constexprs, cfg) = _prepare(q, k, v, start, on_cuda=True)
-                label = (f"{triton_dtype(dtype)} D={head_dim} H={H} Hkv={Hkv} ({models}) "
+                label = (f"{triton_dtype(dtype)} D={head_dim} H={H} Hkv={Hkv} ({names}) "
                          f"{cfg.block_m}x{cfg.block_n}")
                 configs[label] = launch_config(_attention_prefill_kernel, args, constexprs, num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages, label=label)

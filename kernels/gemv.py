@@ -313,16 +313,14 @@ def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
-def aot_configs() -> list[LaunchConfig]:
-    """The CUDA launches of the 7B/34B/70B projections at one row (wqkv, wo, w13, w2 and the lm_head; wqkv
-    and w13 with the RMSNorm prologue too; each with and without the L2 prefetch), in bf16 and fp16:
+def aot_configs(models) -> list[LaunchConfig]:
+    """The CUDA launches of the projections of `models` (ModelShapes, e.g. CodeLlama 7B/34B/70B) at one row
+    (wqkv, wo, w13, w2 and the lm_head; wqkv and w13 with the RMSNorm prologue too; each with and without the L2 prefetch), in bf16 and fp16:
     `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
-    from ..model.config import PRESETS
-
     configs = {}
     for dtype in (torch.bfloat16, torch.float16):
-        for preset, label in (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B")):
-            a = PRESETS[preset]
+        for a in models:
+            label = a.label
             shapes = {**a.projection_shapes(), "output": (a.vocab_size, a.dim)}
             for name, (n, k) in shapes.items():
                 x = torch.empty(1, k, dtype=dtype, device="meta")
@@ -331,15 +329,15 @@ def aot_configs() -> list[LaunchConfig]:
                 norms = [None]  # the pre-norm projections also with the RMSNorm prologue (the first layer's
                 if name in ("wqkv", "w13"):  # norm has no residual)
                     norms += [NormInput(None, nw, 1e-5), NormInput(torch.empty_like(x), nw, 1e-5)]
-                for swiglu, norm, prefetch in itertools.product((False, True) if name == "w13" else (False,),
+                for fused, norm, prefetch in itertools.product((False, True) if name == "w13" else (False,),
                                                                 norms, (False, True)):
                     _, _, (_, args, constexprs, num_warps, num_stages) = _prepare(
-                        x, w, on_cuda=True, swiglu=swiglu, norm=norm, prefetch=prefetch)
+                        x, w, on_cuda=True, swiglu=fused, norm=norm, prefetch=prefetch)
                     cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
                     key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
                     if key not in configs:
                         tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
-                        extra = (" swiglu" if swiglu else "") + (" prefetch" if prefetch else "")
+                        extra = (" swiglu" if fused else "") + (" prefetch" if prefetch else "")
                         if norm is not None:
                             extra += " norm" + ("+residual" if norm.residual is not None else "")
                         configs[key] = dataclasses.replace(

@@ -215,22 +215,18 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
-_AOT_MODELS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B"))
-
-
-def aot_configs(dtypes=(torch.bfloat16, torch.float16), group_size: int = 128, rows=(1, 8, 512),
-                models=_AOT_MODELS) -> list[LaunchConfig]:
-    """The CUDA launches of the 7B/34B/70B linears (wqkv, wo, w13, w2) in bf16 and fp16, group 128, for
-    decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on
+def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int = 128,
+                rows=(1, 8, 512)) -> list[LaunchConfig]:
+    """The CUDA launches of the linears (wqkv, wo, w13, w2) of `models` (ModelShapes, e.g. CodeLlama
+    7B/34B/70B) in bf16 and fp16, group 128, for decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on
     meta tensors (H100's SM count), typed as the JIT would type them. Shapes that specialise alike share
     one entry, labelled with the first shape that needed it. The arguments let tests compile other
     specialisations (fp32, groups 32/64)."""
-    from ..model.config import PRESETS
-
     configs = {}
     for dtype in dtypes:
-        for preset, model in models:
-            for name, (n_out, n_in) in PRESETS[preset].projection_shapes().items():
+        for shape in models:
+            model = shape.label
+            for name, (n_out, n_in) in shape.projection_shapes().items():
                 groups = n_in // group_size
                 w = Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
                                qzeros=torch.empty(groups, n_out // 8, dtype=torch.int32, device="meta"),

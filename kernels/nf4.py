@@ -315,17 +315,15 @@ def _meta_weight(n: int, k: int, dtype: torch.dtype, double_quant: bool) -> NF4W
 AOT_ROWS = (1, 2, 8, 40, 100, 512)  # decode: GEMV 1 and 2 rows, GEMM 16-row tile; prefill: 64/128/256-row tiles
 
 
-def aot_configs() -> list[LaunchConfig]:
-    """The CUDA launches of CodeLlama 7B/34B/70B's linear layers (wqkv, wo, w13, w2) in bf16 and fp16, with
-    and without double quant, for x of AOT_ROWS rows (one per tile choice of `nf4_launch`): `_prepare` run
+def aot_configs(models) -> list[LaunchConfig]:
+    """The CUDA launches of the linear layers (wqkv, wo, w13, w2) of `models` (ModelShapes, e.g. CodeLlama
+    7B/34B/70B) in bf16 and fp16, with and without double quant, for x of AOT_ROWS rows (one per tile choice of `nf4_launch`): `_prepare` run
     on meta tensors of those shapes, typed as the JIT would type them. Every dimension of these layers is
     a multiple of 16, so the JIT specialises all of them alike and the list keeps one config per
     (rows, dtype, double quant): the layers' launches are exactly these binaries."""
-    from ..model.config import PRESETS
-
     configs = {}
-    for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):
-        for n, k in PRESETS[preset].projection_shapes().values():
+    for model in models:
+        for n, k in model.projection_shapes().values():
             for dtype in (torch.bfloat16, torch.float16):
                 for dq in (True, False):
                     w = _meta_weight(n, k, dtype, dq)

@@ -127,15 +127,13 @@ def _prepare(x, weight, eps, residual):
     return y, h, ((rows,), args, {"HAS_RESIDUAL": residual is not None, "BLOCK_N": block}, num_warps)
 
 
-def aot_configs() -> list[LaunchConfig]:
-    """The launches of CodeLlama 7B (dim 4096) and 34B/70B (dim 8192) in bf16 and fp16, with and without
-    the residual (the first layer's norm has none), on contiguous activations: `_prepare` run on meta
+def aot_configs(models) -> list[LaunchConfig]:
+    """The launches of `models` (ModelShapes, e.g. CodeLlama 7B: dim 4096, 34B/70B: 8192) in bf16 and fp16,
+    with and without the residual (the first layer's norm has none), on contiguous activations: `_prepare` run on meta
     tensors of those shapes, typed as the JIT would type them."""
-    from ..model.config import PRESETS
-
     configs = {}
-    for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):
-        dim = PRESETS[preset].dim
+    for model in models:
+        dim = model.dim
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.empty(2, 16, dim, dtype=dtype, device="meta")
             w = torch.empty(dim, dtype=dtype, device="meta")

@@ -254,16 +254,13 @@ def _prepare(q, k, cos, sin, positions, cache=None):
     return grid, args, constexprs, num_warps
 
 
-def aot_configs() -> list[LaunchConfig]:
-    """The launches of CodeLlama 7B (32 heads, 32 kv heads) and 34B/70B (64 heads, 8 kv heads), head_dim 128,
-    in bf16 and fp16, for prefill (T tokens, positions an expanded arange) and decode (T = 1, positions
+def aot_configs(models) -> list[LaunchConfig]:
+    """The launches of `models` (ModelShapes, e.g. CodeLlama 7B: 32 heads, 32 kv heads; 34B/70B: 64 heads, 8 kv
+    heads; head_dim 128) in bf16 and fp16, for prefill (T tokens, positions an expanded arange) and decode (T = 1, positions
     `[B] -> [B, 1]`), q/k being the transposed views of the fused qkv linear output as in the model:
     `_prepare` run on meta tensors of those shapes, typed as the JIT would type them."""
-    from ..model.config import PRESETS
-
     configs = {}
-    for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):
-        a = PRESETS[preset]
+    for a in models:
         H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
         for dtype in (torch.bfloat16, torch.float16):
             for phase, B, T in (("prefill", 1, 512), ("decode", 4, 1)):

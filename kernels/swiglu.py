@@ -83,15 +83,13 @@ def _prepare(gate, up):
     return out, (grid, (g2, u2, out, g2.stride(0), u2.stride(0), ffn), {"BLOCK": block}, num_warps)
 
 
-def aot_configs() -> list[LaunchConfig]:
-    """The launches of CodeLlama 7B (ffn 11008), 34B (22016) and 70B (28672) in bf16 and fp16, gate and up
-    being the two halves of the fused w13 linear output as in the model: `_prepare` run on meta tensors of
+def aot_configs(models) -> list[LaunchConfig]:
+    """The launches of `models` (ModelShapes, e.g. CodeLlama 7B: ffn 11008, 34B: 22016, 70B: 28672) in bf16
+    and fp16, gate and up being the two halves of the fused w13 linear output as in the model: `_prepare` run on meta tensors of
     those shapes, typed as the JIT would type them."""
-    from ..model.config import PRESETS
-
     configs = {}
-    for preset in ("CodeLlama-7b", "CodeLlama-34b", "CodeLlama-70b"):
-        ffn = PRESETS[preset].ffn_dim
+    for model in models:
+        ffn = model.ffn_dim
         for dtype in (torch.bfloat16, torch.float16):
             w13_out = torch.empty(2, 16, 2 * ffn, dtype=dtype, device="meta")
             gate, up = w13_out.split([ffn, ffn], dim=-1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from codellama_rt.kernels import aot
+from codellama_rt.bench.common import aot_models
 
 
 @pytest.fixture(scope="module")
 def table():
-    return aot.resource_table()
+    return aot.resource_table(aot_models())
 
 
 def test_every_kernel_module_has_configs_for_both_archs(table):
@@ -31,7 +32,7 @@ def test_decode_kernels_use_pdl_on_hopper_only():
     on sm_80, which has no such instructions, neither."""
     from codellama_rt.kernels._triton import compile_kernel
 
-    configs = {c.kernel.__name__: c for c in aot.all_configs() if c.kernel.has_pdl}
+    configs = {c.kernel.__name__: c for c in aot.all_configs(aot_models()) if c.kernel.has_pdl}
     assert set(configs) >= {"_gemv_kernel", "_rms_norm_kernel", "_rotary_kernel",
                             "_decode_split_kernel", "_decode_reduce_kernel", "_swiglu_kernel",
                             "_int4_gemv_kernel", "_int4_splitk_reduce_kernel"}, sorted(configs)

@@ -14,6 +14,17 @@ import torch
 
 from .provenance import provenance
 
+AOT_PRESETS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B"))  # (preset, label)
+
+
+def aot_models(presets=AOT_PRESETS) -> tuple:
+    """The model shapes the kernels are compiled for ahead of time (`kernels.aot`): the presets' widths
+    as `kernels.shapes.ModelShape`s (13B has 7B's head layout and widths in between)."""
+    from ..model.config import PRESETS
+    from ..kernels.shapes import ModelShape
+
+    return tuple(ModelShape.of(PRESETS[name], label) for name, label in presets)
+
 
 def bench(fn) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of a CUDA callable (triton.testing.do_bench)."""

@@ -27,7 +27,7 @@ from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
-from .common import bench, clone_weight, copies_for, copy_bandwidth, environment, graph_time_us
+from .common import aot_models, bench, clone_weight, copies_for, copy_bandwidth, environment, graph_time_us
 
 SHAPES = {"7B": dict(dim=4096, heads=32, kv=32), "70B": dict(dim=8192, heads=64, kv=8)}
 
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    table = aot.resource_table()
+    table = aot.resource_table(aot_models())
     meta = environment()
     rows = []
     if torch.cuda.is_available():

@@ -27,7 +27,7 @@ from ..cli.common import kernel_options
 from ..kernels._triton import pdl_enabled
 from ..kernels.options import DEFAULT_OPTIONS, EXPERIMENTS, KernelOptions
 from . import add_arguments, e2e, parse_only
-from .common import Budget, environment, loadavg, memory_bandwidth
+from .common import Budget, aot_models, environment, loadavg, memory_bandwidth
 from .derived import BAR_MODELS, BARS, evaluate_bars, experiment_summary, finish_rows, model_info  # noqa: F401
 from .render import to_markdown, write_plots
 
@@ -90,7 +90,7 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
         try:
             from ..kernels import aot
 
-            table = aot.resource_table()
+            table = aot.resource_table(aot_models())
             report["resources"] = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r))
                                    for r in table]
             report["problems"] = aot.problems(table)

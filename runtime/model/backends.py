@@ -16,15 +16,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.attention_decode import rotary_attention_decode, rotary_attention_decode_ref
-from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
-from ..kernels.gemv import linear as gemv_or_matmul, linear_swiglu, linear_swiglu_ref, norm_linear, norm_linear_ref
-from ..kernels.int4 import int4_linear, int4_linear_ref
-from ..kernels.nf4 import nf4_linear, nf4_linear_ref
+from ..kernels import ops as triton_ops
+from ..kernels.attention_decode import rotary_attention_decode_ref
+from ..kernels.attention_prefill import attention_prefill_ref
+from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
+from ..kernels.int4 import int4_linear_ref
+from ..kernels.nf4 import nf4_linear_ref
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
-from ..kernels.rms_norm import rms_norm, rms_norm_ref
-from ..kernels.rotary import rotary, rotary_ref
-from ..kernels.swiglu import swiglu, swiglu_ref
+from ..kernels.rms_norm import rms_norm_ref
+from ..kernels.rotary import rotary_ref
+from ..kernels.swiglu import swiglu_ref
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,20 @@ BACKENDS: dict[str, Backend] = {
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
-    # otherwise; 4-bit weights use the fused dequant-matmul kernels.
+    # otherwise; 4-bit weights use the fused dequant-matmul kernels. Each op goes through its
+    # `torch.library` custom op (`codellama_rt::<op>`, kernels/ops.py): torch.compile sees one op each.
     "triton": Backend(
         name="triton",
-        rms_norm=rms_norm,
-        rotary=rotary,
-        attention_prefill=attention_prefill,
-        rotary_attention_decode=rotary_attention_decode,
-        swiglu=swiglu,
-        linear=gemv_or_matmul,
-        linear_swiglu=linear_swiglu,
-        norm_linear=norm_linear,
-        linear_nf4=nf4_linear,
-        linear_int4=int4_linear,
+        rms_norm=triton_ops.rms_norm,
+        rotary=triton_ops.rotary,
+        attention_prefill=triton_ops.attention_prefill,
+        rotary_attention_decode=triton_ops.rotary_attention_decode,
+        swiglu=triton_ops.swiglu,
+        linear=triton_ops.linear,
+        linear_swiglu=triton_ops.linear_swiglu,
+        norm_linear=triton_ops.norm_linear,
+        linear_nf4=triton_ops.linear_nf4,
+        linear_int4=triton_ops.linear_int4,
     ),
 }
 

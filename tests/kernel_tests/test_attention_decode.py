@@ -26,6 +26,7 @@ from codellama_rt.kernels.attention_decode import (  # noqa: E402
     decode_launch,
 )
 from codellama_rt.kernels.options import KernelOptions  # noqa: E402
+from codellama_rt.bench.common import aot_models
 
 # The interpreter converts the loop bounds (loaded from `lengths`) with a NumPy deprecation warning.
 
@@ -306,7 +307,7 @@ def test_aot_configs_cover_every_cuda_launch():
     """Tile sizes, warps and stages do not depend on (B, S): one AOT binary per (dtype, group) covers
     every batch size and cache length, split count included (a runtime argument)."""
     split_cfgs = {(c.signature["Q"], c.constexprs["GROUP"], c.constexprs["DIRECT"], c.constexprs["ONE_PASS"],
-                   c.constexprs["ROPE"]): c for c in aot_configs() if "GROUP" in c.constexprs}
+                   c.constexprs["ROPE"]): c for c in aot_configs(aot_models()) if "GROUP" in c.constexprs}
     assert set(split_cfgs) == {(ty, g, d, o, r) for ty in ("*bf16", "*fp16") for g in (1, 8)
                                for d, o in ((False, False), (False, True), (True, False)) for r in (False, True)}
     for (ty, group, _, _, _), c in split_cfgs.items():
@@ -325,7 +326,7 @@ def test_cpu_uses_few_splits():
 
 def test_aot_compiles_without_spills():
     rows = []
-    for cfg in aot_configs():
+    for cfg in aot_configs(aot_models()):
         for arch in (80, 90):
             r = compile_for(cfg, arch)
             rows.append(r)

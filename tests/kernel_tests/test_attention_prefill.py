@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from codellama_rt.kernels import attention_prefill as mod
 from codellama_rt.kernels._triton import launch_config, triton_dtype
 from codellama_rt.kernels.attention_prefill import aot_configs, attention_prefill, attention_prefill_ref
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
 # Triton's interpreter turns 1-element arrays into loop bounds with int(); NumPy deprecates that.
@@ -177,7 +178,7 @@ def test_bad_inputs_raise(kwargs, exc, match):
 def test_aot_configs_compile(check_aot):
     """Every CUDA launch (bf16/fp16 x head_dim 128/64 x MHA 7B / GQA 34B-70B) compiles for sm_80 and sm_90
     without spills and within shared memory; T and start stay runtime arguments, MHA's group a constexpr."""
-    configs = aot_configs()
+    configs = aot_configs(aot_models())
     assert len(configs) == 8, [c.label for c in configs]
     for cfg in configs:
         assert cfg.signature["T"] == "i32" and cfg.signature["start"] == "i32", cfg.label
@@ -189,12 +190,12 @@ def test_aot_configs_compile(check_aot):
 
 def test_fp32_cuda_launches_compile(check_aot):
     """The float32 (IEEE dot) path is no model default, but it must not spill either."""
-    check_aot(aot_configs(dtypes=(torch.float32,)))
+    check_aot(aot_configs(aot_models(), dtypes=(torch.float32,)))
 
 
 def test_aot_configs_type_real_tensors_alike():
     """The meta tensors behind `aot_configs` are typed as real allocations of the same layout would be."""
-    by_label = {c.label: c for c in aot_configs()}
+    by_label = {c.label: c for c in aot_configs(aot_models())}
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim in (128, 64):
             for H, Hkv in ((32, 32), (64, 8)):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from codellama_rt.kernels import gemv as mod
 from codellama_rt.kernels.gemv import CUDA_LAUNCH, INTERPRETER_LAUNCH, gemv, gemv_ref, linear
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -107,7 +108,7 @@ def test_launch_choice():
 
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     labels = " ".join(c.label for c in configs)
     assert "bf16" in labels and "fp16" in labels and "masked K" in labels  # 7B w2: K = 11008
     check_aot(configs)

@@ -15,6 +15,7 @@ from codellama_rt.kernels._triton import launch_config
 from codellama_rt.kernels.int4 import (Int4Weight, dequantize_int4, int4_launch, int4_linear, int4_linear_ref,
                                        quantize_int4, unpack_gptq)
 from codellama_rt.kernels.options import KernelOptions
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
 # the interpreter turns scalar loop bounds into 1-element arrays and int()s them (numpy deprecation)
@@ -483,7 +484,7 @@ def test_layer_output_cosine_after_quantization(M, dtype):
 
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     labels = [c.label for c in configs]
     for t in ("bf16", "fp16"):
         kinds = {(c.kernel.__name__, c.constexprs.get("BLOCK_M"), c.constexprs.get("WRITE_PARTIALS"))
@@ -516,4 +517,4 @@ def test_unsplit_one_row_gemv_compiles(check_aot):
 def test_other_specialisations_compile(check_aot, dtypes, group_size):
     """fp32 (IEEE dots, the debugging path) and groups 32/64 (K tiles of 32/64) compile without spills
     too, at the 7B shapes."""
-    check_aot(mod.aot_configs(dtypes=dtypes, group_size=group_size, models=(("CodeLlama-7b", "7B"),)))
+    check_aot(mod.aot_configs(aot_models()[:1], dtypes=dtypes, group_size=group_size))

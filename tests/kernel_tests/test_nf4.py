@@ -10,6 +10,7 @@ import torch
 from codellama_rt.kernels import nf4 as mod
 from codellama_rt.kernels.nf4 import (NF4_CODE, NF4Weight, dequantize_nf4, dynamic_map, nf4_linear,
                                       nf4_linear_ref, quantize_nf4)
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
 # Triton's interpreter turns 1-element arrays into loop bounds with int(); NumPy deprecates that.
@@ -298,7 +299,7 @@ def test_nf4_linear_rejects_bad_input():
 # ---- (d) ahead of time -------------------------------------------------------------------------
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     labels = {c.label for c in configs}
     assert len(labels) == len(configs) == len(mod.AOT_ROWS) * 2 * 2  # every layer shape shares its binary
     assert {"gemv M=1 bf16 dq 1x64", "gemv M=2 fp16 fp32-absmax 2x64", "gemm M=8 bf16 dq 16x64",

@@ -6,6 +6,7 @@ import torch
 
 from codellama_rt.kernels import rms_norm as mod
 from codellama_rt.kernels.rms_norm import rms_norm, rms_norm_ref
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,7 +89,7 @@ def test_bad_inputs_raise(make, match):
 
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     assert {c.label for c in configs} == {f"dim={d} {t}{s}" for d in (4096, 8192) for t in ("bf16", "fp16")
                                           for s in ("", " +residual")}
     check_aot(configs)

@@ -8,6 +8,7 @@ import torch
 
 from codellama_rt.kernels import rotary as mod
 from codellama_rt.kernels.rotary import rope_tables, rotary, rotary_ref
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -112,7 +113,7 @@ def test_bad_inputs_raise(changes, match):
 
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     assert len(configs) == 8  # {7B, 34B/70B} x {bf16, fp16} x {prefill, decode (to cache)}
     assert sum(c.constexprs["TO_CACHE"] for c in configs) == 4
     check_aot(configs)

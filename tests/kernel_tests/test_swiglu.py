@@ -6,6 +6,7 @@ import torch
 
 from codellama_rt.kernels import swiglu as mod
 from codellama_rt.kernels.swiglu import swiglu, swiglu_ref
+from codellama_rt.bench.common import aot_models
 from tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -69,6 +70,6 @@ def test_bad_inputs_raise(change, match):
 
 
 def test_aot_configs_compile(check_aot):
-    configs = mod.aot_configs()
+    configs = mod.aot_configs(aot_models())
     assert {c.label for c in configs} == {f"F={f} {t}" for f in (11008, 22016, 28672) for t in ("bf16", "fp16")}
     check_aot(configs)

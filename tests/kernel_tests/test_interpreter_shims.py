@@ -1,0 +1,48 @@
+"""The interpreter shims: refused on Triton versions they were not written for, and never imported by the
+CUDA launch path (kernels import and compile without them)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.7.0", "4.0.0", "3.60.0", "nightly"])
+def test_unsupported_triton_versions_are_refused_with_the_range(version):
+    from codellama_rt.kernels._interpreter_shims import SUPPORTED_RANGE, check_triton_version
+
+    with pytest.raises(ImportError, match=f"triton{SUPPORTED_RANGE}.*found triton {version}"):
+        check_triton_version(version)
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.6.1", "3.6.0+git1234abcd"])
+def test_supported_triton_versions_pass(version):
+    from codellama_rt.kernels._interpreter_shims import check_triton_version
+
+    check_triton_version(version)
+
+
+def test_setup_pins_the_supported_range():
+    from pathlib import Path
+
+    from codellama_rt.kernels._interpreter_shims import SUPPORTED_RANGE
+
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    assert f'"triton{SUPPORTED_RANGE}"' in setup
+
+
+def test_kernels_import_and_compile_ahead_of_time_without_the_shims():
+    """Importing every kernel module and the backend table, and typing an AOT launch (what a CUDA process
+    does), loads no interpreter shim; the first CPU launch does."""
+    code = (
+        "import sys, torch\n"
+        "import codellama_rt.model.backends\n"
+        "from codellama_rt.kernels import aot, rms_norm\n"
+        "from codellama_rt.bench.common import aot_models\n"
+        "rms_norm.aot_configs(aot_models()[:1])\n"
+        "assert 'codellama_rt.kernels._interpreter_shims' not in sys.modules\n"
+        "rms_norm.rms_norm(torch.ones(1, 16), torch.ones(16), 1e-5)\n"
+        "assert 'codellama_rt.kernels._interpreter_shims' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
