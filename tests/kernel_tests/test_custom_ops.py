@@ -120,10 +120,15 @@ def test_options_round_trip():
     assert ops.encode_options(KernelOptions(experiments={"int4_mma", "attn_rope"})) == ("attn_rope,int4_mma", True)
 
 
-def test_backend_functions_keep_the_launchers_results_and_aliases():
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "through-op"])
+def test_backend_functions_keep_the_launchers_results_and_aliases(through_op, monkeypatch):
     """The functions in the triton row give the launchers' values, and return the inputs the launchers
-    returned (h = x without a residual; the rotated q and k themselves)."""
+    returned (h = x without a residual; the rotated q and k themselves), both in eager mode (the launcher
+    called directly) and through the op (what torch.compile traces; forced here)."""
     from codellama_rt.kernels import gemv, rms_norm, rotary
+
+    if through_op:
+        monkeypatch.setattr(ops, "_eager", lambda: False)
 
     x = torch.randn(2, 3, 16, generator=_g())
     nw = 1 + 0.1 * torch.randn(16, generator=_g(2))
@@ -144,3 +149,20 @@ def test_backend_functions_keep_the_launchers_results_and_aliases():
         ops.linear_int4(x, w)
     with pytest.raises(TypeError, match="NF4Weight"):
         ops.linear_nf4(x, w)
+
+
+def test_eager_calls_skip_the_op_dispatch(monkeypatch):
+    """Outside tracing the backend functions call the launchers directly: a custom op's dispatch costs
+    host time on every eager call, which the ops exist only to hide from torch.compile."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was dispatched in eager mode")
+
+    for name in ("_rms_norm_op", "_linear_op", "_swiglu_op", "_norm_linear_op"):
+        monkeypatch.setattr(ops, name, refuse)
+    x = torch.randn(2, 16, generator=_g())
+    w = torch.randn(8, 16, generator=_g(1))
+    nw = torch.ones(16)
+    ops.rms_norm(x, nw, 1e-5)
+    ops.linear(x, w)
+    ops.swiglu(x, x)
+    ops.norm_linear(x, None, nw, 1e-5, w)
