@@ -20,7 +20,7 @@ setup(
         "numpy>=1.24,<2.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45"],
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
 )
