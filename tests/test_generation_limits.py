@@ -13,6 +13,7 @@ from codellama_rt.decode_graph import NONFINITE, DecodeStep
 from codellama_rt.kv_cache import KVCache
 from codellama_rt.sampling import SamplingParams, SamplingSignature, filter_top_k_top_p, top_k_bucket
 from codellama_rt.tiny import write_random_checkpoint
+from nan_poison import nan_filled
 
 PROMPT = "def parse(line):\n    key, value ="
 
@@ -53,17 +54,10 @@ def test_largest_temperature_samples_without_overflow(model):
 
 
 def test_nonfinite_logits_raise_naming_the_cause(model):
-    norm = model.module.norm
-    saved = norm.detach().clone()
-    with torch.no_grad():
-        norm.fill_(float("nan"))
-    try:
+    with nan_filled(model.module.norm):
         for sampling in (dict(), dict(temperature=0.7, top_k=5, seed=0)):
             with pytest.raises(FloatingPointError, match="not finite"):
                 model.generate(PROMPT, max_new_tokens=4, **sampling)
-    finally:
-        with torch.no_grad():
-            norm.copy_(saved)
 
 
 def test_step_marks_rows_whose_logits_are_not_finite(model):
