@@ -61,14 +61,18 @@ def test_nonfinite_logits_raise_naming_the_cause(model):
 
 
 def test_step_marks_rows_whose_logits_are_not_finite(model):
+    """The first tokens a step samples (`start`, from the prefill's logits): NONFINITE for a row with NaN,
+    +inf or only -inf logits, the argmax for a finite row."""
     cache = KVCache(model.args, 4, 16, model.module.dtype, model.module.device)
-    step = DecodeStep(model.module, cache, 4, SamplingSignature(greedy=True))
     V = model.args.vocab_size
+    greedy = SamplingParams()
+    step = DecodeStep(model.module, cache, 4, SamplingSignature.of(greedy, V))
     logits = torch.randn(4, V)
     logits[1, 7] = float("nan")
     logits[2, 9] = float("inf")
     logits[3] = float("-inf")
-    got = step._sample(logits.clone()).tolist()
+    step.start(logits.clone(), [[1]] * 4, greedy)
+    got = step.tokens.tolist()
     assert got[0] == int(torch.argmax(logits[0])) and got[1:] == [NONFINITE] * 3
 
 
