@@ -25,7 +25,8 @@ setup(
     extras_require={
         # PNG charts of the benchmark report and `codellama-rt mask --png`; without it both say how to get it
         "plots": ["matplotlib>=3.5"],
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5",
+                 "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
 )

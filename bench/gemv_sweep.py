@@ -125,7 +125,7 @@ def attention_rows(record, dev) -> None:
             tag = " (heuristic)" if splits == base.num_splits else ""
             record("attention", f"7B S={S}", f"splits {splits}{' direct' if splits == 1 else ''}{tag}",
                    kv_bytes, run, copies)
-        del caches
+        caches = None  # frees them as `del` would; `run` reads the name, so it stays bound
 
 
 def dense_rows(record, rows, name, w0, x) -> None:
@@ -168,7 +168,7 @@ def int4_rows(record, rows, name, w0, x) -> None:
         err = (torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz).float() - ref4).abs().max().item()
         record("int4", name, "torch tinygemm (_weight_int4pack_mm)", qbytes,
                lambda c: torch.ops.aten._weight_int4pack_mm(x, tg[c][0], 128, tg[c][1]), copies, err)
-        del tg
+        tg = None  # frees the copies as `del` would; the lambda reads the name, so it stays bound
     except Exception as e:  # noqa: BLE001
         rows.append(dict(kind="int4", shape=name, provider="torch tinygemm",
                          status=f"failed: {type(e).__name__}: {str(e)[:200]}"))

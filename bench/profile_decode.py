@@ -55,7 +55,8 @@ def profile_steps(name: str, tokens: int, options: KernelOptions = DEFAULT_OPTIO
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a model of codellama_rt.bench.e2e.MODELS (default 7B-bf16 on CUDA, tiny on CPU)")
+    p.add_argument("--model", default=None,
+                   help="a model of codellama_rt.bench.e2e.MODELS (default 7B-bf16 on CUDA, tiny on CPU)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
     add_kernel_flags(p)

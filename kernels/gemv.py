@@ -185,7 +185,8 @@ def _prepare(x: torch.Tensor, w: torch.Tensor, cfg: GemvLaunch | None = None, on
         raise ValueError(f"{who}: w must stack gate and up rows ([2F, K]), got an odd row count {rows}")
     N = rows // 2 if swiglu else rows
     if x.dim() < 1 or x.shape[-1] != K or x.numel() != K:
-        raise ValueError(f"{who}: x must be [..., {K}] holding one row for a [{rows}, {K}] weight, got {tuple(x.shape)}")
+        raise ValueError(f"{who}: x must be [..., {K}] holding one row for a [{rows}, {K}] weight, "
+                         f"got {tuple(x.shape)}")
     if x.device != w.device:
         raise ValueError(f"{who}: x on {x.device}, w on {w.device}")
     if K > 0 and w.stride(1) != 1:
@@ -315,8 +316,8 @@ def _one_row_on_cuda(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def aot_configs(models) -> list[LaunchConfig]:
     """The CUDA launches of the projections of `models` (ModelShapes, e.g. CodeLlama 7B/34B/70B) at one row
-    (wqkv, wo, w13, w2 and the lm_head; wqkv and w13 with the RMSNorm prologue too; each with and without the L2 prefetch), in bf16 and fp16:
-    `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
+    (wqkv, wo, w13, w2 and the lm_head; wqkv and w13 with the RMSNorm prologue too; each with and without the L2
+    prefetch), in bf16 and fp16: `_prepare` on meta tensors. Shapes that specialise alike share one entry."""
     configs = {}
     for dtype in (torch.bfloat16, torch.float16):
         for a in models:

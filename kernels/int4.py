@@ -199,8 +199,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
     stride (no copy); w: an Int4Weight [out, in] on x's device, contiguous fields, group size a
     multiple of 32 (scales in any float dtype; they are read as fp32). Returns a new contiguous
     [..., out] tensor in x's dtype. Weights dequantize to x's dtype ((q - z) * s in fp32, rounded
-    once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16 runs
-    the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
+    once; not rounded when M = 1), products and sums in fp32 (float32 x: IEEE dots, not TF32). M = rows of x: M <= 16
+    runs the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
     compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks;
     a "gemv_mma" launch needs M <= 16, fp16/bf16 x and group 128, else ValueError). options: the kernel
     paths (PDL, the experiments "int4_mma" and "int4_one_pass").
@@ -218,8 +218,9 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
 def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int = 128,
                 rows=(1, 8, 512)) -> list[LaunchConfig]:
     """The CUDA launches of the linears (wqkv, wo, w13, w2) of `models` (ModelShapes, e.g. CodeLlama
-    7B/34B/70B) in bf16 and fp16, group 128, for decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and prefill (M = 512): `_prepare` run on
-    meta tensors (H100's SM count), typed as the JIT would type them. Shapes that specialise alike share
+    7B/34B/70B) in bf16 and fp16, group 128, for decode (M = 1 and 8; also through `_int4_gemv_mma_kernel`) and
+    prefill (M = 512): `_prepare` run on meta tensors (H100's SM count), typed as the JIT would type them. Shapes
+    that specialise alike share
     one entry, labelled with the first shape that needed it. The arguments let tests compile other
     specialisations (fp32, groups 32/64)."""
     configs = {}

@@ -317,8 +317,9 @@ AOT_ROWS = (1, 2, 8, 40, 100, 512)  # decode: GEMV 1 and 2 rows, GEMM 16-row til
 
 def aot_configs(models) -> list[LaunchConfig]:
     """The CUDA launches of the linear layers (wqkv, wo, w13, w2) of `models` (ModelShapes, e.g. CodeLlama
-    7B/34B/70B) in bf16 and fp16, with and without double quant, for x of AOT_ROWS rows (one per tile choice of `nf4_launch`): `_prepare` run
-    on meta tensors of those shapes, typed as the JIT would type them. Every dimension of these layers is
+    7B/34B/70B) in bf16 and fp16, with and without double quant, for x of AOT_ROWS rows (one per tile choice of
+    `nf4_launch`): `_prepare` run on meta tensors of those shapes, typed as the JIT would type them. Every dimension
+    of these layers is
     a multiple of 16, so the JIT specialises all of them alike and the list keeps one config per
     (rows, dtype, double quant): the layers' launches are exactly these binaries."""
     configs = {}

@@ -190,7 +190,8 @@ def _check_cache(q, k, cache) -> tuple:
     if T != 1:
         raise ValueError(f"rotary_to_cache: decode only (one token per sequence), got T={T}")
     if v.shape != k.shape or v.dtype != q.dtype:
-        raise ValueError(f"rotary_to_cache: v must be {q.dtype} {tuple(k.shape)} like k, got {v.dtype} {tuple(v.shape)}")
+        raise ValueError(f"rotary_to_cache: v must be {q.dtype} {tuple(k.shape)} like k, "
+                         f"got {v.dtype} {tuple(v.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D:
         raise ValueError(f"rotary_to_cache: k_cache and v_cache must be [{B}, {Hkv}, S, {D}], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -256,8 +257,8 @@ def _prepare(q, k, cos, sin, positions, cache=None):
 
 def aot_configs(models) -> list[LaunchConfig]:
     """The launches of `models` (ModelShapes, e.g. CodeLlama 7B: 32 heads, 32 kv heads; 34B/70B: 64 heads, 8 kv
-    heads; head_dim 128) in bf16 and fp16, for prefill (T tokens, positions an expanded arange) and decode (T = 1, positions
-    `[B] -> [B, 1]`), q/k being the transposed views of the fused qkv linear output as in the model:
+    heads; head_dim 128) in bf16 and fp16, for prefill (T tokens, positions an expanded arange) and decode (T = 1,
+    positions `[B] -> [B, 1]`), q/k being the transposed views of the fused qkv linear output as in the model:
     `_prepare` run on meta tensors of those shapes, typed as the JIT would type them."""
     configs = {}
     for a in models:

@@ -85,8 +85,8 @@ def _prepare(gate, up):
 
 def aot_configs(models) -> list[LaunchConfig]:
     """The launches of `models` (ModelShapes, e.g. CodeLlama 7B: ffn 11008, 34B: 22016, 70B: 28672) in bf16
-    and fp16, gate and up being the two halves of the fused w13 linear output as in the model: `_prepare` run on meta tensors of
-    those shapes, typed as the JIT would type them."""
+    and fp16, gate and up being the two halves of the fused w13 linear output as in the model: `_prepare` run on meta
+    tensors of those shapes, typed as the JIT would type them."""
     configs = {}
     for model in models:
         ffn = model.ffn_dim

@@ -7,5 +7,6 @@ from .kernels.options import KernelOptions
 from .engine.sampling import SamplingParams
 from .tokenizer.tokenizer import Tokenizer
 
-__all__ = ["load", "default_model_path", "Model", "ModelArgs", "PRESETS", "CheckpointError", "ModelBusyError", "Completion", "SamplingParams", "Tokenizer", "KernelOptions"]
+__all__ = ["load", "default_model_path", "Model", "ModelArgs", "PRESETS", "CheckpointError", "ModelBusyError",
+           "Completion", "SamplingParams", "Tokenizer", "KernelOptions"]
 __version__ = "0.1.0"

@@ -1,4 +1,9 @@
-"""Shared fixtures: a SentencePiece tokenizer trained here and tiny checkpoints written by transformers."""
+"""Shared fixtures: a SentencePiece tokenizer trained here, tiny checkpoints written by transformers, and
+NaN-filled fresh allocations (tests/nan_poison.py has the NaN helpers).
+
+Tests import the modules beside this file (`tolerances`, `nan_poison`, `tool_modules`) by plain name:
+pytest puts tests/, the first directory up from a test file without an __init__.py, on sys.path.
+"""
 from __future__ import annotations
 
 import shutil
@@ -9,12 +14,12 @@ import pytest
 import torch
 
 from codellama_rt.tiny import train_tokenizer
+from nan_poison import nan_allocations
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_TOKENIZERS = SHARED / "tokenizers"
 
 TINY_VOCAB = 1000
-
 
 
 def pytest_collection_modifyitems(config, items):
@@ -105,8 +110,11 @@ def hf_checkpoint(tmp_path, tiny_tokenizer):
     return make
 
 
-# tests import the tolerance table as `from tolerances import ...`
-sys.path.insert(0, str(Path(__file__).parent))
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty / torch.empty_like return NaN-filled floating tensors during the test, so an output
+    element a launcher allocates but its kernel never writes shows up as NaN (inputs have none)."""
+    nan_allocations(monkeypatch)
 
 
 @pytest.fixture

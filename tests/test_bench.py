@@ -1,6 +1,6 @@
 """The benchmark report (codellama_rt.bench): the CPU quick run end to end, the bound arithmetic, the
-bars, the charts (with and without matplotlib), random-weight models, and the CLI / script entry points. Speed itself is never
-asserted here (see bench/README.md)."""
+bars, the charts (with and without matplotlib), random-weight models, and the CLI / script entry points. Speed itself
+is never asserted here (see bench/README.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -152,7 +152,8 @@ def test_decode_bound_arithmetic():
     assert e2e.decode_bound(step, 3000.0, batch=8) == pytest.approx(8 * 3e12 / step)
     # int4 g128 read per token: the shape formula less the dense embedding
     int4 = report.model_info(e2e.MODELS["7B-int4"])
-    assert int4["weights_read_per_token"] == model_weight_bytes(args, bytes_per_elem=2, method="int4") - 32016 * 4096 * 2
+    assert int4["weights_read_per_token"] == \
+        model_weight_bytes(args, bytes_per_elem=2, method="int4") - 32016 * 4096 * 2
 
 
 def test_finish_rows_bound_and_agreement():

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-import torch
 
 import codellama_rt as cl
+from nan_poison import nan_filled
 
 PROMPTS = ["def parse(line):\n    key, value =", "import os\n\ndef walk(root):", "class Stack:\n    def push("]
 N = 24
@@ -72,16 +72,8 @@ def test_a_stream_not_yet_read_holds_nothing(model, solo):
 
 
 def test_a_failed_generation_frees_the_model(model, solo):
-    norm = model.module.norm
-    saved = norm.detach().clone()
-    with torch.no_grad():
-        norm.fill_(float("nan"))
-    try:
-        with pytest.raises(FloatingPointError):
-            model.generate(PROMPTS[0], max_new_tokens=N)
-    finally:
-        with torch.no_grad():
-            norm.copy_(saved)
+    with nan_filled(model.module.norm), pytest.raises(FloatingPointError):
+        model.generate(PROMPTS[0], max_new_tokens=N)
     assert model.generate(PROMPTS[0], max_new_tokens=N).text == solo[(PROMPTS[0], ())]
 
 

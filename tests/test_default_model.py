@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import codellama_rt as cl
 from codellama_rt.cli import main as cli_main
+from tool_modules import load_tool
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-from write_golden import GOLDEN, run_case, weights_sha256  # noqa: E402
+corpus = load_tool("corpus")
+evaluation = load_tool("eval_default_model")
+tdm = load_tool("train_default_model")
+write_golden = load_tool("write_golden")
+GOLDEN, run_case, weights_sha256 = write_golden.GOLDEN, write_golden.run_case, write_golden.weights_sha256
 
 SHIPPED = ("config.json", "model.safetensors", "tokenizer.model", "generation_config.json", "training.json",
            "evaluation.json", "README.md")
@@ -71,13 +72,10 @@ def test_cli_generate_and_infill_without_model(capsys, reference):
 def test_held_out_loss_beats_unigram(reference):
     """On one held-out stdlib file: the model's loss is well under the unigram distribution of its own
     training tokens (the full measurement is tools/eval_default_model.py's)."""
-    from eval_default_model import unigram_log_probs
-    from train_default_model import corpus_split, plain_tokens, rows
-
-    train, held = corpus_split()
+    train, held = corpus.corpus_split()
     tok = reference.tokenizer
-    data = rows(plain_tokens(held[:3], tok, 1500), 511)[:2]
-    log_p = unigram_log_probs(plain_tokens(train[:60], tok, 1500), tok.vocab_size)
+    data = corpus.rows(corpus.plain_tokens(held[:3], tok, 1500), 511)[:2]
+    log_p = evaluation.unigram_log_probs(corpus.plain_tokens(train[:60], tok, 1500), tok.vocab_size)
     logits = reference.logits(data[:, :-1])
     model_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten()).item()
     unigram_loss = -log_p[data[:, 1:]].mean().item()
@@ -110,31 +108,30 @@ def test_golden_triton_interpreter(triton_model, i):
 def test_infill_cases_remove_one_body_line():
     """The evaluation's infill holes: prefix + line + suffix is the function, the line a body line of >= 3
     characters, the same one for the same case number (PSM, SPM and the prefix-only baseline share them)."""
-    from eval_default_model import _hole, header
-
+    function_hole, header = evaluation.function_hole, corpus.header
     src = 'def f(a,\n      b):\n    """Doc."""\n    x = a + b\n\n    return x\n'
     for k in range(20):
-        prefix, line, suffix = _hole(src, k)
-        assert prefix + line + suffix == src and _hole(src, k) == (prefix, line, suffix)
+        prefix, line, suffix = function_hole(src, k)
+        assert prefix + line + suffix == src and function_hole(src, k) == (prefix, line, suffix)
         assert len(line.strip()) >= 3 and prefix.startswith(header(src))
-    assert {_hole(src, k)[1] for k in range(20)} == {'    """Doc."""\n', "    x = a + b\n", "    return x\n"}
+    assert {function_hole(src, k)[1] for k in range(20)} == \
+        {'    """Doc."""\n', "    x = a + b\n", "    return x\n"}
 
 
 def test_in_file_holes_are_the_same_line_in_its_file_cut_to_fit(reference):
     """The evaluation's in-file holes: the function's case-k line, indented as in the file, with the file's
     lines around it (cut at line boundaries) and a prompt within the budget in both orders."""
-    from eval_default_model import HeldOutFunction, _hole, in_file_hole
-
+    function_hole, in_file_hole = evaluation.function_hole, evaluation.in_file_hole
     tok = reference.tokenizer
     head = "".join(f"import mod{i}\n" for i in range(60))
     method = '    def f(self, a):\n        """Doc."""\n        x = a + self.b\n\n        return x\n'
     tail = "".join(f"CONST_{i} = {i}\n" for i in range(60))
     text = head + "class C:\n" + method + tail
     lines = tuple(text.splitlines(keepends=True))
-    f = HeldOutFunction(src='def f(self, a):\n    """Doc."""\n    x = a + self.b\n\n    return x\n',
+    f = corpus.HeldOutFunction(src='def f(self, a):\n    """Doc."""\n    x = a + self.b\n\n    return x\n',
                         file_lines=lines, first_line=61)
     for k in range(10):
-        dedented = _hole(f.src, k)[1]
+        dedented = function_hole(f.src, k)[1]
         for budget in (1000, 120):
             prefix, line, suffix = in_file_hole(f, k, tok, budget)
             assert line == "    " + dedented
@@ -149,8 +146,23 @@ def test_in_file_holes_are_the_same_line_in_its_file_cut_to_fit(reference):
 def test_model_card_is_what_the_evaluation_writes():
     """The shipped card is tools/eval_default_model.py's rendering of the shipped training.json and
     evaluation.json: no number in it was edited by hand or left stale by a change of the template."""
-    from eval_default_model import model_card
-
     d = cl.default_model_path()
     training, ev = (json.loads((d / f).read_text()) for f in ("training.json", "evaluation.json"))
-    assert (d / "README.md").read_text() == model_card(training, ev)
+    assert (d / "README.md").read_text() == evaluation.model_card(training, ev)
+
+
+def test_shipped_weights_give_the_training_completion_probe_the_evaluation_share():
+    """On the shipped weights, the training log's completion probe (greedy rollouts of the training model,
+    tools/train_default_model.py) and the evaluation's completion measure (the runtime's greedy generation,
+    tools/eval_default_model.py) give the same share of 8 held-out functions, strictly between 0 and 1.
+    A property of these weights: after retraining, a near tie on a greedy path or a share of 0 or 1 on
+    these 8 functions fails this test without any code being wrong (pick other functions then)."""
+    shipped = cl.load(None, backend="reference", dtype=torch.float32, device="cpu")
+    model = tdm.init_model(shipped.args, seed=0)
+    model.load_state_dict(tdm.init_weights(cl.default_model_path()))
+    _, held = corpus.corpus_split()
+    funcs = corpus.held_out_functions(held)[:8]
+    want = evaluation.completion_eval(shipped, funcs, len(funcs), max_new_tokens=48)["share"]
+    got = tdm.completion_probe(lambda ids, n: tdm.greedy_rollout(model, torch.tensor([ids]), n)[0, len(ids):].tolist(),
+                               shipped.tokenizer, [corpus.header(f.src) for f in funcs], new_tokens=48)
+    assert 0 < want < 1 and got == want

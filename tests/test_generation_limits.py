@@ -13,6 +13,7 @@ from codellama_rt.engine.decode_graph import NONFINITE, DecodeStep
 from codellama_rt.model.kv_cache import KVCache
 from codellama_rt.engine.sampling import SamplingParams, SamplingSignature, filter_top_k_top_p, top_k_bucket
 from codellama_rt.tiny import write_random_checkpoint
+from nan_poison import nan_filled
 
 PROMPT = "def parse(line):\n    key, value ="
 
@@ -53,28 +54,25 @@ def test_largest_temperature_samples_without_overflow(model):
 
 
 def test_nonfinite_logits_raise_naming_the_cause(model):
-    norm = model.module.norm
-    saved = norm.detach().clone()
-    with torch.no_grad():
-        norm.fill_(float("nan"))
-    try:
+    with nan_filled(model.module.norm):
         for sampling in (dict(), dict(temperature=0.7, top_k=5, seed=0)):
             with pytest.raises(FloatingPointError, match="not finite"):
                 model.generate(PROMPT, max_new_tokens=4, **sampling)
-    finally:
-        with torch.no_grad():
-            norm.copy_(saved)
 
 
 def test_step_marks_rows_whose_logits_are_not_finite(model):
+    """The first tokens a step samples (`start`, from the prefill's logits): NONFINITE for a row with NaN,
+    +inf or only -inf logits, the argmax for a finite row."""
     cache = KVCache(model.args, 4, 16, model.module.dtype, model.module.device)
-    step = DecodeStep(model.module, cache, 4, SamplingSignature(greedy=True))
     V = model.args.vocab_size
+    greedy = SamplingParams()
+    step = DecodeStep(model.module, cache, 4, SamplingSignature.of(greedy, V))
     logits = torch.randn(4, V)
     logits[1, 7] = float("nan")
     logits[2, 9] = float("inf")
     logits[3] = float("-inf")
-    got = step._sample(logits.clone()).tolist()
+    step.start(logits.clone(), [[1]] * 4, greedy)
+    got = step.tokens.tolist()
     assert got[0] == int(torch.argmax(logits[0])) and got[1:] == [NONFINITE] * 3
 
 

@@ -9,7 +9,8 @@ from tolerances import assert_close, assert_error_within_torch
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-SHAPES = [pytest.param(dict(dim=4096, heads=32, kv=32), id="7B"), pytest.param(dict(dim=8192, heads=64, kv=8), id="70B")]
+SHAPES = [pytest.param(dict(dim=4096, heads=32, kv=32), id="7B"),
+          pytest.param(dict(dim=8192, heads=64, kv=8), id="70B")]
 
 
 @pytest.mark.parametrize("s", SHAPES)

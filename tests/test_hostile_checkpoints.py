@@ -376,7 +376,8 @@ def test_pickled_python_objects_refused_hf_bin(hf_base, tmp_path):
 
 
 @pytest.mark.parametrize("content, fragment", [(b"", "file is empty"),
-                                               (b"hello, world\n" * 10, "not a torch checkpoint")], ids=["empty", "text"])
+                                               (b"hello, world\n" * 10, "not a torch checkpoint")],
+                         ids=["empty", "text"])
 def test_not_a_torch_file(tmp_path, tiny_tokenizer, content, fragment):
     directory = write_meta_checkpoint(tmp_path / "meta", tiny_tokenizer)
     f = directory / "consolidated.00.pth"

@@ -94,7 +94,7 @@ def write_meta_checkpoint(directory: Path, hf_model, tokenizer_model: Path, *, n
             "norm.weight": sd["model.norm.weight"],
             "output.weight": sd["lm_head.weight"]}
     for i in range(L):
-        a, m, l = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp", f"model.layers.{i}"
+        a, m, layer = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp", f"model.layers.{i}"
         meta[f"layers.{i}.attention.wq.weight"] = hf_unpermute(sd[f"{a}.q_proj.weight"], H)
         meta[f"layers.{i}.attention.wk.weight"] = hf_unpermute(sd[f"{a}.k_proj.weight"], Hkv)
         meta[f"layers.{i}.attention.wv.weight"] = sd[f"{a}.v_proj.weight"]
@@ -102,8 +102,8 @@ def write_meta_checkpoint(directory: Path, hf_model, tokenizer_model: Path, *, n
         meta[f"layers.{i}.feed_forward.w1.weight"] = sd[f"{m}.gate_proj.weight"]
         meta[f"layers.{i}.feed_forward.w2.weight"] = sd[f"{m}.down_proj.weight"]
         meta[f"layers.{i}.feed_forward.w3.weight"] = sd[f"{m}.up_proj.weight"]
-        meta[f"layers.{i}.attention_norm.weight"] = sd[f"{l}.input_layernorm.weight"]
-        meta[f"layers.{i}.ffn_norm.weight"] = sd[f"{l}.post_attention_layernorm.weight"]
+        meta[f"layers.{i}.attention_norm.weight"] = sd[f"{layer}.input_layernorm.weight"]
+        meta[f"layers.{i}.ffn_norm.weight"] = sd[f"{layer}.post_attention_layernorm.weight"]
     # Llama 1/2 consolidated files also carry the (unused) rotary inverse frequencies
     meta["rope.freqs"] = 1.0 / (theta ** (torch.arange(0, D, 2).float() / D))
 

@@ -99,7 +99,8 @@ def write_gptq(src: Path, out: Path, group_size: int) -> Path:
         assert zeros.min() >= 1, "a zero point of 0 has no GPTQ v1 encoding"
         prefix = name[:-len(".weight")]
         tensors.update({f"{prefix}.qweight": w.qweight, f"{prefix}.qzeros": _pack_cols(zeros.int() - 1),
-                        f"{prefix}.scales": w.scales, f"{prefix}.g_idx": torch.arange(t.shape[1], dtype=torch.int32) // group_size})
+                        f"{prefix}.scales": w.scales,
+                        f"{prefix}.g_idx": torch.arange(t.shape[1], dtype=torch.int32) // group_size})
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,

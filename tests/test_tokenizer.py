@@ -19,7 +19,6 @@ import pytest
 import sentencepiece as spm
 from hypothesis import given, settings, strategies as st
 
-from codellama_rt import Tokenizer
 from codellama_rt.tokenizer.detokenize import TextStream
 from conftest import SHARED_TOKENIZERS, available_tokenizers, real_tokenizer
 
@@ -297,7 +296,8 @@ def test_tiny_needs_byte_fallback_for_cjk_and_emoji(tiny, tiny_sp):
 
 
 # arbitrary unicode, with extra weight on characters that need byte-fallback pieces on the tiny model
-TEXT = st.text(alphabet=st.one_of(st.characters(blacklist_categories=("Cs",)), st.sampled_from(list(" \n\tab生活的😀🐍é€∑"))),
+TEXT = st.text(alphabet=st.one_of(st.characters(blacklist_categories=("Cs",)),
+                                  st.sampled_from(list(" \n\tab生活的😀🐍é€∑"))),
                max_size=40)
 
 
@@ -387,7 +387,8 @@ def test_stream_stop_string_that_never_occurs(tiny):
 # ---- 5. Instruct (chat) format -------------------------------------------------------------------
 
 def _chat_tokenizers(tiny):
-    return [(tok, spm.SentencePieceProcessor(model_file=tok.path)) for tok in [tiny] + available_tokenizers(LLAMA2, CODELLAMA)]
+    return [(tok, spm.SentencePieceProcessor(model_file=tok.path))
+            for tok in [tiny] + available_tokenizers(LLAMA2, CODELLAMA)]
 
 
 def test_encode_chat_system_user(tiny):

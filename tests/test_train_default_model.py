@@ -3,15 +3,14 @@ format the runtime builds at inference), the HF export (loads back through `code
 trained model's logits), checkpoint/resume (an interrupted run ends with the weights of an
 uninterrupted one), and the unlikelihood objective's parts (greedy rollouts equal the runtime's greedy
 generation; repeated n-grams and the loss against known answers), and the logged completion probe
-(the evaluation's cut and parse; the evaluation's share on the shipped model)."""
+(the evaluation's cut and parse). The corpus (tools/corpus.py) and the infill probe (tools/probes.py) are the
+evaluation's too; the probe's agreement with the evaluation on the shipped weights is in test_default_model.py."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,11 @@ from safetensors.torch import load_file
 import codellama_rt as cl
 from codellama_rt.model.config import ModelArgs
 from codellama_rt.model.transformer import Prefill
+from tool_modules import load_tool
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import train_default_model as tdm  # noqa: E402
+corpus = load_tool("corpus")
+probes = load_tool("probes")
+tdm = load_tool("train_default_model")
 
 SOURCE = (
     "import os\n\n\n"
@@ -36,13 +37,13 @@ SOURCE = (
 
 
 def test_corpus_split_is_disjoint_and_stable():
-    train, held = tdm.corpus_split()
+    train, held = corpus.corpus_split()
     assert train and held and not set(train) & set(held)
     assert 0.02 < len(held) / (len(train) + len(held)) < 0.10
-    root = tdm.stdlib_root()
+    root = corpus.stdlib_root()
     for f in train + held:
-        assert not tdm.EXCLUDED_DIRS.intersection(f.relative_to(root).parts[:-1])
-    assert tdm.corpus_split() == (train, held)
+        assert not corpus.EXCLUDED_DIRS.intersection(f.relative_to(root).parts[:-1])
+    assert corpus.corpus_split() == (train, held)
 
 
 def test_test_suite_files_parse_and_leave_the_held_out_set_alone(tmp_path):
@@ -54,23 +55,23 @@ def test_test_suite_files_parse_and_leave_the_held_out_set_alone(tmp_path):
                       "idlelib/idle_test/h.py": "z = 3\n", "site-packages/test/s.py": "w = 4\n"}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    extra = [f.relative_to(root).as_posix() for f in tdm.test_suite_files(root)]
+    extra = [f.relative_to(root).as_posix() for f in corpus.test_suite_files(root)]
     held_by_hash = {r for r in ("test/test_ok.py", "pkg/tests/t.py", "idlelib/idle_test/h.py")
-                    if int(hashlib.sha1(r.encode()).hexdigest(), 16) % 1000 < tdm.HELD_OUT_PER_MILLE}
+                    if int(hashlib.sha1(r.encode()).hexdigest(), 16) % 1000 < corpus.HELD_OUT_PER_MILLE}
     want = {"test/test_ok.py", "pkg/tests/t.py", "idlelib/idle_test/h.py"} - held_by_hash
     assert set(extra) == want and extra == sorted(extra)
-    real_train, real_held = tdm.corpus_split()
-    real_extra = tdm.test_suite_files()
+    real_train, real_held = corpus.corpus_split()
+    real_extra = corpus.test_suite_files()
     assert not set(real_extra) & (set(real_train) | set(real_held))
 
 
 @pytest.mark.parametrize("trim", [False, True])
 def test_chunks_are_whole_lines_covering_the_text(trim):
-    train, _ = tdm.corpus_split()
+    train, _ = corpus.corpus_split()
     for f in train[:40]:
-        text = tdm.read_source(f)
+        text = corpus.read_source(f)
         pos = 0
-        for part in tdm.chunks(text, 1500, trim):
+        for part in corpus.chunks(text, 1500, trim):
             assert not (trim and part.startswith("\n"))
             start = text.index(part, pos)
             assert text[pos:start].strip() == "", "only blank lines are left out"
@@ -115,8 +116,8 @@ def test_rows_start_at_examples_and_hold_whole_examples_then_a_head():
 
 
 def test_infill_probe_cases_are_psm_and_spm_prompts_with_their_plain_twins(tiny):
-    _, held = tdm.corpus_split()
-    cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=4000, n=5)
+    _, held = corpus.corpus_split()
+    cases = probes.infill_probe_cases(held[:2], tiny, 1500, max_len=4000, n=5)
     assert len(cases) == 5
     for prompt, middle, plain_pre, plain, n_chars, spm_prompt in cases:
         assert prompt[:2] == [tiny.bos_id, tiny.prefix_id] and prompt[-1] == tiny.middle_id
@@ -128,14 +129,14 @@ def test_infill_probe_cases_are_psm_and_spm_prompts_with_their_plain_twins(tiny)
 
 
 def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
-    _, held = tdm.corpus_split()
-    cases = tdm.infill_probe_cases(held[:2], tiny, 1500, max_len=1024, n=4)
+    _, held = corpus.corpus_split()
+    cases = probes.infill_probe_cases(held[:2], tiny, 1500, max_len=1024, n=4)
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=tiny.vocab_size,
                      rope_theta=1e6, max_seq_len=1024)
     model = tdm.init_model(args, seed=0)
     with torch.no_grad():
         model.output.weight.zero_()  # every next-token distribution is uniform
-    got = tdm.infill_probe(lambda ids: tdm.forward(model, torch.tensor([ids]))[0], cases, tiny.eot_id)
+    got = probes.infill_probe(lambda ids: tdm.forward(model, torch.tensor([ids]))[0], cases, tiny.eot_id)
     log_v, chars = math.log(tiny.vocab_size), sum(c[4] for c in cases)
     assert got["psm_nats_per_char"] == pytest.approx(log_v * sum(len(c[1]) for c in cases) / chars, rel=1e-4)
     assert got["prefix_only_nats_per_char"] == pytest.approx(
@@ -143,7 +144,7 @@ def test_infill_probe_of_a_uniform_model_is_log_vocab_per_token(tiny):
     assert got["eot_nats"] == pytest.approx(log_v, rel=1e-4)
     assert got["spm_nats_per_char"] == pytest.approx(got["psm_nats_per_char"], rel=1e-4)
     assert got["spm_eot_nats"] == pytest.approx(log_v, rel=1e-4)
-    assert tdm.infill_probe(lambda ids: 1 / 0, [], tiny.eot_id) is None
+    assert probes.infill_probe(lambda ids: 1 / 0, [], tiny.eot_id) is None
 
 
 def test_export_loads_back_with_the_trained_logits(tiny_tokenizer, tiny, tmp_path):
@@ -203,7 +204,7 @@ def _tiny_model(tiny, seed=0):
 
 
 def test_rollout_prompts_are_bos_then_dedented_training_source(tiny):
-    train, _ = tdm.corpus_split()
+    train, _ = corpus.corpus_split()
     prompts = tdm.rollout_prompts(train[:30], tiny, random.Random(0), n=12, length=20)
     assert prompts.shape == (12, 20) and prompts.dtype == torch.int64
     assert (prompts[:, 0] == tiny.bos_id).all()
@@ -291,18 +292,3 @@ def test_completion_probe_cuts_and_parses_as_the_evaluation_does(tiny):
     assert tdm.completion_probe(scripted("    return x\n", eos=True), tiny, headers, 64) == 1.0
     assert tdm.completion_probe(scripted("    return x\n"), tiny, [], 64) is None
 
-
-def test_completion_probe_of_the_shipped_model_matches_the_evaluation():
-    """The training log's completion probe (greedy rollouts of the training model) and the evaluation's
-    completion measure (the runtime's greedy generation) agree on the shipped model."""
-    from eval_default_model import completion_eval, header, held_out_functions
-
-    shipped = cl.load(None, backend="reference", dtype=torch.float32, device="cpu")
-    model = tdm.init_model(shipped.args, seed=0)
-    model.load_state_dict(tdm.init_weights(cl.default_model_path()))
-    _, held = tdm.corpus_split()
-    funcs = held_out_functions(held)[:8]
-    want = completion_eval(shipped, funcs, len(funcs), max_new_tokens=48)["share"]
-    got = tdm.completion_probe(lambda ids, n: tdm.greedy_rollout(model, torch.tensor([ids]), n)[0, len(ids):].tolist(),
-                               shipped.tokenizer, [header(f.src) for f in funcs], new_tokens=48)
-    assert 0 < want < 1 and got == want

@@ -30,7 +30,3 @@ def assert_error_within_torch(actual: torch.Tensor, torch_same_dtype: torch.Tens
     bound = ERR_FACTOR * theirs + ERR_FLOOR[dtype]
     assert ours <= bound, f"kernel error {ours:.3g} > {ERR_FACTOR} x torch's {theirs:.3g} + floor ({dtype})"
 
-
-def poisoned_like(t: torch.Tensor) -> torch.Tensor:
-    """An output buffer filled with NaN, so an element the kernel fails to write fails the test."""
-    return torch.full_like(t, float("nan"))

@@ -17,25 +17,21 @@ Writes evaluation.json and README.md (the model card, with training.json) next t
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import random
-import sys
-import textwrap
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import codellama_rt as cl  # noqa: E402
-from train_default_model import (corpus_split, infill_probe, plain_tokens, probe_case, read_source,  # noqa: E402
-                                 rows)
-
+import codellama_rt as cl
+# the tools' shared modules, beside this script: running it puts its directory on sys.path
+from corpus import (HeldOutFunction, corpus_split, function_end, header, held_out_functions, parses, plain_tokens,
+                    read_source, rows)
+from probes import infill_probe, probe_case
 
 # ---- held-out loss ----------------------------------------------------------------------------
 
@@ -68,60 +64,6 @@ def held_out_loss(model, train_files, held_files, chunk_chars: int) -> dict:
             "unigram_bits_per_byte": uni / math.log(2) / scored_bytes}
 
 
-# ---- held-out functions -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class HeldOutFunction:
-    src: str                # the function's source, dedented
-    file_lines: tuple       # its file's lines (with their line ends)
-    first_line: int         # index in file_lines of the function's first line
-
-
-def held_out_functions(held_files, min_lines: int = 3, max_lines: int = 40) -> list[HeldOutFunction]:
-    """Every function of the held-out files with min..max lines, in file order."""
-    out = []
-    for f in held_files:
-        text = read_source(f)
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        lines = tuple(text.splitlines(keepends=True))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
-                src = textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))
-                if min_lines <= src.count("\n") <= max_lines and parses(src) and header(src).endswith(":\n"):
-                    out.append(HeldOutFunction(src, lines, node.lineno - 1))
-    return out
-
-
-def parses(src: str) -> bool:
-    try:
-        ast.parse(src)
-        return True
-    except SyntaxError:
-        return False
-
-
-def header(func_src: str) -> str:
-    """The `def ...:` line(s) of a function, through the line where its signature ends."""
-    body = ast.parse(func_src).body[0].body[0]
-    return "".join(func_src.splitlines(keepends=True)[:body.lineno - 1])
-
-
-def function_end(program: str, header_lines: int, hit_limit: bool) -> str:
-    """`program` (a header of `header_lines` lines + its completion) cut before the first top-level line
-    after the header; if the generation ran out of tokens inside the function, an unfinished last line
-    is dropped (the statements before it must still parse)."""
-    lines = program.splitlines(keepends=True)
-    for i in range(header_lines, len(lines)):
-        if lines[i].strip() and not lines[i][0].isspace():
-            return "".join(lines[:i])
-    if hit_limit and len(lines) > header_lines + 1 and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-    return "".join(lines)
-
-
 def completion_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int) -> dict:
     picked = [f.src for f in random.Random(0).sample(funcs, min(n, len(funcs)))]
     ok, examples, reasons = 0, [], Counter()
@@ -140,7 +82,7 @@ def completion_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens:
 
 def infill_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int) -> dict:
     picked = random.Random(1).sample(funcs, min(n, len(funcs)))
-    holes = [_hole(f.src, k) for k, f in enumerate(picked)]
+    holes = [function_hole(f.src, k) for k, f in enumerate(picked)]
     result = _infill_runs(model, holes, max_new_tokens, examples=5)
     # The same holes in their files, as an editor sends them: the file around the line, cut to fit.
     budget = model.args.max_seq_len - max_new_tokens
@@ -165,7 +107,8 @@ def _infill_runs(model, holes: list[tuple[str, str, str]], max_new_tokens: int, 
             c = model.infill(prefix, suffix, suffix_first=order == "spm", max_new_tokens=max_new_tokens)
             hit = c.text.rstrip("\n") == line.rstrip("\n")
             exact += hit
-            first += c.text.split("\n")[0] == line.rstrip("\n")  # the removed line comes first (alone, or followed by more)
+            # the removed line comes first (alone, or followed by more)
+            first += c.text.split("\n")[0] == line.rstrip("\n")
             reasons[c.finish_reason] += 1
             if len(shown) < examples:
                 shown.append({"line": line, "infill": c.text, "exact": hit, "finish_reason": c.finish_reason})
@@ -184,7 +127,7 @@ def _hole_index(src: str, k: int) -> int:
     return random.Random(k).choice([i for i in range(first_body, len(lines)) if len(lines[i].strip()) >= 3])
 
 
-def _hole(src: str, k: int) -> tuple[str, str, str]:
+def function_hole(src: str, k: int) -> tuple[str, str, str]:
     """(prefix, removed line, suffix) of infill case k in the function alone (dedented)."""
     lines = src.splitlines(keepends=True)
     i = _hole_index(src, k)
@@ -192,9 +135,9 @@ def _hole(src: str, k: int) -> tuple[str, str, str]:
 
 
 def in_file_hole(f: HeldOutFunction, k: int, tok, budget: int, prefix_share: float = 0.7) -> tuple[str, str, str]:
-    """The same line as `_hole(f.src, k)` removed from f's file: (prefix, line, suffix) with the prefix cut
-    at a line start and the suffix at a line end so the infill prompt is at most `budget` tokens (the
-    prefix takes up to `prefix_share` of it, the suffix what the prefix leaves)."""
+    """The same line as `function_hole(f.src, k)` removed from f's file: (prefix, line, suffix) with the
+    prefix cut at a line start and the suffix at a line end so the infill prompt is at most `budget` tokens
+    (the prefix takes up to `prefix_share` of it, the suffix what the prefix leaves)."""
     at = f.first_line + _hole_index(f.src, k)
     lines = f.file_lines
     cost = [len(tok.encode(line, add_bos=False)) for line in lines]
@@ -230,6 +173,10 @@ def _probe_cells(p: dict | None) -> str:
     return f"{psm} | {spm} |"
 
 
+LOG_HEADER = ("| step | minutes | train loss | held-out loss (48-row sample) | infill probe, PSM: middle nats/char "
+              "with suffix / prefix only / `<EOT>` nats | SPM: middle nats/char / `<EOT>` nats |")
+
+
 def phase_text(k: int, r: dict) -> str:
     o, opt = r["objective"], r["optimizer"]
     log = "\n".join(f"| {e['step']} | {e['minutes']:.1f} | {e['train_loss']:.3f} | {e['held_out_loss']:.3f} | "
@@ -250,7 +197,7 @@ def phase_text(k: int, r: dict) -> str:
   {r.get('sessions', 1)} session(s). Final training loss {r['final_train_loss']:.3f}; held-out loss (all
   held-out files, fp32 weights) {r['held_out_loss_fp32_train_model']:.3f}.
 
-| step | minutes | train loss | held-out loss (48-row sample) | infill probe, PSM: middle nats/char with suffix / prefix only / `<EOT>` nats | SPM: middle nats/char / `<EOT>` nats |
+{LOG_HEADER}
 |---|---|---|---|---|---|
 {log}
 """
@@ -292,13 +239,14 @@ def _in_file(inf: dict) -> str:
     if "in_file" not in inf:
         return ""
     f = inf["in_file"]
-    n = f["psm"]["cases"]
+    psm, spm = f["psm"], f["spm"]
+    n = psm["cases"]
     return f"""
 - The same {n} lines removed from their files, as an editor sends a hole: the file's lines around it, cut
-  to fit a {f['context_tokens']}-token prompt (the prefix up to 70% of it): exact line **PSM {f['psm']['exact_line']}/{n},
-  SPM {f['spm']['exact_line']}/{n}**; first line right PSM {f['psm']['first_line_right']}, SPM
-  {f['spm']['first_line_right']}; the prefix alone continues with the line in {f['prefix_only_next_line']}/{n}.
-  PSM infills {_endings(f['psm']['finish_reasons'])}; SPM infills {_endings(f['spm']['finish_reasons'])}."""
+  to fit a {f['context_tokens']}-token prompt (the prefix up to 70% of it): exact line **PSM {psm['exact_line']}/{n},
+  SPM {spm['exact_line']}/{n}**; first line right PSM {psm['first_line_right']}, SPM
+  {spm['first_line_right']}; the prefix alone continues with the line in {f['prefix_only_next_line']}/{n}.
+  PSM infills {_endings(psm['finish_reasons'])}; SPM infills {_endings(spm['finish_reasons'])}."""
 
 
 def _endings(reasons: dict) -> str:
@@ -313,6 +261,8 @@ def model_card(training: dict, ev: dict) -> str:
     c = training["corpus"]
     runs = phases(training)
     c0 = runs[0]["corpus"]
+    comp_err = _stderr_points(comp["share"], comp["functions"])
+    psm_end, spm_end = _endings(inf["psm"]["finish_reasons"]), _endings(inf["spm"]["finish_reasons"])
     with_tests = [k + 1 for k, r in enumerate(runs) if r["corpus"].get("with_test_suites")]
     tests_text = ""
     if with_tests:
@@ -355,15 +305,15 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   ({lo['unigram_bits_per_byte']:.2f} bits/byte) for the unigram distribution of the training tokens.
 - Completion: greedy continuation ({comp['max_new_tokens']} new tokens at most) of {comp['functions']} held-out
   function headers, cut where the function ends: **{comp['parse_ok']}/{comp['functions']}
-  ({comp['share']:.0%})** parse with `ast.parse` (± {_stderr_points(comp['share'], comp['functions'])} points, one standard error).
+  ({comp['share']:.0%})** parse with `ast.parse` (± {comp_err} points, one standard error).
   How the generations ended: {', '.join(f"{k}: {v['ended']} ({v['parse_ok']} parse)"
                                         for k, v in comp.get('finish_reasons', {}).items())}.
 - Infilling: {inf['psm']['cases']} held-out functions with one line removed (greedy, {inf['max_new_tokens']}
   new tokens at most); exact line recovered **PSM {inf['psm']['exact_line']}/{inf['psm']['cases']}
   ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
   The first line of the infill is the removed line in PSM {inf['psm']['first_line_right']}, SPM
-  {inf['spm']['first_line_right']} cases{_plain_next_line(inf)}. PSM infills {_endings(inf['psm']['finish_reasons'])}; SPM infills
-  {_endings(inf['spm']['finish_reasons'])}.{_in_file(inf)}
+  {inf['spm']['first_line_right']} cases{_plain_next_line(inf)}. PSM infills {psm_end}; SPM infills
+  {spm_end}.{_in_file(inf)}
 
 Evaluation took {ev['seconds'] / 60:.1f} minutes.
 """

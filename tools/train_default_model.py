@@ -21,19 +21,15 @@ the shipped export with a fresh schedule.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import hashlib
 import json
 import math
 import platform
 import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,78 +42,10 @@ from codellama_rt.model.transformer import Decode, Prefill, Transformer
 from codellama_rt.tiny import hf_config, train_tokenizer
 from codellama_rt.tokenizer.tokenizer import Tokenizer
 
-EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings",
-                 "__pycache__"}
-HELD_OUT_PER_MILLE = 50  # 5% of files, chosen by hash of the relative path
-TEST_DIRS = ("test", "tests", "idle_test")  # the standard library's own test suites: `--with-tests`
-
-
-# ---- corpus -----------------------------------------------------------------------------------
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def held_out(rel: Path) -> bool:
-    """Whether the file at `rel` (relative to the standard library) is held out: by a hash of the path."""
-    return int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16) % 1000 < HELD_OUT_PER_MILLE
-
-
-def corpus_split(root: Path | None = None) -> tuple[list[Path], list[Path]]:
-    """(training files, held-out files) of the standard library, each sorted by relative path."""
-    root = root or stdlib_root()
-    train, held = [], []
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
-            continue
-        (held if held_out(rel) else train).append(f)
-    return train, held
-
-
-def test_suite_files(root: Path | None = None) -> list[Path]:
-    """Extra training files for `--with-tests`: the `.py` files under the standard library's test
-    directories that parse as Python (its test suite also holds deliberately broken files), minus the
-    ones whose hash would hold them out, so the held-out set stays exactly `corpus_split`'s. Sorted."""
-    root = root or stdlib_root()
-    excluded = EXCLUDED_DIRS - set(TEST_DIRS)
-    out = []
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if excluded.intersection(rel.parts[:-1]) or not set(TEST_DIRS).intersection(rel.parts[:-1]) \
-                or held_out(rel):
-            continue
-        try:
-            ast.parse(read_source(f))
-        except (SyntaxError, ValueError):
-            continue
-        out.append(f)
-    return out
-
-
-def read_source(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-def chunks(text: str, max_chars: int, trim: bool = False) -> list[str]:
-    """Split source into runs of whole lines of at most ~max_chars, preferring breaks at blank lines
-    (which then start the next run, unless `trim` drops a run's leading blank lines)."""
-    out, cur, size = [], [], 0
-    for line in text.splitlines(keepends=True):
-        if cur and size + len(line) > max_chars:
-            cut = max((i for i, l in enumerate(cur) if not l.strip()), default=0)
-            if cut < len(cur) // 2:  # no blank line in the second half: cut here
-                cut = len(cur)
-            out.append("".join(cur[:cut]))
-            cur, size = cur[cut:], sum(len(l) for l in cur[cut:])
-        cur.append(line)
-        size += len(line)
-    if cur:
-        out.append("".join(cur))
-    if trim:
-        out = [c[len(c) - len(c.lstrip("\n")):] if c.strip() else c for c in out]
-    return [c for c in out if c.strip()]
-
+# the tools' shared modules, beside this script: running it puts its directory on sys.path
+from corpus import (EXCLUDED_DIRS, HELD_OUT_PER_MILLE, TEST_DIRS, chunks, corpus_split, function_end, header,
+                    held_out_functions, parses, plain_tokens, read_source, rows, test_suite_files)
+from probes import infill_probe, infill_probe_cases
 
 # ---- the infilling objective ----------------------------------------------------------------------
 
@@ -167,78 +95,6 @@ def pack_rows(examples: list[list[int]], seq_len: int) -> torch.Tensor:
             out.append(row)
             row = []
     return torch.tensor(out, dtype=torch.int64).view(len(out), width)
-
-
-def plain_tokens(files: list[Path], tok: Tokenizer, max_chars: int) -> np.ndarray:
-    """Held-out text as plain causal examples, in file order: int32 [n_tokens]."""
-    out = []
-    for f in files:
-        parts = chunks(read_source(f), max_chars)
-        for k, p in enumerate(parts):
-            out += tok.encode(p, add_bos=True, add_eos=k == len(parts) - 1)
-    return np.asarray(out, dtype=np.int32)
-
-
-def rows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows of seq_len + 1 tokens: int64 [n_rows, seq_len + 1]."""
-    n = len(tokens) // (seq_len + 1)
-    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
-
-
-def probe_case(tok: Tokenizer, prefix: str, middle: str, suffix: str):
-    """One hole for `infill_probe`: (PSM prompt ids, middle ids, BOS+prefix ids, BOS+prefix+middle ids,
-    middle chars, SPM prompt ids), or None when the prefix's own tokens change once the middle follows it
-    (the plain score would then not be the middle's)."""
-    plain_pre, plain = tok.encode(prefix, add_bos=True), tok.encode(prefix + middle, add_bos=True)
-    if plain[:len(plain_pre)] != plain_pre:
-        return None
-    return (tok.encode_infill(prefix, suffix), tok.encode_nospace(middle), plain_pre, plain, len(middle),
-            tok.encode_infill(prefix, suffix, suffix_first=True))
-
-
-def infill_probe_cases(files: list[Path], tok: Tokenizer, max_chars: int, max_len: int, n: int = 24,
-                       seed: int = 0):
-    """Up to n one-line holes (`probe_case`s) in chunks of `files`, each at most max_len tokens long."""
-    rng = random.Random(seed)
-    parts = [c for f in files for c in chunks(read_source(f), max_chars)]
-    cases = []
-    for _ in range(100 * n):
-        if len(cases) == n:
-            break
-        lines = rng.choice(parts).splitlines(keepends=True)
-        i = rng.randrange(1, len(lines)) if len(lines) > 2 else 0
-        prefix, middle, suffix = "".join(lines[:i]), lines[i] if lines else "", "".join(lines[i + 1:])
-        case = probe_case(tok, prefix, middle, suffix) if len(middle.strip()) >= 3 else None
-        if case is None or max(len(case[0]) + len(case[1]) + 1, len(case[3])) > max_len:
-            continue
-        cases.append(case)
-    return cases
-
-
-@torch.no_grad()
-def infill_probe(logits_of, cases, eot_id: int) -> dict | None:
-    """Whether the model uses the suffix: nats per character of the held-out middles after a PSM prompt
-    vs after their prefix alone (plain causal), and the mean nats of `<EOT>` right after the middle;
-    the same two for SPM prompts. logits_of: ids (list of T ints) -> [T, vocab] logits. None without
-    cases (a context too short for any)."""
-    if not cases:
-        return None
-
-    def nll(ids: list[int], start: int) -> torch.Tensor:
-        logits = logits_of(ids[:-1])[start - 1:].float()
-        return F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="none")
-    psm = causal = eot = spm = spm_eot = chars = 0.0
-    for prompt, middle, plain_pre, plain, n_chars, spm_prompt in cases:
-        scored = nll(prompt + middle + [eot_id], len(prompt))
-        psm += scored[:-1].sum().item()
-        eot += scored[-1].item()
-        scored = nll(spm_prompt + middle + [eot_id], len(spm_prompt))
-        spm += scored[:-1].sum().item()
-        spm_eot += scored[-1].item()
-        causal += nll(plain, len(plain_pre)).sum().item()
-        chars += n_chars
-    return {"psm_nats_per_char": psm / chars, "prefix_only_nats_per_char": causal / chars,
-            "eot_nats": eot / len(cases), "spm_nats_per_char": spm / chars, "spm_eot_nats": spm_eot / len(cases)}
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -301,14 +157,14 @@ def rollout_prompts(files: list[Path], tok: Tokenizer, rng: random.Random, n: in
     out = []
     while len(out) < n:
         lines = read_source(rng.choice(files)).splitlines(keepends=True)
-        defs = [i for i, l in enumerate(lines) if l.lstrip().startswith(("def ", "async def "))]
-        starts = defs if defs and rng.random() < def_share else [i for i, l in enumerate(lines) if l.strip()]
+        defs = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "async def "))]
+        starts = defs if defs and rng.random() < def_share else [i for i, ln in enumerate(lines) if ln.strip()]
         if not starts:
             continue
         i = rng.choice(starts)
         indent = len(lines[i]) - len(lines[i].lstrip())
-        text = "".join("\n" if not l.strip() else l[indent:] if l[:indent].isspace() else l
-                       for l in lines[i:i + 40])
+        text = "".join("\n" if not ln.strip() else ln[indent:] if ln[:indent].isspace() else ln
+                       for ln in lines[i:i + 40])
         ids = tok.encode(text, add_bos=True)
         if len(ids) >= length:
             out.append(ids[:length])
@@ -358,8 +214,6 @@ def completion_probe(continue_ids, tok: Tokenizer, headers: list[str], new_token
     """Share of function `headers` whose greedy continuation parses once cut where the function ends (as
     tools/eval_default_model.py measures completion): greedy loops show here and not in held-out loss.
     continue_ids(ids, n): the n greedy tokens after the list of token ids `ids`."""
-    from eval_default_model import function_end, parses
-
     if not headers:
         return None
     ok = 0
@@ -501,8 +355,7 @@ def main(argv=None) -> None:
     held = rows(plain_tokens(held_files, tok, a.chunk_chars), a.seq_len)
     held_eval = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:48]]
     probe_cases = infill_probe_cases(held_files, tok, a.chunk_chars, a.max_seq_len)
-    from eval_default_model import header, held_out_functions  # the evaluation's held-out functions
-    funcs = held_out_functions(held_files)
+    funcs = held_out_functions(held_files)  # the evaluation's held-out functions
     probe_headers = [header(f.src) for f in random.Random(0).sample(funcs, min(a.probe_completions, len(funcs)))]
 
     def greedy_ids(ids: list[int], n: int) -> list[int]:  # within the context

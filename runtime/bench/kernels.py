@@ -4,8 +4,8 @@
     python bench/kernels.py --out /tmp/k                          # without CUDA: resource table only
     (the full report, `python bench/report.py --report DIR`, includes these rows)
 
-Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured device-to-device
-copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
+Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured
+device-to-device copy bandwidth, and TFLOP/s (prefill attention). Timings: triton.testing.do_bench medians with
 20/80% quantiles; the decode GEMV rows are timed inside CUDA graphs (see `run_quant_gemv`). Always
 writes the AOT resource table (registers, shared memory, spills).
 """
@@ -106,7 +106,8 @@ def run_quant_gemv(bw: float, dtype, options: KernelOptions = DEFAULT_OPTIONS) -
         dense_bytes = w.numel() * w.element_size()
         ws = [w] + [w.clone() for _ in range(copies_for(dense_bytes) - 1)]
         for prov, fn in (("torch", torch.nn.functional.linear), ("triton", partial(gemv, options=options))):
-            rows.append(_graph_row("linear (dense)", name, prov, dense_bytes, bw, [lambda c=c, fn=fn: fn(x, c) for c in ws]))
+            calls = [lambda c=c, fn=fn: fn(x, c) for c in ws]
+            rows.append(_graph_row("linear (dense)", name, prov, dense_bytes, bw, calls))
         del ws
         for fmt, qw, fns in (("nf4", quantize_nf4(w), (nf4_linear, nf4_linear_ref)),
                              ("int4", quantize_int4(w, group_size=128),
@@ -138,7 +139,8 @@ def _graph_row(kernel: str, shape: str, provider: str, nbytes: int, bw: float, c
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | shape | provider | median ms (p20–p80) | GB/s | of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | shape | provider | median ms (p20–p80) | GB/s | of copy bw | TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r.get("ms")
         ms_s = f"{ms[0]:.3f} ({ms[1]:.3f}–{ms[2]:.3f})" if ms else ""

@@ -54,7 +54,8 @@ def to_markdown(report: dict, resources_md: str) -> str:
         f"- card: **{m['card']}**, driver {m.get('driver')}, CUDA {m.get('cuda')}",
         f"- torch {m['torch']}, triton {m.get('triton')}, transformers {m.get('transformers')}, "
         f"python {m['python']}",
-        f"- codellama-rt {m.get('codellama_rt')}, commit {m.get('git_commit')} (source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
+        f"- codellama-rt {m.get('codellama_rt')}, commit {m.get('git_commit')} "
+        f"(source digest {m.get('source_digest')}), {m['date']}, {m['mode']} mode, budget {m['budget_s']:.0f} s, "
         f"took {report['timings'].get('total', 0):.0f} s",
         f"- measured bandwidth **{report['bandwidth_gbps']:.0f} GB/s** ({report['bandwidth_method']})",
         f"- Engine `cuda_graphs` option: {'present' if m.get('engine_cuda_graphs_option') else 'absent'}; "
@@ -82,7 +83,8 @@ def to_markdown(report: dict, resources_md: str) -> str:
         lines += ["", "## Experiments (batch 1, CUDA graphs; KernelOptions experiments)", "",
                   "Each row: a fresh engine captured with the named kernel paths on too, beside the default row.",
                   "",
-                  "| model | experiments | tok/s | default tok/s | x default | of bound | same tokens as ours (eager) |",
+                  "| model | experiments | tok/s | default tok/s | x default | of bound "
+                  "| same tokens as ours (eager) |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {e['model']} | {', '.join(e['experiments'])} | {_f(e['tok_s'], '.1f')} | "
                   f"{_f(e['default_tok_s'], '.1f')} | {_f(e['speedup'], '.3f')} | {_f(e['frac_bound'], '.0%')} | "

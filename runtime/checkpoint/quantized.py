@@ -165,7 +165,8 @@ def read_nf4(ts: Tensors, base: str, shape: Optional[tuple], dtype: torch.dtype)
         codes = codes.contiguous().view(-1).view(torch.uint8)
     codes = codes.reshape(-1)
     if codes.numel() != (n + 1) // 2:
-        raise ts.error(base, f"has {codes.numel()} bytes of 4-bit codes, shape {list(state_shape)} needs {(n + 1) // 2}")
+        raise ts.error(base, f"has {codes.numel()} bytes of 4-bit codes, "
+                             f"shape {list(state_shape)} needs {(n + 1) // 2}")
     code = ts.get(base + ".quant_map", numel=16, dtypes=_FLOATS).float()
     nested = "nested_blocksize" in state or ts.has(base + ".nested_absmax")
     if nested:

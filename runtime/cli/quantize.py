@@ -7,7 +7,8 @@ from pathlib import Path
 def add_parser(sub, parents: list) -> None:
     q = sub.add_parser("quantize", parents=parents,
                        help="write a 4-bit checkpoint (nf4 or int4) that load() reads back")
-    q.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the local HF cache")
+    q.add_argument("--model", default=None,
+                   help="model directory (HF or Meta layout) or a hub id in the local HF cache")
     q.add_argument("--method", required=True, choices=("nf4", "int4"))
     q.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale/zero (32, 64, "
                    "128; default: the largest dividing the model's widths)")
@@ -15,7 +16,8 @@ def add_parser(sub, parents: list) -> None:
     q.add_argument("--out", required=True, help="output directory (new or empty)")
     q.add_argument("--dtype", default=None, help="dtype of the dense tensors and of what the weights dequantize "
                    "to (default: bf16 on CUDA, fp32 on CPU)")
-    q.add_argument("--device", default=None, help="where to quantize: cpu | cuda | cuda:N (default: cuda when available)")
+    q.add_argument("--device", default=None,
+                   help="where to quantize: cpu | cuda | cuda:N (default: cuda when available)")
     q.set_defaults(run=run)
 
 

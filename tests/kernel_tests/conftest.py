@@ -1,25 +1,12 @@
-"""Fixtures shared by the kernel tests: NaN-filled fresh outputs and the AOT compile check."""
+"""Fixtures shared by the kernel tests: the AOT compile check (NaN-filled fresh outputs, `nan_empty`, are
+tests/conftest.py's)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from codellama_rt.kernels._triton import SHARED_LIMIT, compile_for
 
 ARCHS = (80, 90)
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """torch.empty / torch.empty_like return NaN-filled floating tensors during the test, so an output
-    element a launcher allocates but its kernel never writes shows up as NaN (inputs have none)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 @pytest.fixture

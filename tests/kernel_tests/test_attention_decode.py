@@ -9,16 +9,12 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tolerances.py
-from tolerances import assert_close, assert_error_within_torch, poisoned_like  # noqa: E402
-
-from codellama_rt.kernels._triton import SHARED_LIMIT, compile_for  # noqa: E402
-from codellama_rt.kernels.attention_decode import (  # noqa: E402
+from codellama_rt.kernels._triton import SHARED_LIMIT, compile_for
+from codellama_rt.kernels.attention_decode import (
     _launch,
     aot_configs,
     attention_decode,
@@ -27,6 +23,8 @@ from codellama_rt.kernels.attention_decode import (  # noqa: E402
 )
 from codellama_rt.kernels.options import KernelOptions  # noqa: E402
 from codellama_rt.bench.common import aot_models
+from nan_poison import poisoned_like
+from tolerances import assert_close, assert_error_within_torch
 
 # The interpreter converts the loop bounds (loaded from `lengths`) with a NumPy deprecation warning.
 
@@ -142,10 +140,8 @@ def test_unaligned_cache_view():
     check(attention_decode(q, k, v, lengths), q, k, v, lengths)
 
 
-def test_public_launcher_writes_everything(monkeypatch):
+def test_public_launcher_writes_everything(nan_empty):
     """torch.empty returns NaN-filled tensors, so output or scratch the kernels leave unwritten shows."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
     assert torch.empty(2).isnan().all()
     q, k, v, lengths = make_inputs(3, 8, 1, 1100, 128, [1, 1100, 64], torch.float16, seed=8)
     check(attention_decode(q, k, v, lengths), q, k, v, lengths)

@@ -116,7 +116,8 @@ def test_aot_configs_compile(check_aot):
 
 # ---- the SwiGLU epilogue (w13 = [gate; up]) ----------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [pytest.param(None, id="default"), pytest.param(mod.SWIGLU_CUDA_LAUNCH, id="cuda-tile")])
+@pytest.mark.parametrize("cfg", [pytest.param(None, id="default"),
+                                 pytest.param(mod.SWIGLU_CUDA_LAUNCH, id="cuda-tile")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("F_,K", [(1, 1), (5, 17), (70, 1030), (33, 2048)], ids=str)
 def test_swiglu_epilogue_equals_the_unfused_kernels(nan_empty, F_, K, dtype, cfg):
