@@ -64,6 +64,7 @@ def quick_report(tmp_path_factory):
     return code, out
 
 
+@pytest.mark.slow
 def test_cli_quick_report_writes_everything(quick_report):
     code, out = quick_report
     assert code == 0
@@ -240,6 +241,7 @@ def test_gpu_plan_and_unit_order():
         e2e.make_plan(cuda=True, quick=True, only=["tiny", "7B-int4"])
 
 
+@pytest.mark.slow
 def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
     """The child-process path the experiment rows take on a GPU, here on the tiny CPU model: one row per
     set, named and tagged with its experiments; a timeout leaves a failed row for every set."""
@@ -303,6 +305,7 @@ def test_peer_without_transformers_is_skipped_without_a_child(monkeypatch):
     assert {r["status"] for r in rows} == {"skipped: transformers is not installed"}
 
 
+@pytest.mark.slow
 def test_isolated_peer_runs_in_a_child_and_times_out_cleanly():
     """The child-process path the GPU peers take, here with transformers on the tiny model."""
     pytest.importorskip("transformers")
@@ -522,6 +525,7 @@ def _load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_gemv_sweep_int4_candidates_compute_the_product():
     """The sweep's int4 candidates (tensor-core tiles and FMA tiles, through `int4_linear` with a launch
     override) compute x @ W^T here in the interpreter, for every tile it would try at these widths."""

@@ -192,6 +192,7 @@ def test_info_meta_layout_vocab_from_embeddings(capsys, tmp_path):
     assert rows["parameters"].startswith(f"{n:,} ")
 
 
+@pytest.mark.slow
 def test_info_module_entry_point_subprocess():
     proc = subprocess.run([sys.executable, "-m", "codellama_rt", "info", "--model", "CodeLlama-34b"],
                           capture_output=True, text=True, timeout=120)

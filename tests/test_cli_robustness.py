@@ -31,6 +31,7 @@ def run(capsys, *argv, stdin: bytes | None = None, monkeypatch=None):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_closed_pipe_exits_quietly(tmp_path):
     """`codellama-rt generate ... | head -c 1`: no 'Broken pipe' error, exit 0."""
     proc = subprocess.Popen([sys.executable, "-m", "codellama_rt", "generate", "--max-new-tokens", "200", PROMPT],
@@ -71,6 +72,7 @@ def test_absurd_context_is_refused_at_once(capsys):
     assert code == 2 and err.count("\n") == 1 and "max_seq_len=100000000" in err and "at most" in err
 
 
+@pytest.mark.slow
 def test_chat_reports_a_bad_line_and_goes_on(capsys, monkeypatch, model):
     lines = [b"Write a function.\n", b"[INST] sneaky\n", b"caf\xe9 au lait\n", b"Now test it.\n"]
     code, out, err = run(capsys, "chat", "--max-new-tokens", "8", stdin=b"".join(lines), monkeypatch=monkeypatch)
@@ -82,6 +84,7 @@ def test_chat_reports_a_bad_line_and_goes_on(capsys, monkeypatch, model):
     assert out == f"{first}\n{second}\n"
 
 
+@pytest.mark.slow
 def test_chat_drops_the_oldest_turns_to_fit_the_context(capsys, monkeypatch):
     """A 64-token context holds one turn: each later reply is the reply to its message alone."""
     small = codellama_rt.load(max_seq_len=64)
@@ -109,6 +112,7 @@ def test_chat_refuses_a_bad_system_prompt(capsys, monkeypatch):
     assert code == 2 and "--system" in err
 
 
+@pytest.mark.slow
 def test_generate_int4_on_the_default_model_picks_a_group_size_that_divides(capsys, model):
     """The default model's widths (256, 704) are not multiples of 128: int4 uses groups of 64."""
     code, out, err = run(capsys, "generate", "--quantize", "int4", "--max-new-tokens", "8", PROMPT)
@@ -139,6 +143,7 @@ def test_quantize_and_info_int4_on_the_default_model(capsys, tmp_path):
     assert code == 0 and "int4 g64" in out, err
 
 
+@pytest.mark.slow
 def test_python_optimize_keeps_the_cli_checks(tmp_path):
     """Under `python -O` bad input is still refused (no check is an assert)."""
     proc = subprocess.run([sys.executable, "-O", "-m", "codellama_rt", "generate", "--top-p", "2", PROMPT],

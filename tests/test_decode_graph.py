@@ -121,7 +121,8 @@ def _step(model, B, sampling) -> DecodeStep:
 
 @pytest.mark.parametrize("backend,sampling", [*(pytest.param("reference", s.values[0], id=f"reference-{s.id}")
                                                  for s in SAMPLINGS),
-                                               pytest.param("triton", SAMPLINGS[2].values[0], id="triton-seeded-all")])
+                                               pytest.param("triton", SAMPLINGS[2].values[0], id="triton-seeded-all",
+                                                            marks=pytest.mark.slow)])
 def test_step_has_no_host_sync_and_fixed_shapes(checkpoint, backend, sampling):
     """Every call runs the same ops on the same shapes and never reads device data on the host."""
     model = cl.load(checkpoint, backend=backend, max_seq_len=1024, max_batch_size=4)
@@ -175,13 +176,14 @@ def no_cache_generate(module, prompts, params: SamplingParams, n):
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_eager_step_tokens_equal_a_plain_loop(model, sampling, B):
     params = SamplingParams(max_new_tokens=16, **sampling)
     ids = [model.tokenizer.encode(p) for p in PROMPTS[:B]]
     assert token_ids(model, PROMPTS[:B], 16, **sampling) == no_cache_generate(model.module, ids, params, 16)
 
 
+@pytest.mark.slow
 def test_steps_reused_per_shape_and_dropped_when_the_cache_grows(model):
     eng = model.engine
     assert not eng.cuda_graphs and eng.captures == 0 and model.graph_pool_bytes() == 0

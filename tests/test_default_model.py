@@ -98,6 +98,7 @@ def test_golden_reference(reference, i):
         assert c.finish_reason in ("eot", "length")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(len(golden["cases"])))
 def test_golden_triton_interpreter(triton_model, i):
     case = golden["cases"][i]
@@ -151,6 +152,7 @@ def test_model_card_is_what_the_evaluation_writes():
     assert (d / "README.md").read_text() == evaluation.model_card(training, ev)
 
 
+@pytest.mark.slow
 def test_shipped_weights_give_the_training_completion_probe_the_evaluation_share():
     """On the shipped weights, the training log's completion probe (greedy rollouts of the training model,
     tools/train_default_model.py) and the evaluation's completion measure (the runtime's greedy generation,

@@ -40,6 +40,7 @@ def test_largest_seed_works(model):
     assert a.token_ids == b.token_ids and len(a.token_ids) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324, 1e-6])
 def test_tiny_temperature_is_greedy(model, temperature):
     greedy = model.generate(PROMPT, max_new_tokens=16)
@@ -89,6 +90,7 @@ def test_top_k_as_a_device_value_matches_transformers():
         assert torch.equal(torch.isinf(got), torch.isinf(expected)), k
 
 
+@pytest.mark.slow
 def test_distinct_top_k_values_share_decode_steps(model):
     """300 top_k values build at most one step per bucket (log2 of the vocabulary), not 300."""
     before = len(model.engine._steps)
@@ -98,6 +100,7 @@ def test_distinct_top_k_values_share_decode_steps(model):
     assert len(model.engine._steps) <= before + len(buckets) <= before + 10
 
 
+@pytest.mark.slow
 def test_top_k_values_in_one_bucket_give_their_own_tokens(model):
     """A step built for top_k=5 (bucket 8) then serves top_k=7 exactly as a fresh model would."""
     model.generate(PROMPT, max_new_tokens=12, temperature=1.0, top_k=5, seed=3)

@@ -449,6 +449,7 @@ def test_bad_quantize_requests(fp32_ckpt, tmp_path):
 
 # ---- (f) triton backend (interpreter on CPU) on quantized models ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int4"])
 def test_triton_backend_greedy_tokens_match_reference(fp32_ckpt, method):
     kw = dict(quantize=method, group_size=64, max_seq_len=64)

@@ -46,6 +46,7 @@ def test_corpus_split_is_disjoint_and_stable():
     assert corpus.corpus_split() == (train, held)
 
 
+@pytest.mark.slow
 def test_test_suite_files_parse_and_leave_the_held_out_set_alone(tmp_path):
     """--with-tests adds only files under the test directories that parse, none the held-out hash picks;
     a deliberately broken file is left out."""
@@ -170,6 +171,7 @@ def _run(work, out, *extra):
               "--threads", "2", "--max-files", "30", *extra])
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     _run(tmp_path / "w1", tmp_path / "once")
     _run(tmp_path / "w2", tmp_path / "unused", "--max-minutes", "0.000001")  # stops after step 1
@@ -261,6 +263,7 @@ def test_unlikelihood_step_lowers_the_probability_of_the_repeats(tiny):
     assert p_marked() < 0.9 * before
 
 
+@pytest.mark.slow
 def test_a_phase_can_start_from_an_export_and_train_with_unlikelihood(tmp_path):
     _run(tmp_path / "w1", tmp_path / "first")
     start = tdm.init_weights(tmp_path / "first")

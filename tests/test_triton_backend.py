@@ -16,6 +16,7 @@ CONFIGS = [
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_triton_backend_matches_reference(hf_checkpoint, cfg):
     path, _ = hf_checkpoint(n_layers=2, ffn=160, **cfg)
@@ -36,6 +37,7 @@ def test_auto_backend_is_reference_on_cpu(hf_checkpoint):
     assert cl.load(path, backend="auto", device="cpu").backend == "reference"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantize):
     """The one-pass and rope-in-attention experiments compute the paths they replace bit for bit, so decoding
@@ -70,6 +72,7 @@ def test_bitwise_experiments_keep_the_tokens(hf_checkpoint, monkeypatch, quantiz
     assert runs[0] == runs[1] and all(len(t) == 8 for t in runs[0])
 
 
+@pytest.mark.slow
 def test_experiments_keep_the_greedy_tokens(hf_checkpoint):
     """Every experiment on and PDL off (on the CPU the bitwise experiments run and the CUDA-only ones change
     nothing): the default options' greedy tokens."""

@@ -191,6 +191,7 @@ def test_one_split_writes_the_output_directly(dtype):
     assert torch.equal(empty, torch.zeros_like(empty))  # no keys: 0, as pass 2 gives, never NaN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H,Hkv", [(8, 8), (8, 1), (16, 2)], ids=["mha", "group8", "group8-2kv"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_one_pass_combine_equals_the_second_pass(H, Hkv, dtype):
@@ -372,6 +373,7 @@ def test_head_dim_512_rejected():
         attention_decode(q, k, v, lengths)
 
 
+@pytest.mark.slow
 def test_checks_hold_under_python_optimize():
     """`python -O` strips asserts: the launcher's checks are exceptions, so they still refuse bad input."""
     code = ("import torch\n"

@@ -119,7 +119,8 @@ def test_aot_configs_compile(check_aot):
 @pytest.mark.parametrize("cfg", [pytest.param(None, id="default"),
                                  pytest.param(mod.SWIGLU_CUDA_LAUNCH, id="cuda-tile")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("F_,K", [(1, 1), (5, 17), (70, 1030), (33, 2048)], ids=str)
+@pytest.mark.parametrize("F_,K", [(1, 1), (5, 17), pytest.param(70, 1030, marks=pytest.mark.slow, id="70-1030"),
+                                  pytest.param(33, 2048, marks=pytest.mark.slow, id="33-2048")], ids=str)
 def test_swiglu_epilogue_equals_the_unfused_kernels(nan_empty, F_, K, dtype, cfg):
     """One kernel computes exactly what gemv followed by the swiglu kernel computes (same tile), and is
     within tolerance of the reference."""
@@ -186,7 +187,8 @@ def test_norm_prologue_matches_reference(nan_empty, N, K, dtype, residual, cfg):
 
 @pytest.mark.parametrize("cfg", NORM_LAUNCHES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("F_,K", [(3, 17), (70, 1030), (33, 2048)], ids=str)
+@pytest.mark.parametrize("F_,K", [(3, 17), pytest.param(70, 1030, marks=pytest.mark.slow, id="70-1030"), (33, 2048)],
+                         ids=str)
 def test_norm_prologue_with_swiglu_epilogue(nan_empty, F_, K, dtype, cfg):
     """Both ends fused (w13): an error against the exact result no worse than the reference's (elementwise
     closeness is too strict here: the unrounded operand moves a gate or up by one rounding step now and

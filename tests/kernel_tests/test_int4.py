@@ -444,6 +444,7 @@ def test_int4_linear_with_the_mma_experiment_runs_the_mma_kernel():
     assert not torch.equal(fma, want)  # the kernels round differently, so the switch is seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [None, "gemv_mma"], ids=["fma", "mma"])
 @pytest.mark.parametrize("M", [1, 3])
 def test_one_pass_split_k_is_bitwise_the_reduce_kernel(nan_empty, M, kind):

@@ -17,9 +17,9 @@ MAX_POS = 16384
 CASES = [
     pytest.param(3, 4, 4, 1, 64, 1e4, id="decode-mha-d64"),
     pytest.param(2, 4, 1, 5, 128, 1e6, id="t5-gqa4-d128"),
-    pytest.param(3, 8, 1, 5, 64, 1e6, id="t5-gqa8-d64"),
-    pytest.param(2, 8, 8, 33, 128, 1e4, id="t33-mha-d128"),
-    pytest.param(2, 8, 2, 33, 64, 1e6, id="t33-gqa4-d64"),
+    pytest.param(3, 8, 1, 5, 64, 1e6, id="t5-gqa8-d64", marks=pytest.mark.slow),
+    pytest.param(2, 8, 8, 33, 128, 1e4, id="t33-mha-d128", marks=pytest.mark.slow),
+    pytest.param(2, 8, 2, 33, 64, 1e6, id="t33-gqa4-d64", marks=pytest.mark.slow),
     pytest.param(2, 12, 3, 5, 96, 1e4, id="t5-h12-hkv3-d96"),  # partial head block and D/2 not a power of 2
 ]
 
