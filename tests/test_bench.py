@@ -490,6 +490,7 @@ BENCHMARKS = {"test_rms_norm", "test_rotary", "test_attention_prefill", "test_at
               "test_nf4_linear_decode", "test_decode", "test_prefill"}
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_suite_saves_a_json_named_after_the_card(tmp_path):
     """`pytest bench --benchmark-only` from the repository root, in a child with the fewest rounds, run by
     the pytest script (`python -m pytest` would put the root, whose kernels/ shadows a PyPI package, on

@@ -77,6 +77,7 @@ def test_a_failed_generation_frees_the_model(model, solo):
     assert model.generate(PROMPTS[0], max_new_tokens=N).text == solo[(PROMPTS[0], ())]
 
 
+@pytest.mark.slow
 def test_threads_get_their_own_result_or_busy_never_another_text(model, solo):
     """Threads generating at once on one model: every call returns exactly its solo text or raises
     ModelBusyError (bounded: 4 threads x 6 calls)."""

@@ -69,6 +69,7 @@ def test_cli_generate_and_infill_without_model(capsys, reference):
     assert capsys.readouterr().out == want + "\n"
 
 
+@pytest.mark.slow
 def test_held_out_loss_beats_unigram(reference):
     """On one held-out stdlib file: the model's loss is well under the unigram distribution of its own
     training tokens (the full measurement is tools/eval_default_model.py's)."""

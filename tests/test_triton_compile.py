@@ -45,6 +45,7 @@ def _ops_in(graphs) -> set:
             if n.op == "call_function" and str(n.target).startswith("codellama_rt.")}
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_prefill_and_decode_compile_to_one_graph_with_eager_logits(module):
     args = ModelArgs(**ARGS)

@@ -32,6 +32,7 @@ def test_setup_pins_the_supported_range():
     assert f'"triton{SUPPORTED_RANGE}"' in setup
 
 
+@pytest.mark.slow
 def test_kernels_import_and_compile_ahead_of_time_without_the_shims():
     """Importing every kernel module and the backend table, and typing an AOT launch (what a CUDA process
     does), loads no interpreter shim; the first CPU launch does."""
