@@ -5,14 +5,13 @@ import dataclasses
 import os
 import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from .provenance import provenance
+from .provenance import provenance, run_command
 
 AOT_PRESETS = (("CodeLlama-7b", "7B"), ("CodeLlama-34b", "34B"), ("CodeLlama-70b", "70B"))  # (preset, label)
 
@@ -87,14 +86,6 @@ class Budget:
         return self.left() >= estimate_s
 
 
-def _run(cmd: list, cwd=None) -> str | None:
-    try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -124,7 +115,7 @@ def environment() -> dict:
         meta.update(card=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
                     compute_capability=f"{props.major}.{props.minor}",
                     gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count)
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
+        smi = run_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
         meta["driver"] = smi.splitlines()[0].strip() if smi else None
     else:
         meta.update(card=card_name(), cuda=None, driver=None)
@@ -140,7 +131,7 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor() or platform.machine()
+    return run_command(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor() or platform.machine()
 
 
 def card_name() -> str:

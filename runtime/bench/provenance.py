@@ -32,12 +32,17 @@ def source_digest(package_dir: Path = PACKAGE_DIR, kernels_dir: Path = KERNELS_D
     return h.hexdigest()[:12]
 
 
-def _git(args: list, cwd: Path) -> Optional[str]:
+def run_command(cmd: list, cwd=None) -> Optional[str]:
+    """`cmd`'s stripped stdout, or None when it cannot run, fails or takes over 20 s."""
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git(args: list, cwd: Path) -> Optional[str]:
+    return run_command(["git", *args], cwd)
 
 
 def git_commit(package_dir: Path = PACKAGE_DIR) -> str:
