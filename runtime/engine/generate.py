@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 
 from .decode_graph import NONFINITE, DecodeStep
+from .events import Completion
 from ..tokenizer.detokenize import TextStream
 from ..errors import ModelBusyError
 from ..model.kv_cache import KVCache
 from ..model.transformer import Prefill, Transformer
 from .sampling import MAX_DECODE_STEPS, SamplingParams, SamplingSignature
 from ..tokenizer.tokenizer import Tokenizer
-
-
-@dataclass
-class Completion:
-    """One finished sequence. token_ids: generated ids only (without the EOS/EOT that ended it)."""
-
-    text: str
-    token_ids: list = field(default_factory=list)
-    prompt_tokens: int = 0
-    finish_reason: str = "length"  # "length" | "stop" | "eos" | "eot"
 
 
 class Engine:
@@ -66,6 +56,39 @@ class Engine:
         self._active: Optional["Run"] = None  # the Run now using the cache and steps
         V = model.args.vocab_size
         self.vocab_limit = min(getattr(tokenizer, "vocab_size", V) or V, V)  # ids generation may emit
+
+    # ---- TEMPORARY serving front (replaced by the continuous-batching scheduler) ----------------
+    def submit(self, ids, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0, sink):
+        """Start one request; `sink` gets Delta events, then a Completion (or an exception)."""
+        from .events import Delta
+        from .metrics import EngineMetrics
+
+        if not hasattr(self, "metrics"):
+            self.metrics = EngineMetrics(self.max_batch)
+            self._serial = threading.Lock()
+        prompt = self.check_prompt(ids)
+        state = {"cancelled": False}
+
+        def work():
+            with self._serial:
+                if state["cancelled"]:
+                    return
+                try:
+                    run = Run(self, [prompt], params, stop_tokens)
+                    for _, piece in run:
+                        if state["cancelled"]:
+                            return
+                        sink(Delta(piece))
+                    sink(run.completions[0])
+                except Exception as e:
+                    sink(e)
+
+        self.metrics.add("requests")
+        threading.Thread(target=work, daemon=True).start()
+        return state
+
+    def cancel(self, request) -> None:
+        request["cancelled"] = True
 
     def claim(self, run: "Run") -> None:
         """Make `run` the engine's one generation, or raise ModelBusyError while another one is live."""
