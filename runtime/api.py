@@ -302,8 +302,9 @@ class Model:
             return list(prompt)
         raise ValueError("prompt must be a str or a list of token ids")
 
-    def _stop_tokens(self, mode: str) -> dict:
-        """Token id -> finish_reason. Infilling also stops at <EOT>; step-format chat at <step>."""
+    def stop_tokens(self, mode: str = "text") -> dict:
+        """Token id -> finish_reason for `mode` "text", "infill" or "chat": EOS always; infilling also stops
+        at <EOT>; step-format chat at <step>."""
         tok = self.tokenizer
         stops = {e: "eos" for e in self.args.eos_ids}
         if tok.eos_id is not None:
@@ -315,7 +316,7 @@ class Model:
         return stops
 
     def _run(self, prompts: list[list[int]], sampling: dict, mode: str = "text"):
-        return self.engine.run(prompts, SamplingParams(**sampling), self._stop_tokens(mode))
+        return self.engine.run(prompts, SamplingParams(**sampling), self.stop_tokens(mode))
 
     def generate(self, prompt, **sampling) -> Union[Completion, list]:
         """prompt: str | list[int], or a list of those -> Completion (or a list of them)."""
