@@ -11,7 +11,7 @@ from .checkpoint.loader import check_shapes, checkpoint_quantization, fill_vocab
 from .checkpoint.sources import detect_layout, open_source, read_args, resolve_path
 from .model.config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
-from .engine.generate import Completion, Engine
+from .engine.generate import Completion, Engine, Run
 from .kernels.options import KernelOptions
 from .model.transformer import Linear, Transformer
 from .quant.linear import quantize_model
@@ -315,7 +315,8 @@ class Model:
             stops[tok.step_id] = "eos"
         return stops
 
-    def _run(self, prompts: list[list[int]], sampling: dict, mode: str = "text"):
+    def _run(self, prompts: list[list[int]], sampling: dict, mode: str = "text") -> Run:
+        """A Run of `prompts` (checked now; submitted at its first piece)."""
         return self.engine.run(prompts, SamplingParams(**sampling), self.stop_tokens(mode))
 
     def generate(self, prompt, **sampling) -> Union[Completion, list]:

@@ -1,11 +1,14 @@
-"""The decode step as one fixed-shape unit over static buffers, run eagerly or captured once into a
-CUDA graph and replayed for every token (`DecodeStep`).
+"""The decode step of a continuous batch as one fixed-shape unit over static buffers, run eagerly or
+captured once into a CUDA graph and replayed for every token (`DecodeStep`).
 
-Seeded sampling gives the same tokens graphed and eager: the step draws its noise from the engine's
-generator, which a captured graph reads when it is replayed (PyTorch's graph-safe Philox state: each
-replay uses the generator's current seed and offset, then advances the offset by what the step
-consumed, exactly as the eager step does). Warm-up runs before a capture put the generator back where
-they found it, so capturing consumes no randomness.
+Rows are KV-cache slots: row b decodes the request running in slot b. Requests join and leave
+between steps by writing their row of the static buffers (`DecodeBuffers`); a step over the first B
+rows serves whatever mix of requests and sampling values those rows hold, so the captured graphs are
+keyed by (B, sampling stages) only. Rows with no decoding request are idle: token 0 at the cache's
+last position (which no request reads), sampled greedily and ignored.
+
+Sampling noise is a counter-based hash of each row's seed and step (`row_sampling.counter_noise`), so a
+row's tokens do not depend on the other rows, and a graph replay draws what the eager step draws.
 """
 from __future__ import annotations
 
@@ -15,87 +18,78 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.transformer import Decode, Transformer
-from .sampling import SamplingParams, SamplingSignature, sample
+from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowSampling, Stages, sample_rows
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture: Triton JIT, cuBLAS handles and workspaces
-NONFINITE = -1    # in `tokens`: that row's logits were NaN or +inf (or all -inf)
+
+__all__ = ["DecodeBuffers", "DecodeStep", "NONFINITE", "WARMUP_STEPS"]
+
+
+class DecodeBuffers:
+    """Static per-row state of the decode batch, `rows` rows (the KV cache's slots), updated in place:
+
+      tokens     int64 [R]      in: each row's last token (its K/V not cached yet); out: the next token
+                                (NONFINITE rows get 0 here, so the next step's input stays valid)
+      sampled    int64 [R]      what the last step sampled, NONFINITE (-1) where logits were not finite
+      positions  int64 [R]      where `tokens` sit in the cache; +1 per step, clamped to the last position
+      sampling   RowSampling    per-row temperature, top-k, top-p, penalty, seed, counter, seen
+      logprob    fp32 [R], top_ids int64 [R, W], top_logprobs fp32 [R, W]   (W = LOGPROB_WIDTH)
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device, last_position: int):
+        self.rows = rows
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.sampled = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.full((rows,), last_position, dtype=torch.long, device=device)
+        self.sampling = RowSampling(rows, vocab_size, device)
+        self.logprob = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_ids = torch.zeros(rows, LOGPROB_WIDTH, dtype=torch.long, device=device)
+        self.top_logprobs = torch.zeros(rows, LOGPROB_WIDTH, dtype=torch.float32, device=device)
+
+    def tensors(self) -> dict:
+        """Name -> every tensor a step reads or writes in place (the row sampling's included)."""
+        named = {"tokens": self.tokens, "sampled": self.sampled, "positions": self.positions,
+                 "logprob": self.logprob, "top_ids": self.top_ids, "top_logprobs": self.top_logprobs}
+        named.update({f"sampling.{k}": v for k, v in self.sampling.tensors().items()})
+        return named
+
+    def start_row(self, b: int, token: int, position: int) -> None:
+        """Row b decodes `token` at `position` next (its sampling values set by the caller)."""
+        self.tokens[b] = max(token, 0)
+        self.positions[b] = position
+
+    def idle_row(self, b: int, last_position: int) -> None:
+        """Row b has no request: a neutral greedy row writing only the cache's last position."""
+        self.tokens[b] = 0
+        self.positions[b] = last_position
+        self.sampling.clear_row(b)
 
 
 class DecodeStep:
-    """One decode step of `batch` sequences under one sampling signature.
+    """One decode step over the first `batch` rows of `buffers` under `stages`.
 
-    A call embeds each row's last token, runs every layer (K/V written in place into `cache` at the
-    row's position, attention over the whole cache with each row's own length read on the device),
-    advances the positions and samples the next tokens. Shapes, buffers and the attention bound
-    (`cache.max_seq_len`) never change from call to call and nothing is read back to the host, so the
-    eager call is exactly what a CUDA graph captures: with `graphed=True` the step is captured when
-    built and each call replays it.
+    A call embeds each row's token, runs every layer (K/V written in place into `cache` at the row's
+    position, attention over the whole cache with each row's own length read on the device), advances
+    the positions and samples each row's next token with its own values. Shapes, buffers and the
+    attention bound (`cache.max_seq_len`) never change and nothing is read back to the host, so the
+    eager call is exactly what a CUDA graph captures: with `graphed=True` it is captured when built.
+    The caller reads `buffers.sampled[:batch]` after a call: the one host sync per step.
 
-    Static buffers (B = batch, V = vocab), updated in place by every call:
-      tokens       int64 [B]    in: each row's last token (its K/V not cached yet); out: the next token
-      positions    int64 [B]    where `tokens` sit in the cache; +1 per call, clamped to the last slot
-      seen         bool [B, V]  tokens of each row so far (repetition penalty only; else None)
-      temperature, top_p, penalty   fp32 []   sampling values, so one capture serves all of them
-      top_k        int64 []     the top-k value, within the signature's bucket
-    The caller reads `tokens` after a call (`tokens.tolist()`): the one host sync per token, outside
-    the step. A row whose logits were not finite (NaN, +inf, or all -inf) gets NONFINITE (-1) instead
-    of a token, so broken numerics surface as an error rather than a stream of id 0.
-
-    `vocab_limit` (default: the whole vocabulary): ids at or above it are never sampled (an embedding
-    padded past the tokenizer's pieces has rows no text decodes to).
+    `vocab_limit`: ids at or above it are never sampled (an embedding padded past the tokenizer).
     """
 
-    def __init__(self, model: Transformer, cache: KVCache, batch: int, sig: SamplingSignature,
-                 generator: Optional[torch.Generator] = None, *, graphed: bool = False, pool=None,
-                 vocab_limit: Optional[int] = None):
-        if not 1 <= batch <= cache.max_batch:
+    def __init__(self, model: Transformer, cache: KVCache, buffers: DecodeBuffers, batch: int, stages: Stages, *,
+                 graphed: bool = False, pool=None, vocab_limit: Optional[int] = None):
+        if not 1 <= batch <= min(cache.max_batch, buffers.rows):
             raise ValueError(f"batch {batch} does not fit the KV cache (max_batch {cache.max_batch})")
         if graphed and model.device.type != "cuda":
             raise ValueError(f"a graphed decode step needs a CUDA model, not {model.device}")
-        device = model.device
-        self.model, self.cache, self.batch, self.sig = model, cache, batch, sig
+        self.model, self.cache, self.buffers, self.batch, self.stages = model, cache, buffers, batch, stages
         V = model.args.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
-        self.generator = None if sig.greedy else generator
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.seen = torch.zeros(batch, model.args.vocab_size, dtype=torch.bool, device=device) \
-            if sig.penalty else None
-        self.temperature = torch.ones((), dtype=torch.float32, device=device)
-        self.top_p = torch.ones((), dtype=torch.float32, device=device)
-        self.penalty = torch.ones((), dtype=torch.float32, device=device)
-        self.top_k = torch.ones((), dtype=torch.long, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         if graphed:
             self._capture(pool)
-
-    def buffers(self) -> dict:
-        """Name -> every tensor a call reads or writes in place (the KV cache included)."""
-        named = {"tokens": self.tokens, "positions": self.positions, "temperature": self.temperature,
-                 "top_p": self.top_p, "penalty": self.penalty, "top_k": self.top_k, "kv_cache": self.cache.data}
-        if self.seen is not None:
-            named["seen"] = self.seen
-        return named
-
-    @torch.inference_mode()
-    def start(self, logits: torch.Tensor, prompts: list, params: SamplingParams) -> None:
-        """Load a generation: prompts (id lists, already prefilled into the cache) and `logits` fp32
-        [B, V] at their last tokens. Samples the first new tokens into `tokens` with the step's own
-        values; the next call decodes them at positions len(prompt)."""
-        if len(prompts) != self.batch or SamplingSignature.of(params, self.model.args.vocab_size) != self.sig:
-            raise ValueError("start: prompts or sampling do not match this decode step")
-        device = self.tokens.device
-        self.temperature.fill_(params.temperature if not params.greedy else 1.0)
-        self.top_p.fill_(params.top_p)
-        self.penalty.fill_(params.repetition_penalty)
-        self.top_k.fill_(max(params.top_k, 1))
-        self.positions.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.long))
-        self.positions.clamp_(max=self.cache.max_seq_len - 1)  # a prompt filling the cache is done already
-        if self.seen is not None:
-            self.seen.zero_()
-            for b, p in enumerate(prompts):
-                self.seen[b].scatter_(0, torch.tensor(p, device=device), True)
-        self.tokens.copy_(self._sample(logits))
 
     @torch.inference_mode()
     def __call__(self) -> None:
@@ -104,47 +98,41 @@ class DecodeStep:
         else:
             self._step()
 
-    # ---- the step itself -------------------------------------------------------------------
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit:] = float("-inf")
-        tokens = sample(logits, self.sig, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        penalty=self.penalty, seen=self.seen, generator=self.generator)
-        return tokens.masked_fill(~torch.isfinite(logits.amax(dim=-1)), NONFINITE)  # amax propagates NaN
-
     def _step(self) -> None:
         """The captured work: fixed shapes, in-place updates of the static buffers, no host reads."""
-        S = self.cache.max_seq_len
-        if self.seen is not None:  # (`seen[rows, tokens] = True` would copy True to the device and wait)
-            self.seen.scatter_(1, self.tokens[:, None], True)
-        logits = self.model(self.tokens[:, None], Decode(self.positions, S), self.cache)[:, -1]
-        self.positions.add_(1).clamp_(max=S - 1)  # only finished rows (still decoded) reach the clamp
-        self.tokens.copy_(self._sample(logits))
+        B, S, buf = self.batch, self.cache.max_seq_len, self.buffers
+        tokens, positions, rows = buf.tokens[:B], buf.positions[:B], buf.sampling.view(B)
+        if self.stages.penalty:  # (`seen[rows, tokens] = True` would copy True to the device and wait)
+            rows.seen.scatter_(1, tokens[:, None], True)
+        logits = self.model(tokens[:, None], Decode(positions, S), self.cache)[:, -1]
+        positions.add_(1).clamp_(max=S - 1)  # only idle rows reach the clamp
+        out = sample_rows(logits, self.stages, rows, self.vocab_limit)
+        buf.sampled[:B].copy_(out.tokens)
+        tokens.copy_(out.tokens.clamp(min=0))
+        if self.stages.logprobs:
+            buf.logprob[:B].copy_(out.logprob)
+            buf.top_ids[:B].copy_(out.top_ids)
+            buf.top_logprobs[:B].copy_(out.top_logprobs)
 
     @torch.inference_mode()
     def _capture(self, pool) -> None:
-        """Warm up on a side stream, restore every buffer and the generator, then capture `_step`.
+        """Warm up on a side stream, restore every buffer, then capture `_step`.
 
-        Warm-up writes K/V at the current positions; the engine captures before its prefill, so those
-        slots are rewritten before anything reads them.
+        Warm-up writes K/V at the rows' current positions: a decoding row's next step writes the same
+        values there, and idle rows write only the cache's last position.
         """
-        device = self.tokens.device
-        saved = {name: t.clone() for name, t in self.buffers().items() if name != "kv_cache"}
-        rng = self.generator.get_state() if self.generator is not None else None
+        device = self.buffers.tokens.device
+        saved = {name: t.clone() for name, t in self.buffers.tensors().items()}
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side)
+        live = self.buffers.tensors()
         for name, t in saved.items():
-            self.buffers()[name].copy_(t)
-        if rng is not None:
-            self.generator.set_state(rng)
+            live[name].copy_(t)
         graph = torch.cuda.CUDAGraph()
-        if self.generator is not None and hasattr(graph, "register_generator_state"):
-            graph.register_generator_state(self.generator)  # torch >= 2.4; newer versions also register lazily
         with torch.cuda.graph(graph, pool=pool):
             self._step()
         self.graph = graph

@@ -43,9 +43,11 @@ class Linear(nn.Module):
 
 @dataclass
 class Prefill:
-    """A chunk of T tokens at tensor positions start .. start + T - 1 of every sequence."""
+    """A chunk of T tokens at tensor positions start .. start + T - 1 of every sequence; the B sequences
+    are the KV cache's rows slot .. slot + B - 1."""
 
     start: int
+    slot: int = 0
 
     def positions(self, B: int, T: int, device) -> torch.Tensor:
         return torch.arange(self.start, self.start + T, device=device).expand(B, T)
@@ -58,7 +60,7 @@ class Prefill:
             return ops.attention_prefill(q, k, v, 0)
         B, T = q.shape[0], q.shape[2]
         end = self.start + T
-        k_cache, v_cache = kv[0][:B], kv[1][:B]
+        k_cache, v_cache = kv[0][self.slot:self.slot + B], kv[1][self.slot:self.slot + B]
         k_cache[:, :, self.start:end] = k
         v_cache[:, :, self.start:end] = v
         return ops.attention_prefill(q, k_cache[:, :, :end], v_cache[:, :, :end], self.start)

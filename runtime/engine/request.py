@@ -1,0 +1,81 @@
+"""One request's state inside the engine, from submission to its Completion."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable, Optional
+
+from .events import Completion, Delta, TokenLogprob
+from .sampling import SamplingParams
+from ..tokenizer.detokenize import TextStream
+
+_ids = itertools.count()
+
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+class Request:
+    """A prompt being served: its sampling values, where it runs, what it produced so far.
+
+    Owned by the engine's loop thread once submitted; other threads only set `cancelled`.
+    `sink` receives Delta events, then the Completion, or an exception that ended the request.
+    """
+
+    def __init__(self, prompt: list, params: SamplingParams, stop_tokens: dict, *, seed: int, budget: int,
+                 logprobs: int, sink: Callable, stream: TextStream):
+        self.id = next(_ids)
+        self.prompt, self.params, self.stop_tokens = prompt, params, stop_tokens
+        self.seed, self.budget, self.logprobs, self.sink = seed, budget, logprobs, sink
+        self.stream = stream
+        self.state = WAITING
+        self.cancelled = False
+        self.slot: Optional[int] = None
+        self.computed = 0            # prompt tokens whose K/V are in the slot (reused or prefilled)
+        self.cached_tokens = 0       # of those, reused from the cache
+        self.sampled: list[int] = []  # every sampled id, stop tokens included (all but the last are fed back)
+        self.finish_reason = "length"
+        self.submitted = time.perf_counter()
+        self.last_token_at: Optional[float] = None
+        self._pending_ids: list[int] = []
+        self._pending_lp: list = []
+        self.all_logprobs: Optional[list] = [] if logprobs else None
+
+    def fed(self) -> list:
+        """The ids whose K/V the slot holds: the prompt and every sampled id but the last."""
+        return self.prompt + self.sampled[:-1] if self.sampled else self.prompt[:self.computed]
+
+    def accept(self, token: int, lp: Optional[TokenLogprob]) -> bool:
+        """Take one sampled id (not NONFINITE); send what became final. True when the request is done."""
+        self.sampled.append(token)
+        if token in self.stop_tokens:
+            self.finish_reason = self.stop_tokens[token]
+            return True
+        if lp is not None:
+            self._pending_lp.append(lp)
+            self.all_logprobs.append(lp)
+        self._pending_ids.append(token)
+        piece = self.stream.push(token)
+        if piece:
+            self._send(piece)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+            return True
+        return len(self.stream.ids) >= self.budget
+
+    def _send(self, text: str) -> None:
+        self.sink(Delta(text, self._pending_ids, self._pending_lp if self.logprobs else None))
+        self._pending_ids, self._pending_lp = [], []
+
+    def complete(self) -> Completion:
+        """Release the rest of the text and send the Completion."""
+        piece = self.stream.finish()
+        if piece or self._pending_ids:
+            self._send(piece)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        self.state = DONE
+        done = Completion(text=self.stream.text, token_ids=list(self.stream.ids), prompt_tokens=len(self.prompt),
+                          finish_reason=self.finish_reason, cached_tokens=self.cached_tokens,
+                          logprobs=self.all_logprobs)
+        self.sink(done)
+        return done

@@ -1,0 +1,373 @@
+"""The serving engine: requests join and leave a running decode batch at any step (continuous batching).
+
+One loop thread per engine, alive while there is work, owns the model, the KV cache and the decode
+steps. Each iteration: drop cancelled requests (their slot is free for the next step), admit waiting
+requests into free slots (reusing cached K/V of a shared prompt prefix), prefill up to `prefill_chunk`
+prompt tokens, then run one decode step over every decoding slot and hand each request its token.
+Callers on any thread `submit` requests and receive events through their `sink`.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ModelBusyError
+from ..model.kv_cache import KVCache
+from ..model.transformer import Prefill, Transformer
+from ..tokenizer.detokenize import TextStream
+from ..tokenizer.tokenizer import Tokenizer
+from .decode_graph import NONFINITE, DecodeBuffers, DecodeStep
+from .events import Completion, TokenLogprob
+from .metrics import EngineMetrics
+from .request import DECODE, PREFILL, Request
+from .run import Run
+from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
+from .sampling import MAX_DECODE_STEPS, SamplingParams
+from .slots import SlotTable
+
+MIN_CACHE = 256  # tokens per slot of the first KV cache; it grows by powers of two up to max_seq_len
+
+
+class Engine:
+    """Owns the model, the tokenizer, a KV cache of `max_batch` slots and the decode steps.
+
+    The cache is allocated on first use with room for what the requests need (a power of two, at least
+    MIN_CACHE tokens, at most max_seq_len) and grown (contents copied) when a later request needs more.
+    Decode steps are kept per (batch size, sampling stages) (at most MAX_DECODE_STEPS, least recently used
+    dropped first); with `cuda_graphs` (default: on for a CUDA model) each is captured once and replayed,
+    at batch sizes 1, 2, 4, ... and max_batch (idle rows padded). `max_queue` bounds the requests waiting
+    for a slot (None: unbounded); past it `submit` raises ModelBusyError.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
+                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, max_queue: Optional[int] = None):
+        self.model, self.tok = model, tokenizer
+        self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
+        self.max_queue = max_queue
+        on_cuda = model.device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; the model is on {model.device}")
+        self.cuda_graphs = bool(cuda_graphs)
+        V = model.args.vocab_size
+        self.vocab_limit = min(getattr(tokenizer, "vocab_size", V) or V, V)  # ids generation may emit
+        self.metrics = EngineMetrics(max_batch)
+        self.captures = 0  # CUDA graphs captured so far
+        self._lock = threading.Lock()  # guards _incoming and _thread
+        self._incoming: deque = deque()
+        self._thread: Optional[threading.Thread] = None
+        # owned by the loop thread:
+        self._waiting: deque = deque()
+        self._running: dict = {}  # slot -> Request (prefilling or decoding)
+        self._cache: Optional[KVCache] = None
+        self._slots: Optional[SlotTable] = None
+        self._buffers: Optional[DecodeBuffers] = None
+        self._steps: OrderedDict = OrderedDict()  # (batch, stages) -> DecodeStep, LRU order
+        self._pool = None
+
+    # ---- callers' side (any thread) ---------------------------------------------------------
+
+    def check_prompt(self, ids, what="prompt") -> list[int]:
+        ids = [int(i) for i in ids]
+        V = self.model.args.vocab_size
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise ValueError(f"{what} has token id {bad[0]} outside the vocabulary [0, {V})")
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"{what} has {len(ids)} tokens, longer than the context max_seq_len="
+                             f"{self.max_seq_len}")
+        return ids
+
+    def submit(self, ids, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0,
+               sink: Callable) -> Request:
+        """Queue one request; `sink(event)` is called (on the engine's thread) with Delta events, then the
+        Completion, or with the exception that ended the request. Raises ValueError for a bad prompt or
+        `logprobs`, ModelBusyError when `max_queue` requests are already waiting."""
+        prompt = self.check_prompt(ids)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
+            raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        request = Request(prompt, params, dict(stop_tokens), seed=seed,
+                          budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
+                          sink=sink, stream=TextStream(self.tok, params.stop))
+        with self._lock:
+            if self.max_queue is not None and len(self._incoming) + len(self._waiting) >= self.max_queue:
+                self.metrics.add("rejected")
+                raise ModelBusyError(f"the request queue is full ({self.max_queue} requests waiting for a "
+                                     f"slot of {self.max_batch}); retry later")
+            self._incoming.append(request)
+            self.metrics.add("requests")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="codellama-rt-engine", daemon=True)
+                self._thread.start()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` (a no-op once finished): its slot is free before the next decode step."""
+        request.cancelled = True
+
+    def run(self, prompts: list, params: SamplingParams, stop_tokens: dict) -> Run:
+        """A Run of `prompts` (id lists, checked now; submitted when its first piece is asked for)."""
+        return Run(self, [self.check_prompt(p) for p in prompts], params, stop_tokens)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 [B, T] -> fp32 [B, T, V]: one forward pass without the KV cache."""
+        return self.model(tokens.to(self.model.device), Prefill(0), None)
+
+    def graph_pool_bytes(self) -> int:
+        """Device memory held by the captured decode graphs (their shared pool's segments); 0 without."""
+        if self._pool is None or not any(s.graph is not None for s in list(self._steps.values())):
+            return 0
+        pool = tuple(self._pool)
+        device = self.model.device.index if self.model.device.index is not None else torch.cuda.current_device()
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool and seg.get("device", device) == device)
+
+    @property
+    def cache(self) -> Optional[KVCache]:
+        return self._cache
+
+    def steps(self) -> list:
+        """The (batch, stages) keys of the decode steps kept now."""
+        return list(self._steps)
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    self._waiting.extend(self._incoming)
+                    self._incoming.clear()
+                    if not self._waiting and not self._running:
+                        self._thread = None
+                        self.metrics.set_gauges(waiting=0, running=0)
+                        return
+                try:
+                    self._iterate()
+                except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
+                    for request in list(self._running.values()):
+                        self._fail(request, e)
+                self.metrics.set_gauges(waiting=len(self._waiting) + len(self._incoming),
+                                        running=len(self._running))
+
+    def _iterate(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if any(r.state == DECODE for r in self._running.values()):
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._end(request, "cancelled")
+        for request in [r for r in self._running.values() if r.cancelled]:
+            self._end(request, "cancelled")
+
+    def _admit(self) -> None:
+        while self._waiting:
+            request = self._waiting[0]
+            if request.budget <= 0:  # nothing to generate (max_new_tokens 0, or the prompt fills the context)
+                self._waiting.popleft()
+                self._end(request, None)
+                continue
+            try:
+                self._ensure_cache(len(request.prompt) + request.budget)
+            except MemoryError as e:
+                self._waiting.popleft()
+                self._fail(request, e)
+                continue
+            slot, reuse, source, copy = self._slots.choose(request.prompt)
+            if slot is None:
+                return
+            self._waiting.popleft()
+            if source is not None:
+                self._cache.data[:, :, slot, :, :copy].copy_(self._cache.data[:, :, source, :, :copy])
+                reuse = copy
+            request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
+            self._running[slot] = request
+            self._slots.owner[slot] = request
+            self._slots.record(slot, request.prompt[:reuse])
+            self.metrics.add("prompt_tokens", len(request.prompt))
+            self.metrics.add("prefix_reused_tokens", reuse)
+
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens, oldest request first (a long prompt takes several
+        iterations, each followed by a decode step of the running requests)."""
+        budget = self.prefill_chunk
+        for request in sorted((r for r in self._running.values() if r.state == PREFILL), key=lambda r: r.id):
+            if budget <= 0:
+                return
+            start = request.computed
+            chunk = request.prompt[start:start + budget]
+            n = len(chunk)
+            tokens = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
+            logits = self.model(tokens, Prefill(start, slot=request.slot), self._cache,
+                                last_index=torch.tensor([n - 1], device=self.model.device))
+            request.computed += n
+            budget -= n
+            self.metrics.add("prefilled_tokens", n)
+            self._slots.record(request.slot, request.prompt[:request.computed])
+            if request.computed == len(request.prompt):
+                self._start_decoding(request, logits)
+
+    def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
+        """Sample the first token from the prompt's last logits [1, V]; the row decodes from the next step."""
+        s, buf = request.slot, self._buffers
+        buf.sampling.set_row(s, request.params, _as_int64(request.seed), request.prompt)
+        stages = Stages.of([request.params], [request.logprobs], self.model.args.vocab_size)
+        out = sample_rows(logits, stages, buf.sampling.rows(s, s + 1), self.vocab_limit)
+        token = int(out.tokens[0])
+        buf.start_row(s, token, min(len(request.prompt), self._cache.max_seq_len - 1))
+        request.state = DECODE
+        lp = None
+        if request.logprobs:
+            lp = _logprob(token, float(out.logprob[0]), out.top_ids[0].tolist(), out.top_logprobs[0].tolist(),
+                          request.logprobs)
+        self._emit(request, token, lp)
+
+    def _decode(self) -> None:
+        decoding = [s for s, r in self._running.items() if r.state == DECODE]
+        batch = self._batch_size(max(decoding) + 1)
+        rows = [self._running[s] for s in decoding if s < batch]
+        stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
+        self._step(batch, stages)()
+        self.metrics.add("decode_steps")
+        buf = self._buffers
+        tokens = buf.sampled[:batch].tolist()  # the one host sync per step
+        if stages.logprobs:
+            lps, ids, tops = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist(), buf.top_logprobs[:batch].tolist()
+        for s in decoding:
+            request = self._running[s]
+            lp = _logprob(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
+            self._emit(request, tokens[s], lp)
+
+    def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
+        now = time.perf_counter()
+        if request.last_token_at is None:
+            self.metrics.observe_ttft(now - request.submitted)
+        else:
+            self.metrics.observe_token_latency(now - request.last_token_at)
+        request.last_token_at = now
+        if token == NONFINITE:
+            self._fail(request, FloatingPointError(
+                f"the model's logits are not finite (NaN or inf) at generated token {len(request.sampled) + 1}: "
+                f"the weights or the arithmetic overflow (dtype {self.model.dtype}; float16 overflows where "
+                "bfloat16 and float32 do not)"))
+            return
+        self.metrics.add("generated_tokens")
+        try:
+            done = request.accept(token, lp)
+        except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: this request's, not the batch's
+            self._fail(request, e)
+            return
+        if done:
+            self._end(request, None)
+
+    # ---- slots, cache and steps ---------------------------------------------------------------
+
+    def _end(self, request: Request, reason: Optional[str]) -> None:
+        """Finish `request` (reason: override its finish_reason, e.g. "cancelled") and free its slot."""
+        if reason is not None:
+            request.finish_reason = reason
+        self._release(request, keep=True)
+        try:
+            request.complete()
+        except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failing on the last piece
+            _tell(request, e)
+        self.metrics.finish(request.finish_reason)
+        if reason == "cancelled":
+            self.metrics.add("cancelled")
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._release(request, keep=False)
+        self.metrics.add("failed")
+        request.state = "done"
+        _tell(request, error)
+
+    def _release(self, request: Request, keep: bool) -> None:
+        s = request.slot
+        if s is None or self._running.get(s) is not request:
+            return
+        del self._running[s]
+        self._slots.owner[s] = None
+        if keep:
+            self._slots.record(s, request.fed())
+        else:
+            self._slots.forget(s)
+        self._buffers.idle_row(s, self._cache.max_seq_len - 1)
+
+    def _ensure_cache(self, need: int) -> None:
+        size = min(self.max_seq_len, max(MIN_CACHE, 1 << (max(need, 1) - 1).bit_length()))
+        old = self._cache
+        if old is not None and old.max_seq_len >= size:
+            return
+        self._steps.clear()  # their graphs point into the old cache
+        self._pool = None
+        args, device = self.model.args, self.model.device
+        cache = KVCache(args, self.max_batch, size, self.model.dtype, device)
+        if old is not None:  # running requests and cached prefixes carry over
+            cache.data[..., :old.max_seq_len, :].copy_(old.data)
+        self._cache = cache
+        del old
+        if self._slots is None:
+            self._slots = SlotTable(self.max_batch, size - 1)
+            self._buffers = DecodeBuffers(self.max_batch, args.vocab_size, device, size - 1)
+        self._slots.limit = size - 1
+        for s in range(self.max_batch):
+            if s not in self._running or self._running[s].state != DECODE:
+                self._buffers.positions[s] = size - 1
+
+    def _batch_size(self, n: int) -> int:
+        """Rows a step over slots 0..n-1 runs: n eagerly; with graphs the next power of two (or max_batch)."""
+        if not self.cuda_graphs:
+            return n
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
+    def _step(self, batch: int, stages: Stages) -> DecodeStep:
+        key = (batch, stages)
+        step = self._steps.get(key)
+        if step is None:
+            while len(self._steps) >= MAX_DECODE_STEPS:
+                self._steps.popitem(last=False)
+            if self.cuda_graphs and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            step = DecodeStep(self.model, self._cache, self._buffers, batch, stages, graphed=self.cuda_graphs,
+                              pool=self._pool, vocab_limit=self.vocab_limit)
+            self.captures += self.cuda_graphs
+            self._steps[key] = step
+        self._steps.move_to_end(key)
+        return step
+
+
+def _tell(request: Request, error: BaseException) -> None:
+    try:
+        request.sink(error)
+    except Exception:  # noqa: BLE001 - a sink that fails is its caller's problem, never the engine's
+        pass
+
+
+def _as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same bits."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _logprob(token: int, logprob: float, ids: list, values: list, n: int) -> TokenLogprob:
+    return TokenLogprob(token, logprob, list(zip(ids[:n], values[:n])))
+
+
+__all__ = ["Engine", "Completion", "MIN_CACHE"]
