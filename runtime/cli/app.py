@@ -1,4 +1,5 @@
-"""Command line: `codellama-rt generate | infill | chat | quantize | info | mask | bench` (see ../shared/docs/API.md).
+"""Command line: `codellama-rt generate | infill | chat | serve | quantize | info | mask | bench`
+(see ../shared/docs/API.md; serving: docs/serving.md).
 
 Bad arguments or bad input print one line on stderr and exit with status 2; an internal error prints
 one line saying how to report it and exits with status 1 (`--debug`, or CODELLAMA_RT_DEBUG=1, shows
@@ -11,14 +12,14 @@ import os
 import sys
 
 from ..errors import CheckpointError, MissingExtraError
-from . import bench, chat, generate, info, infill, mask, quantize
+from . import bench, chat, generate, info, infill, mask, quantize, serve
 from .common import PROG, Parser, UsageError
 
 # bad arguments or input: one line, exit 2 (FloatingPointError: the model's numerics overflow;
 # MemoryError: the KV cache or weights do not fit what was asked for; MissingExtraError: an option
 # needs an optional extra, e.g. mask --png needs matplotlib)
 _INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError, MissingExtraError)
-SUBCOMMANDS = (generate, infill, chat, mask, quantize, bench, info)  # in --help's order
+SUBCOMMANDS = (generate, infill, chat, serve, mask, quantize, bench, info)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,13 +76,14 @@ def sampling(a) -> dict:
                 repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
 
 
-def load(a):
+def load(a, **options):
+    """The model of `add_model_flags`' flags; `options`: further `load_model` keywords (e.g. max_batch_size)."""
     from ..api import load_model
 
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
     return load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
-                      group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a))
+                      group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a), **options)
 
 
 def write(text: str) -> None:

@@ -8,12 +8,47 @@ from .events import Completion, Delta
 from .sampling import SamplingParams
 
 
+class EventStream:
+    """The events of one submitted request, as an async iterator: Delta... then the Completion (or the
+    exception that ended the request, raised). `close()` cancels the request (a no-op once finished)."""
+
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, ids: list, params: SamplingParams,
+                 stop_tokens: dict, logprobs: int):
+        self._engine, self._queue, self._done = engine, asyncio.Queue(), False
+
+        def sink(event) -> None:  # called on the engine's thread
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        self.request = engine.submit(ids, params, stop_tokens, logprobs=logprobs, sink=sink)
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Union[Delta, Completion]:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, BaseException):
+            self._done = True
+            raise event
+        self._done = isinstance(event, Completion)
+        return event
+
+    def close(self) -> None:
+        self._done = True
+        self._engine.cancel(self.request)
+
+
 class AsyncEngine:
     """Thread-safe, asyncio-friendly access to one `Engine` (its loop thread does the work).
 
-    `stream()` submits a request and yields its `Delta`s then its `Completion`; closing the iterator
-    early (a client that went away, `aclose()`, a cancelled task) cancels the request, which frees its
-    slot within one decode step.
+    `submit()` queues a request now (raising at once what the engine raises) and returns its
+    `EventStream`; `stream()` submits at its first iteration, and closing it early (a client that
+    went away, `aclose()`, a cancelled task) cancels the request, which frees its slot within one
+    decode step.
     """
 
     def __init__(self, engine):
@@ -23,31 +58,23 @@ class AsyncEngine:
     def metrics(self):
         return self.engine.metrics
 
+    def submit(self, ids: list, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0) -> EventStream:
+        """Queue one request from a coroutine; raises ValueError for a bad prompt, ModelBusyError when
+        the queue is full. The caller closes the stream it gets (`close()`) unless it iterates it to
+        the end."""
+        return EventStream(self.engine, asyncio.get_running_loop(), ids, params, stop_tokens, logprobs)
+
     async def stream(self, ids: list, params: SamplingParams, stop_tokens: dict, *,
                      logprobs: int = 0) -> AsyncIterator[Union[Delta, Completion]]:
         """Events of one request: Delta... then Completion. Raises at submission what the engine raises
         (ValueError for a bad prompt, ModelBusyError when the queue is full), and later the request's
         own failure (e.g. FloatingPointError)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(event) -> None:  # called on the engine's thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
-
-        request = self.engine.submit(ids, params, stop_tokens, logprobs=logprobs, sink=sink)
+        events = self.submit(ids, params, stop_tokens, logprobs=logprobs)
         try:
-            while True:
-                event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in events:
                 yield event
-                if isinstance(event, Completion):
-                    return
         finally:
-            self.engine.cancel(request)  # a no-op once finished
+            events.close()
 
     async def complete(self, ids: list, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0) -> Completion:
         """The request's Completion (its deltas consumed)."""

@@ -1,0 +1,75 @@
+"""`codellama-rt serve`: the OpenAI-compatible HTTP server (runtime/server) on uvicorn.
+
+Prints one line on stderr once it accepts connections ("serving NAME on http://HOST:PORT"; with
+`--port 0` the port the system picked) and serves until interrupted.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import MissingExtraError
+from .common import PROG, add_model_flags, load
+
+
+def add_parser(sub, parents: list) -> None:
+    s = sub.add_parser("serve", parents=parents, help="serve the model over HTTP (OpenAI-compatible API, "
+                       "llama.cpp's /infill, Prometheus /metrics)")
+    add_model_flags(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--max-batch-size", type=_positive, default=8, help="requests decoded at once: KV cache "
+                   "slots (default: 8)")
+    s.add_argument("--max-queue", type=_positive, default=None, help="requests waiting for a slot before "
+                   "new ones get HTTP 429 (default: unbounded)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all routes but /health)")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                   "--model directory's name, or codellama-rt-default)")
+    s.set_defaults(run=run)
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1")
+    return value
+
+
+def run(a) -> None:
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        raise MissingExtraError(f"serve needs fastapi, uvicorn and prometheus_client ({e}); install them with "
+                                "pip install 'codellama-rt[serve]'") from None
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port {a.port} is invalid: expected 0..65535")
+    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((a.host, a.port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+    model = load(a, max_batch_size=a.max_batch_size)
+    model.engine.max_queue = a.max_queue
+    name = a.served_model_name or (Path(a.model).name if a.model else "codellama-rt-default")
+    app = create_app(model, served_model_name=name, api_key=a.api_key)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(f"{PROG}: serving {name} on {url}", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    Server(config).run(sockets=[sock])

@@ -1,0 +1,65 @@
+"""Log-probabilities in OpenAI's two shapes: the completions API's parallel lists (tokens, token_logprobs,
+top_logprobs, text_offset) and the chat API's `content` list of {token, logprob, bytes, top_logprobs}.
+
+A token's text is its SentencePiece piece with '▁' as a space; a byte-fallback piece is its character
+when ASCII (CodeLlama spells newlines so), else (part of a UTF-8 character) `bytes:\\xNN` as OpenAI does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..engine.events import TokenLogprob
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    sp = tokenizer.sp
+    if sp.is_byte(token_id):
+        b = int(sp.id_to_piece(token_id)[3:5], 16)
+        return chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
+    return sp.id_to_piece(token_id).replace("▁", " ")
+
+
+def token_bytes(tokenizer, token_id: int) -> list:
+    sp = tokenizer.sp
+    if sp.is_byte(token_id):
+        return [int(sp.id_to_piece(token_id)[3:5], 16)]
+    return list(token_text(tokenizer, token_id).encode("utf-8"))
+
+
+def _top(tokenizer, lp: TokenLogprob, k: int) -> dict:
+    """The k best alternatives as {text: logprob}, plus the chosen token (OpenAI: up to k + 1 entries)."""
+    out = {}
+    for token_id, value in lp.top[:k]:
+        out.setdefault(token_text(tokenizer, token_id), value)
+    out.setdefault(token_text(tokenizer, lp.token_id), lp.logprob)
+    return out
+
+
+def completion_logprobs(tokenizer, lps: list, k: int, offsets: list) -> dict:
+    """The completions API's logprobs object of `lps` (one TokenLogprob per token) with `offsets` (the
+    character offset of each token in the choice's text)."""
+    return {"tokens": [token_text(tokenizer, lp.token_id) for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [_top(tokenizer, lp, k) for lp in lps],
+            "text_offset": list(offsets)}
+
+
+def text_offsets(tokenizer, ids: list, start: int = 0) -> list:
+    """Character offset of each of `ids` in their decoded text (read mid-sequence), plus `start`."""
+    out, n = [], len(ids)
+    for i in range(n):
+        out.append(start + len(tokenizer.decode_in_context(ids[:i])) if i else start)
+    return out
+
+
+def chat_logprobs(tokenizer, lps: Optional[list], k: int) -> Optional[dict]:
+    """The chat API's logprobs object (None when not asked for)."""
+    if lps is None:
+        return None
+
+    def entry(token_id: int, value: float) -> dict:
+        return {"token": token_text(tokenizer, token_id), "logprob": value,
+                "bytes": token_bytes(tokenizer, token_id)}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob),
+                         "top_logprobs": [entry(t, v) for t, v in lp.top[:k]]} for lp in lps]}
