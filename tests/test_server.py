@@ -1,0 +1,357 @@
+"""`codellama-rt serve` as a real subprocess on 127.0.0.1 (the embedded default model), driven by the
+official openai client and httpx: its greedy text equals the library's, streams concatenate to the
+same text, errors come back in OpenAI's shape (and the server goes on serving), /metrics counts what
+happened, and a client that goes away cancels its request."""
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import codellama_rt
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+NAME = "tiny-code"
+KEY = "sekrit-key"
+START_TIMEOUT = 180  # seconds for a server to load the model and listen
+PROMPT = "def fibonacci(n):"
+
+
+class Served:
+    """A `codellama-rt serve` subprocess: its base URL, and its stderr collected by a reader thread."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "codellama_rt", "serve", "--host", "127.0.0.1",
+                                      "--port", "0", "--served-model-name", NAME, *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self._wait_ready()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if " on http://" in line:
+                return line.strip().rsplit(" on ", 1)[1]
+        self.stop()
+        raise AssertionError(f"server did not start within {START_TIMEOUT} s: {''.join(self.stderr)[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Served("--max-batch-size", "8")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two slots, one queue place, an API key."""
+    s = Served("--max-batch-size", "2", "--max-queue", "1", "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return codellama_rt.load()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def metrics(http, headers=None) -> dict:
+    """The /metrics samples without labels, name -> value."""
+    r = http.get("/metrics", headers=headers)
+    assert r.status_code == 200
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def sse_events(response) -> list:
+    """The `data:` payloads of an SSE response (JSON decoded; '[DONE]' kept as the string)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# ---- equality with the library ------------------------------------------------------------
+
+def test_greedy_completion_equals_generate(client, model):
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0)
+    expected = model.generate(PROMPT, max_new_tokens=24)
+    assert r.choices[0].text == expected.text
+    assert r.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    prompt_tokens = len(model.tokenizer.encode(PROMPT))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, len(expected.token_ids))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_token_id_prompt_and_echo(client, model):
+    ids = model.tokenizer.encode(PROMPT)
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, echo=True)
+    assert r.choices[0].text == model.tokenizer.decode(ids) + model.generate(ids, max_new_tokens=8).text
+
+
+def test_suffix_equals_infill(client, model):
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    r = client.completions.create(model=NAME, prompt=prefix, suffix=suffix, max_tokens=24, temperature=0)
+    assert r.choices[0].text == model.infill(prefix, suffix, max_new_tokens=24).text
+
+
+def test_stream_concatenates_to_the_text(client):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0)
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_chat_equals_library_and_streams(client, model):
+    messages = [{"role": "system", "content": "Answer with code."}, {"role": "user", "content": "Sort a list."}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant"
+    assert text == model.chat(messages, max_new_tokens=20).text
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_infill_endpoint_equals_library(http, model):
+    prefix, suffix = "def area(r):\n    ", "\n    return a\n"
+    expected = model.infill(prefix, suffix, max_new_tokens=20)
+    r = http.post("/infill", json={"input_prefix": prefix, "input_suffix": suffix, "n_predict": 20,
+                                   "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["content"] == expected.text and body["stop"] is True
+    assert body["tokens_predicted"] == len(expected.token_ids)
+    assert body["tokens_evaluated"] == len(model.tokenizer.encode_infill(prefix, suffix))
+    with http.stream("POST", "/infill", json={"input_prefix": prefix, "input_suffix": suffix, "n_predict": 20,
+                                              "temperature": 0, "stream": True}) as s:
+        events = sse_events(s)
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == expected.text
+
+
+def test_infill_extra_context_and_prompt(http, model):
+    extra = [{"filename": "util.py", "text": "def helper():\n    return 1\n"}]
+    r = http.post("/infill", json={"input_prefix": "x = ", "prompt": "help", "input_suffix": "\n",
+                                   "input_extra": extra, "n_predict": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    prefix = "# util.py\ndef helper():\n    return 1\nx = help"
+    assert r.json()["content"] == model.infill(prefix, "\n", max_new_tokens=8).text
+
+
+@pytest.mark.slow
+def test_concurrent_greedy_requests_equal_sequential(client, model):
+    prompts = [f"def f{i}(x):\n    return x + {i}" for i in range(8)]
+    expected = [model.generate(p, max_new_tokens=16).text for p in prompts]
+
+    def one(p):
+        return client.completions.create(model=NAME, prompt=p, max_tokens=16, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, prompts, timeout=300))
+    assert got == expected
+
+
+def test_n_choices_with_seed(client):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7)
+    r = client.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    # choice i samples with seed + i
+    assert r.choices[1].text == client.completions.create(**{**kw, "seed": 8}).choices[0].text
+
+
+# ---- logprobs -----------------------------------------------------------------------------
+
+def test_completion_logprobs_greedy_consistent(client):
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert token in top and top[token] == value
+        assert value == max(top.values()) and value <= 0
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    if not any(t.startswith("bytes:") for t in lp.tokens):
+        assert "".join(lp.tokens) == c.text
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 2}, "top_p"),
+    ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "a = 1\n" * 400}, "prompt"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
+])
+def test_bad_completion_request_is_400(http, body, param):
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_and_infill_requests_are_400(http):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                "max_tokens": 4000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = http.post("/infill", json={"input_prefix": "x", "n_predict": 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n_predict"
+
+
+def test_malformed_json_unknown_route_and_large_body(http, client):
+    r = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = http.post("/v1/completions", content=b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # still serving
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_models_and_health(client, http):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_api_key(small):
+    with httpx.Client(base_url=small.url, timeout=60) as h:
+        assert h.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert h.get("/metrics").status_code == 401
+    bad = openai.OpenAI(base_url=small.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=NAME, prompt="x", max_tokens=1)
+    good = openai.OpenAI(base_url=small.url + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+# ---- metrics and cancellation ---------------------------------------------------------------
+
+def test_metrics_count_prefix_reuse(http, client):
+    before = metrics(http)
+    shared = "import os\nimport sys\n\n\ndef main(argv):\n    parser = make_parser()\n"
+    for tail in ("    args = parser.parse", "    return run("):
+        client.completions.create(model=NAME, prompt=shared + tail, max_tokens=4, temperature=0)
+    after = metrics(http)
+    for name in ("requests_total", "rejected_total", "failed_total", "cancelled_total", "prompt_tokens_total",
+                 "generated_tokens_total", "prefix_reused_tokens_total", "requests_waiting", "requests_running",
+                 "time_to_first_token_seconds_count", "time_per_output_token_seconds_count"):
+        assert f"codellama_rt_{name}" in after
+    assert after["codellama_rt_requests_total"] - before["codellama_rt_requests_total"] == 2
+    assert after["codellama_rt_prefix_reused_tokens_total"] > before["codellama_rt_prefix_reused_tokens_total"]
+    assert after["codellama_rt_generated_tokens_total"] - before["codellama_rt_generated_tokens_total"] == 8
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.slow
+def test_abandoned_streams_are_cancelled_and_free_their_slots(small):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    long = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
+        cancelled = metrics(h)["codellama_rt_cancelled_total"]
+        for _ in range(2):  # two slots: each stream abandoned after its first token
+            with h.stream("POST", "/v1/completions", json=long) as s:
+                assert s.status_code == 200
+                next(line for line in s.iter_lines() if line.startswith("data: "))
+        assert _wait_for(lambda: metrics(h)["codellama_rt_cancelled_total"] >= cancelled + 2)
+        started = time.monotonic()
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 16, "temperature": 0})
+        elapsed = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+    assert elapsed < 10  # 2 x 900 tokens would take far longer on any machine this runs on
+
+
+@pytest.mark.slow
+def test_full_queue_is_429(small):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    long = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
+        with h.stream("POST", "/v1/completions", json=long) as a, \
+                h.stream("POST", "/v1/completions", json=long) as b, \
+                h.stream("POST", "/v1/completions", json=long) as c:  # two running, one waiting
+            assert (a.status_code, b.status_code, c.status_code) == (200, 200, 200)
+            r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)
+        assert metrics(h)["codellama_rt_rejected_total"] >= 1
+        assert h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
