@@ -4,6 +4,7 @@ same text, errors come back in OpenAI's shape (and the server goes on serving), 
 happened, and a client that goes away cancels its request."""
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import subprocess
@@ -346,12 +347,25 @@ def test_full_queue_is_429(small):
     auth = {"Authorization": f"Bearer {KEY}"}
     long = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
     with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
-        with h.stream("POST", "/v1/completions", json=long) as a, \
-                h.stream("POST", "/v1/completions", json=long) as b, \
-                h.stream("POST", "/v1/completions", json=long) as c:  # two running, one waiting
-            assert (a.status_code, b.status_code, c.status_code) == (200, 200, 200)
+        with contextlib.ExitStack() as streams:
+            for running, waiting in ((1, 0), (2, 0), (2, 1)):  # fill both slots, then the queue's one place
+                s = streams.enter_context(h.stream("POST", "/v1/completions", json=long))
+                assert s.status_code == 200
+                assert _wait_for(lambda: (metrics(h)["codellama_rt_requests_running"],
+                                          metrics(h)["codellama_rt_requests_waiting"]) == (running, waiting))
             r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)
         assert metrics(h)["codellama_rt_rejected_total"] >= 1
         assert h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.slow
+def test_abandoned_plain_request_is_cancelled(small):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
+        cancelled = metrics(h)["codellama_rt_cancelled_total"]
+        with pytest.raises(httpx.ReadTimeout):  # gives up (closing the connection) long before 900 tokens
+            h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 900, "temperature": 0}, timeout=1.0)
+        assert _wait_for(lambda: metrics(h)["codellama_rt_cancelled_total"] >= cancelled + 1)
+        assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)

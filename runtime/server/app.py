@@ -4,10 +4,12 @@ Routes: POST /v1/completions, POST /v1/chat/completions, POST /infill (llama.cpp
 GET /metrics (Prometheus), GET /health. With an `api_key`, every route but /health needs
 `Authorization: Bearer <key>` (401). Errors: 400 bad parameters or prompt (the field named in
 `error.param`), 401, 404 unknown route or model, 413 body over `max_body_bytes`, 429 queue full,
-500 anything unexpected (logged; the server goes on serving).
+500 anything unexpected (logged; the server goes on serving). A client that goes away cancels its
+requests, streamed or not.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -51,7 +53,7 @@ def create_app(model, *, served_model_name: str, api_key=None, max_body_bytes: i
 
     def post(path: str, handler) -> None:
         async def route(request: Request):
-            result = await handler(await read_json(request, server.max_body), server)
+            result = await _unless_disconnected(request, handler(await read_json(request, server.max_body), server))
             return JSONResponse(result) if isinstance(result, dict) else result
 
         app.add_api_route(path, route, methods=["POST"], dependencies=guarded)
@@ -75,6 +77,27 @@ def create_app(model, *, served_model_name: str, api_key=None, max_body_bytes: i
 
     _add_error_handlers(app)
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` (a handler: it submits, then waits for completions or returns a streaming response);
+    if the client goes away first, cancel it, which cancels its requests, and answer nobody (499).
+    A streamed response watches for the disconnect itself (Starlette cancels its body)."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            log.info("client went away: %s %s cancelled", request.method, request.url.path)
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
