@@ -1,6 +1,10 @@
 """codellama-rt: a lean, fast inference runtime for CodeLlama."""
 from setuptools import setup
 
+# fastapi: app.add_api_route / exception handlers as used; uvicorn: Server.startup(sockets=...);
+# prometheus_client: custom collectors with HistogramMetricFamily
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]
+
 setup(
     name="codellama-rt",
     version="0.1.0",
@@ -8,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench", "codellama_rt.checkpoint",
               "codellama_rt.cli", "codellama_rt.engine", "codellama_rt.model", "codellama_rt.quant",
-              "codellama_rt.tokenizer"],
+              "codellama_rt.server", "codellama_rt.tokenizer"],
     package_dir={"codellama_rt": "runtime", "codellama_rt.kernels": "kernels"},
     # the embedded default model (see runtime/default_model/README.md)
     package_data={"codellama_rt": ["default_model/*.json", "default_model/*.safetensors",
@@ -25,8 +29,10 @@ setup(
     extras_require={
         # PNG charts of the benchmark report and `codellama-rt mask --png`; without it both say how to get it
         "plots": ["matplotlib>=3.5"],
+        # `codellama-rt serve` (the OpenAI-compatible HTTP server); without it serve says how to get it
+        "serve": SERVE,
         "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5",
-                 "ruff>=0.5"],
+                 "ruff>=0.5", "openai>=1.40", "httpx>=0.27", *SERVE],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
 )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install codellama-rt (editable). Usage: scripts/setup.sh [--test]
+# Create .venv and install codellama-rt (editable) with the serve extra (`codellama-rt serve`).
+# Usage: scripts/setup.sh [--test]
 # A CPU-only machine gets torch 2.13.0 first so pip never pulls the multi-GB CUDA build by accident;
 # set TORCH_SPEC to choose another torch (e.g. a CUDA build on a GPU machine).
 set -euo pipefail
@@ -10,6 +11,6 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
-extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+extra="[serve]"
+[ "${1:-}" = "--test" ] && extra="[serve,test]"
 pip install -c scripts/constraints.txt -e ".${extra}"

@@ -1,5 +1,5 @@
 """The command line under misuse: a closed pipe, internal errors, hostile chat input, a history past the
-context, int4 group sizes, and absurd context lengths."""
+context, int4 group sizes, absurd context lengths, and serve without its extra or with bad flags."""
 from __future__ import annotations
 
 import io
@@ -65,6 +65,18 @@ def test_internal_error_exits_1_and_says_how_to_report(capsys, monkeypatch):
 def test_bad_input_still_exits_2(capsys):
     code, _, err = run(capsys, "generate", "--temperature", "1e308", PROMPT)
     assert code == 2 and err.count("\n") == 1 and "temperature" in err
+
+
+def test_serve_without_the_extra_says_how_to_get_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ImportError
+    code, _, err = run(capsys, "serve", "--port", "0")
+    assert code == 2 and err.count("\n") == 1 and "pip install 'codellama-rt[serve]'" in err
+
+
+def test_serve_bad_flags_exit_2(capsys):
+    for argv in (("--max-batch-size", "0"), ("--max-queue", "-1"), ("--port", "70000")):
+        code, _, err = run(capsys, "serve", *argv)
+        assert code == 2 and err.count("\n") == 1 and argv[0].lstrip("-").split("-")[0] in err
 
 
 def test_absurd_context_is_refused_at_once(capsys):
