@@ -369,3 +369,54 @@ def test_abandoned_plain_request_is_cancelled(small):
             h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 900, "temperature": 0}, timeout=1.0)
         assert _wait_for(lambda: metrics(h)["codellama_rt_cancelled_total"] >= cancelled + 1)
         assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)
+
+
+# ---- failures inside the server (in-process app) --------------------------------------------
+
+@pytest.fixture
+def app_client(model):
+    from fastapi.testclient import TestClient
+
+    from codellama_rt.server.app import create_app
+
+    with TestClient(create_app(model, served_model_name=NAME), raise_server_exceptions=False) as c:
+        yield c
+    # the engine's loop thread idle again before the next test (or the interpreter's exit)
+    assert _wait_for(lambda: model.engine._thread is None, timeout=30)
+
+
+def test_unexpected_error_is_500_and_the_app_goes_on(app_client, model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(model.engine, "submit", broken)
+        r = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
+    assert app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_failure_mid_stream_sends_an_error_event_and_ends(app_client, model, monkeypatch):
+    submit = model.engine.submit
+
+    def failing_after_one_event(ids, params, stop_tokens, *, logprobs, sink):
+        seen = []
+
+        def sink2(event):
+            seen.append(event)
+            if len(seen) == 1:
+                sink(event)
+            elif len(seen) == 2:
+                sink(FloatingPointError("logits are not finite"))
+
+        return submit(ids, params, stop_tokens, logprobs=logprobs, sink=sink2)
+
+    monkeypatch.setattr(model.engine, "submit", failing_after_one_event)
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    with app_client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert "choices" in events[0]
+    assert events[-1]["error"]["type"] == "server_error" and "not finite" in events[-1]["error"]["message"]
+    assert "[DONE]" not in events
