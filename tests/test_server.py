@@ -249,6 +249,8 @@ def test_chat_logprobs(client):
     ({"prompt": []}, "prompt"),
     ({"prompt": "a = 1\n" * 400}, "prompt"),
     ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "x", "model": "gpt-4"}, "model"),
 ])
 def test_bad_completion_request_is_400(http, body, param):

@@ -14,7 +14,7 @@ from ..engine.events import Completion
 from ..engine.row_sampling import LOGPROB_WIDTH
 from .logprobs import chat_logprobs
 from .protocol import (bad, check_context, check_model, check_zero, finish_reason, get_bool, get_int, new_id, now,
-                       sampling_params, usage)
+                       sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_N = 16
@@ -72,7 +72,7 @@ async def create(body: dict, server):
     streams = submit_all(server.aengine, jobs, prompt_param="messages")
     head = {"id": new_id("chatcmpl"), "created": now(), "model": server.name}
     if stream:
-        include_usage = get_bool(body.get("stream_options") or {}, "include_usage")
+        include_usage = wants_usage(body)
         render = _Renderer(tok, head, n, k if want_logprobs else None, len(ids), include_usage)
         return StreamingResponse(sse_body(streams, render), media_type="text/event-stream")
     done = await completions(streams)

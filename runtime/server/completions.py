@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from ..engine.events import Completion
 from .logprobs import completion_logprobs, text_offsets
 from .protocol import (bad, check_context, check_model, check_zero, finish_reason, get_bool, get_int, get_str,
-                       new_id, now, sampling_params, usage)
+                       new_id, now, sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the completions API
@@ -91,7 +91,7 @@ async def create(body: dict, server):
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": server.name}
     prompt_tokens = sum(p for p, _ in prompt_info)
     if stream:
-        include_usage = get_bool(body.get("stream_options") or {}, "include_usage")
+        include_usage = wants_usage(body)
         render = _Renderer(tok, head, [prompt_info[i // n][1] for i in range(len(jobs))], k, prompt_tokens,
                            include_usage)
         return StreamingResponse(sse_body(streams, render), media_type="text/event-stream")

@@ -105,6 +105,16 @@ def get_str(body: dict, name: str, default=None):
     return value
 
 
+def wants_usage(body: dict) -> bool:
+    """`stream_options.include_usage`: a last chunk with the usage and no choices."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad("stream_options", "stream_options must be an object")
+    return get_bool(options, "include_usage")
+
+
 def check_model(body: dict, served: str) -> None:
     """`model`, when given, must name the served model (404 like OpenAI otherwise)."""
     name = body.get("model")
