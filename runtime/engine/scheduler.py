@@ -250,7 +250,8 @@ class Engine:
         buf = self._buffers
         tokens = buf.sampled[:batch].tolist()  # the one host sync per step
         if stages.logprobs:
-            lps, ids, tops = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist(), buf.top_logprobs[:batch].tolist()
+            lps, ids = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist()
+            tops = buf.top_logprobs[:batch].tolist()
         for s in decoding:
             request = self._running[s]
             lp = _logprob(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None

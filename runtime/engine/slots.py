@@ -47,11 +47,13 @@ class SlotTable:
     def choose(self, prompt: list) -> tuple[Optional[int], int, Optional[int], int]:
         """(slot, reuse, source, copy) for a new request, or (None, 0, None, 0) when every slot is busy.
 
-        slot: the free slot to run in, the one whose own record shares the longest prefix with `prompt`
-        (then the least recently used, so recent prefixes survive). reuse: prompt tokens already valid
-        in `slot`. source/copy: another slot (busy or free) holding a longer common prefix, and how many
-        of its positions to copy into `slot` (None, 0 when none is longer). At most len(prompt) - 1
-        tokens are reused: the last prompt token is always computed, for its logits.
+        slot: the free slot to run in. A slot whose record is mostly reused (shared prefix >= the
+        tokens it would lose) is preferred, the longest shared prefix first; otherwise the least recently
+        used slot is overwritten, so a prompt sharing only BOS never evicts a long cached prefix.
+        reuse: prompt tokens already valid in `slot`. source/copy: another slot (busy or free) holding a
+        longer common prefix, and how many of its positions to copy into `slot` (None, 0 when none is
+        longer). At most len(prompt) - 1 tokens are reused: the last prompt token is always computed,
+        for its logits.
         """
         free = self.free()
         if not free:
@@ -61,7 +63,10 @@ class SlotTable:
         def match(s: int) -> int:
             return min(common_prefix(self.tokens[s], prompt), cap)
 
-        slot = max(free, key=lambda s: (match(s), -self.used[s], -s))
+        def keeps_most(s: int) -> bool:
+            return match(s) >= len(self.tokens[s]) - match(s)
+
+        slot = max(free, key=lambda s: (keeps_most(s), match(s) if keeps_most(s) else 0, -self.used[s], -s))
         reuse = match(slot)
         source, best = None, reuse
         for s in range(len(self.owner)):
