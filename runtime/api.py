@@ -114,7 +114,8 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     per batch size and sampling signature and replays it for every token; the tokens are those of
     eager decoding. `kernel_options`: the Triton backend's kernel paths, a `KernelOptions` or a dict of
     its fields (experiments, pdl); None: `KernelOptions()` (no experiments, PDL on; the environment is
-    not read). One model runs one generation at a time (see `Model`).
+    not read). Calls from any thread share the model: up to `max_batch_size` requests decode together
+    (continuous batching), the rest wait for a slot (see `Model`).
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
@@ -259,8 +260,9 @@ def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
 class Model:
     """A loaded model with its tokenizer and generation engine (see API.md).
 
-    One generation at a time: a second `generate`/`stream`/`infill`/`chat` while one is running (another
-    thread, or a stream neither exhausted nor closed) raises ModelBusyError; it never mixes the two."""
+    Any number of `generate`/`stream`/`infill`/`chat` calls may run at once (threads, live streams): each
+    is a request of the serving engine, decoded in one batch with up to `max_batch_size - 1` others and
+    waiting for a free slot beyond that; each gets exactly the tokens it would get alone."""
 
     def __init__(self, args: ModelArgs, module: Transformer, tokenizer: Tokenizer, engine: Engine, path=None):
         self.args, self.module, self.tokenizer, self.engine, self.path = args, module, tokenizer, engine, path
@@ -330,8 +332,8 @@ class Model:
     def stream(self, prompt, **sampling) -> Iterator[str]:
         """Text pieces of one prompt's completion as they become final (arguments checked now).
 
-        The model is busy from the first piece until the stream is exhausted or closed (`close()`,
-        or dropped); meanwhile another generation on it raises ModelBusyError."""
+        The request is submitted at the first piece and runs until the stream is exhausted or closed
+        (`close()`, or dropped), which cancels it and frees its slot."""
         return _pieces(self._run([self._ids(prompt)], sampling))
 
     def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, **sampling) -> Completion:

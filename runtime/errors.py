@@ -17,8 +17,8 @@ class CheckpointError(ValueError):
 
 
 class ModelBusyError(RuntimeError):
-    """A model was asked for a generation while another one is still running on it (another thread,
-    or a stream not yet exhausted or closed). One model runs one generation at a time."""
+    """The engine's request queue is full (`max_queue` requests already wait for a slot): retry later.
+    (The server answers it with 429.)"""
 
 
 def is_allocation_failure(e: BaseException) -> bool:
