@@ -137,11 +137,12 @@ def test_bad_load_arguments(hf_checkpoint, kwargs, name):
 
 
 def test_decode_step_keeps_static_buffers(model):
-    """The decode step writes the cache in place: no reallocation, no shape change between steps."""
-    cache = model.engine.cache_for(64)
+    """Decode steps write the cache in place: no reallocation, no shape change between steps or calls."""
+    model.generate(PROMPT, max_new_tokens=2)
+    cache = model.engine.cache
     ptr, shape = cache.data.data_ptr(), cache.data.shape
     model.generate([PROMPT, "import os"], max_new_tokens=20)
-    assert model.engine.cache_for(64) is cache
+    assert model.engine.cache is cache
     assert cache.data.data_ptr() == ptr and cache.data.shape == shape
 
 

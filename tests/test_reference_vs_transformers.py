@@ -67,16 +67,19 @@ def test_decode_with_cache_equals_full_forward(hf_checkpoint):
     model = cl.load(path, max_seq_len=256)
     ids = model.tokenizer.encode(PROMPTS[1])
     full = model.logits(ids)[0]
-    eng, module = model.engine, model.module
+    module = model.module
+    from codellama_rt.model.kv_cache import KVCache
     from codellama_rt.model.transformer import Decode, Prefill
+
+    cache = KVCache(model.args, 1, 256, module.dtype, module.device)
 
     with torch.inference_mode():
         k = 5
-        prefill = module(torch.tensor([ids[:k]]), Prefill(0), eng.cache_for(256))[0]
+        prefill = module(torch.tensor([ids[:k]]), Prefill(0), cache)[0]
         assert rel_err(prefill, full[:k]) < LOGITS_REL_TOL
         for t in range(k, len(ids)):
             pos = torch.tensor([t])
-            step = module(torch.tensor([[ids[t]]]), Decode(pos, kv_len=256), eng.cache_for(256))[0, -1]
+            step = module(torch.tensor([[ids[t]]]), Decode(pos, kv_len=256), cache)[0, -1]
             assert rel_err(step, full[t]) < LOGITS_REL_TOL
 
 

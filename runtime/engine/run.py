@@ -35,9 +35,9 @@ class Run:
         events: queue.SimpleQueue = queue.SimpleQueue()
         requests = []
         try:
-            for row, prompt in enumerate(self.prompts):
-                requests.append(self.engine.submit(prompt, self.params, self.stop_tokens,
-                                                   sink=lambda event, row=row: events.put((row, event))))
+            requests = self.engine.submit_many(
+                self.prompts, self.params, self.stop_tokens,
+                sinks=[lambda event, row=row: events.put((row, event)) for row in range(len(self.prompts))])
             remaining = len(requests)
             while remaining:
                 row, event = events.get()

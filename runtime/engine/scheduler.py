@@ -91,26 +91,35 @@ class Engine:
         """Queue one request; `sink(event)` is called (on the engine's thread) with Delta events, then the
         Completion, or with the exception that ended the request. Raises ValueError for a bad prompt or
         `logprobs`, ModelBusyError when `max_queue` requests are already waiting."""
-        prompt = self.check_prompt(ids)
+        return self.submit_many([ids], params, stop_tokens, logprobs=logprobs, sinks=[sink])[0]
+
+    def submit_many(self, prompts: list, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0,
+                    sinks: list) -> list[Request]:
+        """Queue one request per prompt (`sinks[i]` receives prompt i's events, as in `submit`), all at once:
+        the loop admits them in the same iteration when slots allow. Every prompt is checked first, and a
+        queue without room for all of them takes none (ModelBusyError)."""
+        checked = [self.check_prompt(ids) for ids in prompts]
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
             raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
-        request = Request(prompt, params, dict(stop_tokens), seed=seed,
-                          budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
-                          sink=sink, stream=TextStream(self.tok, params.stop))
+        requests = [Request(prompt, params, dict(stop_tokens),
+                            seed=params.seed if params.seed is not None else secrets.randbits(64),
+                            budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
+                            sink=sink, stream=TextStream(self.tok, params.stop))
+                    for prompt, sink in zip(checked, sinks, strict=True)]
         with self._lock:
-            if self.max_queue is not None and len(self._incoming) + len(self._waiting) >= self.max_queue:
-                self.metrics.add("rejected")
+            queued = len(self._incoming) + len(self._waiting)
+            if self.max_queue is not None and queued + len(requests) > self.max_queue:
+                self.metrics.add("rejected", len(requests))
                 raise ModelBusyError(f"the request queue is full ({self.max_queue} requests waiting for a "
                                      f"slot of {self.max_batch}); retry later")
-            self._incoming.append(request)
-            self.metrics.add("requests")
+            self._incoming.extend(requests)
+            self.metrics.add("requests", len(requests))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="codellama-rt-engine", daemon=True)
                 self._thread.start()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Stop `request` (a no-op once finished): its slot is free before the next decode step."""
