@@ -2,7 +2,7 @@
 
     python bench/profile_decode.py [--model 7B-bf16] [--tokens 32] [--out DIR] [--experiments NAMES] [--no-pdl]
 
-Runs our engine eagerly (no CUDA graphs, so each kernel is its own profiler event; kernel durations are
+Runs our greedy decode step eagerly (no CUDA graphs, so each kernel is its own profiler event; kernel durations are
 the same as in a graph, launch gaps are not counted) for a short prompt, then `--tokens` greedy steps
 under torch.profiler, and prints the kernels by GPU time per step (prefill left out: the profile starts
 after the first token). On CPU it profiles the `tiny` model (a smoke test of the script).
@@ -19,7 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 from codellama_rt.bench import e2e
 from codellama_rt.cli.common import add_kernel_flags, kernel_options
 from codellama_rt.kernels.options import DEFAULT_OPTIONS, KernelOptions
-from codellama_rt.engine.sampling import SamplingParams
+from codellama_rt.engine.decode_graph import DecodeBuffers, DecodeStep
+from codellama_rt.engine.row_sampling import Stages
+from codellama_rt.model.kv_cache import KVCache
+from codellama_rt.model.transformer import Prefill
 
 
 def profile_steps(name: str, tokens: int, options: KernelOptions = DEFAULT_OPTIONS) -> tuple[list[dict], float]:
@@ -27,20 +30,23 @@ def profile_steps(name: str, tokens: int, options: KernelOptions = DEFAULT_OPTIO
     steps with the kernel `options`: GPU kernel time on CUDA, CPU self time of the ops on CPU."""
     spec = e2e.MODELS[name]
     model = e2e.build(spec, options)
-    engine = e2e.make_engine(model, 1, 64 + tokens + 8, cuda_graphs=False)
-    prompt = e2e.random_prompts(model.args.vocab_size, 1, 16, seed=0)
+    module, device = model.module, model.module.device
+    cache = KVCache(model.args, 1, 64 + tokens + 8, module.dtype, device)
+    buffers = DecodeBuffers(1, model.args.vocab_size, device, cache.max_seq_len - 1)
+    prompt = e2e.random_prompts(model.args.vocab_size, 1, 16, seed=0)[0]
+    with torch.inference_mode():
+        logits = module(torch.tensor([prompt], device=device), Prefill(0, slot=0), cache)[0, -1]
+    buffers.start_row(0, int(torch.argmax(logits)), len(prompt))
+    # the decode step itself (not the engine, whose loop thread a CPU profile of this thread would miss)
+    step = DecodeStep(module, cache, buffers, 1, Stages())
     cuda = spec.cuda
-    for _ in engine.run(prompt, SamplingParams(max_new_tokens=4), {}):  # warm-up: JIT compiles
-        pass
-    run = engine.run(prompt, SamplingParams(max_new_tokens=tokens + 1), {})
-    it = iter(run)
-    next(it)  # the prefill's token
+    for _ in range(4):  # warm-up: JIT compiles, scratch buffers
+        step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        for _ in it:
-            pass
-        if cuda:
-            torch.cuda.synchronize()
+        for _ in range(tokens):
+            step()
+            buffers.sampled[:1].tolist()  # the engine's one host read per step
     events = prof.key_averages()
     rows = []
     for ev in events:

@@ -1,7 +1,10 @@
 """End-to-end micro-benchmarks of the engine on random weights (`codellama_rt.bench.e2e`): a batch-1
 greedy decode and a prefill to the first token. GPU: CodeLlama-7B bf16 (CUDA graphs, the default engine);
-CPU: the tiny model on the reference backend. Rounds: --benchmark-min-rounds (default 5) after a warm-up."""
+CPU: the tiny model on the reference backend. Every round is a cold prompt (no prefix-cache hit).
+Rounds: --benchmark-min-rounds (default 5) after a warm-up."""
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -25,6 +28,17 @@ def _generate(engine, prompts, new_tokens: int) -> list:
     return run.completions[0].token_ids
 
 
+def _cold(engine, prompts, new_tokens: int):
+    """pytest-benchmark's `setup`: each round's prompts differ from the last round's in their first id, so
+    the engine's prefix cache never serves a round (every round prefills the whole prompt)."""
+    calls, V = itertools.count(1), engine.model.args.vocab_size
+
+    def setup():
+        k = next(calls)
+        return (engine, [[3 + (p[0] - 3 + k) % (V - 3), *p[1:]] for p in prompts], new_tokens), {}
+    return setup
+
+
 def _rounds(request) -> int:
     return max(1, request.config.getoption("benchmark_min_rounds"))
 
@@ -34,7 +48,7 @@ def test_decode(benchmark, request, model, name):
     """PROMPT-token prompt, NEW new tokens; extra_info: tokens/s of the median round (prefill included)."""
     engine = e2e.make_engine(model, 1, PROMPT + NEW, None)
     prompts = e2e.random_prompts(model.args.vocab_size, 1, PROMPT, seed=1001)
-    ids = benchmark.pedantic(_generate, (engine, prompts, NEW), rounds=_rounds(request), warmup_rounds=1)
+    ids = benchmark.pedantic(_generate, setup=_cold(engine, prompts, NEW), rounds=_rounds(request), warmup_rounds=1)
     assert len(ids) == NEW
     benchmark.extra_info.update(model=name, prompt_tokens=PROMPT, new_tokens=NEW,
                                 tok_s_median=NEW / benchmark.stats.stats.median)
@@ -46,6 +60,6 @@ def test_prefill(benchmark, request, model, name):
     n = PROMPT * 4
     engine = e2e.make_engine(model, 1, n + 1, None)
     prompts = e2e.random_prompts(model.args.vocab_size, 1, n, seed=n)
-    ids = benchmark.pedantic(_generate, (engine, prompts, 1), rounds=_rounds(request), warmup_rounds=1)
+    ids = benchmark.pedantic(_generate, setup=_cold(engine, prompts, 1), rounds=_rounds(request), warmup_rounds=1)
     assert len(ids) == 1
     benchmark.extra_info.update(model=name, prompt_tokens=n)

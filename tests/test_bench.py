@@ -347,6 +347,20 @@ def test_random_model_quantized(method):
     assert [len(c.token_ids) for c in run.completions] == [3, 3]
 
 
+def test_ttft_rows_time_a_cold_prefill():
+    """The engine's prefix cache would serve a repeated prompt from cached K/V: each TTFT repeat must not be
+    one (no prompt token reused), and still be a prompt of the asked length."""
+    m = random_model(TINY, e2e.IdTokenizer(TINY.vocab_size))
+    engine = ours.make_engine(m, 1, 64, None)
+    run = ours._cold_run(engine)
+    prompt = e2e.random_prompts(TINY.vocab_size, 1, 40, seed=0)
+    for _ in range(3):
+        t0, stamps, ids = run(prompt, 1)
+        assert len(stamps) == 1 and stamps[0] >= t0 and len(ids) == 1
+    counts = engine.metrics.snapshot()
+    assert counts["prefix_reused_tokens"] == 0 and counts["prefilled_tokens"] == 3 * 40
+
+
 def test_random_model_rejects_bad_options():
     with pytest.raises(ValueError, match="quantize"):
         random_model(TINY, None, quantize="int8")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import time
-from functools import partial
 from typing import Optional
 
 from ..model.backends import resolve_backend
@@ -84,11 +84,22 @@ def kernel_options_set(model, options: KernelOptions):
         module.ops = saved
 
 
+def _cold_run(engine: Engine):
+    """`_stamped_run` on `engine` with each call's prompts changed in their first id (a new one per call), so
+    the engine's prefix cache never serves a repeat: TTFT rows time a cold prefill of the whole prompt."""
+    calls, V = itertools.count(1), engine.model.args.vocab_size
+
+    def run(prompts, new_tokens: int):
+        k = next(calls)
+        return _stamped_run(engine, [[3 + (p[0] - 3 + k) % (V - 3), *p[1:]] for p in prompts], new_tokens)
+    return run
+
+
 def ours_ttft(model, spec: ModelSpec, plan: Plan) -> list[dict]:
-    """Time to first token (batch 1) at each prompt length: median of `ttft_repeats` after a warm-up."""
+    """Time to first token (batch 1, a cold prompt) at each prompt length: median of `ttft_repeats` after a
+    warm-up."""
     engine = make_engine(model, 1, max(plan.ttft_prompts) + 1, None)
-    rows = [ttft_row(model, spec, plan, OURS, model.backend, n, partial(_stamped_run, engine))
-            for n in plan.ttft_prompts]
+    rows = [ttft_row(model, spec, plan, OURS, model.backend, n, _cold_run(engine)) for n in plan.ttft_prompts]
     del engine
     free_memory()
     return rows
