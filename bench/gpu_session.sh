@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call (under 10 minutes): the GPU test suite, then the benchmark report (end-to-end decode vs
+# One device call (under 10 minutes): the GPU test suite, then the serving engine's concurrency and prefix
+# bench (SERVE_S seconds, default 90, 0 skips it), then the benchmark report (end-to-end decode vs
 # the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
 # (SWEEP_S seconds, default 60, 0 skips it; SWEEP_KINDS, default attention,int4), then the pytest-benchmark
 # micro-benchmarks (MICRO_S seconds, default 60, 0 skips them; their JSON beside the report, for
@@ -34,6 +35,10 @@ nvidia-smi 2>&1 | head -20  # not kept: the device returns at most 8 files
 # run from tests/: `python -m pytest` puts the working directory on sys.path, and the root's kernels/ would
 # shadow the PyPI package `kernels` that transformers imports
 (cd tests && timeout -k 10 "$tests_s" "$py" -m pytest -q -rfE -m gpu .) 2>&1 | tee "$dest/gpu-tests.txt" | tail -40
+serve_s=${SERVE_S:-90}
+if [ "$serve_s" -gt 0 ]; then
+  timeout -k 10 "$serve_s" "$py" bench/engine_load.py --out "$dest/engine_load.json" 2>&1 | tail -3
+fi
 left=$((session_s - SECONDS))
 if [ "$left" -lt 90 ]; then left=90; fi
 echo "tests took ${SECONDS} s; report budget ${left} s"

@@ -186,3 +186,40 @@ def test_a_thousand_short_requests_leak_no_slot_and_no_memory(model):
     assert growth < 32 * 2 ** 20, f"RSS grew by {growth / 2 ** 20:.1f} MiB over 1000 requests"
     snap = engine.metrics.snapshot()
     assert snap["requests"] == 1100 and snap["finished"] == {"length": 1100} and snap["failed"] == 0
+
+
+@pytest.mark.gpu
+def test_a_thousand_requests_leak_no_device_memory(tmp_path, tiny_tokenizer):
+    """On CUDA (graphs on): after a warm-up, 1000 requests of mixed sampling values leave the device's
+    allocated memory where it was (the cache and the buffers are made once, each graph once)."""
+    import torch
+
+    from codellama_rt.tiny import write_random_checkpoint
+
+    args = cl.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=1000, rope_theta=1e6,
+                        max_seq_len=256)
+    model = cl.load(write_random_checkpoint(tmp_path / "m", args, tiny_tokenizer), device="cuda", max_batch_size=4)
+    engine = _engine(model, max_batch=4, max_queue=None)
+    assert engine.cuda_graphs
+    samplings = [dict(), dict(temperature=0.8, seed=1), dict(temperature=0.9, top_k=20, top_p=0.9, seed=2),
+                 dict(repetition_penalty=1.2)]
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def submit(n):
+        for i in range(n):
+            ids = model.tokenizer.encode(f"x{i} = {i}\n")
+            engine.submit(ids, SamplingParams(max_new_tokens=3, **samplings[i % 4]), {}, sink=done.put)
+
+    submit(100)  # warm up: the cache, the buffers, a graph per (batch, stages)
+    _wait_idle(engine, timeout=300)
+    torch.cuda.synchronize()
+    allocated, captures = torch.cuda.memory_allocated(), engine.captures
+    submit(1000)
+    _wait_idle(engine, timeout=600)
+    torch.cuda.synchronize()
+    growth, new_graphs = torch.cuda.memory_allocated() - allocated, engine.captures - captures
+    # a (batch, stages) the warm-up did not meet is captured once (its pool: well under 1 MiB at these shapes)
+    assert growth <= new_graphs * 2 ** 20, f"device memory grew by {growth} bytes ({new_graphs} new graphs)"
+    events = [done.get_nowait() for _ in range(done.qsize())]
+    assert sum(isinstance(e, Completion) for e in events) == 1100
+    assert not any(isinstance(e, Exception) for e in events)
