@@ -200,17 +200,19 @@ class Engine:
                 self._waiting.popleft()
                 self._fail(request, e)
                 continue
-            slot, reuse, source, copy = self._slots.choose(request.prompt)
-            if slot is None:
+            place = self._slots.choose(request.prompt)
+            if place is None:
                 return
             self._waiting.popleft()
-            if source is not None:
-                self._cache.data[:, :, slot, :, :copy].copy_(self._cache.data[:, :, source, :, :copy])
-                reuse = copy
+            slot, reuse, data = place.slot, place.reuse, self._cache.data  # [layers, k/v, slots, heads, S, D]
+            if place.save_to is not None:
+                n = len(self._slots.tokens[slot])
+                data[:, :, place.save_to, :, :n].copy_(data[:, :, slot, :, :n])
+            if place.source is not None:
+                data[:, :, slot, :, :reuse].copy_(data[:, :, place.source, :, :reuse])
+            self._slots.take(place, request, request.prompt)
             request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
             self._running[slot] = request
-            self._slots.owner[slot] = request
-            self._slots.record(slot, request.prompt[:reuse])
             self.metrics.add("prompt_tokens", len(request.prompt))
             self.metrics.add("prefix_reused_tokens", reuse)
 
