@@ -17,11 +17,6 @@ from .shapes import head_layouts
 from .rotary import check_rotary_to_cache, rotary_to_cache, rotary_to_cache_ref
 
 
-def _expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, H, S, D]; query head h reads kv head h // (H // Hkv)."""
-    return kv.repeat_interleave(n_heads // kv.shape[1], dim=1)
-
-
 def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor) -> torch.Tensor:
     """One query per sequence against its cached keys.
@@ -30,13 +25,16 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     sequence b attends to cache positions 0 .. lengths[b] - 1. fp32 math; returns [B, H, D].
     """
     B, H, D = q.shape
-    S = k_cache.shape[2]
-    k = _expand_kv(k_cache, H).float()
-    v = _expand_kv(v_cache, H).float()
-    scores = torch.matmul(k, q.float().unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(D))  # [B, H, S]
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    # query head h reads kv head h // G (G = H // Hkv): kv head g's G query heads in one matmul, no copy of
+    # the cache per query head
+    qg = q.float().reshape(B, Hkv, H // Hkv, D)
+    k, v = k_cache.float(), v_cache.float()  # (no copy for an fp32 cache)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, G, S]
     valid = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).unsqueeze(-2), v).squeeze(-2).to(q.dtype)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, G, D]
+    return out.reshape(B, H, D).to(q.dtype)
 
 
 # ---- Triton flash-decoding -------------------------------------------------------------------
