@@ -33,7 +33,7 @@ def _idle(model, timeout=30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         snap = model.engine.metrics.snapshot()
-        if snap["running"] == 0 and snap["waiting"] == 0 and model.engine._thread is None:
+        if snap["running"] == 0 and snap["waiting"] == 0 and not model.engine.driver.alive():
             return True
         time.sleep(0.01)
     return False

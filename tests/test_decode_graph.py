@@ -173,7 +173,7 @@ def test_step_buffers_are_static_across_steps_and_calls(checkpoint, monkeypatch)
         assert len(records) >= 11 + 19  # (more when a request joins the batch a step after the other)
         assert all(r == records[0] for r in records)
         assert records[0]["kv_cache"][1] == tuple(model.engine.cache.data.shape)
-        assert {id(s) for s in seen_steps} == {id(s) for s in model.engine._steps.values()
+        assert {id(s) for s in seen_steps} == {id(s) for s in model.engine.decode_steps().values()
                                                if s.stages.sampled == bool(sampling)}
         assert all(s.batch <= 2 for s in seen_steps)
 
@@ -215,19 +215,19 @@ def test_steps_reused_per_key_and_dropped_when_the_cache_grows(checkpoint):
     assert not eng.cuda_graphs and eng.captures == 0 and model.graph_pool_bytes() == 0
     token_ids(model, PROMPTS[:2], 8)
     cache = eng.cache
-    [(key, greedy2)] = eng._steps.items()
+    [(key, greedy2)] = eng.decode_steps().items()
     assert key == (2, Stages())
     token_ids(model, PROMPTS[2:4], 8)
-    assert list(eng._steps.values()) == [greedy2] and eng.cache is cache
+    assert list(eng.decode_steps().values()) == [greedy2] and eng.cache is cache
     a = token_ids(model, PROMPTS[:2], 8, temperature=0.5, seed=1)
-    sampled2 = eng._steps[(2, Stages(sampled=True))]
+    sampled2 = eng.decode_steps()[(2, Stages(sampled=True))]
     b = token_ids(model, PROMPTS[:2], 8, temperature=1.5, seed=2)  # other values, same stages: same step
-    assert eng._steps[(2, Stages(sampled=True))] is sampled2 and len(eng._steps) == 2 and a != b
+    assert eng.decode_steps()[(2, Stages(sampled=True))] is sampled2 and len(eng.decode_steps()) == 2 and a != b
     assert token_ids(model, PROMPTS[:2], 8, temperature=0.5, seed=1) == a
     token_ids(model, PROMPTS[:2], 400)  # needs a 512-token cache: the steps over the old one go
     assert eng.cache is not cache and eng.cache.max_seq_len == 512
-    assert list(eng._steps) == [(2, Stages())] and eng._steps[(2, Stages())] is not greedy2
-    assert eng._steps[(2, Stages())].cache is eng.cache
+    assert list(eng.decode_steps()) == [(2, Stages())] and eng.decode_steps()[(2, Stages())] is not greedy2
+    assert eng.decode_steps()[(2, Stages())].cache is eng.cache
     assert eng.captures == 0
 
 
@@ -349,7 +349,7 @@ def test_graphs_are_captured_once_per_key_and_replayed(gpu_checkpoint):
     eng = model.engine
     assert eng.cuda_graphs  # the default on CUDA
     first = token_ids(model, PROMPTS[:2], 40)
-    steps = dict(eng._steps)
+    steps = dict(eng.decode_steps())
     graphs = {k: s.graph for k, s in steps.items()}
     assert eng.captures == len(steps) >= 1 and all(g is not None for g in graphs.values())
     assert all(batch in (1, 2, 4) for batch, _ in steps)
@@ -357,12 +357,12 @@ def test_graphs_are_captured_once_per_key_and_replayed(gpu_checkpoint):
     a = token_ids(model, PROMPTS[:2], 40, temperature=0.8, seed=5)
     b = token_ids(model, PROMPTS[:2], 40, temperature=1.3, seed=6)  # other values: the same graphs
     assert token_ids(model, PROMPTS[:2], 40, temperature=0.8, seed=5) == a != b
-    assert eng.captures == len(eng._steps) <= 2 * 3  # batch sizes 1, 2, 4 x greedy or sampled
-    assert all(eng._steps[k] is s and s.graph is graphs[k] for k, s in steps.items())
+    assert eng.captures == len(eng.decode_steps()) <= 2 * 3  # batch sizes 1, 2, 4 x greedy or sampled
+    assert all(eng.decode_steps()[k] is s and s.graph is graphs[k] for k, s in steps.items())
     before = eng.captures
     token_ids(model, PROMPTS[:1], 1500)  # the cache grows: its steps are captured again
-    assert eng.cache.max_seq_len == 2048 and eng.captures == before + len(eng._steps)
-    assert all(s.cache is eng.cache for s in eng._steps.values())
+    assert eng.cache.max_seq_len == 2048 and eng.captures == before + len(eng.decode_steps())
+    assert all(s.cache is eng.cache for s in eng.decode_steps().values())
 
 
 @pytest.mark.gpu

@@ -384,7 +384,7 @@ def app_client(model):
     with TestClient(create_app(model, served_model_name=NAME), raise_server_exceptions=False) as c:
         yield c
     # the engine's loop thread idle again before the next test (or the interpreter's exit)
-    assert _wait_for(lambda: model.engine._thread is None, timeout=30)
+    assert _wait_for(lambda: not model.engine.driver.alive(), timeout=30)
 
 
 def test_unexpected_error_is_500_and_the_app_goes_on(app_client, model, monkeypatch):

@@ -45,9 +45,9 @@ def _collect(engine, ids, params, stops=None, timeout=120.0, **kw) -> Completion
 
 def _wait_idle(engine, timeout=60.0) -> None:
     deadline = time.monotonic() + timeout
-    while engine._thread is not None and time.monotonic() < deadline:
+    while engine.driver.alive() and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert engine._thread is None, "the engine loop did not go idle"
+    assert not engine.driver.alive(), "the engine loop did not go idle"
 
 
 def test_prefix_reuse_skips_the_shared_prefix_and_keeps_the_text(model):
@@ -125,7 +125,7 @@ def test_bad_submissions_raise_at_the_call(model):
         engine.submit([1] * (model.max_seq_len + 1), SamplingParams(), {}, sink=print)
     with pytest.raises(ValueError, match="logprobs"):
         engine.submit([1], SamplingParams(), {}, sink=print, logprobs=99)
-    assert engine._thread is None
+    assert not engine.driver.alive()
 
 
 def test_max_new_tokens_zero_completes_without_a_slot(model):
@@ -179,7 +179,7 @@ def test_a_thousand_short_requests_leak_no_slot_and_no_memory(model):
     assert len(completions) == 1100 and all(len(c.token_ids) == 2 for c in completions)
     del completions
     gc.collect()
-    assert not engine._running and not engine._waiting and not engine._incoming
+    assert not engine._running and not engine._waiting and not engine.driver.queued()
     assert all(owner is None for owner in engine._slots.owner)
     assert sum(r() is not None for r in refs) == 0, "requests are still referenced after they finished"
     growth = _rss_bytes() - rss

@@ -1,12 +1,15 @@
 """`codellama-rt serve`: the OpenAI-compatible HTTP server (runtime/server) on uvicorn.
 
 Prints one line on stderr once it accepts connections ("serving NAME on http://HOST:PORT"; with
-`--port 0` the port the system picked) and serves until interrupted.
+`--port 0` the port the system picked) and serves until interrupted (SIGINT or SIGTERM). uvicorn runs on
+a thread of its own; the engine's iterations run on the main thread, which loaded the model.
 """
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from ..errors import MissingExtraError
@@ -72,4 +75,26 @@ def run(a) -> None:
                 print(f"{PROG}: serving {name} on {url}", file=sys.stderr, flush=True)
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    Server(config).run(sockets=[sock])
+    server, stop = Server(config), threading.Event()
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stop.set()
+
+    def on_signal(signum, frame) -> None:
+        server.should_exit = True
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    http = threading.Thread(target=serve_http, name="codellama-rt-http", daemon=True)
+    http.start()
+    # HTTP on that thread, the model's work on this one, which loaded it (see engine/driver.py: on a CPU,
+    # a second thread's OpenMP team is several times slower per op)
+    model.engine.driver.run_forever(stop)
+    server.should_exit = True
+    http.join(timeout=30)
+    if not server.started:
+        raise RuntimeError(f"the HTTP server on {url} did not start (see the messages above)")

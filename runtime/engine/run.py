@@ -17,7 +17,9 @@ class Run:
     iteration ends. Nothing is submitted before the first piece is asked for; closing the iterator (or
     an error in any row) cancels the rows still running.
 
-    Each row samples with `params` as a call of its own would (same seed: same tokens).
+    Each row samples with `params` as a call of its own would (same seed: same tokens). The iterations
+    run on the iterating thread (while no other thread runs them): a Run left unconsumed advances only as
+    part of other callers' batches.
     """
 
     def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, stop_tokens: dict):
@@ -33,14 +35,14 @@ class Run:
 
     def _pieces(self) -> Iterator[tuple[int, str]]:
         events: queue.SimpleQueue = queue.SimpleQueue()
-        requests = []
+        requests, remaining = [], 0
         try:
             requests = self.engine.submit_many(
-                self.prompts, self.params, self.stop_tokens,
+                self.prompts, self.params, self.stop_tokens, background=False,
                 sinks=[lambda event, row=row: events.put((row, event)) for row in range(len(self.prompts))])
             remaining = len(requests)
             while remaining:
-                row, event = events.get()
+                row, event = self.engine.next_event(events)
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, Delta):
@@ -52,3 +54,5 @@ class Run:
         finally:
             for request in requests:
                 self.engine.cancel(request)
+            if remaining:  # left early: free their slots now unless another thread is driving anyway
+                self.engine.driver.drive(block=False)

@@ -1,17 +1,19 @@
 """The serving engine: requests join and leave a running decode batch at any step (continuous batching).
 
-One loop thread per engine, alive while there is work, owns the model, the KV cache and the decode
-steps. Each iteration: drop cancelled requests (their slot is free for the next step), admit waiting
-requests into free slots (reusing cached K/V of a shared prompt prefix), prefill up to `prefill_chunk`
-prompt tokens, then run one decode step over every decoding slot and hand each request its token.
+Each scheduler iteration drops cancelled requests (their slot is free for the next step), admits waiting
+requests into free slots (reusing cached K/V of a shared prompt prefix), prefills up to `prefill_chunk`
+prompt tokens, then runs one decode step over every decoding slot and hands each request its token.
 Callers on any thread `submit` requests and receive events through their `sink`.
+
+Who runs the iterations: `driver.py`.
 """
 from __future__ import annotations
 
+import queue
 import secrets
-import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -21,27 +23,24 @@ from ..model.kv_cache import KVCache
 from ..model.transformer import Prefill, Transformer
 from ..tokenizer.detokenize import TextStream
 from ..tokenizer.tokenizer import Tokenizer
-from .decode_graph import NONFINITE, DecodeBuffers, DecodeStep
+from .decode_graph import NONFINITE
+from .decode_state import MIN_CACHE, DecodeState
+from .driver import Driver
 from .events import Completion, TokenLogprob
 from .metrics import EngineMetrics
 from .request import DECODE, PREFILL, Request
 from .run import Run
 from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
-from .sampling import MAX_DECODE_STEPS, SamplingParams
+from .sampling import SamplingParams
 from .slots import SlotTable
 
-MIN_CACHE = 256  # tokens per slot of the first KV cache; it grows by powers of two up to max_seq_len
 
 
 class Engine:
-    """Owns the model, the tokenizer, a KV cache of `max_batch` slots and the decode steps.
-
-    The cache is allocated on first use with room for what the requests need (a power of two, at least
-    MIN_CACHE tokens, at most max_seq_len) and grown (contents copied) when a later request needs more.
-    Decode steps are kept per (batch size, sampling stages) (at most MAX_DECODE_STEPS, least recently used
-    dropped first); with `cuda_graphs` (default: on for a CUDA model) each is captured once and replayed,
-    at batch sizes 1, 2, 4, ... and max_batch (idle rows padded). `max_queue` bounds the requests waiting
-    for a slot (None: unbounded); past it `submit` raises ModelBusyError.
+    """Owns the model, the tokenizer, the requests and their slots, and the device state (`DecodeState`:
+    a KV cache of `max_batch` slots grown on demand, the decode steps, captured into CUDA graphs with
+    `cuda_graphs`, default: on for a CUDA model). `max_queue` bounds the requests waiting for a slot
+    (None: unbounded); past it `submit` raises ModelBusyError.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
@@ -58,18 +57,13 @@ class Engine:
         V = model.args.vocab_size
         self.vocab_limit = min(getattr(tokenizer, "vocab_size", V) or V, V)  # ids generation may emit
         self.metrics = EngineMetrics(max_batch)
-        self.captures = 0  # CUDA graphs captured so far
-        self._lock = threading.Lock()  # guards _incoming and _thread
-        self._incoming: deque = deque()
-        self._thread: Optional[threading.Thread] = None
-        # owned by the loop thread:
+        self.driver = Driver(self._iterate_once, self.idle, "codellama-rt-engine")
+        # owned by the driving thread:
         self._waiting: deque = deque()
         self._running: dict = {}  # slot -> Request (prefilling or decoding)
-        self._cache: Optional[KVCache] = None
         self._slots: Optional[SlotTable] = None
-        self._buffers: Optional[DecodeBuffers] = None
-        self._steps: OrderedDict = OrderedDict()  # (batch, stages) -> DecodeStep, LRU order
-        self._pool = None
+        self._state = DecodeState(model, max_batch=max_batch, max_seq_len=max_seq_len, graphed=self.cuda_graphs,
+                                  vocab_limit=self.vocab_limit)
 
     # ---- callers' side (any thread) ---------------------------------------------------------
 
@@ -87,16 +81,20 @@ class Engine:
         return ids
 
     def submit(self, ids, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0,
-               sink: Callable) -> Request:
-        """Queue one request; `sink(event)` is called (on the engine's thread) with Delta events, then the
+               sink: Callable, background: bool = True) -> Request:
+        """Queue one request; `sink(event)` is called (on the driving thread) with Delta events, then the
         Completion, or with the exception that ended the request. Raises ValueError for a bad prompt or
-        `logprobs`, ModelBusyError when `max_queue` requests are already waiting."""
-        return self.submit_many([ids], params, stop_tokens, logprobs=logprobs, sinks=[sink])[0]
+        `logprobs`, ModelBusyError when `max_queue` requests are already waiting.
+
+        background: a loop thread runs the request unless a thread is in `run_forever`; False: the caller
+        drives it by waiting for its events in `next_event`."""
+        return self.submit_many([ids], params, stop_tokens, logprobs=logprobs, sinks=[sink],
+                                background=background)[0]
 
     def submit_many(self, prompts: list, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0,
-                    sinks: list) -> list[Request]:
+                    sinks: list, background: bool = True) -> list[Request]:
         """Queue one request per prompt (`sinks[i]` receives prompt i's events, as in `submit`), all at once:
-        the loop admits them in the same iteration when slots allow. Every prompt is checked first, and a
+        they are admitted in the same iteration when slots allow. Every prompt is checked first, and a
         queue without room for all of them takes none (ModelBusyError)."""
         checked = [self.check_prompt(ids) for ids in prompts]
         if not isinstance(params, SamplingParams):
@@ -108,17 +106,14 @@ class Engine:
                             budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
                             sink=sink, stream=TextStream(self.tok, params.stop))
                     for prompt, sink in zip(checked, sinks, strict=True)]
-        with self._lock:
-            queued = len(self._incoming) + len(self._waiting)
-            if self.max_queue is not None and queued + len(requests) > self.max_queue:
+        def check(queued: int) -> None:
+            if self.max_queue is not None and queued + len(self._waiting) + len(requests) > self.max_queue:
                 self.metrics.add("rejected", len(requests))
                 raise ModelBusyError(f"the request queue is full ({self.max_queue} requests waiting for a "
                                      f"slot of {self.max_batch}); retry later")
-            self._incoming.extend(requests)
-            self.metrics.add("requests", len(requests))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="codellama-rt-engine", daemon=True)
-                self._thread.start()
+
+        self.driver.enqueue(requests, background=background, check=check)
+        self.metrics.add("requests", len(requests))
         return requests
 
     def cancel(self, request: Request) -> None:
@@ -135,43 +130,52 @@ class Engine:
         return self.model(tokens.to(self.model.device), Prefill(0), None)
 
     def graph_pool_bytes(self) -> int:
-        """Device memory held by the captured decode graphs (their shared pool's segments); 0 without."""
-        if self._pool is None or not any(s.graph is not None for s in list(self._steps.values())):
-            return 0
-        pool = tuple(self._pool)
-        device = self.model.device.index if self.model.device.index is not None else torch.cuda.current_device()
-        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-                   if tuple(seg.get("segment_pool_id", ())) == pool and seg.get("device", device) == device)
+        """Device memory held by the captured decode graphs; 0 without."""
+        return self._state.graph_pool_bytes()
 
     @property
     def cache(self) -> Optional[KVCache]:
-        return self._cache
+        return self._state.cache
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far."""
+        return self._state.captures
 
     def steps(self) -> list:
         """The (batch, stages) keys of the decode steps kept now."""
-        return list(self._steps)
+        return list(self._state.steps)
 
-    # ---- the loop thread --------------------------------------------------------------------
+    def decode_steps(self) -> dict:
+        """(batch, stages) -> the DecodeStep kept for it (a copy of the mapping, least recently used first)."""
+        return dict(self._state.steps)
 
-    def _loop(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.set_device(self.model.device)
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                    if not self._waiting and not self._running:
-                        self._thread = None
-                        self.metrics.set_gauges(waiting=0, running=0)
-                        return
-                try:
-                    self._iterate()
-                except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
-                    for request in list(self._running.values()):
-                        self._fail(request, e)
-                self.metrics.set_gauges(waiting=len(self._waiting) + len(self._incoming),
-                                        running=len(self._running))
+    def next_event(self, events: queue.SimpleQueue):
+        """The next event on `events` (the queue this engine's sinks put to), driving the engine on the
+        calling thread while no other thread does (`Driver.next_event`)."""
+        return self.driver.next_event(events)
+
+    def idle(self) -> bool:
+        """No request is running or waiting for a slot (submissions not yet taken aside)."""
+        return not self._waiting and not self._running
+
+    # ---- the driving thread ----------------------------------------------------------------
+
+    def _iterate_once(self, new: list) -> bool:
+        """One iteration with the requests submitted since the last (the driver's); False: nothing to do."""
+        self._waiting.extend(new)
+        if self.idle():
+            self.metrics.set_gauges(waiting=0, running=0)
+            return False
+        on_device = torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), on_device:
+            try:
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
+                for request in list(self._running.values()):
+                    self._fail(request, e)
+        self.metrics.set_gauges(waiting=len(self._waiting) + self.driver.queued(), running=len(self._running))
+        return True
 
     def _iterate(self) -> None:
         self._drop_cancelled()
@@ -204,7 +208,7 @@ class Engine:
             if place is None:
                 return
             self._waiting.popleft()
-            slot, reuse, data = place.slot, place.reuse, self._cache.data  # [layers, k/v, slots, heads, S, D]
+            slot, reuse, data = place.slot, place.reuse, self._state.cache.data  # [layers, k/v, slots, heads, S, D]
             if place.save_to is not None:
                 n = len(self._slots.tokens[slot])
                 data[:, :, place.save_to, :, :n].copy_(data[:, :, slot, :, :n])
@@ -227,7 +231,7 @@ class Engine:
             chunk = request.prompt[start:start + budget]
             n = len(chunk)
             tokens = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
-            logits = self.model(tokens, Prefill(start, slot=request.slot), self._cache,
+            logits = self.model(tokens, Prefill(start, slot=request.slot), self._state.cache,
                                 last_index=torch.tensor([n - 1], device=self.model.device))
             request.computed += n
             budget -= n
@@ -238,12 +242,12 @@ class Engine:
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits [1, V]; the row decodes from the next step."""
-        s, buf = request.slot, self._buffers
+        s, buf = request.slot, self._state.buffers
         buf.sampling.set_row(s, request.params, _as_int64(request.seed), request.prompt)
         stages = Stages.of([request.params], [request.logprobs], self.model.args.vocab_size)
         out = sample_rows(logits, stages, buf.sampling.rows(s, s + 1), self.vocab_limit)
         token = int(out.tokens[0])
-        buf.start_row(s, token, min(len(request.prompt), self._cache.max_seq_len - 1))
+        buf.start_row(s, token, min(len(request.prompt), self._state.cache.max_seq_len - 1))
         request.state = DECODE
         lp = None
         if request.logprobs:
@@ -253,12 +257,12 @@ class Engine:
 
     def _decode(self) -> None:
         decoding = [s for s, r in self._running.items() if r.state == DECODE]
-        batch = self._batch_size(max(decoding) + 1)
+        batch = self._state.batch_size(max(decoding) + 1)
         rows = [self._running[s] for s in decoding if s < batch]
         stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
-        self._step(batch, stages)()
+        self._state.step(batch, stages)()
         self.metrics.add("decode_steps")
-        buf = self._buffers
+        buf = self._state.buffers
         tokens = buf.sampled[:batch].tolist()  # the one host sync per step
         if stages.logprobs:
             lps, ids = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist()
@@ -321,49 +325,14 @@ class Engine:
             self._slots.record(s, request.fed())
         else:
             self._slots.forget(s)
-        self._buffers.idle_row(s, self._cache.max_seq_len - 1)
+        self._state.buffers.idle_row(s, self._state.cache.max_seq_len - 1)
 
     def _ensure_cache(self, need: int) -> None:
-        size = min(self.max_seq_len, max(MIN_CACHE, 1 << (max(need, 1) - 1).bit_length()))
-        old = self._cache
-        if old is not None and old.max_seq_len >= size:
-            return
-        self._steps.clear()  # their graphs point into the old cache
-        self._pool = None
-        args, device = self.model.args, self.model.device
-        cache = KVCache(args, self.max_batch, size, self.model.dtype, device)
-        if old is not None:  # running requests and cached prefixes carry over
-            cache.data[..., :old.max_seq_len, :].copy_(old.data)
-        self._cache = cache
-        del old
-        if self._slots is None:
-            self._slots = SlotTable(self.max_batch, size - 1)
-            self._buffers = DecodeBuffers(self.max_batch, args.vocab_size, device, size - 1)
-        self._slots.limit = size - 1
-        for s in range(self.max_batch):
-            if s not in self._running or self._running[s].state != DECODE:
-                self._buffers.positions[s] = size - 1
-
-    def _batch_size(self, n: int) -> int:
-        """Rows a step over slots 0..n-1 runs: n eagerly; with graphs the next power of two (or max_batch)."""
-        if not self.cuda_graphs:
-            return n
-        return min(1 << (n - 1).bit_length(), self.max_batch)
-
-    def _step(self, batch: int, stages: Stages) -> DecodeStep:
-        key = (batch, stages)
-        step = self._steps.get(key)
-        if step is None:
-            while len(self._steps) >= MAX_DECODE_STEPS:
-                self._steps.popitem(last=False)
-            if self.cuda_graphs and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            step = DecodeStep(self.model, self._cache, self._buffers, batch, stages, graphed=self.cuda_graphs,
-                              pool=self._pool, vocab_limit=self.vocab_limit)
-            self.captures += self.cuda_graphs
-            self._steps[key] = step
-        self._steps.move_to_end(key)
-        return step
+        decoding = {s for s, r in self._running.items() if r.state == DECODE}
+        if self._state.ensure(need, decoding):
+            if self._slots is None:
+                self._slots = SlotTable(self.max_batch, 0)
+            self._slots.limit = self._state.cache.max_seq_len - 1
 
 
 def _tell(request: Request, error: BaseException) -> None:

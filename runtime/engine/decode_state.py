@@ -1,0 +1,86 @@
+"""An engine's device state: the KV cache (grown on demand), the decode buffers and the decode steps kept
+per (batch size, sampling stages), captured into CUDA graphs when asked."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from ..model.kv_cache import KVCache
+from ..model.transformer import Transformer
+from .decode_graph import DecodeBuffers, DecodeStep
+from .row_sampling import Stages
+from .sampling import MAX_DECODE_STEPS
+
+MIN_CACHE = 256  # tokens per slot of the first KV cache; it grows by powers of two up to max_seq_len
+
+
+class DecodeState:
+    """The cache (`max_batch` slots, allocated on first use with room for what is asked: a power of two, at
+    least MIN_CACHE tokens, at most max_seq_len; grown with its contents copied), the buffers of its rows
+    and the steps over them (at most MAX_DECODE_STEPS, least recently used dropped first). With `graphed`
+    each step is captured once and replayed, at batch sizes 1, 2, 4, ... and max_batch (idle rows padded).
+    """
+
+    def __init__(self, model: Transformer, *, max_batch: int, max_seq_len: int, graphed: bool, vocab_limit: int):
+        self.model, self.max_batch, self.max_seq_len = model, max_batch, max_seq_len
+        self.graphed, self.vocab_limit = graphed, vocab_limit
+        self.cache: Optional[KVCache] = None
+        self.buffers: Optional[DecodeBuffers] = None
+        self.steps: OrderedDict = OrderedDict()  # (batch, stages) -> DecodeStep, LRU order
+        self.captures = 0  # CUDA graphs captured so far
+        self._pool = None
+
+    def ensure(self, need: int, decoding: set) -> bool:
+        """A cache of at least `need` tokens per slot (capped at max_seq_len); True when one was made. Rows
+        not in `decoding` (slot numbers) are parked at the new cache's last position."""
+        size = min(self.max_seq_len, max(MIN_CACHE, 1 << (max(need, 1) - 1).bit_length()))
+        old = self.cache
+        if old is not None and old.max_seq_len >= size:
+            return False
+        self.steps.clear()  # their graphs point into the old cache
+        self._pool = None
+        args, device = self.model.args, self.model.device
+        cache = KVCache(args, self.max_batch, size, self.model.dtype, device)
+        if old is not None:  # running requests and cached prefixes carry over
+            cache.data[..., :old.max_seq_len, :].copy_(old.data)
+        self.cache = cache
+        del old
+        if self.buffers is None:
+            self.buffers = DecodeBuffers(self.max_batch, args.vocab_size, device, size - 1)
+        for s in range(self.max_batch):
+            if s not in decoding:
+                self.buffers.positions[s] = size - 1
+        return True
+
+    def batch_size(self, n: int) -> int:
+        """Rows a step over slots 0..n-1 runs: n eagerly; with graphs the next power of two (or max_batch)."""
+        if not self.graphed:
+            return n
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
+    def step(self, batch: int, stages: Stages) -> DecodeStep:
+        """The step over rows 0..batch-1 running `stages` (made, and captured, on first use)."""
+        key = (batch, stages)
+        step = self.steps.get(key)
+        if step is None:
+            while len(self.steps) >= MAX_DECODE_STEPS:
+                self.steps.popitem(last=False)
+            if self.graphed and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            step = DecodeStep(self.model, self.cache, self.buffers, batch, stages, graphed=self.graphed,
+                              pool=self._pool, vocab_limit=self.vocab_limit)
+            self.captures += self.graphed
+            self.steps[key] = step
+        self.steps.move_to_end(key)
+        return step
+
+    def graph_pool_bytes(self) -> int:
+        """Device memory held by the captured decode graphs (their shared pool's segments); 0 without."""
+        if self._pool is None or not any(s.graph is not None for s in list(self.steps.values())):
+            return 0
+        pool = tuple(self._pool)
+        device = self.model.device.index if self.model.device.index is not None else torch.cuda.current_device()
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool and seg.get("device", device) == device)
