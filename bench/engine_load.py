@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import queue
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +35,6 @@ from codellama_rt.bench.common import environment, loadavg
 from codellama_rt.engine.events import Completion
 from codellama_rt.engine.sampling import SamplingParams
 
-REQUEST_TIMEOUT = 600.0  # seconds one request may take before the run is abandoned
 TAIL = 8  # tokens after the shared prefix in the prefix scenario
 
 
@@ -64,25 +63,19 @@ def run_all(engine, prompts: list, max_tokens: int) -> list:
 
 
 def first_token_seconds(engine, prompt: list) -> float:
-    """Seconds from submitting `prompt` (greedy, one new token) to its first event on the engine's thread."""
-    done, first, failure = threading.Event(), [], []
-
-    def sink(event):
-        if not first:
-            first.append(time.perf_counter())
-        if isinstance(event, BaseException):
-            failure.append(event)
-        if isinstance(event, (Completion, BaseException)):
-            done.set()
-
+    """Seconds from submitting `prompt` (greedy, one new token) to its first event, driven on this thread
+    (as the library does)."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
     t0 = time.perf_counter()
-    request = engine.submit(prompt, SamplingParams(max_new_tokens=1), {}, sink=sink)
-    if not done.wait(REQUEST_TIMEOUT):
-        engine.cancel(request)
-        raise RuntimeError(f"a request did not finish within {REQUEST_TIMEOUT:.0f} s")
-    if failure:
-        raise failure[0]
-    return first[0] - t0
+    engine.submit(prompt, SamplingParams(max_new_tokens=1), {}, sink=events.put, background=False)
+    first = None
+    while True:
+        event = engine.next_event(events)
+        first = first or time.perf_counter()
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, Completion):
+            return first - t0
 
 
 def prompts_of(vocab: int, n: int, length: int, seed: int) -> list:

@@ -116,3 +116,33 @@ def test_background_and_caller_driven_requests_mixed_all_finish(model):
     background = _completion(events)
     assert len(background.token_ids) == 120 or background.finish_reason == "eos"
     assert background.text == model.generate(PROMPT, max_new_tokens=120).text
+
+
+def test_an_interrupt_while_driving_ends_the_running_requests_and_leaves_the_engine_usable(model, monkeypatch):
+    """A KeyboardInterrupt on the driving caller's thread mid-step (its state half-updated) fails every running
+    request with it, frees their slots, and reaches the caller; the next generation is right."""
+    engine = _engine(model)
+    tok = model.tokenizer
+    other: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(tok.encode("import os\n"), SamplingParams(max_new_tokens=50), {}, sink=other.put,
+                  background=False)
+    calls = []
+    decode = Engine._decode
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return decode(self)
+
+    monkeypatch.setattr(Engine, "_decode", interrupted)
+    run = engine.run([tok.encode(PROMPT)], SamplingParams(max_new_tokens=20), {})
+    with pytest.raises(KeyboardInterrupt):
+        for _ in run:
+            pass
+    events = [other.get_nowait() for _ in range(other.qsize())]
+    assert isinstance(events[-1], KeyboardInterrupt)
+    assert engine.idle() and all(owner is None for owner in engine._slots.owner)
+    monkeypatch.undo()
+    run = engine.run([tok.encode(PROMPT)], SamplingParams(max_new_tokens=8), {})
+    assert "".join(piece for _, piece in run) == model.generate(PROMPT, max_new_tokens=8).text

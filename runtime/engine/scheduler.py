@@ -171,9 +171,11 @@ class Engine:
         with torch.inference_mode(), on_device:
             try:
                 self._iterate()
-            except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
-                for request in list(self._running.values()):
+            except BaseException as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
+                for request in list(self._running.values()):  # (their state is mid-step: none can go on)
                     self._fail(request, e)
+                if not isinstance(e, Exception):  # KeyboardInterrupt on a driving caller's thread
+                    raise
         self.metrics.set_gauges(waiting=len(self._waiting) + self.driver.queued(), running=len(self._running))
         return True
 
