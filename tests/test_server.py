@@ -317,6 +317,31 @@ def test_metrics_count_prefix_reuse(http, client):
     assert after["codellama_rt_generated_tokens_total"] - before["codellama_rt_generated_tokens_total"] == 8
 
 
+def test_usage_reports_cached_prompt_tokens_once_per_prompt(http, client, model):
+    """A prompt sharing a long prefix with the one before reports the reused tokens in
+    usage.prompt_tokens_details.cached_tokens, streamed or not, counted once however many choices (n)."""
+    shared = "def load_settings(path):\n    with open(path) as f:\n        data = json.load(f)\n"
+    client.completions.create(model=NAME, prompt=shared + "    return data", max_tokens=2, temperature=0)
+    r = client.completions.create(model=NAME, prompt=shared + "    if not data:", max_tokens=2, temperature=0)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert 20 < cached < r.usage.prompt_tokens
+    r = client.completions.create(model=NAME, prompt=shared + "    for key in", max_tokens=2, temperature=0.8,
+                                  n=3, seed=1)
+    assert 20 < r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    body = {"model": NAME, "prompt": shared + "    keys = ", "max_tokens": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        [final] = [e for e in sse_events(resp) if isinstance(e, dict) and e.get("usage")]
+    assert 20 < final["usage"]["prompt_tokens_details"]["cached_tokens"] < final["usage"]["prompt_tokens"]
+    chat = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    client.chat.completions.create(model=NAME, messages=chat, max_tokens=2, temperature=0)
+    body = {"model": NAME, "messages": chat, "max_tokens": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        [final] = [e for e in sse_events(resp) if isinstance(e, dict) and e.get("usage")]
+    assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == final["usage"]["prompt_tokens"] - 1
+
+
 def _wait_for(predicate, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

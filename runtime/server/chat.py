@@ -90,7 +90,7 @@ class _Renderer:
     def __init__(self, tok, head: dict, n: int, k, prompt_tokens: int, include_usage: bool):
         self.tok, self.head, self.n, self.k = tok, {**head, "object": "chat.completion.chunk"}, n, k
         self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
-        self.started, self.finished, self.generated = set(), 0, 0
+        self.started, self.finished, self.generated, self.cached = set(), 0, 0, 0
 
     def chunk(self, i: int, delta: dict, logprobs=None, reason=None) -> dict:
         return {**self.head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
@@ -104,9 +104,11 @@ class _Renderer:
         if isinstance(event, Completion):
             self.finished += 1
             self.generated += len(event.token_ids)
+            self.cached += event.cached_tokens if i == 0 else 0  # the one prompt's cache hit
             out.append(self.chunk(i, {}, None, finish_reason(event.finish_reason)))
             if self.finished == self.n and self.include_usage:
-                out.append({**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.generated)})
+                out.append({**self.head, "choices": [],
+                            "usage": usage(self.prompt_tokens, self.generated, self.cached)})
             return out
         if not event.text and not event.token_ids:
             return out

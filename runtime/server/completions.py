@@ -93,7 +93,7 @@ async def create(body: dict, server):
     if stream:
         include_usage = wants_usage(body)
         render = _Renderer(tok, head, [prompt_info[i // n][1] for i in range(len(jobs))], k, prompt_tokens,
-                           include_usage)
+                           include_usage, n)
         return StreamingResponse(sse_body(streams, render), media_type="text/event-stream")
     done = await completions(streams)
     choices = []
@@ -106,18 +106,19 @@ async def create(body: dict, server):
         choices.append({"index": i, "text": echoed + c.text, "logprobs": lps,
                         "finish_reason": finish_reason(c.finish_reason)})
     return {**head, "choices": choices,
-            "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in done), sum(c.cached_tokens for c in done))}
+            "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in done),
+                           sum(c.cached_tokens for c in done[::n]))}  # a prompt's cache hit counted once
 
 
 class _Renderer:
     """Chunks of a streamed completion: the echoed prompt first (when asked), a chunk per text delta,
     one with the finish reason per choice, then the usage (with `stream_options.include_usage`)."""
 
-    def __init__(self, tok, head: dict, echoed: list, k, prompt_tokens: int, include_usage: bool):
-        self.tok, self.head, self.echoed, self.k = tok, head, echoed, k
+    def __init__(self, tok, head: dict, echoed: list, k, prompt_tokens: int, include_usage: bool, n: int):
+        self.tok, self.head, self.echoed, self.k, self.n = tok, head, echoed, k, n
         self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
         self.offset = [len(e) for e in echoed]  # characters sent so far per choice
-        self.started, self.finished, self.generated = set(), 0, 0
+        self.started, self.finished, self.generated, self.cached = set(), 0, 0, 0
 
     def chunk(self, i: int, text: str, logprobs=None, reason=None) -> dict:
         return {**self.head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
@@ -132,9 +133,11 @@ class _Renderer:
         if isinstance(event, Completion):
             self.finished += 1
             self.generated += len(event.token_ids)
+            self.cached += event.cached_tokens if i % self.n == 0 else 0
             out.append(self.chunk(i, "", None, finish_reason(event.finish_reason)))
             if self.finished == len(self.echoed) and self.include_usage:
-                out.append({**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.generated)})
+                out.append({**self.head, "choices": [],
+                            "usage": usage(self.prompt_tokens, self.generated, self.cached)})
             return out
         if not event.text and not event.token_ids:
             return out
