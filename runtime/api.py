@@ -9,6 +9,7 @@ import torch
 from .model.backends import resolve_backend
 from .checkpoint.loader import check_shapes, checkpoint_quantization, fill_vocab_size, load_weights
 from .checkpoint.sources import detect_layout, open_source, read_args, resolve_path
+from .distributed.tensor_parallel import TensorParallel
 from .model.config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
 from .engine.generate import Completion, Engine, Run
@@ -101,7 +102,8 @@ def default_model_path() -> Path:
 
 def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None,
-         cuda_graphs: Optional[bool] = None, kernel_options=None) -> "Model":
+         cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
+         dist_init: Optional[str] = None) -> "Model":
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
@@ -116,19 +118,30 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     its fields (experiments, pdl); None: `KernelOptions()` (no experiments, PDL on; the environment is
     not read). Calls from any thread share the model: up to `max_batch_size` requests decode together
     (continuous batching), the rest wait for a slot (see `Model`).
+
+    `tensor_parallel=True`: this process is one rank of a torch.distributed group (started by torchrun,
+    or from `dist_init`, e.g. "file:///shared/path", with RANK and WORLD_SIZE set) and holds its slice of
+    every block (`codellama_rt.distributed`); every rank must load the same checkpoint and make the same
+    calls, in the same order, and gets the same text. CUDA graphs stay off unless asked for.
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
-                      cuda_graphs=cuda_graphs, kernel_options=kernel_options)
+                      cuda_graphs=cuda_graphs, kernel_options=kernel_options, tensor_parallel=tensor_parallel,
+                      dist_init=dist_init)
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
                group_size: Optional[int] = None, quantize_head: bool = False, max_seq_len: Optional[int] = None,
                max_batch_size: int = 1, progress: Optional[bool] = None,
-               cuda_graphs: Optional[bool] = None, kernel_options=None) -> "Model":
+               cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
+               dist_init: Optional[str] = None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
     `quantize_head` (the lm_head too)."""
     device = parse_device(device)
+    tp = TensorParallel.join(device, init_method=dist_init) if tensor_parallel else None
+    if tp is not None:
+        device, cuda_graphs = tp.device, bool(cuda_graphs)  # graphs with NCCL inside: not measured yet
+        progress = progress if tp.rank == 0 else False
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs={cuda_graphs!r} is invalid: expected True, False or None (auto)")
     if cuda_graphs and device.type != "cuda":
@@ -157,13 +170,22 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if quantize is not None and quantization is not None and quantize != quantization.method:
         raise ValueError(f"quantize={quantize!r}, but {directory} is already quantized as "
                          f"{quantization.describe()}")
-    group_size = resolve_group_size(group_size, quantize, args)
+    local = args if tp is None else tp.local_args(args)
+    group_size = resolve_group_size(group_size, quantize, local)  # (a rank's widths must split into groups)
     quantized = quantize is not None or quantization is not None
-    model = _transformer(args, ops, dtype, device, seq_len, quantized)
+    if tp is not None:
+        tp.check_same("checkpoint and options", (directory.name, args.to_dict(), str(dtype), quantize, group_size,
+                                                  seq_len, max_batch_size))
+        tp.local_args(args, group_size if quantize == "int4" else None)
+    model = _transformer(local, ops, dtype, device, seq_len, quantized)
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
-                 quantize_head=quantize_head, progress=progress)
-    engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs)
-    return Model(args, model, tokenizer, engine, path=directory)
+                 quantize_head=quantize_head, progress=progress, args=args,
+                 shard=None if tp is None else (tp.rank, tp.world))
+    if tp is not None:
+        tp.attach(model)
+    engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
+                    seed_source=None if tp is None else tp.seed_source())
+    return Model(args, model, tokenizer, engine, path=directory, tensor_parallel=tp)
 
 
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,
@@ -264,8 +286,10 @@ class Model:
     is a request of the serving engine, decoded in one batch with up to `max_batch_size - 1` others and
     waiting for a free slot beyond that; each gets exactly the tokens it would get alone."""
 
-    def __init__(self, args: ModelArgs, module: Transformer, tokenizer: Tokenizer, engine: Engine, path=None):
+    def __init__(self, args: ModelArgs, module: Transformer, tokenizer: Tokenizer, engine: Engine, path=None,
+                 tensor_parallel=None):
         self.args, self.module, self.tokenizer, self.engine, self.path = args, module, tokenizer, engine, path
+        self.tensor_parallel = tensor_parallel  # a TensorParallel (this rank's place), or None
 
     @property
     def backend(self) -> str:

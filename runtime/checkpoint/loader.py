@@ -6,6 +6,7 @@ naming the file and tensor.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -72,15 +73,23 @@ def checkpoint_quantization(directory: Path, layout: str) -> Optional[Quantizati
 
 def load_weights(model: Transformer, source, layout: str, *, quantization: Optional[Quantization] = None,
                  quantize: Optional[str] = None, group_size: int = 128, quantize_head: bool = False,
-                 progress: Optional[bool] = None) -> None:
+                 progress: Optional[bool] = None, args: Optional[ModelArgs] = None,
+                 shard: Optional[tuple[int, int]] = None) -> None:
     """Fill every parameter of `model` from `source`, converting dtype and device once per tensor.
 
     quantization: the checkpoint's own (its quantized projections become QuantLinear modules as stored).
     quantize: "nf4" | "int4" quantizes every dense projection of the blocks (and the lm_head with
     `quantize_head`) right after reading it, so the dense model never exists whole; the blocks'
     projections may then be allocated on the meta device (see `Transformer(linear_device=...)`).
+    shard: (rank, world) of tensor parallelism: `model` is that rank's (its args the rank's slice of the
+    heads and FFN columns), `args` the whole model's; each split tensor is read one at a time and only the
+    rank's slice kept (Meta's shards, one per rank: only that rank's file is read for them).
     """
-    plan = hf_plan(model.args) if layout == "hf" else meta_plan(model.args)
+    args = args or model.args
+    if shard is not None and quantization is not None:
+        raise CheckpointError(f"tensor parallelism over a quantized checkpoint ({quantization.describe()}) is not "
+                              "supported yet: load the dense checkpoint with quantize=...", file=source.directory)
+    plan = hf_plan(args) if layout == "hf" else meta_plan(args)
     params = dict(model.named_parameters(remove_duplicate=False))
     linears = {name for name, m in model.named_modules() if isinstance(m, Linear)}
     bar = Progress(source.total_bytes(), f"loading {source.directory.name}", enabled=progress)
@@ -102,7 +111,7 @@ def load_weights(model: Transformer, source, layout: str, *, quantization: Optio
             if lin.weight.is_meta:
                 lin.weight = nn.Parameter(torch.empty(shape, dtype=model.dtype, device=model.device),
                                           requires_grad=False)
-            _read_dense(source, parts, lin.weight, consumed, bar)
+            _read_dense(source, parts, lin.weight, consumed, bar, shard)
             if quantize is not None and (module != "output" or quantize_head):
                 _quantize(model, quantize, group_size, quantize_head, [module], source, parts)
         if tensors is not None and quantization.quantize_head and "output.weight" not in plan:
@@ -131,14 +140,15 @@ def load_weights(model: Transformer, source, layout: str, *, quantization: Optio
                                       tensor=f"{name}.{buf_name}")
 
 
-def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar) -> None:
+def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar, shard=None) -> None:
+    """Copy `parts` (each whole, or the rank's slice of it under `shard`) into `dest`, stacked along dim 0."""
     offset = 0
     for part in parts:
-        t = source.read(part)
-        dest[offset:offset + part.shape[0]].copy_(t)
-        offset += part.shape[0]
+        t = source.read(part) if shard is None or part.tp_dim is None else source.read_shard(part, *shard)
+        dest[offset:offset + t.shape[0]].copy_(t)
+        offset += t.shape[0]
         consumed.add(part.name)
-        bar.update(t.numel() * t.element_size())
+        bar.update(math.prod(part.shape) * t.element_size())
 
 
 def _quantize(model, method, group_size, quantize_head, only, source, parts) -> None:

@@ -124,6 +124,10 @@ class HFSource:
         self.check(part)
         return self.where[part.name].get(part.name)
 
+    def read_shard(self, part: Part, rank: int, world: int) -> torch.Tensor:
+        """Rank `rank`'s slice of `part` along its tp_dim (the whole tensor is read, one at a time)."""
+        return shard_of(self.read(part), part, rank, world)
+
     # raw access for quantized checkpoints (any dtype; the caller validates shapes)
     def has(self, name: str) -> bool:
         return name in self.where
@@ -205,6 +209,25 @@ class MetaSource:
         pieces = [shard.get(part.name) for shard in self._used_shards(part)]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
         return interleaved_to_rotate_half(t, part.rope_heads) if part.rope_heads else t
+
+    def read_shard(self, part: Part, rank: int, world: int) -> torch.Tensor:
+        """Rank `rank`'s slice of `part` along its tp_dim. Meta's shards are model-parallel slices already:
+        with one per rank, split the same way, rank r reads only consolidated.r's piece."""
+        if len(self.shards) != world or part.cat_dim != part.tp_dim:
+            return shard_of(self.read(part), part, rank, world)
+        self.check(part)
+        t = self.shards[rank].get(part.name)
+        return interleaved_to_rotate_half(t, part.rope_heads // world) if part.rope_heads else t
+
+
+def shard_of(t: torch.Tensor, part: Part, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s of `world` equal slices of `t` along `part.tp_dim` (a view)."""
+    size = t.shape[part.tp_dim]
+    if size % world:
+        raise CheckpointError(f"dimension {part.tp_dim} ({size}) does not split over {world} tensor-parallel ranks",
+                              tensor=part.name)
+    n = size // world
+    return t.narrow(part.tp_dim, rank * n, n)
 
 
 def _check(reader, name: str, shape: tuple) -> None:

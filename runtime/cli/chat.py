@@ -28,10 +28,12 @@ def run(a) -> None:
             raise ValueError(f"--system: {e}") from None
     turns: list[dict] = []  # user/assistant pairs, oldest first
     interactive = sys.stdin.isatty()
+    tp = model.tensor_parallel  # every rank must see each line: rank 0 reads it and sends it on
+    read = _read_line if tp is None else lambda: tp.broadcast(_read_line() if tp.rank == 0 else None)
     while True:
         if interactive:
             write("> ")
-        line = _read_line()
+        line = read()
         if line is None:
             break
         if not line.strip():

@@ -3,6 +3,7 @@ writing to stdout / stderr."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 PROG = "codellama-rt"
@@ -27,6 +28,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128, dividing the "
                    "model's widths (default: the largest that does)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--tensor-parallel", action="store_true", help="this process is one rank of a tensor-parallel "
+                   "group (implied under torchrun with more than one process): it holds its slice of the model, "
+                   "and only rank 0 prints")
+    p.add_argument("--dist-init", default=None, metavar="URL", help="how the ranks find each other when torchrun "
+                   "does not say (torch.distributed init_method, e.g. file:///shared/path; RANK and WORLD_SIZE set)")
     add_kernel_flags(p)
 
 
@@ -82,8 +88,25 @@ def load(a, **options):
 
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
-    return load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
-                      group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a), **options)
+    model = load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
+                       group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a),
+                       tensor_parallel=wants_tensor_parallel(a), dist_init=a.dist_init, **options)
+    if model.tensor_parallel is not None and model.tensor_parallel.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # every rank computes the same text; rank 0 prints it
+    return model
+
+
+def wants_tensor_parallel(a) -> bool:
+    """--tensor-parallel, --dist-init, or a launch by torchrun with more than one process."""
+    return a.tensor_parallel or a.dist_init is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def read_stdin(model) -> str:
+    """All of stdin; under tensor parallelism read by rank 0 alone and sent to the others."""
+    tp = model.tensor_parallel
+    if tp is None:
+        return sys.stdin.read()
+    return tp.broadcast(sys.stdin.read() if tp.rank == 0 else None)
 
 
 def write(text: str) -> None:

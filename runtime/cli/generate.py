@@ -1,9 +1,7 @@
 """`codellama-rt generate PROMPT`: stream a completion to stdout."""
 from __future__ import annotations
 
-import sys
-
-from .common import add_model_flags, add_sampling_flags, load, sampling, write
+from .common import add_model_flags, add_sampling_flags, load, read_stdin, sampling, write
 
 
 def add_parser(sub, parents: list) -> None:
@@ -18,8 +16,8 @@ def run(a) -> None:
     from ..engine.sampling import SamplingParams
 
     SamplingParams(**sampling(a))  # reject bad flags before loading weights
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     model = load(a)
+    prompt = read_stdin(model) if a.prompt == "-" else a.prompt
     for piece in model.stream(prompt, **sampling(a)):
         write(piece)
     write("\n")

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from ..errors import MissingExtraError
-from .common import PROG, add_model_flags, load
+from .common import PROG, add_model_flags, load, wants_tensor_parallel
 
 
 def add_parser(sub, parents: list) -> None:
@@ -52,6 +52,9 @@ def run(a) -> None:
     except ImportError as e:
         raise MissingExtraError(f"serve needs fastapi, uvicorn and prometheus_client ({e}); install them with "
                                 "pip install 'codellama-rt[serve]'") from None
+    if wants_tensor_parallel(a):
+        raise ValueError("serve does not support tensor parallelism yet (the other ranks would need rank 0's "
+                         "schedule of every step); use generate, infill or chat under torchrun")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port} is invalid: expected 0..65535")
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)

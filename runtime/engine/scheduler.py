@@ -40,14 +40,17 @@ class Engine:
     """Owns the model, the tokenizer, the requests and their slots, and the device state (`DecodeState`:
     a KV cache of `max_batch` slots grown on demand, the decode steps, captured into CUDA graphs with
     `cuda_graphs`, default: on for a CUDA model). `max_queue` bounds the requests waiting for a slot
-    (None: unbounded); past it `submit` raises ModelBusyError.
+    (None: unbounded); past it `submit` raises ModelBusyError. `seed_source()` seeds requests that
+    give none (default: random; tensor parallelism passes one that is the same on every rank).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int, max_seq_len: int,
-                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, max_queue: Optional[int] = None):
+                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, max_queue: Optional[int] = None,
+                 seed_source: Optional[Callable[[], int]] = None):
         self.model, self.tok = model, tokenizer
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
         self.max_queue = max_queue
+        self._new_seed = seed_source or (lambda: secrets.randbits(64))  # for requests without a seed
         on_cuda = model.device.type == "cuda"
         if cuda_graphs is None:
             cuda_graphs = on_cuda
@@ -102,7 +105,7 @@ class Engine:
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
             raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
         requests = [Request(prompt, params, dict(stop_tokens),
-                            seed=params.seed if params.seed is not None else secrets.randbits(64),
+                            seed=params.seed if params.seed is not None else self._new_seed(),
                             budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
                             sink=sink, stream=TextStream(self.tok, params.stop))
                     for prompt, sink in zip(checked, sinks, strict=True)]

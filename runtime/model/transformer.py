@@ -6,7 +6,7 @@ touches this file. Fused weights: wqkv = [q; k; v] rows, w13 = [gate (w1); up (w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -92,11 +92,15 @@ class Decode:
 
 
 class Attention(nn.Module):
+    """Under tensor parallelism each rank holds a slice of the heads (args are the rank's) and `reduce` sums
+    the ranks' partial wo outputs in place (`codellama_rt.distributed`); None: the whole model is here."""
+
     def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wqkv = Linear(args.q_dim + 2 * args.kv_dim, args.dim, dtype, linear_device or device)
         self.wo = Linear(args.dim, args.q_dim, dtype, linear_device or device)
+        self.reduce: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, ops: Backend, x, residual, norm_weight, eps, rope, positions, step, kv):
         """Pre-norm attention of the stream x + residual: (output [B, T, dim], new residual)."""
@@ -108,19 +112,28 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         out = step.attend(ops, q, k, v, kv, rope, positions)  # [B, H, T, D]
-        return self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D)), residual
+        out = self.wo(ops, out.transpose(1, 2).reshape(B, T, H * D))
+        if self.reduce is not None:
+            self.reduce(out)
+        return out, residual
 
 
 class FeedForward(nn.Module):
+    """`reduce`: as Attention's, for w2's partial outputs (each rank holds a slice of the FFN columns)."""
+
     def __init__(self, args: ModelArgs, dtype, device, linear_device=None):
         super().__init__()
         self.w13 = Linear(2 * args.ffn_dim, args.dim, dtype, linear_device or device)
         self.w2 = Linear(args.dim, args.ffn_dim, dtype, linear_device or device)
+        self.reduce: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, ops: Backend, x, residual, norm_weight, eps):
         """Pre-norm SwiGLU MLP of the stream x + residual: (output, new residual)."""
         act, residual = self.w13.normed(ops, x, residual, norm_weight, eps, swiglu=True)
-        return self.w2(ops, act), residual
+        out = self.w2(ops, act)
+        if self.reduce is not None:
+            self.reduce(out)
+        return out, residual
 
 
 class Block(nn.Module):

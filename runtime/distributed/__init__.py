@@ -1,0 +1,1 @@
+"""Tensor parallelism over torch.distributed (`tensor_parallel.TensorParallel`)."""
