@@ -176,3 +176,21 @@ def test_without_a_group_or_for_serve_tensor_parallelism_is_refused_naming_why(m
     done = subprocess.run([sys.executable, "-m", "codellama_rt", "serve", "--tensor-parallel", "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "serve does not support tensor parallelism" in done.stderr
+
+
+@pytest.mark.slow
+def test_nf4_on_two_ranks_is_as_close_to_dense_as_one_process(tmp_path, hf_checkpoint):
+    """NF4's double quantization normalises each tensor's block scales by their mean, so a rank quantizing
+    its slice rounds a little differently from one process quantizing the whole: not the same numbers, the
+    same quality (error against the dense model) and the same numbers on every rank."""
+    path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6, ffn=128)
+    dense, alone = single(path), single(path, quantize="nf4")
+    results = workers(tmp_path, 2, path, "--quantize", "nf4")
+    assert all(isinstance(r, dict) for r in results), results
+
+    def err(logits):
+        return ((logits - dense["logits"]).abs().max() / dense["logits"].abs().max()).item()
+
+    assert err(results[0]["logits"]) <= 1.5 * err(alone["logits"]) + 0.01
+    assert torch.equal(results[0]["logits"], results[1]["logits"])
+    assert results[0]["greedy"] == results[1]["greedy"] and results[0]["sampled"] == results[1]["sampled"]
