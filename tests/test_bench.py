@@ -562,3 +562,19 @@ def test_gemv_sweep_int4_candidates_compute_the_product():
     r = subprocess.run([sys.executable, str(Path(sweep.__file__)), "--out", "unused", "--kinds", "int4,bogus"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bogus" in r.stderr
+
+
+def test_tensor_parallel_paper_model_arithmetic():
+    from codellama_rt.bench import tp_model
+
+    args = ModelArgs.from_preset("CodeLlama-70b")
+    card = {"X": {"hbm_gbps": 1000.0, "nvlink_gbps": 100.0}}
+    one, eight = tp_model.rows(args, (1, 8), latency_us=10.0, cards=card)
+    blocks = 80 * (8192 * (8192 + 2 * 1024) + 8192 * 8192 + 2 * 28672 * 8192 + 8192 * 28672)
+    assert one.weight_gb_per_gpu * 1e9 == pytest.approx((blocks + 32016 * 8192 + 8192) * 2)
+    assert eight.weight_gb_per_gpu * 1e9 == pytest.approx((blocks / 8 + 32016 * 8192 + 8192) * 2)
+    assert one.allreduces == 0 and one.comm_ms == 0 and eight.allreduces == 160 and eight.allreduce_kib == 16
+    assert eight.comm_ms == pytest.approx(160 * (10e-6 + 2 * 7 / 8 * 16384 / 100e9) * 1e3)
+    assert eight.step_ms == pytest.approx(eight.weight_gb_per_gpu / 1000.0 * 1e3)
+    assert eight.tok_s_with_comm == pytest.approx(1e3 / (eight.step_ms + eight.comm_ms))
+    assert "gpt-fast" in tp_model.table("CodeLlama-70b", [one, eight])
