@@ -168,14 +168,15 @@ def test_cli_generate_on_two_ranks_prints_the_single_process_text_once(tmp_path,
     assert ranks[0][1] == alone.stdout and alone.stdout.strip() and ranks[1][1] == ""
 
 
-def test_without_a_group_or_for_serve_tensor_parallelism_is_refused_naming_why(monkeypatch):
+def test_without_a_group_tensor_parallelism_is_refused_naming_why(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="launch with torchrun"):
         cl.load(tensor_parallel=True)
     done = subprocess.run([sys.executable, "-m", "codellama_rt", "serve", "--tensor-parallel", "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "serve does not support tensor parallelism" in done.stderr
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert done.returncode == 2 and "launch with torchrun" in done.stderr
 
 
 @pytest.mark.slow
@@ -194,3 +195,60 @@ def test_nf4_on_two_ranks_is_as_close_to_dense_as_one_process(tmp_path, hf_check
     assert err(results[0]["logits"]) <= 1.5 * err(alone["logits"]) + 0.01
     assert torch.equal(results[0]["logits"], results[1]["logits"])
     assert results[0]["greedy"] == results[1]["greedy"] and results[0]["sampled"] == results[1]["sampled"]
+
+
+@pytest.mark.slow
+def test_serve_on_two_ranks_answers_as_one_process(tmp_path, hf_checkpoint):
+    """Rank 0 serves HTTP and schedules, rank 1 replays: greedy and seeded requests, one at a time and at once,
+    give the single-process text; a stream abandoned mid-way is cancelled on both ranks (the next request is
+    still right); SIGTERM on rank 0 stops both cleanly."""
+    import concurrent.futures
+    import queue
+    import signal
+    import threading
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    ref = cl.load(path)
+    argv = [sys.executable, "-m", "codellama_rt", "serve", "--model", str(path), "--port", "0", "--max-batch-size",
+            "4", "--dist-init", f"file://{tmp_path / 'rendezvous'}"]
+    procs = [subprocess.Popen(argv, env=rank_env(r, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stderr], daemon=True).start()
+    try:
+        deadline, url = time.monotonic() + TIMEOUT_S, None
+        while url is None and time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if " on http://" in line:
+                url = line.strip().rsplit(" on ", 1)[1]
+        assert url and url.startswith("http://127.0.0.1:")
+        prompts = [PROMPT, "import os\n", "class Stack:\n    def push(self, item):", "x = ["]
+
+        def complete(client, prompt, **kw):
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0, **kw})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with httpx.Client(base_url=url, timeout=120, trust_env=False) as c:
+            assert complete(c, prompts[0]) == ref.generate(prompts[0], max_new_tokens=12).text
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                greedy = list(pool.map(lambda p: complete(c, p), prompts))
+                sampled = list(pool.map(lambda p: complete(c, p, temperature=0.9, seed=5), prompts))
+            assert greedy == [ref.generate(p, max_new_tokens=12).text for p in prompts]
+            assert sampled == [ref.generate(p, max_new_tokens=12, temperature=0.9, seed=5).text for p in prompts]
+            body = {"prompt": prompts[2], "max_tokens": 300, "temperature": 0, "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: "):
+                        break
+            assert complete(c, prompts[3]) == ref.generate(prompts[3], max_new_tokens=12).text
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -2,7 +2,9 @@
 
 Prints one line on stderr once it accepts connections ("serving NAME on http://HOST:PORT"; with
 `--port 0` the port the system picked) and serves until interrupted (SIGINT or SIGTERM). uvicorn runs on
-a thread of its own; the engine's iterations run on the main thread, which loaded the model.
+a thread of its own; the engine's iterations run on the main thread, which loaded the model. Under
+torchrun (tensor parallelism) rank 0 serves and the other ranks replay its schedule
+(`codellama_rt.distributed.lockstep`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,18 @@ def add_parser(sub, parents: list) -> None:
     s.set_defaults(run=run)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: a free port); a ValueError saying why it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def _positive(text: str) -> int:
     import argparse
 
@@ -52,19 +66,25 @@ def run(a) -> None:
     except ImportError as e:
         raise MissingExtraError(f"serve needs fastapi, uvicorn and prometheus_client ({e}); install them with "
                                 "pip install 'codellama-rt[serve]'") from None
-    if wants_tensor_parallel(a):
-        raise ValueError("serve does not support tensor parallelism yet (the other ranks would need rank 0's "
-                         "schedule of every step); use generate, infill or chat under torchrun")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port} is invalid: expected 0..65535")
-    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((a.host, a.port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+    tensor_parallel = wants_tensor_parallel(a)
+    sock = None if tensor_parallel else _listen(a.host, a.port)  # a busy port fails before the weights load
     model = load(a, max_batch_size=a.max_batch_size)
+    tp = model.tensor_parallel
+    if tp is not None:
+        from ..distributed.lockstep import Lockstep, Plan
+
+        lockstep = Lockstep(tp)
+        if tp.rank != 0:  # rank 0 answers HTTP and schedules; this rank replays its steps
+            model.engine.follow(lockstep)
+            return
+        try:
+            sock = _listen(a.host, a.port)
+        except BaseException:
+            lockstep.send(Plan("stop"))
+            raise
+        model.engine.lockstep = lockstep
     model.engine.max_queue = a.max_queue
     name = a.served_model_name or (Path(a.model).name if a.model else "codellama-rt-default")
     app = create_app(model, served_model_name=name, api_key=a.api_key)
@@ -96,8 +116,10 @@ def run(a) -> None:
     http.start()
     # HTTP on that thread, the model's work on this one, which loaded it (see engine/driver.py: on a CPU,
     # a second thread's OpenMP team is several times slower per op)
-    model.engine.driver.run_forever(stop)
-    server.should_exit = True
+    try:
+        model.engine.run_forever(stop)
+    finally:
+        server.should_exit = True
     http.join(timeout=30)
     if not server.started:
         raise RuntimeError(f"the HTTP server on {url} did not start (see the messages above)")

@@ -38,6 +38,8 @@ class TensorParallel:
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
         self.rank, self.world, self.device, self.timeout_s = rank, world, device, timeout_s
+        # CPU objects (schedules, checks, seeds) go over gloo even when the tensors go over NCCL
+        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     @classmethod
     def join(cls, device: torch.device, *, init_method: Optional[str] = None,
@@ -104,13 +106,13 @@ class TensorParallel:
     def broadcast(self, value):
         """Rank 0's `value` (any picklable object) on every rank."""
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def check_same(self, what: str, value) -> None:
         """Raise on every rank, naming the ranks, unless every rank passes an equal `value`."""
         values = [None] * self.world
-        dist.all_gather_object(values, value)
+        dist.all_gather_object(values, value, group=self.control)
         differ = [r for r, v in enumerate(values) if v != values[0]]
         if differ:
             raise ValueError(f"tensor parallel ranks disagree on the {what}: rank 0 has {values[0]!r}, rank "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -71,21 +72,34 @@ class Driver:
         finally:
             self._driving.release()
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Drive on this thread until `stop` is set, waiting for submissions when idle."""
+    def run_forever(self, stop: threading.Event, *, idle: Optional[Callable[[], None]] = None,
+                    idle_s: float = 5.0) -> None:
+        """Drive on this thread until `stop` is set, waiting for submissions when idle; `idle()` is called
+        (holding the driver role) after each `idle_s` seconds without an iteration."""
         with self._lock:
             self._resident += 1
+        last = time.monotonic()
         try:
             while not stop.is_set():
-                if not self.drive():
-                    with self._lock:
-                        if not self._incoming:
-                            self._work.wait(timeout=0.1)
+                if self.drive():
+                    last = time.monotonic()
+                    continue
+                with self._lock:
+                    if not self._incoming:
+                        self._work.wait(timeout=0.1)
+                if idle is not None and time.monotonic() - last >= idle_s:
+                    with self._driving:
+                        idle()
+                    last = time.monotonic()
         finally:
             with self._lock:
                 self._resident -= 1
                 if not self._resident and self._thread is None and (self._incoming or not self._idle()):
                     self._start_thread()  # what is left runs on
+
+    def driving(self):
+        """The driver role, as a context manager (blocks until no other thread runs an iteration)."""
+        return self._driving
 
     def _take(self) -> list:
         with self._lock:

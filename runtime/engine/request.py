@@ -22,8 +22,8 @@ class Request:
     """
 
     def __init__(self, prompt: list, params: SamplingParams, stop_tokens: dict, *, seed: int, budget: int,
-                 logprobs: int, sink: Callable, stream: TextStream):
-        self.id = next(_ids)
+                 logprobs: int, sink: Callable, stream: TextStream, id: Optional[int] = None):
+        self.id = next(_ids) if id is None else id
         self.prompt, self.params, self.stop_tokens = prompt, params, stop_tokens
         self.seed, self.budget, self.logprobs, self.sink = seed, budget, logprobs, sink
         self.stream = stream
@@ -39,6 +39,16 @@ class Request:
         self._pending_ids: list[int] = []
         self._pending_lp: list = []
         self.all_logprobs: Optional[list] = [] if logprobs else None
+
+    def spec(self) -> dict:
+        """What another rank needs to run this request as it runs here (tensor-parallel serving)."""
+        return dict(id=self.id, prompt=self.prompt, params=self.params, stop_tokens=self.stop_tokens, seed=self.seed,
+                    budget=self.budget, logprobs=self.logprobs)
+
+    @classmethod
+    def replay(cls, spec: dict, tokenizer) -> "Request":
+        """The request of `spec` on another rank: the same tokens and stops, its events dropped."""
+        return cls(**spec, sink=lambda event: None, stream=TextStream(tokenizer, spec["params"].stop))
 
     def fed(self) -> list:
         """The ids whose K/V the slot holds: the prompt and every sampled id but the last."""

@@ -26,6 +26,8 @@ from ..tokenizer.tokenizer import Tokenizer
 from .decode_graph import NONFINITE
 from .decode_state import MIN_CACHE, DecodeState
 from .driver import Driver
+from ..distributed.lockstep import HEARTBEAT_S, Plan
+from ..distributed.tensor_parallel import TensorParallelError
 from .events import Completion, TokenLogprob
 from .metrics import EngineMetrics
 from .request import DECODE, PREFILL, Request
@@ -61,6 +63,7 @@ class Engine:
         self.vocab_limit = min(getattr(tokenizer, "vocab_size", V) or V, V)  # ids generation may emit
         self.metrics = EngineMetrics(max_batch)
         self.driver = Driver(self._iterate_once, self.idle, "codellama-rt-engine")
+        self.lockstep = None  # rank 0 of tensor-parallel serving: a distributed.lockstep.Lockstep
         # owned by the driving thread:
         self._waiting: deque = deque()
         self._running: dict = {}  # slot -> Request (prefilling or decoding)
@@ -165,35 +168,66 @@ class Engine:
     # ---- the driving thread ----------------------------------------------------------------
 
     def _iterate_once(self, new: list) -> bool:
-        """One iteration with the requests submitted since the last (the driver's); False: nothing to do."""
+        """One iteration with the requests submitted since the last (the driver's); False: nothing to do.
+        Under tensor-parallel serving (`lockstep`, rank 0) the other ranks are sent what this one takes."""
         self._waiting.extend(new)
         if self.idle():
             self.metrics.set_gauges(waiting=0, running=0)
             return False
-        on_device = torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else nullcontext()
-        with torch.inference_mode(), on_device:
-            try:
-                self._iterate()
-            except BaseException as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
-                for request in list(self._running.values()):  # (their state is mid-step: none can go on)
-                    self._fail(request, e)
-                if not isinstance(e, Exception):  # KeyboardInterrupt on a driving caller's thread
-                    raise
+        cancelled = {r.id for r in (*self._waiting, *self._running.values()) if r.cancelled}
+        if self.lockstep is not None:
+            self.lockstep.send(Plan("step", [r.spec() for r in new], sorted(cancelled)))
+        self._run_iteration(cancelled)
         self.metrics.set_gauges(waiting=len(self._waiting) + self.driver.queued(), running=len(self._running))
         return True
 
-    def _iterate(self) -> None:
-        self._drop_cancelled()
+    def follow(self, lockstep) -> None:
+        """Replay rank 0's iterations (tensor-parallel serving, on the other ranks) until it says stop."""
+        while True:
+            plan = lockstep.receive()
+            if plan.kind == "stop":
+                return
+            if plan.kind == "step":
+                self._waiting.extend(Request.replay(spec, self.tok) for spec in plan.new)
+                self._run_iteration(set(plan.cancelled))
+
+    def run_forever(self, stop) -> None:
+        """Drive on this thread until `stop` (a threading.Event) is set (`Driver.run_forever`); under
+        tensor-parallel serving, heartbeats while idle and "stop" at the end go to the other ranks."""
+        if self.lockstep is None:
+            return self.driver.run_forever(stop)
+        try:
+            self.driver.run_forever(stop, idle=lambda: self.lockstep.send(Plan("idle")), idle_s=HEARTBEAT_S)
+        finally:
+            with self.driver.driving():
+                self.lockstep.send(Plan("stop"))
+
+    def _run_iteration(self, cancelled: set) -> None:
+        on_device = torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), on_device:
+            try:
+                self._iterate(cancelled)
+            except BaseException as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
+                for request in list(self._running.values()):  # (their state is mid-step: none can go on)
+                    self._fail(request, e)
+                if not isinstance(e, Exception) or isinstance(e, TensorParallelError):
+                    raise  # KeyboardInterrupt on a driving caller's thread; a rank gone: nothing can go on
+
+    def _iterate(self, cancelled: set) -> None:
+        self._drop_cancelled(cancelled)
         self._admit()
         self._prefill()
         if any(r.state == DECODE for r in self._running.values()):
             self._decode()
 
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self._waiting if r.cancelled]:
+    def _drop_cancelled(self, ids: set) -> None:
+        """Drop the requests whose ids are in `ids` (those cancelled when the iteration began)."""
+        if not ids:
+            return
+        for request in [r for r in self._waiting if r.id in ids]:
             self._waiting.remove(request)
             self._end(request, "cancelled")
-        for request in [r for r in self._running.values() if r.cancelled]:
+        for request in [r for r in self._running.values() if r.id in ids]:
             self._end(request, "cancelled")
 
     def _admit(self) -> None:
