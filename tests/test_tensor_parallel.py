@@ -133,6 +133,22 @@ def test_meta_rank_reads_only_its_shard(tmp_path, hf_checkpoint, tiny_tokenizer)
                     assert torch.equal(got, source.read(part).chunk(2, dim=0)[1])
 
 
+def test_hf_rank_reads_only_its_slices(hf_checkpoint):
+    """In process (world 2, rank 1): split tensors come from safetensors slices, never the whole tensor."""
+    from codellama_rt.checkpoint.layouts import hf_plan
+    from codellama_rt.checkpoint.sources import HFSource
+
+    path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    source, args = HFSource(path), cl.load(path).args
+    whole = {name: reader.get(name) for name, reader in source.where.items()}
+    for reader in source.files:
+        reader.get = lambda name: pytest.fail(f"{name} read whole")
+    split = [part for parts in hf_plan(args).values() for part in parts if part.tp_dim is not None]
+    assert len(split) == 7 * args.n_layers
+    for part in split:
+        assert torch.equal(source.read_shard(part, 1, 2), whole[part.name].chunk(2, dim=part.tp_dim)[1]), part.name
+
+
 @pytest.mark.slow
 def test_int4_on_two_ranks_equals_one_process(tmp_path, hf_checkpoint):
     path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6, ffn=128)
@@ -144,6 +160,16 @@ def test_a_world_size_that_does_not_divide_the_kv_heads_is_an_error(tmp_path, hf
     path, _ = hf_checkpoint(n_heads=6, n_kv_heads=2, dim=96, ffn=96, rope_theta=1e6)
     results = workers(tmp_path, 3, path)
     assert all(isinstance(r, str) and "n_kv_heads=2 is not divisible by the world size 3" in r for r in results)
+
+
+def test_ranks_that_load_different_checkpoints_fail_naming_the_rank(tmp_path, tiny_tokenizer):
+    from conftest import write_hf_checkpoint
+
+    for rank, layers in enumerate((2, 3)):
+        write_hf_checkpoint(tmp_path / f"ckpt{rank}", tiny_tokenizer, n_heads=4, n_kv_heads=2, n_layers=layers)
+    results = workers(tmp_path, 2, Path(f"{tmp_path}/ckpt{{rank}}"))
+    assert all(isinstance(r, str) and "ranks disagree on the checkpoint and options" in r and "rank 1 has" in r
+               for r in results), results
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def projection_elements(module) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="its directory; {rank} in it is replaced by the rank")
     p.add_argument("init")
     p.add_argument("out")
     p.add_argument("--quantize", default=None)
@@ -40,8 +40,8 @@ def main() -> None:
     try:
         from codellama_rt.api import load_model
 
-        model = load_model(a.checkpoint, quantize=a.quantize, group_size=a.group_size, tensor_parallel=True,
-                           dist_init="file://" + a.init)
+        model = load_model(a.checkpoint.replace("{rank}", str(rank)), quantize=a.quantize, group_size=a.group_size,
+                           tensor_parallel=True, dist_init="file://" + a.init)
         if a.exit_after_load == rank:
             os._exit(3)
         ids = model.tokenizer.encode(PROMPT)

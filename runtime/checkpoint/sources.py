@@ -125,8 +125,10 @@ class HFSource:
         return self.where[part.name].get(part.name)
 
     def read_shard(self, part: Part, rank: int, world: int) -> torch.Tensor:
-        """Rank `rank`'s slice of `part` along its tp_dim (the whole tensor is read, one at a time)."""
-        return shard_of(self.read(part), part, rank, world)
+        """Rank `rank`'s slice of `part` along its tp_dim, reading only that slice."""
+        self.check(part)
+        start, length = shard_range(part, rank, world)
+        return self.where[part.name].get_part(part.name, part.tp_dim, start, length)
 
     # raw access for quantized checkpoints (any dtype; the caller validates shapes)
     def has(self, name: str) -> bool:
@@ -220,14 +222,18 @@ class MetaSource:
         return interleaved_to_rotate_half(t, part.rope_heads // world) if part.rope_heads else t
 
 
-def shard_of(t: torch.Tensor, part: Part, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s of `world` equal slices of `t` along `part.tp_dim` (a view)."""
-    size = t.shape[part.tp_dim]
+def shard_range(part: Part, rank: int, world: int) -> tuple[int, int]:
+    """(start, length) of rank `rank`'s of `world` equal slices of `part` along its tp_dim."""
+    size = part.shape[part.tp_dim]
     if size % world:
         raise CheckpointError(f"dimension {part.tp_dim} ({size}) does not split over {world} tensor-parallel ranks",
                               tensor=part.name)
-    n = size // world
-    return t.narrow(part.tp_dim, rank * n, n)
+    return rank * (size // world), size // world
+
+
+def shard_of(t: torch.Tensor, part: Part, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s of `world` equal slices of `t` along `part.tp_dim` (a view)."""
+    return t.narrow(part.tp_dim, *shard_range(part, rank, world))
 
 
 def _check(reader, name: str, shape: tuple) -> None:

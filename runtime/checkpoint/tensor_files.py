@@ -58,6 +58,14 @@ class SafetensorsReader:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
 
+    def get_part(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """Elements start..start+length-1 along `dim` (0 or 1) of a 2-D tensor, reading only those."""
+        try:
+            view = self._f.get_slice(name)
+            return view[start:start + length] if dim == 0 else view[:, start:start + length]
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
+
 
 class TorchReader:
     """A torch.save'd state dict (Meta `consolidated.NN.pth`, HF `pytorch_model*.bin`)."""
@@ -93,6 +101,10 @@ class TorchReader:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
         return t
+
+    def get_part(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """Elements start..start+length-1 along `dim` (memory-mapped: only those pages are read)."""
+        return self.get(name).narrow(dim, start, length)
 
 
 def _torch_load_failure(path: Path, err: Exception) -> str:
