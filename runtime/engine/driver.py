@@ -114,10 +114,15 @@ class Driver:
     def _loop(self) -> None:
         """The loop thread: iterations until there is no work, checked under both locks, so a submission
         either sees this thread alive or starts a new one."""
-        while True:
-            with self._driving:
-                with self._lock:
-                    if not self._incoming and self._idle():
-                        self._thread = None
-                        return
-                self._iterate(self._take())
+        try:
+            while True:
+                with self._driving:
+                    with self._lock:
+                        if not self._incoming and self._idle():
+                            self._thread = None
+                            return
+                    self._iterate(self._take())
+        except BaseException:  # (the engine fails its requests first) a later submission starts a new thread
+            with self._lock:
+                self._thread = None
+            raise
