@@ -278,3 +278,25 @@ def test_serve_on_two_ranks_answers_as_one_process(tmp_path, hf_checkpoint):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.gpu
+def test_one_rank_on_nccl_with_graphs_gives_the_tokens_of_no_parallelism(tmp_path, hf_checkpoint, monkeypatch):
+    """World size 1 over NCCL on one GPU: the all-reduces run (as no-ops) inside the captured decode graphs,
+    which must give the eager tokens and those of a model without tensor parallelism."""
+    import torch.distributed as dist
+
+    path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    want = cl.load(path, device="cuda").generate(PROMPT, max_new_tokens=64, temperature=0.9, seed=1).token_ids
+    try:
+        for graphs in (False, True):
+            model = cl.load(path, device="cuda", tensor_parallel=True, cuda_graphs=graphs,
+                            dist_init=f"file://{tmp_path / 'rendezvous'}")
+            got = model.generate(PROMPT, max_new_tokens=64, temperature=0.9, seed=1).token_ids
+            assert got == want and model.engine.captures == (1 if graphs else 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
