@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import aot
+from ..kernels import aot, sass
 from ..kernels.attention_decode import attention_decode, attention_decode_ref
 from ..kernels.attention_prefill import attention_prefill, attention_prefill_ref
 from ..kernels.gemv import gemv
@@ -166,12 +166,16 @@ def main(argv=None) -> None:
         meta["device"] = "no CUDA: speed not measured"
     report = [f"# Kernel report\n\n{json.dumps(meta)}\n", "## Speed\n", to_markdown(rows) if rows else
               "No CUDA device: speed not measured.", "\n## AOT resources (sm_80 / sm_90)\n", aot.format_table(table)]
+    loops = sass.four_bit_loops(aot_models())
+    report += [f"\n## {sass.TITLE}\n", sass.format_table(loops)]
     problems = aot.problems(table)
     if problems:
         report += ["\n## Problems\n"] + [f"- {p}" for p in problems]
     (a.out / "kernels.md").write_text("\n".join(report) + "\n")
     (a.out / "kernels.json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "resources": [r.__dict__ for r in table]}, indent=1, default=str))
+        {"meta": meta, "rows": rows, "resources": [r.__dict__ for r in table],
+         "four_bit_loops": [dict(r.__dict__, per_weight=r.per_weight, in_flight_kib=r.in_flight_kib) for r in loops]},
+        indent=1, default=str))
     print("\n".join(report))
 
 

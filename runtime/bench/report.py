@@ -94,7 +94,12 @@ def run(out: Path, *, quick: bool = False, only=None, budget_s: Optional[float] 
             report["resources"] = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r))
                                    for r in table]
             report["problems"] = aot.problems(table)
-            resources_md = aot.format_table(table)
+            from ..kernels import sass
+
+            loops = sass.four_bit_loops(aot_models())
+            report["four_bit_loops"] = [dict(dataclasses.asdict(r), per_weight=r.per_weight,
+                                             in_flight_kib=r.in_flight_kib) for r in loops]
+            resources_md = f"{aot.format_table(table)}\n\n### {sass.TITLE}\n\n{sass.format_table(loops)}"
         except Exception as e:  # noqa: BLE001 - e.g. no ptxas in this install
             resources_md = f"Not available: {e2e.error_text(e)}"
         report["timings"]["aot_resources"] = time.monotonic() - t0
@@ -218,3 +223,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
