@@ -103,7 +103,7 @@ def default_model_path() -> Path:
 def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None,
          cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
-         dist_init: Optional[str] = None) -> "Model":
+         dist_init: Optional[str] = None, threads: Optional[int] = None) -> "Model":
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
@@ -123,21 +123,28 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     or from `dist_init`, e.g. "file:///shared/path", with RANK and WORLD_SIZE set) and holds its slice of
     every block (`codellama_rt.distributed`); every rank must load the same checkpoint and make the same
     calls, in the same order, and gets the same text. CUDA graphs stay off unless asked for.
+
+    `threads`: CPU threads torch's ops use (`torch.set_num_threads`: the whole process, every model);
+    None leaves torch's default, one per physical core.
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
                       cuda_graphs=cuda_graphs, kernel_options=kernel_options, tensor_parallel=tensor_parallel,
-                      dist_init=dist_init)
+                      dist_init=dist_init, threads=threads)
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
                group_size: Optional[int] = None, quantize_head: bool = False, max_seq_len: Optional[int] = None,
                max_batch_size: int = 1, progress: Optional[bool] = None,
                cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
-               dist_init: Optional[str] = None) -> "Model":
+               dist_init: Optional[str] = None, threads: Optional[int] = None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
     `quantize_head` (the lm_head too)."""
     device = parse_device(device)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} is invalid: expected an integer >= 1 (or None: one per core)")
+        torch.set_num_threads(threads)
     tp = TensorParallel.join(device, init_method=dist_init) if tensor_parallel else None
     if tp is not None:
         device, cuda_graphs = tp.device, bool(cuda_graphs)  # graphs with NCCL inside: not measured yet

@@ -128,7 +128,8 @@ def test_bad_prompts(model, prompt, match):
 @pytest.mark.parametrize("kwargs,name", [
     (dict(dtype=torch.float64), "dtype"), (dict(dtype="int8"), "dtype"), (dict(backend="nope"), "backend"),
     (dict(quantize="int3"), "quantize"), (dict(max_batch_size=0), "max_batch_size"),
-    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(max_seq_len=0), "max_seq_len"), (dict(threads=0), "threads"), (dict(threads=True), "threads"),
+    (dict(threads=1.5), "threads"),
 ])
 def test_bad_load_arguments(hf_checkpoint, kwargs, name):
     path, _ = hf_checkpoint()
@@ -149,3 +150,15 @@ def test_decode_step_keeps_static_buffers(model):
 def test_streaming_does_not_leak_inference_mode_to_the_caller(model):
     states = [torch.is_inference_mode_enabled() for _ in model.stream(PROMPT, max_new_tokens=10)]
     assert states and not any(states)
+
+
+def test_threads_sets_torchs_cpu_threads_and_keeps_the_tokens(hf_checkpoint):
+    path, _ = hf_checkpoint()
+    before = torch.get_num_threads()
+    want = cl.load(path).generate(PROMPT, max_new_tokens=12).token_ids
+    try:
+        model = cl.load(path, threads=1)
+        assert torch.get_num_threads() == 1
+        assert model.generate(PROMPT, max_new_tokens=12).token_ids == want
+    finally:
+        torch.set_num_threads(before)

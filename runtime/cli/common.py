@@ -28,6 +28,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128, dividing the "
                    "model's widths (default: the largest that does)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model's ops (default: one per "
+                   "physical core)")
     p.add_argument("--tensor-parallel", action="store_true", help="this process is one rank of a tensor-parallel "
                    "group (implied under torchrun with more than one process): it holds its slice of the model, "
                    "and only rank 0 prints")
@@ -90,7 +92,7 @@ def load(a, **options):
         raise ValueError("--group-size applies to --quantize int4 only")
     model = load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
                        group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a),
-                       tensor_parallel=wants_tensor_parallel(a), dist_init=a.dist_init, **options)
+                       tensor_parallel=wants_tensor_parallel(a), dist_init=a.dist_init, threads=a.threads, **options)
     if model.tensor_parallel is not None and model.tensor_parallel.rank != 0:
         sys.stdout = open(os.devnull, "w")  # every rank computes the same text; rank 0 prints it
     return model
