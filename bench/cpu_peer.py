@@ -1,0 +1,193 @@
+"""Our CPU decode and prefill beside llama.cpp's (issue 21's peer), same weights, batch 1, greedy, no stop
+token, each runtime in a child process of its own (peak RSS per child).
+
+    python bench/cpu_peer.py [--model DIR] --llama-python PY --llama-src DIR [--threads 2] [--out FILE]
+
+--llama-python: a Python with llama-cpp-python installed (built from source in a venv of its own; see
+DEVELOPERS' notes for the CMAKE_ARGS that avoid the AMX int8 path); --llama-src: its source tree's
+vendor/llama.cpp (for convert_hf_to_gguf.py and gguf-py, run with this interpreter). Without them only our
+rows are measured. The checkpoint is converted to GGUF f32 and f16 by llama.cpp's converter, and q8_0 /
+q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 default flips near-ties, so token
+agreement would measure the cache, not the weights). Our rows: fp32, bf16, int4 and nf4 (quantized at load).
+
+Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
+first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
+RSS of the child, and the generated ids (agreement with our fp32 reported against llama.cpp's f32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROMPT = "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n"
+TIMEOUT_S = 900
+
+OURS = r'''
+import json, resource, sys, time, queue
+import torch
+import codellama_rt as cl
+from codellama_rt.engine.events import Completion
+from codellama_rt.engine.sampling import SamplingParams
+a = json.loads(sys.argv[1])
+m = cl.load(a["model"], device="cpu", dtype=a["dtype"], quantize=a["quantize"], threads=a["threads"],
+            max_seq_len=a["n_ctx"])
+eng = m.engine
+
+def run(ids, n):
+    events = queue.SimpleQueue()
+    t0 = time.perf_counter()
+    eng.submit(ids, SamplingParams(max_new_tokens=n), {}, sink=events.put, background=False)
+    stamps, out = [], []
+    while True:
+        e = eng.next_event(events)
+        if isinstance(e, BaseException):
+            raise e
+        if isinstance(e, Completion):
+            return t0, stamps, e.token_ids
+        for _ in e.token_ids:
+            stamps.append(time.perf_counter())
+
+run(a["ids"], 4)
+run(a["long_ids"][::-1][:64], 1)  # warm-up; the one slot's cache then shares no prefix with long_ids
+t0, stamps, _ = run(a["long_ids"], 1)
+prefill = len(a["long_ids"]) / (stamps[0] - t0)
+t0, stamps, ids = run(a["ids"], a["new_tokens"])
+decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
+'''
+
+LLAMA = r'''
+import json, resource, sys, time
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+a = json.loads(sys.argv[1])
+if a.get("quantize_to"):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": 7, "q4_0": 2}[a["quantize_to"]]
+    rc = llama_cpp.llama_model_quantize(a["gguf"].encode(), a["out"].encode(), params)
+    print(json.dumps({"rc": rc}))
+    sys.exit(0)
+llm = Llama(model_path=a["gguf"], n_ctx=a["n_ctx"], n_batch=512, n_threads=a["threads"], n_threads_batch=a["threads"],
+            type_k=0, type_v=0, verbose=False)  # 0: GGML_TYPE_F32 (an f32 KV cache)
+
+def greedy(ids, n):
+    llm.reset()
+    llm.eval(ids)
+    stamps, out = [], []
+    for _ in range(n):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        stamps.append(time.perf_counter())
+        out.append(tok)
+        llm.eval([tok])
+    return stamps, out
+
+greedy(a["ids"], 4)
+llm.reset(); llm.eval(a["long_ids"][::-1][:64])
+llm.reset()
+t0 = time.perf_counter()
+llm.eval(a["long_ids"])
+prefill = len(a["long_ids"]) / (time.perf_counter() - t0)
+stamps, ids = greedy(a["ids"], a["new_tokens"])
+decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
+'''
+
+
+def child(python: str, code: str, args: dict, env=None) -> dict:
+    """Run `code` with `python` and `args` (JSON); its last stdout line, parsed. A failure raises naming it."""
+    done = subprocess.run([python, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(python).name} child failed ({done.returncode}): {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def convert(model: Path, src: Path, outtype: str, out: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py of `model` to `out` as `outtype` (f32 | f16), run by this Python."""
+    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+    done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype,
+                           "--outfile", str(out)], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed: {done.stderr[-3000:]}")
+    return out
+
+
+def agreement(a: list, b: list) -> float:
+    """Share of positions where two greedy continuations agree, up to the first disagreement included."""
+    n = min(len(a), len(b))
+    same = next((i for i in range(n) if a[i] != b[i]), n)
+    return same / n if n else 0.0
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help="HF-layout directory (default: the embedded model)")
+    p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
+    p.add_argument("--llama-src", type=Path, default=None, help="llama.cpp's source tree (vendor/llama.cpp)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--ours", default="fp32,bf16,int4,nf4", help="our rows: fp32, bf16, int4, nf4")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    if (a.llama_python is None) != (a.llama_src is None):
+        p.error("--llama-python and --llama-src go together")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    import codellama_rt as cl
+    from codellama_rt.api import default_model_path
+    from codellama_rt.bench.common import environment
+
+    model = a.model or default_model_path()
+    tok = cl.Tokenizer.from_pretrained(model)
+    ids = tok.encode(PROMPT)
+    long_ids = (tok.encode(PROMPT * 64))[:a.prefill_tokens]
+    base = dict(model=str(model), ids=ids, long_ids=long_ids, new_tokens=a.new_tokens, threads=a.threads,
+                n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
+    rows = []
+    for name in a.ours.split(","):
+        dtype, quantize = ("float32", None) if name == "fp32" else ("bfloat16", None) if name == "bf16" \
+            else ("float32", name)
+        rows.append(dict(runtime="codellama-rt", weights=name, **child(sys.executable, OURS,
+                                                                       dict(base, dtype=dtype, quantize=quantize))))
+    if a.llama_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            f32 = convert(model, a.llama_src, "f32", Path(tmp) / "f32.gguf")
+            ggufs = {"f32": f32, "f16": convert(model, a.llama_src, "f16", Path(tmp) / "f16.gguf")}
+            for q in ("q8_0", "q4_0"):
+                out = Path(tmp) / f"{q}.gguf"
+                child(a.llama_python, LLAMA, dict(gguf=str(f32), out=str(out), quantize_to=q))
+                ggufs[q] = out
+            for name, path in ggufs.items():
+                rows.append(dict(runtime="llama.cpp", weights=name, **child(a.llama_python, LLAMA,
+                                                                            dict(base, gguf=str(path)))))
+    ref = next((r["ids"] for r in rows if r["weights"] == "fp32"), None)
+    for r in rows:
+        r["agreement_with_our_fp32"] = agreement(r["ids"], ref) if ref else None
+    doc = {"meta": {**environment(), "model": str(model), "threads": a.threads, "new_tokens": a.new_tokens,
+                    "prefill_tokens": len(long_ids)}, "rows": rows}
+    text = json.dumps(doc, indent=1)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print("| runtime | weights | decode tok/s | prefill tok/s | peak RSS MB | greedy agreement with our fp32 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['runtime']} | {r['weights']} | {r['decode_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['agreement_with_our_fp32']:.2f} |")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

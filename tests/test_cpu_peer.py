@@ -1,0 +1,43 @@
+"""bench/cpu_peer.py, our CPU rows beside llama.cpp's: the agreement measure, its options, and one tiny run
+of our fp32 row in a child (numbers present and sane; llama.cpp is not needed for it). Speed is never
+asserted here (see bench/README.md)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "cpu_peer.py"
+
+
+@pytest.fixture(scope="module")
+def peer():
+    spec = importlib.util.spec_from_file_location("cpu_peer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_peer"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_is_the_shared_prefix_share(peer):
+    assert peer.agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert peer.agreement([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5  # nothing after the first difference counts
+    assert peer.agreement([], [1]) == 0.0
+
+
+def test_llama_options_go_together(peer):
+    with pytest.raises(SystemExit):
+        peer.parse(["--llama-python", sys.executable])
+
+
+@pytest.mark.slow
+def test_our_fp32_row(peer, tmp_path):
+    doc = peer.main(["--ours", "fp32", "--new-tokens", "8", "--prefill-tokens", "64", "--threads", "1",
+                     "--out", str(tmp_path / "peer.json")])
+    [row] = doc["rows"]
+    assert row["runtime"] == "codellama-rt" and row["weights"] == "fp32" and len(row["ids"]) == 8
+    assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 50
+    assert row["agreement_with_our_fp32"] == 1.0 and doc["meta"]["prefill_tokens"] == 64
+    assert (tmp_path / "peer.json").is_file()
