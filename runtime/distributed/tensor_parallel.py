@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import random
 import secrets
 from datetime import timedelta
 from typing import Callable, Optional
@@ -120,7 +121,5 @@ class TensorParallel:
 
     def seed_source(self) -> Callable[[], int]:
         """Seeds for requests that give none, the same sequence on every rank (rank 0's random start)."""
-        import random
-
         rng = random.Random(self.broadcast(secrets.randbits(64)))
         return lambda: rng.getrandbits(64)
