@@ -77,12 +77,16 @@ if a.get("quantize_to"):
 llm = Llama(model_path=a["gguf"], n_ctx=a["n_ctx"], n_batch=512, n_threads=a["threads"], n_threads_batch=a["threads"],
             type_k=0, type_v=0, verbose=False)  # 0: GGML_TYPE_F32 (an f32 KV cache)
 
+def last_logits():
+    # Llama.scores is filled only with logits_all=True; the context holds the last token's logits
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
 def greedy(ids, n):
     llm.reset()
     llm.eval(ids)
     stamps, out = [], []
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         stamps.append(time.perf_counter())
         out.append(tok)
         llm.eval([tok])
