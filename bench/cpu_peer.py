@@ -8,11 +8,12 @@ DEVELOPERS' notes for the CMAKE_ARGS that avoid the AMX int8 path); --llama-src:
 vendor/llama.cpp (for convert_hf_to_gguf.py and gguf-py, run with this interpreter). Without them only our
 rows are measured. The checkpoint is converted to GGUF f32 and f16 by llama.cpp's converter, and q8_0 /
 q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 default flips near-ties, so token
-agreement would measure the cache, not the weights). Our rows: fp32, bf16, int4 and nf4 (quantized at load).
+agreement would measure the cache, not the weights). Our rows: fp32, bf16, int4 and nf4 (quantized at load), int4-bf16.
 
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
-RSS of the child, and the generated ids (agreement with our fp32 reported against llama.cpp's f32).
+RSS of the child, and the generated ids (agreement with our fp32 reported against llama.cpp's f32). Rows
+named int4-bf16 / nf4-bf16 run the 4-bit weights with bf16 activations.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--ours", default="fp32,bf16,int4,nf4", help="our rows: fp32, bf16, int4, nf4")
+    p.add_argument("--ours", default="fp32,bf16,int4,int4-bf16,nf4",
+                   help="our rows: fp32, bf16, int4 / nf4 (fp32 activations), int4-bf16 / nf4-bf16")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if (a.llama_python is None) != (a.llama_src is None):
@@ -161,8 +163,9 @@ def main(argv=None) -> dict:
                 n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
     rows = []
     for name in a.ours.split(","):
-        dtype, quantize = ("float32", None) if name == "fp32" else ("bfloat16", None) if name == "bf16" \
-            else ("float32", name)
+        quantize, _, act = name.partition("-")  # int4 | int4-bf16 | nf4 | ... ; fp32 and bf16: dense
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(name) or ("bfloat16" if act == "bf16" else "float32")
+        quantize = None if name in ("fp32", "bf16") else quantize
         rows.append(dict(runtime="codellama-rt", weights=name, **child(sys.executable, OURS,
                                                                        dict(base, dtype=dtype, quantize=quantize))))
     if a.llama_python:

@@ -21,7 +21,8 @@ class UsageError(Exception):
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (HF or Meta layout) or a hub id in the "
                    "local HF cache; default: the embedded default model")
-    p.add_argument("--backend", default="auto", help="auto | reference | triton")
+    p.add_argument("--backend", default="auto",
+                   help="auto | reference | cpu | triton (auto: triton on CUDA, cpu on a CPU)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--quantize", default=None, help="nf4 | int4")

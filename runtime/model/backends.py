@@ -21,6 +21,7 @@ from ..kernels.attention_decode import rotary_attention_decode_ref
 from ..kernels.attention_prefill import attention_prefill_ref
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
+from ..kernels.int4_cpu import int4_linear_cpu
 from ..kernels.nf4 import nf4_linear_ref
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm_ref
@@ -49,20 +50,24 @@ class Backend:
     options: KernelOptions = DEFAULT_OPTIONS  # the kernel options bound into the ops above
 
 
+_REFERENCE = Backend(
+    name="reference",
+    rms_norm=rms_norm_ref,
+    rotary=rotary_ref,
+    attention_prefill=attention_prefill_ref,
+    rotary_attention_decode=rotary_attention_decode_ref,
+    swiglu=swiglu_ref,
+    linear=F.linear,
+    linear_swiglu=linear_swiglu_ref,
+    norm_linear=norm_linear_ref,
+    linear_nf4=nf4_linear_ref,
+    linear_int4=int4_linear_ref,
+)
+
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend(
-        name="reference",
-        rms_norm=rms_norm_ref,
-        rotary=rotary_ref,
-        attention_prefill=attention_prefill_ref,
-        rotary_attention_decode=rotary_attention_decode_ref,
-        swiglu=swiglu_ref,
-        linear=F.linear,
-        linear_swiglu=linear_swiglu_ref,
-        norm_linear=norm_linear_ref,
-        linear_nf4=nf4_linear_ref,
-        linear_int4=int4_linear_ref,
-    ),
+    "reference": _REFERENCE,
+    # The CPU default: the reference ops, with torch's packed int4 kernel for int4 weights (kernels/int4_cpu.py)
+    "cpu": dataclasses.replace(_REFERENCE, name="cpu", linear_int4=int4_linear_cpu),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
@@ -85,10 +90,10 @@ BACKENDS: dict[str, Backend] = {
 
 
 def resolve_backend(name: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> Backend:
-    """Pick the Backend for `name` ("auto", "reference", "triton") on `device`, its ops bound to `options`
+    """Pick the Backend for `name` ("auto", "reference", "cpu", "triton") on `device`, its ops bound to `options`
     (the reference ops take none: that backend is returned as it is)."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "reference"
+        name = "triton" if device.type == "cuda" else "cpu"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend={name!r}; expected one of: {', '.join(['auto', *BACKENDS])}")
     if not isinstance(options, KernelOptions):
