@@ -22,6 +22,7 @@ from codellama_rt.bench.plots import Bar, hbar_chart
 from codellama_rt.errors import MissingExtraError
 from codellama_rt.plotting import INSTALL_HINT
 from codellama_rt.quant.linear import model_weight_bytes, weight_bytes
+from tool_modules import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"card", "driver", "cuda", "torch", "triton", "python", "transformers", "git_commit", "source_digest",
@@ -530,23 +531,13 @@ def test_pytest_benchmark_suite_saves_a_json_named_after_the_card(tmp_path):
     assert data["commit_info"]["codellama_rt"] == provenance()  # the package this test imports: the same code
 
 
-def _load_script(name: str):
-    import importlib.util
-
-    path = ROOT / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_gemv_sweep_int4_candidates_compute_the_product():
     """The sweep's int4 candidates (tensor-core tiles and FMA tiles, through `int4_linear` with a launch
     override) compute x @ W^T here in the interpreter, for every tile it would try at these widths."""
     from codellama_rt.kernels.int4 import dequantize_int4, quantize_int4
 
-    sweep = _load_script("gemv_sweep")
+    sweep = load_bench("gemv_sweep")
     g = torch.Generator().manual_seed(0)
     N, K = 264, 512
     w = quantize_int4(torch.randn(N, K, generator=g).bfloat16() / K ** 0.5, group_size=128)

@@ -3,22 +3,16 @@ of our fp32 row in a child (numbers present and sane; llama.cpp is not needed fo
 asserted here (see bench/README.md)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "cpu_peer.py"
+from tool_modules import load_bench
 
 
 @pytest.fixture(scope="module")
 def peer():
-    spec = importlib.util.spec_from_file_location("cpu_peer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cpu_peer"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cpu_peer")
 
 
 def test_agreement_is_the_shared_prefix_share(peer):

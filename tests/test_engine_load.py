@@ -3,24 +3,16 @@ the random-weight `tiny` model (every field present and sane, the warm requests 
 every request ran its full length). Speed is never asserted here (see bench/README.md)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "engine_load.py"
+from tool_modules import load_bench
 
 
 @pytest.fixture(scope="module")
 def el():
-    """bench/engine_load.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("engine_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["engine_load"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("engine_load")
 
 
 def test_bad_options(el):

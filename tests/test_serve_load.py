@@ -4,29 +4,21 @@ every field with sane values, greedy texts match, and the server is gone afterwa
 here (see bench/README.md)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from tool_modules import load_bench
 
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
-
 
 @pytest.fixture(scope="module")
 def sl():
-    """bench/serve_load.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("serve_load")
 
 
 @pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.1:8000", "http://0.0.0.0:8000",

@@ -1,11 +1,11 @@
-"""The scripts in tools/ as modules for the tests, loaded by file path.
+"""The scripts in tools/ and bench/ as modules for the tests, loaded by file path.
 
 tools/ is not a package: its scripts run as `python tools/x.py`, which puts tools/ on sys.path, and they
 import their shared modules (tools/corpus.py, tools/probes.py) by plain name. Neither tools/ nor the
 repository root goes on sys.path here: the root would let this repository's kernels/ shadow the PyPI
 package `kernels` that transformers imports. Instead each file is loaded with importlib under the name
 a script would import it by, the shared modules first, so a tool's `from corpus import ...` finds them
-in sys.modules.
+in sys.modules. bench/'s scripts import only the package; each loads as `bench_<name>`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+BENCH = TOOLS.parent / "bench"
 SHARED = ("corpus", "probes")  # in dependency order: probes imports corpus
 
 
@@ -22,14 +23,18 @@ def load_tool(name: str) -> ModuleType:
     """tools/<name>.py as the module `name` (loaded once; its shared modules before it)."""
     for dep in SHARED:
         if dep != name:
-            _load(dep)
+            _load(dep, TOOLS / f"{dep}.py")
         else:
             break
-    return _load(name)
+    return _load(name, TOOLS / f"{name}.py")
 
 
-def _load(name: str) -> ModuleType:
-    path = TOOLS / f"{name}.py"
+def load_bench(name: str) -> ModuleType:
+    """bench/<name>.py as the module `bench_<name>` (loaded once)."""
+    return _load(f"bench_{name}", BENCH / f"{name}.py")
+
+
+def _load(name: str, path: Path) -> ModuleType:
     loaded = sys.modules.get(name)
     if loaded is not None:
         if Path(getattr(loaded, "__file__", "") or "").resolve() != path:
