@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     a = parse(argv)
     import codellama_rt as cl
     from codellama_rt.api import default_model_path
-    from codellama_rt.bench.common import environment
+    from codellama_rt.bench.common import emit_json, environment
 
     model = a.model or default_model_path()
     tok = cl.Tokenizer.from_pretrained(model)
@@ -184,10 +184,8 @@ def main(argv=None) -> dict:
         r["agreement_with_our_fp32"] = agreement(r["ids"], ref) if ref else None
     doc = {"meta": {**environment(), "model": str(model), "threads": a.threads, "new_tokens": a.new_tokens,
                     "prefill_tokens": len(long_ids)}, "rows": rows}
-    text = json.dumps(doc, indent=1)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+        emit_json(doc, a.out)
     print("| runtime | weights | decode tok/s | prefill tok/s | peak RSS MB | greedy agreement with our fp32 |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -20,7 +20,6 @@ not timed. JSON to stdout or --out; a short table to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import queue
 import sys
@@ -31,7 +30,7 @@ import torch
 
 import codellama_rt as cl
 from codellama_rt.bench import e2e
-from codellama_rt.bench.common import environment, loadavg
+from codellama_rt.bench.common import emit_json, environment, loadavg
 from codellama_rt.engine.events import Completion
 from codellama_rt.engine.sampling import SamplingParams
 
@@ -149,12 +148,7 @@ def main(argv=None) -> dict:
     want = bars(model.module.device.type == "cuda")
     doc["bars"] = {k: {"value": doc[s]["ratio"], "bar": want[k], "met": doc[s]["ratio"] >= want[k]}
                    for k, s in (("concurrency_ratio", "concurrency"), ("prefix_ttft_ratio", "prefix"))}
-    text = json.dumps(doc, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    else:
-        print(text)
+    emit_json(doc, a.out)
     c, p = doc["concurrency"], doc["prefix"]
     print(f"{what} on {doc['meta']['device']}: {c['requests']} x {c['max_tokens']} tokens sequential "
           f"{c['sequential_s']:.2f} s, concurrent {c['concurrent_s']:.2f} s: {c['ratio']:.2f}x (bar "

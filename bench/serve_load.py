@@ -376,7 +376,7 @@ def table(doc: dict) -> str:
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from codellama_rt.bench.common import environment, loadavg
+    from codellama_rt.bench.common import emit_json, environment, loadavg
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit through the finally that kills the server
     meta = {**environment(), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
@@ -397,12 +397,7 @@ def main(argv=None) -> dict:
         bars["prefix_ttft_ratio"] = {"value": doc["prefix"]["ratio"], "bar": BARS["prefix_ttft_ratio"],
                                      "met": doc["prefix"]["ratio"] >= BARS["prefix_ttft_ratio"]}
     doc = {"meta": meta, "bars": bars, **doc}
-    text = json.dumps(doc, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    else:
-        print(text)
+    emit_json(doc, a.out)
     print(table(doc), file=sys.stderr)
     return doc
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -186,3 +187,13 @@ def graph_time_us(calls: list, reps: int = 4) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (5 * reps * len(calls))
+
+
+def emit_json(doc, out: "Path | None") -> None:
+    """`doc` as indented JSON into `out` (its folder made), or on stdout without one."""
+    text = json.dumps(doc, indent=1)
+    if out is None:
+        print(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
