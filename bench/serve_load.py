@@ -26,13 +26,10 @@ import asyncio
 import ipaddress
 import json
 import math
-import queue
 import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -62,51 +59,6 @@ def check_loopback(url: str) -> str:
         raise SystemExit(f"--url {url!r}: only a server on this machine is load-tested (http://127.0.0.1:PORT, "
                          "http://[::1]:PORT or http://localhost:PORT)")
     return url.rstrip("/")
-
-
-class OwnServer:
-    """`codellama-rt serve` on 127.0.0.1 with --port 0, as a context manager: its URL once it is ready;
-    killed on exit (also on an error or SIGTERM)."""
-
-    def __init__(self, args: list):
-        self.cmd = [sys.executable, "-m", "codellama_rt", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc, self.tail, self.lines = None, [], queue.Queue()
-
-    def __enter__(self) -> str:
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if line is None:
-                    break
-                if " on http://" in line:
-                    return line.strip().rsplit(" on ", 1)[1]
-        except BaseException:
-            self.stop()
-            raise
-        self.stop()
-        raise RuntimeError(f"the server did not start within {START_TIMEOUT:.0f} s ({' '.join(self.cmd)}): "
-                           f"{''.join(self.tail)[-2000:]}")
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.tail = (self.tail + [line])[-50:]
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ---- requests ---------------------------------------------------------------------------------------
@@ -377,6 +329,7 @@ def table(doc: dict) -> str:
 def main(argv=None) -> dict:
     a = parse(argv)
     from codellama_rt.bench.common import emit_json, environment, loadavg
+    from codellama_rt.bench.serve_process import ServeProcess
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit through the finally that kills the server
     meta = {**environment(), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
@@ -385,7 +338,8 @@ def main(argv=None) -> dict:
         doc = asyncio.run(run(a.url, a))
     else:
         args = ["--max-batch-size", str(a.max_batch_size), *a.server_arg]
-        with OwnServer(args) as url:
+        with ServeProcess(args) as server:
+            url = server.wait_ready(START_TIMEOUT)
             meta["server"] = {"url": url, "started_here": True, "args": args}
             doc = asyncio.run(run(url, a))
     meta["loadavg_end"] = loadavg()

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import codellama_rt
+from codellama_rt.bench.serve_process import ServeProcess
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -29,47 +26,16 @@ START_TIMEOUT = 180  # seconds for a server to load the model and listen
 PROMPT = "def fibonacci(n):"
 
 
-class Served:
-    """A `codellama-rt serve` subprocess: its base URL, and its stderr collected by a reader thread."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "codellama_rt", "serve", "--host", "127.0.0.1",
-                                      "--port", "0", "--served-model-name", NAME, *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.stderr: list = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = self._wait_ready()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if " on http://" in line:
-                return line.strip().rsplit(" on ", 1)[1]
-        self.stop()
-        raise AssertionError(f"server did not start within {START_TIMEOUT} s: {''.join(self.stderr)[-2000:]}")
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
+def served(*args: str) -> ServeProcess:
+    """A `codellama-rt serve` subprocess on 127.0.0.1 serving NAME, ready (its URL in `.url`)."""
+    s = ServeProcess(["--served-model-name", NAME, *args])
+    s.wait_ready(START_TIMEOUT)
+    return s
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Served("--max-batch-size", "8")
+    s = served("--max-batch-size", "8")
     yield s
     s.stop()
 
@@ -77,7 +43,7 @@ def server():
 @pytest.fixture(scope="module")
 def small():
     """Two slots, one queue place, an API key."""
-    s = Served("--max-batch-size", "2", "--max-queue", "1", "--api-key", KEY)
+    s = served("--max-batch-size", "2", "--max-queue", "1", "--api-key", KEY)
     yield s
     s.stop()
 

@@ -229,28 +229,20 @@ def test_serve_on_two_ranks_answers_as_one_process(tmp_path, hf_checkpoint):
     give the single-process text; a stream abandoned mid-way is cancelled on both ranks (the next request is
     still right); SIGTERM on rank 0 stops both cleanly."""
     import concurrent.futures
-    import queue
     import signal
-    import threading
+
+    from codellama_rt.bench.serve_process import ServeProcess
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6)
     ref = cl.load(path)
-    argv = [sys.executable, "-m", "codellama_rt", "serve", "--model", str(path), "--port", "0", "--max-batch-size",
-            "4", "--dist-init", f"file://{tmp_path / 'rendezvous'}"]
-    procs = [subprocess.Popen(argv, env=rank_env(r, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stderr], daemon=True).start()
+    args = ["--model", str(path), "--max-batch-size", "4", "--dist-init", f"file://{tmp_path / 'rendezvous'}"]
+    procs = [ServeProcess(args, env=rank_env(r, 2)) for r in range(2)]
     try:
-        deadline, url = time.monotonic() + TIMEOUT_S, None
-        while url is None and time.monotonic() < deadline:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if " on http://" in line:
-                url = line.strip().rsplit(" on ", 1)[1]
-        assert url and url.startswith("http://127.0.0.1:")
+        url = procs[0].wait_ready(TIMEOUT_S)
+        assert url.startswith("http://127.0.0.1:")
         prompts = [PROMPT, "import os\n", "class Stack:\n    def push(self, item):", "x = ["]
 
         def complete(client, prompt, **kw):
@@ -271,13 +263,11 @@ def test_serve_on_two_ranks_answers_as_one_process(tmp_path, hf_checkpoint):
                     if line.startswith("data: "):
                         break
             assert complete(c, prompts[3]) == ref.generate(prompts[3], max_new_tokens=12).text
-        procs[0].send_signal(signal.SIGTERM)
-        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+        procs[0].proc.send_signal(signal.SIGTERM)
+        assert [p.proc.wait(timeout=60) for p in procs] == [0, 0]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            p.stop()
 
 
 @pytest.mark.gpu
