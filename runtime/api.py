@@ -183,7 +183,8 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if tp is not None:
         tp.check_same("checkpoint and options", (directory.name, args.to_dict(), str(dtype), quantize, group_size,
                                                   seq_len, max_batch_size))
-        tp.local_args(args, group_size if quantize == "int4" else None)
+        if quantize == "int4":
+            tp.check_group_size(local, group_size)
     model = _transformer(local, ops, dtype, device, seq_len, quantized)
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
                  quantize_head=quantize_head, progress=progress, args=args,

@@ -67,25 +67,25 @@ class TensorParallel:
 
     # ---- shapes ---------------------------------------------------------------------------
 
-    def local_args(self, args: ModelArgs, group_size: Optional[int] = None) -> ModelArgs:
+    def local_args(self, args: ModelArgs) -> ModelArgs:
         """This rank's shapes: n_heads, n_kv_heads and ffn_dim divided by the world size (head_dim, dim,
-        vocabulary and layers unchanged). A size that does not divide is a ValueError naming it; so is an
-        int4 `group_size` that does not divide a rank's input width of wo or down."""
+        vocabulary and layers unchanged). A size that does not divide is a ValueError naming it."""
         for name in ("n_heads", "n_kv_heads", "ffn_dim"):
             value = getattr(args, name)
             if value % self.world:
                 raise ValueError(f"tensor parallelism over {self.world} ranks: {name}={value} is not divisible by "
                                  f"the world size {self.world} (each rank must hold whole heads and an equal share "
                                  "of the FFN)")
-        local = dataclasses.replace(args, n_heads=args.n_heads // self.world,
-                                    n_kv_heads=args.n_kv_heads // self.world, ffn_dim=args.ffn_dim // self.world,
-                                    head_dim=args.head_dim)
-        if group_size is not None:
-            for name, width in (("wo", local.q_dim), ("down (w2)", local.ffn_dim)):
-                if width % group_size:
-                    raise ValueError(f"tensor parallelism over {self.world} ranks: a rank's {name} input width "
-                                     f"{width} is not a multiple of the int4 group size {group_size}")
-        return local
+        return dataclasses.replace(args, n_heads=args.n_heads // self.world,
+                                   n_kv_heads=args.n_kv_heads // self.world, ffn_dim=args.ffn_dim // self.world,
+                                   head_dim=args.head_dim)
+
+    def check_group_size(self, local: ModelArgs, group_size: int) -> None:
+        """ValueError unless the int4 `group_size` divides a rank's (`local`) input width of wo and down."""
+        for name, width in (("wo", local.q_dim), ("down (w2)", local.ffn_dim)):
+            if width % group_size:
+                raise ValueError(f"tensor parallelism over {self.world} ranks: a rank's {name} input width "
+                                 f"{width} is not a multiple of the int4 group size {group_size}")
 
     # ---- collectives ----------------------------------------------------------------------
 
