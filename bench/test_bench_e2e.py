@@ -4,12 +4,11 @@ CPU: the tiny model on the reference backend. Every round is a cold prompt (no p
 Rounds: --benchmark-min-rounds (default 5) after a warm-up."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from codellama_rt.bench import e2e
+from codellama_rt.bench.measure import cold_prompts
 from codellama_rt.engine.sampling import SamplingParams
 
 MODEL = "7B-bf16" if torch.cuda.is_available() else "tiny"
@@ -31,11 +30,10 @@ def _generate(engine, prompts, new_tokens: int) -> list:
 def _cold(engine, prompts, new_tokens: int):
     """pytest-benchmark's `setup`: each round's prompts differ from the last round's in their first id, so
     the engine's prefix cache never serves a round (every round prefills the whole prompt)."""
-    calls, V = itertools.count(1), engine.model.args.vocab_size
+    fresh = cold_prompts(engine.model.args.vocab_size)
 
     def setup():
-        k = next(calls)
-        return (engine, [[3 + (p[0] - 3 + k) % (V - 3), *p[1:]] for p in prompts], new_tokens), {}
+        return (engine, fresh(prompts), new_tokens), {}
     return setup
 
 

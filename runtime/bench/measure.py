@@ -3,6 +3,7 @@ and peak memory, decode rate from token timestamps, TTFT rows, and a failure as 
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 from typing import Optional
 
@@ -39,6 +40,17 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[
     """`batch` prompts of `length` ids in [3, vocab_size) (no bos/eos/unk), the same for every provider."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, length), generator=g).tolist()
+
+
+def cold_prompts(vocab_size: int):
+    """A function of prompts (id lists) that gives them back with the first id changed, to a new one at each
+    call (in [3, vocab_size)): a repeat of a prompt is then never served from the engine's prefix cache."""
+    calls = itertools.count(1)
+
+    def fresh(prompts: list) -> list:
+        k = next(calls)
+        return [[3 + (p[0] - 3 + k) % (vocab_size - 3), *p[1:]] for p in prompts]
+    return fresh
 
 
 def sync_device(device) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 import time
 from typing import Optional
 
@@ -12,8 +11,8 @@ from ..model.backends import resolve_backend
 from ..engine.generate import Engine
 from ..kernels.options import KernelOptions
 from ..engine.sampling import SamplingParams
-from .measure import (decode_rate, decode_row, error_text, free_memory, peak_gib, random_prompts, reset_peak,
-                      ttft_row)
+from .measure import (cold_prompts, decode_rate, decode_row, error_text, free_memory, peak_gib, random_prompts,
+                      reset_peak, ttft_row)
 from .plan import OURS, OURS_EAGER, OURS_GRAPHS, ModelSpec, Plan
 
 
@@ -87,11 +86,10 @@ def kernel_options_set(model, options: KernelOptions):
 def _cold_run(engine: Engine):
     """`_stamped_run` on `engine` with each call's prompts changed in their first id (a new one per call), so
     the engine's prefix cache never serves a repeat: TTFT rows time a cold prefill of the whole prompt."""
-    calls, V = itertools.count(1), engine.model.args.vocab_size
+    fresh = cold_prompts(engine.model.args.vocab_size)
 
     def run(prompts, new_tokens: int):
-        k = next(calls)
-        return _stamped_run(engine, [[3 + (p[0] - 3 + k) % (V - 3), *p[1:]] for p in prompts], new_tokens)
+        return _stamped_run(engine, fresh(prompts), new_tokens)
     return run
 
 
