@@ -78,8 +78,9 @@ class SlotTable:
 
         reuse, source = match(slot), None
         for s in range(len(self.owner)):
-            if s != slot and match(s) > reuse:
-                reuse, source = match(s), s
+            m = match(s) if s != slot else 0
+            if m > reuse:
+                reuse, source = m, s
         old = self.tokens[slot]
         save_to = None
         if old and (source is not None or 2 * reuse < len(old)):
