@@ -1,5 +1,39 @@
 """codellama-rt: a lean, fast inference runtime for CodeLlama."""
-from setuptools import setup
+import os
+import sys
+
+# The repository's kernels/ must not shadow the PyPI package `kernels` (a transformers dependency whose
+# setuptools entry points run during this build when it is installed without build isolation).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from setuptools import setup  # noqa: E402
+
+NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+def native_extension() -> dict:
+    """The native CPU kernels (csrc/cpu_native.cpp -> codellama_rt._cpu_native), built where torch and a C++
+    compiler are present at install time (scripts/setup.sh installs without build isolation, so the venv's
+    torch is there). Any failure leaves them out: kernels/cpu_native.py then runs the PyTorch path and says so."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("codellama-rt: torch is not importable at build time; native CPU kernels not built", file=sys.stderr)
+        return {}
+
+    class OptionalBuild(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # no compiler, an unknown flag: the PyTorch path still works
+                print(f"codellama-rt: native CPU kernels not built ({type(e).__name__}: {e}); "
+                      "the PyTorch path will run", file=sys.stderr)
+
+    ext = CppExtension("codellama_rt._cpu_native", ["csrc/cpu_native.cpp"], depends=["csrc/cpu_linear.h"],
+                       extra_compile_args=NATIVE_FLAGS, extra_link_args=["-fopenmp"])
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild}}
+
 
 # fastapi: app.add_api_route / exception handlers as used; uvicorn: Server.startup(sockets=...);
 # prometheus_client: custom collectors with HistogramMetricFamily
@@ -35,4 +69,5 @@ setup(
                  "ruff>=0.5", "openai>=1.40", "httpx>=0.27", *SERVE],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
+    **native_extension(),
 )

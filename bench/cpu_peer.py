@@ -1,7 +1,7 @@
 """Our CPU decode and prefill beside llama.cpp's (issue 21's peer), same weights, batch 1, greedy, no stop
 token, each runtime in a child process of its own (peak RSS per child).
 
-    python bench/cpu_peer.py [--model DIR] --llama-python PY --llama-src DIR [--threads 2] [--out FILE]
+    python bench/cpu_peer.py [--model DIR | --random 57m] --llama-python PY --llama-src DIR [--threads 2] [--out FILE]
 
 --llama-python: a Python with llama-cpp-python installed (built from source in a venv of its own; see
 DEVELOPERS' notes for the CMAKE_ARGS that avoid the AMX int8 path); --llama-src: its source tree's
@@ -9,6 +9,11 @@ vendor/llama.cpp (for convert_hf_to_gguf.py and gguf-py, run with this interpret
 rows are measured. The checkpoint is converted to GGUF f32 and f16 by llama.cpp's converter, and q8_0 /
 q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 default flips near-ties, so token
 agreement would measure the cache, not the weights). Our rows: fp32, bf16, int4 and nf4 (quantized at load), int4-bf16.
+
+--random 57m / 300m: instead of a checkpoint, random weights of the issue's larger shapes (dim 512, 8 layers,
+ffn 1376; dim 1024, 16 layers, GQA 4, ffn 2752; CodeLlama's 32016-token vocabulary and tokenizer, from
+../shared/tokenizers or --tokenizer), written to a temporary directory (their greedy ids are noise: compare
+speed and memory only).
 
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
@@ -27,6 +32,11 @@ from pathlib import Path
 
 PROMPT = "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n"
 TIMEOUT_S = 900
+RANDOM_SHAPES = {  # ModelArgs fields of --random's checkpoints
+    "57m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376, vocab_size=32016),
+    "300m": dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=2752, vocab_size=32016),
+}
+SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "codellama-tokenizer.model"
 
 OURS = r'''
 import json, resource, sys, time, queue
@@ -135,6 +145,9 @@ def agreement(a: list, b: list) -> float:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="HF-layout directory (default: the embedded model)")
+    p.add_argument("--random", choices=sorted(RANDOM_SHAPES), default=None,
+                   help="random weights of one of the issue's larger shapes instead of --model")
+    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="tokenizer.model for --random")
     p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
     p.add_argument("--llama-src", type=Path, default=None, help="llama.cpp's source tree (vendor/llama.cpp)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -146,16 +159,40 @@ def parse(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if (a.llama_python is None) != (a.llama_src is None):
         p.error("--llama-python and --llama-src go together")
+    if a.random and a.model:
+        p.error("--random and --model exclude each other")
+    if a.random and not a.tokenizer.is_file():
+        p.error(f"--random needs a CodeLlama tokenizer.model: {a.tokenizer} does not exist (pass --tokenizer)")
     return a
+
+
+def random_checkpoint(shape: str, tokenizer: Path, directory: Path) -> Path:
+    """An HF-layout directory of random weights with RANDOM_SHAPES[shape] (fp32, seed 0)."""
+    from codellama_rt.model.config import ModelArgs
+    from codellama_rt.tiny import write_random_checkpoint
+
+    args = ModelArgs(**RANDOM_SHAPES[shape], rope_theta=1e6, max_seq_len=4096)
+    return write_random_checkpoint(directory, args, tokenizer)
 
 
 def main(argv=None) -> dict:
     a = parse(argv)
+    scratch = tempfile.TemporaryDirectory()
+    try:
+        return _measure(a, scratch.name)
+    finally:
+        scratch.cleanup()
+
+
+def _measure(a: argparse.Namespace, scratch: str) -> dict:
     import codellama_rt as cl
     from codellama_rt.api import default_model_path
     from codellama_rt.bench.common import emit_json, environment
 
-    model = a.model or default_model_path()
+    if a.random:
+        model = random_checkpoint(a.random, a.tokenizer, Path(scratch) / a.random)
+    else:
+        model = a.model or default_model_path()
     tok = cl.Tokenizer.from_pretrained(model)
     ids = tok.encode(PROMPT)
     long_ids = (tok.encode(PROMPT * 64))[:a.prefill_tokens]
@@ -182,7 +219,8 @@ def main(argv=None) -> dict:
     ref = next((r["ids"] for r in rows if r["weights"] == "fp32"), None)
     for r in rows:
         r["agreement_with_our_fp32"] = agreement(r["ids"], ref) if ref else None
-    doc = {"meta": {**environment(), "model": str(model), "threads": a.threads, "new_tokens": a.new_tokens,
+    name = f"random {a.random}" if a.random else str(model)
+    doc = {"meta": {**environment(), "model": name, "threads": a.threads, "new_tokens": a.new_tokens,
                     "prefill_tokens": len(long_ids)}, "rows": rows}
     if a.out:
         emit_json(doc, a.out)

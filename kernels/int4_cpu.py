@@ -1,5 +1,7 @@
-"""int4 projections on the CPU through torch's own packed kernel (`aten._weight_int4pack_mm_for_cpu`), so a
-4-bit model no longer dequantizes whole matrices at every call. Reference: `int4.int4_linear_ref`.
+"""int4 projections on the CPU: the native kernel of csrc/ (`cpu_native.int4_linear_native`: fp32 rows, up to
+`cpu_native.NATIVE_MAX_ROWS`) where it is built and applies, else torch's own packed kernel
+(`aten._weight_int4pack_mm_for_cpu`), so a 4-bit model no longer dequantizes whole matrices at every call.
+Reference: `int4.int4_linear_ref`.
 
 Our weights are asymmetric (w = (q - z) s); torch's kernel computes (q - 8) s + zero per group, so the
 zero it is given is (8 - z) s (exact in fp32: z and 8 are small integers). The packed copy of a weight is
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_native import int4_linear_native
 from .int4 import int4_linear_ref
 from .int4_format import Int4Weight
 
@@ -47,6 +50,9 @@ def packed(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 def int4_linear_cpu(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int4_linear_ref` (fp32 accumulation inside torch's kernel;
     bf16 x keeps bf16 products)."""
+    native = int4_linear_native(x, w)
+    if native is not None:
+        return native
     if not supported(x, w) or (x.dtype == torch.float32 and x.numel() // x.shape[-1] > FP32_KERNEL_MAX_ROWS):
         return int4_linear_ref(x, w)
     code, scales_zeros = packed(w, x.dtype)

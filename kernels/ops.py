@@ -15,6 +15,7 @@ Python. One custom op per backend entry point; together they launch every Triton
                blocksize, nested_blocksize, nested_offset) -> out             kernels/nf4.py
     int4_linear(x, qweight, qzeros, scales, out_features, in_features, group_size, experiments,
                 pdl) -> out                                                   kernels/int4.py
+    int8_linear(x, qweight, scales) -> out                                    kernels/int8_format.py (torch)
 
 (`!`: mutated in place, declared in `mutates_args`; `?`: optional tensor.) The functions below the ops
 (`rms_norm`, `rotary`, ...) are what `codellama_rt.model.backends` puts in the triton row: they keep the
@@ -52,6 +53,7 @@ from . import rms_norm as _rms_norm
 from . import rotary as _rotary
 from . import swiglu as _swiglu
 from .int4_format import Int4Weight
+from .int8_format import Int8Weight, int8_linear_ref
 from .nf4_format import NF4Weight
 from .options import DEFAULT_OPTIONS, KernelOptions, parse_experiments
 
@@ -304,3 +306,22 @@ def linear_int4(x: Tensor, w: Int4Weight, *, options: KernelOptions = DEFAULT_OP
         return _int4.int4_linear(x, w, options=options)
     out_f, in_f = w.shape
     return _int4_linear_op(x, w.qweight, w.qzeros, w.scales, out_f, in_f, w.group_size, *encode_options(options))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    return int8_linear_ref(x, Int8Weight(qweight=qweight, scales=scales, shape=tuple(qweight.shape)))
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scales):
+    return _rows_out(x, qweight.shape[0])
+
+
+def linear_int8(x: Tensor, w: Int8Weight) -> Tensor:
+    """`kernels.int8_format.int8_linear_ref` (dequantize, then torch's matmul) through the op; w: an Int8Weight."""
+    if not isinstance(w, Int8Weight):
+        raise TypeError(f"int8_linear: w must be an Int8Weight, got {type(w).__name__}")
+    if _eager():
+        return int8_linear_ref(x, w)
+    return _int8_linear_op(x, w.qweight, w.scales)

@@ -25,7 +25,7 @@ Prompt = Union[str, list]
 LONG_CONTEXT = 100_000
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_QUANTIZE = (None, "nf4", "int4")
+_QUANTIZE = (None, "nf4", "int4", "int8")
 
 
 def parse_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -107,8 +107,8 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
-    `quantize="nf4" | "int4"` quantizes the blocks' projections while loading (int4: groups of 128, or
-    the largest of 64 and 32 that divides the model's widths);
+    `quantize="nf4" | "int4" | "int8"` quantizes the blocks' projections while loading (int4: groups of 128,
+    or the largest of 64 and 32 that divides the model's widths; int8: one scale per output row);
     a quantized checkpoint (bitsandbytes 4-bit, GPTQ, or `codellama-rt quantize` output) loads as
     stored without it. The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens
     (default: the model's context; at most `context_limit`) and is allocated on first generation.

@@ -13,4 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 extra="[serve]"
 [ "${1:-}" = "--test" ] && extra="[serve,test]"
-pip install -c scripts/constraints.txt -e ".${extra}"
+# Without build isolation, so the build sees the venv's torch and compiles the native CPU kernels (csrc/;
+# skipped with a notice where no C++ compiler works).
+pip install "setuptools>=64" wheel
+pip install --use-pep517 --no-build-isolation -c scripts/constraints.txt -e ".${extra}"

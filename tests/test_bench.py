@@ -364,7 +364,7 @@ def test_ttft_rows_time_a_cold_prefill():
 
 def test_random_model_rejects_bad_options():
     with pytest.raises(ValueError, match="quantize"):
-        random_model(TINY, None, quantize="int8")
+        random_model(TINY, None, quantize="int3")
     with pytest.raises(ValueError, match="max_batch_size"):
         random_model(TINY, None, max_batch_size=0)
 

@@ -17,6 +17,15 @@ from codellama_rt.model.backends import resolve_backend
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # max|Δ| / max|ref|
 
 
+@pytest.fixture(autouse=True)
+def torch_kernel_only(monkeypatch):
+    """These tests are about torch's packed kernel: without the native one (tests/test_cpu_native.py),
+    which int4_linear_cpu tries first."""
+    from codellama_rt.kernels import cpu_native
+
+    monkeypatch.setattr(cpu_native, "_ext", None)
+
+
 def weight(out_f, in_f, g, seed=0):
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     return quantize_int4(w, group_size=g)

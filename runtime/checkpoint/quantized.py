@@ -27,11 +27,12 @@ import torch
 from ..errors import CheckpointError
 from ..kernels.int4_format import Int4Weight, unpack_gptq
 from ..kernels.nf4_format import NF4Weight
-from ..quant.linear import METHODS, merge_int4
+from ..quant.linear import merge_int4
 
 OWN_METHOD = "codellama-rt"
 OWN_FORMAT_VERSION = 1
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
+CHECKPOINT_METHODS = ("nf4", "int4")  # the own format's methods (int8 is a load-time format only, for now)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -82,8 +83,8 @@ def read_quantization(config: dict, file) -> Optional[Quantization]:
         if qc.get("format_version") != OWN_FORMAT_VERSION:
             raise bad(f"format_version={qc.get('format_version')!r} is not supported "
                       f"(this build reads {OWN_FORMAT_VERSION})")
-        if qc.get("method") not in METHODS:
-            raise bad(f"method={qc.get('method')!r} is not one of {list(METHODS)}")
+        if qc.get("method") not in CHECKPOINT_METHODS:
+            raise bad(f"method={qc.get('method')!r} is not one of {list(CHECKPOINT_METHODS)}")
         return Quantization(OWN_METHOD, qc["method"], Path(file),
                             group_size=_group_size(qc, bad) if qc["method"] == "int4" else 0,
                             quantize_head=bool(qc.get("quantize_head", False)))

@@ -43,6 +43,9 @@ def part_tensors(name: str, part) -> dict:
             t[base + ".nested_quant_map"] = part.nested_code
         t[base + _BNB_STATE] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
         return t
+    if part.format != "int4":
+        raise ValueError(f"{name}: {part.format} weights cannot be saved yet (the checkpoint format holds nf4 "
+                         "and int4); quantize to int8 at load instead")
     return {f"{name}.qweight": part.qweight, f"{name}.qzeros": part.qzeros, f"{name}.scales": part.scales}
 
 

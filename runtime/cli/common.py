@@ -25,7 +25,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="auto | reference | cpu | triton (auto: triton on CUDA, cpu on a CPU)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--quantize", default=None, help="nf4 | int4")
+    p.add_argument("--quantize", default=None, help="nf4 | int4 | int8")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128, dividing the "
                    "model's widths (default: the largest that does)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")

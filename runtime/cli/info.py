@@ -8,7 +8,7 @@ def add_parser(sub, parents: list) -> None:
     n.add_argument("--dtype", default=None)
     n.add_argument("--max-batch-size", type=int, default=1)
     n.add_argument("--max-seq-len", type=int, default=None)
-    n.add_argument("--quantize", default=None, choices=("nf4", "int4"),
+    n.add_argument("--quantize", default=None, choices=("nf4", "int4", "int8"),
                    help="also show the weight memory once quantized (nf4 | int4)")
     n.add_argument("--group-size", type=int, default=None, help="int4 group size for --quantize int4 "
                    "(default: the largest of 128, 64, 32 dividing the model's widths)")

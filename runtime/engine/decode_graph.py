@@ -88,6 +88,8 @@ class DecodeStep:
         V = model.args.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        # the backend's whole-step decoder (the CPU's native step), or None: the module graph
+        self.native = None if graphed else model.ops.decoder(model)
         if graphed:
             self._capture(pool)
 
@@ -104,7 +106,10 @@ class DecodeStep:
         tokens, positions, rows = buf.tokens[:B], buf.positions[:B], buf.sampling.view(B)
         if self.stages.penalty:  # (`seen[rows, tokens] = True` would copy True to the device and wait)
             rows.seen.scatter_(1, tokens[:, None], True)
-        logits = self.model(tokens[:, None], Decode(positions, S), self.cache)[:, -1]
+        if self.native is not None:
+            logits = self.native(tokens, positions, self.cache.data)
+        else:
+            logits = self.model(tokens[:, None], Decode(positions, S), self.cache)[:, -1]
         positions.add_(1).clamp_(max=S - 1)  # only idle rows reach the clamp
         out = sample_rows(logits, self.stages, rows, self.vocab_limit)
         buf.sampled[:B].copy_(out.tokens)

@@ -21,12 +21,15 @@ from ..kernels.attention_decode import rotary_attention_decode_ref
 from ..kernels.attention_prefill import attention_prefill_ref
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
+from ..kernels.cpu_native import int8_linear_cpu
 from ..kernels.int4_cpu import int4_linear_cpu
+from ..kernels.int8_format import int8_linear_ref
 from ..kernels.nf4 import nf4_linear_ref
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm_ref
 from ..kernels.rotary import rotary_ref
 from ..kernels.swiglu import swiglu_ref
+from .native_decoder import native_decoder, no_decoder
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Backend:
     norm_linear: Callable  # (x, residual | None, norm_weight [in], eps, weight, swiglu=False)
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
+    linear_int8: Callable  # (x [..., in], Int8Weight [out, in]) -> [..., out] in x.dtype
+    # (model) -> a whole decode step (tokens [B], positions [B], cache data) -> logits [B, V], or None: the graph
+    decoder: Callable = no_decoder
     options: KernelOptions = DEFAULT_OPTIONS  # the kernel options bound into the ops above
 
 
@@ -62,12 +68,16 @@ _REFERENCE = Backend(
     norm_linear=norm_linear_ref,
     linear_nf4=nf4_linear_ref,
     linear_int4=int4_linear_ref,
+    linear_int8=int8_linear_ref,
 )
 
 BACKENDS: dict[str, Backend] = {
     "reference": _REFERENCE,
-    # The CPU default: the reference ops, with torch's packed int4 kernel for int4 weights (kernels/int4_cpu.py)
-    "cpu": dataclasses.replace(_REFERENCE, name="cpu", linear_int4=int4_linear_cpu),
+    # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8 and
+    # int4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
+    # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
+    "cpu": dataclasses.replace(_REFERENCE, name="cpu", linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
+                               decoder=native_decoder),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
@@ -85,6 +95,7 @@ BACKENDS: dict[str, Backend] = {
         norm_linear=triton_ops.norm_linear,
         linear_nf4=triton_ops.linear_nf4,
         linear_int4=triton_ops.linear_int4,
+        linear_int8=triton_ops.linear_int8,  # dequantize, then cuBLAS
     ),
 }
 
@@ -101,7 +112,7 @@ def resolve_backend(name: str, device: torch.device, options: KernelOptions = DE
     return _bound(BACKENDS[name], options)
 
 
-_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options"))
+_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options", "decoder"))
 
 
 @functools.lru_cache(maxsize=None)  # one Backend per (table row, options): models with equal options share it

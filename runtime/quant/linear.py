@@ -1,9 +1,10 @@
-"""4-bit weights in the module graph: `QuantLinear` and `quantize_model`, the one place that swaps
+"""Quantized weights in the module graph: `QuantLinear` and `quantize_model`, the one place that swaps
 a projection `Linear` for its quantized form, plus weight-memory accounting (measured and from shapes).
 
-Formats (containers and kernels in `codellama_rt.kernels.nf4` / `.int4`):
+Formats (containers and kernels in `codellama_rt.kernels.nf4` / `.int4` / `.int8_format`):
 - "nf4": bitsandbytes' NF4, blocks of 64 values, absmax double-quantized to 8 bits (blocks of 256);
-- "int4": asymmetric 4-bit per group of `group_size` input columns, GPTQ's layout (desc_act=False).
+- "int4": asymmetric 4-bit per group of `group_size` input columns, GPTQ's layout (desc_act=False);
+- "int8": symmetric 8-bit, one scale per output row (`codellama_rt.kernels.int8_format`).
 Embeddings, norms and (by default) the lm_head stay in the model dtype.
 """
 from __future__ import annotations
@@ -16,20 +17,21 @@ import torch
 from torch import nn
 
 from ..kernels.int4_format import Int4Weight, quantize_int4
+from ..kernels.int8_format import Int8Weight, int8_bytes, quantize_int8
 from ..kernels.nf4_format import NF4Weight, quantize_nf4
 from ..model.backends import Backend
 from ..model.config import ModelArgs
 from ..model.transformer import Linear, Transformer
 
-METHODS = ("nf4", "int4")
-QuantPart = Union[NF4Weight, Int4Weight]
+METHODS = ("nf4", "int4", "int8")
+QuantPart = Union[NF4Weight, Int4Weight, Int8Weight]
 
 NF4_BLOCKSIZE = 64         # bitsandbytes' default for 4-bit weights
 NF4_NESTED_BLOCKSIZE = 256  # double quant: absmax quantized to 8 bits in blocks of 256
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T with W [out, in] held as 4-bit parts stacked along the output dim.
+    """y = x @ W^T with W [out, in] held as quantized parts stacked along the output dim.
 
     One part when our quantizer made it (the fused wqkv / w13 quantized as one weight); several when
     the checkpoint quantized q, k, v (or gate, up) separately, each with its own quant state
@@ -72,12 +74,12 @@ class QuantLinear(nn.Module):
         return torch.cat([getattr(ops, op)(x, p) for op, p in zip(self._ops, self.parts)], dim=-1)
 
     def swiglu(self, ops: Backend, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of the output (rows [gate; up], as `Linear.swiglu`); not fused for 4-bit weights."""
+        """silu(gate) * up of the output (rows [gate; up], as `Linear.swiglu`); not fused for quantized weights."""
         gate, up = self(ops, x).chunk(2, dim=-1)
         return ops.swiglu(gate, up)
 
     def normed(self, ops: Backend, x, residual, norm_weight, eps: float, swiglu: bool = False):
-        """`Linear.normed`: the `rms_norm` op, then this projection (4-bit weights have no fused prologue)."""
+        """`Linear.normed`: the `rms_norm` op, then this projection (quantized weights have no fused prologue)."""
         h, residual = ops.rms_norm(x, norm_weight, eps, residual)
         return (self.swiglu(ops, h) if swiglu else self(ops, h)), residual
 
@@ -100,18 +102,20 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, *, group_size: int = 128) -> QuantPart:
-    """A dense [out, in] weight -> one 4-bit part (dequantizing to w.dtype)."""
+    """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype)."""
     if method == "nf4":
         return quantize_nf4(w, blocksize=NF4_BLOCKSIZE, double_quant=True)
     if method == "int4":
         return quantize_int4(w, group_size=group_size)
+    if method == "int8":
+        return quantize_int8(w)
     raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
 
 
 def quantize_model(transformer: Transformer, method: str, *, group_size: int = 128, quantize_head: bool = False,
                    only: Optional[Iterable[str]] = None) -> Transformer:
     """Swap every dense `Linear` of the blocks (and `output` only with `quantize_head`) for a QuantLinear
-    quantized with `method` ("nf4" | "int4"); projections already quantized are left as they are.
+    quantized with `method` ("nf4" | "int4" | "int8"); projections already quantized are left as they are.
 
     Embeddings and norms stay in the model dtype; a tied lm_head gets its own quantized copy while the
     embedding stays dense. `only`: restrict to these module names (the loader quantizes each projection
@@ -191,6 +195,8 @@ def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional
             if group_size != -1 and (group_size < 1 or inn % group_size):
                 raise ValueError(f"group_size={group_size} does not divide in_features={inn}")
             return int4_bytes(out, inn, group_size=group_size, scale_bytes=bytes_per_elem)
+        if method == "int8":
+            return int8_bytes(out, inn, scale_bytes=bytes_per_elem)
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
 
     V, d = args.vocab_size, args.dim

@@ -9,6 +9,7 @@ import torch
 
 from codellama_rt.kernels import ops
 from codellama_rt.kernels.int4_format import quantize_int4
+from codellama_rt.kernels.int8_format import quantize_int8
 from codellama_rt.kernels.nf4_format import quantize_nf4
 from codellama_rt.kernels.options import KernelOptions
 from codellama_rt.kernels.rotary import rope_tables
@@ -53,6 +54,11 @@ def _int4_args(rows, experiments=""):
     return (x, w.qweight, w.qzeros, w.scales, 16, 64, 32, experiments, True)
 
 
+def _int8_args():
+    w = quantize_int8(torch.randn(16, 48, generator=_g()))
+    return (torch.randn(3, 48, generator=_g(1)), w.qweight, w.scales)
+
+
 def _cases():
     x = torch.randn(2, 3, 16, generator=_g())
     r = torch.randn(2, 3, 16, generator=_g(1))
@@ -82,6 +88,7 @@ def _cases():
         "nf4_linear gemm": (ops._nf4_linear_op, _nf4_args(3)),
         "int4_linear gemv split-K one-pass": (ops._int4_linear_op, _int4_args(1, "int4_one_pass")),
         "int4_linear gemm": (ops._int4_linear_op, _int4_args(17)),
+        "int8_linear": (ops._int8_linear_op, _int8_args()),
     }
 
 
@@ -101,7 +108,7 @@ def test_every_backend_op_has_a_custom_op():
     assert {getattr(tri, name).__module__ for name in _OPS} == {ops.__name__}
     names = {case.split()[0] for case in CASES}
     assert names == {"rms_norm", "rotary", "attention_prefill", "rotary_attention_decode", "swiglu", "linear",
-                     "linear_swiglu", "norm_linear", "nf4_linear", "int4_linear"}
+                     "linear_swiglu", "norm_linear", "nf4_linear", "int4_linear", "int8_linear"}
     for name in names:
         assert hasattr(torch.ops.codellama_rt, name), name
 

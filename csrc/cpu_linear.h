@@ -1,0 +1,232 @@
+// The projections of the native CPU kernels: out [M, N] = x [M, K] W^T, fp32 activations and accumulation,
+// W [N, K] dense fp32, int8 per output row, or int4 per group (formats below). Each weight row is read once
+// for all M rows. AVX-512 intrinsics where the building machine has AVX-512 F/BW/VL (compiled with
+// -march=native), else plain loops the compiler vectorizes (AVX2 or whatever the machine has). Threads come
+// from torch's pool (at::parallel_for), so torch.set_num_threads governs them and nothing oversubscribes.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define CLRT_AVX512 1
+#else
+#define CLRT_AVX512 0
+#endif
+
+namespace clrt {
+
+constexpr int64_t CHUNK = 32;  // int4: 32 weights per 16 bytes (byte j: k = j low nibble, k = 16 + j high)
+constexpr int64_t ROWS = 4;    // weight rows per block: independent accumulators, one x load for all
+
+enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2 };
+
+// One projection W [N, K] in one of the formats:
+//   DENSE: w fp32 [N, K]
+//   INT8:  w int8 [N, K], scale fp32 [N]                   W[n, k] = w[n, k] * scale[n]
+//   INT4:  w uint8 [N, K / 2] in CHUNK order, scale and zs fp32 [N, K / group]
+//          W[n, k] = q[n, k] * scale[n, g] - zs[n, g], g = k / group (zs = zero * scale)
+struct Linear {
+  int64_t kind = DENSE, N = 0, K = 0, group = 0;
+  torch::Tensor w, scale, zs;
+};
+
+inline void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "codellama_rt native CPU kernels: ", what); }
+
+inline void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+  check(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim && t.is_contiguous(),
+        std::string(name) + " must be a contiguous fp32 CPU tensor of " + std::to_string(dim) + " dims");
+}
+
+inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
+                          int64_t group) {
+  Linear l{kind, N, K, group, w, scale, zs};
+  check(w.device().is_cpu() && w.is_contiguous(), "weight must be a contiguous CPU tensor");
+  if (kind == DENSE) {
+    check_f32(w, "dense weight", 2);
+    check(w.size(0) == N && w.size(1) == K, "dense weight shape");
+  } else if (kind == INT8) {
+    check(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K, "int8 weight [N, K]");
+    check_f32(scale, "int8 scale", 1);
+    check(scale.size(0) == N, "int8 scale [N]");
+  } else if (kind == INT4) {
+    check(K % CHUNK == 0 && group % CHUNK == 0 && group > 0 && K % group == 0, "int4 K and group multiples of 32");
+    check(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2,
+          "int4 weight uint8 [N, K / 2]");
+    check_f32(scale, "int4 scale", 2);
+    check_f32(zs, "int4 zs", 2);
+    check(scale.size(0) == N && scale.size(1) == K / group && zs.sizes() == scale.sizes(), "int4 scale/zs [N, K/g]");
+  } else {
+    check(false, "unknown weight kind " + std::to_string(kind));
+  }
+  return l;
+}
+
+// ---- R weight rows against one x row: o[r] = sum_k x[k] W[r][k] ------------------------------------------
+
+#if CLRT_AVX512
+
+inline __m512 load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+
+inline __m512 load_i8(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+template <int R>
+inline void dense_dot(const float* x, const float* w, int64_t K, float* o) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), xv, acc[r]);
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * K + k), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int R>
+inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k), xv, acc[r]);
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k, m), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// int4 rows (K / 2 bytes each, CHUNK order): o[r] = sum_k W[r][k] x[k] with W = q s - zs. Per group a
+// 16-entry table of the dequantized values (k s - zs, k = 0..15) in a register; vpermps looks each code up
+// (it reads an index's low 4 bits only, so the low nibble needs no mask).
+template <int R>
+inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                     float* o) {
+  const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 lo[R], hi[R];  // two accumulators per row: the FMA chains interleave
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 table[R];
+    for (int r = 0; r < R; ++r)
+      table[r] = _mm512_fmsub_ps(iota, _mm512_set1_ps(S[r * G + g]), _mm512_set1_ps(Z[r * G + g]));
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      const __m512 x0 = _mm512_loadu_ps(x + c * CHUNK), x1 = _mm512_loadu_ps(x + c * CHUNK + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + r * rowbytes + c * (CHUNK / 2))));
+        lo[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table[r]), x0, lo[r]);
+        hi[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table[r]), x1, hi[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+}
+
+#else  // plain loops
+
+template <int R, class T>
+inline void plain_dot(const float* x, const T* w, int64_t K, float* o) {
+  for (int r = 0; r < R; ++r) {
+    const T* wr = w + r * K;
+    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+    for (int64_t k = 0; k < K; ++k) a += x[k] * static_cast<float>(wr[k]);
+    o[r] = a;
+  }
+}
+
+template <int R>
+inline void dense_dot(const float* x, const float* w, int64_t K, float* o) { plain_dot<R>(x, w, K, o); }
+
+template <int R>
+inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) { plain_dot<R>(x, w, K, o); }
+
+// int4 rows: sum_g (s sum_{k in g} q x - zs sum_{k in g} x), per-lane sums scaled group by group (one
+// reduction per row, not per group).
+template <int R>
+inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                     float* o) {
+  const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = w + r * rowbytes;
+    float lanes[16] = {0.f};
+    for (int64_t g = 0; g < G; ++g) {
+      float part[16] = {0.f}, xs[16] = {0.f};
+      for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+        const uint8_t* b = wr + c * (CHUNK / 2);
+        const float* xc = x + c * CHUNK;
+#pragma omp simd
+        for (int j = 0; j < 16; ++j) {
+          part[j] += xc[j] * static_cast<float>(b[j] & 15) + xc[16 + j] * static_cast<float>(b[j] >> 4);
+          xs[j] += xc[j] + xc[16 + j];
+        }
+      }
+      const float s = S[r * G + g], z = Z[r * G + g];
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) lanes[j] += s * part[j] - z * xs[j];
+    }
+    float a = 0.f;
+    for (int j = 0; j < 16; ++j) a += lanes[j];
+    o[r] = a;
+  }
+}
+
+#endif
+
+// Output rows n0 .. n1 of every x row: blocks of ROWS weight rows, then single rows.
+template <int R>
+inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, float* out) {
+  const int64_t K = l.K, N = l.N;
+  float o[R];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    if (l.kind == DENSE) {
+      dense_dot<R>(xm, l.w.data_ptr<float>() + n * K, K, o);
+    } else if (l.kind == INT8) {
+      int8_dot<R>(xm, l.w.data_ptr<int8_t>() + n * K, K, o);
+      const float* S = l.scale.data_ptr<float>() + n;
+      for (int r = 0; r < R; ++r) o[r] *= S[r];
+    } else {
+      const int64_t G = K / l.group;
+      int4_dot<R>(xm, l.w.data_ptr<uint8_t>() + n * (K / 2), K, l.group, l.scale.data_ptr<float>() + n * G,
+                  l.zs.data_ptr<float>() + n * G, o);
+    }
+    for (int r = 0; r < R; ++r) out[m * N + n + r] = o[r];
+  }
+}
+
+// Blocks of ROWS output rows per task: at least ~16K weights each, so a small projection is not split
+// into tasks costing more to hand out than to run.
+inline int64_t grain_blocks(int64_t K) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K * ROWS, 1)); }
+
+// out [M, N] = x [M, K] W^T.
+inline void apply(const Linear& l, const float* x, int64_t M, float* out) {
+  const int64_t blocks = (l.N + ROWS - 1) / ROWS;
+  at::parallel_for(0, blocks, grain_blocks(l.K), [&](int64_t b0, int64_t b1) {
+    const int64_t n1 = std::min(l.N, b1 * ROWS);
+    int64_t n = b0 * ROWS;
+    for (; n + ROWS <= n1; n += ROWS) rows_block<ROWS>(l, x, M, n, out);
+    for (; n < n1; ++n) rows_block<1>(l, x, M, n, out);
+  });
+}
+
+inline bool avx512() { return CLRT_AVX512; }
+
+}  // namespace clrt

@@ -1,0 +1,230 @@
+// Native CPU kernels of codellama-rt (kernels/cpu_native.py is their Python side and holds the references):
+//   linear_f32 / linear_int8 / linear_int4   x [M, K] fp32 -> [M, N] fp32 (the projections: cpu_linear.h)
+//   Decoder                                  a whole batch decode step of a Llama model, no per-op Python
+//
+// Checks raise c10::Error (a Python RuntimeError) naming the argument; the Python wrappers check first and
+// give ValueErrors.
+#include "cpu_linear.h"
+
+#include <cmath>
+
+namespace {
+
+using namespace clrt;
+
+torch::Tensor linear(const Linear& l, const torch::Tensor& x) {
+  check_f32(x, "x", 2);
+  check(x.size(1) == l.K, "x has " + std::to_string(x.size(1)) + " columns, the weight " + std::to_string(l.K));
+  auto out = torch::empty({x.size(0), l.N}, x.options());
+  apply(l, x.data_ptr<float>(), x.size(0), out.data_ptr<float>());  // (torch.ops calls release the GIL)
+  return out;
+}
+
+torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& w) {
+  return linear(make_linear(DENSE, w, {}, {}, w.size(0), w.size(1), 0), x);
+}
+
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  return linear(make_linear(INT8, w, scale, {}, w.size(0), w.size(1), 0), x);
+}
+
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                          const torch::Tensor& zs, int64_t group) {
+  return linear(make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group), x);
+}
+
+// Shapes only (torch.compile / torch.export trace through the ops with meta tensors).
+torch::Tensor linear_meta(const torch::Tensor& x, int64_t N) { return torch::empty({x.size(0), N}, x.options()); }
+
+// ---- the decode step ---------------------------------------------------------------------------------
+
+void rms_norm(const float* h, const float* weight, float eps, int64_t dim, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < dim; ++i) ss += h[i] * h[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < dim; ++i) y[i] = (h[i] * r) * weight[i];
+}
+
+void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+// A Llama decode step over the module graph's weights (the formats above), fp32 activations and KV cache.
+class Decoder {
+ public:
+  Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim, int64_t vocab_size,
+          double eps, torch::Tensor embedding, std::vector<torch::Tensor> norms, torch::Tensor final_norm,
+          torch::Tensor rope_cos, torch::Tensor rope_sin)
+      : dim_(dim), H_(n_heads), Hkv_(n_kv_heads), D_(head_dim), F_(ffn_dim), V_(vocab_size), eps_(eps),
+        embedding_(embedding), norms_(norms), final_norm_(final_norm), cos_(rope_cos), sin_(rope_sin) {
+    check_f32(embedding, "embedding", 2);
+    check(embedding.size(0) == V_ && embedding.size(1) == dim_, "embedding [vocab, dim]");
+    check(H_ % Hkv_ == 0 && D_ % 2 == 0, "heads: n_heads a multiple of n_kv_heads, head_dim even");
+    for (auto& t : norms_) check_f32(t, "norm weight", 1), check(t.size(0) == dim_, "norm weight [dim]");
+    check_f32(final_norm, "final norm", 1);
+    check_f32(rope_cos, "rope cos", 2);
+    check_f32(rope_sin, "rope sin", 2);
+    check(rope_cos.size(1) == D_ / 2 && rope_sin.sizes() == rope_cos.sizes(), "rope tables [positions, head_dim / 2]");
+  }
+
+  // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head.
+  void add_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
+                  int64_t group) {
+    linears_.push_back(make_linear(kind, w, scale, zs, N, K, group));
+  }
+
+  // tokens, positions int64 [B]; cache fp32 [layers, 2, max_batch >= B, Hkv, S, D] (written at positions);
+  // -> logits fp32 [B, V]. Row b attends to cache positions 0 .. positions[b].
+  torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache) {
+    const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
+    check(static_cast<int64_t>(linears_.size()) == 4 * L + 1, "decoder has not every projection");
+    check(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(), "tokens int64 [B]");
+    check(positions.scalar_type() == torch::kInt64 && positions.sizes() == tokens.sizes() && positions.is_contiguous(),
+          "positions int64 [B]");
+    check_f32(cache, "cache", 6);
+    const int64_t B = tokens.size(0), S = cache.size(4);
+    check(cache.size(0) == L && cache.size(1) == 2 && cache.size(2) >= B && cache.size(3) == Hkv_ && cache.size(5) == D_,
+          "cache [layers, 2, max_batch, n_kv_heads, S, head_dim]");
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      check(tok[b] >= 0 && tok[b] < V_, "token id " + std::to_string(tok[b]) + " outside the vocabulary");
+      check(pos[b] >= 0 && pos[b] < S && pos[b] < cos_.size(0), "position " + std::to_string(pos[b]) +
+            " outside the cache (" + std::to_string(S) + ") or the rope tables");
+    }
+    auto logits = torch::empty({B, V_}, tokens.options().dtype(torch::kFloat32));
+    pybind11::gil_scoped_release nogil;
+    step(B, S, cache.size(2), tok, pos, cache.data_ptr<float>(), logits.data_ptr<float>());
+    return logits;
+  }
+
+ private:
+  void step(int64_t B, int64_t S, int64_t rows, const int64_t* tok, const int64_t* pos, float* cache, float* logits) {
+    const int64_t L = static_cast<int64_t>(norms_.size()) / 2, QKV = (H_ + 2 * Hkv_) * D_, G = H_ / Hkv_;
+    std::vector<float> h(B * dim_), y(B * std::max(dim_, H_ * D_)), qkv(B * QKV), attn(B * H_ * D_),
+        o(B * dim_), g(B * 2 * F_), a(B * F_);
+    const float* E = embedding_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) std::copy(E + tok[b] * dim_, E + (tok[b] + 1) * dim_, h.data() + b * dim_);
+    for (int64_t l = 0; l < L; ++l) {
+      const float* an = norms_[2 * l].data_ptr<float>();
+      const float* mn = norms_[2 * l + 1].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, an, eps_, dim_, y.data() + b * dim_);
+      apply(linears_[4 * l], y.data(), B, qkv.data());
+      attend(l, B, S, rows, pos, cache, qkv.data(), attn.data(), G, QKV);
+      apply(linears_[4 * l + 1], attn.data(), B, o.data());
+      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
+      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
+      apply(linears_[4 * l + 2], y.data(), B, g.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* gate = g.data() + b * 2 * F_;
+        const float* up = gate + F_;
+        float* ab = a.data() + b * F_;
+        for (int64_t i = 0; i < F_; ++i) ab[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      }
+      apply(linears_[4 * l + 3], a.data(), B, o.data());
+      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
+    }
+    const float* fn = final_norm_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, fn, eps_, dim_, y.data() + b * dim_);
+    apply(linears_[4 * L], y.data(), B, logits);
+  }
+
+  // Rotate q and k of each row at its position, write k and v into layer l's cache, attend over 0..pos.
+  // rows: the cache's max_batch (its row count, part of its strides).
+  void attend(int64_t l, int64_t B, int64_t S, int64_t rows, const int64_t* pos, float* cache, float* qkv, float* out, int64_t G,
+              int64_t QKV) {
+    const int64_t half = D_ / 2, maxB = rows;
+    const float* C = cos_.data_ptr<float>();
+    const float* Sn = sin_.data_ptr<float>();
+    float* kc = cache + l * 2 * maxB * Hkv_ * S * D_;
+    float* vc = kc + maxB * Hkv_ * S * D_;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkv + b * QKV;
+      const float *c = C + pos[b] * half, *s = Sn + pos[b] * half;
+      for (int64_t hd = 0; hd < H_ + Hkv_; ++hd) rotate_half(row + hd * D_, c, s, half);
+      for (int64_t kv = 0; kv < Hkv_; ++kv) {
+        const int64_t at = ((b * Hkv_ + kv) * S + pos[b]) * D_;
+        std::copy(row + (H_ + kv) * D_, row + (H_ + kv + 1) * D_, kc + at);
+        std::copy(row + (H_ + Hkv_ + kv) * D_, row + (H_ + Hkv_ + kv + 1) * D_, vc + at);
+      }
+    }
+    const float scale = 1.f / std::sqrt(static_cast<float>(D_));
+    at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H_, hq = i % H_, kv = hq / G, n = pos[b] + 1;
+        const float* q = qkv + b * QKV + hq * D_;
+        const float* K = kc + (b * Hkv_ + kv) * S * D_;
+        const float* Vv = vc + (b * Hkv_ + kv) * S * D_;
+        p.resize(n);
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) {
+          const float* kt = K + t * D_;
+          float d = 0.f;
+#pragma omp simd reduction(+ : d)
+          for (int64_t e = 0; e < D_; ++e) d += q[e] * kt[e];
+          p[t] = d * scale;
+          mx = std::max(mx, p[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
+        float* o = out + b * H_ * D_ + hq * D_;
+        std::fill(o, o + D_, 0.f);
+        for (int64_t t = 0; t < n; ++t) {
+          const float w = p[t] / sum;
+          const float* vt = Vv + t * D_;
+#pragma omp simd
+          for (int64_t e = 0; e < D_; ++e) o[e] += w * vt[e];
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t dim_, H_, Hkv_, D_, F_, V_;
+  float eps_;
+  torch::Tensor embedding_;
+  std::vector<torch::Tensor> norms_;
+  torch::Tensor final_norm_, cos_, sin_;
+  std::vector<Linear> linears_;
+};
+
+}  // namespace
+
+// The projections as torch ops: torch.ops.codellama_rt_cpu.linear_f32 / linear_int8 / linear_int4.
+TORCH_LIBRARY(codellama_rt_cpu, m) {
+  m.def("linear_f32(Tensor x, Tensor w) -> Tensor");          // x fp32 [M, K] @ w fp32 [N, K]^T -> [M, N]
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");  // w int8 [N, K], scale fp32 [N]
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group) -> Tensor");  // see Linear
+}
+
+TORCH_LIBRARY_IMPL(codellama_rt_cpu, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+}
+
+TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
+  m.impl("linear_f32", [](const torch::Tensor& x, const torch::Tensor& w) { return linear_meta(x, w.size(0)); });
+  m.impl("linear_int8", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&) {
+    return linear_meta(x, w.size(0));
+  });
+  m.impl("linear_int4", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&,
+                           int64_t) { return linear_meta(x, w.size(0)); });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "codellama-rt native CPU kernels (see kernels/cpu_native.py); the projections are torch ops";
+  m.def("avx512", &clrt::avx512, "whether the kernels were built with AVX-512 intrinsics");
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor,
+                          std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor>())
+      .def("add_linear", &Decoder::add_linear)
+      .def("forward", &Decoder::forward);
+}

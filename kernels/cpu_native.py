@@ -1,0 +1,121 @@
+"""The native CPU kernels (csrc/cpu_native.cpp, built at install as `codellama_rt._cpu_native` where a C++
+compiler exists) and their PyTorch references: fp32 activations against fp32, int8 and int4 weights, and a
+`Decoder` running a whole decode step of a Llama model in C++ (no per-op Python, no op dispatch).
+
+Without the extension every entry point here falls back to the PyTorch path (`available()` is False, and
+`notice()` says so once). Projections: x [M, K] fp32 rows, all M rows against each weight row read once,
+threads from torch's pool (`torch.set_num_threads`). int4 weights are repacked once per weight (cached on
+it) into 16-byte chunks of 32 codes (byte j: code j in the low nibble, code 16 + j in the high one) with
+fp32 scales and scale x zero products per group, so the kernel computes sum_g s_g sum_k q_k x_k -
+(z s)_g sum_k x_k: the same products as `int4_linear_ref` in another fp32 order.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from .int4 import int4_linear_ref
+from .int4_format import Int4Weight
+from .int8_format import Int8Weight, int8_linear_ref
+
+try:
+    from codellama_rt import _cpu_native as _ext
+except ImportError:  # no compiler at install time (or a source checkout never built): the PyTorch path
+    _ext = None
+
+# Past this many rows (prefill) torch's fp32 GEMM on the dequantized weight is faster than the native
+# row-by-row kernels.
+NATIVE_MAX_ROWS = 16
+INT4_CHUNK = 32
+_INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
+_noticed = False
+
+
+def available() -> bool:
+    """Whether the native extension was built and imports."""
+    return _ext is not None
+
+
+def notice() -> None:
+    """Say once per process, on stderr, that the native CPU kernels are missing (the PyTorch path runs)."""
+    global _noticed
+    if _ext is None and not _noticed:
+        _noticed = True
+        print("codellama-rt: native CPU kernels not built (no C++ compiler at install?); using the slower PyTorch "
+              "path. Reinstall with a compiler (scripts/setup.sh) to build them.", file=sys.stderr)
+
+
+def extension():
+    """The loaded extension module (RuntimeError without it)."""
+    if _ext is None:
+        raise RuntimeError("the native CPU kernels (codellama_rt._cpu_native) are not built")
+    return _ext
+
+
+def _native_rows(x: torch.Tensor, weight_device: torch.device) -> bool:
+    return (_ext is not None and x.device.type == "cpu" and weight_device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() // max(x.shape[-1], 1) <= NATIVE_MAX_ROWS)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# ---- int8 ---------------------------------------------------------------------------------------
+
+def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
+    """w's scales as fp32 (the tensor itself when they are fp32 already)."""
+    return w.scales if w.scales.dtype == torch.float32 else w.scales.float()
+
+
+def int8_linear_cpu(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
+    fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum), else the reference."""
+    if not _native_rows(x, w.device):
+        return int8_linear_ref(x, w)
+    w.check("int8_linear_cpu")
+    out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous())
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---- int4 ---------------------------------------------------------------------------------------
+
+def int4_supported(w: Int4Weight) -> bool:
+    """Whether the native int4 kernel takes this weight (input width and group size multiples of 32)."""
+    return w.shape[1] % INT4_CHUNK == 0 and w.group_size % INT4_CHUNK == 0
+
+
+def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out, in / 2] in chunk order, scales fp32 [out, in / g], scale x zero fp32 [out, in / g]),
+    made on first use and kept on the weight."""
+    entry = getattr(w, _INT4_CACHE, None)
+    if entry is None:
+        if not int4_supported(w):
+            raise ValueError(f"native int4: in_features={w.shape[1]} and group_size={w.group_size} must be "
+                             f"multiples of {INT4_CHUNK}")
+        q, z = w.unpack()  # uint8 [out, in], [in / g, out]
+        out_f, in_f = w.shape
+        chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
+        codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
+        s = w.scales.t().float().contiguous()
+        entry = (codes, s, (z.t().float() * s).contiguous())
+        setattr(w, _INT4_CACHE, entry)
+    return entry
+
+
+def int4_linear_native(x: torch.Tensor, w: Int4Weight) -> Optional[torch.Tensor]:
+    """The native kernel's x @ dequant(w)^T for up to NATIVE_MAX_ROWS fp32 rows on the CPU, or None where it
+    cannot run (the caller picks another path)."""
+    if not _native_rows(x, w.device) or not int4_supported(w):
+        return None
+    codes, s, zs = pack_int4(w)
+    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def int4_linear_native_or_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """`int4_linear_native`, or `int4_linear_ref` where it cannot run (tests, benchmarks)."""
+    out = int4_linear_native(x, w)
+    return int4_linear_ref(x, w) if out is None else out

@@ -1,0 +1,78 @@
+"""The whole decode step in C++ on the CPU (`kernels.cpu_native.Decoder`): the "cpu" backend's `decoder`.
+
+A batch decode step of the module graph costs hundreds of torch ops, each a Python call and a dispatch; on a
+small model that overhead, not arithmetic, sets the pace. `native_decoder(model)` hands the model's weights
+to one C++ object, once per model, and returns a function doing the step in one call:
+(tokens int64 [B], positions int64 [B], cache data fp32 [layers, 2, max_batch, Hkv, S, D]) -> fp32 logits
+[B, V], with the module graph's semantics (`Decode`: K/V written at the positions, each row attending to
+0 .. its position). It returns None where the native step does not apply, and the graph runs: no extension
+built, not a CPU fp32 model, tensor parallelism, or a projection in another format than dense fp32, int8 or
+int4 with groups of multiples of 32 (NF4, several parts per projection).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..kernels import cpu_native
+
+_ATTR = "_native_decoder"  # the model attribute holding its decoder (or False: not applicable)
+_DENSE, _INT8, _INT4 = 0, 1, 2
+_EMPTY = torch.empty(0)
+
+
+def native_decoder(model) -> Optional[Callable]:
+    """The native decode step of `model` (a Transformer), built on first use and kept on it; None where it does
+    not apply (see the module docstring)."""
+    found = model.__dict__.get(_ATTR)
+    if found is None:
+        found = _build(model) or False
+        model.__dict__[_ATTR] = found
+    return found or None
+
+
+def _projection(module) -> Optional[tuple]:
+    """add_linear's arguments for one projection module (Linear or QuantLinear), or None if unsupported."""
+    parts = getattr(module, "parts", None)
+    if parts is None:
+        w = module.weight
+        return (_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0)
+    if len(parts) != 1:
+        return None
+    p = parts[0]
+    if p.format == "int8":
+        return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0)
+    if p.format == "int4" and cpu_native.int4_supported(p):
+        codes, s, zs = cpu_native.pack_int4(p)
+        return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size)
+    return None
+
+
+def _build(model) -> Optional[Callable]:
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    if not cpu_native.available():
+        cpu_native.notice()
+        return None
+    layers = list(model.layers)
+    if any(layer.attn.reduce is not None or layer.mlp.reduce is not None for layer in layers):
+        return None  # tensor parallelism: the ranks' partial sums are reduced by the graph
+    projections = [m for layer in layers for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
+    args = [_projection(m) for m in projections + [model.output]]
+    if any(a is None for a in args):
+        return None
+    a = model.args
+    norms = [t.detach().contiguous() for layer in layers for t in (layer.attn_norm, layer.mlp_norm)]
+    decoder = cpu_native.extension().Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size,
+                                             float(a.norm_eps), model.tok_embeddings.detach().contiguous(), norms,
+                                             model.norm.detach().contiguous(), model.rope_cos.contiguous(),
+                                             model.rope_sin.contiguous())
+    for arg in args:
+        decoder.add_linear(*arg)
+    return decoder.forward
+
+
+def no_decoder(model) -> None:
+    """The `decoder` of backends without a native step: the module graph always runs."""
+    return None

