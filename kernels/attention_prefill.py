@@ -35,6 +35,23 @@ def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
+def attention_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """`attention_prefill_ref` through torch's fused `scaled_dot_product_attention` (the "cpu" backend's: a
+    flash kernel on the CPU, no [T, S] score tensor), fp32 inside as the reference; same shapes."""
+    H, T = q.shape[1], q.shape[2]
+    if T == 0:
+        return q.new_empty(q.shape)
+    S = start + T
+    k, v = k[:, :, :S].float(), v[:, :, :S].float()
+    gqa = H != k.shape[1]
+    if start == 0:
+        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, S, device=q.device)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.to(q.dtype)
+
+
 # ---- Triton flash-attention prefill ----------------------------------------------------------
 #
 # Grid (cdiv(T, BLOCK_M), H, B); program (m, h, b) takes BLOCK_M queries of head h of sequence b as

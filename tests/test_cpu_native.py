@@ -151,3 +151,91 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(RuntimeError, match="multiples of 32"):
         torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 48), torch.zeros(8, 24, dtype=torch.uint8),
                                                torch.ones(8, 3), torch.ones(8, 3), 16)
+
+
+# ---- the whole decode step ----------------------------------------------------------------------
+
+def _models(quantize):
+    from codellama_rt.api import load_model
+
+    kw = dict(dtype="float32", quantize=quantize, group_size=64 if quantize == "int4" else None)
+    return load_model(None, **kw).module, load_model(None, backend="reference", **kw).module
+
+
+@native
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decoder_equals_the_module_graph(quantize):
+    """Three rows at positions 0, 17 and the cache's last over a cache of 4 rows holding random past K/V:
+    the native step's logits and the K/V it writes equal the reference backend's module graph."""
+    from codellama_rt.model.kv_cache import KVCache
+    from codellama_rt.model.native_decoder import native_decoder
+    from codellama_rt.model.transformer import Decode
+
+    model, ref = _models(quantize)
+    step = native_decoder(model)
+    assert step is not None and native_decoder(model) is step  # built once, kept on the model
+    S = 48
+    caches = [KVCache(model.args, 4, S, torch.float32, "cpu") for _ in range(2)]
+    caches[0].data.normal_(generator=_g(5))
+    caches[1].data.copy_(caches[0].data)
+    tokens, positions = torch.tensor([5, 100, model.args.vocab_size - 1]), torch.tensor([0, 17, S - 1])
+    with torch.inference_mode():
+        got = step(tokens, positions, caches[0].data)
+        want = ref(tokens[:, None], Decode(positions, S), caches[1])[:, -1]
+    assert got.shape == want.shape == (3, model.args.vocab_size)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(caches[0].data, caches[1].data) < 1e-6
+
+
+@native
+def test_decoder_rejects_bad_steps():
+    from codellama_rt.model.native_decoder import native_decoder
+
+    model = _models(None)[0]
+    step = native_decoder(model)
+    a = model.args
+    cache = torch.zeros(a.n_layers, 2, 1, a.n_kv_heads, 8, a.head_dim)
+    with pytest.raises(RuntimeError, match="token id"):
+        step(torch.tensor([a.vocab_size]), torch.tensor([0]), cache)
+    with pytest.raises(RuntimeError, match="position 8"):
+        step(torch.tensor([1]), torch.tensor([8]), cache)
+    with pytest.raises(RuntimeError, match="cache"):
+        step(torch.tensor([1, 2]), torch.tensor([0, 0]), cache)  # two rows, a cache of one
+
+
+@native
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_greedy_tokens_with_the_native_step_equal_the_graph(quantize):
+    from codellama_rt.api import load_model
+
+    prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):\n"]
+    got = [c.token_ids for c in load_model(None, dtype="float32", quantize=quantize).generate(prompts,
+                                                                                             max_new_tokens=24)]
+    want = [c.token_ids for c in load_model(None, backend="reference", dtype="float32",
+                                            quantize=quantize).generate(prompts, max_new_tokens=24)]
+    assert got == want
+
+
+def test_without_the_extension_the_pytorch_path_runs_with_one_notice(monkeypatch, capsys):
+    from codellama_rt.api import load_model
+    from codellama_rt.model.native_decoder import native_decoder
+
+    monkeypatch.setattr(cpu_native, "_ext", None)
+    monkeypatch.setattr(cpu_native, "_noticed", False)
+    w = quantize_int8(torch.randn(16, 32, generator=_g()))
+    x = torch.randn(2, 32, generator=_g(1))
+    assert torch.equal(cpu_native.int8_linear_cpu(x, w), int8_linear_ref(x, w))
+    model = load_model(None, dtype="float32", quantize="int8")
+    assert native_decoder(model.module) is None
+    out = model.generate("def f(x):", max_new_tokens=4)
+    assert len(out.token_ids) == 4
+    err = capsys.readouterr().err
+    assert err.count("native CPU kernels not built") == 1
+
+
+def test_the_decoder_stays_off_where_it_does_not_apply():
+    from codellama_rt.api import load_model
+    from codellama_rt.model.native_decoder import native_decoder
+
+    assert native_decoder(load_model(None, dtype="bfloat16").module) is None  # fp32 activations only
+    assert native_decoder(load_model(None, dtype="float32", quantize="nf4").module) is None  # no NF4 kernel

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels import ops as triton_ops
 from ..kernels.attention_decode import rotary_attention_decode_ref
-from ..kernels.attention_prefill import attention_prefill_ref
+from ..kernels.attention_prefill import attention_prefill_ref, attention_prefill_sdpa
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_native import int8_linear_cpu
@@ -76,8 +76,9 @@ BACKENDS: dict[str, Backend] = {
     # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8 and
     # int4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
-    "cpu": dataclasses.replace(_REFERENCE, name="cpu", linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
-                               decoder=native_decoder),
+    # Prefill attention through torch's fused SDPA.
+    "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
+                               linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu, decoder=native_decoder),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)

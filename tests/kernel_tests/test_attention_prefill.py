@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from codellama_rt.kernels import attention_prefill as mod
 from codellama_rt.kernels._triton import launch_config, triton_dtype
-from codellama_rt.kernels.attention_prefill import aot_configs, attention_prefill, attention_prefill_ref
+from codellama_rt.kernels.attention_prefill import (aot_configs, attention_prefill, attention_prefill_ref,
+                                                    attention_prefill_sdpa)
 from codellama_rt.bench.common import aot_models
 from tolerances import assert_close, assert_error_within_torch
 
@@ -134,6 +135,15 @@ def test_chunked_prefill_matches_one_shot(nan_empty):
         chunks.append(attention_prefill(q[:, :, a:b], k_cache[:, :, :b], v_cache[:, :, :b], a))
     assert_close(torch.cat(chunks, dim=2), whole)
     assert_close(whole, attention_prefill_ref(q, k, v, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_cpu_sdpa_matches_reference(case, dtype):
+    """The "cpu" backend's prefill attention (torch's fused SDPA in fp32)."""
+    q, k, v = _inputs(*case, dtype, seed=sum(case))
+    _check(attention_prefill_sdpa(q, k, v, case[4]), q, k, v, case[4])
+    assert attention_prefill_sdpa(q[:, :, :0], k, v, 3).shape == q[:, :, :0].shape
 
 
 def test_empty_chunk():
