@@ -8,7 +8,8 @@ DEVELOPERS' notes for the CMAKE_ARGS that avoid the AMX int8 path); --llama-src:
 vendor/llama.cpp (for convert_hf_to_gguf.py and gguf-py, run with this interpreter). Without them only our
 rows are measured. The checkpoint is converted to GGUF f32 and f16 by llama.cpp's converter, and q8_0 /
 q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 default flips near-ties, so token
-agreement would measure the cache, not the weights). Our rows: fp32, bf16, int4 and nf4 (quantized at load), int4-bf16.
+agreement would measure the cache, not the weights). Our rows: fp32, bf16, int8, int4 and nf4 (quantized at
+load, the lm_head with them as llama.cpp's quantizer does, unless --dense-head), int4-bf16.
 
 --random 57m / 300m: instead of a checkpoint, random weights of the issue's larger shapes (dim 512, 8 layers,
 ffn 1376; dim 1024, 16 layers, GQA 4, ffn 2752; CodeLlama's 32016-token vocabulary and tokenizer, from
@@ -17,14 +18,16 @@ speed and memory only).
 
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
-RSS of the child, and the generated ids (agreement with our fp32 reported against llama.cpp's f32). Rows
-named int4-bf16 / nf4-bf16 run the 4-bit weights with bf16 activations.
+RSS of the child (medians over --repeat rounds of every row, the largest RSS), and the generated ids
+(agreement with our fp32 reported against llama.cpp's f32). Rows named int4-bf16 / nf4-bf16 run the
+4-bit weights with bf16 activations.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +48,9 @@ import codellama_rt as cl
 from codellama_rt.engine.events import Completion
 from codellama_rt.engine.sampling import SamplingParams
 a = json.loads(sys.argv[1])
-m = cl.load(a["model"], device="cpu", dtype=a["dtype"], quantize=a["quantize"], threads=a["threads"],
-            max_seq_len=a["n_ctx"])
+from codellama_rt.api import load_model
+m = load_model(a["model"], device="cpu", dtype=a["dtype"], quantize=a["quantize"], threads=a["threads"],
+               max_seq_len=a["n_ctx"], quantize_head=a["quantize_head"])
 eng = m.engine
 
 def run(ids, n):
@@ -135,6 +139,14 @@ def convert(model: Path, src: Path, outtype: str, out: Path) -> Path:
     return out
 
 
+def summarize(runs: list) -> dict:
+    """One row from its repeated runs: median decode and prefill speed, the largest peak RSS, the first ids."""
+    return {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "ids": runs[0]["ids"],
+            "decode_runs": [r["decode_tok_s"] for r in runs], "prefill_runs": [r["prefill_tok_s"] for r in runs]}
+
+
 def agreement(a: list, b: list) -> float:
     """Share of positions where two greedy continuations agree, up to the first disagreement included."""
     n = min(len(a), len(b))
@@ -152,9 +164,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-src", type=Path, default=None, help="llama.cpp's source tree (vendor/llama.cpp)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--repeat", type=int, default=3, help="rounds over all rows; each row reports its medians")
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--ours", default="fp32,bf16,int4,int4-bf16,nf4",
-                   help="our rows: fp32, bf16, int4 / nf4 (fp32 activations), int4-bf16 / nf4-bf16")
+    p.add_argument("--ours", default="fp32,bf16,int8,int4,int4-bf16,nf4",
+                   help="our rows: fp32, bf16, int8 / int4 / nf4 (fp32 activations), int4-bf16 / nf4-bf16")
+    p.add_argument("--dense-head", action="store_true",
+                   help="keep our lm_head dense in the quantized rows (default: quantized too, as llama.cpp does)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if (a.llama_python is None) != (a.llama_src is None):
@@ -198,29 +213,34 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
     long_ids = (tok.encode(PROMPT * 64))[:a.prefill_tokens]
     base = dict(model=str(model), ids=ids, long_ids=long_ids, new_tokens=a.new_tokens, threads=a.threads,
                 n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
-    rows = []
+    jobs = []  # (runtime, weights, python, code, args)
     for name in a.ours.split(","):
         quantize, _, act = name.partition("-")  # int4 | int4-bf16 | nf4 | ... ; fp32 and bf16: dense
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(name) or ("bfloat16" if act == "bf16" else "float32")
         quantize = None if name in ("fp32", "bf16") else quantize
-        rows.append(dict(runtime="codellama-rt", weights=name, **child(sys.executable, OURS,
-                                                                       dict(base, dtype=dtype, quantize=quantize))))
-    if a.llama_python:
-        with tempfile.TemporaryDirectory() as tmp:
+        args = dict(base, dtype=dtype, quantize=quantize, quantize_head=bool(quantize) and not a.dense_head)
+        jobs.append(("codellama-rt", name, sys.executable, OURS, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.llama_python:
             f32 = convert(model, a.llama_src, "f32", Path(tmp) / "f32.gguf")
             ggufs = {"f32": f32, "f16": convert(model, a.llama_src, "f16", Path(tmp) / "f16.gguf")}
             for q in ("q8_0", "q4_0"):
                 out = Path(tmp) / f"{q}.gguf"
                 child(a.llama_python, LLAMA, dict(gguf=str(f32), out=str(out), quantize_to=q))
                 ggufs[q] = out
-            for name, path in ggufs.items():
-                rows.append(dict(runtime="llama.cpp", weights=name, **child(a.llama_python, LLAMA,
-                                                                            dict(base, gguf=str(path)))))
+            jobs += [("llama.cpp", name, a.llama_python, LLAMA, dict(base, gguf=str(path)))
+                     for name, path in ggufs.items()]
+        runs = [[] for _ in jobs]
+        for _ in range(a.repeat):  # rounds over every row, so a slow spell of this shared machine hits all rows
+            for job, got in zip(jobs, runs):
+                got.append(child(*job[2:]))
+    rows = [dict(runtime=job[0], weights=job[1], **summarize(got)) for job, got in zip(jobs, runs)]
     ref = next((r["ids"] for r in rows if r["weights"] == "fp32"), None)
     for r in rows:
         r["agreement_with_our_fp32"] = agreement(r["ids"], ref) if ref else None
     name = f"random {a.random}" if a.random else str(model)
     doc = {"meta": {**environment(), "model": name, "threads": a.threads, "new_tokens": a.new_tokens,
+                    "repeat": a.repeat,
                     "prefill_tokens": len(long_ids)}, "rows": rows}
     if a.out:
         emit_json(doc, a.out)

@@ -26,10 +26,24 @@ def test_llama_options_go_together(peer):
         peer.parse(["--llama-python", sys.executable])
 
 
+def test_random_shapes_exclude_a_model_and_need_a_tokenizer(peer, tmp_path):
+    with pytest.raises(SystemExit):
+        peer.parse(["--random", "57m", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        peer.parse(["--random", "57m", "--tokenizer", str(tmp_path / "missing.model")])
+
+
+def test_a_row_is_the_median_of_its_rounds(peer):
+    runs = [dict(decode_tok_s=d, prefill_tok_s=p, peak_rss_mb=m, ids=[i]) for i, (d, p, m) in
+            enumerate([(100.0, 10.0, 300.0), (300.0, 30.0, 310.0), (200.0, 5.0, 305.0)])]
+    row = peer.summarize(runs)
+    assert (row["decode_tok_s"], row["prefill_tok_s"], row["peak_rss_mb"], row["ids"]) == (200.0, 10.0, 310.0, [0])
+
+
 @pytest.mark.slow
 def test_our_fp32_row(peer, tmp_path):
     doc = peer.main(["--ours", "fp32", "--new-tokens", "8", "--prefill-tokens", "64", "--threads", "1",
-                     "--out", str(tmp_path / "peer.json")])
+                     "--repeat", "1", "--out", str(tmp_path / "peer.json")])
     [row] = doc["rows"]
     assert row["runtime"] == "codellama-rt" and row["weights"] == "fp32" and len(row["ids"]) == 8
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 50
