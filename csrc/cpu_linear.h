@@ -25,6 +25,10 @@ namespace clrt {
 
 constexpr int64_t CHUNK = 32;  // int4: 32 weights per 16 bytes (byte j: k = j low nibble, k = 16 + j high)
 constexpr int64_t ROWS = 4;    // weight rows per block: independent accumulators, one x load for all
+#ifndef CLRT_PREFETCH
+#define CLRT_PREFETCH 4096
+#endif
+constexpr int64_t PREFETCH = CLRT_PREFETCH;  // bytes ahead in a weight row to request (DRAM latency cover)
 
 enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2 };
 
@@ -84,7 +88,9 @@ inline void dense_dot(const float* x, const float* w, int64_t K, float* o) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (; k + 16 <= K; k += 16) {  // a cache line of each row per step
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + PREFETCH, _MM_HINT_T0);
     const __m512 xv = _mm512_loadu_ps(x + k);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), xv, acc[r]);
   }
@@ -101,6 +107,13 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {  // a cache line of each row per step, the lines PREFETCH bytes ahead requested
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PREFETCH), _MM_HINT_T0);
+    for (int j = 0; j < 64; j += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k + j);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k + j), xv, acc[r]);
+    }
+  }
   for (; k + 16 <= K; k += 16) {
     const __m512 xv = _mm512_loadu_ps(x + k);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k), xv, acc[r]);
@@ -128,6 +141,9 @@ inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group,
     for (int r = 0; r < R; ++r)
       table[r] = _mm512_fmsub_ps(iota, _mm512_set1_ps(S[r * G + g]), _mm512_set1_ps(Z[r * G + g]));
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      if ((c & 3) == 0)  // four chunks per cache line
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * rowbytes + c * (CHUNK / 2) + PREFETCH), _MM_HINT_T0);
       const __m512 x0 = _mm512_loadu_ps(x + c * CHUNK), x1 = _mm512_loadu_ps(x + c * CHUNK + 16);
       for (int r = 0; r < R; ++r) {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + r * rowbytes + c * (CHUNK / 2))));
