@@ -33,6 +33,32 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const 
   return linear(make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group), x);
 }
 
+// The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel.
+torch::Tensor dequantize_int4(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zs,
+                              int64_t group) {
+  const Linear l = make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group);
+  auto out = torch::empty({l.N, l.K}, scale.options());
+  const uint8_t* W = l.w.data_ptr<uint8_t>();
+  const float *S = l.scale.data_ptr<float>(), *Z = l.zs.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t G = l.K / group;
+  at::parallel_for(0, l.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < l.K / CHUNK; ++c) {
+        const uint8_t* b = W + n * (l.K / 2) + c * (CHUNK / 2);
+        const int64_t g = c * CHUNK / group;
+        const float s = S[n * G + g], z = Z[n * G + g];
+        float* o = O + n * l.K + c * CHUNK;
+#pragma omp simd
+        for (int j = 0; j < 16; ++j) {
+          o[j] = static_cast<float>(b[j] & 15) * s - z;
+          o[16 + j] = static_cast<float>(b[j] >> 4) * s - z;
+        }
+      }
+  });
+  return out;
+}
+
 // Shapes only (torch.compile / torch.export trace through the ops with meta tensors).
 torch::Tensor linear_meta(const torch::Tensor& x, int64_t N) { return torch::empty({x.size(0), N}, x.options()); }
 
@@ -202,12 +228,14 @@ TORCH_LIBRARY(codellama_rt_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");          // x fp32 [M, K] @ w fp32 [N, K]^T -> [M, N]
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");  // w int8 [N, K], scale fp32 [N]
   m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group) -> Tensor");  // see Linear
+  m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zs, int group) -> Tensor");  // -> fp32 [N, K]
 }
 
 TORCH_LIBRARY_IMPL(codellama_rt_cpu, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize_int4", &dequantize_int4);
 }
 
 TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
@@ -217,6 +245,9 @@ TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
   });
   m.impl("linear_int4", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&,
                            int64_t) { return linear_meta(x, w.size(0)); });
+  m.impl("dequantize_int4", [](const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor&, int64_t) {
+    return torch::empty({w.size(0), w.size(1) * 2}, scale.options());
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .int4 import int4_linear_ref
 from .int4_format import Int4Weight
@@ -106,11 +107,15 @@ def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def int4_linear_native(x: torch.Tensor, w: Int4Weight) -> Optional[torch.Tensor]:
-    """The native kernel's x @ dequant(w)^T for up to NATIVE_MAX_ROWS fp32 rows on the CPU, or None where it
-    cannot run (the caller picks another path)."""
-    if not _native_rows(x, w.device) or not int4_supported(w):
+    """The native kernel's x @ dequant(w)^T for up to NATIVE_MAX_ROWS fp32 rows on the CPU; for more rows
+    (prefill) the native dequantization into fp32 then torch's GEMM; None where neither can run (not fp32 on
+    the CPU, no extension, widths or groups not multiples of 32: the caller picks another path)."""
+    if _ext is None or x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 \
+            or not int4_supported(w):
         return None
     codes, s, zs = pack_int4(w)
+    if not _native_rows(x, w.device):
+        return F.linear(x, torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, w.group_size))
     out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
     return out.reshape(*x.shape[:-1], w.shape[0])
 

@@ -10,7 +10,7 @@ import torch
 
 from codellama_rt.kernels import cpu_native
 from codellama_rt.kernels.int4 import int4_linear_ref
-from codellama_rt.kernels.int4_format import _pack_nibbles, quantize_int4, unpack_gptq
+from codellama_rt.kernels.int4_format import _pack_nibbles, dequantize_int4, quantize_int4, unpack_gptq
 from codellama_rt.kernels.int8_format import Int8Weight, dequantize_int8, int8_linear_ref, quantize_int8
 
 TOL = 2e-6  # max|Δ| / max|ref|, fp32: the same products summed in another order
@@ -133,10 +133,14 @@ def test_int4_op_single_rows_against_a_literal_dequantization(N):
 
 
 @native
-def test_int4_unsupported_shapes_return_none():
+def test_int4_prefill_rows_dequantize_natively_and_other_cases_return_none():
     w = quantize_int4(torch.randn(16, 64, generator=_g()), group_size=32)
-    assert cpu_native.int4_linear_native(torch.randn(1, 64).to(torch.bfloat16), w) is None  # not fp32 rows
-    assert cpu_native.int4_linear_native(torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 64), w) is None
+    x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 64, generator=_g(1))
+    assert rel_err(cpu_native.int4_linear_native(x, w), int4_linear_ref(x, w)) < TOL
+    codes, s, zs = cpu_native.pack_int4(w)
+    want = dequantize_int4(w, torch.float32)  # q s - (z s) against (q - z) s: z s is rounded once in fp32
+    assert rel_err(torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, 32), want) < 1e-6
+    assert cpu_native.int4_linear_native(x.to(torch.bfloat16), w) is None  # not fp32 rows
 
 
 @native

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from tool_modules import load_bench
 
@@ -49,3 +50,18 @@ def test_our_fp32_row(peer, tmp_path):
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 50
     assert row["agreement_with_our_fp32"] == 1.0 and doc["meta"]["prefill_tokens"] == 64
     assert (tmp_path / "peer.json").is_file()
+
+
+def test_quant_agreement_measures():
+    qa = load_bench("quant_agreement")
+    assert qa.prefix_share([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert qa.prefix_share([1, 9, 3, 4], [1, 2, 3, 4]) == 0.25
+    assert qa.prefix_share([1, 2], [1, 2, 3, 4]) == 0.5  # stopped early: the rest counts as different
+
+    class Echo:  # logits that always predict token 7
+        def logits(self, ids):
+            out = torch.zeros(1, len(ids), 10)
+            out[..., 7] = 1.0
+            return out
+
+    assert qa.teacher_forced(Echo(), [1, 2], [7, 3, 7, 7]) == 0.75

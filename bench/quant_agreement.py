@@ -1,0 +1,82 @@
+"""How often int8 / int4 weights pick fp32's greedy tokens (issue 21's agreement bar), on the CPU.
+
+    python bench/quant_agreement.py [--model DIR] [--new-tokens 64] [--out FILE]
+
+For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then per quantized row
+- free-running: the row's own greedy continuation; the share of positions before its first difference
+  from fp32's (one near-tie flips everything after it);
+- teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
+  equals fp32's token (one full forward of prompt + continuation; no cascade).
+Rows: int8 and int4 (its default group size) with the lm_head dense (what `quantize=` loads), and the same
+with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROMPTS = [
+    "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n",
+    "def fibonacci(n):", "class LinkedList:", "import os\n\ndef list_files(path):", "def quicksort(arr):\n",
+    "for i in range(10):\n", "import numpy as np\n\ndef mean(x):\n", "class Stack:\n    def __init__(self):\n",
+]
+ROWS = [("int8", False), ("int4", False), ("int8", True), ("int4", True)]  # (quantize, quantize_head)
+
+
+def prefix_share(got: list, want: list) -> float:
+    """Share of `want`'s positions before the first position where `got` differs."""
+    n = len(want)
+    same = next((i for i in range(n) if i >= len(got) or got[i] != want[i]), n)
+    return same / n if n else 1.0
+
+
+def teacher_forced(model, prompt_ids: list, want: list) -> float:
+    """Share of `want`'s positions where model's argmax after prompt + want[:i] is want[i]."""
+    full = prompt_ids + want
+    pred = model.logits(full)[0, len(prompt_ids) - 1:len(full) - 1].argmax(-1).tolist()
+    return sum(p == w for p, w in zip(pred, want)) / len(want)
+
+
+def measure(model_path, new_tokens: int) -> dict:
+    from codellama_rt.api import load_model
+
+    def load(quantize=None, head=False):
+        return load_model(model_path, device="cpu", dtype="float32", quantize=quantize, quantize_head=head)
+
+    ref = load()
+    ids = [ref._ids(p) for p in PROMPTS]
+    want = [c.token_ids for c in ref.generate(ids, max_new_tokens=new_tokens)]
+    rows = []
+    for quantize, head in ROWS:
+        m = load(quantize, head)
+        got = [c.token_ids for c in m.generate(ids, max_new_tokens=new_tokens)]
+        free = [prefix_share(g, w) for g, w in zip(got, want)]
+        forced = [teacher_forced(m, i, w) for i, w in zip(ids, want)]
+        rows.append(dict(weights=quantize, quantized_head=head, free_running=sum(free) / len(free),
+                         teacher_forced=sum(forced) / len(forced), free_running_per_prompt=free,
+                         teacher_forced_per_prompt=forced))
+    return {"prompts": len(PROMPTS), "new_tokens": new_tokens, "rows": rows}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help="HF-layout directory (default: the embedded model)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    from codellama_rt.bench.common import emit_json, environment
+
+    doc = {"meta": {**environment(), "model": str(a.model or "default")}, **measure(a.model, a.new_tokens)}
+    if a.out:
+        emit_json(doc, a.out)
+    print(f"| weights | lm_head | free-running greedy agreement | teacher-forced agreement |  "
+          f"({doc['prompts']} prompts x {a.new_tokens} tokens)")
+    print("|---|---|---|---|")
+    for r in doc["rows"]:
+        print(f"| {r['weights']} | {'quantized' if r['quantized_head'] else 'dense'} | {r['free_running']:.3f} | "
+              f"{r['teacher_forced']:.3f} |")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
