@@ -23,10 +23,10 @@ def native_extension() -> dict:
         return {}
 
     class OptionalBuild(BuildExtension):
-        def build_extension(self, ext):
+        def run(self):
             try:
-                super().build_extension(ext)
-            except Exception as e:  # no compiler, an unknown flag: the PyTorch path still works
+                super().run()
+            except Exception as e:  # no compiler (its ABI check fails first), an unknown flag: the PyTorch path works
                 print(f"codellama-rt: native CPU kernels not built ({type(e).__name__}: {e}); "
                       "the PyTorch path will run", file=sys.stderr)
 
