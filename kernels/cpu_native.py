@@ -1,13 +1,14 @@
-"""The native CPU kernels (csrc/cpu_native.cpp, built at install as `codellama_rt._cpu_native` where a C++
-compiler exists) and their PyTorch references: fp32 activations against fp32, int8 and int4 weights, and a
-`Decoder` running a whole decode step of a Llama model in C++ (no per-op Python, no op dispatch).
+"""The native CPU kernels (csrc/, built at install as `codellama_rt._cpu_native` where a C++ compiler exists;
+the projections are the torch ops `torch.ops.codellama_rt_cpu.*`) and the Python side of them: fp32
+activations against fp32, int8 and int4 weights, and a `Decoder` running a whole decode step of a Llama
+model in C++ (no per-op Python, no op dispatch; runtime/model/native_decoder.py).
 
 Without the extension every entry point here falls back to the PyTorch path (`available()` is False, and
 `notice()` says so once). Projections: x [M, K] fp32 rows, all M rows against each weight row read once,
 threads from torch's pool (`torch.set_num_threads`). int4 weights are repacked once per weight (cached on
 it) into 16-byte chunks of 32 codes (byte j: code j in the low nibble, code 16 + j in the high one) with
-fp32 scales and scale x zero products per group, so the kernel computes sum_g s_g sum_k q_k x_k -
-(z s)_g sum_k x_k: the same products as `int4_linear_ref` in another fp32 order.
+fp32 scales and scale x zero products per group; the kernel applies W = q s - z s (a per-group table of
+the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to fp32 rounding.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def int4_group_size(args: ModelArgs) -> int:
         if all(w % g == 0 for w in widths):
             return g
     raise ValueError(f"int4 needs a group size in {GROUP_SIZES} dividing every projection's input width "
-                     f"({sorted(widths)}); none does: use nf4")
+                     f"({sorted(widths)}); none does: use int8 or nf4")
 
 
 def resolve_group_size(group_size: Optional[int], quantize: Optional[str], args: ModelArgs) -> int:
