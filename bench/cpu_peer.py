@@ -149,9 +149,10 @@ def summarize(runs: list) -> dict:
 
 def agreement(a: list, b: list) -> float:
     """Share of positions where two greedy continuations agree, up to the first disagreement included."""
+    from codellama_rt.bench.common import shared_prefix
+
     n = min(len(a), len(b))
-    same = next((i for i in range(n) if a[i] != b[i]), n)
-    return same / n if n else 0.0
+    return shared_prefix(a, b) / n if n else 0.0
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -25,9 +25,9 @@ ROWS = [("int8", False), ("int4", False), ("int8", True), ("int4", True)]  # (qu
 
 def prefix_share(got: list, want: list) -> float:
     """Share of `want`'s positions before the first position where `got` differs."""
-    n = len(want)
-    same = next((i for i in range(n) if i >= len(got) or got[i] != want[i]), n)
-    return same / n if n else 1.0
+    from codellama_rt.bench.common import shared_prefix
+
+    return shared_prefix(got, want) / len(want) if want else 1.0
 
 
 def teacher_forced(model, prompt_ids: list, want: list) -> float:

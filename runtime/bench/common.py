@@ -197,3 +197,8 @@ def emit_json(doc, out: "Path | None") -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
+
+
+def shared_prefix(a: list, b: list) -> int:
+    """How many leading tokens two token lists have in common (at most the shorter one's length)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -8,6 +8,7 @@ import torch
 
 from ..quant.linear import model_weight_bytes, weight_bytes
 from . import e2e
+from .common import shared_prefix
 
 BARS = [
     # (id, text, kind, args)
@@ -62,8 +63,7 @@ def finish_rows(report: dict) -> None:
         mine = row.get("tokens0")
         if mine and ref is not None and ref is not row:
             theirs = ref["tokens0"]
-            n = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            row["agree_with_ours"] = f"{n}/{min(len(mine), len(theirs))}"
+            row["agree_with_ours"] = f"{shared_prefix(mine, theirs)}/{min(len(mine), len(theirs))}"
     for row in report["decode"]:
         row.pop("tokens0", None)
 
