@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .int4 import int4_linear_ref
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, int8_linear_ref
 
@@ -56,9 +55,13 @@ def extension():
     return _ext
 
 
-def _native_rows(x: torch.Tensor, weight_device: torch.device) -> bool:
-    return (_ext is not None and x.device.type == "cpu" and weight_device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() // max(x.shape[-1], 1) <= NATIVE_MAX_ROWS)
+def _native_fp32(x: torch.Tensor, weight_device: torch.device) -> bool:
+    """Whether the extension is built and takes x: fp32 activations and the weight on the CPU."""
+    return _ext is not None and x.device.type == "cpu" and weight_device.type == "cpu" and x.dtype == torch.float32
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.numel() // max(x.shape[-1], 1) <= NATIVE_MAX_ROWS
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
 def int8_linear_cpu(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum), else the reference."""
-    if not _native_rows(x, w.device):
+    if not (_native_fp32(x, w.device) and _few_rows(x)):
         return int8_linear_ref(x, w)
     w.check("int8_linear_cpu")
     out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous())
@@ -111,17 +114,11 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight) -> Optional[torch.Tensor]
     """The native kernel's x @ dequant(w)^T for up to NATIVE_MAX_ROWS fp32 rows on the CPU; for more rows
     (prefill) the native dequantization into fp32 then torch's GEMM; None where neither can run (not fp32 on
     the CPU, no extension, widths or groups not multiples of 32: the caller picks another path)."""
-    if _ext is None or x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 \
-            or not int4_supported(w):
+    if not _native_fp32(x, w.device) or not int4_supported(w):
         return None
     codes, s, zs = pack_int4(w)
-    if not _native_rows(x, w.device):
+    if not _few_rows(x):
         return F.linear(x, torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, w.group_size))
     out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
-
-def int4_linear_native_or_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """`int4_linear_native`, or `int4_linear_ref` where it cannot run (tests, benchmarks)."""
-    out = int4_linear_native(x, w)
-    return int4_linear_ref(x, w) if out is None else out
