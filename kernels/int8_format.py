@@ -97,8 +97,3 @@ def dequantize_int8(w: Int8Weight, dtype: Optional[torch.dtype] = None) -> torch
 def int8_linear_ref(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype: F.linear(x, dequantize_int8(w, x.dtype))."""
     return F.linear(x, dequantize_int8(w, x.dtype))
-
-
-def int8_bytes(out: int, inn: int, *, scale_bytes: int = 2) -> int:
-    """One int8 part: a byte per weight plus a scale per output row."""
-    return out * inn + out * scale_bytes

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kernels.int4_format import Int4Weight, quantize_int4
-from ..kernels.int8_format import Int8Weight, int8_bytes, quantize_int8
+from ..kernels.int8_format import Int8Weight, quantize_int8
 from ..kernels.nf4_format import NF4Weight, quantize_nf4
 from ..model.backends import Backend
 from ..model.config import ModelArgs
@@ -179,6 +179,11 @@ def int4_bytes(out: int, inn: int, *, group_size: int = 128, scale_bytes: int = 
     (group_size -1, as GPTQ configs say it: one group per row)."""
     groups = 1 if group_size == -1 else inn // group_size
     return out * inn // 2 + groups * (out // 8) * 4 + groups * out * scale_bytes
+
+
+def int8_bytes(out: int, inn: int, *, scale_bytes: int = 2) -> int:
+    """One int8 part: a byte per weight plus a scale per output row."""
+    return out * inn + out * scale_bytes
 
 
 def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional[str] = None,
