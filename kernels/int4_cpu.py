@@ -1,5 +1,6 @@
-"""int4 projections on the CPU: the native kernel of csrc/ (`cpu_native.int4_linear_native`: fp32 rows, up to
-`cpu_native.NATIVE_MAX_ROWS`) where it is built and applies, else torch's own packed kernel
+"""int4 projections on the CPU: the native kernels of csrc/ (`cpu_native.int4_linear_native`: fp32 activations;
+up to `cpu_native.NATIVE_MAX_ROWS` rows directly, more through a native dequantization and torch's GEMM) where
+they are built and apply, else torch's own packed kernel
 (`aten._weight_int4pack_mm_for_cpu`), so a 4-bit model no longer dequantizes whole matrices at every call.
 Reference: `int4.int4_linear_ref`.
 
