@@ -3,6 +3,8 @@ the tile sizes the GPU uses (so the same stage split and masking), and its CUDA 
 of time for sm_80 / sm_90."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,34 +188,50 @@ def test_bad_inputs_raise(kwargs, exc, match):
 # ---- ahead of time ---------------------------------------------------------------------------
 
 def test_aot_configs_compile(check_aot):
-    """Every CUDA launch (bf16/fp16 x head_dim 128/64 x MHA 7B / GQA 34B-70B) compiles for sm_80 and sm_90
-    without spills and within shared memory; T and start stay runtime arguments, MHA's group a constexpr."""
+    """Every CUDA launch (prefill and verify x bf16/fp16 x head_dim 128/64 x MHA 7B / GQA 34B-70B) compiles
+    for sm_80 and sm_90 without spills and within shared memory; T and start (and verify's cache length S)
+    stay runtime arguments, MHA's group a constexpr. Prefill passes no starts: Starts and S are constexpr
+    None there, so its binary is the one it was before verify existed."""
     configs = aot_configs(aot_models())
-    assert len(configs) == 8, [c.label for c in configs]
+    assert len(configs) == 16, [c.label for c in configs]
     for cfg in configs:
+        verify = cfg.label.startswith("verify ")
         assert cfg.signature["T"] == "i32" and cfg.signature["start"] == "i32", cfg.label
         assert (cfg.signature["group"] == "constexpr") == ("7B" in cfg.label), cfg.label
         assert cfg.constexprs["UPCAST_DOT"] is False and cfg.constexprs["FP32_DOT"] is False, cfg.label
+        assert cfg.constexprs["PER_ROW_START"] is verify, cfg.label
         assert {"Q", "K", "V", "Out", "stride_ks", "stride_vs"} <= set(cfg.divisible_by_16), cfg.label
+        if verify:
+            assert cfg.signature["Starts"] == "*i64" and cfg.signature["S"] == "i32", cfg.label
+            assert cfg.constexprs["BLOCK_M"] == 16, cfg.label
+        else:
+            assert cfg.constexprs["Starts"] is None and cfg.constexprs["S"] is None, cfg.label
+    assert sum(c.label.startswith("verify ") for c in configs) == 8
     check_aot(configs)
 
 
 def test_fp32_cuda_launches_compile(check_aot):
-    """The float32 (IEEE dot) path is no model default, but it must not spill either."""
-    check_aot(aot_configs(aot_models(), dtypes=(torch.float32,)))
+    """The float32 (IEEE dot) path is no model default, but it must not spill either (prefill and verify)."""
+    configs = aot_configs(aot_models(), dtypes=(torch.float32,))
+    assert len(configs) == 8, [c.label for c in configs]
+    check_aot(configs)
 
 
 def test_aot_configs_type_real_tensors_alike():
     """The meta tensors behind `aot_configs` are typed as real allocations of the same layout would be."""
     by_label = {c.label: c for c in aot_configs(aot_models())}
-    for dtype in (torch.bfloat16, torch.float16):
-        for head_dim in (128, 64):
-            for H, Hkv in ((32, 32), (64, 8)):
-                q, k, v, start = mod._model_tensors(H, Hkv, head_dim, dtype, device="cpu")
-                _, (_, args, constexprs, cfg) = mod._prepare(q, k, v, start, on_cuda=True)
-                [label] = [x for x in by_label if x.startswith(f"{triton_dtype(dtype)} D={head_dim} H={H} Hkv={Hkv} ")]
-                real = launch_config(mod._attention_prefill_kernel, args, constexprs, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages, label=label)
-                aot = by_label[label]
-                assert (real.signature, real.constexprs, real.divisible_by_16, real.num_warps, real.num_stages) == \
-                    (aot.signature, aot.constexprs, aot.divisible_by_16, aot.num_warps, aot.num_stages), label
+    for dtype, head_dim, (H, Hkv), verify in itertools.product((torch.bfloat16, torch.float16), (128, 64),
+                                                               ((32, 32), (64, 8)), (False, True)):
+        if verify:
+            tensors = mod._verify_model_tensors(H, Hkv, head_dim, dtype, device="cpu")
+            _, (_, args, constexprs, cfg) = mod._prepare_verify(*tensors, on_cuda=True)
+        else:
+            _, (_, args, constexprs, cfg) = mod._prepare(*mod._model_tensors(H, Hkv, head_dim, dtype, device="cpu"),
+                                                         on_cuda=True)
+        prefix = f"{'verify ' if verify else ''}{triton_dtype(dtype)} D={head_dim} H={H} Hkv={Hkv} "
+        [label] = [x for x in by_label if x.startswith(prefix)]
+        real = launch_config(mod._attention_prefill_kernel, args, constexprs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, label=label)
+        aot = by_label[label]
+        assert (real.signature, real.constexprs, real.divisible_by_16, real.num_warps, real.num_stages) == \
+            (aot.signature, aot.constexprs, aot.divisible_by_16, aot.num_warps, aot.num_stages), label
