@@ -5,6 +5,7 @@ Python. One custom op per backend entry point; together they launch every Triton
     rms_norm(x, weight, eps, residual?, experiments, pdl) -> (y, h)          kernels/rms_norm.py
     rotary(q!, k!, cos, sin, positions, experiments, pdl) -> ()               kernels/rotary.py
     attention_prefill(q, k, v, start) -> out                                  kernels/attention_prefill.py
+    attention_verify(q, k_cache, v_cache, starts) -> out                      kernels/attention_prefill.py
     rotary_attention_decode(q!, k, v, cos, sin, positions, k_cache!, v_cache!, slots, lengths,
                             experiments, pdl) -> out                          kernels/attention_decode.py
     swiglu(gate, up, experiments, pdl) -> out                                 kernels/swiglu.py
@@ -153,6 +154,23 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     if _eager():
         return _attention_prefill.attention_prefill(q, k, v, start)
     return _attention_prefill_op(q, k, v, start)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_verify", mutates_args=())
+def _attention_verify_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, starts: Tensor) -> Tensor:
+    return _attention_prefill.attention_verify(q, k_cache, v_cache, starts)
+
+
+@_attention_verify_op.register_fake
+def _(q, k_cache, v_cache, starts):
+    return q.new_empty(q.shape)
+
+
+def attention_verify(q: Tensor, k_cache: Tensor, v_cache: Tensor, starts: Tensor) -> Tensor:
+    """`kernels.attention_prefill.attention_verify` through the op (no kernel options)."""
+    if _eager():
+        return _attention_prefill.attention_verify(q, k_cache, v_cache, starts)
+    return _attention_verify_op(q, k_cache, v_cache, starts)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::rotary_attention_decode", mutates_args=("q", "k_cache", "v_cache"))

@@ -76,6 +76,8 @@ def _cases():
         "rotary": (ops._rotary_op, (q, k, cos, sin, positions, *OPTS)),
         "attention_prefill": (ops._attention_prefill_op, (q, k, v, 0)),
         "attention_prefill cached prefix": (ops._attention_prefill_op, (q, kc, vc, 5)),
+        "attention_verify": (ops._attention_verify_op, (q, kc, vc, torch.tensor([4]))),
+        "attention_verify idle row": (ops._attention_verify_op, (q, kc, vc, torch.tensor([7]))),
         "rotary_attention_decode": (ops._rotary_attention_decode_op, _decode_args()),
         "rotary_attention_decode attn_rope+one_pass": (ops._rotary_attention_decode_op,
                                                        _decode_args("attn_one_pass,attn_rope")),
@@ -107,8 +109,8 @@ def test_every_backend_op_has_a_custom_op():
     tri = BACKENDS["triton"]
     assert {getattr(tri, name).__module__ for name in _OPS} == {ops.__name__}
     names = {case.split()[0] for case in CASES}
-    assert names == {"rms_norm", "rotary", "attention_prefill", "rotary_attention_decode", "swiglu", "linear",
-                     "linear_swiglu", "norm_linear", "nf4_linear", "int4_linear", "int8_linear"}
+    assert names == {"rms_norm", "rotary", "attention_prefill", "attention_verify", "rotary_attention_decode", "swiglu",
+                     "linear", "linear_swiglu", "norm_linear", "nf4_linear", "int4_linear", "int8_linear"}
     for name in names:
         assert hasattr(torch.ops.codellama_rt, name), name
 
