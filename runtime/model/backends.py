@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..kernels import ops as triton_ops
 from ..kernels.attention_decode import rotary_attention_decode_ref
-from ..kernels.attention_prefill import attention_prefill_ref, attention_prefill_sdpa
+from ..kernels.attention_prefill import (attention_prefill_ref, attention_prefill_sdpa, attention_verify_ref,
+                                         attention_verify_sdpa)
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_native import int8_linear_cpu
@@ -40,6 +41,8 @@ class Backend:
     rms_norm: Callable    # (x, weight, eps, residual=None) -> (y, new_residual)
     rotary: Callable      # (q [B,H,T,D], k [B,Hkv,T,D], cos, sin, positions [B,T]) -> (q, k)
     attention_prefill: Callable  # (q [B,H,T,D], k, v [B,Hkv,S,D], start: int) -> [B,H,T,D]
+    # speculative decoding's verify step: row b's T queries at positions starts[b] .. (read on the device)
+    attention_verify: Callable  # (q [B,H,T,D], k_cache, v_cache [B,Hkv,S,D], starts int64 [B]) -> [B,H,T,D]
     # decode: rotate q and k, write k and v into the caches [B,Hkv,S,D] at slots [B] (= lengths - 1), attend
     rotary_attention_decode: Callable  # (q, k, v [B,*,1,D], cos, sin, positions [B,1], k_cache, v_cache,
     #                                      slots, lengths) -> [B,H,D]
@@ -61,6 +64,7 @@ _REFERENCE = Backend(
     rms_norm=rms_norm_ref,
     rotary=rotary_ref,
     attention_prefill=attention_prefill_ref,
+    attention_verify=attention_verify_ref,
     rotary_attention_decode=rotary_attention_decode_ref,
     swiglu=swiglu_ref,
     linear=F.linear,
@@ -76,8 +80,9 @@ BACKENDS: dict[str, Backend] = {
     # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8 and
     # int4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
-    # Prefill attention through torch's fused SDPA.
+    # Prefill and verify attention through torch's fused SDPA.
     "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
+                               attention_verify=attention_verify_sdpa,
                                linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu, decoder=native_decoder),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
@@ -89,6 +94,7 @@ BACKENDS: dict[str, Backend] = {
         rms_norm=triton_ops.rms_norm,
         rotary=triton_ops.rotary,
         attention_prefill=triton_ops.attention_prefill,
+        attention_verify=triton_ops.attention_verify,
         rotary_attention_decode=triton_ops.rotary_attention_decode,
         swiglu=triton_ops.swiglu,
         linear=triton_ops.linear,
