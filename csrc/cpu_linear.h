@@ -1,6 +1,6 @@
 // The projections of the native CPU kernels: out [M, N] = x [M, K] W^T, fp32 activations and accumulation,
-// W [N, K] dense fp32, int8 per output row, or int4 per group (formats below). Each weight row is read once
-// for all M rows. AVX-512 intrinsics where the building machine has AVX-512 F/BW/VL (compiled with
+// W [N, K] dense fp32, int8 per output row, or int4 per group (formats below). Each weight vector loaded serves
+// XROWS rows of x. AVX-512 intrinsics where the building machine has AVX-512 F/BW/VL (compiled with
 // -march=native), else plain loops the compiler vectorizes (AVX2 or whatever the machine has). Threads come
 // from torch's pool (at::parallel_for), so torch.set_num_threads governs them and nothing oversubscribes.
 #pragma once
@@ -83,59 +83,74 @@ inline __m512 load_i8(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-template <int R>
+// M x rows (stride K) against R weight rows: o[m * R + r] = sum_k x[m][k] W[r][k]. Each weight vector loaded
+// (and, for int8 / int4, converted) once serves all M rows: M x R independent accumulators.
+template <int R, int M>
 inline void dense_dot(const float* x, const float* w, int64_t K, float* o) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {  // a cache line of each row per step
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + PREFETCH, _MM_HINT_T0);
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), xv, acc[r]);
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
   }
   if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * K + k), xv, acc[r]);
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + r * K + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) o[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-template <int R>
+template <int R, int M>
 inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask16 mask, bool full) {
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = full ? _mm512_loadu_ps(x + m * K + k) : _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = full ? load_i8(w + r * K + k) : load_i8(w + r * K + k, mask);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  };
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {  // a cache line of each row per step, the lines PREFETCH bytes ahead requested
     for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PREFETCH), _MM_HINT_T0);
-    for (int j = 0; j < 64; j += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k + j);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k + j), xv, acc[r]);
-    }
+    for (int j = 0; j < 64; j += 16) step(k + j, 0, true);
   }
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k), xv, acc[r]);
-  }
-  if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_i8(w + r * K + k, m), xv, acc[r]);
-  }
-  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(acc[r]);
+  for (; k + 16 <= K; k += 16) step(k, 0, true);
+  if (k < K) step(k, static_cast<__mmask16>((1u << (K - k)) - 1), false);
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) o[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 // int4 rows (K / 2 bytes each, CHUNK order): o[r] = sum_k W[r][k] x[k] with W = q s - zs. Per group a
 // 16-entry table of the dequantized values (k s - zs, k = 0..15) in a register; vpermps looks each code up
 // (it reads an index's low 4 bits only, so the low nibble needs no mask).
-template <int R>
+template <int R, int M>
 inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
                      float* o) {
   const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 lo[R], hi[R];  // two accumulators per row: the FMA chains interleave
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  constexpr int A = 2;  // two accumulators per output, so the FMA chains interleave (and every M sums alike)
+  __m512 acc[M][R][A];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512 table[R];
     for (int r = 0; r < R; ++r)
@@ -144,15 +159,24 @@ inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group,
       if ((c & 3) == 0)  // four chunks per cache line
         for (int r = 0; r < R; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(w + r * rowbytes + c * (CHUNK / 2) + PREFETCH), _MM_HINT_T0);
-      const __m512 x0 = _mm512_loadu_ps(x + c * CHUNK), x1 = _mm512_loadu_ps(x + c * CHUNK + 16);
+      __m512 x0[M], x1[M];
+      for (int m = 0; m < M; ++m) {
+        x0[m] = _mm512_loadu_ps(x + m * K + c * CHUNK);
+        x1[m] = _mm512_loadu_ps(x + m * K + c * CHUNK + 16);
+      }
       for (int r = 0; r < R; ++r) {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + r * rowbytes + c * (CHUNK / 2))));
-        lo[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table[r]), x0, lo[r]);
-        hi[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table[r]), x1, hi[r]);
+        const __m512 w0 = _mm512_permutexvar_ps(q, table[r]), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table[r]);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r][0] = _mm512_fmadd_ps(w0, x0[m], acc[m][r][0]);
+          acc[m][r][1] = _mm512_fmadd_ps(w1, x1[m], acc[m][r][1]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) o[r] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r)
+      o[m * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1]));
 }
 
 #else  // plain loops
@@ -168,17 +192,22 @@ inline void plain_dot(const float* x, const T* w, int64_t K, float* o) {
   }
 }
 
-template <int R>
-inline void dense_dot(const float* x, const float* w, int64_t K, float* o) { plain_dot<R>(x, w, K, o); }
+// (M rows: one after the other; the compiler vectorizes each over K.)
+template <int R, int M>
+inline void dense_dot(const float* x, const float* w, int64_t K, float* o) {
+  for (int m = 0; m < M; ++m) plain_dot<R>(x + m * K, w, K, o + m * R);
+}
 
-template <int R>
-inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) { plain_dot<R>(x, w, K, o); }
+template <int R, int M>
+inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
+  for (int m = 0; m < M; ++m) plain_dot<R>(x + m * K, w, K, o + m * R);
+}
 
 // int4 rows: sum_g (s sum_{k in g} q x - zs sum_{k in g} x), per-lane sums scaled group by group (one
 // reduction per row, not per group).
 template <int R>
-inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
-                     float* o) {
+inline void int4_row_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                         float* o) {
   const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
   for (int r = 0; r < R; ++r) {
     const uint8_t* wr = w + r * rowbytes;
@@ -204,27 +233,54 @@ inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group,
   }
 }
 
+template <int R, int M>
+inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                     float* o) {
+  for (int m = 0; m < M; ++m) int4_row_dot<R>(x + m * K, w, K, group, S, Z, o + m * R);
+}
+
 #endif
 
-// Output rows n0 .. n1 of every x row: blocks of ROWS weight rows, then single rows.
+constexpr int XROWS = 4;  // x rows per kernel call: XROWS x ROWS accumulators in registers (int4: 2, two each)
+
+// Weight rows n .. n + R - 1 against x rows m0 .. m0 + M - 1 (M x R outputs of `out`).
+template <int R, int M>
+inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* out) {
+  const int64_t K = l.K, N = l.N;
+  float o[M * R];
+  const float* xm = x + m0 * K;
+  if (l.kind == DENSE) {
+    dense_dot<R, M>(xm, l.w.data_ptr<float>() + n * K, K, o);
+  } else if (l.kind == INT8) {
+    int8_dot<R, M>(xm, l.w.data_ptr<int8_t>() + n * K, K, o);
+    const float* S = l.scale.data_ptr<float>() + n;
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) o[m * R + r] *= S[r];
+  } else {
+    const int64_t G = K / l.group;
+    int4_dot<R, M>(xm, l.w.data_ptr<uint8_t>() + n * (K / 2), K, l.group, l.scale.data_ptr<float>() + n * G,
+                   l.zs.data_ptr<float>() + n * G, o);
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) out[(m0 + m) * N + n + r] = o[m * R + r];
+}
+
+// Weight rows n .. n + R - 1 against every x row, XROWS x rows at a time.
+// A row's outputs never depend on M or on the other rows (the same sums in the same order), so a verify pass
+// scores each token exactly as a decode step would.
 template <int R>
 inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, float* out) {
-  const int64_t K = l.K, N = l.N;
-  float o[R];
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    if (l.kind == DENSE) {
-      dense_dot<R>(xm, l.w.data_ptr<float>() + n * K, K, o);
-    } else if (l.kind == INT8) {
-      int8_dot<R>(xm, l.w.data_ptr<int8_t>() + n * K, K, o);
-      const float* S = l.scale.data_ptr<float>() + n;
-      for (int r = 0; r < R; ++r) o[r] *= S[r];
-    } else {
-      const int64_t G = K / l.group;
-      int4_dot<R>(xm, l.w.data_ptr<uint8_t>() + n * (K / 2), K, l.group, l.scale.data_ptr<float>() + n * G,
-                  l.zs.data_ptr<float>() + n * G, o);
-    }
-    for (int r = 0; r < R; ++r) out[m * N + n + r] = o[r];
+  int64_t m = 0;
+  if (l.kind == INT4) {
+    for (; m + 2 <= M; m += 2) tile<R, 2>(l, x, m, n, out);
+  } else {
+    for (; m + XROWS <= M; m += XROWS) tile<R, XROWS>(l, x, m, n, out);
+  }
+  switch (M - m) {
+    case 3: tile<R, 3>(l, x, m, n, out); break;
+    case 2: tile<R, 2>(l, x, m, n, out); break;
+    case 1: tile<R, 1>(l, x, m, n, out); break;
+    default: break;
   }
 }
 

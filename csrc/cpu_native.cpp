@@ -105,18 +105,34 @@ class Decoder {
     linears_.push_back(make_linear(kind, w, scale, zs, N, K, group));
   }
 
-  // tokens, positions int64 [B]; cache fp32 [layers, 2, max_batch >= B, Hkv, S, D] (written at positions);
-  // -> logits fp32 [B, V]. Row b attends to cache positions 0 .. positions[b].
-  torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache) {
+  // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V].
+  // Row b is at cache row slots[b] (an empty slots tensor: row b), position positions[b]: every row's K/V is
+  // written before any row attends, so rows sharing a slot at consecutive positions (a speculative verify
+  // block) attend causally. Row b attends to its slot's positions 0 .. positions[b].
+  torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache, torch::Tensor slots) {
     const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
     check(static_cast<int64_t>(linears_.size()) == 4 * L + 1, "decoder has not every projection");
     check(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(), "tokens int64 [B]");
     check(positions.scalar_type() == torch::kInt64 && positions.sizes() == tokens.sizes() && positions.is_contiguous(),
           "positions int64 [B]");
     check_f32(cache, "cache", 6);
-    const int64_t B = tokens.size(0), S = cache.size(4);
-    check(cache.size(0) == L && cache.size(1) == 2 && cache.size(2) >= B && cache.size(3) == Hkv_ && cache.size(5) == D_,
+    const int64_t B = tokens.size(0), S = cache.size(4), rows = cache.size(2);
+    check(cache.size(0) == L && cache.size(1) == 2 && cache.size(3) == Hkv_ && cache.size(5) == D_,
           "cache [layers, 2, max_batch, n_kv_heads, S, head_dim]");
+    std::vector<int64_t> slot(B);
+    if (slots.numel() == 0) {
+      check(rows >= B, "cache has " + std::to_string(rows) + " rows for " + std::to_string(B) + " tokens");
+      for (int64_t b = 0; b < B; ++b) slot[b] = b;
+    } else {
+      check(slots.scalar_type() == torch::kInt64 && slots.sizes() == tokens.sizes() && slots.is_contiguous(),
+            "slots int64 [B]");
+      const int64_t* sl = slots.data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        check(sl[b] >= 0 && sl[b] < rows, "slot " + std::to_string(sl[b]) + " outside the cache's " +
+              std::to_string(rows) + " rows");
+        slot[b] = sl[b];
+      }
+    }
     const int64_t* tok = tokens.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
@@ -126,12 +142,13 @@ class Decoder {
     }
     auto logits = torch::empty({B, V_}, tokens.options().dtype(torch::kFloat32));
     pybind11::gil_scoped_release nogil;
-    step(B, S, cache.size(2), tok, pos, cache.data_ptr<float>(), logits.data_ptr<float>());
+    step(B, S, rows, tok, pos, slot.data(), cache.data_ptr<float>(), logits.data_ptr<float>());
     return logits;
   }
 
  private:
-  void step(int64_t B, int64_t S, int64_t rows, const int64_t* tok, const int64_t* pos, float* cache, float* logits) {
+  void step(int64_t B, int64_t S, int64_t rows, const int64_t* tok, const int64_t* pos, const int64_t* slot, float* cache,
+            float* logits) {
     const int64_t L = static_cast<int64_t>(norms_.size()) / 2, QKV = (H_ + 2 * Hkv_) * D_, G = H_ / Hkv_;
     std::vector<float> h(B * dim_), y(B * std::max(dim_, H_ * D_)), qkv(B * QKV), attn(B * H_ * D_),
         o(B * dim_), g(B * 2 * F_), a(B * F_);
@@ -142,7 +159,7 @@ class Decoder {
       const float* mn = norms_[2 * l + 1].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, an, eps_, dim_, y.data() + b * dim_);
       apply(linears_[4 * l], y.data(), B, qkv.data());
-      attend(l, B, S, rows, pos, cache, qkv.data(), attn.data(), G, QKV);
+      attend(l, B, S, rows, pos, slot, cache, qkv.data(), attn.data(), G, QKV);
       apply(linears_[4 * l + 1], attn.data(), B, o.data());
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
@@ -161,10 +178,10 @@ class Decoder {
     apply(linears_[4 * L], y.data(), B, logits);
   }
 
-  // Rotate q and k of each row at its position, write k and v into layer l's cache, attend over 0..pos.
-  // rows: the cache's max_batch (its row count, part of its strides).
-  void attend(int64_t l, int64_t B, int64_t S, int64_t rows, const int64_t* pos, float* cache, float* qkv, float* out, int64_t G,
-              int64_t QKV) {
+  // Rotate q and k of each row at its position, write k and v into layer l's cache at (its slot, its position),
+  // then attend over the slot's 0..pos. rows: the cache's max_batch (its row count, part of its strides).
+  void attend(int64_t l, int64_t B, int64_t S, int64_t rows, const int64_t* pos, const int64_t* slot, float* cache,
+              float* qkv, float* out, int64_t G, int64_t QKV) {
     const int64_t half = D_ / 2, maxB = rows;
     const float* C = cos_.data_ptr<float>();
     const float* Sn = sin_.data_ptr<float>();
@@ -175,7 +192,7 @@ class Decoder {
       const float *c = C + pos[b] * half, *s = Sn + pos[b] * half;
       for (int64_t hd = 0; hd < H_ + Hkv_; ++hd) rotate_half(row + hd * D_, c, s, half);
       for (int64_t kv = 0; kv < Hkv_; ++kv) {
-        const int64_t at = ((b * Hkv_ + kv) * S + pos[b]) * D_;
+        const int64_t at = ((slot[b] * Hkv_ + kv) * S + pos[b]) * D_;
         std::copy(row + (H_ + kv) * D_, row + (H_ + kv + 1) * D_, kc + at);
         std::copy(row + (H_ + Hkv_ + kv) * D_, row + (H_ + Hkv_ + kv + 1) * D_, vc + at);
       }
@@ -186,8 +203,8 @@ class Decoder {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H_, hq = i % H_, kv = hq / G, n = pos[b] + 1;
         const float* q = qkv + b * QKV + hq * D_;
-        const float* K = kc + (b * Hkv_ + kv) * S * D_;
-        const float* Vv = vc + (b * Hkv_ + kv) * S * D_;
+        const float* K = kc + (slot[b] * Hkv_ + kv) * S * D_;
+        const float* Vv = vc + (slot[b] * Hkv_ + kv) * S * D_;
         p.resize(n);
         float mx = -INFINITY;
         for (int64_t t = 0; t < n; ++t) {

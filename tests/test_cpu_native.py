@@ -106,6 +106,53 @@ def test_int4_equals_the_reference(M, N, K, g):
 
 
 @native
+@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+def test_a_rows_result_does_not_depend_on_the_other_rows(kind):
+    """Rows are tiled several at a time (XROWS x-rows per weight load): each row's outputs are still exactly
+    (bitwise) what it gets alone, for every row count, so a verify pass scores a token as a decode step does."""
+    N, K = (40 if kind == "int4" else 37), 256  # (int4 packs 8 rows per word; 37: a tail past the 4-row blocks)
+    w = torch.randn(N, K, generator=_g())
+    x = torch.randn(11, K, generator=_g(1))
+    if kind == "f32":
+        op = lambda rows: torch.ops.codellama_rt_cpu.linear_f32(rows, w)  # noqa: E731
+    elif kind == "int8":
+        q = quantize_int8(w)
+        op = lambda rows: cpu_native.int8_linear_cpu(rows, q)  # noqa: E731
+    else:
+        q = quantize_int4(w, group_size=64)
+        op = lambda rows: cpu_native.int4_linear_native(rows, q)  # noqa: E731
+    alone = torch.cat([op(x[i:i + 1]) for i in range(11)])
+    for M in (2, 3, 4, 5, 8, 11):
+        assert torch.equal(op(x[:M]), alone[:M]), M
+
+
+@native
+def test_decoder_rows_of_one_slot_equal_successive_steps():
+    """T rows of one cache slot at consecutive positions (`slots`): every row's K/V is written before any row
+    attends, so the logits and the cache equal T one-row steps in order, bitwise."""
+    from codellama_rt.model.native_decoder import native_decoder
+
+    model = _models(None)[0]
+    step = native_decoder(model)
+    a, S = model.args, 32
+    caches = [torch.zeros(a.n_layers, 2, 3, a.n_kv_heads, S, a.head_dim) for _ in range(2)]
+    caches[0].normal_(generator=_g(5))
+    caches[1].copy_(caches[0])
+    tokens, positions = torch.tensor([7, 300, 11, 2000, 5]), torch.arange(9, 14)
+    with torch.inference_mode():
+        together = step(tokens, positions, caches[0], torch.full((5,), 2, dtype=torch.long))
+        one_by_one = []
+        for i in range(5):  # slot 2 as row 0 of a cache view holding only that slot
+            view = caches[1][:, :, 2:3].clone()
+            one_by_one.append(step(tokens[i:i + 1], positions[i:i + 1], view))
+            caches[1][:, :, 2:3].copy_(view)
+    assert torch.equal(together, torch.cat(one_by_one))
+    assert torch.equal(caches[0], caches[1])
+    with pytest.raises(RuntimeError, match="slot 3"):
+        step(tokens[:1], positions[:1], caches[0], torch.tensor([3]))
+
+
+@native
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
 def test_int4_gptq_weights(checkpoint_format):
     w = quantize_int4(torch.randn(64, 128, generator=_g()), group_size=64)

@@ -3,11 +3,13 @@
 A batch decode step of the module graph costs hundreds of torch ops, each a Python call and a dispatch; on a
 small model that overhead, not arithmetic, sets the pace. `native_decoder(model)` hands the model's weights
 to one C++ object, once per model, and returns a function doing the step in one call:
-(tokens int64 [B], positions int64 [B], cache data fp32 [layers, 2, max_batch, Hkv, S, D]) -> fp32 logits
-[B, V], with the module graph's semantics (`Decode`: K/V written at the positions, each row attending to
-0 .. its position). It returns None where the native step does not apply, and the graph runs: no extension
-built, not a CPU fp32 model, tensor parallelism, or a projection in another format than dense fp32, int8 or
-int4 with groups of multiples of 32 (NF4, several parts per projection).
+(tokens int64 [B], positions int64 [B], cache data fp32 [layers, 2, max_batch, Hkv, S, D], slots int64 [B] or
+None) -> fp32 logits [B, V], with the module graph's semantics (`Decode`: K/V written at the positions, each row
+attending to 0 .. its position). Row b uses cache row slots[b] (None: row b); every row's K/V is written before
+any row attends, so T rows of one slot at positions p .. p + T - 1 score a speculative block causally (`Verify`).
+It returns None where the native step does not apply, and the graph runs: no extension built, not a CPU fp32
+model, tensor parallelism, or a projection in another format than dense fp32, int8 or int4 with groups of
+multiples of 32 (NF4, several parts per projection).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..kernels import cpu_native
 _ATTR = "_native_decoder"  # the model attribute holding its decoder (or False: not applicable)
 _DENSE, _INT8, _INT4 = 0, 1, 2
 _EMPTY = torch.empty(0)
+_NO_SLOTS = torch.empty(0, dtype=torch.long)  # row b of a step is cache row b
 
 
 def native_decoder(model) -> Optional[Callable]:
@@ -70,7 +73,12 @@ def _build(model) -> Optional[Callable]:
                                              model.rope_sin.contiguous())
     for arg in args:
         decoder.add_linear(*arg)
-    return decoder.forward
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+             slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return decoder.forward(tokens, positions, cache, _NO_SLOTS if slots is None else slots)
+
+    return step
 
 
 def no_decoder(model) -> None:
