@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import codellama_rt as cl
 from codellama_rt.model.config import ModelArgs
-from codellama_rt.engine.decode_graph import DecodeBuffers, DecodeStep
+from codellama_rt.engine.decode_graph import DecodeBuffers, DecodeStep, capture_step
 from codellama_rt.engine.row_sampling import RowSampling, Stages, sample_rows
 from codellama_rt.engine.sampling import SamplingParams
 from codellama_rt.model.kv_cache import KVCache
@@ -267,7 +267,7 @@ class _FakeStream:
 
 
 def test_capture_leaves_buffers_as_found_and_replays_what_eager_runs(model, monkeypatch):
-    """`_capture`'s own logic on CPU, with torch.cuda's stream and graph calls faked: its eager warm-up steps
+    """`capture_step`'s own logic on CPU, with torch.cuda's stream and graph calls faked: its eager warm-up steps
     are undone (every buffer, the sampling counters included), the graph is captured in the given pool, and
     a step with a graph routes to it, drawing what the eager step draws."""
     eager = loaded_step(model, 3)
@@ -294,7 +294,7 @@ def test_capture_leaves_buffers_as_found_and_replays_what_eager_runs(model, monk
                        ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
                        ("graph", fake_capture)):
         monkeypatch.setattr(torch.cuda, name, fake)
-    step._capture("pool")
+    step.graph = capture_step(step._step, step.buffers.tensors(), "cpu", "pool")
     assert [p for _, p in captured] == ["pool"] and step.graph is captured[0][0]
     assert all(torch.equal(step.buffers.tensors()[k], t) for k, t in before.items())
     replays = []

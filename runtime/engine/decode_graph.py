@@ -22,7 +22,7 @@ from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowSampling, Stages, sample_
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture: Triton JIT, cuBLAS handles and workspaces
 
-__all__ = ["DecodeBuffers", "DecodeStep", "NONFINITE", "WARMUP_STEPS"]
+__all__ = ["DecodeBuffers", "DecodeStep", "NONFINITE", "WARMUP_STEPS", "capture_step"]
 
 
 class DecodeBuffers:
@@ -91,7 +91,7 @@ class DecodeStep:
         # the backend's whole-step decoder (the CPU's native step), or None: the module graph
         self.native = None if graphed else model.ops.decoder(model)
         if graphed:
-            self._capture(pool)
+            self.graph = capture_step(self._step, buffers.tensors(), buffers.tokens.device, pool)
 
     @torch.inference_mode()
     def __call__(self) -> None:
@@ -116,28 +116,30 @@ class DecodeStep:
         tokens.copy_(out.tokens.clamp(min=0))
         if self.stages.logprobs:
             buf.logprob[:B].copy_(out.logprob)
-            buf.top_ids[:B].copy_(out.top_ids)
-            buf.top_logprobs[:B].copy_(out.top_logprobs)
+            W = out.top_ids.shape[-1]  # (a vocabulary smaller than LOGPROB_WIDTH has fewer alternatives)
+            buf.top_ids[:B, :W].copy_(out.top_ids)
+            buf.top_logprobs[:B, :W].copy_(out.top_logprobs)
 
-    @torch.inference_mode()
-    def _capture(self, pool) -> None:
-        """Warm up on a side stream, restore every buffer, then capture `_step`.
 
-        Warm-up writes K/V at the rows' current positions: a decoding row's next step writes the same
-        values there, and idle rows write only the cache's last position.
-        """
-        device = self.buffers.tokens.device
-        saved = {name: t.clone() for name, t in self.buffers.tensors().items()}
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        live = self.buffers.tensors()
-        for name, t in saved.items():
-            live[name].copy_(t)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self._step()
-        self.graph = graph
+@torch.inference_mode()
+def capture_step(step, tensors: dict, device, pool) -> torch.cuda.CUDAGraph:
+    """Warm `step` up on a side stream, restore every tensor of `tensors` (name -> every buffer the step
+    reads or writes in place), then capture it into a CUDA graph.
+
+    Warm-up writes K/V at the rows' current positions: a decoding row's next step writes the same values
+    there (a verify step's proposals beyond are overwritten later), and idle rows write only the cache's
+    last position.
+    """
+    saved = {name: t.clone() for name, t in tensors.items()}
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for name, t in saved.items():
+        tensors[name].copy_(t)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph

@@ -10,6 +10,7 @@ import torch
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
 from .decode_graph import DecodeBuffers, DecodeStep
+from .verify_graph import VerifyBuffers, VerifyStep
 from .row_sampling import Stages
 from .sampling import MAX_DECODE_STEPS
 
@@ -28,8 +29,11 @@ class DecodeState:
         self.graphed, self.vocab_limit = graphed, vocab_limit
         self.cache: Optional[KVCache] = None
         self.buffers: Optional[DecodeBuffers] = None
-        self.steps: OrderedDict = OrderedDict()  # (batch, stages) -> DecodeStep, LRU order
+        self.verify_buffers: Optional[VerifyBuffers] = None
+        # (batch, stages) -> DecodeStep, ("verify", batch, width, stages, speculative sampling) -> VerifyStep; LRU
+        self.steps: OrderedDict = OrderedDict()
         self.captures = 0  # CUDA graphs captured so far
+        self.built = False  # the last step asked for was made by that call
         self._pool = None
 
     def ensure(self, need: int, decoding: set) -> bool:
@@ -49,6 +53,7 @@ class DecodeState:
         del old
         if self.buffers is None:
             self.buffers = DecodeBuffers(self.max_batch, args.vocab_size, device, size - 1)
+            self.verify_buffers = VerifyBuffers(self.max_batch, args.vocab_size, device)
         for s in range(self.max_batch):
             if s not in decoding:
                 self.buffers.positions[s] = size - 1
@@ -62,15 +67,25 @@ class DecodeState:
 
     def step(self, batch: int, stages: Stages) -> DecodeStep:
         """The step over rows 0..batch-1 running `stages` (made, and captured, on first use)."""
-        key = (batch, stages)
+        return self._kept((batch, stages), lambda pool: DecodeStep(
+            self.model, self.cache, self.buffers, batch, stages, graphed=self.graphed, pool=pool,
+            vocab_limit=self.vocab_limit))
+
+    def verify_step(self, batch: int, width: int, stages: Stages, speculative_sampling: bool) -> VerifyStep:
+        """The verify pass over rows 0..batch-1, `width` proposals wide (made, and captured, on first use)."""
+        return self._kept(("verify", batch, width, stages, speculative_sampling), lambda pool: VerifyStep(
+            self.model, self.cache, self.buffers, self.verify_buffers, batch, width, stages,
+            speculative_sampling=speculative_sampling, graphed=self.graphed, pool=pool, vocab_limit=self.vocab_limit))
+
+    def _kept(self, key, make):
         step = self.steps.get(key)
+        self.built = step is None  # (its first call pays for building: no timing to learn from)
         if step is None:
             while len(self.steps) >= MAX_DECODE_STEPS:
                 self.steps.popitem(last=False)
             if self.graphed and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            step = DecodeStep(self.model, self.cache, self.buffers, batch, stages, graphed=self.graphed,
-                              pool=self._pool, vocab_limit=self.vocab_limit)
+            step = make(self._pool)
             self.captures += self.graphed
             self.steps[key] = step
         self.steps.move_to_end(key)

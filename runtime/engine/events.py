@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .speculation import SpeculationStats
+
 
 @dataclass
 class TokenLogprob:
@@ -31,7 +33,8 @@ class Delta:
 class Completion:
     """One finished sequence. token_ids: generated ids only (without the EOS/EOT that ended it).
     cached_tokens: prompt tokens whose K/V were reused from the cache instead of prefilled.
-    logprobs: one TokenLogprob per generated id when asked for, else None."""
+    logprobs: one TokenLogprob per generated id when asked for, else None.
+    speculation: with `speculate`, the verify passes, proposed and accepted ids (`mean_accepted`), else None."""
 
     text: str
     token_ids: list = field(default_factory=list)
@@ -39,3 +42,4 @@ class Completion:
     finish_reason: str = "length"  # "length" | "stop" | "eos" | "eot" | "cancelled"
     cached_tokens: int = 0
     logprobs: Optional[list] = None
+    speculation: Optional[SpeculationStats] = None

@@ -53,13 +53,16 @@ class EngineMetrics:
 
     Counters: requests (submitted), finished (by finish_reason), rejected (queue full), failed,
     cancelled, prompt_tokens (of admitted requests), prefilled_tokens (actually computed),
-    prefix_reused_tokens (reused from cached K/V instead), generated_tokens, decode_steps.
+    prefix_reused_tokens (reused from cached K/V instead), generated_tokens, decode_steps, verify_steps
+    (speculative passes, run instead of decode steps), speculative_proposed_tokens and
+    speculative_accepted_tokens (their ids; accepted / verify_steps is the mean acceptance length).
     Gauges (set by the engine): waiting (queued requests), running (slots in use), slots (capacity).
     Histograms: ttft (submission to first token, s), token_latency (between consecutive tokens, s).
     """
 
     COUNTERS = ("requests", "rejected", "failed", "cancelled", "prompt_tokens", "prefilled_tokens",
-                "prefix_reused_tokens", "generated_tokens", "decode_steps")
+                "prefix_reused_tokens", "generated_tokens", "decode_steps", "verify_steps",
+                "speculative_proposed_tokens", "speculative_accepted_tokens")
 
     def __init__(self, slots: int = 0):
         self._lock = threading.Lock()

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from .events import Completion, Delta, TokenLogprob
 from .sampling import SamplingParams
+from .speculation import Speculation
 from ..tokenizer.detokenize import TextStream
 
 _ids = itertools.count()
@@ -39,6 +40,7 @@ class Request:
         self._pending_ids: list[int] = []
         self._pending_lp: list = []
         self.all_logprobs: Optional[list] = [] if logprobs else None
+        self.speculation: Optional[Speculation] = None  # set by the engine when it speculates for this request
 
     def spec(self) -> dict:
         """What another rank needs to run this request as it runs here (tensor-parallel serving)."""
@@ -50,6 +52,10 @@ class Request:
         """The request of `spec` on another rank: the same tokens and stops, its events dropped."""
         return cls(**spec, sink=lambda event: None, stream=TextStream(tokenizer, spec["params"].stop))
 
+    def position(self) -> int:
+        """Where the pending token (the last sampled id, its K/V not cached yet) goes in the cache."""
+        return len(self.prompt) + len(self.sampled) - 1
+
     def fed(self) -> list:
         """The ids whose K/V the slot holds: the prompt and every sampled id but the last."""
         return self.prompt + self.sampled[:-1] if self.sampled else self.prompt[:self.computed]
@@ -57,6 +63,8 @@ class Request:
     def accept(self, token: int, lp: Optional[TokenLogprob]) -> bool:
         """Take one sampled id (not NONFINITE); send what became final. True when the request is done."""
         self.sampled.append(token)
+        if self.speculation is not None:
+            self.speculation.extend((token,))
         if token in self.stop_tokens:
             self.finish_reason = self.stop_tokens[token]
             return True
@@ -86,6 +94,7 @@ class Request:
         self.state = DONE
         done = Completion(text=self.stream.text, token_ids=list(self.stream.ids), prompt_tokens=len(self.prompt),
                           finish_reason=self.finish_reason, cached_tokens=self.cached_tokens,
-                          logprobs=self.all_logprobs)
+                          logprobs=self.all_logprobs,
+                          speculation=self.speculation.stats if self.speculation is not None else None)
         self.sink(done)
         return done

@@ -134,18 +134,14 @@ def sample_rows(logits: torch.Tensor, stages: Stages, rows: RowView, vocab_limit
     (before penalty, temperature and filtering), as OpenAI reports them.
     """
     B, V = logits.shape
-    if vocab_limit is not None and vocab_limit < V:
-        logits[:, vocab_limit:] = float("-inf")
+    _limit_vocab(logits, vocab_limit)
     bad = ~torch.isfinite(logits.amax(dim=-1))  # amax propagates NaN
     raw = logits
     if stages.penalty:
         logits = apply_repetition_penalty(logits, rows.seen, rows.penalty[:, None])
     tokens = torch.argmax(logits, dim=-1)
     if stages.sampled:
-        scaled = logits / rows.temperature[:, None]
-        if stages.filter:
-            scaled = _filter(scaled, rows.top_k, rows.top_p)
-        probs = torch.softmax(scaled, dim=-1)
+        probs = _sampled_probs(logits, stages, rows)
         noise = -torch.log(counter_noise(rows.seed, rows.counter, V))
         tokens = torch.where(rows.greedy, tokens, torch.argmax(probs / noise, dim=-1))
     rows.counter.add_(1)
@@ -156,6 +152,27 @@ def sample_rows(logits: torch.Tensor, stages: Stages, rows: RowView, vocab_limit
     top = torch.topk(lsm, min(LOGPROB_WIDTH, V), dim=-1)
     chosen = lsm.gather(-1, tokens.clamp(min=0)[:, None])[:, 0]
     return Sampled(tokens, chosen, top.indices, top.values)
+
+
+def processed_probs(logits: torch.Tensor, stages: Stages, rows: RowView, vocab_limit: Optional[int] = None):
+    """fp32 [B, V]: the distribution `sample_rows` draws each sampled row's token from (penalty, temperature,
+    top-k/top-p applied; ids at or above `vocab_limit` never). Meaningless for greedy rows."""
+    _limit_vocab(logits, vocab_limit)
+    if stages.penalty:
+        logits = apply_repetition_penalty(logits, rows.seen, rows.penalty[:, None])
+    return _sampled_probs(logits, stages, rows)
+
+
+def _limit_vocab(logits: torch.Tensor, vocab_limit: Optional[int]) -> None:
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")
+
+
+def _sampled_probs(logits: torch.Tensor, stages: Stages, rows: RowView) -> torch.Tensor:
+    scaled = logits / rows.temperature[:, None]
+    if stages.filter:
+        scaled = _filter(scaled, rows.top_k, rows.top_p)
+    return torch.softmax(scaled, dim=-1)
 
 
 def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

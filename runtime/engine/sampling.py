@@ -15,11 +15,15 @@ MAX_TEMPERATURE = 1e4     # far past uniform already; keeps every value finite i
 PENALTY_RANGE = (1e-6, 1e6)
 SEED_LIMIT = 2 ** 64      # seeds are 64-bit: the counter noise hashes both halves (row_sampling)
 MAX_DECODE_STEPS = 32     # decode steps (CUDA graphs) an engine keeps, least recently used dropped first
+SPECULATE_MODES = ("lookup", "draft")  # speculative decoding's proposers (engine/speculation.py)
+MAX_SPECULATIVE_TOKENS = 16  # proposals per verify pass at most (a pass scores one more token)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Validated sampling keywords; `temperature` 0 (or below MIN_TEMPERATURE) is greedy.
+    """Validated sampling keywords; `temperature` 0 (or below MIN_TEMPERATURE) is greedy. `speculate` turns on
+    speculative decoding (proposals checked by the model in one pass each; the tokens are those plain decoding
+    samples, see engine/verify_graph.py), up to `num_speculative_tokens` proposals per pass.
 
     Every value is checked here, at the call: a bad one raises ValueError naming the parameter.
     """
@@ -31,6 +35,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple = ()
     seed: Optional[int] = None
+    speculate: Optional[str] = None   # None, "lookup" (prompt lookup) or "draft" (the model's draft model)
+    num_speculative_tokens: int = 8   # most tokens proposed per verify pass (speculate set)
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -57,6 +63,11 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             bad("seed", self.seed, "expected None or an integer in [0, 2**64)")
+        if self.speculate is not None and self.speculate not in SPECULATE_MODES:
+            bad("speculate", self.speculate, f"expected None or one of {', '.join(map(repr, SPECULATE_MODES))}")
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            bad("num_speculative_tokens", k, f"expected an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
 
     @property
     def greedy(self) -> bool:

@@ -30,10 +30,11 @@ from ..distributed.lockstep import HEARTBEAT_S, Plan
 from ..distributed.tensor_parallel import TensorParallelError
 from .events import Completion, TokenLogprob
 from .metrics import EngineMetrics
-from .request import DECODE, PREFILL, Request
+from .request import DECODE, DONE, PREFILL, Request
 from .run import Run
 from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
-from .sampling import SamplingParams
+from .sampling import MAX_SPECULATIVE_TOKENS, SamplingParams
+from .speculation import PassCosts, PromptLookup, Speculation, bucket
 from .slots import SlotTable
 
 
@@ -64,6 +65,10 @@ class Engine:
         self.metrics = EngineMetrics(max_batch)
         self.driver = Driver(self._iterate_once, self.idle, "codellama-rt-engine")
         self.lockstep = None  # rank 0 of tensor-parallel serving: a distributed.lockstep.Lockstep
+        self.draft = None  # the draft model's proposer (speculate="draft"), or None
+        # speculate mode -> (request) -> its Proposer, made at admission (benchmarks put an oracle here)
+        self.proposers: dict = {"lookup": lambda request: PromptLookup(request.prompt)}
+        self._pass_costs = PassCosts()  # measured decode and verify times (speculation's cost model)
         # owned by the driving thread:
         self._waiting: deque = deque()
         self._running: dict = {}  # slot -> Request (prefilling or decoding)
@@ -105,6 +110,8 @@ class Engine:
         checked = [self.check_prompt(ids) for ids in prompts]
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        if params.speculate == "draft" and self.draft is None:
+            raise ValueError("speculate='draft' needs a draft model: load with cl.load(..., draft=PATH)")
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
             raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
         requests = [Request(prompt, params, dict(stop_tokens),
@@ -254,6 +261,9 @@ class Engine:
             if place.source is not None:
                 data[:, :, slot, :, :reuse].copy_(data[:, :, place.source, :, :reuse])
             self._slots.take(place, request, request.prompt)
+            if request.params.speculate is not None:
+                proposer = self.proposers[request.params.speculate](request)
+                request.speculation = Speculation(proposer, request.params.num_speculative_tokens)
             request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
             self._running[slot] = request
             self.metrics.add("prompt_tokens", len(request.prompt))
@@ -296,13 +306,19 @@ class Engine:
 
     def _decode(self) -> None:
         decoding = [s for s, r in self._running.items() if r.state == DECODE]
+        if self._verify(decoding):
+            return
         batch = self._state.batch_size(max(decoding) + 1)
         rows = [self._running[s] for s in decoding if s < batch]
         stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
-        self._state.step(batch, stages)()
+        step = self._state.step(batch, stages)
+        started = time.perf_counter()
+        step()
         self.metrics.add("decode_steps")
         buf = self._state.buffers
         tokens = buf.sampled[:batch].tolist()  # the one host sync per step
+        if not self._state.built:
+            self._pass_costs.observe(batch, 0, time.perf_counter() - started)
         if stages.logprobs:
             lps, ids = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist()
             tops = buf.top_logprobs[:batch].tolist()
@@ -310,6 +326,67 @@ class Engine:
             request = self._running[s]
             lp = _logprob(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
             self._emit(request, tokens[s], lp)
+
+    def _verify(self, decoding: list) -> bool:
+        """A verify pass in place of the decode step when every decoding request speculates and one of them
+        has proposals (`verify_graph`); False: nothing to verify, the plain step runs."""
+        requests = [self._running[s] for s in decoding]
+        if not all(r.speculation is not None for r in requests):
+            return False
+        last = self._state.cache.max_seq_len - 1
+        batch = self._state.batch_size(max(decoding) + 1)
+        costs = self._pass_costs
+
+        def cost(m: int) -> float:
+            return costs.relative(batch, bucket(m, MAX_SPECULATIVE_TOKENS))
+
+        proposals = {}
+        for r in requests:
+            if not r.speculation.wants():
+                continue
+            # room: the budget left after the pass's own token, and the cache past the pass's last position
+            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), cost)
+            ids = self._propose(r, n) if n > 0 else []
+            if ids:
+                proposals[r.slot] = ids
+        if not proposals:
+            return False
+        width = bucket(max(len(p) for p in proposals.values()), MAX_SPECULATIVE_TOKENS)
+        if any(r.position() + width > last for r in requests):  # every decoding row writes `width` positions on
+            return False
+        vbuf = self._state.verify_buffers
+        for s in range(batch):
+            vbuf.set_row(s, proposals.get(s, []))
+        rows = [self._running[s] for s in decoding if s < batch]
+        stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
+        drafted = stages.sampled and any(r.params.speculate == "draft" for r in rows)
+        step = self._state.verify_step(batch, width, stages, drafted)
+        started = time.perf_counter()
+        step()
+        self.metrics.add("verify_steps")
+        out = vbuf.out[:batch, :width + 2].tolist()  # the one host sync per pass
+        if not self._state.built:
+            costs.observe(batch, width, time.perf_counter() - started)
+        if stages.logprobs:
+            lps, ids = vbuf.logprob[:batch].tolist(), vbuf.top_ids[:batch].tolist()
+            tops = vbuf.top_logprobs[:batch].tolist()
+        for s in decoding:
+            request, accepted = self._running[s], out[s][0]
+            if s in proposals:
+                request.speculation.record(len(proposals[s]), accepted)
+                self.metrics.add("speculative_proposed_tokens", len(proposals[s]))
+                self.metrics.add("speculative_accepted_tokens", accepted)
+            for i, token in enumerate(out[s][1:accepted + 2]):
+                lp = _logprob(token, lps[s][i], ids[s][i], tops[s][i], request.logprobs) if request.logprobs \
+                    else None
+                self._emit(request, token, lp)
+                if request.state == DONE:
+                    break
+        return True
+
+    def _propose(self, request: Request, n: int) -> list:
+        """Up to n ids `request` proposes now."""
+        return request.speculation.propose(n)
 
     def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
         now = time.perf_counter()

@@ -91,6 +91,35 @@ class Decode:
                                            self.lengths).unsqueeze(2)
 
 
+@dataclass
+class Verify:
+    """T tokens per sequence at positions starts[b] .. starts[b] + T - 1 (starts int64 [B] on the device): a
+    speculative block (the last accepted token and T - 1 proposed ones), scored in one fixed-shape pass.
+
+    Row b's K/V go into cache row b at those positions (clamped to the cache's last position kv_len - 1,
+    which only idle rows reach), then query i attends to 0 .. starts[b] + i. Nothing is read back to the host,
+    so a step of these can be captured in a CUDA graph.
+    """
+
+    starts: torch.Tensor
+    kv_len: int
+
+    def positions(self, B: int, T: int, device) -> torch.Tensor:
+        """int64 [B, T]: each token's position in the cache."""
+        offsets = torch.arange(T, device=device)
+        return (self.starts[:, None] + offsets).clamp_(max=self.kv_len - 1)
+
+    def attend(self, ops: Backend, q, k, v, kv: tuple, rope: tuple, positions) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,Hkv,T,D] (not yet rotated) -> [B,H,T,D]; k/v written into the cache first."""
+        q, k = ops.rotary(q, k, rope[0], rope[1], positions)
+        B, Hkv, T, D = k.shape
+        k_cache, v_cache = kv[0][:B, :, :self.kv_len], kv[1][:B, :, :self.kv_len]
+        at = positions[:, None, :, None].expand(B, Hkv, T, D)
+        k_cache.scatter_(2, at, k.to(k_cache.dtype))
+        v_cache.scatter_(2, at, v.to(v_cache.dtype))
+        return ops.attention_verify(q, k_cache, v_cache, self.starts)
+
+
 class Attention(nn.Module):
     """Under tensor parallelism each rank holds a slice of the heads (args are the rank's) and `reduce` sums
     the ranks' partial wo outputs in place (`codellama_rt.distributed`); None: the whole model is here."""
@@ -190,12 +219,12 @@ class Transformer(nn.Module):
                 last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: int64 [B, T] -> fp32 logits [B, T, V], or [B, V] at `last_index` (int64 [B]).
 
-        step: `Prefill(start)` or `Decode(positions, kv_len)`; positions [B, T] default from the step.
+        step: `Prefill(start)`, `Decode(positions, kv_len)` or `Verify(starts, kv_len)`; positions [B, T] default
+        from the step.
         """
         B, T = tokens.shape
         if positions is None:
-            positions = step.positions(B, T, tokens.device) if isinstance(step, Prefill) \
-                else step.positions[:, None]
+            positions = step.positions[:, None] if isinstance(step, Decode) else step.positions(B, T, tokens.device)
         rope = (self.rope_cos, self.rope_sin)
         x, residual = self.tok_embeddings[tokens], None
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,193 @@
+"""Speculative decoding's host side: what a request proposes each step and how much.
+
+`PromptLookup` proposes what followed the most recent earlier occurrence of the context's last n-gram
+(prompt-lookup decoding: code re-emits what it has seen, renamed variables, whole blocks); the draft model's
+proposals come from `draft.py`. `Speculation` is one request's state: its proposer, an adaptive proposal
+length, and the counts its Completion reports. The verify pass itself is `verify_graph.VerifyStep`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+MAX_NGRAM = 4  # longest suffix looked up; longer matches are tried first
+MIN_NGRAM = 2  # shortest: single ids (a newline, a space) match everywhere and predict little
+BACKOFF_LIMIT = 32  # most decode steps a request waits before probing again when plain decoding looks better
+
+
+@dataclass
+class SpeculationStats:
+    """One request's speculative decoding: `verifies` passes it took part in, `proposed` ids they scored,
+    `accepted` of those the model agreed with. Each pass also yields one token of the model's own."""
+
+    verifies: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted proposals per verify pass (0.0 before any pass)."""
+        return self.accepted / self.verifies if self.verifies else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of the proposed ids that were accepted (0.0 before any)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+class Proposer(Protocol):
+    """What proposes a request's next ids: told every id the request samples (`extend`), asked for up to n
+    ids continuing the context (`propose`, [] for none)."""
+
+    def extend(self, ids) -> None: ...
+
+    def propose(self, n: int) -> list[int]: ...
+
+
+class PromptLookup:
+    """An n-gram index over a request's ids (prompt, then generated ones as they come).
+
+    For each n in MIN_NGRAM..MAX_NGRAM it maps an n-gram to the end of its latest occurrence, entered one id
+    late, so a lookup of the context's own suffix finds an earlier occurrence with at least one id after it.
+    Appending is O(MAX_NGRAM) per id; a proposal is O(MAX_NGRAM + k).
+    """
+
+    def __init__(self, ids: list[int]):
+        self.ids: list[int] = []
+        self._last: dict[int, dict[tuple, int]] = {n: {} for n in range(MIN_NGRAM, MAX_NGRAM + 1)}
+        self.extend(ids)
+
+    def extend(self, ids) -> None:
+        """Append ids to the context."""
+        for token in ids:
+            self.ids.append(token)
+            end = len(self.ids) - 2  # the n-grams ending just before the new id now have a continuation
+            for n, table in self._last.items():
+                if end - n + 1 >= 0:
+                    table[tuple(self.ids[end - n + 1:end + 1])] = end
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k ids following the latest earlier occurrence of the longest suffix found ([] if none)."""
+        ids = self.ids
+        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+            if len(ids) < n:
+                continue
+            end = self._last[n].get(tuple(ids[-n:]))
+            if end is not None:
+                return ids[end + 1:end + 1 + k]
+        return []
+
+
+class PassCosts:
+    """Seconds a decode step (width 0) and a verify pass of each width take on this engine, per batch size, as
+    exponential moving averages of what the engine measured (host time of the call and its one sync). A width
+    not measured yet is estimated from the nearest measured ones (a pass costs at least a decode step; past the
+    widest measured one, linearly), before any from DEFAULT_SLOPE decode steps per proposed id."""
+
+    DEFAULT_SLOPE = 0.125
+    DECAY = 0.8
+
+    def __init__(self):
+        self._mean: dict[tuple[int, int], float] = {}
+
+    def observe(self, batch: int, width: int, seconds: float) -> None:
+        key = (batch, width)
+        old = self._mean.get(key)
+        self._mean[key] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
+
+    def relative(self, batch: int, width: int) -> float:
+        """A verify pass of `width` over a decode step, both at `batch` rows (1.0 for width 0)."""
+        base = self._mean.get((batch, 0))
+        if width == 0:
+            return 1.0
+        known = self._mean.get((batch, width))
+        if base is None:
+            return 1.0 + self.DEFAULT_SLOPE * width
+        if known is not None:
+            return max(known / base, 1.0)
+        measured = sorted(w for (b, w) in self._mean if b == batch and w > 0)
+        below = max((w for w in measured if w < width), default=0)
+        above = min((w for w in measured if w > width), default=None)
+        low = self._mean.get((batch, below), base) / base
+        if above is None:
+            slope = (low - 1.0) / below if below else self.DEFAULT_SLOPE
+            return max(low + slope * (width - below), 1.0)
+        high = self._mean[(batch, above)] / base
+        return max(low + (high - low) * (width - below) / (above - below), 1.0)
+
+
+class Speculation:
+    """One request's speculative state: its proposer, its acceptance estimate, the stats.
+
+    How many ids to propose is chosen per pass to maximise expected tokens per unit of time: with a per-id
+    acceptance estimate a (each proposal accepted with probability a if the ones before it were), m proposals
+    yield 1 + a + .. + a^m tokens for the time of a verify pass of width m (`PassCosts`), against one token per
+    decode step. When no m >= 1 beats plain decoding the request decodes plainly and probes again (one id)
+    after a wait that doubles up to BACKOFF_LIMIT steps, so text that does not repeat its context costs little
+    more than plain decoding; a proposer with nothing to offer costs nothing.
+    """
+
+    PRIOR = (1.0, 2.0)  # (accepted, trials) before any pass: a = 0.5
+    DECAY = 0.9         # weight of the past in the estimate, per proposed id scored (a memory of ~10 ids)
+
+    def __init__(self, proposer: Proposer, k: int):
+        self.proposer, self.k = proposer, k
+        self.stats = SpeculationStats()
+        self._accepted, self._trials = self.PRIOR
+        self._wait = 0      # decode steps to sit out before proposing again
+        self._backoff = 1   # the next wait once plain decoding looks better
+
+    @property
+    def acceptance(self) -> float:
+        """The per-id acceptance estimate."""
+        return self._accepted / self._trials
+
+    def extend(self, ids) -> None:
+        """Ids sampled since the last call (the proposer's context grows)."""
+        self.proposer.extend(ids)
+
+    def propose(self, n: int) -> list[int]:
+        return self.proposer.propose(n)
+
+    def wants(self) -> bool:
+        """Whether to propose this step (False while waiting); counts the step."""
+        if self._wait > 0:
+            self._wait -= 1
+            return False
+        return True
+
+    def limit(self, room: int, cost) -> int:
+        """How many ids to propose now, at most `room`: the m in 0..min(k, room) with the most expected tokens
+        per unit of time, `cost(m)` being a pass of m proposals over a decode step. 0: decode plainly (and
+        wait before asking again), except as a one-id probe after a wait."""
+        a, best, best_rate = self.acceptance, 0, 1.0
+        tokens = 1.0
+        for m in range(1, min(self.k, room) + 1):
+            tokens += a ** m
+            rate = tokens / cost(m)
+            if rate > best_rate:
+                best, best_rate = m, rate
+        if best == 0 and room > 0:
+            if self._backoff > 1:  # a wait has passed: probe with one id
+                best = 1
+            self._wait = self._backoff
+            self._backoff = min(2 * self._backoff, BACKOFF_LIMIT)
+        return best
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """A verify pass scored `proposed` ids of this request and accepted `accepted` of them."""
+        self.stats.verifies += 1
+        self.stats.proposed += proposed
+        self.stats.accepted += accepted
+        # each id up to the first rejection is one trial (ids after it were never tested)
+        for ok in [1] * accepted + ([0] if accepted < proposed else []):
+            self._accepted = self.DECAY * self._accepted + ok
+            self._trials = self.DECAY * self._trials + 1
+        if accepted:
+            self._backoff = 1
+
+
+def bucket(n: int, limit: int) -> int:
+    """The verify width serving n proposals: the next power of two, at most `limit` (widths 1, 2, 4, 8, 16:
+    few step shapes, hence few CUDA graphs)."""
+    return min(1 << max(n - 1, 0).bit_length(), limit)

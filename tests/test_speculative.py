@@ -1,0 +1,382 @@
+"""Speculative decoding (`engine/speculation.py`, `engine/verify_graph.py`): the prompt-lookup proposer and the
+adaptive policy against known answers; the verify pass's tokens against plain decoding's, token for token, on
+the reference, "cpu" (native) and Triton-interpreter backends, with every proposal accepted, none, or some, and
+requests ending mid-block (max tokens, a stop string, a stop token); the pass's host-sync freedom; speculative
+sampling's distribution against the model's (chi-square, fixed seeds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import codellama_rt as cl
+from codellama_rt.engine.row_sampling import Stages
+from codellama_rt.engine.sampling import SamplingParams
+from codellama_rt.engine.speculation import MIN_NGRAM, PassCosts, PromptLookup, Speculation, bucket
+from codellama_rt.model.config import ModelArgs
+from codellama_rt.tiny import write_random_checkpoint
+
+PROMPTS = ["def fibonacci(n):\n    if n < 2:", "import os\n", "class Config:\n    def __init__(self", "x = [",
+           "for i in range(10):\n    print(i)\nfor i in range(10):\n", "a = b + c\nd = e + f\na = b"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_tokenizer):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=1000, rope_theta=1e6,
+                     max_seq_len=512)
+    return write_random_checkpoint(tmp_path_factory.mktemp("speculative") / "m", args, tiny_tokenizer)
+
+
+class Scripted:
+    """A proposer proposing `script(done)` (done: ids sampled so far): an oracle, a liar, anything between."""
+
+    def __init__(self, script):
+        self.script, self.done = script, 0
+
+    def extend(self, ids) -> None:
+        self.done += len(ids)
+
+    def propose(self, n: int) -> list[int]:
+        return list(self.script(self.done))[:n]
+
+
+def run(model, prompts, n, proposer=None, stops=None, **sampling):
+    """Completions of `prompts` (id lists) under `sampling`; with `proposer` (a function of the prompt index ->
+    Proposer) every request speculates through it."""
+    engine = model.engine
+    saved = engine.proposers["lookup"]
+    if proposer is not None:
+        index = {tuple(p): i for i, p in enumerate(prompts)}
+        engine.proposers["lookup"] = lambda request: proposer(index[tuple(request.prompt)])
+        sampling = dict(sampling, speculate="lookup")
+    try:
+        r = engine.run(prompts, SamplingParams(max_new_tokens=n, **sampling), stops or {})
+        for _ in r:
+            pass
+    finally:
+        engine.proposers["lookup"] = saved
+    return r.completions
+
+
+def ids_of(model, prompts):
+    return [model.tokenizer.encode(p) for p in prompts]
+
+
+# ---- the proposer and the policy ---------------------------------------------------------------------------
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+    look = PromptLookup([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3])
+    # suffix [1, 2, 3] occurred at 0..2 (followed by 4, 5, ...); [2, 3] also at 6..7 (followed by 7): longest wins
+    assert look.propose(3) == [4, 5, 9]
+    look.extend([4, 5])
+    assert look.propose(2) == [9, 2]  # [..3, 4, 5] now matches 2..4
+    assert look.propose(100) == [9, 2, 3, 7, 8, 1, 2, 3, 4, 5]  # up to the end of the context
+    assert PromptLookup([5, 6, 7]).propose(4) == []  # no earlier occurrence
+    assert PromptLookup([1, 2, 1]).propose(4) == []  # a single-id match is below MIN_NGRAM
+    assert MIN_NGRAM == 2
+    latest = PromptLookup([1, 2, 5, 1, 2, 6, 1, 2])
+    assert latest.propose(1) == [6]  # the latest earlier occurrence
+
+
+def test_bucket_widths():
+    assert [bucket(n, 16) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert bucket(12, 8) == 8
+
+
+def test_pass_costs_estimates_from_measurements():
+    costs = PassCosts()
+    assert costs.relative(1, 0) == 1.0
+    assert costs.relative(1, 8) == pytest.approx(1 + PassCosts.DEFAULT_SLOPE * 8)  # nothing measured
+    costs.observe(1, 0, 1.0)
+    costs.observe(1, 4, 2.0)
+    assert costs.relative(1, 4) == pytest.approx(2.0)
+    assert costs.relative(1, 2) == pytest.approx(1.5)   # between decode (1.0) and width 4 (2.0)
+    assert costs.relative(1, 8) == pytest.approx(3.0)   # past the widest: its slope per id
+    costs.observe(1, 8, 2.5)
+    assert costs.relative(1, 6) == pytest.approx(2.25)
+    assert costs.relative(2, 4) == pytest.approx(1 + PassCosts.DEFAULT_SLOPE * 4)  # another batch size
+
+
+def test_policy_proposes_more_when_accepting_and_backs_off_when_not():
+    spec = Speculation(Scripted(lambda done: []), k=8)
+    flat = lambda m: 1.0  # noqa: E731 - a pass costs a decode step whatever its width (a GPU at batch 1)
+    steep = lambda m: 1.0 + 0.5 * m  # noqa: E731
+    assert spec.limit(8, flat) == 8   # free passes: propose everything
+    assert spec.limit(3, flat) == 3   # at most the room
+    for _ in range(6):
+        spec.record(8, 8)
+    assert spec.acceptance > 0.9 and spec.limit(8, lambda m: 1.0 + 0.1 * m) == 8
+    for _ in range(10):
+        spec.record(4, 0)
+    assert spec.acceptance < 0.4
+    assert spec.limit(8, steep) == 0   # plain decoding is better
+    waits = []
+    for _ in range(4):  # each time plain decoding wins the wait before the next probe doubles
+        n = 0
+        while not spec.wants():
+            n += 1
+        waits.append(n)
+        assert spec.limit(8, steep) == 1  # a one-id probe
+    assert waits == [1, 2, 4, 8]
+    assert spec.stats.verifies == 16 and spec.stats.proposed == 88 and spec.stats.accepted == 48
+    assert spec.stats.mean_accepted == pytest.approx(3.0)
+
+
+def test_sampling_params_check_speculation_values():
+    SamplingParams(speculate="lookup", num_speculative_tokens=16)
+    for bad in (dict(speculate="ngram"), dict(speculate=True), dict(num_speculative_tokens=0),
+                dict(num_speculative_tokens=17), dict(num_speculative_tokens=2.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_draft_without_a_draft_model_is_refused(checkpoint):
+    model = cl.load(checkpoint)
+    with pytest.raises(ValueError, match="draft model"):
+        model.generate("x", speculate="draft")
+
+
+# ---- exactness ------------------------------------------------------------------------------------------
+
+SAMPLINGS = [pytest.param(dict(), id="greedy"),
+             pytest.param(dict(temperature=0.9, seed=7), id="seeded"),
+             pytest.param(dict(temperature=1.1, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=3), id="all"),
+             pytest.param(dict(repetition_penalty=1.2), id="greedy-penalty")]
+
+
+def oracle_of(plain):
+    return lambda i: Scripted(lambda done: plain[i].token_ids[done:])
+
+
+def liar_of(plain, vocab):
+    return lambda i: Scripted(lambda done: [(t + 1) % vocab for t in plain[i].token_ids[done:]])
+
+
+def half_of(plain, vocab):
+    """Right for two ids, then wrong: every pass accepts some and rejects the rest."""
+    return lambda i: Scripted(lambda done: plain[i].token_ids[done:done + 2] +
+                              [(t + 1) % vocab for t in plain[i].token_ids[done + 2:]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_speculative_tokens_equal_plain_decoding(checkpoint, backend, sampling):
+    """Oracle (all accepted), liar (none), half right (some), and prompt lookup: the same tokens as plain
+    decoding, sampled rows included (the verify pass samples each position as plain decoding does), three
+    requests at once."""
+    model = cl.load(checkpoint, backend=backend, max_batch_size=3)
+    prompts = ids_of(model, PROMPTS[:3])
+    plain = run(model, prompts, 40, **sampling)
+    V = model.args.vocab_size
+    for name, proposer in (("oracle", oracle_of(plain)), ("liar", liar_of(plain, V)), ("half", half_of(plain, V)),
+                           ("lookup", lambda i: PromptLookup(prompts[i]))):
+        got = run(model, prompts, 40, proposer, **sampling)
+        assert [c.token_ids for c in got] == [c.token_ids for c in plain], name
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in plain], name
+    oracle = run(model, prompts, 40, oracle_of(plain), **sampling)
+    stats = [c.speculation for c in oracle]
+    assert all(s.verifies > 0 and s.accepted == s.proposed for s in stats)
+    assert sum(s.verifies for s in stats) < sum(len(c.token_ids) for c in oracle) / 2
+    liar = run(model, prompts, 40, liar_of(plain, V), **sampling)
+    assert all(c.speculation.accepted == 0 for c in liar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", SAMPLINGS[:2])
+def test_speculative_tokens_equal_plain_decoding_triton(checkpoint, sampling):
+    """The same on the Triton backend (its kernels in the interpreter): oracle and half-right proposals."""
+    model = cl.load(checkpoint, backend="triton", max_batch_size=2)
+    prompts = ids_of(model, PROMPTS[:2])
+    plain = run(model, prompts, 16, **sampling)
+    for proposer in (oracle_of(plain), half_of(plain, model.args.vocab_size)):
+        assert [c.token_ids for c in run(model, prompts, 16, proposer, **sampling)] == \
+            [c.token_ids for c in plain]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_requests_ending_mid_block(checkpoint, backend):
+    """max_new_tokens, a stop string and a stop token reached inside an accepted block end the request exactly
+    where plain decoding ends it."""
+    model = cl.load(checkpoint, backend=backend, max_batch_size=2)
+    prompts = ids_of(model, PROMPTS[:2])
+    full = run(model, prompts, 40)
+    oracle = oracle_of(full)
+    for n in (1, 2, 5, 13):
+        got = run(model, prompts, n, oracle, num_speculative_tokens=8)
+        assert [c.token_ids for c in got] == [c.token_ids[:n] for c in full]
+    stop_id = full[0].token_ids[6]
+    stops = {stop_id: "eos"}
+    plain = run(model, prompts, 40, stops=stops)
+    assert len(plain[0].token_ids) <= 6 and plain[0].finish_reason == "eos"
+    got = run(model, prompts, 40, oracle, stops=stops)
+    assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in plain]
+    text = full[1].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    plain = run(model, prompts, 40, stop=[stop])
+    got = run(model, prompts, 40, oracle, stop=[stop])
+    assert plain[1].finish_reason == "stop"
+    assert [(c.text, c.token_ids, c.finish_reason) for c in got] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in plain]
+
+
+def submit(model, prompt, params, proposer=None, logprobs=0):
+    """One request through `Engine.submit` (logprobs asked for), driven here: its Completion."""
+    import queue
+
+    engine, events = model.engine, queue.SimpleQueue()
+    saved = engine.proposers["lookup"]
+    if proposer is not None:
+        engine.proposers["lookup"] = lambda request: proposer
+    try:
+        engine.submit(prompt, params, {}, logprobs=logprobs, sink=events.put, background=False)
+        while True:
+            event = engine.next_event(events)
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, cl.Completion):
+                return event
+    finally:
+        engine.proposers["lookup"] = saved
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_logprobs_match_plain_decoding(checkpoint, backend):
+    """Each emitted token's logprob and top alternatives are plain decoding's (fp32: to rounding)."""
+    model = cl.load(checkpoint, backend=backend)
+    prompt = ids_of(model, PROMPTS[:1])[0]
+    values = dict(max_new_tokens=20, temperature=0.8, seed=5)
+    plain = submit(model, prompt, SamplingParams(**values), logprobs=5)
+    for script in (lambda done: plain.token_ids[done:],
+                   lambda done: plain.token_ids[done:done + 1] + [(t + 1) % 1000 for t in plain.token_ids[done + 1:]]):
+        got = submit(model, prompt, SamplingParams(**values, speculate="lookup"), Scripted(script), logprobs=5)
+        assert got.token_ids == plain.token_ids and got.speculation.verifies > 0
+        assert len(got.logprobs) == len(plain.logprobs) == 20
+        for a, b in zip(got.logprobs, plain.logprobs):
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
+
+
+def test_lookup_through_the_model_api_and_metrics(checkpoint):
+    """`generate(..., speculate="lookup")` on text that repeats itself: the same text as plain decoding, stats
+    on the Completion and the engine's counters."""
+    model = cl.load(checkpoint)
+    prompt = PROMPTS[4] * 3
+    plain = model.generate(prompt, max_new_tokens=48)
+    got = model.generate(prompt, max_new_tokens=48, speculate="lookup", num_speculative_tokens=4)
+    assert got.token_ids == plain.token_ids and got.text == plain.text
+    assert plain.speculation is None
+    s = got.speculation
+    assert s.verifies >= 1 and 0 <= s.accepted <= s.proposed <= 4 * s.verifies
+    m = model.engine.metrics.snapshot()
+    assert m["verify_steps"] == s.verifies
+    assert m["speculative_proposed_tokens"] == s.proposed and m["speculative_accepted_tokens"] == s.accepted
+    assert m["generated_tokens"] == len(plain.token_ids) + len(got.token_ids)
+
+
+def test_no_room_in_the_cache_falls_back_to_plain_steps(checkpoint):
+    """Near the end of the context a pass would write past the cache: the request decodes plainly there."""
+    model = cl.load(checkpoint, max_seq_len=48)
+    prompts = ids_of(model, PROMPTS[:1])
+    n = 48 - len(prompts[0])
+    plain = run(model, prompts, n)
+    got = run(model, prompts, n, oracle_of(plain), num_speculative_tokens=16)
+    assert got[0].token_ids == plain[0].token_ids and len(got[0].token_ids) == n
+
+
+# ---- the pass itself: no host sync; speculative sampling's distribution -----------------------------------
+
+def verify_fixture(B, vocab=16, backend="reference", seq=32):
+    """A random tiny model (vocab `vocab`), a cache, decode and verify buffers of B rows, each row's context
+    [1, 2, 3] prefilled and its pending token 4 at position 3."""
+    from codellama_rt.api import random_model
+    from codellama_rt.bench.measure import IdTokenizer
+    from codellama_rt.engine.decode_graph import DecodeBuffers
+    from codellama_rt.engine.verify_graph import VerifyBuffers
+    from codellama_rt.model.kv_cache import KVCache
+    from codellama_rt.model.transformer import Prefill
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=vocab, max_seq_len=seq)
+    model = random_model(args, IdTokenizer(vocab), backend=backend, std=1.0, seed=1)
+    module = model.module
+    cache = KVCache(args, B, seq, torch.float32, "cpu")
+    buffers, vbuf = DecodeBuffers(B, vocab, "cpu", seq - 1), VerifyBuffers(B, vocab, "cpu")
+    with torch.inference_mode():
+        module(torch.tensor([[1, 2, 3]] * B), Prefill(0), cache)
+    return model, module, cache, buffers, vbuf
+
+
+def reset_rows(buffers, B, params, seed0):
+    for b in range(B):
+        buffers.sampling.set_row(b, params, seed0 + b, [1, 2, 3])
+        buffers.start_row(b, 4, 3)
+
+
+def test_verify_pass_has_no_host_sync_and_fixed_shapes():
+    from codellama_rt.engine.verify_graph import VerifyStep
+    from test_decode_graph import StepTrace, no_host_reads
+
+    model, module, cache, buffers, vbuf = verify_fixture(3)
+    reset_rows(buffers, 3, SamplingParams(temperature=0.9, top_k=5, top_p=0.9, repetition_penalty=1.2), 10)
+    stages = Stages(penalty=True, sampled=True, filter=True, logprobs=True)
+    for sampling in (False, True):
+        step = VerifyStep(module, cache, buffers, vbuf, 3, 4, stages, speculative_sampling=sampling)
+        traces = []
+        for i in range(3):
+            for b in range(3):
+                vbuf.set_row(b, [5, 6, 7, 8][:b + 1])
+            vbuf.with_draft_probs().fill_(1.0 / 16)
+            with StepTrace() as trace, no_host_reads():
+                step()
+            traces.append(trace.ops)
+        assert traces[0] and all(t == traces[0] for t in traces[1:])
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of `counts` against `probs` (cells expecting < 5 pooled)."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]) if small.any() else counts
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]) if small.any() else expected
+    keep = exp > 0
+    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
+
+
+def test_speculative_sampling_keeps_the_models_distribution():
+    """Draft proposals drawn from a distribution q unlike the model's p, accepted by the min(1, p/q) rule and
+    replaced from max(0, p - q) at the first rejection: the first two emitted tokens follow the model's
+    p(x1) p(x2 | x1) (chi-square over the 16 x 16 pairs, 4096 draws, fixed seeds); the proposals themselves
+    do not (the test's power)."""
+    from codellama_rt.engine.verify_graph import VerifyStep
+
+    B, V = 512, 16
+    model, module, cache, buffers, vbuf = verify_fixture(B, V)
+    params = SamplingParams(temperature=1.0)
+    stages = Stages(sampled=True)
+    step = VerifyStep(module, cache, buffers, vbuf, B, 2, stages, speculative_sampling=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(2, V, generator=g) * 1.5, dim=-1)  # the draft's distribution at each proposal
+    pairs, proposal_pairs = torch.zeros(V, V), torch.zeros(V, V)
+    for round_ in range(8):
+        reset_rows(buffers, B, params, 1000 * round_)
+        drafts = torch.stack([torch.multinomial(q[i], B, replacement=True, generator=g) for i in range(2)], 1)
+        vbuf.proposals[:, :2] = drafts
+        vbuf.proposed.fill_(2)
+        vbuf.draft_probs[:, :2] = q
+        step()
+        out = vbuf.out[:B].clone()
+        assert (out[:, 0] <= 2).all()
+        vbuf.proposed.fill_(0)  # rows that accepted nothing: their second token from a plain step
+        step()
+        x1 = out[:, 1]
+        x2 = torch.where(out[:, 0] >= 1, out[:, 2], vbuf.out[:B, 1])
+        pairs.index_put_((x1, x2), torch.ones(B), accumulate=True)
+        proposal_pairs.index_put_((drafts[:, 0], drafts[:, 1]), torch.ones(B), accumulate=True)
+    with torch.inference_mode():
+        p1 = torch.softmax(model.logits([1, 2, 3, 4])[0, -1], -1)
+        p2 = torch.softmax(model.logits(torch.tensor([[1, 2, 3, 4, x] for x in range(V)]))[:, -1], -1)
+    joint = (p1[:, None] * p2).reshape(-1).double()
+    assert chi_square_p(pairs.reshape(-1).double(), joint) > 1e-3
+    assert chi_square_p(proposal_pairs.reshape(-1).double(), joint) < 1e-6
