@@ -1,0 +1,165 @@
+"""Speculative decoding (issue 22): plain greedy decoding against verify passes, in one run, on this machine.
+
+    python bench/speculative.py [--model DIR] [--new-tokens 128] [--k 8] [--rounds 3] [--device cpu] [--out FILE]
+
+Rows, each with tokens/s of the decode phase (first token to last; the prompt's prefill is the same in every
+row and left out), the ratio to plain decoding of the same prompts, mean accepted proposals per verify pass,
+and whether the tokens equal plain greedy decoding's (they must):
+- oracle: a proposer that knows plain decoding's continuation (every proposal accepted): what the verify
+  machinery itself yields at k proposals per pass, whatever the model;
+- lookup on a code-editing workload: the prompt holds a file, then asks for one of its functions again with a
+  name changed (the output re-emits text of the prompt);
+- lookup on free completion: short code prompts whose continuation is not in the prompt (its cost).
+Medians of `--rounds` rounds; every row of a round runs back to back, so ratios compare like with like.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import time
+from pathlib import Path
+
+FREE_PROMPTS = [
+    "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n",
+    "def fibonacci(n):", "class LinkedList:", "import os\n\ndef list_files(path):", "def quicksort(arr):\n",
+    "for i in range(10):\n", "import numpy as np\n\ndef mean(x):\n", "class Stack:\n    def __init__(self):\n",
+]
+EDIT_FILES = ["runtime/engine/slots.py", "runtime/engine/speculation.py", "runtime/tokenizer/detokenize.py",
+              "runtime/engine/sampling.py", "runtime/bench/common.py"]
+WINDOW = 1800  # characters of the file kept before the request (the default model's context is 1024 tokens)
+
+
+def edit_prompts(root: Path) -> list[str]:
+    """Each file of EDIT_FILES (present in `root`), then a request to write its first function again under a
+    new name, and that function's first line renamed: the continuation repeats the function's body."""
+    prompts = []
+    for name in EDIT_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        start = text.find("\ndef ")
+        if start < 0:
+            continue
+        end = text.find("\n\n\n", start + 1)
+        text = text[:end if end > 0 else None][-WINDOW:]  # the file up to its first function's end
+        line = text[text.find("\ndef ") + 1:]
+        line = line[:line.index("\n")]
+        fn = line[4:line.index("(")]
+        prompts.append(f"{text}\n\n\n# {fn}, renamed to {fn}_v2:\n{line.replace(fn, fn + '_v2', 1)}\n")
+    return prompts
+
+
+class Oracle:
+    """Proposes the known continuation: `ids` (plain decoding's tokens) past what was sampled so far."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.done = ids, 0
+
+    def extend(self, ids) -> None:
+        self.done += len(ids)
+
+    def propose(self, n: int) -> list[int]:
+        return self.ids[self.done:self.done + n]
+
+
+def decode_rate(engine, ids: list[int], params, stops: dict):
+    """(generated ids, tokens/s after the first token, the Completion) of one request driven on this thread."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(ids, params, stops, sink=events.put, background=False)
+    first, count = None, 0
+    while True:
+        event = engine.next_event(events)
+        if isinstance(event, BaseException):
+            raise event
+        now = time.perf_counter()
+        if hasattr(event, "finish_reason"):
+            rate = (count - first[1]) / (now - first[0]) if first and count > first[1] else 0.0
+            return event.token_ids, rate, event
+        if event.token_ids:
+            count += len(event.token_ids)
+            if first is None:
+                first = (now, count)
+
+
+def run_rows(model, prompts_by_row: dict, new_tokens: int, k: int) -> dict:
+    """One round: per row name, [(plain tok/s, speculative tok/s, accepted per pass, equal)] per prompt."""
+    from codellama_rt.engine.sampling import SamplingParams
+
+    engine, stops = model.engine, model.stop_tokens()
+    plain = SamplingParams(max_new_tokens=new_tokens)
+    spec = SamplingParams(max_new_tokens=new_tokens, speculate="lookup", num_speculative_tokens=k)
+    lookup = engine.proposers["lookup"]
+    out = {}
+    for row, prompts in prompts_by_row.items():
+        results = []
+        for text in prompts:
+            ids = model.tokenizer.encode(text)
+            want, plain_rate, _ = decode_rate(engine, ids, plain, stops)
+            if row == "oracle":
+                engine.proposers["lookup"] = lambda request, want=want: Oracle(want)
+            try:
+                got, rate, done = decode_rate(engine, ids, spec, stops)
+            finally:
+                engine.proposers["lookup"] = lookup
+            stats = done.speculation
+            results.append((plain_rate, rate, stats.mean_accepted, stats.verifies, got == want))
+        out[row] = results
+    return out
+
+
+def summarize(rounds: list[dict]) -> list[dict]:
+    rows = []
+    for row in rounds[0]:
+        per_round = [r[row] for r in rounds]
+        plain = statistics.median(sum(p[0] for p in res) / len(res) for res in per_round)
+        spec = statistics.median(sum(p[1] for p in res) / len(res) for res in per_round)
+        ratio = statistics.median(sum(p[1] for p in res) / sum(p[0] for p in res) for res in per_round)
+        accepted = [p[2] for p in per_round[0]]
+        rows.append(dict(row=row, prompts=len(per_round[0]), plain_tok_s=plain, speculative_tok_s=spec,
+                         ratio=ratio, mean_accepted_per_verify=sum(accepted) / len(accepted),
+                         verifies=sum(p[3] for p in per_round[0]),
+                         equal_to_plain=all(p[4] for res in per_round for p in res)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", default="oracle,edit,free", help="comma-separated: oracle, edit, free")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    a = ap.parse_args()
+
+    import torch
+    import codellama_rt as cl
+
+    model = cl.load(a.model, device=a.device)
+    root = Path(__file__).resolve().parent.parent
+    edits = edit_prompts(root)
+    prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+    prompts = {row: prompts[row] for row in a.rows.split(",")}
+    decode_rate(model.engine, model.tokenizer.encode("def f():"), __import__(
+        "codellama_rt.engine.sampling", fromlist=["SamplingParams"]).SamplingParams(max_new_tokens=8), {})  # warm-up
+    rounds = [run_rows(model, prompts, a.new_tokens, a.k) for _ in range(a.rounds)]
+    rows = summarize(rounds)
+    result = dict(device=a.device, model=str(a.model or "default"), threads=torch.get_num_threads(),
+                  new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
+    print(f"{'row':8} {'prompts':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'acc/verify':>10} "
+          f"{'verifies':>8} {'equal':>6}")
+    for r in rows:
+        print(f"{r['row']:8} {r['prompts']:7d} {r['plain_tok_s']:12.0f} {r['speculative_tok_s']:11.0f} "
+              f"{r['ratio']:6.2f} {r['mean_accepted_per_verify']:10.2f} {r['verifies']:8d} "
+              f"{str(r['equal_to_plain']):>6}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
