@@ -73,6 +73,98 @@ void rms_norm(const float* h, const float* weight, float eps, int64_t dim, float
   for (int64_t i = 0; i < dim; ++i) y[i] = (h[i] * r) * weight[i];
 }
 
+#if CLRT_AVX512
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n by
+// vscalefps; x clamped to [-87.3, 88.7] (finite results; e^-87.3 is already 0 next to 1 in silu).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to fp32
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+#if CLRT_AVX512
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
+                                                   _mm512_maskz_loadu_ps(m, up + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// s [M, n] = q [M, D] K[0..n)^T: the projections' tiles (M query rows against 4 key rows at a time).
+template <int R>
+void scores_tile(const float* q, int64_t M, const float* K, int64_t D, float* o) {
+  switch (M) {
+    case 1: dense_dot<R, 1>(q, K, D, o); break;
+    case 2: dense_dot<R, 2>(q, K, D, o); break;
+    case 3: dense_dot<R, 3>(q, K, D, o); break;
+    case 4: dense_dot<R, 4>(q, K, D, o); break;
+    case 5: dense_dot<R, 5>(q, K, D, o); break;
+    default: dense_dot<R, 6>(q, K, D, o); break;
+  }
+}
+
+void scores(const float* q, int64_t G, const float* K, int64_t n, int64_t D, float* s) {
+  float o[6 * 4];
+  for (int64_t m0 = 0; m0 < G; m0 += 6) {
+    const int64_t M = std::min<int64_t>(6, G - m0);
+    const float* qm = q + m0 * D;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+      scores_tile<4>(qm, M, K + t * D, D, o);
+      for (int64_t m = 0; m < M; ++m)
+        for (int r = 0; r < 4; ++r) s[(m0 + m) * n + t + r] = o[m * 4 + r];
+    }
+    for (; t < n; ++t) {
+      scores_tile<1>(qm, M, K + t * D, D, o);
+      for (int64_t m = 0; m < M; ++m) s[(m0 + m) * n + t] = o[m];
+    }
+  }
+}
+
+// p[0..n) <- e^(scale p - max(scale p)); returns their sum.
+float softmax_scaled(float* p, int64_t n, float scale) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, p[t] * scale);
+  float sum = 0.f;
+  int64_t t = 0;
+#if CLRT_AVX512
+  const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + t), sc), m));
+    _mm512_storeu_ps(p + t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; t < n; ++t) sum += (p[t] = std::exp(p[t] * scale - mx));
+  return sum;
+}
+
 void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = x[i], x2 = x[i + half];
@@ -164,12 +256,7 @@ class Decoder {
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
       apply(linears_[4 * l + 2], y.data(), B, g.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const float* gate = g.data() + b * 2 * F_;
-        const float* up = gate + F_;
-        float* ab = a.data() + b * F_;
-        for (int64_t i = 0; i < F_; ++i) ab[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      }
+      for (int64_t b = 0; b < B; ++b) silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
       apply(linears_[4 * l + 3], a.data(), B, o.data());
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
     }
@@ -198,32 +285,27 @@ class Decoder {
       }
     }
     const float scale = 1.f / std::sqrt(static_cast<float>(D_));
-    at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+    // one task per (row, kv head): its G query heads against the slot's keys 0..pos as one small product
+    at::parallel_for(0, B * Hkv_, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> p;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H_, hq = i % H_, kv = hq / G, n = pos[b] + 1;
-        const float* q = qkv + b * QKV + hq * D_;
+        const int64_t b = i / Hkv_, kv = i % Hkv_, n = pos[b] + 1;
+        const float* q = qkv + b * QKV + kv * G * D_;  // the G heads reading this kv head: contiguous
         const float* K = kc + (slot[b] * Hkv_ + kv) * S * D_;
         const float* Vv = vc + (slot[b] * Hkv_ + kv) * S * D_;
-        p.resize(n);
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
-          const float* kt = K + t * D_;
-          float d = 0.f;
-#pragma omp simd reduction(+ : d)
-          for (int64_t e = 0; e < D_; ++e) d += q[e] * kt[e];
-          p[t] = d * scale;
-          mx = std::max(mx, p[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
-        float* o = out + b * H_ * D_ + hq * D_;
-        std::fill(o, o + D_, 0.f);
-        for (int64_t t = 0; t < n; ++t) {
-          const float w = p[t] / sum;
-          const float* vt = Vv + t * D_;
+        p.resize(G * n);
+        scores(q, G, K, n, D_, p.data());
+        for (int64_t h = 0; h < G; ++h) {
+          float* ph = p.data() + h * n;
+          const float sum = softmax_scaled(ph, n, scale);
+          float* o = out + b * H_ * D_ + (kv * G + h) * D_;
+          std::fill(o, o + D_, 0.f);
+          for (int64_t t = 0; t < n; ++t) {
+            const float w = ph[t] / sum;
+            const float* vt = Vv + t * D_;
 #pragma omp simd
-          for (int64_t e = 0; e < D_; ++e) o[e] += w * vt[e];
+            for (int64_t e = 0; e < D_; ++e) o[e] += w * vt[e];
+          }
         }
       }
     });
