@@ -103,7 +103,7 @@ def default_model_path() -> Path:
 def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None, max_batch_size: int = 1, progress: Optional[bool] = None,
          cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
-         dist_init: Optional[str] = None, threads: Optional[int] = None) -> "Model":
+         dist_init: Optional[str] = None, threads: Optional[int] = None, draft=None) -> "Model":
     """Load a model directory (HF or Meta layout), a hub id from the local cache, or (None) the default model.
 
     Weights are converted once to `dtype` (bf16 on CUDA, fp32 on CPU by default) on `device`.
@@ -126,20 +126,26 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
 
     `threads`: CPU threads torch's ops use (`torch.set_num_threads`: the whole process, every model);
     None leaves torch's default, one per physical core.
+
+    `draft`: the model `speculate="draft"` drafts with: a path (loaded like this one: same backend, dtype,
+    device, context and batch, unquantized) or a loaded `Model` (e.g. `cl.load(path, quantize="int4")`). It must
+    share this model's tokenizer and device.
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
                       cuda_graphs=cuda_graphs, kernel_options=kernel_options, tensor_parallel=tensor_parallel,
-                      dist_init=dist_init, threads=threads)
+                      dist_init=dist_init, threads=threads, draft=draft)
 
 
 def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, quantize: Optional[str] = None,
                group_size: Optional[int] = None, quantize_head: bool = False, max_seq_len: Optional[int] = None,
                max_batch_size: int = 1, progress: Optional[bool] = None,
                cuda_graphs: Optional[bool] = None, kernel_options=None, tensor_parallel: bool = False,
-               dist_init: Optional[str] = None, threads: Optional[int] = None) -> "Model":
+               dist_init: Optional[str] = None, threads: Optional[int] = None, draft=None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
     `quantize_head` (the lm_head too)."""
+    if draft is not None and tensor_parallel:
+        raise ValueError("draft= with tensor_parallel=True is not supported yet: speculate with 'lookup'")
     device = parse_device(device)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -193,7 +199,23 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
         tp.attach(model)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
                     seed_source=None if tp is None else tp.seed_source())
+    if draft is not None:
+        if not isinstance(draft, Model):
+            draft = load_model(draft, backend=backend, dtype=dtype, device=device, max_seq_len=seq_len,
+                               max_batch_size=max_batch_size, progress=progress, cuda_graphs=False,
+                               kernel_options=kernel_options)
+        attach_draft(engine, tokenizer, draft)
     return Model(args, model, tokenizer, engine, path=directory, tensor_parallel=tp)
+
+
+def attach_draft(engine: Engine, tokenizer: Tokenizer, draft: "Model") -> None:
+    """Check that `draft` shares `tokenizer` (every piece) and give its module to `engine` for speculate="draft"."""
+    theirs = draft.tokenizer
+    if theirs.vocab_size != tokenizer.vocab_size or any(
+            theirs.sp.id_to_piece(i) != tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)):
+        raise ValueError(f"the draft model's tokenizer ({draft.path}) differs from the model's: a draft must share "
+                         "the tokenizer")
+    engine.attach_draft(draft.module)
 
 
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,

@@ -380,3 +380,68 @@ def test_speculative_sampling_keeps_the_models_distribution():
     joint = (p1[:, None] * p2).reshape(-1).double()
     assert chi_square_p(pairs.reshape(-1).double(), joint) > 1e-3
     assert chi_square_p(proposal_pairs.reshape(-1).double(), joint) < 1e-6
+
+
+# ---- the draft model ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_draft_model_greedy_equals_plain(checkpoint, backend):
+    """A draft that is the model itself (every proposal accepted) and its int4 quantization (some rejected):
+    the same tokens as plain greedy decoding, two requests at once."""
+    model = cl.load(checkpoint, backend=backend, max_batch_size=2)
+    prompts = ids_of(model, PROMPTS[:2])
+    plain = run(model, prompts, 24)
+    for draft, all_accepted in ((cl.load(checkpoint, backend=backend, max_batch_size=2), True),
+                                (cl.load(checkpoint, backend=backend, max_batch_size=2, quantize="int4"), False)):
+        m = cl.load(checkpoint, backend=backend, max_batch_size=2, draft=draft)
+        got = run(m, prompts, 24, speculate="draft", num_speculative_tokens=4)
+        assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+        stats = [c.speculation for c in got]
+        assert sum(s.verifies for s in stats) > 0  # (the cost model may stop a request's passes early)
+        if all_accepted:
+            assert all(s.accepted == s.proposed for s in stats)
+
+
+def test_draft_model_sampling_runs_and_is_seeded(checkpoint):
+    """Sampling with a draft: valid tokens, every id a proposal or the model's, the same tokens for the same
+    seed (the draft draws from a stream of the request's own seed)."""
+    draft = cl.load(checkpoint, quantize="int4")
+    model = cl.load(checkpoint, draft=draft)
+    a = model.generate(PROMPTS[0], max_new_tokens=24, temperature=0.9, seed=11, speculate="draft")
+    b = model.generate(PROMPTS[0], max_new_tokens=24, temperature=0.9, seed=11, speculate="draft")
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 24
+    assert all(0 <= t < model.args.vocab_size for t in a.token_ids)
+    assert a.speculation.verifies > 0
+
+
+def test_draft_model_checks(checkpoint, tmp_path, tiny_tokenizer):
+    other = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=1000, max_seq_len=512)
+    path = write_random_checkpoint(tmp_path / "small", other, tiny_tokenizer)
+    cl.load(checkpoint, draft=path)  # a smaller model with the same tokenizer: fine
+    with pytest.raises(ValueError, match="draft model was loaded for 64 positions"):
+        cl.load(checkpoint, draft=cl.load(path, max_seq_len=64))
+    with pytest.raises(ValueError, match="tokenizer"):
+        cl.load(checkpoint, draft=cl.load(None))  # the default model: another tokenizer
+
+
+# ---- CUDA graphs (need a GPU) ------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampling", SAMPLINGS[:3])
+def test_graphed_verify_passes_equal_plain_decoding(checkpoint, sampling):
+    """On CUDA the verify passes are captured into graphs (one per width) and replayed: tokens equal plain
+    graphed decoding's, every proposal kind, three requests at once; a draft model's greedy tokens too."""
+    model = cl.load(checkpoint, device="cuda", max_batch_size=3)
+    prompts = ids_of(model, PROMPTS[:3])
+    plain = run(model, prompts, 40, **sampling)
+    V = model.args.vocab_size
+    for proposer in (oracle_of(plain), liar_of(plain, V), half_of(plain, V), lambda i: PromptLookup(prompts[i])):
+        assert [c.token_ids for c in run(model, prompts, 40, proposer, **sampling)] == \
+            [c.token_ids for c in plain]
+    verify_keys = [k for k in model.engine.steps() if k[0] == "verify"]
+    assert verify_keys and model.engine.captures >= len(verify_keys)
+    if not sampling:
+        drafted = cl.load(checkpoint, device="cuda", max_batch_size=3,
+                          draft=cl.load(checkpoint, device="cuda", max_batch_size=3, quantize="int4"))
+        got = run(drafted, prompts, 40, speculate="draft", num_speculative_tokens=4)
+        assert [c.token_ids for c in got] == [c.token_ids for c in plain]

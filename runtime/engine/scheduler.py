@@ -34,7 +34,8 @@ from .request import DECODE, DONE, PREFILL, Request
 from .run import Run
 from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
 from .sampling import MAX_SPECULATIVE_TOKENS, SamplingParams
-from .speculation import PassCosts, PromptLookup, Speculation, bucket
+from .draft import DraftModel, DraftProposer
+from .speculation import PassCosts, PromptLookup, Speculation, bucket, static_cost
 from .slots import SlotTable
 
 
@@ -65,9 +66,10 @@ class Engine:
         self.metrics = EngineMetrics(max_batch)
         self.driver = Driver(self._iterate_once, self.idle, "codellama-rt-engine")
         self.lockstep = None  # rank 0 of tensor-parallel serving: a distributed.lockstep.Lockstep
-        self.draft = None  # the draft model's proposer (speculate="draft"), or None
+        self.draft: Optional[DraftModel] = None  # speculate="draft"'s model (`attach_draft`), or None
         # speculate mode -> (request) -> its Proposer, made at admission (benchmarks put an oracle here)
-        self.proposers: dict = {"lookup": lambda request: PromptLookup(request.prompt)}
+        self.proposers: dict = {"lookup": lambda request: PromptLookup(request.prompt),
+                                "draft": lambda request: DraftProposer(self.draft, request, V)}
         self._pass_costs = PassCosts()  # measured decode and verify times (speculation's cost model)
         # owned by the driving thread:
         self._waiting: deque = deque()
@@ -75,6 +77,18 @@ class Engine:
         self._slots: Optional[SlotTable] = None
         self._state = DecodeState(model, max_batch=max_batch, max_seq_len=max_seq_len, graphed=self.cuda_graphs,
                                   vocab_limit=self.vocab_limit)
+
+    def attach_draft(self, module: Transformer) -> None:
+        """Use `module` (a smaller model sharing the tokenizer, on the same device) for speculate="draft"."""
+        if module.device != self.model.device:
+            raise ValueError(f"the draft model is on {module.device}, the model on {self.model.device}: load both "
+                             "on one device")
+        if module.rope_cos.shape[0] < self.max_seq_len:
+            raise ValueError(f"the draft model was loaded for {module.rope_cos.shape[0]} positions, fewer than the "
+                             f"model's max_seq_len={self.max_seq_len}")
+        self.draft = DraftModel(module, max_batch=self.max_batch, vocab_limit=self.vocab_limit)
+        if self._state.cache is not None:
+            self.draft.ensure(self._state.cache.max_seq_len)
 
     # ---- callers' side (any thread) ---------------------------------------------------------
 
@@ -261,10 +275,10 @@ class Engine:
             if place.source is not None:
                 data[:, :, slot, :, :reuse].copy_(data[:, :, place.source, :, :reuse])
             self._slots.take(place, request, request.prompt)
+            request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
             if request.params.speculate is not None:
                 proposer = self.proposers[request.params.speculate](request)
                 request.speculation = Speculation(proposer, request.params.num_speculative_tokens)
-            request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
             self._running[slot] = request
             self.metrics.add("prompt_tokens", len(request.prompt))
             self.metrics.add("prefix_reused_tokens", reuse)
@@ -336,17 +350,30 @@ class Engine:
         last = self._state.cache.max_seq_len - 1
         batch = self._state.batch_size(max(decoding) + 1)
         costs = self._pass_costs
+        measured = costs.measured(batch)  # else a plain step first: the yardstick of every measured cost
 
         def cost(m: int) -> float:
             return costs.relative(batch, bucket(m, MAX_SPECULATIVE_TOKENS))
 
         proposals = {}
         for r in requests:
-            if not r.speculation.wants():
+            # Drafted sampling rows' tokens depend on what was proposed: their lengths must not depend on timing
+            # (the same seed gives the same tokens), so they follow a fixed cost model; other rows' tokens are
+            # plain decoding's whatever is proposed, and their lengths follow what this engine measured.
+            fixed = r.params.speculate == "draft" and not r.params.greedy
+            if not (fixed or measured) or not r.speculation.wants():
                 continue
+            if fixed:
+                model = static_cost
+            else:
+                model = costs.with_draft(cost, batch) if r.params.speculate == "draft" else cost
             # room: the budget left after the pass's own token, and the cache past the pass's last position
-            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), cost)
-            ids = self._propose(r, n) if n > 0 else []
+            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), model)
+            if n <= 0:
+                continue
+            ids = r.speculation.propose(n)
+            if r.params.speculate == "draft" and self.draft.seconds_per_id is not None:
+                costs.observe_draft(batch, self.draft.seconds_per_id)
             if ids:
                 proposals[r.slot] = ids
         if not proposals:
@@ -360,6 +387,15 @@ class Engine:
         rows = [self._running[s] for s in decoding if s < batch]
         stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
         drafted = stages.sampled and any(r.params.speculate == "draft" for r in rows)
+        if drafted:  # speculative sampling: each row's q (a proposal of its own is certain: one-hot)
+            q = vbuf.with_draft_probs()
+            for s, ids in proposals.items():
+                probs = getattr(self._running[s].speculation.proposer, "probs", None)
+                if probs is not None:
+                    q[s, :len(ids)].copy_(probs[:len(ids)])
+                else:
+                    q[s, :len(ids)].zero_()
+                    q[s, torch.arange(len(ids)), torch.tensor(ids)] = 1.0
         step = self._state.verify_step(batch, width, stages, drafted)
         started = time.perf_counter()
         step()
@@ -383,10 +419,6 @@ class Engine:
                 if request.state == DONE:
                     break
         return True
-
-    def _propose(self, request: Request, n: int) -> list:
-        """Up to n ids `request` proposes now."""
-        return request.speculation.propose(n)
 
     def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
         now = time.perf_counter()
@@ -449,6 +481,8 @@ class Engine:
             if self._slots is None:
                 self._slots = SlotTable(self.max_batch, 0)
             self._slots.limit = self._state.cache.max_seq_len - 1
+            if self.draft is not None:
+                self.draft.ensure(self._state.cache.max_seq_len)
 
 
 def _tell(request: Request, error: BaseException) -> None:

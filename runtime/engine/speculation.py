@@ -12,6 +12,7 @@ from typing import Protocol
 
 MAX_NGRAM = 4  # longest suffix looked up; longer matches are tried first
 MIN_NGRAM = 2  # shortest: single ids (a newline, a space) match everywhere and predict little
+STATIC_DRAFT_COST = 0.15  # a drafted id over a target decode step, where timing must not decide (a 7B draft of 34B)
 BACKOFF_LIMIT = 32  # most decode steps a request waits before probing again when plain decoding looks better
 
 
@@ -88,10 +89,31 @@ class PassCosts:
     DECAY = 0.8
 
     def __init__(self):
-        self._mean: dict[tuple[int, int], float] = {}
+        self._mean: dict[tuple, float] = {}
 
     def observe(self, batch: int, width: int, seconds: float) -> None:
-        key = (batch, width)
+        self._update((batch, width), seconds)
+
+    def measured(self, batch: int) -> bool:
+        """Whether a decode step at `batch` rows has been timed (what every estimate is relative to)."""
+        return (batch, 0) in self._mean
+
+    def observe_draft(self, batch: int, seconds_per_id: float) -> None:
+        """The draft model took this long per proposed id (speculate="draft")."""
+        self._update((batch, "draft"), seconds_per_id)
+
+    def with_draft(self, cost, batch: int):
+        """`cost` (m -> a pass of m proposals over a decode step, at `batch` rows) plus drafting the m ids."""
+        def total(m: int) -> float:
+            return cost(m) + m * self.draft_relative(batch)
+        return total
+
+    def draft_relative(self, batch: int) -> float:
+        """Drafting one id over a decode step (0.0 until both are measured)."""
+        draft, base = self._mean.get((batch, "draft")), self._mean.get((batch, 0))
+        return draft / base if draft is not None and base else 0.0
+
+    def _update(self, key: tuple, seconds: float) -> None:
         old = self._mean.get(key)
         self._mean[key] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
 
@@ -105,7 +127,7 @@ class PassCosts:
             return 1.0 + self.DEFAULT_SLOPE * width
         if known is not None:
             return max(known / base, 1.0)
-        measured = sorted(w for (b, w) in self._mean if b == batch and w > 0)
+        measured = sorted(w for (b, w) in self._mean if b == batch and isinstance(w, int) and w > 0)
         below = max((w for w in measured if w < width), default=0)
         above = min((w for w in measured if w > width), default=None)
         low = self._mean.get((batch, below), base) / base
@@ -124,10 +146,11 @@ class Speculation:
     yield 1 + a + .. + a^m tokens for the time of a verify pass of width m (`PassCosts`), against one token per
     decode step. When no m >= 1 beats plain decoding the request decodes plainly and probes again (one id)
     after a wait that doubles up to BACKOFF_LIMIT steps, so text that does not repeat its context costs little
-    more than plain decoding; a proposer with nothing to offer costs nothing.
+    more than plain decoding; no probe when passes cost more than even full acceptance would repay (a draft
+    model as slow as the model); a proposer with nothing to offer costs nothing.
     """
 
-    PRIOR = (1.0, 2.0)  # (accepted, trials) before any pass: a = 0.5
+    PRIOR = (3.0, 4.0)  # (accepted, trials) before any pass: a = 0.75 (proposals are often right when made)
     DECAY = 0.9         # weight of the past in the estimate, per proposed id scored (a memory of ~10 ids)
 
     def __init__(self, proposer: Proposer, k: int):
@@ -160,15 +183,16 @@ class Speculation:
         """How many ids to propose now, at most `room`: the m in 0..min(k, room) with the most expected tokens
         per unit of time, `cost(m)` being a pass of m proposals over a decode step. 0: decode plainly (and
         wait before asking again), except as a one-id probe after a wait."""
-        a, best, best_rate = self.acceptance, 0, 1.0
+        a, best, best_rate, hopeless = self.acceptance, 0, 1.0, True
         tokens = 1.0
         for m in range(1, min(self.k, room) + 1):
             tokens += a ** m
-            rate = tokens / cost(m)
-            if rate > best_rate:
-                best, best_rate = m, rate
+            c = cost(m)
+            if tokens / c > best_rate:
+                best, best_rate = m, tokens / c
+            hopeless = hopeless and m + 1 <= c  # not even accepting everything would pay
         if best == 0 and room > 0:
-            if self._backoff > 1:  # a wait has passed: probe with one id
+            if self._backoff > 1 and not hopeless:  # a wait has passed: probe the estimate with one id
                 best = 1
             self._wait = self._backoff
             self._backoff = min(2 * self._backoff, BACKOFF_LIMIT)
@@ -185,6 +209,12 @@ class Speculation:
             self._trials = self.DECAY * self._trials + 1
         if accepted:
             self._backoff = 1
+
+
+def static_cost(m: int) -> float:
+    """A pass of m drafted ids over a decode step when timing must not decide: PassCosts' default slope per
+    verified id plus STATIC_DRAFT_COST per drafted one."""
+    return 1.0 + PassCosts.DEFAULT_SLOPE * bucket(m, 1 << 30) + STATIC_DRAFT_COST * m
 
 
 def bucket(n: int, limit: int) -> int:

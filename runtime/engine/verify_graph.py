@@ -169,6 +169,8 @@ class VerifyStep:
             return t[:, None].expand(B, T).reshape(-1)
 
         counter = (rows.counter[:, None] + self._offsets).reshape(-1)
+        if not self.stages.sampled and not self.stages.penalty:  # greedy: sample_rows reads the counters only
+            return RowView(None, None, None, None, None, None, counter, None)
         seen = rows.seen
         if self.stages.penalty:
             upto = (self._offsets[None, :] <= self._offsets[:, None]).to(torch.int32)  # [T (position), T (input)]
