@@ -66,6 +66,21 @@ def test_generate_sampling_flags_equal_api(capsys, ckpt, model):
                                    seed=4).text + "\n"
 
 
+@pytest.mark.parametrize("flags", [["--speculate", "lookup", "--num-speculative-tokens", 4],
+                                   ["--speculate", "draft", "--draft-quantize", "int8"],
+                                   ["--speculate", "lookup", "--temperature", 0.7, "--seed", 3]])
+def test_generate_speculative_flags_equal_plain(capsys, ckpt, model, flags):
+    """--speculate lookup / draft (the model itself quantized as the draft): plain decoding's text."""
+    sampling = dict(temperature=0.7, seed=3) if "--seed" in flags else {}
+    out = ok(capsys, "generate", "--model", ckpt[0], "--max-new-tokens", 16, *flags, PROMPT)
+    assert out == model.generate(PROMPT, max_new_tokens=16, **sampling).text + "\n"
+
+
+def test_generate_draft_without_a_draft_model_is_a_usage_error(capsys, ckpt):
+    code, out, err = run(capsys, "generate", "--model", ckpt[0], "--speculate", "draft", PROMPT)
+    assert code == 2 and "draft model" in err and out == ""
+
+
 def test_generate_repetition_penalty_equals_api(capsys, ckpt, model):
     out = ok(capsys, "generate", "--model", ckpt[0], "--max-new-tokens", 12, "--repetition-penalty", 1.3, PROMPT)
     assert out == model.generate(PROMPT, max_new_tokens=12, repetition_penalty=1.3).text + "\n"

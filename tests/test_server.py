@@ -218,6 +218,9 @@ def test_chat_logprobs(client):
     ({"prompt": "x", "stream": True, "stream_options": "yes"}, "stream_options"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "x", "model": "gpt-4"}, "model"),
+    ({"prompt": "x", "speculate": "ngram"}, "speculate"),
+    ({"prompt": "x", "speculate": "draft"}, "speculate"),  # this server has no draft model
+    ({"prompt": "x", "speculate": "lookup", "num_speculative_tokens": 0}, "num_speculative_tokens"),
 ])
 def test_bad_completion_request_is_400(http, body, param):
     r = http.post("/v1/completions", json=body)
@@ -281,6 +284,23 @@ def test_metrics_count_prefix_reuse(http, client):
     assert after["codellama_rt_requests_total"] - before["codellama_rt_requests_total"] == 2
     assert after["codellama_rt_prefix_reused_tokens_total"] > before["codellama_rt_prefix_reused_tokens_total"]
     assert after["codellama_rt_generated_tokens_total"] - before["codellama_rt_generated_tokens_total"] == 8
+
+
+def test_speculative_request_equals_plain_and_is_counted(http, client, model):
+    """`speculate` (an extension field, sent through the client's extra_body): the same text as the library's
+    plain greedy generation; /metrics counts the verify passes and the proposed and accepted ids."""
+    prompt = "for i in range(10):\n    print(i)\nfor i in range(10):\n"
+    before = metrics(http)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=32, temperature=0,
+                                  extra_body={"speculate": "lookup", "num_speculative_tokens": 4})
+    assert r.choices[0].text == model.generate(prompt, max_new_tokens=32).text
+    after = metrics(http)
+    passes = after["codellama_rt_verify_steps_total"] - before["codellama_rt_verify_steps_total"]
+    proposed = after["codellama_rt_speculative_proposed_tokens_total"] - \
+        before["codellama_rt_speculative_proposed_tokens_total"]
+    accepted = after["codellama_rt_speculative_accepted_tokens_total"] - \
+        before["codellama_rt_speculative_accepted_tokens_total"]
+    assert passes >= 1 and 0 <= accepted <= proposed <= 4 * passes
 
 
 def test_usage_reports_cached_prompt_tokens_once_per_prompt(http, client, model):

@@ -36,6 +36,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "and only rank 0 prints")
     p.add_argument("--dist-init", default=None, metavar="URL", help="how the ranks find each other when torchrun "
                    "does not say (torch.distributed init_method, e.g. file:///shared/path; RANK and WORLD_SIZE set)")
+    p.add_argument("--draft", default=None, metavar="PATH", help="draft model for --speculate draft (a smaller "
+                   "model sharing the tokenizer); with --draft-quantize alone, the model itself quantized")
+    p.add_argument("--draft-quantize", default=None, help="nf4 | int4 | int8: quantize the draft model")
     add_kernel_flags(p)
 
 
@@ -78,11 +81,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculate", default=None, help="lookup (prompt lookup) | draft (the --draft model): "
+                   "speculative decoding, the same tokens as without")
+    p.add_argument("--num-speculative-tokens", type=int, default=8, help="most ids proposed per verify pass")
 
 
 def sampling(a) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed, speculate=a.speculate,
+                num_speculative_tokens=a.num_speculative_tokens)
 
 
 def load(a, **options):
@@ -91,9 +98,16 @@ def load(a, **options):
 
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
+    draft = None
+    if a.draft is not None or a.draft_quantize is not None:
+        draft = load_model(a.draft if a.draft is not None else a.model, backend=a.backend, dtype=a.dtype,
+                           device=a.device, quantize=a.draft_quantize, max_seq_len=a.max_seq_len,
+                           kernel_options=kernel_options(a), cuda_graphs=False,
+                           max_batch_size=options.get("max_batch_size", 1))
     model = load_model(a.model, backend=a.backend, dtype=a.dtype, device=a.device, quantize=a.quantize,
                        group_size=a.group_size, max_seq_len=a.max_seq_len, kernel_options=kernel_options(a),
-                       tensor_parallel=wants_tensor_parallel(a), dist_init=a.dist_init, threads=a.threads, **options)
+                       tensor_parallel=wants_tensor_parallel(a), dist_init=a.dist_init, threads=a.threads,
+                       draft=draft, **options)
     if model.tensor_parallel is not None and model.tensor_parallel.rank != 0:
         sys.stdout = open(os.devnull, "w")  # every rank computes the same text; rank 0 prints it
     return model

@@ -18,6 +18,9 @@ COUNTERS = {
     "prefix_reused_tokens": "Prompt tokens whose K/V were reused from the cache instead of prefilled",
     "generated_tokens": "Tokens generated",
     "decode_steps": "Batched decode steps run",
+    "verify_steps": "Speculative verify passes run (in place of decode steps)",
+    "speculative_proposed_tokens": "Ids proposed to verify passes (prompt lookup or the draft model)",
+    "speculative_accepted_tokens": "Proposed ids accepted (over verify_steps: the mean acceptance length)",
 }
 GAUGES = {
     "waiting": ("requests_waiting", "Requests queued for a slot (queue depth)"),

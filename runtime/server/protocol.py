@@ -136,9 +136,10 @@ _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 def sampling_params(body: dict, *, max_tokens: int, temperature_default: float, top_p_default: float = 1.0,
                     top_k_default: int = 0, seed: Optional[int] = None, names: Optional[dict] = None) -> SamplingParams:
-    """SamplingParams of the request's temperature, top_p, top_k, repetition_penalty, stop and `seed`
-    (max_tokens already resolved by the caller). A bad value is a 400 naming the request's field
-    (`names` maps SamplingParams' names to the endpoint's own, e.g. max_new_tokens -> n_predict)."""
+    """SamplingParams of the request's temperature, top_p, top_k, repetition_penalty, stop, `seed`, and the
+    extensions speculate ("lookup" | "draft") and num_speculative_tokens (max_tokens already resolved by the
+    caller). A bad value is a 400 naming the request's field (`names` maps SamplingParams' names to the
+    endpoint's own, e.g. max_new_tokens -> n_predict)."""
     names = {**_PARAM_NAMES, **(names or {})}
     stop = body.get("stop")
     try:
@@ -147,7 +148,9 @@ def sampling_params(body: dict, *, max_tokens: int, temperature_default: float, 
                               top_p=get_number(body, "top_p", top_p_default),
                               top_k=get_int(body, "top_k", top_k_default),
                               repetition_penalty=get_number(body, "repetition_penalty", 1.0),
-                              stop=stop if stop != [] else None, seed=seed)
+                              stop=stop if stop != [] else None, seed=seed,
+                              speculate=body.get("speculate"),
+                              num_speculative_tokens=get_int(body, "num_speculative_tokens", 8))
     except ValueError as e:
         name = re.match(r"(\w+)=", str(e))
         param = name.group(1) if name else None

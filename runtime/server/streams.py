@@ -40,7 +40,7 @@ def submit_all(aengine, jobs: list, prompt_param: str = "prompt") -> list:
         raise APIError(429, str(e), type="server_busy", code="queue_full") from None
     except ValueError as e:
         close_all(streams)
-        raise bad(prompt_param, str(e)) from None
+        raise bad("speculate" if str(e).startswith("speculate=") else prompt_param, str(e)) from None
     return streams
 
 
