@@ -9,12 +9,15 @@ and whether the tokens equal plain greedy decoding's (they must):
   machinery itself yields at k proposals per pass, whatever the model;
 - lookup on a code-editing workload: the prompt holds a file, then asks for one of its functions again with a
   name changed (the output re-emits text of the prompt);
-- lookup on free completion: short code prompts whose continuation is not in the prompt (its cost).
+- lookup on free completion: short code prompts whose continuation is not in the prompt (its cost);
+- draft-int4: the free-completion prompts drafted by the model itself quantized to int4.
+Rows named "-fixed" propose num_speculative_tokens ids every pass (the adaptive length off): the machinery at k.
 Medians of `--rounds` rounds; every row of a round runs back to back, so ratios compare like with like.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import statistics
@@ -84,24 +87,59 @@ def decode_rate(engine, ids: list[int], params, stops: dict):
                 first = (now, count)
 
 
-def run_rows(model, prompts_by_row: dict, new_tokens: int, k: int) -> dict:
-    """One round: per row name, [(plain tok/s, speculative tok/s, accepted per pass, equal)] per prompt."""
+@contextlib.contextmanager
+def fixed_length(on: bool):
+    """With `on`, every pass proposes num_speculative_tokens ids (the room allowing): no adaptive length."""
+    from codellama_rt.engine.speculation import Speculation
+
+    limit = Speculation.limit
+    if on:
+        Speculation.limit = lambda self, room, cost: max(0, min(self.k, room))
+    try:
+        yield
+    finally:
+        Speculation.limit = limit
+
+
+ROWS = {  # name: (prompt set, proposer, fixed length)
+    "oracle": ("oracle", "oracle", False), "oracle-fixed": ("oracle", "oracle", True),
+    "edit": ("edit", "lookup", False), "free": ("free", "lookup", False),
+    "draft-int4": ("free", "draft", False), "draft-int4-fixed": ("free", "draft", True),
+}
+
+
+def random_model(preset: str, device: str, new_tokens: int):
+    """A Model with random weights at `preset`'s shapes (bf16 on CUDA) and four 128-id prompts."""
+    from codellama_rt.api import random_model as build
+    from codellama_rt.bench.measure import IdTokenizer, random_prompts
+    from codellama_rt.model.config import ModelArgs
+
+    args = ModelArgs.from_preset(preset)
+    model = build(args, IdTokenizer(args.vocab_size), device=device, max_seq_len=128 + new_tokens + 32)
+    return model, {"oracle": random_prompts(args.vocab_size, 4, 128, seed=0)}
+
+
+def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
+    """One round: per row name, [(plain tok/s, speculative tok/s, accepted per pass, passes, equal)] per prompt."""
     from codellama_rt.engine.sampling import SamplingParams
 
     engine, stops = model.engine, model.stop_tokens()
     plain = SamplingParams(max_new_tokens=new_tokens)
-    spec = SamplingParams(max_new_tokens=new_tokens, speculate="lookup", num_speculative_tokens=k)
     lookup = engine.proposers["lookup"]
     out = {}
-    for row, prompts in prompts_by_row.items():
+    for row in rows:
+        prompt_set, proposer, fixed = ROWS[row]
+        spec = SamplingParams(max_new_tokens=new_tokens, speculate="draft" if proposer == "draft" else "lookup",
+                              num_speculative_tokens=k)
         results = []
-        for text in prompts:
-            ids = model.tokenizer.encode(text)
+        for text in prompts[prompt_set]:
+            ids = list(text) if isinstance(text, list) else model.tokenizer.encode(text)
             want, plain_rate, _ = decode_rate(engine, ids, plain, stops)
-            if row == "oracle":
+            if proposer == "oracle":
                 engine.proposers["lookup"] = lambda request, want=want: Oracle(want)
             try:
-                got, rate, done = decode_rate(engine, ids, spec, stops)
+                with fixed_length(fixed):
+                    got, rate, done = decode_rate(engine, ids, spec, stops)
             finally:
                 engine.proposers["lookup"] = lookup
             stats = done.speculation
@@ -132,28 +170,38 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rows", default="oracle,edit,free", help="comma-separated: oracle, edit, free")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    ap.add_argument("--random", default=None, metavar="PRESET", help="random weights at a preset's shapes (e.g. "
+                    "CodeLlama-7b; bf16 on CUDA) instead of --model: oracle rows only, random token prompts")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     a = ap.parse_args()
 
     import torch
     import codellama_rt as cl
 
-    model = cl.load(a.model, device=a.device)
-    root = Path(__file__).resolve().parent.parent
-    edits = edit_prompts(root)
-    prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
-    prompts = {row: prompts[row] for row in a.rows.split(",")}
-    decode_rate(model.engine, model.tokenizer.encode("def f():"), __import__(
-        "codellama_rt.engine.sampling", fromlist=["SamplingParams"]).SamplingParams(max_new_tokens=8), {})  # warm-up
-    rounds = [run_rows(model, prompts, a.new_tokens, a.k) for _ in range(a.rounds)]
+    from codellama_rt.engine.sampling import SamplingParams
+
+    rows = a.rows.split(",")
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; expected some of {', '.join(ROWS)}")
+    if a.random is not None:
+        model, prompts = random_model(a.random, a.device, a.new_tokens)
+        rows = [r for r in rows if r.startswith("oracle")]
+    else:
+        draft = cl.load(a.model, device=a.device, quantize="int4") if any("draft" in r for r in rows) else None
+        model = cl.load(a.model, device=a.device, draft=draft)
+        edits = edit_prompts(Path(__file__).resolve().parent.parent)
+        prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+    decode_rate(model.engine, [1, 2, 3, 4], SamplingParams(max_new_tokens=8), {})  # warm-up
+    rounds = [run_rows(model, prompts, rows, a.new_tokens, a.k) for _ in range(a.rounds)]
     rows = summarize(rounds)
-    result = dict(device=a.device, model=str(a.model or "default"), threads=torch.get_num_threads(),
+    result = dict(device=a.device, model=a.random or str(a.model or "default"), threads=torch.get_num_threads(),
                   new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
-    print(f"{'row':8} {'prompts':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'acc/verify':>10} "
+    print(f"{'row':16} {'prompts':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'acc/verify':>10} "
           f"{'verifies':>8} {'equal':>6}")
     for r in rows:
-        print(f"{r['row']:8} {r['prompts']:7d} {r['plain_tok_s']:12.0f} {r['speculative_tok_s']:11.0f} "
+        print(f"{r['row']:16} {r['prompts']:7d} {r['plain_tok_s']:12.0f} {r['speculative_tok_s']:11.0f} "
               f"{r['ratio']:6.2f} {r['mean_accepted_per_verify']:10.2f} {r['verifies']:8d} "
               f"{str(r['equal_to_plain']):>6}")
     if a.out:
