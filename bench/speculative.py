@@ -125,7 +125,7 @@ def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
 
     engine, stops = model.engine, model.stop_tokens()
     plain = SamplingParams(max_new_tokens=new_tokens)
-    lookup = engine.proposers["lookup"]
+    lookup = engine.speculator.proposers["lookup"]
     out = {}
     for row in rows:
         prompt_set, proposer, fixed = ROWS[row]
@@ -136,12 +136,12 @@ def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
             ids = list(text) if isinstance(text, list) else model.tokenizer.encode(text)
             want, plain_rate, _ = decode_rate(engine, ids, plain, stops)
             if proposer == "oracle":
-                engine.proposers["lookup"] = lambda request, want=want: Oracle(want)
+                engine.speculator.proposers["lookup"] = lambda request, want=want: Oracle(want)
             try:
                 with fixed_length(fixed):
                     got, rate, done = decode_rate(engine, ids, spec, stops)
             finally:
-                engine.proposers["lookup"] = lookup
+                engine.speculator.proposers["lookup"] = lookup
             stats = done.speculation
             results.append((plain_rate, rate, stats.mean_accepted, stats.verifies, got == want))
         out[row] = results

@@ -199,6 +199,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
         tp.attach(model)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
                     seed_source=None if tp is None else tp.seed_source())
+    engine.speculator.timing_free = tp is not None  # the ranks choose passes alone: no clock may decide them
     if draft is not None:
         if not isinstance(draft, Model):
             draft = load_model(draft, backend=backend, dtype=dtype, device=device, max_seq_len=seq_len,
@@ -215,7 +216,7 @@ def attach_draft(engine: Engine, tokenizer: Tokenizer, draft: "Model") -> None:
             theirs.sp.id_to_piece(i) != tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)):
         raise ValueError(f"the draft model's tokenizer ({draft.path}) differs from the model's: a draft must share "
                          "the tokenizer")
-    engine.attach_draft(draft.module)
+    engine.speculator.attach_draft(draft.module)
 
 
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,

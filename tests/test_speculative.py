@@ -43,17 +43,17 @@ def run(model, prompts, n, proposer=None, stops=None, **sampling):
     """Completions of `prompts` (id lists) under `sampling`; with `proposer` (a function of the prompt index ->
     Proposer) every request speculates through it."""
     engine = model.engine
-    saved = engine.proposers["lookup"]
+    saved = engine.speculator.proposers["lookup"]
     if proposer is not None:
         index = {tuple(p): i for i, p in enumerate(prompts)}
-        engine.proposers["lookup"] = lambda request: proposer(index[tuple(request.prompt)])
+        engine.speculator.proposers["lookup"] = lambda request: proposer(index[tuple(request.prompt)])
         sampling = dict(sampling, speculate="lookup")
     try:
         r = engine.run(prompts, SamplingParams(max_new_tokens=n, **sampling), stops or {})
         for _ in r:
             pass
     finally:
-        engine.proposers["lookup"] = saved
+        engine.speculator.proposers["lookup"] = saved
     return r.completions
 
 
@@ -223,9 +223,9 @@ def submit(model, prompt, params, proposer=None, logprobs=0):
     import queue
 
     engine, events = model.engine, queue.SimpleQueue()
-    saved = engine.proposers["lookup"]
+    saved = engine.speculator.proposers["lookup"]
     if proposer is not None:
-        engine.proposers["lookup"] = lambda request: proposer
+        engine.speculator.proposers["lookup"] = lambda request: proposer
     try:
         engine.submit(prompt, params, {}, logprobs=logprobs, sink=events.put, background=False)
         while True:
@@ -235,7 +235,7 @@ def submit(model, prompt, params, proposer=None, logprobs=0):
             if isinstance(event, cl.Completion):
                 return event
     finally:
-        engine.proposers["lookup"] = saved
+        engine.speculator.proposers["lookup"] = saved
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

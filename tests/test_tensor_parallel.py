@@ -74,6 +74,7 @@ def single(checkpoint: Path, **kwargs) -> dict:
     ids = model.tokenizer.encode(PROMPT)
     return {"logits": model.logits(ids)[0], "greedy": model.generate(PROMPT, max_new_tokens=24).token_ids,
             "sampled": model.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_k=20, seed=3).token_ids,
+            "lookup": model.generate(PROMPT * 3, max_new_tokens=24).token_ids,
             "projection_elements": projection_elements(model.module),
             "n_kv_heads": model.args.n_kv_heads}
 
@@ -83,7 +84,7 @@ def check_against_single(results: list, want: dict, dense: bool = True) -> None:
     for r in results:
         err = ((r["logits"] - want["logits"]).abs().max() / want["logits"].abs().max()).item()
         assert err <= REL_TOL, err
-        assert r["greedy"] == want["greedy"] and r["sampled"] == want["sampled"]
+        assert r["greedy"] == want["greedy"] and r["sampled"] == want["sampled"] and r["lookup"] == want["lookup"]
         assert r["kv_heads"] == want["n_kv_heads"] // 2
         share = r["projection_elements"] / want["projection_elements"]
         assert share <= 0.55 and (share == 0.5 or not dense), share

@@ -51,6 +51,8 @@ def main() -> None:
             "greedy": model.generate(PROMPT, max_new_tokens=24).token_ids,
             "sampled": model.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_k=20, seed=3).token_ids,
             "unseeded": model.generate(PROMPT, max_new_tokens=8, temperature=1.0).token_ids,
+            # speculative passes chosen by each rank alone (no clock): the same on every rank, plain's tokens
+            "lookup": model.generate(PROMPT * 3, max_new_tokens=24, speculate="lookup").token_ids,
             "kv_heads": model.engine.cache.data.shape[3] if model.engine.cache is not None else None,
             "projection_elements": projection_elements(model.module),
         }

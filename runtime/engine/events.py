@@ -43,3 +43,8 @@ class Completion:
     cached_tokens: int = 0
     logprobs: Optional[list] = None
     speculation: Optional[SpeculationStats] = None
+
+
+def logprob_of(token: int, logprob: float, ids: list, values: list, n: int) -> TokenLogprob:
+    """A token's TokenLogprob from a step's host lists: its logprob, then the first n of the top ids and values."""
+    return TokenLogprob(token, logprob, list(zip(ids[:n], values[:n])))

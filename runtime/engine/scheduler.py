@@ -2,7 +2,8 @@
 
 Each scheduler iteration drops cancelled requests (their slot is free for the next step), admits waiting
 requests into free slots (reusing cached K/V of a shared prompt prefix), prefills up to `prefill_chunk`
-prompt tokens, then runs one decode step over every decoding slot and hands each request its token.
+prompt tokens, then runs one decode step over every decoding slot and hands each request its token (or, when
+every decoding request speculates, a verify pass handing each several: `speculator.py`).
 Callers on any thread `submit` requests and receive events through their `sink`.
 
 Who runs the iterations: `driver.py`.
@@ -28,14 +29,13 @@ from .decode_state import MIN_CACHE, DecodeState
 from .driver import Driver
 from ..distributed.lockstep import HEARTBEAT_S, Plan
 from ..distributed.tensor_parallel import TensorParallelError
-from .events import Completion, TokenLogprob
+from .events import Completion, TokenLogprob, logprob_of
 from .metrics import EngineMetrics
-from .request import DECODE, DONE, PREFILL, Request
+from .request import DECODE, PREFILL, Request
 from .run import Run
 from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
-from .sampling import MAX_SPECULATIVE_TOKENS, SamplingParams
-from .draft import DraftModel, DraftProposer
-from .speculation import PassCosts, PromptLookup, Speculation, bucket, static_cost
+from .sampling import SamplingParams
+from .speculator import Speculator
 from .slots import SlotTable
 
 
@@ -66,29 +66,13 @@ class Engine:
         self.metrics = EngineMetrics(max_batch)
         self.driver = Driver(self._iterate_once, self.idle, "codellama-rt-engine")
         self.lockstep = None  # rank 0 of tensor-parallel serving: a distributed.lockstep.Lockstep
-        self.draft: Optional[DraftModel] = None  # speculate="draft"'s model (`attach_draft`), or None
-        # speculate mode -> (request) -> its Proposer, made at admission (benchmarks put an oracle here)
-        self.proposers: dict = {"lookup": lambda request: PromptLookup(request.prompt),
-                                "draft": lambda request: DraftProposer(self.draft, request, V)}
-        self._pass_costs = PassCosts()  # measured decode and verify times (speculation's cost model)
+        self.speculator = Speculator(self)  # speculative decoding: proposers, the draft model, verify passes
         # owned by the driving thread:
         self._waiting: deque = deque()
         self._running: dict = {}  # slot -> Request (prefilling or decoding)
         self._slots: Optional[SlotTable] = None
         self._state = DecodeState(model, max_batch=max_batch, max_seq_len=max_seq_len, graphed=self.cuda_graphs,
                                   vocab_limit=self.vocab_limit)
-
-    def attach_draft(self, module: Transformer) -> None:
-        """Use `module` (a smaller model sharing the tokenizer, on the same device) for speculate="draft"."""
-        if module.device != self.model.device:
-            raise ValueError(f"the draft model is on {module.device}, the model on {self.model.device}: load both "
-                             "on one device")
-        if module.rope_cos.shape[0] < self.max_seq_len:
-            raise ValueError(f"the draft model was loaded for {module.rope_cos.shape[0]} positions, fewer than the "
-                             f"model's max_seq_len={self.max_seq_len}")
-        self.draft = DraftModel(module, max_batch=self.max_batch, vocab_limit=self.vocab_limit)
-        if self._state.cache is not None:
-            self.draft.ensure(self._state.cache.max_seq_len)
 
     # ---- callers' side (any thread) ---------------------------------------------------------
 
@@ -124,7 +108,7 @@ class Engine:
         checked = [self.check_prompt(ids) for ids in prompts]
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
-        if params.speculate == "draft" and self.draft is None:
+        if params.speculate == "draft" and self.speculator.draft is None:
             raise ValueError("speculate='draft' needs a draft model: load with cl.load(..., draft=PATH)")
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
             raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
@@ -276,9 +260,7 @@ class Engine:
                 data[:, :, slot, :, :reuse].copy_(data[:, :, place.source, :, :reuse])
             self._slots.take(place, request, request.prompt)
             request.slot, request.computed, request.cached_tokens, request.state = slot, reuse, reuse, PREFILL
-            if request.params.speculate is not None:
-                proposer = self.proposers[request.params.speculate](request)
-                request.speculation = Speculation(proposer, request.params.num_speculative_tokens)
+            request.speculation = self.speculator.speculation(request)
             self._running[slot] = request
             self.metrics.add("prompt_tokens", len(request.prompt))
             self.metrics.add("prefix_reused_tokens", reuse)
@@ -314,13 +296,13 @@ class Engine:
         request.state = DECODE
         lp = None
         if request.logprobs:
-            lp = _logprob(token, float(out.logprob[0]), out.top_ids[0].tolist(), out.top_logprobs[0].tolist(),
+            lp = logprob_of(token, float(out.logprob[0]), out.top_ids[0].tolist(), out.top_logprobs[0].tolist(),
                           request.logprobs)
         self._emit(request, token, lp)
 
     def _decode(self) -> None:
         decoding = [s for s, r in self._running.items() if r.state == DECODE]
-        if self._verify(decoding):
+        if self.speculator.step(decoding):
             return
         batch = self._state.batch_size(max(decoding) + 1)
         rows = [self._running[s] for s in decoding if s < batch]
@@ -332,93 +314,14 @@ class Engine:
         buf = self._state.buffers
         tokens = buf.sampled[:batch].tolist()  # the one host sync per step
         if not self._state.built:
-            self._pass_costs.observe(batch, 0, time.perf_counter() - started)
+            self.speculator.costs.observe(batch, 0, time.perf_counter() - started)
         if stages.logprobs:
             lps, ids = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist()
             tops = buf.top_logprobs[:batch].tolist()
         for s in decoding:
             request = self._running[s]
-            lp = _logprob(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
+            lp = logprob_of(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
             self._emit(request, tokens[s], lp)
-
-    def _verify(self, decoding: list) -> bool:
-        """A verify pass in place of the decode step when every decoding request speculates and one of them
-        has proposals (`verify_graph`); False: nothing to verify, the plain step runs."""
-        requests = [self._running[s] for s in decoding]
-        if not all(r.speculation is not None for r in requests):
-            return False
-        last = self._state.cache.max_seq_len - 1
-        batch = self._state.batch_size(max(decoding) + 1)
-        costs = self._pass_costs
-        measured = costs.measured(batch)  # else a plain step first: the yardstick of every measured cost
-
-        def cost(m: int) -> float:
-            return costs.relative(batch, bucket(m, MAX_SPECULATIVE_TOKENS))
-
-        proposals = {}
-        for r in requests:
-            # Drafted sampling rows' tokens depend on what was proposed: their lengths must not depend on timing
-            # (the same seed gives the same tokens), so they follow a fixed cost model; other rows' tokens are
-            # plain decoding's whatever is proposed, and their lengths follow what this engine measured.
-            fixed = r.params.speculate == "draft" and not r.params.greedy
-            if not (fixed or measured) or not r.speculation.wants():
-                continue
-            if fixed:
-                model = static_cost
-            else:
-                model = costs.with_draft(cost, batch) if r.params.speculate == "draft" else cost
-            # room: the budget left after the pass's own token, and the cache past the pass's last position
-            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), model)
-            if n <= 0:
-                continue
-            ids = r.speculation.propose(n)
-            if r.params.speculate == "draft" and self.draft.seconds_per_id is not None:
-                costs.observe_draft(batch, self.draft.seconds_per_id)
-            if ids:
-                proposals[r.slot] = ids
-        if not proposals:
-            return False
-        width = bucket(max(len(p) for p in proposals.values()), MAX_SPECULATIVE_TOKENS)
-        if any(r.position() + width > last for r in requests):  # every decoding row writes `width` positions on
-            return False
-        vbuf = self._state.verify_buffers
-        for s in range(batch):
-            vbuf.set_row(s, proposals.get(s, []))
-        rows = [self._running[s] for s in decoding if s < batch]
-        stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
-        drafted = stages.sampled and any(r.params.speculate == "draft" for r in rows)
-        if drafted:  # speculative sampling: each row's q (a proposal of its own is certain: one-hot)
-            q = vbuf.with_draft_probs()
-            for s, ids in proposals.items():
-                probs = getattr(self._running[s].speculation.proposer, "probs", None)
-                if probs is not None:
-                    q[s, :len(ids)].copy_(probs[:len(ids)])
-                else:
-                    q[s, :len(ids)].zero_()
-                    q[s, torch.arange(len(ids)), torch.tensor(ids)] = 1.0
-        step = self._state.verify_step(batch, width, stages, drafted)
-        started = time.perf_counter()
-        step()
-        self.metrics.add("verify_steps")
-        out = vbuf.out[:batch, :width + 2].tolist()  # the one host sync per pass
-        if not self._state.built:
-            costs.observe(batch, width, time.perf_counter() - started)
-        if stages.logprobs:
-            lps, ids = vbuf.logprob[:batch].tolist(), vbuf.top_ids[:batch].tolist()
-            tops = vbuf.top_logprobs[:batch].tolist()
-        for s in decoding:
-            request, accepted = self._running[s], out[s][0]
-            if s in proposals:
-                request.speculation.record(len(proposals[s]), accepted)
-                self.metrics.add("speculative_proposed_tokens", len(proposals[s]))
-                self.metrics.add("speculative_accepted_tokens", accepted)
-            for i, token in enumerate(out[s][1:accepted + 2]):
-                lp = _logprob(token, lps[s][i], ids[s][i], tops[s][i], request.logprobs) if request.logprobs \
-                    else None
-                self._emit(request, token, lp)
-                if request.state == DONE:
-                    break
-        return True
 
     def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
         now = time.perf_counter()
@@ -481,8 +384,7 @@ class Engine:
             if self._slots is None:
                 self._slots = SlotTable(self.max_batch, 0)
             self._slots.limit = self._state.cache.max_seq_len - 1
-            if self.draft is not None:
-                self.draft.ensure(self._state.cache.max_seq_len)
+            self.speculator.ensure(self._state.cache.max_seq_len)
 
 
 def _tell(request: Request, error: BaseException) -> None:
@@ -495,10 +397,6 @@ def _tell(request: Request, error: BaseException) -> None:
 def _as_int64(seed: int) -> int:
     """A seed in [0, 2**64) as the int64 with the same bits."""
     return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
-def _logprob(token: int, logprob: float, ids: list, values: list, n: int) -> TokenLogprob:
-    return TokenLogprob(token, logprob, list(zip(ids[:n], values[:n])))
 
 
 __all__ = ["Engine", "Completion", "MIN_CACHE"]
