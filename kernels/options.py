@@ -95,3 +95,23 @@ class KernelOptions:
 
 
 DEFAULT_OPTIONS = KernelOptions()
+
+
+def parse_kernel_options(value) -> KernelOptions:
+    """`kernel_options` as given to `load`: None (`KernelOptions()`), a KernelOptions, or a dict of its
+    fields; anything else, or a bad field, is a ValueError naming `kernel_options`."""
+    if value is None:
+        return KernelOptions()
+    if isinstance(value, KernelOptions):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"kernel_options={value!r} is invalid: expected a KernelOptions, a dict of its fields "
+                         "(experiments, pdl) or None")
+    unknown = sorted(set(value) - {"experiments", "pdl"}, key=str)
+    if unknown:
+        raise ValueError(f"kernel_options: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         "expected experiments, pdl")
+    try:
+        return KernelOptions(**value)
+    except ValueError as e:
+        raise ValueError(f"kernel_options: {e}") from None

@@ -13,7 +13,7 @@ from .distributed.tensor_parallel import TensorParallel
 from .model.config import ModelArgs
 from .errors import CheckpointError, is_allocation_failure
 from .engine.generate import Completion, Engine, Run
-from .kernels.options import KernelOptions
+from .kernels.options import parse_kernel_options
 from .model.transformer import Linear, Transformer
 from .quant.linear import quantize_model
 from .engine.sampling import SamplingParams
@@ -127,9 +127,8 @@ def load(path=None, *, backend: str = "auto", dtype=None, device=None, quantize:
     `threads`: CPU threads torch's ops use (`torch.set_num_threads`: the whole process, every model);
     None leaves torch's default, one per physical core.
 
-    `draft`: the model `speculate="draft"` drafts with: a path (loaded like this one: same backend, dtype,
-    device, context and batch, unquantized) or a loaded `Model` (e.g. `cl.load(path, quantize="int4")`). It must
-    share this model's tokenizer and device.
+    `draft`: the model `speculate="draft"` drafts with, sharing the tokenizer and device: a path (loaded as this
+    one is, unquantized) or a loaded `Model` (e.g. `cl.load(path, quantize="int4")`).
     """
     return load_model(path, backend=backend, dtype=dtype, device=device, quantize=quantize,
                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, progress=progress,
@@ -205,18 +204,8 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
             draft = load_model(draft, backend=backend, dtype=dtype, device=device, max_seq_len=seq_len,
                                max_batch_size=max_batch_size, progress=progress, cuda_graphs=False,
                                kernel_options=kernel_options)
-        attach_draft(engine, tokenizer, draft)
+        engine.speculator.attach_draft(draft.module, draft.tokenizer, draft.path)
     return Model(args, model, tokenizer, engine, path=directory, tensor_parallel=tp)
-
-
-def attach_draft(engine: Engine, tokenizer: Tokenizer, draft: "Model") -> None:
-    """Check that `draft` shares `tokenizer` (every piece) and give its module to `engine` for speculate="draft"."""
-    theirs = draft.tokenizer
-    if theirs.vocab_size != tokenizer.vocab_size or any(
-            theirs.sp.id_to_piece(i) != tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)):
-        raise ValueError(f"the draft model's tokenizer ({draft.path}) differs from the model's: a draft must share "
-                         "the tokenizer")
-    engine.speculator.attach_draft(draft.module)
 
 
 def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=None, device=None,
@@ -262,26 +251,6 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
             if quantize is not None and (name != "output" or quantize_head):
                 quantize_model(model, quantize, group_size=group_size, quantize_head=quantize_head, only=[name])
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
-
-
-def parse_kernel_options(value) -> KernelOptions:
-    """`kernel_options` as given to `load`: None (`KernelOptions()`), a KernelOptions, or a dict of its
-    fields; anything else, or a bad field, is a ValueError naming `kernel_options`."""
-    if value is None:
-        return KernelOptions()
-    if isinstance(value, KernelOptions):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"kernel_options={value!r} is invalid: expected a KernelOptions, a dict of its fields "
-                         "(experiments, pdl) or None")
-    unknown = sorted(set(value) - {"experiments", "pdl"}, key=str)
-    if unknown:
-        raise ValueError(f"kernel_options: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         "expected experiments, pdl")
-    try:
-        return KernelOptions(**value)
-    except ValueError as e:
-        raise ValueError(f"kernel_options: {e}") from None
 
 
 def _transformer(args: ModelArgs, ops, dtype, device, seq_len: int, quantized: bool) -> Transformer:

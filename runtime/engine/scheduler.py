@@ -2,9 +2,8 @@
 
 Each scheduler iteration drops cancelled requests (their slot is free for the next step), admits waiting
 requests into free slots (reusing cached K/V of a shared prompt prefix), prefills up to `prefill_chunk`
-prompt tokens, then runs one decode step over every decoding slot and hands each request its token (or, when
-every decoding request speculates, a verify pass handing each several: `speculator.py`).
-Callers on any thread `submit` requests and receive events through their `sink`.
+prompt tokens, then runs one decode step over every decoding slot (or a speculative verify pass: speculator.py)
+and hands each request its tokens. Callers on any thread `submit` requests and receive events through `sink`.
 
 Who runs the iterations: `driver.py`.
 """
@@ -37,7 +36,6 @@ from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
 from .sampling import SamplingParams
 from .speculator import Speculator
 from .slots import SlotTable
-
 
 
 class Engine:

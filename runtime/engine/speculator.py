@@ -32,9 +32,15 @@ class Speculator:
         self.costs = PassCosts()
         self.timing_free = False
 
-    def attach_draft(self, module: Transformer) -> None:
-        """Use `module` (a smaller model sharing the tokenizer, on the same device) for speculate="draft"."""
+    def attach_draft(self, module: Transformer, tokenizer, path=None) -> None:
+        """Use `module` (a smaller model on the same device whose `tokenizer` is the engine's, every piece) for
+        speculate="draft"; `path` names it in errors."""
         e = self.engine
+        ours = e.tok
+        if tokenizer.vocab_size != ours.vocab_size or any(
+                tokenizer.sp.id_to_piece(i) != ours.sp.id_to_piece(i) for i in range(ours.vocab_size)):
+            raise ValueError(f"the draft model's tokenizer ({path}) differs from the model's: a draft must share the "
+                             "tokenizer")
         if module.device != e.model.device:
             raise ValueError(f"the draft model is on {module.device}, the model on {e.model.device}: load both "
                              "on one device")
