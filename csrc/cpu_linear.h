@@ -99,8 +99,22 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
 }
 
-// o[0 .. n - 1] = the lane sums of v[0 .. n - 1], 16 at a time (the last group padded with zeros).
+// The lane sum of one vector in reduce16's order (so a sum is the same bits whichever way it was reduced).
+inline float reduce1(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));              // x0 + x2, x1 + x3 in each 128-bit lane
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));              // (x0 + x2) + (x1 + x3)
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));        // L0 + L2, L1 + L3
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));        // (L0 + L2) + (L1 + L3)
+  return _mm512_cvtss_f32(v);
+}
+
+// o[0 .. n - 1] = the lane sums of v[0 .. n - 1]: 16 at a time by reduce16 (the last group padded with zeros),
+// fewer than 8 one by one.
 inline void reduce_into(const __m512* v, int n, float* o) {
+  if (n < 8) {
+    for (int i = 0; i < n; ++i) o[i] = reduce1(v[i]);
+    return;
+  }
   for (int i = 0; i < n; i += 16) {
     __m512 group[16];
     const int k = std::min(16, n - i);
@@ -149,21 +163,29 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, __mmask16 mask, bool full) {
+  auto step = [&](int64_t k) {
     __m512 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = full ? _mm512_loadu_ps(x + m * K + k) : _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = full ? load_i8(w + r * K + k) : load_i8(w + r * K + k, mask);
+      const __m512 wv = load_i8(w + r * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
     }
   };
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {  // a cache line of each row per step, the lines PREFETCH bytes ahead requested
     for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PREFETCH), _MM_HINT_T0);
-    for (int j = 0; j < 64; j += 16) step(k + j, 0, true);
+    for (int j = 0; j < 64; j += 16) step(k + j);
   }
-  for (; k + 16 <= K; k += 16) step(k, 0, true);
-  if (k < K) step(k, static_cast<__mmask16>((1u << (K - k)) - 1), false);
+  for (; k + 16 <= K; k += 16) step(k);
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = load_i8(w + r * K + k, mask);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
   reduce_into(&acc[0][0], M * R, o);
 }
 
