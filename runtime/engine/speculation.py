@@ -98,20 +98,26 @@ class PassCosts:
         """Whether a decode step at `batch` rows has been timed (what every estimate is relative to)."""
         return (batch, 0) in self._mean
 
-    def observe_draft(self, batch: int, seconds_per_id: float) -> None:
-        """The draft model took this long per proposed id (speculate="draft")."""
+    def observe_draft(self, batch: int, seconds_per_id: float, seconds_per_pass: float) -> None:
+        """Drafting took `seconds_per_pass` beyond the one-id steps after its first (catching up with what was
+        accepted, the host's work) and `seconds_per_id` per further id (speculate="draft")."""
         self._update((batch, "draft"), seconds_per_id)
+        self._update((batch, "draft pass"), max(seconds_per_pass, 0.0))
 
     def with_draft(self, cost, batch: int):
-        """`cost` (m -> a pass of m proposals over a decode step, at `batch` rows) plus drafting the m ids."""
+        """`cost` (m -> a pass of m proposals over a decode step, at `batch` rows) plus drafting the m ids: the
+        pass's fixed part and m - 1 one-id steps."""
         def total(m: int) -> float:
-            return cost(m) + m * self.draft_relative(batch)
+            per_id, per_pass = self.draft_relative(batch)
+            return cost(m) + per_pass + (m - 1) * per_id
         return total
 
-    def draft_relative(self, batch: int) -> float:
-        """Drafting one id over a decode step (0.0 until both are measured)."""
-        draft, base = self._mean.get((batch, "draft")), self._mean.get((batch, 0))
-        return draft / base if draft is not None and base else 0.0
+    def draft_relative(self, batch: int) -> tuple[float, float]:
+        """(a one-id draft step, a drafting pass's fixed part) over a decode step; zeros until measured."""
+        base = self._mean.get((batch, 0))
+        if not base:
+            return 0.0, 0.0
+        return self._mean.get((batch, "draft"), 0.0) / base, self._mean.get((batch, "draft pass"), 0.0) / base
 
     def _update(self, key: tuple, seconds: float) -> None:
         old = self._mean.get(key)

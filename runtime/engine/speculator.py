@@ -94,9 +94,11 @@ class Speculator:
             n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), pricing)
             if n <= 0:
                 continue
+            started = time.perf_counter()
             ids = r.speculation.propose(n)
-            if r.params.speculate == "draft" and self.draft.seconds_per_id is not None:
-                costs.observe_draft(batch, self.draft.seconds_per_id)
+            per_id = self.draft.seconds_per_id if r.params.speculate == "draft" else None
+            if per_id is not None and ids and self.draft.caught_up <= 2:  # (a prompt's catching up: once, not per pass)
+                costs.observe_draft(batch, per_id, time.perf_counter() - started - (len(ids) - 1) * per_id)
             if ids:
                 proposals[r.slot] = ids
         if not proposals:

@@ -134,26 +134,29 @@ class VerifyStep:
         else:
             logits = self.model(inputs, Verify(starts, S), self.cache).reshape(B * T, V)
         block = self._block_rows(rows, inputs)
-        # (sample_rows advances the counters it is given: a copy, so `block` keeps each position's own)
-        out = sample_rows(logits, self.stages, block._replace(counter=block.counter.clone()), self.vocab_limit)
+        # (sample_rows advances the counters it is given: a copy where `block` is used again)
+        given = block._replace(counter=block.counter.clone()) if self.speculative_sampling else block
+        out = sample_rows(logits, self.stages, given, self.vocab_limit)
         target = out.tokens.view(B, T)  # the model's token after each input (what plain decoding samples)
         live = self._offsets[None, :k] < proposed[:, None]  # [B, k]
         if self.speculative_sampling:
             accepted, final = self._speculative(logits, block, proposals, live, target)
+            emitted = torch.where(self._offsets[None, :] < accepted[:, None],
+                                  torch.cat([proposals, target[:, k:]], 1), final[:, None])
         else:
             accepted = ((target[:, :k] == proposals) & live).long().cumprod(dim=1).sum(dim=1)
             final = target.gather(1, accepted[:, None])[:, 0]
-        emitted = torch.where(self._offsets[None, :] < accepted[:, None], torch.cat([proposals, target[:, k:]], 1),
-                              final[:, None])  # [B, T]: n accepted proposals, then the model's token (and filler)
+            emitted = target  # the accepted proposals are the model's own tokens, and so is the one after them
         vb.out[:B, 0].copy_(accepted)
-        vb.out[:B, 1:T + 1].copy_(emitted)
+        vb.out[:B, 1:T + 1].copy_(emitted)  # [B, T]: n accepted ids, then the model's token (then filler)
         if self.stages.penalty:  # the pending token and the accepted proposals are now seen
             fed = (self._offsets[None, :] <= accepted[:, None]).to(torch.int32)
             counts = torch.zeros(B, V, dtype=torch.int32, device=inputs.device).scatter_add_(1, inputs, fed)
             rows.seen.logical_or_(counts > 0)
         tokens.copy_(final.clamp(min=0))
-        starts.add_(accepted + 1).clamp_(max=S - 1)
-        rows.counter.add_(accepted + 1)
+        advance = accepted + 1
+        starts.add_(advance).clamp_(max=S - 1)
+        rows.counter.add_(advance)
         if self.stages.logprobs:
             lsm = torch.log_softmax(logits.view(B, T, V), dim=-1)
             vb.logprob[:B, :T].copy_(lsm.gather(-1, emitted.clamp(min=0)[..., None])[..., 0])
