@@ -445,3 +445,35 @@ def test_graphed_verify_passes_equal_plain_decoding(checkpoint, sampling):
                           draft=cl.load(checkpoint, device="cuda", max_batch_size=3, quantize="int4"))
         got = run(drafted, prompts, 40, speculate="draft", num_speculative_tokens=4)
         assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+
+
+def test_requests_of_different_lengths_and_a_cancelled_stream(checkpoint):
+    """Three speculating requests of different lengths share passes: each ends at its own max_new_tokens with
+    plain decoding's tokens; a speculative stream closed early is cancelled, its slot freed, and the next
+    request gets plain decoding's tokens."""
+    model = cl.load(checkpoint, max_batch_size=3)
+    prompts = ids_of(model, PROMPTS[:3])
+    full = run(model, prompts, 30)
+    engine = model.engine
+    saved = engine.speculator.proposers["lookup"]
+    index = {tuple(p): i for i, p in enumerate(prompts)}
+    engine.speculator.proposers["lookup"] = lambda r: oracle_of(full)(index[tuple(r.prompt)])
+    try:
+        got = []
+        for i, n in enumerate((3, 17, 30)):
+            got.append(engine.run([prompts[i]], SamplingParams(max_new_tokens=n, speculate="lookup"), {}))
+        events = [iter(r) for r in got]
+        done = [False] * 3
+        while not all(done):  # interleave the three runs on this thread
+            for i, it in enumerate(events):
+                if not done[i]:
+                    done[i] = next(it, None) is None
+        assert [r.completions[0].token_ids for r in got] == [c.token_ids[:n] for c, n in zip(full, (3, 17, 30))]
+    finally:
+        engine.speculator.proposers["lookup"] = saved
+    stream = model.stream(PROMPTS[4] * 3, max_new_tokens=64, speculate="lookup")
+    next(stream)
+    stream.close()
+    assert not engine._running  # the closed stream freed its slot
+    again = model.generate(PROMPTS[0], max_new_tokens=20, speculate="lookup")
+    assert again.token_ids == full[0].token_ids[:20]
