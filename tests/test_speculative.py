@@ -477,3 +477,51 @@ def test_requests_of_different_lengths_and_a_cancelled_stream(checkpoint):
     assert not engine._running  # the closed stream freed its slot
     again = model.generate(PROMPTS[0], max_new_tokens=20, speculate="lookup")
     assert again.token_ids == full[0].token_ids[:20]
+
+
+def test_verify_capture_leaves_every_buffer_as_found_and_replays_what_eager_runs(monkeypatch):
+    """`capture_step` on a verify pass, on CPU with torch.cuda's stream and graph calls faked: the warm-up
+    passes are undone (decode and verify buffers, counters included), and the graph's replays give the
+    eager passes' outputs."""
+    import contextlib
+
+    from codellama_rt.engine.decode_graph import capture_step
+    from codellama_rt.engine.verify_graph import VerifyStep
+    from test_decode_graph import _FakeStream
+
+    def fresh():
+        model, module, cache, buffers, vbuf = verify_fixture(3)
+        reset_rows(buffers, 3, SamplingParams(temperature=0.8, top_k=5, repetition_penalty=1.1), 7)
+        for b in range(3):
+            vbuf.set_row(b, [5, 6, 7, 8][:b + 2])
+        step = VerifyStep(module, cache, buffers, vbuf, 3, 4, Stages(True, True, True, True))
+        return step, {**buffers.tensors(), **{f"v.{k}": t for k, t in vbuf.tensors().items()}}
+
+    eager, _ = fresh()
+    want = []
+    for _ in range(2):
+        eager()
+        want.append(eager.vbuf.out[:3].clone())
+    step, named = fresh()
+    before = {k: t.clone() for k, t in named.items()}
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None):
+        state = {k: t.clone() for k, t in named.items()}
+        yield
+        for k, t in state.items():
+            named[k].copy_(t)
+
+    for name, fake in (("Stream", lambda device=None: _FakeStream()),
+                       ("current_stream", lambda device=None: _FakeStream()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
+                       ("graph", fake_capture)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    step.graph = capture_step(step._step, named, "cpu", "pool")
+    assert all(torch.equal(named[k], t) for k, t in before.items())
+    step.graph = type("Graph", (), {"replay": lambda self: step._step()})()
+    got = []
+    for _ in range(2):
+        step()
+        got.append(step.vbuf.out[:3].clone())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
