@@ -525,3 +525,30 @@ def test_verify_capture_leaves_every_buffer_as_found_and_replays_what_eager_runs
         step()
         got.append(step.vbuf.out[:3].clone())
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mixed_batch_shares_passes(checkpoint, backend):
+    """One request speculates (oracle), one does not, one samples plainly: passes run for the batch, the
+    non-speculating rows get one token per pass, and all three get plain decoding's tokens."""
+    model = cl.load(checkpoint, backend=backend, max_batch_size=3)
+    prompts = ids_of(model, PROMPTS[:3])
+    values = [dict(), dict(), dict(temperature=0.8, seed=9)]
+    plain = [run(model, [p], 30, **v)[0] for p, v in zip(prompts, values)]
+    engine = model.engine
+    saved = engine.speculator.proposers["lookup"]
+    engine.speculator.proposers["lookup"] = lambda r: Scripted(lambda done: plain[0].token_ids[done:])
+    try:
+        runs = [engine.run([prompts[0]], SamplingParams(max_new_tokens=30, speculate="lookup"), {}),
+                engine.run([prompts[1]], SamplingParams(max_new_tokens=30), {}),
+                engine.run([prompts[2]], SamplingParams(max_new_tokens=30, **values[2]), {})]
+        its, done = [iter(r) for r in runs], [False] * 3
+        while not all(done):
+            for i, it in enumerate(its):
+                if not done[i]:
+                    done[i] = next(it, None) is None
+    finally:
+        engine.speculator.proposers["lookup"] = saved
+    assert [r.completions[0].token_ids for r in runs] == [c.token_ids for c in plain]
+    assert runs[0].completions[0].speculation.verifies > 0
+    assert engine.metrics.snapshot()["verify_steps"] > 0

@@ -104,13 +104,10 @@ class PassCosts:
         self._update((batch, "draft"), seconds_per_id)
         self._update((batch, "draft pass"), max(seconds_per_pass, 0.0))
 
-    def with_draft(self, cost, batch: int):
-        """`cost` (m -> a pass of m proposals over a decode step, at `batch` rows) plus drafting the m ids: the
-        pass's fixed part and m - 1 one-id steps."""
-        def total(m: int) -> float:
-            per_id, per_pass = self.draft_relative(batch)
-            return cost(m) + per_pass + (m - 1) * per_id
-        return total
+    def drafting(self, batch: int, m: int) -> float:
+        """Drafting m ids over a decode step at `batch` rows: a pass's fixed part and m - 1 one-id steps."""
+        per_id, per_pass = self.draft_relative(batch)
+        return per_pass + (m - 1) * per_id
 
     def draft_relative(self, batch: int) -> tuple[float, float]:
         """(a one-id draft step, a drafting pass's fixed part) over a decode step; zeros until measured."""

@@ -63,22 +63,34 @@ class Speculator:
         return Speculation(self.proposers[request.params.speculate](request), request.params.num_speculative_tokens)
 
     def step(self, decoding: list) -> bool:
-        """A verify pass in place of the decode step over the `decoding` slots when every decoding request
-        speculates and one of them has proposals (`verify_graph`); False: nothing to verify, the plain step runs."""
+        """A verify pass in place of the decode step over the `decoding` slots when a speculating request has
+        proposals (`verify_graph`; rows without any get one token, as from the decode step); False: nothing to
+        verify, the plain step runs."""
         e = self.engine
         requests = [e._running[s] for s in decoding]
-        if not all(r.speculation is not None for r in requests):
+        speculating = [r for r in requests if r.speculation is not None]
+        if not speculating:
             return False
         last = e._state.cache.max_seq_len - 1
         batch = e._state.batch_size(max(decoding) + 1)
         costs = self.costs
         measured = costs.measured(batch)  # else a plain step first: the yardstick of every measured cost
+        # Rows that do not speculate get one token from a pass, as from a decode step, but wait for it as long:
+        # a speculating row's proposals must also pay for their wait (the pass's extra cost, times the rows per
+        # speculating row), so mixed batches speculate where passes are cheap (a GPU) and rarely on a CPU.
+        share = len(requests) / len(speculating)
 
         def cost(m: int) -> float:
-            return costs.relative(batch, bucket(m, MAX_SPECULATIVE_TOKENS))
+            return 1.0 + share * (costs.relative(batch, bucket(m, MAX_SPECULATIVE_TOKENS)) - 1.0)
+
+        def drafted_cost(m: int) -> float:
+            return cost(m) + share * costs.drafting(batch, m)
+
+        def static(m: int) -> float:
+            return 1.0 + share * (static_cost(m) - 1.0)
 
         proposals = {}
-        for r in requests:
+        for r in speculating:
             # Drafted sampling rows' tokens depend on what was proposed: their lengths must not depend on timing
             # (the same seed gives the same tokens), so they follow a fixed cost model, as every row does under
             # tensor parallelism (`timing_free`: the ranks decide alone and must agree); other rows' tokens are
@@ -87,9 +99,9 @@ class Speculator:
             if not (fixed or measured) or not r.speculation.wants():
                 continue
             if fixed:
-                pricing = static_cost
+                pricing = static
             else:
-                pricing = costs.with_draft(cost, batch) if r.params.speculate == "draft" else cost
+                pricing = drafted_cost if r.params.speculate == "draft" else cost
             # room: the budget left after the pass's own token, and the cache past the pass's last position
             n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), pricing)
             if n <= 0:
@@ -133,7 +145,7 @@ class Speculator:
             tops = vbuf.top_logprobs[:batch].tolist()
         for s in decoding:
             request, accepted = e._running[s], out[s][0]
-            if s in proposals:
+            if s in proposals:  # (only speculating rows propose)
                 request.speculation.record(len(proposals[s]), accepted)
                 e.metrics.add("speculative_proposed_tokens", len(proposals[s]))
                 e.metrics.add("speculative_accepted_tokens", accepted)
