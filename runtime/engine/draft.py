@@ -37,7 +37,7 @@ class DraftModel:
         # a one-id draft step's time (moving average), once measured: a proposal of n ids takes n - 1 of them
         # after the forward that catches up with what was accepted
         self.seconds_per_id: Optional[float] = None
-        self.caught_up = 0  # ids the last proposal's first forward fed
+        self.caught_up = 0  # ids the last proposal's first forward fed (a prompt at first, then one or two)
 
     def ensure(self, size: int) -> None:
         """A cache of `size` positions per row (the engine's), its contents carried over when it grows."""
@@ -65,8 +65,8 @@ class DraftModel:
         `pick(i, logits [V])`."""
         held = self.held[slot]
         start = min(common_prefix(held, context), len(context) - 1)  # at least the last id is fed
-        logits = self.forward(slot, context[start:], start)[-1]
-        self.caught_up = len(context) - start  # ids the first forward fed (a prompt at first, then one or two)
+        logits = self.forward(slot, context[start:], start)[-1]  # what was accepted (or decoded plainly) since
+        self.caught_up = len(context) - start
         self.held[slot] = held = context[:]
         out = []
         for i in range(n):

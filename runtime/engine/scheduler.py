@@ -306,13 +306,11 @@ class Engine:
         rows = [self._running[s] for s in decoding if s < batch]
         stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], self.model.args.vocab_size)
         step = self._state.step(batch, stages)
-        started = time.perf_counter()
+        started, built = time.perf_counter(), self._state.built
         step()
         self.metrics.add("decode_steps")
         buf = self._state.buffers
         tokens = buf.sampled[:batch].tolist()  # the one host sync per step
-        if not self._state.built:
-            self.speculator.costs.observe(batch, 0, time.perf_counter() - started)
         if stages.logprobs:
             lps, ids = buf.logprob[:batch].tolist(), buf.top_ids[:batch].tolist()
             tops = buf.top_logprobs[:batch].tolist()
@@ -320,6 +318,8 @@ class Engine:
             request = self._running[s]
             lp = logprob_of(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
             self._emit(request, tokens[s], lp)
+        if not built:  # (the step, its sync and handing out its tokens: what a verify pass is measured by too)
+            self.speculator.costs.observe(batch, 0, time.perf_counter() - started)
 
     def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
         now = time.perf_counter()

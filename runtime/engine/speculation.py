@@ -147,21 +147,24 @@ class Speculation:
     How many ids to propose is chosen per pass to maximise expected tokens per unit of time: with a per-id
     acceptance estimate a (each proposal accepted with probability a if the ones before it were), m proposals
     yield 1 + a + .. + a^m tokens for the time of a verify pass of width m (`PassCosts`), against one token per
-    decode step. When no m >= 1 beats plain decoding the request decodes plainly and probes again (one id)
-    after a wait that doubles up to BACKOFF_LIMIT steps, so text that does not repeat its context costs little
-    more than plain decoding; no probe when passes cost more than even full acceptance would repay (a draft
-    model as slow as the model); a proposer with nothing to offer costs nothing.
+    decode step (`whole`: only m = k, or none, from an estimate starting at 0.9, never probing: a draft model's
+    passes, whose fixed cost per pass and catching up after plain steps favour long runs). When no m >= 1 beats
+    plain decoding the request decodes plainly and probes again (one id) after a wait that doubles up to
+    BACKOFF_LIMIT steps, so text that does not repeat its context costs little more than plain decoding; no probe
+    when passes cost more than even full acceptance would repay; a proposer with nothing to offer costs nothing.
     """
 
     PRIOR = (3.0, 4.0)  # (accepted, trials) before any pass: a = 0.75 (proposals are often right when made)
+    DRAFT_PRIOR = (9.0, 10.0)  # a draft of the model's family: a = 0.9, so its first passes run and measure it
     DECAY = 0.9         # weight of the past in the estimate, per proposed id scored (a memory of ~10 ids)
 
-    def __init__(self, proposer: Proposer, k: int):
-        self.proposer, self.k = proposer, k
+    def __init__(self, proposer: Proposer, k: int, whole: bool = False):
+        self.proposer, self.k, self.whole = proposer, k, whole
         self.stats = SpeculationStats()
-        self._accepted, self._trials = self.PRIOR
+        self._accepted, self._trials = self.DRAFT_PRIOR if whole else self.PRIOR
         self._wait = 0      # decode steps to sit out before proposing again
         self._backoff = 1   # the next wait once plain decoding looks better
+        self._probing = False  # the last limit() was a one-id probe
 
     @property
     def acceptance(self) -> float:
@@ -187,16 +190,21 @@ class Speculation:
         per unit of time, `cost(m)` being a pass of m proposals over a decode step. 0: decode plainly (and
         wait before asking again), except as a one-id probe after a wait."""
         a, best, best_rate, hopeless = self.acceptance, 0, 1.0, True
-        tokens = 1.0
-        for m in range(1, min(self.k, room) + 1):
+        tokens, top = 1.0, min(self.k, room)
+        for m in range(1, top + 1):
             tokens += a ** m
+            if self.whole and m < top:
+                continue
             c = cost(m)
             if tokens / c > best_rate:
                 best, best_rate = m, tokens / c
             hopeless = hopeless and m + 1 <= c  # not even accepting everything would pay
+        self._probing = False
         if best == 0 and room > 0:
-            if self._backoff > 1 and not hopeless:  # a wait has passed: probe the estimate with one id
-                best = 1
+            # a wait has passed: probe the estimate with one id (not with a draft, whose catching up with the
+            # plain steps would cost more than a probe tells)
+            if self._backoff > 1 and not hopeless and not self.whole:
+                best, self._probing = 1, True
             self._wait = self._backoff
             self._backoff = min(2 * self._backoff, BACKOFF_LIMIT)
         return best
@@ -210,7 +218,7 @@ class Speculation:
         for ok in [1] * accepted + ([0] if accepted < proposed else []):
             self._accepted = self.DECAY * self._accepted + ok
             self._trials = self.DECAY * self._trials + 1
-        if accepted:
+        if accepted and not self._probing:  # (an accepted probe only feeds the estimate: the next limit decides)
             self._backoff = 1
 
 

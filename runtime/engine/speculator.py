@@ -60,7 +60,8 @@ class Speculator:
         """A newly admitted request's speculative state (its slot known), or None when it does not speculate."""
         if request.params.speculate is None:
             return None
-        return Speculation(self.proposers[request.params.speculate](request), request.params.num_speculative_tokens)
+        return Speculation(self.proposers[request.params.speculate](request), request.params.num_speculative_tokens,
+                           whole=request.params.speculate == "draft")
 
     def step(self, decoding: list) -> bool:
         """A verify pass in place of the decode step over the `decoding` slots when a speculating request has
@@ -109,7 +110,8 @@ class Speculator:
             started = time.perf_counter()
             ids = r.speculation.propose(n)
             per_id = self.draft.seconds_per_id if r.params.speculate == "draft" else None
-            if per_id is not None and ids and self.draft.caught_up <= 2:  # (a prompt's catching up: once, not per pass)
+            # (a pass's own catching up is an id or two; a prompt's, or plain steps', is not the cost of passes)
+            if per_id is not None and ids and self.draft.caught_up <= 2:
                 costs.observe_draft(batch, per_id, time.perf_counter() - started - (len(ids) - 1) * per_id)
             if ids:
                 proposals[r.slot] = ids
@@ -134,12 +136,10 @@ class Speculator:
                     q[s, :len(ids)].zero_()
                     q[s, torch.arange(len(ids)), torch.tensor(ids)] = 1.0
         step = e._state.verify_step(batch, width, stages, drafted)
-        started = time.perf_counter()
+        started, built = time.perf_counter(), e._state.built
         step()
         e.metrics.add("verify_steps")
         out = vbuf.out[:batch, :width + 2].tolist()  # the one host sync per pass
-        if not e._state.built:
-            costs.observe(batch, width, time.perf_counter() - started)
         if stages.logprobs:
             lps, ids = vbuf.logprob[:batch].tolist(), vbuf.top_ids[:batch].tolist()
             tops = vbuf.top_logprobs[:batch].tolist()
@@ -155,4 +155,6 @@ class Speculator:
                 e._emit(request, token, lp)
                 if request.state == DONE:
                     break
+        if not built:  # the pass, its sync and handing out its tokens
+            costs.observe(batch, width, time.perf_counter() - started)
         return True
