@@ -26,11 +26,13 @@ import torch
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer, Verify
 from .decode_graph import DecodeBuffers, capture_step
-from .row_sampling import LOGPROB_WIDTH, RowView, Stages, counter_noise, processed_probs, sample_rows
+from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowView, Stages, counter_noise, processed_probs, sample_rows
 from .sampling import MAX_SPECULATIVE_TOKENS
 
 ACCEPT_STREAM = 0x2545F4914F6CDD1D  # xor-ed into a row's seed: the acceptance tests' uniforms
 DRAFT_STREAM = 0x1E3779B97F4A7C15   # xor-ed into a row's seed: the draft model's own draws
+
+GREEDY = Stages()  # greedy rows only: no penalty, no sampling, no logprobs
 
 __all__ = ["VerifyBuffers", "VerifyStep", "ACCEPT_STREAM", "DRAFT_STREAM"]
 
@@ -133,11 +135,18 @@ class VerifyStep:
             logits = self.native(inputs.reshape(-1), positions.reshape(-1), self.cache.data, self._slots)
         else:
             logits = self.model(inputs, Verify(starts, S), self.cache).reshape(B * T, V)
-        block = self._block_rows(rows, inputs)
-        # (sample_rows advances the counters it is given: a copy where `block` is used again)
-        given = block._replace(counter=block.counter.clone()) if self.speculative_sampling else block
-        out = sample_rows(logits, self.stages, given, self.vocab_limit)
-        target = out.tokens.view(B, T)  # the model's token after each input (what plain decoding samples)
+        if self.stages == GREEDY:  # sample_rows' greedy path, without building the block's sampling rows
+            block, out = None, None
+            if self.vocab_limit < V:
+                logits[:, self.vocab_limit:] = float("-inf")
+            bad = ~torch.isfinite(logits.amax(dim=-1))
+            target = torch.argmax(logits, dim=-1).masked_fill_(bad, NONFINITE).view(B, T)
+        else:
+            block = self._block_rows(rows, inputs)
+            # (sample_rows advances the counters it is given: a copy where `block` is used again)
+            given = block._replace(counter=block.counter.clone()) if self.speculative_sampling else block
+            out = sample_rows(logits, self.stages, given, self.vocab_limit)
+            target = out.tokens.view(B, T)  # the model's token after each input (what plain decoding samples)
         live = self._offsets[None, :k] < proposed[:, None]  # [B, k]
         if self.speculative_sampling:
             accepted, final = self._speculative(logits, block, proposals, live, target)
