@@ -78,20 +78,29 @@ class DecodeStep:
     `vocab_limit`: ids at or above it are never sampled (an embedding padded past the tokenizer).
     """
 
+    KIND = "decode"
+
     def __init__(self, model: Transformer, cache: KVCache, buffers: DecodeBuffers, batch: int, stages: Stages, *,
                  graphed: bool = False, pool=None, vocab_limit: Optional[int] = None):
+        self._bind(model, cache, buffers, batch, stages, graphed, vocab_limit)
+        if graphed:
+            self._capture(buffers.tensors(), pool)
+
+    def _bind(self, model, cache, buffers, batch, stages, graphed, vocab_limit) -> None:
+        """Check and keep what every step over the first `batch` rows holds (a `VerifyStep` too)."""
         if not 1 <= batch <= min(cache.max_batch, buffers.rows):
             raise ValueError(f"batch {batch} does not fit the KV cache (max_batch {cache.max_batch})")
         if graphed and model.device.type != "cuda":
-            raise ValueError(f"a graphed decode step needs a CUDA model, not {model.device}")
+            raise ValueError(f"a graphed {self.KIND} step needs a CUDA model, not {model.device}")
         self.model, self.cache, self.buffers, self.batch, self.stages = model, cache, buffers, batch, stages
         V = model.args.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         # the backend's whole-step decoder (the CPU's native step), or None: the module graph
         self.native = None if graphed else model.ops.decoder(model)
-        if graphed:
-            self.graph = capture_step(self._step, buffers.tensors(), buffers.tokens.device, pool)
+
+    def _capture(self, tensors: dict, pool) -> None:
+        self.graph = capture_step(self._step, tensors, self.buffers.tokens.device, pool)
 
     @torch.inference_mode()
     def __call__(self) -> None:

@@ -25,14 +25,12 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer, Verify
-from .decode_graph import DecodeBuffers, capture_step
-from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowView, Stages, counter_noise, processed_probs, sample_rows
+from .decode_graph import DecodeBuffers, DecodeStep
+from .row_sampling import LOGPROB_WIDTH, RowView, Stages, counter_noise, processed_probs, sample_rows
 from .sampling import MAX_SPECULATIVE_TOKENS
 
 ACCEPT_STREAM = 0x2545F4914F6CDD1D  # xor-ed into a row's seed: the acceptance tests' uniforms
 DRAFT_STREAM = 0x1E3779B97F4A7C15   # xor-ed into a row's seed: the draft model's own draws
-
-GREEDY = Stages()  # greedy rows only: no penalty, no sampling, no logprobs
 
 __all__ = ["VerifyBuffers", "VerifyStep", "ACCEPT_STREAM", "DRAFT_STREAM"]
 
@@ -81,48 +79,35 @@ class VerifyBuffers:
             self.proposals[b, :n] = torch.tensor(proposals, dtype=torch.long)
 
 
-class VerifyStep:
+class VerifyStep(DecodeStep):
     """One verify pass over the first `batch` rows of `buffers` / `vbuf`, `width` proposals wide, under `stages`.
 
     `speculative_sampling`: rows that sample take draft proposals with the min(1, p / q) rule (`vbuf.draft_probs`
     filled); otherwise proposals are accepted while they equal the model's own tokens. Graph capture as
-    `DecodeStep` (`graphed=True`). The caller reads `vbuf.out[:batch]` after a call: the one host sync.
+    `DecodeStep` (`graphed=True`), whose checks, native step and replay it shares. The caller reads `vbuf.out[:batch]`
+    after a call: the one host sync.
     """
+
+    KIND = "verify"
 
     def __init__(self, model: Transformer, cache: KVCache, buffers: DecodeBuffers, vbuf: VerifyBuffers, batch: int,
                  width: int, stages: Stages, *, speculative_sampling: bool = False, graphed: bool = False, pool=None,
                  vocab_limit: Optional[int] = None):
-        if not 1 <= batch <= min(cache.max_batch, buffers.rows):
-            raise ValueError(f"batch {batch} does not fit the KV cache (max_batch {cache.max_batch})")
         if not 1 <= width <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"verify width {width} is outside [1, {MAX_SPECULATIVE_TOKENS}]")
         if width + 1 > cache.max_seq_len:
             raise ValueError(f"a verify pass of {width + 1} tokens does not fit a cache of {cache.max_seq_len}")
-        if graphed and model.device.type != "cuda":
-            raise ValueError(f"a graphed verify step needs a CUDA model, not {model.device}")
-        self.model, self.cache, self.buffers, self.vbuf = model, cache, buffers, vbuf
-        self.batch, self.width, self.stages = batch, width, stages
+        self._bind(model, cache, buffers, batch, stages, graphed, vocab_limit)
+        self.vbuf, self.width = vbuf, width
         self.speculative_sampling = speculative_sampling and stages.sampled
         if self.speculative_sampling:
             vbuf.with_draft_probs()
-        V = model.args.vocab_size
-        self.vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
         device = buffers.tokens.device
         T = width + 1
         self._offsets = torch.arange(T, device=device)
         self._slots = torch.arange(batch, device=device).repeat_interleave(T)  # the native step's row -> cache row
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.native = None if graphed else model.ops.decoder(model)
         if graphed:
-            self.graph = capture_step(self._step, {**buffers.tensors(), **{f"verify.{k}": v for k, v in
-                                                                            vbuf.tensors().items()}}, device, pool)
-
-    @torch.inference_mode()
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step()
+            self._capture({**buffers.tensors(), **{f"verify.{k}": v for k, v in vbuf.tensors().items()}}, pool)
 
     def _step(self) -> None:
         B, k, T, S = self.batch, self.width, self.width + 1, self.cache.max_seq_len
@@ -135,18 +120,11 @@ class VerifyStep:
             logits = self.native(inputs.reshape(-1), positions.reshape(-1), self.cache.data, self._slots)
         else:
             logits = self.model(inputs, Verify(starts, S), self.cache).reshape(B * T, V)
-        if self.stages == GREEDY:  # sample_rows' greedy path, without building the block's sampling rows
-            block, out = None, None
-            if self.vocab_limit < V:
-                logits[:, self.vocab_limit:] = float("-inf")
-            bad = ~torch.isfinite(logits.amax(dim=-1))
-            target = torch.argmax(logits, dim=-1).masked_fill_(bad, NONFINITE).view(B, T)
-        else:
-            block = self._block_rows(rows, inputs)
-            # (sample_rows advances the counters it is given: a copy where `block` is used again)
-            given = block._replace(counter=block.counter.clone()) if self.speculative_sampling else block
-            out = sample_rows(logits, self.stages, given, self.vocab_limit)
-            target = out.tokens.view(B, T)  # the model's token after each input (what plain decoding samples)
+        block = self._block_rows(rows, inputs)
+        # (sample_rows advances the counters it is given: a copy where `block` is used again)
+        given = block._replace(counter=block.counter.clone()) if self.speculative_sampling else block
+        out = sample_rows(logits, self.stages, given, self.vocab_limit)
+        target = out.tokens.view(B, T)  # the model's token after each input (what plain decoding samples)
         live = self._offsets[None, :k] < proposed[:, None]  # [B, k]
         if self.speculative_sampling:
             accepted, final = self._speculative(logits, block, proposals, live, target)
