@@ -34,6 +34,7 @@ class DraftModel:
         self.native = module.ops.decoder(module)  # the CPU's whole-step decoder, or None
         self.cache: Optional[KVCache] = None
         self.held: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
+        self._agreed = [0] * max_batch  # of those, how many are known to begin the row's request's context
         # a one-id draft step's time (moving average), once measured: a proposal of n ids takes n - 1 of them
         # after the forward that catches up with what was accepted
         self.seconds_per_id: Optional[float] = None
@@ -60,14 +61,22 @@ class DraftModel:
             return self.native(tokens, positions, self.cache.data, slots)
         return self.module(tokens[None], Prefill(start, slot=slot), self.cache)[0]
 
+    def reset(self, slot: int) -> None:
+        """Row `slot` starts a new request: its ids are fed from scratch (the same chunks of draft work for the
+        same request, hence the same draws; a row's earlier contents would change how the prompt is split)."""
+        self.held[slot], self._agreed[slot] = [], 0
+
     def propose(self, slot: int, context: list[int], n: int, pick) -> list[int]:
         """n ids continuing `context` (its last id pending: not fed to the target yet), each chosen by
-        `pick(i, logits [V])`."""
-        held = self.held[slot]
-        start = min(common_prefix(held, context), len(context) - 1)  # at least the last id is fed
-        logits = self.forward(slot, context[start:], start)[-1]  # what was accepted (or decoded plainly) since
+        `pick(i, logits [V])`. `context` only grows between calls for a request (from `reset`): only what it
+        gained since the last call is compared with the row's ids, not the whole context."""
+        held, agreed = self.held[slot], self._agreed[slot]
+        start = min(agreed + common_prefix(held[agreed:], context[agreed:]), len(context) - 1)  # at least one id
+        del held[start:]
+        held.extend(context[start:])
+        self._agreed[slot] = len(context)
+        logits = self.forward(slot, held[start:], start)[-1]  # what was accepted (or decoded plainly) since
         self.caught_up = len(context) - start
-        self.held[slot] = held = context[:]
         out = []
         for i in range(n):
             out.append(pick(i, logits))
@@ -90,9 +99,8 @@ class DraftProposer:
     def __init__(self, draft: DraftModel, request, vocab_size: int):
         self.draft, self.request, self.vocab_size = draft, request, vocab_size
         self.probs: Optional[torch.Tensor] = None
-        # the request's own draft rows from scratch: the same chunks of draft work for the same request, hence
-        # the same draws (a cache row's earlier contents would change how the prompt is split)
-        draft.held[request.slot] = []
+        self.context = list(request.prompt)  # then every sampled id (`extend`), the last one pending
+        draft.reset(request.slot)
         params: SamplingParams = request.params
         self.greedy = params.greedy
         if not self.greedy:
@@ -104,11 +112,10 @@ class DraftProposer:
             self._stages = replace(Stages.of([params], [0], vocab_size), penalty=False)  # q: any distribution
 
     def extend(self, ids) -> None:
-        pass  # the context is read from the request itself
+        self.context.extend(ids)
 
     def propose(self, n: int) -> list[int]:
-        r = self.request
-        context = r.prompt + r.sampled
+        r, context = self.request, self.context
         limit, V = self.draft.vocab_limit, self.vocab_size
         if self.greedy:
             self.probs = None
