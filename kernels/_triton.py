@@ -149,6 +149,27 @@ class Kernel:
         return self._pdl if self.has_pdl and pdl_enabled(tensor.device, options) else self.jit
 
 
+class GluonKernel:
+    """A Gluon kernel (`triton.experimental.gluon`: layouts stated, not inferred): launched on CUDA tensors
+    and compiled ahead of time like a `Kernel`, never interpreted (Triton's interpreter runs no Gluon), so
+    its launcher runs a Triton twin of it on CPU tensors and the tests compare the twin with the reference."""
+
+    has_pdl = False
+
+    def __init__(self, fn, **jit_kwargs):
+        from triton.experimental import gluon
+
+        self.fn = fn
+        self.jit = gluon.jit(fn, **jit_kwargs)
+        self.__name__ = fn.__name__
+
+    def on(self, tensor: torch.Tensor, options: KernelOptions | bool | None = None):
+        """The compiled kernel for a CUDA `tensor`; a ValueError for any other device."""
+        if not tensor.is_cuda:
+            raise ValueError(f"{self.__name__}: a Gluon kernel runs on CUDA tensors only, got {tensor.device}")
+        return self.jit
+
+
 H100_SMS = 132  # the SM count launch heuristics assume off the GPU (interpreter, AOT compiles)
 
 
@@ -195,6 +216,13 @@ def kernel(fn=None, **jit_kwargs):
     return Kernel(fn, **jit_kwargs)
 
 
+def gluon_kernel(fn=None, **jit_kwargs):
+    """Decorator: like `gluon.jit`, but returns a `GluonKernel` (launch and AOT compile as a `Kernel`)."""
+    if fn is None:
+        return lambda f: GluonKernel(f, **jit_kwargs)
+    return GluonKernel(fn, **jit_kwargs)
+
+
 # ---- ahead-of-time compilation ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -208,7 +236,7 @@ class LaunchConfig:
     compile assumes nothing about alignment and does not vectorise, unlike the real launch.
     """
 
-    kernel: Kernel
+    kernel: Kernel | GluonKernel
     signature: dict
     constexprs: dict
     num_warps: int = 4
@@ -286,6 +314,7 @@ def compile_kernel(cfg: LaunchConfig, arch: int):
     """triton.compile of `cfg` for sm_<arch> (no GPU needed), PDL as `Kernel.on` would launch it there."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     names = cfg.kernel.jit.arg_names
     unknown = set(cfg.divisible_by_16) - set(cfg.signature)
@@ -296,7 +325,8 @@ def compile_kernel(cfg: LaunchConfig, arch: int):
     constexprs = dict(cfg.constexprs)
     if cfg.kernel.has_pdl:  # as `Kernel.on` launches it on that architecture (griddepcontrol is sm_90+)
         constexprs["PDL"] = arch >= 90
-    src = ASTSource(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=constexprs, attrs=attrs)
+    source = GluonASTSource if isinstance(cfg.kernel, GluonKernel) else ASTSource
+    src = source(fn=cfg.kernel.jit, signature=cfg.signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 

@@ -16,6 +16,8 @@ Python. One custom op per backend entry point; together they launch every Triton
                blocksize, nested_blocksize, nested_offset) -> out             kernels/nf4.py
     int4_linear(x, qweight, qzeros, scales, out_features, in_features, group_size, experiments,
                 pdl) -> out                                                   kernels/int4.py
+    int4_frag_linear(x, codes, scales, out_features, in_features, group_size, pdl) -> out
+                                                                              kernels/int4_frag.py
     int8_linear(x, qweight, scales) -> out                                    kernels/int8_format.py (torch)
 
 (`!`: mutated in place, declared in `mutates_args`; `?`: optional tensor.) The functions below the ops
@@ -49,11 +51,13 @@ from . import attention_decode as _attention_decode
 from . import attention_prefill as _attention_prefill
 from . import gemv as _gemv
 from . import int4 as _int4
+from . import int4_frag as _int4_frag
 from . import nf4 as _nf4
 from . import rms_norm as _rms_norm
 from . import rotary as _rotary
 from . import swiglu as _swiglu
 from .int4_format import Int4Weight
+from .int4_frag_format import Int4FragWeight
 from .int8_format import Int8Weight, int8_linear_ref
 from .nf4_format import NF4Weight
 from .options import DEFAULT_OPTIONS, KernelOptions, parse_experiments
@@ -316,10 +320,30 @@ def _(x, qweight, qzeros, scales, out_features, in_features, group_size, experim
     return _rows_out(x, out_features)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::int4_frag_linear", mutates_args=())
+def _int4_frag_linear_op(x: Tensor, codes: Tensor, scales: Tensor, out_features: int, in_features: int,
+                         group_size: int, pdl: bool) -> Tensor:
+    fw = Int4FragWeight(codes=codes, scales=scales, shape=(out_features, in_features), group_size=group_size)
+    return _int4_frag.int4_frag_linear(x, fw, options=_options("", pdl))
+
+
+@_int4_frag_linear_op.register_fake
+def _(x, codes, scales, out_features, in_features, group_size, pdl):
+    return _rows_out(x, out_features)
+
+
 def linear_int4(x: Tensor, w: Int4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> Tensor:
-    """`kernels.int4.int4_linear` through the op; w: an Int4Weight."""
+    """`kernels.int4.int4_linear` through the op; w: an Int4Weight. With the experiment "int4_frag", rows it
+    serves (`int4_frag.frag_eligible`) go to `int4_frag.int4_frag_linear` on the weight's fragment-order copy
+    (`frag_of`, made on the first such call)."""
     if not isinstance(w, Int4Weight):
         raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
+    if options.has("int4_frag") and _int4_frag.frag_eligible(x, w):
+        fw = _int4_frag.frag_of(w)
+        if _eager():
+            return _int4_frag.int4_frag_linear(x, fw, options=options)
+        out_f, in_f = fw.shape
+        return _int4_frag_linear_op(x, fw.codes, fw.scales, out_f, in_f, fw.group_size, options.pdl)
     if _eager():
         return _int4.int4_linear(x, w, options=options)
     out_f, in_f = w.shape

@@ -25,6 +25,7 @@ WEIGHTS_PER_TRIP = {
     "_int4_gemv_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
     "_int4_gemv_mma_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
     "_int4_gemm_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
+    "_int4_frag_gemv_kernel": lambda c: c["GROUP_SIZE"] * c["BLOCK_N"],  # one group per trip
     "_nf4_gemv_kernel": lambda c: 64 * c["BLOCK_N"],  # one quantization block of 64 along K per trip
     "_nf4_gemm_kernel": lambda c: 64 * c["BLOCK_N"],
 }
@@ -124,9 +125,10 @@ def loop_stats(cfg: LaunchConfig, arch: int = 90) -> LoopStats:
 
 def four_bit_configs(models) -> list[LaunchConfig]:
     """The int4 and NF4 configs of `models` whose kernels have a main loop over weights."""
-    from . import int4, nf4
+    from . import int4, int4_frag, nf4
 
-    return [c for c in int4.aot_configs(models) + nf4.aot_configs(models) if c.kernel.__name__ in WEIGHTS_PER_TRIP]
+    configs = int4.aot_configs(models) + int4_frag.aot_configs(models) + nf4.aot_configs(models)
+    return [c for c in configs if c.kernel.__name__ in WEIGHTS_PER_TRIP]
 
 
 def four_bit_loops(models, arch: int = 90) -> list[LoopStats]:

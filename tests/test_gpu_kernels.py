@@ -187,6 +187,40 @@ def test_int4_one_pass_split_k_real_size(M, kind):
     assert (tickets(x.device, N // cfg.block_n) == 0).all()
 
 
+@pytest.mark.experiment
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (32016, 4096)], ids=["wqkv", "w2", "padded"])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_int4_frag_gluon_real_size(N, K, M):
+    """The Gluon fragment-order GEMV (experiment "int4_frag") at 7B sizes: within one bf16 rounding (plus fp32
+    sums' rounding) of the fp32 reference; the Triton twin, compiled, agrees as closely; a replayed graph
+    gives the eager bits."""
+    from codellama_rt.kernels import int4_frag
+    from codellama_rt.kernels.int4 import quantize_int4
+    from codellama_rt.kernels.int4_frag_format import dequantize_frag, to_frag
+
+    w = quantize_int4(torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5, group_size=128)
+    fw = to_frag(w)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    y = int4_frag.int4_frag_linear(x, fw)
+    ref = int4_frag.int4_frag_linear_ref(x, fw)
+    w32 = dequantize_frag(fw, torch.float32)
+    bound = 2.0 ** -7 * ref.float().abs() + 16 * 2.0 ** -24 * K ** 0.5 * (x.float().abs() @ w32.abs().t())
+    assert ((y.float() - ref.float()).abs() <= bound).all()
+    _, launches = int4_frag._prepare(x, fw)
+    twin = [(int4_frag._int4_frag_gemv_twin,) + launch[1:] for launch in launches[:1]] + launches[1:]
+    for kern, grid, args, constexprs, num_warps in twin:  # the twin writes the same partials / output
+        constexprs = {k: v for k, v in constexprs.items() if k != "SCALE_LAYOUT"}
+        kern.on(x, True)[grid](*args, **constexprs, num_warps=num_warps)
+    out = launches[0][2][3].view_as(y)
+    assert ((out.float() - ref.float()).abs() <= bound).all()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = int4_frag.int4_frag_linear(x, fw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, y)
+
+
 @pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
 def test_gemv_swiglu_real_size(F_, K):
     """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""

@@ -1,0 +1,328 @@
+"""int4 decode GEMV on the tensor cores from the fragment-order layout (`int4_frag_format`): the Gluon kernel
+for CUDA, its Triton twin (what the interpreter runs, and the reference for the kernel's arithmetic), the
+launcher `int4_frag_linear` and the PyTorch reference `int4_frag_linear_ref`. Behind the experiment
+"int4_frag" until a GPU run measures it (kernels/options.py).
+
+Why Gluon: in Triton the tensor-core GEMV (`int4_gemv._int4_gemv_mma_kernel`) spends 2.6 SASS instructions
+a weight, mostly on things the language decides: the weight tile goes through shared memory to reach the MMA
+layout, two k-rows of different int32 are merged (PRMT) before each conversion, x is staged through shared
+memory for every 16-wide plane, and x's 1..16 rows are padded to the wgmma's 16 columns. Gluon states the
+layouts: each lane loads its own A-fragment words (one 16-byte load per 32 weights) and its own 16
+consecutive x values straight into registers (the B fragments; `convert_layout(..., assert_trivial=True)`
+proves no data moves), the MMA is `mma.sync.m16n8k16` (8 columns of x, no shared memory, no barriers) on
+sm_80 and sm_90 alike, and one LOP3 (after a shift, for three planes of four) turns two weights into bf16
+128 + q: 7 instructions per 8 weights. sm_90 loop (`kernels.sass`, 7B shapes): 1.39 SASS instructions a
+weight at M = 1 and 1.50 at M = 8 (the Triton MMA kernel: 2.6), 71-80 registers, no shared memory.
+
+Bytes: the fp32 (s, c) pairs cost 8 bytes a group and output column where GPTQ's bf16 scale and 4-bit zero cost
+2.5: at group 128 the layout streams 0.5625 bytes a weight against GPTQ's 0.5195 (+8%).
+
+Per trip (64 input columns) a program multiplies 4 nibble planes of each of its 16-row tiles by the trip's x
+into a per-group fp32 sum, and a ones-MMA sums x (the same 4 B fragments); per group and output column,
+acc += s * part + (-(128 + z) s) * sum(x) (two FMAs, `int4_frag_format`'s scales). Grid (padded N / 256,
+SPLIT_K); with SPLIT_K > 1 fp32 partials [SPLIT_K, M, N] that `int4_gemv._int4_splitk_reduce_kernel` sums
+in order. M <= 8 rows of bf16 x (one n8 MMA column tile).
+
+Numerics: the weights are not rounded ((q - z) s is applied in fp32 after the MMA), products exact, sums in
+fp32: within fp32 rounding of `int4_frag_linear_ref` (fp32 dequantize-then-matmul), rounded once to bf16.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, gluon_kernel, kernel, launch_config, next_power_of_2,
+                      sm_count)
+from .int4 import split_count
+from .int4_format import Int4Weight
+from .int4_frag_format import FRAG_BLOCK_N, FRAG_K, FRAG_WARPS, Int4FragWeight, dequantize_frag, frag_supported, to_frag
+from .int4_gemv import _int4_splitk_reduce_kernel
+from .options import DEFAULT_OPTIONS, KernelOptions
+
+FRAG_MAX_M = 8
+_REDUCE_BLOCK = 1024
+
+# One packed pair of int16 (rows k, k + 1 of one output column; nibble c of each holds plane c) in $4 ->
+# the four planes as bf16x2 128 + q in $0..$3: mask a nibble in each half and OR in 0x4300 (one LOP3,
+# 0xea = (a & b) | c), after a shift for planes 1..3. 7 instructions for 8 weights.
+FRAG_ASM = tl.constexpr("""{
+.reg .b32 t;
+lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $4, 4;
+lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $4, 8;
+lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $4, 12;
+lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
+}""")
+
+
+def _scale_layout(num_warps: int, reps: int) -> gl.DistributedLinearLayout:
+    """[w, g, r, e1, 2] fp32: the (s, c) pairs of a program's rows in the scales' stored order, each thread
+    holding those of its accumulator rows (warp w, lane group g; lanes t = 0..3 share them): 16 consecutive
+    floats, four 16-byte loads."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 1, 0]] + [[0, 0, r, 0, 0] for r in _powers(reps)],
+        lane_bases=[[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]],
+        warp_bases=[[w, 0, 0, 0, 0] for w in _powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2, 2])
+
+
+def _powers(n: int) -> list[int]:
+    """1, 2, 4, ... below n (a power of two)."""
+    return [1 << i for i in range(n.bit_length() - 1)]
+
+
+@gluon_kernel(do_not_specialize=["groups_per_split"])
+def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
+                           GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
+                           WRITE_PARTIALS: gl.constexpr, SCALE_LAYOUT: gl.constexpr):
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    TILES: gl.constexpr = BLOCK_N // 16
+    # codes: [TILES, 32 lanes, 8] int16 a trip, 16 bytes a lane; x: lane (g, t) holds row g, 16 values at 16 t
+    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    x_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    pid_n = gl.program_id(0)
+    g_start = gl.program_id(1) * groups_per_split
+    g_end = gl.minimum(g_start + groups_per_split, K // GROUP_SIZE)
+
+    tile = gl.arange(0, TILES, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
+    elem = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+    w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
+    xm = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_l)))
+    xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_l)))
+    xe = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_l)))
+    x_ptrs = X + xm[:, None, None].to(gl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
+    x_mask = (xm[:, None, None] < M) & (xt[None, :, None] < 4) & (xe[None, None, :] < 16)
+    REPS: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
+    s_l: gl.constexpr = SCALE_LAYOUT
+    sw = gl.arange(0, NUM_WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, s_l)))))
+    sg = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, s_l)))))
+    sr = gl.arange(0, REPS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, s_l)))))
+    se = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, s_l)))))
+    sp = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s_l)))))
+    s_ptrs = (Scales + pid_n * (BLOCK_N * 2) + sw[:, None, None, None, None] * (32 * REPS)
+              + sg[None, :, None, None, None] * (REPS * 4) + sr[None, None, :, None, None] * 4
+              + se[None, None, None, :, None] * 2 + sp[None, None, None, None, :])
+
+    ones = gl.full([16, 16], 1.0, gl.bfloat16, layout=a_l)
+    acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=mma)
+    for g in range(g_start, g_end):
+        part = gl.zeros([BLOCK_N, 8], gl.float32, layout=mma)
+        xs = gl.zeros([16, 8], gl.float32, layout=mma)
+        for trip in gl.static_range(GROUP_SIZE // 64):
+            k0 = g * GROUP_SIZE + trip * 64
+            wq = gl.load(w_ptrs + (k0 // 64) * (n_pad * 16), eviction_policy="evict_first")
+            wq = wq.reshape([TILES, 8, 4, 2, 2, 2]).permute([0, 4, 1, 3, 2, 5]).reshape([BLOCK_N, 16])
+            wq = gl.convert_layout(wq, a_l, assert_trivial=True)
+            p0, p1, p2, p3 = gl.inline_asm_elementwise(FRAG_ASM, "=r,=r,=r,=r,r", [wq],
+                                                       dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                                       is_pure=True, pack=2)
+            xv = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)  # [8 (m), 4 (t), 16 (c, e2, e0)]
+            xv = xv.reshape([8, 4, 4, 2, 2]).permute([3, 1, 4, 0, 2]).reshape([16, 8, 4])  # [j, m, c]
+            xa, xb = xv.reshape([16, 8, 2, 2]).split()
+            x0, x2 = xa.split()
+            x1, x3 = xb.split()
+            x0 = gl.convert_layout(x0, b_l, assert_trivial=True)
+            x1 = gl.convert_layout(x1, b_l, assert_trivial=True)
+            x2 = gl.convert_layout(x2, b_l, assert_trivial=True)
+            x3 = gl.convert_layout(x3, b_l, assert_trivial=True)
+            part = mma_v2(p0, x0, part)
+            part = mma_v2(p1, x1, part)
+            part = mma_v2(p2, x2, part)
+            part = mma_v2(p3, x3, part)
+            xs = mma_v2(ones, x0, xs)
+            xs = mma_v2(ones, x1, xs)
+            xs = mma_v2(ones, x2, xs)
+            xs = mma_v2(ones, x3, xs)
+        col_sum = gl.convert_layout(gl.max(xs, 0), gl.SliceLayout(0, mma))  # every row of xs is sum_k x
+        sc = gl.load(s_ptrs + g * n_pad * 2)  # [w, g, r, e1, 2] -> rows 64 r + 16 w + 8 e1 + g
+        s, c = sc.permute([2, 0, 3, 1, 4]).reshape([BLOCK_N, 2]).split()
+        s = gl.convert_layout(s, gl.SliceLayout(1, mma), assert_trivial=True)
+        c = gl.convert_layout(c, gl.SliceLayout(1, mma), assert_trivial=True)
+        acc = gl.fma(part, s[:, None], acc)
+        acc = gl.fma(c[:, None], col_sum[None, :], acc)
+
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    offs_m = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if WRITE_PARTIALS:
+        rows = (gl.program_id(1) * M + offs_m).to(gl.int64)
+        gl.store(Part + rows[None, :] * N + offs_n[:, None], acc, mask=mask)
+    else:
+        gl.store(Out + offs_m[None, :].to(gl.int64) * stride_om + offs_n[:, None], acc.to(gl.bfloat16), mask=mask)
+
+
+@kernel(do_not_specialize=["groups_per_split"])
+def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
+                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_WARPS: tl.constexpr,
+                         WRITE_PARTIALS: tl.constexpr):
+    """`_int4_frag_gemv_kernel` in plain Triton: the same loads, reshapes and sums, the planes unpacked by
+    arithmetic ((code >> 4c) & 15, + 128) and multiplied in fp32. The interpreter runs it on CPU tensors."""
+    TILES: tl.constexpr = BLOCK_N // 16
+    pid_n = tl.program_id(0)
+    g_start = tl.program_id(1) * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP_SIZE)
+    tile = tl.arange(0, TILES)
+    lane = tl.arange(0, 32)
+    elem = tl.arange(0, 8)
+    w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
+    xm = tl.arange(0, 8)
+    xt = tl.arange(0, 4)
+    xe = tl.arange(0, 16)
+    x_ptrs = X + xm[:, None, None].to(tl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
+    x_mask = (xm[:, None, None] < M) & (xt[None, :, None] < 4) & (xe[None, None, :] < 16)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.arange(0, BLOCK_N)  # 64 r + 16 w + 8 e1 + g, stored at [w, g, r, e1]
+    REPS: tl.constexpr = BLOCK_N // (16 * NUM_WARPS)
+    s_ptrs = (Scales + pid_n * (BLOCK_N * 2) + ((row % 64) // 16) * (32 * REPS) + (row % 8) * (REPS * 4)
+              + (row // 64) * 4 + ((row % 16) // 8) * 2)
+
+    acc = tl.zeros([BLOCK_N, 8], tl.float32)
+    for g in range(g_start, g_end):
+        part = tl.zeros([BLOCK_N, 8], tl.float32)
+        col_sum = tl.zeros([8], tl.float32)
+        for trip in tl.static_range(GROUP_SIZE // 64):
+            k0 = g * GROUP_SIZE + trip * 64
+            wq = tl.load(w_ptrs + (k0 // 64) * (n_pad * 16)).to(tl.int32)
+            wq = wq.reshape(TILES, 8, 4, 2, 2, 2).permute(0, 4, 1, 3, 2, 5).reshape(BLOCK_N, 16)
+            xv = tl.load(x_ptrs + k0, mask=x_mask, other=0.0).to(tl.float32)
+            xv = xv.reshape(8, 4, 4, 2, 2).permute(3, 1, 4, 0, 2).reshape(16, 8, 4)
+            xa, xb = xv.reshape(16, 8, 2, 2).split()
+            x0, x2 = xa.split()
+            x1, x3 = xb.split()
+            part += tl.sum(((wq & 15).to(tl.float32) + 128.0)[:, :, None] * x0[None, :, :], axis=1)
+            part += tl.sum((((wq >> 4) & 15).to(tl.float32) + 128.0)[:, :, None] * x1[None, :, :], axis=1)
+            part += tl.sum((((wq >> 8) & 15).to(tl.float32) + 128.0)[:, :, None] * x2[None, :, :], axis=1)
+            part += tl.sum((((wq >> 12) & 15).to(tl.float32) + 128.0)[:, :, None] * x3[None, :, :], axis=1)
+            col_sum += tl.sum(x0 + x1 + x2 + x3, axis=0)
+        s = tl.load(s_ptrs + g * n_pad * 2)
+        c = tl.load(s_ptrs + g * n_pad * 2 + 1)
+        acc = tl.fma(part, s[:, None], acc)
+        acc = tl.fma(c[:, None], col_sum[None, :], acc)
+
+    offs_m = tl.arange(0, 8)
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if WRITE_PARTIALS:
+        rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
+        tl.store(Part + rows[None, :] * N + offs_n[:, None], acc, mask=mask)
+    else:
+        tl.store(Out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(Out.dtype.element_ty),
+                 mask=mask)
+
+
+def int4_frag_linear_ref(x: torch.Tensor, fw: Int4FragWeight) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype: x times the fp32-dequantized weight, in fp32, rounded once."""
+    return F.linear(x.float(), dequantize_frag(fw, torch.float32)).to(x.dtype)
+
+
+_FRAG_CACHE = "_int4_frag"  # the attribute of an Int4Weight holding its fragment-order copy
+
+
+def frag_of(w: Int4Weight) -> Int4FragWeight:
+    """`to_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight; a model's
+    weights are the same objects every step)."""
+    fw = getattr(w, _FRAG_CACHE, None)
+    if fw is None or fw.device != w.device:
+        fw = to_frag(w)
+        object.__setattr__(w, _FRAG_CACHE, fw)
+    return fw
+
+
+def frag_eligible(x: torch.Tensor, w: Int4Weight) -> bool:
+    """Whether `int4_frag_linear` serves x @ w^T: bf16 x of at most FRAG_MAX_M rows, a group size it lays out."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return x.dtype == torch.bfloat16 and 1 <= rows <= FRAG_MAX_M and frag_supported(w)
+
+
+def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None):
+    """Check the arguments and build the launches: (out, [(kernel, grid, args, constexprs, num_warps), ...])."""
+    if not isinstance(fw, Int4FragWeight):
+        raise TypeError(f"int4_frag_linear: w must be an Int4FragWeight, got {type(fw).__name__}")
+    fw.check("int4_frag_linear")
+    N, K = fw.shape
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"int4_frag_linear: x must be bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"int4_frag_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
+    if x.device != fw.device:
+        raise ValueError(f"int4_frag_linear: x on {x.device}, weight on {fw.device}")
+    x2 = as_rows(x, K, "int4_frag_linear: x")
+    M = x2.shape[0]
+    if M > FRAG_MAX_M:
+        raise ValueError(f"int4_frag_linear: at most {FRAG_MAX_M} rows of x (decode), got {M}")
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    out2 = out.view(M, N)
+    if M == 0:
+        return out, []
+    on_cuda = x.is_cuda if on_cuda is None else on_cuda
+    groups = K // fw.group_size
+    split = split_count(groups, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device))
+    per_split = cdiv(groups, split)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
+    grid = (fw.padded_out // FRAG_BLOCK_N, split)
+    args = (x2, fw.codes, fw.scales, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0), per_split)
+    constexprs = dict(GROUP_SIZE=fw.group_size, BLOCK_N=FRAG_BLOCK_N, NUM_WARPS=FRAG_WARPS, WRITE_PARTIALS=split > 1)
+    if on_cuda:
+        layout = _scale_layout(FRAG_WARPS, FRAG_BLOCK_N // (16 * FRAG_WARPS))
+        launches = [(_int4_frag_gemv_kernel, grid, args, dict(constexprs, SCALE_LAYOUT=layout), FRAG_WARPS)]
+    else:
+        launches = [(_int4_frag_gemv_twin, grid, args, constexprs, FRAG_WARPS)]
+    if split > 1:
+        block = min(_REDUCE_BLOCK, next_power_of_2(N))
+        launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)), (part, out2, M, N, out2.stride(0), split),
+                         dict(BLOCK=block), 4))
+    return out, launches
+
+
+def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """x @ w^T from the fragment-order weight; contract of `int4_frag_linear_ref`, within fp32 rounding.
+
+    x: [..., in] bfloat16, at most 8 rows (decode), unit stride in the last dim; fw: an Int4FragWeight on x's
+    device (`to_frag` / `frag_of`). Returns a new [..., out] bf16 tensor. CUDA tensors run the Gluon kernel,
+    CPU tensors its Triton twin in the interpreter. options: PDL of the split-K reduce.
+    """
+    out, launches = _prepare(x, fw)
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device:
+        for kern, grid, args, constexprs, num_warps in launches:
+            kern.on(x, options)[grid](*args, **constexprs, num_warps=num_warps, num_stages=1)
+    return out
+
+
+# ---- ahead-of-time specialisations -----------------------------------------------------------
+
+def aot_configs(models, group_size: int = 128, rows=(1, 8)) -> list[LaunchConfig]:
+    """The Gluon GEMV's launches for the linears of `models` (ModelShapes) in bf16, as the launcher makes
+    them on CUDA (H100's SM count), typed as the JIT would type them; shapes that specialise alike share
+    one entry, labelled with the first shape that needed it."""
+    configs = {}
+    for shape in models:
+        for name, (n_out, n_in) in shape.projection_shapes().items():
+            n_pad = cdiv(n_out, FRAG_BLOCK_N) * FRAG_BLOCK_N
+            fw = Int4FragWeight(codes=torch.empty(n_in // FRAG_K, n_pad // 16, 32, 8, dtype=torch.int16, device="meta"),
+                                scales=torch.empty(n_in // group_size, n_pad // FRAG_BLOCK_N, FRAG_WARPS, 8,
+                                                   FRAG_BLOCK_N // (16 * FRAG_WARPS), 2, 2, device="meta"),
+                                shape=(n_out, n_in), group_size=group_size)
+            for M in rows:
+                x = torch.empty(M, n_in, dtype=torch.bfloat16, device="meta")
+                _, launches = _prepare(x, fw, on_cuda=True, num_sms=H100_SMS)
+                kern, _, args, constexprs, num_warps = launches[0]
+                cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=1)
+                key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
+                if key not in configs:
+                    partials = " partials" if constexprs["WRITE_PARTIALS"] else ""
+                    label = (f"bf16 M={M} {FRAG_BLOCK_N}x{group_size}{partials} frag "
+                             f"({shape.label} {name} {n_out}x{n_in})")
+                    configs[key] = dataclasses.replace(cfg, label=label)
+    return list(configs.values())
