@@ -8,15 +8,17 @@ Our weights are asymmetric (w = (q - z) s); torch's kernel computes (q - 8) s + 
 zero it is given is (8 - z) s (exact in fp32: z and 8 are small integers). The packed copy of a weight is
 made on its first use and kept on the weight object (it goes with it). Shapes the
 kernel cannot take (output width not a multiple of 16, float16 x, non-CPU tensors) use the reference, and
-so do fp32 calls of more than FP32_KERNEL_MAX_ROWS rows (prefill), for which torch's fp32 path is slow.
+so do fp32 calls of more than FP32_KERNEL_MAX_ROWS rows (prefill), for which torch's fp32 path is slow;
+with `KernelOptions.cpu_bf16_prefill` (the default) on a CPU with fast bf16 GEMMs, prefill rows run in bf16.
 """
 from __future__ import annotations
 
 import torch
 
-from .cpu_native import int4_linear_native
+from .cpu_native import int4_linear_native, linear_bf16, prefill_in_bf16
 from .int4 import int4_linear_ref
-from .int4_format import Int4Weight
+from .int4_format import Int4Weight, dequantize_int4
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _HAVE_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -48,12 +50,14 @@ def packed(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return code, by_dtype[dtype]
 
 
-def int4_linear_cpu(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+def int4_linear_cpu(x: torch.Tensor, w: Int4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int4_linear_ref` (fp32 accumulation inside torch's kernel;
-    bf16 x keeps bf16 products)."""
-    native = int4_linear_native(x, w)
+    bf16 x keeps bf16 products). fp32 prefill rows run in bf16 where `cpu_native.prefill_in_bf16` (options)."""
+    native = int4_linear_native(x, w, options=options)
     if native is not None:
         return native
+    if prefill_in_bf16(x, w.device, options):
+        return linear_bf16(x, dequantize_int4(w, torch.bfloat16))
     if not supported(x, w) or (x.dtype == torch.float32 and x.numel() // x.shape[-1] > FP32_KERNEL_MAX_ROWS):
         return int4_linear_ref(x, w)
     code, scales_zeros = packed(w, x.dtype)

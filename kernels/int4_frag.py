@@ -257,6 +257,9 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
         raise ValueError(f"int4_frag_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
     if x.device != fw.device:
         raise ValueError(f"int4_frag_linear: x on {x.device}, weight on {fw.device}")
+    if fw.codes.numel() >= 2 ** 31:  # the kernel's code offsets are int32
+        raise ValueError(f"int4_frag_linear: a [{N}, {K}] weight has {fw.codes.numel()} codes, past the kernel's "
+                         f"int32 offsets (< 2**31)")
     x2 = as_rows(x, K, "int4_frag_linear: x")
     M = x2.shape[0]
     if M > FRAG_MAX_M:

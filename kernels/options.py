@@ -59,10 +59,14 @@ class KernelOptions:
 
     experiments: names of EXPERIMENTS to turn on (any iterable of str; kept as a frozenset).
     pdl: launch kernels that support it with programmatic dependent launch (sm_90+ GPUs only).
+    cpu_bf16_prefill: the cpu backend multiplies int8 and int4 weights by prefill rows (more than 16 in a call)
+    in bf16 (activations, weights and outputs rounded to bf16, sums in fp32) on CPUs with AVX512-BF16 or AMX,
+    where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_native.py`).
     """
 
     experiments: frozenset = frozenset()
     pdl: bool = True
+    cpu_bf16_prefill: bool = True
 
     def __post_init__(self):
         names = self.experiments
@@ -75,8 +79,9 @@ class KernelOptions:
         if unknown:
             raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; "
                              f"expected some of {', '.join(EXPERIMENTS)}")
-        if not isinstance(self.pdl, bool):
-            raise ValueError(f"pdl must be True or False, got {self.pdl!r}")
+        for name in ("pdl", "cpu_bf16_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "experiments", names)
 
     def has(self, name: str) -> bool:
@@ -109,11 +114,11 @@ def parse_kernel_options(value) -> KernelOptions:
         return value
     if not isinstance(value, dict):
         raise ValueError(f"kernel_options={value!r} is invalid: expected a KernelOptions, a dict of its fields "
-                         "(experiments, pdl) or None")
-    unknown = sorted(set(value) - {"experiments", "pdl"}, key=str)
+                         "(experiments, pdl, cpu_bf16_prefill) or None")
+    unknown = sorted(set(value) - {"experiments", "pdl", "cpu_bf16_prefill"}, key=str)
     if unknown:
         raise ValueError(f"kernel_options: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         "expected experiments, pdl")
+                         "expected experiments, pdl, cpu_bf16_prefill")
     try:
         return KernelOptions(**value)
     except ValueError as e:

@@ -12,8 +12,10 @@ from codellama_rt.kernels import cpu_native
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import _pack_nibbles, dequantize_int4, quantize_int4, unpack_gptq
 from codellama_rt.kernels.int8_format import Int8Weight, dequantize_int8, int8_linear_ref, quantize_int8
+from codellama_rt.kernels.options import KernelOptions
 
 TOL = 2e-6  # max|Δ| / max|ref|, fp32: the same products summed in another order
+FP32 = KernelOptions(cpu_bf16_prefill=False)  # prefill rows stay fp32 (else bf16 where the CPU has it)
 
 native = pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels not built (no C++ compiler?)")
 
@@ -80,7 +82,7 @@ def test_f32_equals_torch(M, N, K):
 def test_int8_equals_the_reference(M, N, K):
     w = quantize_int8(torch.randn(N, K, generator=_g()))
     x = torch.randn(2, M, K, generator=_g(1))
-    got = cpu_native.int8_linear_cpu(x, w)
+    got = cpu_native.int8_linear_cpu(x, w, options=FP32)
     assert got.shape == (2, M, N) and rel_err(got, int8_linear_ref(x, w)) < TOL
 
 
@@ -88,7 +90,7 @@ def test_int8_equals_the_reference(M, N, K):
 def test_int8_bf16_scales_and_long_prefill():
     w = quantize_int8(torch.randn(48, 96, generator=_g()), dtype=torch.bfloat16)
     x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 96, generator=_g(1))  # past the native rows: the reference
-    assert torch.equal(cpu_native.int8_linear_cpu(x, w), int8_linear_ref(x, w))
+    assert torch.equal(cpu_native.int8_linear_cpu(x, w, options=FP32), int8_linear_ref(x, w))
     assert rel_err(cpu_native.int8_linear_cpu(x[:3], w), int8_linear_ref(x[:3], w)) < TOL
 
 
@@ -103,6 +105,44 @@ def test_int4_equals_the_reference(M, N, K, g):
     x = torch.randn(M, K, generator=_g(1))
     got = cpu_native.int4_linear_native(x, w)
     assert got is not None and rel_err(got, int4_linear_ref(x, w)) < TOL
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch"])
+def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
+    """Past NATIVE_MAX_ROWS rows, with `cpu_bf16_prefill` (the default) on a CPU with fast bf16 GEMMs: x and the
+    dequantized weight in bf16, fp32 sums, the output rounded to bf16 (exactly `linear_bf16` of the bf16
+    weight; within bf16 rounding of the fp32 reference). Decode rows, the option off, or a CPU without bf16 dot
+    products keep fp32. int4-torch: the same without the extension (the reference's dequantization)."""
+    from codellama_rt.kernels import int4_cpu
+
+    if kind == "int4-torch":
+        monkeypatch.setattr(cpu_native, "_ext", None)
+    elif not cpu_native.available():
+        pytest.skip("native CPU kernels not built (no C++ compiler?)")
+    monkeypatch.setattr(cpu_native, "_bf16_gemm", True)  # the path's logic on any CPU (bf16 GEMMs run anywhere)
+    w32 = torch.randn(48, 128, generator=_g())
+    if kind == "int8":
+        w = quantize_int8(w32)
+        op, ref, dense = cpu_native.int8_linear_cpu, int8_linear_ref, dequantize_int8(w, torch.float32)
+    else:
+        w = quantize_int4(w32, group_size=64)
+        op, ref, dense = int4_cpu.int4_linear_cpu, int4_linear_ref, dequantize_int4(w, torch.float32)
+    x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 128, generator=_g(1))
+    got = op(x, w)
+    assert torch.equal(got, cpu_native.linear_bf16(x, dense.to(torch.bfloat16)))
+    assert got.dtype == torch.float32 and 0 < rel_err(got, ref(x, w)) < 2e-2
+    assert rel_err(op(x, w, options=FP32), ref(x, w)) < TOL
+    assert rel_err(op(x[:3], w), ref(x[:3], w)) < TOL
+    monkeypatch.setattr(cpu_native, "_bf16_gemm", False)
+    assert rel_err(op(x, w), ref(x, w)) < TOL
+
+
+def test_the_option_is_bound_into_the_cpu_backend():
+    """`kernel_options` reaches the cpu backend's quantized projections (and only them)."""
+    from codellama_rt.model.backends import resolve_backend
+
+    cpu = resolve_backend("cpu", torch.device("cpu"), FP32)
+    assert cpu.linear_int8.keywords == {"options": FP32} and cpu.linear_int4.keywords == {"options": FP32}
 
 
 @native
@@ -183,7 +223,7 @@ def test_int4_op_single_rows_against_a_literal_dequantization(N):
 def test_int4_prefill_rows_dequantize_natively_and_other_cases_return_none():
     w = quantize_int4(torch.randn(16, 64, generator=_g()), group_size=32)
     x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 64, generator=_g(1))
-    assert rel_err(cpu_native.int4_linear_native(x, w), int4_linear_ref(x, w)) < TOL
+    assert rel_err(cpu_native.int4_linear_native(x, w, options=FP32), int4_linear_ref(x, w)) < TOL
     codes, s, zs = cpu_native.pack_int4(w)
     want = dequantize_int4(w, torch.float32)  # q s - (z s) against (q - z) s: z s is rounded once in fp32
     assert rel_err(torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, 32), want) < 1e-6

@@ -12,9 +12,11 @@ import torch
 from codellama_rt.kernels import int4_cpu
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import quantize_int4
+from codellama_rt.kernels.options import KernelOptions
 from codellama_rt.model.backends import resolve_backend
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # max|Δ| / max|ref|
+FP32 = KernelOptions(cpu_bf16_prefill=False)  # prefill rows stay fp32 (else bf16 where the CPU has it)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,7 @@ def test_equals_the_reference(dtype, out_f, in_f, g, rows):
     w = weight(out_f, in_f, g).to(dtype=dtype)
     x = torch.randn(2, rows, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
     assert int4_cpu.supported(x, w)
-    got, want = int4_cpu.int4_linear_cpu(x, w), int4_linear_ref(x.float(), w.to(dtype=torch.float32))
+    got, want = int4_cpu.int4_linear_cpu(x, w, options=FP32), int4_linear_ref(x.float(), w.to(dtype=torch.float32))
     assert got.dtype == dtype and got.shape == (2, rows, out_f)
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < TOL[dtype]
 
@@ -57,7 +59,7 @@ def test_fp32_prefill_dequantizes_once_instead(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a) or 1 / 0)
     x = torch.randn(int4_cpu.FP32_KERNEL_MAX_ROWS + 1, 64)
-    assert torch.equal(int4_cpu.int4_linear_cpu(x, w), int4_linear_ref(x, w)) and not calls
+    assert torch.equal(int4_cpu.int4_linear_cpu(x, w, options=FP32), int4_linear_ref(x, w)) and not calls
 
 
 def test_the_packed_copy_is_made_once_and_goes_with_its_weight():
@@ -77,6 +79,6 @@ def test_the_packed_copy_is_made_once_and_goes_with_its_weight():
 def test_auto_on_a_cpu_is_the_cpu_backend():
     cpu = resolve_backend("auto", torch.device("cpu"))
     ref = resolve_backend("reference", torch.device("cpu"))
-    assert cpu.name == "cpu" and cpu.linear_int4 is int4_cpu.int4_linear_cpu
+    assert cpu.name == "cpu" and cpu.linear_int4.func is int4_cpu.int4_linear_cpu  # bound to the options
     assert all(getattr(cpu, op) is getattr(ref, op) for op in ("rms_norm", "linear", "linear_nf4",
                                                                "rotary_attention_decode"))
