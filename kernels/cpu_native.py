@@ -16,8 +16,8 @@ import sys
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8, int8_linear_ref
 from .options import DEFAULT_OPTIONS, KernelOptions
@@ -27,9 +27,8 @@ try:
 except ImportError:  # no compiler at install time (or a source checkout never built): the PyTorch path
     _ext = None
 
-# Past this many rows (prefill) torch's fp32 GEMM on the dequantized weight is faster than the native
+# Past NATIVE_MAX_ROWS rows (prefill) a GEMM on the dequantized weight (`cpu_gemm`) is faster than the native
 # row-by-row kernels.
-NATIVE_MAX_ROWS = 16
 INT4_CHUNK = 32
 _INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
 _noticed = False
@@ -69,33 +68,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-# ---- prefill in bf16 ----------------------------------------------------------------------------
-
-_bf16_gemm: Optional[bool] = None
-
-
-def bf16_gemm_available() -> bool:
-    """Whether this CPU has the bf16 dot products (AVX512-BF16 or AMX) that make torch's bf16 GEMM (oneDNN)
-    faster than its fp32 one (~3.5x measured on an AVX512-BF16 EPYC, 2 cores); read once."""
-    global _bf16_gemm
-    if _bf16_gemm is None:
-        _bf16_gemm = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return _bf16_gemm
-
-
-def prefill_in_bf16(x: torch.Tensor, weight_device: torch.device, options: KernelOptions) -> bool:
-    """Whether a quantized projection of x runs `linear_bf16`: fp32 prefill rows (more than NATIVE_MAX_ROWS)
-    on a CPU with fast bf16 GEMMs, and `options.cpu_bf16_prefill`."""
-    return (options.cpu_bf16_prefill and x.dtype == torch.float32 and x.device.type == "cpu"
-            and weight_device.type == "cpu" and not _few_rows(x) and bf16_gemm_available())
-
-
-def linear_bf16(x: torch.Tensor, w_bf16: torch.Tensor) -> torch.Tensor:
-    """x [..., in] fp32 @ w_bf16 [out, in]^T in bf16 (x rounded to bf16, fp32 sums, the output rounded to bf16),
-    returned in fp32."""
-    return F.linear(x.to(torch.bfloat16), w_bf16).float()
-
-
 # ---- int8 ---------------------------------------------------------------------------------------
 
 def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
@@ -105,11 +77,14 @@ def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
 
 def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
-    fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows in bf16 where
-    `prefill_in_bf16` (the weight dequantized to bf16 for the call), else the reference."""
+    fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows on the weight
+    dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
+    arithmetic); the reference elsewhere."""
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int8(w, torch.bfloat16))
     if not (_native_fp32(x, w.device) and _few_rows(x)):
+        if x.device.type == "cpu" and w.device.type == "cpu":
+            return gemm(x, dequantize_int8(w, x.dtype))
         return int8_linear_ref(x, w)
     w.check("int8_linear_cpu")
     out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous())
@@ -144,7 +119,7 @@ def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
                        options: KernelOptions = DEFAULT_OPTIONS) -> Optional[torch.Tensor]:
     """The native kernel's x @ dequant(w)^T for up to NATIVE_MAX_ROWS fp32 rows on the CPU; for more rows
-    (prefill) the native dequantization into fp32, then torch's GEMM (in bf16 where `prefill_in_bf16`); None
+    (prefill) the native dequantization into fp32, then `cpu_gemm`'s GEMM (in bf16 where `prefill_in_bf16`); None
     where neither can run (not fp32 on the CPU, no extension, widths or groups not multiples of 32: the caller
     picks another path)."""
     if not _native_fp32(x, w.device) or not int4_supported(w):
@@ -154,7 +129,7 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
         dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, w.group_size)
         if prefill_in_bf16(x, w.device, options):
             return linear_bf16(x, dense.to(torch.bfloat16))
-        return F.linear(x, dense)
+        return gemm(x, dense)
     out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
     return out.reshape(*x.shape[:-1], w.shape[0])
 

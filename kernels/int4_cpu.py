@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_native import int4_linear_native, linear_bf16, prefill_in_bf16
+from .cpu_gemm import linear_bf16, prefill_in_bf16
+from .cpu_native import int4_linear_native
 from .int4 import int4_linear_ref
 from .int4_format import Int4Weight, dequantize_int4
 from .options import DEFAULT_OPTIONS, KernelOptions

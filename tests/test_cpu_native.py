@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codellama_rt.kernels import cpu_native
+from codellama_rt.kernels import cpu_gemm, cpu_native
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import _pack_nibbles, dequantize_int4, quantize_int4, unpack_gptq
 from codellama_rt.kernels.int8_format import Int8Weight, dequantize_int8, int8_linear_ref, quantize_int8
@@ -119,7 +119,7 @@ def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
         monkeypatch.setattr(cpu_native, "_ext", None)
     elif not cpu_native.available():
         pytest.skip("native CPU kernels not built (no C++ compiler?)")
-    monkeypatch.setattr(cpu_native, "_bf16_gemm", True)  # the path's logic on any CPU (bf16 GEMMs run anywhere)
+    monkeypatch.setattr(cpu_gemm, "_bf16_gemm", True)  # the path's logic on any CPU (bf16 GEMMs run anywhere)
     w32 = torch.randn(48, 128, generator=_g())
     if kind == "int8":
         w = quantize_int8(w32)
@@ -129,11 +129,11 @@ def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
         op, ref, dense = int4_cpu.int4_linear_cpu, int4_linear_ref, dequantize_int4(w, torch.float32)
     x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 128, generator=_g(1))
     got = op(x, w)
-    assert torch.equal(got, cpu_native.linear_bf16(x, dense.to(torch.bfloat16)))
+    assert torch.equal(got, cpu_gemm.linear_bf16(x, dense.to(torch.bfloat16)))
     assert got.dtype == torch.float32 and 0 < rel_err(got, ref(x, w)) < 2e-2
     assert rel_err(op(x, w, options=FP32), ref(x, w)) < TOL
     assert rel_err(op(x[:3], w), ref(x[:3], w)) < TOL
-    monkeypatch.setattr(cpu_native, "_bf16_gemm", False)
+    monkeypatch.setattr(cpu_gemm, "_bf16_gemm", False)
     assert rel_err(op(x, w), ref(x, w)) < TOL
 
 

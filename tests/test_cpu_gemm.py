@@ -1,0 +1,75 @@
+"""The cpu backend's prefill GEMMs (kernels/cpu_gemm.py): oneDNN's linear equals F.linear to fp32 rounding
+(odd shapes, leading dims, strided x, bf16), decode-sized calls stay F.linear bit for bit, the fused pre-norm
+and SwiGLU projections equal their references, and without oneDNN everything is F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codellama_rt.kernels import cpu_gemm
+from codellama_rt.kernels.gemv import linear_swiglu_ref, norm_linear_ref
+
+onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+@onednn
+@pytest.mark.parametrize("lead,M,N,K", [((), 17, 37, 61), ((2,), 40, 96, 128), ((), 512, 2752, 512), ((3,), 9, 8, 5)])
+def test_gemm_equals_f_linear_to_fp32_rounding(lead, M, N, K):
+    x = torch.randn(*lead, M, K, generator=_g(1))
+    w = torch.randn(N, K, generator=_g())
+    got = cpu_gemm.gemm(x, w)
+    exact = F.linear(x.double(), w.double())
+    assert got.shape == (*lead, M, N) and got.dtype == torch.float32
+    assert rel_err(got, exact) < 1e-5
+
+
+@onednn
+def test_gemm_takes_strided_rows_and_bf16():
+    w = torch.randn(64, 96, generator=_g())
+    wide = torch.randn(40, 200, generator=_g(1))
+    x = wide[:, 3:99]  # row stride 200: not contiguous
+    assert rel_err(cpu_gemm.gemm(x, w), F.linear(x.double(), w.double())) < 1e-5
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = cpu_gemm.gemm(xb, wb)
+    assert got.dtype == torch.bfloat16 and rel_err(got, F.linear(xb.double(), wb.double())) < 1e-2
+
+
+def test_decode_sized_calls_and_no_onednn_are_f_linear(monkeypatch):
+    w = torch.randn(48, 64, generator=_g())
+    few = torch.randn(cpu_gemm.NATIVE_MAX_ROWS, 64, generator=_g(1))
+    assert torch.equal(cpu_gemm.gemm(few, w), F.linear(few, w))
+    many = torch.randn(cpu_gemm.NATIVE_MAX_ROWS + 1, 64, generator=_g(2))
+    monkeypatch.setattr(cpu_gemm, "_onednn", False)
+    assert torch.equal(cpu_gemm.gemm(many, w), F.linear(many, w))
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_norm_linear_and_swiglu_equal_their_references(swiglu):
+    x = torch.randn(2, 30, 64, generator=_g(1))
+    r = torch.randn(2, 30, 64, generator=_g(2))
+    nw = torch.rand(64, generator=_g(3)) + 0.5
+    w = torch.randn(96, 64, generator=_g())
+    got, h = cpu_gemm.norm_linear_cpu(x, r, nw, 1e-5, w, swiglu)
+    want, h_ref = norm_linear_ref(x, r, nw, 1e-5, w, swiglu)
+    assert torch.equal(h, h_ref) and rel_err(got, want) < 1e-5
+    assert rel_err(cpu_gemm.linear_swiglu_cpu(x, w), linear_swiglu_ref(x, w)) < 1e-5
+
+
+def test_cpu_backend_prefill_logits_match_the_reference(hf_checkpoint):
+    """A whole prefill on the cpu backend (dense projections through `gemm`) against the reference backend."""
+    import codellama_rt as cl
+
+    path, _ = hf_checkpoint(n_layers=2, ffn=160, dim=128, n_heads=4, n_kv_heads=2)
+    ids = list(range(3, 60))
+    a = cl.load(path, backend="cpu", dtype="float32").logits(ids)
+    b = cl.load(path, backend="reference", dtype="float32").logits(ids)
+    assert rel_err(a, b) < 1e-5
