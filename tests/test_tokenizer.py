@@ -341,6 +341,24 @@ def test_stream_arbitrary_ids(tiny):
         assert "".join(pieces) + last == tiny.decode_in_context(ids) == ts.text
 
 
+def test_piece_texts_are_each_ids_decoded_text(tiny):
+    """The stream's table of fixed piece texts: every id it lists decodes alone (mid-sequence) to its text, and
+    runs of random ids (byte pieces, specials, unknown) still stream to `decode_in_context` of the run, on the tiny
+    and the real tokenizers (the fast path skips the two decodes for listed ids)."""
+    rng = random.Random(1)
+    for tok in [tiny] + available_tokenizers(LLAMA2, CODELLAMA):
+        texts = tok.piece_texts()
+        listed = [i for i, t in enumerate(texts) if t is not None]
+        assert len(texts) == tok.vocab_size and len(listed) > tok.vocab_size // 2
+        assert not any(texts[i] is not None for i in tok.special_ids)
+        for i in listed[::max(1, len(listed) // 3000)]:
+            assert tok.decode_in_context([i]) == texts[i], i
+        for _ in range(200):
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 16))]
+            pieces, last, ts, _ = _stream(tok, ids)
+            assert "".join(pieces) + last == tok.decode_in_context(ids) == ts.text, ids
+
+
 def test_stream_stop_strings(tiny):
     toks = [tiny] + available_tokenizers(CODELLAMA)
     text = "def f(x):\n    return x + 1\n\ndef g():\n    生活 = '😀'\n"

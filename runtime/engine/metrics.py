@@ -86,9 +86,13 @@ class EngineMetrics:
         with self._lock:
             self.ttft.observe(seconds)
 
-    def observe_token_latency(self, seconds: float) -> None:
+    def observe_token_latency(self, seconds: float, n: int = 1) -> None:
+        """n tokens handed out together `seconds` after the previous one: the first waited that long, the
+        others none."""
         with self._lock:
             self.token_latency.observe(seconds)
+            for _ in range(n - 1):
+                self.token_latency.observe(0.0)
 
     def set_gauges(self, *, waiting: int, running: int) -> None:
         with self._lock:

@@ -62,23 +62,37 @@ class Request:
 
     def accept(self, token: int, lp: Optional[TokenLogprob]) -> bool:
         """Take one sampled id (not NONFINITE); send what became final. True when the request is done."""
-        self.sampled.append(token)
+        return self.accept_block([token], [lp])[0]
+
+    def accept_block(self, tokens: list, lps: list) -> tuple[bool, int]:
+        """Take the sampled ids of one step or verify pass (none NONFINITE; lps: a TokenLogprob or None each) in
+        order, until the request is done; send the text that became final as one Delta. Returns (done, how many
+        ids it took)."""
+        pieces, done, taken = [], False, 0
+        for token, lp in zip(tokens, lps):
+            taken += 1
+            self.sampled.append(token)
+            if token in self.stop_tokens:
+                self.finish_reason, done = self.stop_tokens[token], True
+                break
+            if lp is not None:
+                self._pending_lp.append(lp)
+                self.all_logprobs.append(lp)
+            self._pending_ids.append(token)
+            piece = self.stream.push(token)
+            if piece:
+                pieces.append(piece)
+            if self.stream.stopped:
+                self.finish_reason, done = "stop", True
+                break
+            if len(self.stream.ids) >= self.budget:
+                done = True
+                break
         if self.speculation is not None:
-            self.speculation.extend((token,))
-        if token in self.stop_tokens:
-            self.finish_reason = self.stop_tokens[token]
-            return True
-        if lp is not None:
-            self._pending_lp.append(lp)
-            self.all_logprobs.append(lp)
-        self._pending_ids.append(token)
-        piece = self.stream.push(token)
-        if piece:
-            self._send(piece)
-        if self.stream.stopped:
-            self.finish_reason = "stop"
-            return True
-        return len(self.stream.ids) >= self.budget
+            self.speculation.extend(tokens[:taken])
+        if pieces:
+            self._send("".join(pieces))
+        return done, taken
 
     def _send(self, text: str) -> None:
         self.sink(Delta(text, self._pending_ids, self._pending_lp if self.logprobs else None))

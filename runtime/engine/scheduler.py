@@ -322,23 +322,31 @@ class Engine:
             self.speculator.costs.observe(batch, 0, time.perf_counter() - started)
 
     def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
+        self._emit_block(request, [token], [lp])
+
+    def _emit_block(self, request: Request, tokens: list, lps: list) -> None:
+        """Hand `request` the ids one step or verify pass sampled for it (lps: a TokenLogprob or None each), their
+        text as one Delta; ids after one that ends the request are dropped, a NONFINITE id fails it."""
         now = time.perf_counter()
         if request.last_token_at is None:
             self.metrics.observe_ttft(now - request.submitted)
+            if len(tokens) > 1:
+                self.metrics.observe_token_latency(0.0, len(tokens) - 1)
         else:
-            self.metrics.observe_token_latency(now - request.last_token_at)
+            self.metrics.observe_token_latency(now - request.last_token_at, len(tokens))
         request.last_token_at = now
-        if token == NONFINITE:
+        finite = tokens.index(NONFINITE) if NONFINITE in tokens else len(tokens)
+        try:
+            done, taken = request.accept_block(tokens[:finite], lps[:finite])
+        except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: this request's, not the batch's
+            self._fail(request, e)
+            return
+        self.metrics.add("generated_tokens", taken)
+        if not done and finite < len(tokens):
             self._fail(request, FloatingPointError(
                 f"the model's logits are not finite (NaN or inf) at generated token {len(request.sampled) + 1}: "
                 f"the weights or the arithmetic overflow (dtype {self.model.dtype}; float16 overflows where "
                 "bfloat16 and float32 do not)"))
-            return
-        self.metrics.add("generated_tokens")
-        try:
-            done = request.accept(token, lp)
-        except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: this request's, not the batch's
-            self._fail(request, e)
             return
         if done:
             self._end(request, None)

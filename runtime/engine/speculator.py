@@ -11,7 +11,7 @@ import torch
 from ..model.transformer import Transformer
 from .draft import DraftModel, DraftProposer
 from .events import logprob_of
-from .request import DONE, Request
+from .request import Request
 from .row_sampling import Stages
 from .sampling import MAX_SPECULATIVE_TOKENS
 from .speculation import PassCosts, PromptLookup, Speculation, bucket, static_cost
@@ -149,12 +149,10 @@ class Speculator:
                 request.speculation.record(len(proposals[s]), accepted)
                 e.metrics.add("speculative_proposed_tokens", len(proposals[s]))
                 e.metrics.add("speculative_accepted_tokens", accepted)
-            for i, token in enumerate(out[s][1:accepted + 2]):
-                lp = logprob_of(token, lps[s][i], ids[s][i], tops[s][i], request.logprobs) if request.logprobs \
-                    else None
-                e._emit(request, token, lp)
-                if request.state == DONE:
-                    break
+            tokens = out[s][1:accepted + 2]
+            block_lps = [logprob_of(token, lps[s][i], ids[s][i], tops[s][i], request.logprobs)
+                         for i, token in enumerate(tokens)] if request.logprobs else [None] * len(tokens)
+            e._emit_block(request, tokens, block_lps)
         if not built:  # the pass, its sync and handing out its tokens
             costs.observe(batch, width, time.perf_counter() - started)
         return True

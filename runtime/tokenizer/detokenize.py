@@ -21,8 +21,15 @@ class TextStream:
         self._prefix = 0        # ids[_prefix:_read] is the context the next decode is diffed against
         self._read = 0
         self.stopped = False    # a stop string was found
+        self._pieces = tokenizer.piece_texts()
 
     def _advance(self, final: bool) -> None:
+        if self._read == len(self.ids) - 1:  # nothing pending: a normal piece's text is known without decoding
+            text = self._pieces[self.ids[-1]] if 0 <= self.ids[-1] < len(self._pieces) else None
+            if text is not None:
+                self.text += text
+                self._prefix, self._read = self._read, len(self.ids)
+                return
         old = self.tok.decode_in_context(self.ids[self._prefix:self._read])
         new = self.tok.decode_in_context(self.ids[self._prefix:])
         if len(new) > len(old) and (final or not new.endswith("\ufffd")):

@@ -147,6 +147,24 @@ class Tokenizer:
             raise ValueError(f"cannot encode {text[:20]!r}... without a leading space: anchor merged with it")
         return ids[len(head):]
 
+    def piece_texts(self) -> list:
+        """Per id, the text it adds mid-sequence whatever its neighbours, or None: normal pieces (the piece with
+        '▁' read as a space); byte-fallback, control, unknown, unused and special ids are None (their text depends
+        on the ids around them, or is dropped). Built on first use and checked once against `decode_in_context`
+        of a run of such pieces (all None if SentencePiece disagrees, e.g. a denormalizing model)."""
+        texts = getattr(self, "_piece_texts", None)
+        if texts is None:
+            sp = self.sp
+            texts = [None if (i in self.special_ids or sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)
+                              or sp.is_unused(i)) else sp.id_to_piece(i).replace("▁", " ")
+                     for i in range(self.vocab_size)]
+            normal = [i for i, t in enumerate(texts) if t is not None]
+            sample = normal[::max(1, len(normal) // 512)]
+            if self._anchor_id is None or self.decode_in_context(sample) != "".join(texts[i] for i in sample):
+                texts = [None] * self.vocab_size
+            self._piece_texts = texts
+        return texts
+
     def decode_in_context(self, ids) -> str:
         """Text of ids as it reads in the middle of a sequence: a leading space is kept.
         Special ids are skipped."""
