@@ -28,7 +28,7 @@ from .decode_state import MIN_CACHE, DecodeState
 from .driver import Driver
 from ..distributed.lockstep import HEARTBEAT_S, Plan
 from ..distributed.tensor_parallel import TensorParallelError
-from .events import Completion, TokenLogprob, logprob_of
+from .events import Completion, logprob_of
 from .metrics import EngineMetrics
 from .request import DECODE, PREFILL, Request
 from .run import Run
@@ -292,11 +292,9 @@ class Engine:
         token = int(out.tokens[0])
         buf.start_row(s, token, min(len(request.prompt), self._state.cache.max_seq_len - 1))
         request.state = DECODE
-        lp = None
-        if request.logprobs:
-            lp = logprob_of(token, float(out.logprob[0]), out.top_ids[0].tolist(), out.top_logprobs[0].tolist(),
-                          request.logprobs)
-        self._emit(request, token, lp)
+        lp = logprob_of(token, float(out.logprob[0]), out.top_ids[0].tolist(), out.top_logprobs[0].tolist(),
+                        request.logprobs) if request.logprobs else None
+        self._emit(request, [token], [lp])
 
     def _decode(self) -> None:
         decoding = [s for s, r in self._running.items() if r.state == DECODE]
@@ -317,36 +315,30 @@ class Engine:
         for s in decoding:
             request = self._running[s]
             lp = logprob_of(tokens[s], lps[s], ids[s], tops[s], request.logprobs) if request.logprobs else None
-            self._emit(request, tokens[s], lp)
+            self._emit(request, [tokens[s]], [lp])
         if not built:  # (the step, its sync and handing out its tokens: what a verify pass is measured by too)
             self.speculator.costs.observe(batch, 0, time.perf_counter() - started)
 
-    def _emit(self, request: Request, token: int, lp: Optional[TokenLogprob]) -> None:
-        self._emit_block(request, [token], [lp])
-
-    def _emit_block(self, request: Request, tokens: list, lps: list) -> None:
-        """Hand `request` the ids one step or verify pass sampled for it (lps: a TokenLogprob or None each), their
-        text as one Delta; ids after one that ends the request are dropped, a NONFINITE id fails it."""
+    def _emit(self, request: Request, tokens: list, lps: list) -> None:
+        """Hand `request` the ids a step or verify pass sampled for it (lps: TokenLogprob or None each; a first token
+        comes alone) as one Delta; ids after one that ends the request are dropped, a NONFINITE id fails it."""
         now = time.perf_counter()
         if request.last_token_at is None:
             self.metrics.observe_ttft(now - request.submitted)
-            if len(tokens) > 1:
-                self.metrics.observe_token_latency(0.0, len(tokens) - 1)
         else:
             self.metrics.observe_token_latency(now - request.last_token_at, len(tokens))
         request.last_token_at = now
         finite = tokens.index(NONFINITE) if NONFINITE in tokens else len(tokens)
         try:
             done, taken = request.accept_block(tokens[:finite], lps[:finite])
+            self.metrics.add("generated_tokens", taken)
+            if not done and finite < len(tokens):
+                raise FloatingPointError(
+                    f"the model's logits are not finite (NaN or inf) at generated token {len(request.sampled) + 1}: "
+                    f"the weights or the arithmetic overflow (dtype {self.model.dtype}; float16 overflows where "
+                    "bfloat16 and float32 do not)")
         except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: this request's, not the batch's
             self._fail(request, e)
-            return
-        self.metrics.add("generated_tokens", taken)
-        if not done and finite < len(tokens):
-            self._fail(request, FloatingPointError(
-                f"the model's logits are not finite (NaN or inf) at generated token {len(request.sampled) + 1}: "
-                f"the weights or the arithmetic overflow (dtype {self.model.dtype}; float16 overflows where "
-                "bfloat16 and float32 do not)"))
             return
         if done:
             self._end(request, None)

@@ -152,7 +152,7 @@ class Speculator:
             tokens = out[s][1:accepted + 2]
             block_lps = [logprob_of(token, lps[s][i], ids[s][i], tops[s][i], request.logprobs)
                          for i, token in enumerate(tokens)] if request.logprobs else [None] * len(tokens)
-            e._emit_block(request, tokens, block_lps)
+            e._emit(request, tokens, block_lps)
         if not built:  # the pass, its sync and handing out its tokens
             costs.observe(batch, width, time.perf_counter() - started)
         return True
