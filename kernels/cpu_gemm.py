@@ -52,10 +52,14 @@ def _many_rows(x: torch.Tensor) -> bool:
     return x.numel() // max(x.shape[-1], 1) > NATIVE_MAX_ROWS
 
 
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # float16 inner products are refused on CPUs without AVX512-FP16
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) (x [..., K], w [N, K], same float dtype, CPU): through oneDNN past NATIVE_MAX_ROWS rows
-    where it is available, else F.linear."""
-    if x.device.type != "cpu" or not _many_rows(x) or x.dtype != w.dtype or not onednn_available():
+    """F.linear(x, w) (x [..., K], w [N, K], same float dtype, CPU): fp32 or bf16 through oneDNN past
+    NATIVE_MAX_ROWS rows where it is available, else F.linear."""
+    if (x.device.type != "cpu" or not _many_rows(x) or x.dtype != w.dtype or x.dtype not in _ONEDNN_DTYPES
+            or not onednn_available()):
         return F.linear(x, w)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
 

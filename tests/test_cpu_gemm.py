@@ -48,6 +48,8 @@ def test_decode_sized_calls_and_no_onednn_are_f_linear(monkeypatch):
     few = torch.randn(cpu_gemm.NATIVE_MAX_ROWS, 64, generator=_g(1))
     assert torch.equal(cpu_gemm.gemm(few, w), F.linear(few, w))
     many = torch.randn(cpu_gemm.NATIVE_MAX_ROWS + 1, 64, generator=_g(2))
+    half = many.half(), w.half()  # oneDNN refuses fp16 inner products on most CPUs: F.linear
+    assert torch.equal(cpu_gemm.gemm(*half), F.linear(*half))
     monkeypatch.setattr(cpu_gemm, "_onednn", False)
     assert torch.equal(cpu_gemm.gemm(many, w), F.linear(many, w))
 

@@ -35,13 +35,15 @@ def main() -> None:
     p.add_argument("--quantize", default=None)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--exit-after-load", type=int, default=None, help="this rank exits right after loading")
+    p.add_argument("--fp32-prefill", action="store_true", help="kernel_options cpu_bf16_prefill=False")
     a = p.parse_args()
     rank = int(os.environ["RANK"])
     try:
         from codellama_rt.api import load_model
 
         model = load_model(a.checkpoint.replace("{rank}", str(rank)), quantize=a.quantize, group_size=a.group_size,
-                           tensor_parallel=True, dist_init="file://" + a.init)
+                           tensor_parallel=True, dist_init="file://" + a.init,
+                           kernel_options={"cpu_bf16_prefill": not a.fp32_prefill})
         if a.exit_after_load == rank:
             os._exit(3)
         ids = model.tokenizer.encode(PROMPT)

@@ -21,7 +21,8 @@ class TextStream:
         self._prefix = 0        # ids[_prefix:_read] is the context the next decode is diffed against
         self._read = 0
         self.stopped = False    # a stop string was found
-        self._pieces = tokenizer.piece_texts()
+        # (duck-typed tokenizers without the table, e.g. the benchmarks' id tokenizer, decode every id)
+        self._pieces = tokenizer.piece_texts() if hasattr(tokenizer, "piece_texts") else []
 
     def _advance(self, final: bool) -> None:
         if self._read == len(self.ids) - 1:  # nothing pending: a normal piece's text is known without decoding
