@@ -121,6 +121,22 @@ def test_policy_proposes_more_when_accepting_and_backs_off_when_not():
     assert spec.stats.mean_accepted == pytest.approx(3.0)
 
 
+def test_draft_policy_prices_a_pass_by_its_mean_accepted_ids():
+    """A draft (`whole`) proposes all k or none from the mean accepted per pass: 6 of 8 accepted each time is a
+    yield of 7 tokens, so passes costing 5.7 decode steps pay (the per-id geometric estimate, ~0.8 after such
+    passes, would expect 4.3 and decode plainly) and passes costing 9.9 do not; no probes."""
+    spec = Speculation(Scripted(lambda done: []), k=8, whole=True)
+    cheap, dear = (lambda m: 1.0 + 0.59 * m), (lambda m: 1.0 + 1.11 * m)
+    assert spec.limit(8, cheap) == 8   # the prior: 0.9 k accepted
+    assert spec.limit(5, cheap) == 5   # only k or the room, never a shorter run by choice
+    for _ in range(6):
+        spec.record(8, 6)
+    assert spec.acceptance < 0.87  # per id, the rejection at each pass's end weighs in
+    assert spec.limit(8, cheap) == 8
+    assert spec.limit(8, dear) == 0 and not spec.wants()  # plain decoding, a wait, and no one-id probe after it
+    assert spec.limit(8, dear) == 0
+
+
 def test_sampling_params_check_speculation_values():
     SamplingParams(speculate="lookup", num_speculative_tokens=16)
     for bad in (dict(speculate="ngram"), dict(speculate=True), dict(num_speculative_tokens=0),

@@ -147,8 +147,10 @@ class Speculation:
     How many ids to propose is chosen per pass to maximise expected tokens per unit of time: with a per-id
     acceptance estimate a (each proposal accepted with probability a if the ones before it were), m proposals
     yield 1 + a + .. + a^m tokens for the time of a verify pass of width m (`PassCosts`), against one token per
-    decode step (`whole`: only m = k, or none, from an estimate starting at 0.9, never probing: a draft model's
-    passes, whose fixed cost per pass and catching up after plain steps favour long runs). When no m >= 1 beats
+    decode step. `whole` (a draft model's passes, whose fixed cost per pass and catching up after plain steps
+    favour long runs): only m = k, or none, never probing, its yield estimated as the mean accepted per pass
+    (decayed per pass, starting at 0.9 k): a draft agrees in runs (a line, or nothing), which a per-id
+    geometric estimate, dominated by each pass's one rejection, puts ~35% low. When no m >= 1 beats
     plain decoding the request decodes plainly and probes again (one id) after a wait that doubles up to
     BACKOFF_LIMIT steps, so text that does not repeat its context costs little more than plain decoding; no probe
     when passes cost more than even full acceptance would repay; a proposer with nothing to offer costs nothing.
@@ -157,11 +159,14 @@ class Speculation:
     PRIOR = (3.0, 4.0)  # (accepted, trials) before any pass: a = 0.75 (proposals are often right when made)
     DRAFT_PRIOR = (9.0, 10.0)  # a draft of the model's family: a = 0.9, so its first passes run and measure it
     DECAY = 0.9         # weight of the past in the estimate, per proposed id scored (a memory of ~10 ids)
+    PASS_DECAY = 0.7    # `whole`: weight of the past in the mean accepted per pass, per pass (~3 passes)
 
     def __init__(self, proposer: Proposer, k: int, whole: bool = False):
         self.proposer, self.k, self.whole = proposer, k, whole
         self.stats = SpeculationStats()
         self._accepted, self._trials = self.DRAFT_PRIOR if whole else self.PRIOR
+        prior = self.DRAFT_PRIOR[0] / self.DRAFT_PRIOR[1]
+        self._pass_accepted, self._passes = prior * k, 1.0  # `whole`: decayed sums of accepted ids and passes
         self._wait = 0      # decode steps to sit out before proposing again
         self._backoff = 1   # the next wait once plain decoding looks better
         self._probing = False  # the last limit() was a one-id probe
@@ -195,6 +200,8 @@ class Speculation:
             tokens += a ** m
             if self.whole and m < top:
                 continue
+            if self.whole:  # the measured yield of a pass, at most what `room` lets it propose
+                tokens = 1.0 + min(self._pass_accepted / self._passes, m)
             c = cost(m)
             if tokens / c > best_rate:
                 best, best_rate = m, tokens / c
@@ -214,6 +221,8 @@ class Speculation:
         self.stats.verifies += 1
         self.stats.proposed += proposed
         self.stats.accepted += accepted
+        self._pass_accepted = self.PASS_DECAY * self._pass_accepted + accepted
+        self._passes = self.PASS_DECAY * self._passes + 1.0
         # each id up to the first rejection is one trial (ids after it were never tested)
         for ok in [1] * accepted + ([0] if accepted < proposed else []):
             self._accepted = self.DECAY * self._accepted + ok
