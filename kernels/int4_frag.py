@@ -21,7 +21,7 @@ Per trip (64 input columns) a program multiplies 4 nibble planes of each of its 
 into a per-group fp32 sum, and a ones-MMA sums x (the same 4 B fragments); per group and output column,
 acc += s * part + (-(128 + z) s) * sum(x) (two FMAs, `int4_frag_format`'s scales). Grid (padded N / 256,
 SPLIT_K); with SPLIT_K > 1 fp32 partials [SPLIT_K, M, N] that `int4_gemv._int4_splitk_reduce_kernel` sums
-in order. M <= 8 rows of bf16 x (one n8 MMA column tile).
+in order. M <= 16 rows of bf16 x: MT = 8 columns of x (one n8 MMA tile) for up to 8 rows, 16 (two) above.
 
 Numerics: the weights are not rounded ((q - z) s is applied in fp32 after the MMA), products exact, sums in
 fp32: within fp32 rounding of `int4_frag_linear_ref` (fp32 dequantize-then-matmul), rounded once to bf16.
@@ -46,7 +46,7 @@ from .int4_frag_format import FRAG_BLOCK_N, FRAG_K, FRAG_WARPS, Int4FragWeight, 
 from .int4_gemv import _int4_splitk_reduce_kernel
 from .options import DEFAULT_OPTIONS, KernelOptions
 
-FRAG_MAX_M = 8
+FRAG_MAX_M = 16
 _REDUCE_BLOCK = 1024
 
 # One packed pair of int16 (rows k, k + 1 of one output column; nibble c of each holds plane c) in $4 ->
@@ -74,6 +74,15 @@ def _scale_layout(num_warps: int, reps: int) -> gl.DistributedLinearLayout:
         warp_bases=[[w, 0, 0, 0, 0] for w in _powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2, 2])
 
 
+def _x_layout(mt: int, num_warps: int) -> gl.DistributedLinearLayout:
+    """[mt, 4, 16] bf16 x: lane (g, t) holds rows g (and g + 8 when mt = 16) at 16 t .. 16 t + 15 of a trip, the
+    16 values in consecutive registers (two 16-byte loads a row); every warp holds all of it (its B fragments)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]] + ([[8, 0, 0]] if mt == 16 else []),
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[0, 0, 0] for _ in _powers(num_warps)], block_bases=[], shape=[mt, 4, 16])
+
+
 def _powers(n: int) -> list[int]:
     """1, 2, 4, ... below n (a power of two)."""
     return [1 << i for i in range(n.bit_length() - 1)]
@@ -82,7 +91,8 @@ def _powers(n: int) -> list[int]:
 @gluon_kernel(do_not_specialize=["groups_per_split"])
 def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
                            GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
-                           WRITE_PARTIALS: gl.constexpr, SCALE_LAYOUT: gl.constexpr):
+                           WRITE_PARTIALS: gl.constexpr, SCALE_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                           MT: gl.constexpr = 8):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -90,7 +100,7 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     TILES: gl.constexpr = BLOCK_N // 16
     # codes: [TILES, 32 lanes, 8] int16 a trip, 16 bytes a lane; x: lane (g, t) holds row g, 16 values at 16 t
     w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
-    x_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    x_l: gl.constexpr = X_LAYOUT
     pid_n = gl.program_id(0)
     g_start = gl.program_id(1) * groups_per_split
     g_end = gl.minimum(g_start + groups_per_split, K // GROUP_SIZE)
@@ -99,7 +109,7 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
     elem = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
     w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
-    xm = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_l)))
+    xm = gl.arange(0, MT, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_l)))
     xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_l)))
     xe = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_l)))
     x_ptrs = X + xm[:, None, None].to(gl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
@@ -116,10 +126,10 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
               + se[None, None, None, :, None] * 2 + sp[None, None, None, None, :])
 
     ones = gl.full([16, 16], 1.0, gl.bfloat16, layout=a_l)
-    acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=mma)
+    acc = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
     for g in range(g_start, g_end):
-        part = gl.zeros([BLOCK_N, 8], gl.float32, layout=mma)
-        xs = gl.zeros([16, 8], gl.float32, layout=mma)
+        part = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
+        xs = gl.zeros([16, MT], gl.float32, layout=mma)
         for trip in gl.static_range(GROUP_SIZE // 64):
             k0 = g * GROUP_SIZE + trip * 64
             wq = gl.load(w_ptrs + (k0 // 64) * (n_pad * 16), eviction_policy="evict_first")
@@ -128,9 +138,9 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
             p0, p1, p2, p3 = gl.inline_asm_elementwise(FRAG_ASM, "=r,=r,=r,=r,r", [wq],
                                                        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                        is_pure=True, pack=2)
-            xv = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)  # [8 (m), 4 (t), 16 (c, e2, e0)]
-            xv = xv.reshape([8, 4, 4, 2, 2]).permute([3, 1, 4, 0, 2]).reshape([16, 8, 4])  # [j, m, c]
-            xa, xb = xv.reshape([16, 8, 2, 2]).split()
+            xv = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)  # [MT (m), 4 (t), 16 (c, e2, e0)]
+            xv = xv.reshape([MT, 4, 4, 2, 2]).permute([3, 1, 4, 0, 2]).reshape([16, MT, 4])  # [j, m, c]
+            xa, xb = xv.reshape([16, MT, 2, 2]).split()
             x0, x2 = xa.split()
             x1, x3 = xb.split()
             x0 = gl.convert_layout(x0, b_l, assert_trivial=True)
@@ -154,7 +164,7 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
         acc = gl.fma(c[:, None], col_sum[None, :], acc)
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    offs_m = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, mma))
     mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if WRITE_PARTIALS:
         rows = (gl.program_id(1) * M + offs_m).to(gl.int64)
@@ -166,7 +176,7 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
 @kernel(do_not_specialize=["groups_per_split"])
 def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
                          GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_WARPS: tl.constexpr,
-                         WRITE_PARTIALS: tl.constexpr):
+                         WRITE_PARTIALS: tl.constexpr, MT: tl.constexpr = 8):
     """`_int4_frag_gemv_kernel` in plain Triton: the same loads, reshapes and sums, the planes unpacked by
     arithmetic ((code >> 4c) & 15, + 128) and multiplied in fp32. The interpreter runs it on CPU tensors."""
     TILES: tl.constexpr = BLOCK_N // 16
@@ -177,7 +187,7 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
     lane = tl.arange(0, 32)
     elem = tl.arange(0, 8)
     w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
-    xm = tl.arange(0, 8)
+    xm = tl.arange(0, MT)
     xt = tl.arange(0, 4)
     xe = tl.arange(0, 16)
     x_ptrs = X + xm[:, None, None].to(tl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
@@ -188,17 +198,17 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
     s_ptrs = (Scales + pid_n * (BLOCK_N * 2) + ((row % 64) // 16) * (32 * REPS) + (row % 8) * (REPS * 4)
               + (row // 64) * 4 + ((row % 16) // 8) * 2)
 
-    acc = tl.zeros([BLOCK_N, 8], tl.float32)
+    acc = tl.zeros([BLOCK_N, MT], tl.float32)
     for g in range(g_start, g_end):
-        part = tl.zeros([BLOCK_N, 8], tl.float32)
-        col_sum = tl.zeros([8], tl.float32)
+        part = tl.zeros([BLOCK_N, MT], tl.float32)
+        col_sum = tl.zeros([MT], tl.float32)
         for trip in tl.static_range(GROUP_SIZE // 64):
             k0 = g * GROUP_SIZE + trip * 64
             wq = tl.load(w_ptrs + (k0 // 64) * (n_pad * 16)).to(tl.int32)
             wq = wq.reshape(TILES, 8, 4, 2, 2, 2).permute(0, 4, 1, 3, 2, 5).reshape(BLOCK_N, 16)
             xv = tl.load(x_ptrs + k0, mask=x_mask, other=0.0).to(tl.float32)
-            xv = xv.reshape(8, 4, 4, 2, 2).permute(3, 1, 4, 0, 2).reshape(16, 8, 4)
-            xa, xb = xv.reshape(16, 8, 2, 2).split()
+            xv = xv.reshape(MT, 4, 4, 2, 2).permute(3, 1, 4, 0, 2).reshape(16, MT, 4)
+            xa, xb = xv.reshape(16, MT, 2, 2).split()
             x0, x2 = xa.split()
             x1, x3 = xb.split()
             part += tl.sum(((wq & 15).to(tl.float32) + 128.0)[:, :, None] * x0[None, :, :], axis=1)
@@ -211,7 +221,7 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
         acc = tl.fma(part, s[:, None], acc)
         acc = tl.fma(c[:, None], col_sum[None, :], acc)
 
-    offs_m = tl.arange(0, 8)
+    offs_m = tl.arange(0, MT)
     mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if WRITE_PARTIALS:
         rows = (tl.program_id(1) * M + offs_m).to(tl.int64)
@@ -275,10 +285,12 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
     grid = (fw.padded_out // FRAG_BLOCK_N, split)
     args = (x2, fw.codes, fw.scales, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0), per_split)
-    constexprs = dict(GROUP_SIZE=fw.group_size, BLOCK_N=FRAG_BLOCK_N, NUM_WARPS=FRAG_WARPS, WRITE_PARTIALS=split > 1)
+    constexprs = dict(GROUP_SIZE=fw.group_size, BLOCK_N=FRAG_BLOCK_N, NUM_WARPS=FRAG_WARPS, WRITE_PARTIALS=split > 1,
+                      MT=8 if M <= 8 else 16)
     if on_cuda:
-        layout = _scale_layout(FRAG_WARPS, FRAG_BLOCK_N // (16 * FRAG_WARPS))
-        launches = [(_int4_frag_gemv_kernel, grid, args, dict(constexprs, SCALE_LAYOUT=layout), FRAG_WARPS)]
+        layouts = dict(SCALE_LAYOUT=_scale_layout(FRAG_WARPS, FRAG_BLOCK_N // (16 * FRAG_WARPS)),
+                       X_LAYOUT=_x_layout(constexprs["MT"], FRAG_WARPS))
+        launches = [(_int4_frag_gemv_kernel, grid, args, dict(constexprs, **layouts), FRAG_WARPS)]
     else:
         launches = [(_int4_frag_gemv_twin, grid, args, constexprs, FRAG_WARPS)]
     if split > 1:
@@ -291,7 +303,7 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
 def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x @ w^T from the fragment-order weight; contract of `int4_frag_linear_ref`, within fp32 rounding.
 
-    x: [..., in] bfloat16, at most 8 rows (decode), unit stride in the last dim; fw: an Int4FragWeight on x's
+    x: [..., in] bfloat16, at most 16 rows (decode), unit stride in the last dim; fw: an Int4FragWeight on x's
     device (`to_frag` / `frag_of`). Returns a new [..., out] bf16 tensor. CUDA tensors run the Gluon kernel,
     CPU tensors its Triton twin in the interpreter. options: PDL of the split-K reduce.
     """
@@ -305,7 +317,7 @@ def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOpti
 
 # ---- ahead-of-time specialisations -----------------------------------------------------------
 
-def aot_configs(models, group_size: int = 128, rows=(1, 8)) -> list[LaunchConfig]:
+def aot_configs(models, group_size: int = 128, rows=(1, 8, 16)) -> list[LaunchConfig]:
     """The Gluon GEMV's launches for the linears of `models` (ModelShapes) in bf16, as the launcher makes
     them on CUDA (H100's SM count), typed as the JIT would type them; shapes that specialise alike share
     one entry, labelled with the first shape that needed it."""

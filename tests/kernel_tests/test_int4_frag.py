@@ -176,6 +176,7 @@ def test_emulator_knows_lop3_luts():
 
 @pytest.mark.parametrize("out_f,in_f,group_size,M", [
     (296, 256, 64, 1), (264, 384, 128, 3), (512, 128, 64, 8), (8, 64, 64, 2), (520, 768, 128, 5),
+    (264, 256, 64, 9), (40, 384, 128, 16),
 ])
 def test_twin_matches_the_reference(out_f, in_f, group_size, M):
     """Odd widths (padding), 1..8 rows, groups 64/128, split-K: each output within one bf16 rounding of the
@@ -219,7 +220,7 @@ def test_leading_dims_and_row_strides():
 
 @pytest.mark.parametrize("call,err,match", [
     (lambda fw: int4_frag_linear(_x(1, 128).half(), fw), TypeError, "bfloat16"),
-    (lambda fw: int4_frag_linear(_x(9, 128), fw), ValueError, "at most 8 rows"),
+    (lambda fw: int4_frag_linear(_x(17, 128), fw), ValueError, "at most 16 rows"),
     (lambda fw: int4_frag_linear(_x(1, 64), fw), ValueError, r"\[\.\.\., 128\]"),
     (lambda fw: int4_frag_linear(_x(1, 128), _int4(64, 128, 64)), TypeError, "Int4FragWeight"),
 ])
@@ -237,20 +238,20 @@ def test_empty_x_gives_an_empty_result():
 # ---- the experiment's dispatch -----------------------------------------------------------------
 
 def test_experiment_routes_eligible_rows_to_the_fragment_kernel():
-    """With "int4_frag": bf16 rows <= 8 take the fragment GEMV (its copy made once and kept on the weight);
-    9 rows, fp32 rows or group 32 take the GPTQ-layout kernels; without the experiment nothing changes."""
+    """With "int4_frag": bf16 rows <= 16 take the fragment GEMV (its copy made once and kept on the weight);
+    17 rows, fp32 rows or group 32 take the GPTQ-layout kernels; without the experiment nothing changes."""
     w = _int4(64, 128, 64, seed=11)
     on = KernelOptions(experiments={"int4_frag"})
     x = _x(2, 128, seed=12)
-    assert frag_eligible(x, w) and not frag_eligible(_x(9, 128), w) and not frag_eligible(x.float(), w)
+    assert frag_eligible(x, w) and not frag_eligible(_x(17, 128), w) and not frag_eligible(x.float(), w)
     assert not frag_eligible(x, _int4(64, 128, 32))
     y = ops.linear_int4(x, w, options=on)
     fw = frag_of(w)
     assert frag_of(w) is fw
     torch.testing.assert_close(y, int4_frag_linear(x, fw), rtol=0, atol=0)
     _assert_one_rounding(y, int4_frag_linear_ref(x, fw), x, fw)
-    nine = _x(9, 128, seed=13)
-    torch.testing.assert_close(ops.linear_int4(nine, w, options=on), ops.linear_int4(nine, w), rtol=0, atol=0)
+    many = _x(17, 128, seed=13)
+    torch.testing.assert_close(ops.linear_int4(many, w, options=on), ops.linear_int4(many, w), rtol=0, atol=0)
 
 
 def test_custom_op_matches_the_launcher():
@@ -276,12 +277,14 @@ def test_aot_configs_compile(check_aot):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_main_loop_meets_issue_20s_targets(arch):
-    """The static table's figures for the Gluon GEMV at the 7B shapes, M = 1 and 8: at most 1.5 SASS
-    instructions a weight, at least 32 KiB of loads in flight per SM, and the conversion at 7 instructions per
-    8 weights (the loop holds 4 LOP3 and 3 SHF per 32-bit code word)."""
+    """The static table's figures for the Gluon GEMV at the 7B shapes: at most 1.5 SASS instructions a weight for
+    M = 1 and 8 (one n8 column tile of x), 2.0 for M = 16 (two: twice the MMAs and accumulator updates), at least
+    32 KiB of loads in flight per SM, and the conversion at 7 instructions per 8 weights (the loop holds 4 LOP3
+    and 3 SHF per 32-bit code word)."""
     for cfg in mod.aot_configs(aot_models()[:1]):
         stats = sass.loop_stats(cfg, arch)
-        assert stats.per_weight <= 1.5, f"{cfg.label} sm_{arch}: {stats.per_weight:.3f} SASS a weight"
+        target = 1.5 if cfg.constexprs["MT"] == 8 else 2.0
+        assert stats.per_weight <= target, f"{cfg.label} sm_{arch}: {stats.per_weight:.3f} SASS a weight"
         assert stats.in_flight_kib >= 32, f"{cfg.label} sm_{arch}: {stats.in_flight_kib:.1f} KiB in flight"
         loop = sass.main_loop(sass.disassemble(compile_kernel(cfg, arch).asm["cubin"]))
         ops_ = [re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in loop]
