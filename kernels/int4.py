@@ -24,6 +24,7 @@ from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, launch_config, next
                       triton_dtype)
 from .int4_format import (_FLOAT_DTYPES, CHECKPOINT_FORMATS, GROUP_SIZES, Int4Weight,  # noqa: F401 (re-exported)
                           _pack_nibbles, _unpack_nibbles, dequantize_int4, quantize_int4, unpack_gptq)
+from .int4_dequant import dequantize_int4_triton
 from .int4_gemm import _int4_gemm_kernel
 from .int4_gemv import (MMA_BLOCK_K, MMA_FLOAT_BIAS, _int4_gemv_kernel, _int4_gemv_mma_kernel,  # noqa: F401
                         _int4_splitk_reduce_kernel, nibble_pair_asm)
@@ -126,6 +127,25 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 
 # ---- launcher --------------------------------------------------------------------------------
 
+def _check(x: torch.Tensor, w: Int4Weight) -> None:
+    """TypeError / ValueError unless the kernels can run x @ dequant(w)^T."""
+    if not isinstance(w, Int4Weight):
+        raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"int4_linear: x dtype {x.dtype} is not supported; expected float32, float16 or bfloat16")
+    w.check("int4_linear")
+    N, K = w.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"int4_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"int4_linear: x on {x.device}, weight on {w.device}")
+    if w.group_size % 32:
+        raise ValueError(f"int4_linear: group_size={w.group_size} is not supported by the kernels (a multiple of 32)")
+    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
+        if not t.is_contiguous():
+            raise ValueError(f"int4_linear: {name} must be contiguous")
+
+
 def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,
              cfg: Optional[Int4Launch] = None, one_pass: Optional[bool] = None,
              options: KernelOptions = DEFAULT_OPTIONS):
@@ -134,22 +154,9 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
     to compute. Runs on meta tensors too (see `aot_configs`, which passes on_cuda and num_sms).
     one_pass (default: whether `options` has the experiment "int4_one_pass"): with split-K, the GEMV's last
     program per column block sums the partials (`_sum_splits_if_last`) instead of `_int4_splitk_reduce_kernel`."""
-    if not isinstance(w, Int4Weight):
-        raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"int4_linear: x dtype {x.dtype} is not supported; expected float32, float16 or bfloat16")
-    w.check("int4_linear")
+    _check(x, w)
     N, K = w.shape
     g = w.group_size
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"int4_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
-    if x.device != w.device:
-        raise ValueError(f"int4_linear: x on {x.device}, weight on {w.device}")
-    if g % 32:
-        raise ValueError(f"int4_linear: group_size={g} is not supported by the kernels (a multiple of 32)")
-    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
-        if not t.is_contiguous():
-            raise ValueError(f"int4_linear: {name} must be contiguous")
     x2 = as_rows(x, K, "int4_linear: x")
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -203,8 +210,12 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, cfg: Optional[Int4Launch] = None
     runs the decode GEMV (split-K with a deterministic reduce), M > 16 the tiled GEMM. CUDA tensors run the
     compiled kernels, CPU tensors Triton's interpreter. cfg: a launch other than `int4_launch`'s (benchmarks;
     a "gemv_mma" launch needs M <= 16, fp16/bf16 x and group 128, else ValueError). options: the kernel
-    paths (PDL, the experiments "int4_mma" and "int4_one_pass").
+    paths (PDL, the experiments "int4_mma", "int4_one_pass" and "int4_dequant_gemm": more than 16 rows as
+    `int4_linear_ref` computes them, the weight dequantized by `int4_dequant` then the dense GEMM).
     """
+    if cfg is None and options.has("int4_dequant_gemm") and x.numel() // max(x.shape[-1], 1) > _GEMV_MAX_M:
+        _check(x, w)  # prefill rows: the weight dequantized (bitwise dequantize_int4), then the dense GEMM
+        return F.linear(x, dequantize_int4_triton(w, x.dtype))
     out, launches = _prepare(x, w, cfg=cfg, options=options)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:  # Triton launches on the current CUDA device

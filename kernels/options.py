@@ -26,6 +26,7 @@ PDL_ENV = "CODELLAMA_RT_PDL"
 class Experiment:
     doc: str
     weights: tuple  # the weight formats whose decode it changes: "dense" (16-bit), "int4", "nf4"
+    prefill: tuple = ()  # the weight formats whose prefill it changes
 
 
 EXPERIMENTS = {
@@ -33,6 +34,9 @@ EXPERIMENTS = {
     "int4_frag": Experiment("int4 decode rows (M <= 16, bf16, groups of 64/128) on the Gluon tensor-core GEMV "
                             "from a fragment-order copy of the weight made on first use (kernels/int4_frag.py)",
                             ("int4",)),
+    "int4_dequant_gemm": Experiment("int4 prefill rows (M > 16): the weight dequantized by a Triton kernel, then "
+                                    "the dense GEMM (cuBLAS), instead of the fused dequant-GEMM "
+                                    "(kernels/int4_dequant.py)", (), prefill=("int4",)),
     "norm_gemv": Experiment("batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV "
                             "(kernels/gemv.py)", ("dense",)),
     "attn_one_pass": Experiment("decode attention's split combine done by each head's last program, no second "

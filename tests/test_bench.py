@@ -268,7 +268,7 @@ def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
     for name, weights in (("7B-bf16", "dense"), ("7B-int4", "int4")):
         sets = report.experiment_sets(e2e.MODELS[name], plan)
         assert sets[-1] == tuple(EXPERIMENTS)
-        assert [s[0] for s in sets[:-1]] == [n for n, e in EXPERIMENTS.items() if weights in e.weights]
+        assert [s[0] for s in sets[:-1]] == [n for n, e in EXPERIMENTS.items() if weights in e.weights + e.prefill]
     assert ("int4_mma",) not in report.experiment_sets(e2e.MODELS["7B-bf16"], plan)
     assert report.experiment_sets(e2e.MODELS["34B-int4"], plan) == []
     assert report.experiment_sets(e2e.MODELS["tiny"], plan) == []
@@ -290,6 +290,11 @@ def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
         ("ours (eager) [norm_gemv+attn_one_pass]", ["norm_gemv", "attn_one_pass"], "unavailable: spied")]
     assert seen == [(KernelOptions(experiments={"int4_mma", "norm_gemv", "attn_one_pass"}, pdl=False), False)]
     assert model.module.ops is before and before.options == KernelOptions()
+    int4_spec = dataclasses.replace(spec, quantize="int4")  # an experiment changing int4 prefill: TTFT rows only
+    rows = e2e.experiment_rows(model, int4_spec, cpu_plan, [("int4_dequant_gemm",)])
+    assert rows and all("new_tokens" not in r and r["experiments"] == ["int4_dequant_gemm"]
+                        and r["provider"] == "ours (eager) [int4_dequant_gemm]" for r in rows)
+    assert [r["prompt_tokens"] for r in rows] == list(cpu_plan.ttft_prompts)
     assert e2e.plan_from_json(json.dumps(dataclasses.asdict(cpu_plan))) == cpu_plan  # as a child gets it
     gpu_spec = e2e.MODELS["7B-bf16"]  # on a GPU, CUDA-graph rows
     assert e2e.experiment_provider(gpu_spec, ("norm_gemv",)) == (e2e.OURS_GRAPHS, "ours (CUDA graphs) [norm_gemv]")

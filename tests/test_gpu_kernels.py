@@ -221,6 +221,23 @@ def test_int4_frag_gluon_real_size(N, K, M):
     assert torch.equal(g_out, y)
 
 
+@pytest.mark.experiment
+def test_int4_dequant_gemm_real_size():
+    """The experiment "int4_dequant_gemm" at 7B w13's size: the dequantized weight bitwise `dequantize_int4`'s,
+    512 prefill rows exactly `int4_linear_ref`'s result (the same cuBLAS call on the same weight)."""
+    from codellama_rt.kernels.int4 import int4_linear, int4_linear_ref, quantize_int4
+    from codellama_rt.kernels.int4_dequant import dequantize_int4_triton
+    from codellama_rt.kernels.int4_format import dequantize_int4
+    from codellama_rt.kernels.options import KernelOptions
+
+    N, K = 22016, 4096
+    w = quantize_int4(torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5, group_size=128)
+    assert torch.equal(dequantize_int4_triton(w, torch.bfloat16), dequantize_int4(w, torch.bfloat16))
+    x = torch.randn(512, K, device=DEV, dtype=torch.bfloat16)
+    got = int4_linear(x, w, options=KernelOptions(experiments={"int4_dequant_gemm"}))
+    assert torch.equal(got, int4_linear_ref(x, w))
+
+
 @pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
 def test_gemv_swiglu_real_size(F_, K):
     """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""

@@ -93,6 +93,7 @@ def run_gpu(dtype=torch.bfloat16, bw: float | None = None, options: KernelOption
                 rows.append(dict(kernel="attention_decode", shape=f"{name} S={S}", provider=prov, ms=ms,
                                  gbps=nbytes / ms[0] / 1e6, frac_copy=nbytes / ms[0] / 1e6 / bw))
     rows += run_quant_gemv(bw, dtype, options)
+    rows += run_quant_gemm(dtype, options=options)
     return rows
 
 
@@ -131,6 +132,33 @@ def run_quant_gemv(bw: float, dtype, options: KernelOptions = DEFAULT_OPTIONS) -
                 rows.append(_graph_row("int4 gemv", name, "gluon frag", frag_bytes, bw, calls))
                 del fws
             del qws
+    return rows
+
+
+def run_quant_gemm(dtype=torch.bfloat16, tokens: int = 512, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
+    """Prefill projections (`tokens` rows) at 7B shapes, TFLOP/s: dense cuBLAS (the yardstick: 4-bit time to
+    first token against bf16's), our fused int4 dequant-GEMM, and the experiment "int4_dequant_gemm" (the weight
+    dequantized by a Triton kernel, then cuBLAS), each timed with do_bench."""
+    rows = []
+    dequant = KernelOptions(experiments=options.experiments | {"int4_dequant_gemm"}, pdl=options.pdl)
+    for name, (n, k) in {"7B wqkv": (3 * 4096, 4096), "7B w13": (2 * 11008, 4096), "7B w2": (4096, 11008)}.items():
+        w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
+        x = torch.randn(tokens, k, dtype=dtype, device="cuda")
+        q = quantize_int4(w, group_size=128)
+        flops = 2 * tokens * n * k
+        for prov, fn in (("torch (dense bf16)", partial(torch.nn.functional.linear, x, w)),
+                         ("triton (fused int4)", partial(int4_linear, x, q, options=options)),
+                         ("triton dequant + cuBLAS", partial(int4_linear, x, q, options=dequant))):
+            try:
+                ms = bench(fn)
+            except Exception as e:  # noqa: BLE001 - one provider failing must not lose the other rows
+                torch.cuda.synchronize()
+                rows.append(dict(kernel="int4 gemm", shape=f"{name} M={tokens}",
+                                 provider=f"{prov} (failed: {type(e).__name__}: {str(e)[:80]})"))
+                continue
+            rows.append(dict(kernel="int4 gemm", shape=f"{name} M={tokens}", provider=prov, ms=ms,
+                             tflops=flops / ms[0] / 1e9))
+        del w, q
     return rows
 
 

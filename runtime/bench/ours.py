@@ -93,11 +93,15 @@ def _cold_run(engine: Engine):
     return run
 
 
-def ours_ttft(model, spec: ModelSpec, plan: Plan) -> list[dict]:
+def ours_ttft(model, spec: ModelSpec, plan: Plan, label: str = OURS) -> list[dict]:
     """Time to first token (batch 1, a cold prompt) at each prompt length: median of `ttft_repeats` after a
     warm-up."""
-    engine = make_engine(model, 1, max(plan.ttft_prompts) + 1, None)
-    rows = [ttft_row(model, spec, plan, OURS, model.backend, n, _cold_run(engine)) for n in plan.ttft_prompts]
+    try:
+        engine = make_engine(model, 1, max(plan.ttft_prompts) + 1, None)
+    except Unavailable as e:
+        return [dict(model=spec.name, provider=label, backend=model.backend, prompt_tokens=n,
+                     status=f"unavailable: {e}") for n in plan.ttft_prompts]
+    rows = [ttft_row(model, spec, plan, label, model.backend, n, _cold_run(engine)) for n in plan.ttft_prompts]
     del engine
     free_memory()
     return rows
@@ -111,14 +115,19 @@ def experiment_provider(spec: ModelSpec, names) -> tuple[str, str]:
 
 
 def experiment_rows(model, spec: ModelSpec, plan: Plan, sets, emit=None) -> list[dict]:
-    """One batch-1 decode row (`ours_decode`, `experiment_provider`'s) per set of experiment names, each
-    engine built, captured and run with the plan's kernel options plus those (`kernel_options_set`);
-    `emit`ted as they come."""
-    rows = []
+    """Per set of experiment names, with the plan's kernel options plus those (`kernel_options_set`): a batch-1
+    decode row (`ours_decode`, `experiment_provider`'s) where one of them changes this weight format's decode,
+    and TTFT rows (`ours_ttft`, labelled alike) where one changes its prefill; `emit`ted as they come."""
+    from ..kernels.options import EXPERIMENTS
+
+    weights, rows = spec.quantize or "dense", []
     for names in sets:
         how, label = experiment_provider(spec, names)
         with kernel_options_set(model, plan.kernel_options(names)):
-            rows.append(dict(ours_decode(model, spec, plan, how, 1, label=label), experiments=list(names)))
+            if any(weights in EXPERIMENTS[n].weights for n in names):
+                rows.append(dict(ours_decode(model, spec, plan, how, 1, label=label), experiments=list(names)))
+            if any(weights in EXPERIMENTS[n].prefill for n in names):
+                rows += [dict(r, experiments=list(names)) for r in ours_ttft(model, spec, plan, label=label)]
         if emit:
             emit(rows)
     return rows

@@ -176,17 +176,19 @@ def _experiments_unit(name: str, plan: e2e.Plan, report: dict):
     def fn(budget: Budget) -> None:
         spec = e2e.MODELS[name]
         timeout = max(30.0, min(plan.peer_timeout_s, budget.left() - 15))
-        report["decode"].extend(e2e.experiment_rows_isolated(spec, plan, experiment_sets(spec, plan), timeout))
+        _add_peer_rows(report, e2e.experiment_rows_isolated(spec, plan, experiment_sets(spec, plan), timeout))
     return fn
 
 
 def experiment_sets(spec: e2e.ModelSpec, plan: e2e.Plan) -> list:
-    """The plan's experiment sets that get a row for `spec`: on a GPU, for the bars' models, those with an
-    experiment that changes this weight format's decode (else the row would repeat the default one)."""
+    """The plan's experiment sets that get rows for `spec`: on a GPU, for the bars' models, those with an
+    experiment that changes this weight format's decode or prefill (else the rows would repeat the default
+    ones)."""
     if not spec.cuda or spec.name not in BAR_MODELS:
         return []
     weights = spec.quantize or "dense"
-    return [names for names in plan.experiment_sets if any(weights in EXPERIMENTS[n].weights for n in names)]
+    return [names for names in plan.experiment_sets
+            if any(weights in EXPERIMENTS[n].weights + EXPERIMENTS[n].prefill for n in names)]
 
 
 def _peer_unit(kind: str, name: str, plan: e2e.Plan, report: dict):
