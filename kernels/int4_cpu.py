@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_gemm import linear_bf16, prefill_in_bf16
+from .cpu_gemm import gemm, linear_bf16, prefill_in_bf16
 from .cpu_native import int4_linear_native
 from .int4 import int4_linear_ref
 from .int4_format import Int4Weight, dequantize_int4
@@ -53,13 +53,15 @@ def packed(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 
 def int4_linear_cpu(x: torch.Tensor, w: Int4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int4_linear_ref` (fp32 accumulation inside torch's kernel;
-    bf16 x keeps bf16 products). fp32 prefill rows run in bf16 where `cpu_native.prefill_in_bf16` (options)."""
+    bf16 x keeps bf16 products). fp32 prefill rows run in bf16 where `cpu_gemm.prefill_in_bf16` (options)."""
     native = int4_linear_native(x, w, options=options)
     if native is not None:
         return native
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int4(w, torch.bfloat16))
     if not supported(x, w) or (x.dtype == torch.float32 and x.numel() // x.shape[-1] > FP32_KERNEL_MAX_ROWS):
+        if x.device.type == "cpu" and w.device.type == "cpu":  # the reference's arithmetic, prefill via oneDNN
+            return gemm(x, dequantize_int4(w, x.dtype))
         return int4_linear_ref(x, w)
     code, scales_zeros = packed(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])

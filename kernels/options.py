@@ -65,7 +65,7 @@ class KernelOptions:
     pdl: launch kernels that support it with programmatic dependent launch (sm_90+ GPUs only).
     cpu_bf16_prefill: the cpu backend multiplies int8 and int4 weights by prefill rows (more than 16 in a call)
     in bf16 (activations, weights and outputs rounded to bf16, sums in fp32) on CPUs with AVX512-BF16 or AMX,
-    where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_native.py`).
+    where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_gemm.py`).
     """
 
     experiments: frozenset = frozenset()

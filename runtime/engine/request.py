@@ -5,7 +5,7 @@ import itertools
 import time
 from typing import Callable, Optional
 
-from .events import Completion, Delta, TokenLogprob
+from .events import Completion, Delta
 from .sampling import SamplingParams
 from .speculation import Speculation
 from ..tokenizer.detokenize import TextStream
@@ -59,10 +59,6 @@ class Request:
     def fed(self) -> list:
         """The ids whose K/V the slot holds: the prompt and every sampled id but the last."""
         return self.prompt + self.sampled[:-1] if self.sampled else self.prompt[:self.computed]
-
-    def accept(self, token: int, lp: Optional[TokenLogprob]) -> bool:
-        """Take one sampled id (not NONFINITE); send what became final. True when the request is done."""
-        return self.accept_block([token], [lp])[0]
 
     def accept_block(self, tokens: list, lps: list) -> tuple[bool, int]:
         """Take the sampled ids of one step or verify pass (none NONFINITE; lps: a TokenLogprob or None each) in
