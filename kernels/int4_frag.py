@@ -11,14 +11,16 @@ layouts: each lane loads its own A-fragment words (one 16-byte load per 32 weigh
 consecutive x values straight into registers (the B fragments; `convert_layout(..., assert_trivial=True)`
 proves no data moves), the MMA is `mma.sync.m16n8k16` (8 columns of x, no shared memory, no barriers) on
 sm_80 and sm_90 alike, and one LOP3 (after a shift, for three planes of four) turns two weights into bf16
-128 + q: 7 instructions per 8 weights. sm_90 loop (`kernels.sass`, 7B shapes): 1.39 SASS instructions a
-weight at M = 1 and 1.50 at M = 8 (the Triton MMA kernel: 2.6), 71-80 registers, no shared memory.
+128 + q: 7 instructions per 8 weights. sm_90 loop (`kernels.sass`, 7B shapes, group 128): 1.38 SASS
+instructions a weight at M = 1 and 1.48 at M = 8 (the Triton MMA kernel: 2.6), 70-80 registers, no shared
+memory; groups of 32 (two groups a 64-column trip, so twice the scale work): 1.82 at M = 1.
 
 Bytes: the fp32 (s, c) pairs cost 8 bytes a group and output column where GPTQ's bf16 scale and 4-bit zero cost
 2.5: at group 128 the layout streams 0.5625 bytes a weight against GPTQ's 0.5195 (+8%).
 
 Per trip (64 input columns) a program multiplies 4 nibble planes of each of its 16-row tiles by the trip's x
-into a per-group fp32 sum, and a ones-MMA sums x (the same 4 B fragments); per group and output column,
+into a per-group fp32 sum (groups of 32: planes 0-1 and 2-3 into two), and a ones-MMA sums x (the same B
+fragments); per group and output column,
 acc += s * part + (-(128 + z) s) * sum(x) (two FMAs, `int4_frag_format`'s scales). Grid (padded N / 256,
 SPLIT_K); with SPLIT_K > 1 fp32 partials [SPLIT_K, M, N] that `int4_gemv._int4_splitk_reduce_kernel` sums
 in order. M <= 16 rows of bf16 x: MT = 8 columns of x (one n8 MMA tile) for up to 8 rows, 16 (two) above.
@@ -34,7 +36,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 import triton.language as tl
+from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
@@ -88,8 +92,20 @@ def _powers(n: int) -> list[int]:
     return [1 << i for i in range(n.bit_length() - 1)]
 
 
-@gluon_kernel(do_not_specialize=["groups_per_split"])
-def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
+@gluon.jit
+def _add_group(acc, part, xs, sc_ptrs, BLOCK_N: gl.constexpr, MMA: gl.constexpr):
+    """acc + s * part + c * sum(x) for one group: part = sum (128 + q) x, xs's rows each sum(x), sc_ptrs its
+    (s, c) pairs in the scales' stored order [w, g, r, e1, 2] (rows 64 r + 16 w + 8 e1 + g)."""
+    col_sum = gl.convert_layout(gl.max(xs, 0), gl.SliceLayout(0, MMA))  # every row of xs is sum_k x
+    s, c = gl.load(sc_ptrs).permute([2, 0, 3, 1, 4]).reshape([BLOCK_N, 2]).split()
+    s = gl.convert_layout(s, gl.SliceLayout(1, MMA), assert_trivial=True)
+    c = gl.convert_layout(c, gl.SliceLayout(1, MMA), assert_trivial=True)
+    acc = gl.fma(part, s[:, None], acc)
+    return gl.fma(c[:, None], col_sum[None, :], acc)
+
+
+@gluon_kernel(do_not_specialize=["units_per_split"])
+def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, units_per_split,
                            GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
                            WRITE_PARTIALS: gl.constexpr, SCALE_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                            MT: gl.constexpr = 8):
@@ -101,9 +117,10 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     # codes: [TILES, 32 lanes, 8] int16 a trip, 16 bytes a lane; x: lane (g, t) holds row g, 16 values at 16 t
     w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
     x_l: gl.constexpr = X_LAYOUT
+    UNIT: gl.constexpr = 64 if GROUP_SIZE == 32 else GROUP_SIZE  # input columns a loop trip: 1 or 2 groups
     pid_n = gl.program_id(0)
-    g_start = gl.program_id(1) * groups_per_split
-    g_end = gl.minimum(g_start + groups_per_split, K // GROUP_SIZE)
+    u_start = gl.program_id(1) * units_per_split
+    u_end = gl.minimum(u_start + units_per_split, K // UNIT)
 
     tile = gl.arange(0, TILES, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
@@ -112,7 +129,11 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     xm = gl.arange(0, MT, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_l)))
     xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_l)))
     xe = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_l)))
-    x_ptrs = X + xm[:, None, None].to(gl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
+    if GROUP_SIZE == 32:  # lane t: x[8 t .. + 7] (planes 0-1) and x[32 + 8 t .. + 7] (planes 2-3)
+        x_ptrs = (X + xm[:, None, None].to(gl.int64) * stride_xm + xt[None, :, None] * 8
+                  + (xe[None, None, :] // 8) * 32 + xe[None, None, :] % 8)
+    else:
+        x_ptrs = X + xm[:, None, None].to(gl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
     x_mask = (xm[:, None, None] < M) & (xt[None, :, None] < 4) & (xe[None, None, :] < 16)
     REPS: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
     s_l: gl.constexpr = SCALE_LAYOUT
@@ -127,11 +148,14 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
 
     ones = gl.full([16, 16], 1.0, gl.bfloat16, layout=a_l)
     acc = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
-    for g in range(g_start, g_end):
+    for u in range(u_start, u_end):
         part = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
         xs = gl.zeros([16, MT], gl.float32, layout=mma)
-        for trip in gl.static_range(GROUP_SIZE // 64):
-            k0 = g * GROUP_SIZE + trip * 64
+        if GROUP_SIZE == 32:  # the chunk's second group: planes 2-3
+            part_b = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
+            xs_b = gl.zeros([16, MT], gl.float32, layout=mma)
+        for trip in gl.static_range(UNIT // 64):
+            k0 = u * UNIT + trip * 64
             wq = gl.load(w_ptrs + (k0 // 64) * (n_pad * 16), eviction_policy="evict_first")
             wq = wq.reshape([TILES, 8, 4, 2, 2, 2]).permute([0, 4, 1, 3, 2, 5]).reshape([BLOCK_N, 16])
             wq = gl.convert_layout(wq, a_l, assert_trivial=True)
@@ -149,19 +173,22 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
             x3 = gl.convert_layout(x3, b_l, assert_trivial=True)
             part = mma_v2(p0, x0, part)
             part = mma_v2(p1, x1, part)
-            part = mma_v2(p2, x2, part)
-            part = mma_v2(p3, x3, part)
             xs = mma_v2(ones, x0, xs)
             xs = mma_v2(ones, x1, xs)
-            xs = mma_v2(ones, x2, xs)
-            xs = mma_v2(ones, x3, xs)
-        col_sum = gl.convert_layout(gl.max(xs, 0), gl.SliceLayout(0, mma))  # every row of xs is sum_k x
-        sc = gl.load(s_ptrs + g * n_pad * 2)  # [w, g, r, e1, 2] -> rows 64 r + 16 w + 8 e1 + g
-        s, c = sc.permute([2, 0, 3, 1, 4]).reshape([BLOCK_N, 2]).split()
-        s = gl.convert_layout(s, gl.SliceLayout(1, mma), assert_trivial=True)
-        c = gl.convert_layout(c, gl.SliceLayout(1, mma), assert_trivial=True)
-        acc = gl.fma(part, s[:, None], acc)
-        acc = gl.fma(c[:, None], col_sum[None, :], acc)
+            if GROUP_SIZE == 32:
+                part_b = mma_v2(p2, x2, part_b)
+                part_b = mma_v2(p3, x3, part_b)
+                xs_b = mma_v2(ones, x2, xs_b)
+                xs_b = mma_v2(ones, x3, xs_b)
+            else:
+                part = mma_v2(p2, x2, part)
+                part = mma_v2(p3, x3, part)
+                xs = mma_v2(ones, x2, xs)
+                xs = mma_v2(ones, x3, xs)
+        g = u * UNIT // GROUP_SIZE
+        acc = _add_group(acc, part, xs, s_ptrs + g * n_pad * 2, BLOCK_N, mma)
+        if GROUP_SIZE == 32:
+            acc = _add_group(acc, part_b, xs_b, s_ptrs + (g + 1) * n_pad * 2, BLOCK_N, mma)
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, mma))
@@ -173,16 +200,31 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
         gl.store(Out + offs_m[None, :].to(gl.int64) * stride_om + offs_n[:, None], acc.to(gl.bfloat16), mask=mask)
 
 
-@kernel(do_not_specialize=["groups_per_split"])
-def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, groups_per_split,
+@triton.jit
+def _twin_planes(wq, xv, MT: tl.constexpr):
+    """The four planes' sums of one trip in fp32, [4 (c), BLOCK_N, MT] as (128 + q) x, and x's [4, MT] sums."""
+    xv = xv.reshape(MT, 4, 4, 2, 2).permute(3, 1, 4, 0, 2).reshape(16, MT, 4)  # [j, m, c]
+    xa, xb = xv.reshape(16, MT, 2, 2).split()
+    x0, x2 = xa.split()
+    x1, x3 = xb.split()
+    p0 = tl.sum(((wq & 15).to(tl.float32) + 128.0)[:, :, None] * x0[None, :, :], axis=1)
+    p1 = tl.sum((((wq >> 4) & 15).to(tl.float32) + 128.0)[:, :, None] * x1[None, :, :], axis=1)
+    p2 = tl.sum((((wq >> 8) & 15).to(tl.float32) + 128.0)[:, :, None] * x2[None, :, :], axis=1)
+    p3 = tl.sum((((wq >> 12) & 15).to(tl.float32) + 128.0)[:, :, None] * x3[None, :, :], axis=1)
+    return p0, p1, p2, p3, tl.sum(x0, axis=0), tl.sum(x1, axis=0), tl.sum(x2, axis=0), tl.sum(x3, axis=0)
+
+
+@kernel(do_not_specialize=["units_per_split"])
+def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm, stride_om, units_per_split,
                          GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_WARPS: tl.constexpr,
                          WRITE_PARTIALS: tl.constexpr, MT: tl.constexpr = 8):
     """`_int4_frag_gemv_kernel` in plain Triton: the same loads, reshapes and sums, the planes unpacked by
     arithmetic ((code >> 4c) & 15, + 128) and multiplied in fp32. The interpreter runs it on CPU tensors."""
     TILES: tl.constexpr = BLOCK_N // 16
+    UNIT: tl.constexpr = 64 if GROUP_SIZE == 32 else GROUP_SIZE
     pid_n = tl.program_id(0)
-    g_start = tl.program_id(1) * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, K // GROUP_SIZE)
+    u_start = tl.program_id(1) * units_per_split
+    u_end = tl.minimum(u_start + units_per_split, K // UNIT)
     tile = tl.arange(0, TILES)
     lane = tl.arange(0, 32)
     elem = tl.arange(0, 8)
@@ -190,7 +232,11 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
     xm = tl.arange(0, MT)
     xt = tl.arange(0, 4)
     xe = tl.arange(0, 16)
-    x_ptrs = X + xm[:, None, None].to(tl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
+    if GROUP_SIZE == 32:
+        x_ptrs = (X + xm[:, None, None].to(tl.int64) * stride_xm + xt[None, :, None] * 8
+                  + (xe[None, None, :] // 8) * 32 + xe[None, None, :] % 8)
+    else:
+        x_ptrs = X + xm[:, None, None].to(tl.int64) * stride_xm + xt[None, :, None] * 16 + xe[None, None, :]
     x_mask = (xm[:, None, None] < M) & (xt[None, :, None] < 4) & (xe[None, None, :] < 16)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.arange(0, BLOCK_N)  # 64 r + 16 w + 8 e1 + g, stored at [w, g, r, e1]
@@ -199,27 +245,34 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
               + (row // 64) * 4 + ((row % 16) // 8) * 2)
 
     acc = tl.zeros([BLOCK_N, MT], tl.float32)
-    for g in range(g_start, g_end):
-        part = tl.zeros([BLOCK_N, MT], tl.float32)
-        col_sum = tl.zeros([MT], tl.float32)
-        for trip in tl.static_range(GROUP_SIZE // 64):
-            k0 = g * GROUP_SIZE + trip * 64
+    for u in range(u_start, u_end):
+        part_a = tl.zeros([BLOCK_N, MT], tl.float32)  # planes 0-1 (and 2-3 unless groups of 32)
+        part_b = tl.zeros([BLOCK_N, MT], tl.float32)  # planes 2-3 with groups of 32: the chunk's second group
+        sum_a = tl.zeros([MT], tl.float32)
+        sum_b = tl.zeros([MT], tl.float32)
+        for trip in tl.static_range(UNIT // 64):
+            k0 = u * UNIT + trip * 64
             wq = tl.load(w_ptrs + (k0 // 64) * (n_pad * 16)).to(tl.int32)
             wq = wq.reshape(TILES, 8, 4, 2, 2, 2).permute(0, 4, 1, 3, 2, 5).reshape(BLOCK_N, 16)
             xv = tl.load(x_ptrs + k0, mask=x_mask, other=0.0).to(tl.float32)
-            xv = xv.reshape(MT, 4, 4, 2, 2).permute(3, 1, 4, 0, 2).reshape(16, MT, 4)
-            xa, xb = xv.reshape(16, MT, 2, 2).split()
-            x0, x2 = xa.split()
-            x1, x3 = xb.split()
-            part += tl.sum(((wq & 15).to(tl.float32) + 128.0)[:, :, None] * x0[None, :, :], axis=1)
-            part += tl.sum((((wq >> 4) & 15).to(tl.float32) + 128.0)[:, :, None] * x1[None, :, :], axis=1)
-            part += tl.sum((((wq >> 8) & 15).to(tl.float32) + 128.0)[:, :, None] * x2[None, :, :], axis=1)
-            part += tl.sum((((wq >> 12) & 15).to(tl.float32) + 128.0)[:, :, None] * x3[None, :, :], axis=1)
-            col_sum += tl.sum(x0 + x1 + x2 + x3, axis=0)
+            p0, p1, p2, p3, s0, s1, s2, s3 = _twin_planes(wq, xv, MT)
+            part_a += p0 + p1
+            sum_a += s0 + s1
+            part_b += p2 + p3
+            sum_b += s2 + s3
+        g = u * UNIT // GROUP_SIZE
+        if GROUP_SIZE != 32:
+            part_a += part_b
+            sum_a += sum_b
         s = tl.load(s_ptrs + g * n_pad * 2)
         c = tl.load(s_ptrs + g * n_pad * 2 + 1)
-        acc = tl.fma(part, s[:, None], acc)
-        acc = tl.fma(c[:, None], col_sum[None, :], acc)
+        acc = tl.fma(part_a, s[:, None], acc)
+        acc = tl.fma(c[:, None], sum_a[None, :], acc)
+        if GROUP_SIZE == 32:
+            s = tl.load(s_ptrs + (g + 1) * n_pad * 2)
+            c = tl.load(s_ptrs + (g + 1) * n_pad * 2 + 1)
+            acc = tl.fma(part_b, s[:, None], acc)
+            acc = tl.fma(c[:, None], sum_b[None, :], acc)
 
     offs_m = tl.arange(0, MT)
     mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -279,9 +332,9 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
-    groups = K // fw.group_size
-    split = split_count(groups, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device))
-    per_split = cdiv(groups, split)
+    units = K // max(fw.group_size, FRAG_K)  # a loop trip's input columns: a group, or a chunk of two groups of 32
+    split = split_count(units, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device))
+    per_split = cdiv(units, split)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
     grid = (fw.padded_out // FRAG_BLOCK_N, split)
     args = (x2, fw.codes, fw.scales, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0), per_split)

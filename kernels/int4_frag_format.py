@@ -9,11 +9,13 @@ block (512 bytes; a program's tiles of one chunk are adjacent, 8 KiB in one piec
 lane l = 4 g + t (g = 0..7, t = 0..3) holds 8 int16, element e = 4 e2 + 2 e1 + e0, and nibble c (bits
 4c..4c + 3, c = 0..3) of that int16 is q[n, k] with
 
-    n = 16 tile + 8 e1 + g,    k = 64 chunk + 16 t + 4 c + 2 e2 + e0.
+    n = 16 tile + 8 e1 + g,    k = 64 chunk + 16 t + 4 c + 2 e2 + e0             (groups of 64 and 128)
+                               k = 64 chunk + 32 (c // 2) + 8 t + 4 (c % 2) + 2 e2 + e0    (groups of 32)
 
-So nibble plane c of the block is a 16 x 16 A operand whose column j = 8 e2 + 2 t + e0 is input k = 64 chunk +
-16 t + 4 c + 2 e2 + e0: lane (g, t) reads x[k0 + 16 t .. k0 + 16 t + 15], 16 consecutive values, for all four
-planes (see `FRAG_COLUMN_K`). Each 32-bit half-pair holds weights (k, k + 1) of one row, so one LOP3 with
+So nibble plane c of the block is a 16 x 16 A operand whose column j = 8 e2 + 2 t + e0 is one input k, and every
+plane lies inside one group (with groups of 32, planes 0-1 in the chunk's first, 2-3 in its second). Lane
+(g, t) reads x[k0 + 16 t .. + 15] (groups of 32: x[k0 + 8 t .. + 7] and x[k0 + 32 + 8 t .. + 7]) for all four
+planes (`frag_column_k`). Each 32-bit half-pair holds weights (k, k + 1) of one row, so one LOP3 with
 0x000F000F | 0x43004300 makes both bf16 values 128 + q.
 
 Scales. fp32 pairs (s, -(128 + z) s), so a group's contribution is s * sum_k (128 + q) x_k + (-(128 + z) s) *
@@ -33,14 +35,16 @@ from .int4_format import Int4Weight
 FRAG_BLOCK_N = 256   # output columns of one GEMV program; the format pads the output dim to a multiple
 FRAG_K = 64          # input columns of one trip (four 16-wide nibble planes)
 FRAG_BIAS = 128.0    # the bf16 magic number's value: 0x4300 | q is 128 + q
-FRAG_GROUP_SIZES = (64, 128)  # a group spans whole trips, so its scale applies after the trip's MMAs
+FRAG_GROUP_SIZES = (32, 64, 128)  # each plane lies inside one group, so its scale applies after the MMAs
 FRAG_WARPS = 4       # warps of one GEMV program (the scales' order follows their rows)
 _SCALE_BLOCK = (FRAG_WARPS, 8, FRAG_BLOCK_N // (16 * FRAG_WARPS), 2, 2)  # w g r e1 (s, c)
 
 
-def frag_column_k(j: torch.Tensor, c: int) -> torch.Tensor:
+def frag_column_k(j: torch.Tensor, c: int, group_size: int) -> torch.Tensor:
     """Input column (within a 64-chunk) of nibble plane c's A-operand column j (0..15)."""
     e2, t, e0 = j // 8, (j % 8) // 2, j % 2
+    if group_size == 32:
+        return 32 * (c // 2) + 8 * t + 4 * (c % 2) + 2 * e2 + e0
     return 16 * t + 4 * c + 2 * e2 + e0
 
 
@@ -85,7 +89,7 @@ class Int4FragWeight:
 
 
 def frag_supported(w: Int4Weight) -> bool:
-    """Whether `to_frag` can lay out `w`: group size 64 or 128 (so in_features is a multiple of 64)."""
+    """Whether `to_frag` can lay out `w`: group size 32, 64 or 128, in_features a multiple of 64."""
     return w.group_size in FRAG_GROUP_SIZES and w.shape[1] % FRAG_K == 0
 
 
@@ -99,9 +103,7 @@ def to_frag(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Int4FragWeigh
     n_pad = -(-n // FRAG_BLOCK_N) * FRAG_BLOCK_N
     q, z = w.unpack()                                               # [n, k], [groups, n]
     q = torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, n_pad - n))
-    # n = 16 tile + 8 e1 + g; k = 64 chunk + 16 t + 4 c + 2 e2 + e0
-    q = q.view(n_pad // 16, 2, 8, k // FRAG_K, 4, 4, 2, 2)         # tile e1 g chunk t c e2 e0
-    q = q.permute(3, 0, 2, 4, 5, 6, 1, 7)                           # chunk tile g t c e2 e1 e0
+    q = _chunk_tile_order(q, w.group_size)                          # chunk tile g t c e2 e1 e0
     shifts = (4 * torch.arange(4, device=q.device, dtype=torch.int32)).view(4, 1, 1, 1)
     v = (q << shifts).sum(dim=4)                                    # chunk tile g t e2 e1 e0: 16 bits
     v = torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)
@@ -114,13 +116,27 @@ def to_frag(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Int4FragWeigh
     return Int4FragWeight(codes=codes, scales=scales, shape=(n, k), group_size=w.group_size, dtype=dtype)
 
 
+def _chunk_tile_order(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [n_pad, K] -> [chunk, tile, g, t, c, e2, e1, e0] (a view), the module doc's index map."""
+    n_pad, k = q.shape
+    if group_size == 32:  # k = 64 chunk + 32 h + 8 t + 4 c1 + 2 e2 + e0, c = 2 h + c1
+        q = q.view(n_pad // 16, 2, 8, k // FRAG_K, 2, 4, 2, 2, 2)  # tile e1 g chunk h t c1 e2 e0
+        return q.permute(3, 0, 2, 5, 4, 6, 7, 1, 8).reshape(k // FRAG_K, n_pad // 16, 8, 4, 4, 2, 2, 2)
+    q = q.view(n_pad // 16, 2, 8, k // FRAG_K, 4, 4, 2, 2)        # tile e1 g chunk t c e2 e0
+    return q.permute(3, 0, 2, 4, 5, 6, 1, 7)
+
+
 def unpack_frag(fw: Int4FragWeight) -> torch.Tensor:
     """q uint8 [out, in]: the inverse of `to_frag`'s code layout (padding dropped)."""
     n, k = fw.shape
     v = fw.codes.to(torch.int32).view(k // FRAG_K, -1, 8, 4, 2, 2, 2)     # chunk tile g t e2 e1 e0
     shifts = (4 * torch.arange(4, device=v.device, dtype=torch.int32)).view(4, 1, 1, 1)
     q = (v.unsqueeze(4) >> shifts) & 0xF                                   # chunk tile g t c e2 e1 e0
-    q = q.permute(1, 6, 2, 0, 3, 4, 5, 7)                                  # tile e1 g chunk t c e2 e0
+    if fw.group_size == 32:
+        q = q.reshape(k // FRAG_K, -1, 8, 4, 2, 2, 2, 2, 2)                # chunk tile g t h c1 e2 e1 e0
+        q = q.permute(1, 7, 2, 0, 4, 3, 5, 6, 8)                           # tile e1 g chunk h t c1 e2 e0
+    else:
+        q = q.permute(1, 6, 2, 0, 3, 4, 5, 7)                              # tile e1 g chunk t c e2 e0
     return q.reshape(-1, k)[:n].to(torch.uint8)
 
 

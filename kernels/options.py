@@ -31,7 +31,7 @@ class Experiment:
 
 EXPERIMENTS = {
     "int4_mma": Experiment("int4 decode rows (M <= 16) on the tensor-core GEMV (kernels/int4.py)", ("int4",)),
-    "int4_frag": Experiment("int4 decode rows (M <= 16, bf16, groups of 64/128) on the Gluon tensor-core GEMV "
+    "int4_frag": Experiment("int4 decode rows (M <= 16, bf16, input widths of whole 64s) on the Gluon tensor-core GEMV "
                             "from a fragment-order copy of the weight made on first use (kernels/int4_frag.py)",
                             ("int4",)),
     "int4_dequant_gemm": Experiment("int4 prefill rows (M > 16): the weight dequantized by a Triton kernel, then "

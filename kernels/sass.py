@@ -25,7 +25,7 @@ WEIGHTS_PER_TRIP = {
     "_int4_gemv_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
     "_int4_gemv_mma_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
     "_int4_gemm_kernel": lambda c: c["BLOCK_K"] * c["BLOCK_N"],
-    "_int4_frag_gemv_kernel": lambda c: c["GROUP_SIZE"] * c["BLOCK_N"],  # one group per trip
+    "_int4_frag_gemv_kernel": lambda c: max(c["GROUP_SIZE"], 64) * c["BLOCK_N"],  # a group (two of 32) a trip
     "_nf4_gemv_kernel": lambda c: 64 * c["BLOCK_N"],  # one quantization block of 64 along K per trip
     "_nf4_gemm_kernel": lambda c: 64 * c["BLOCK_N"],
 }
