@@ -188,12 +188,12 @@ def test_int4_one_pass_split_k_real_size(M, kind):
 
 
 @pytest.mark.experiment
-@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (32016, 4096)], ids=["wqkv", "w2", "padded"])
-@pytest.mark.parametrize("M", [1, 3, 8, 13, 16])
+@pytest.mark.parametrize("N,K,M", [(12288, 4096, 1), (12288, 4096, 8), (4096, 11008, 3), (32016, 4096, 13),
+                                   (4096, 4096, 16)], ids=["wqkv-1", "wqkv-8", "w2-3", "padded-13", "wo-16"])
 def test_int4_frag_gluon_real_size(N, K, M):
     """The Gluon fragment-order GEMV (experiment "int4_frag") at 7B sizes: within one bf16 rounding (plus fp32
-    sums' rounding) of the fp32 reference; the Triton twin, compiled, agrees as closely; a replayed graph
-    gives the eager bits."""
+    sums' rounding) of the fp32 reference; the Triton twin, compiled (one row only: it compiles slowly), agrees
+    as closely; a replayed graph gives the eager bits."""
     from codellama_rt.kernels import int4_frag
     from codellama_rt.kernels.int4 import quantize_int4
     from codellama_rt.kernels.int4_frag_format import dequantize_frag, to_frag
@@ -206,13 +206,14 @@ def test_int4_frag_gluon_real_size(N, K, M):
     w32 = dequantize_frag(fw, torch.float32)
     bound = 2.0 ** -7 * ref.float().abs() + 16 * 2.0 ** -24 * K ** 0.5 * (x.float().abs() @ w32.abs().t())
     assert ((y.float() - ref.float()).abs() <= bound).all()
-    _, launches = int4_frag._prepare(x, fw)
-    twin = [(int4_frag._int4_frag_gemv_twin,) + launch[1:] for launch in launches[:1]] + launches[1:]
-    for kern, grid, args, constexprs, num_warps in twin:  # the twin writes the same partials / output
-        constexprs = {k: v for k, v in constexprs.items() if k not in ("SCALE_LAYOUT", "X_LAYOUT")}
-        kern.on(x, True)[grid](*args, **constexprs, num_warps=num_warps)
-    out = launches[0][2][3].view_as(y)
-    assert ((out.float() - ref.float()).abs() <= bound).all()
+    if M == 1:
+        _, launches = int4_frag._prepare(x, fw)
+        twin = [(int4_frag._int4_frag_gemv_twin,) + launch[1:] for launch in launches[:1]] + launches[1:]
+        for kern, grid, args, constexprs, num_warps in twin:  # the twin writes the same partials / output
+            constexprs = {k: v for k, v in constexprs.items() if k not in ("SCALE_LAYOUT", "X_LAYOUT")}
+            kern.on(x, True)[grid](*args, **constexprs, num_warps=num_warps)
+        out = launches[0][2][3].view_as(y)
+        assert ((out.float() - ref.float()).abs() <= bound).all()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         g_out = int4_frag.int4_frag_linear(x, fw)
