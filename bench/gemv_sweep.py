@@ -7,7 +7,8 @@ call inside a CUDA graph (no Python launch cost, as in graphed decode), cycling 
 copies that none stays in L2:
   - attention: decode attention at batch 1 (7B heads) for cache lengths 256 / 1024 / 4096 and each split
     count (one split writes the output directly), for the split heuristic of short caches;
-  - int4 (GPTQ layout, group 128), per 7B linear (wqkv, wo, w13, w2): `int4_linear` as shipped, the
+  - int4 (GPTQ layout, group 128), per 7B linear (wqkv, wo, w13, w2): `int4_linear` as shipped, the Gluon
+    GEMV on the fragment-order layout (`int4_frag`) over split counts (its GB/s count its own bytes), the
     tensor-core kernel (`_int4_gemv_mma_kernel`) over tile widths, splits and warps, torch's tinygemm op
     (`_weight_int4pack_mm`) as what a CUDA library reaches, then the FMA kernel's tile grid;
   - dense bf16: cuBLAS (F.linear) and the Triton GEMV (`kernels/gemv.py`) over a grid of tiles;
@@ -31,6 +32,8 @@ import triton
 from codellama_rt.bench.common import clone_weight, copies_for, copy_bandwidth, graph_time_us
 from codellama_rt.kernels.gemv import GemvLaunch, gemv
 from codellama_rt.kernels.int4 import Int4Launch, int4_linear, int4_linear_ref, quantize_int4, split_count
+from codellama_rt.kernels.int4_frag import int4_frag_linear
+from codellama_rt.kernels.int4_frag_format import FRAG_BLOCK_N, to_frag
 from codellama_rt.kernels.nf4 import nf4_linear, quantize_nf4
 
 KINDS = ("attention", "int4", "dense", "nf4")
@@ -158,6 +161,21 @@ def int4_rows(record, rows, name, w0, x) -> None:
     ref4 = int4_linear_ref(x, q0).float()
     record("int4", name, "shipped", qbytes, lambda c: int4_linear(x, qs[c]), copies,
            (int4_linear(x, q0).float() - ref4).abs().max().item())
+    fs = [to_frag(q) for q in qs]  # the Gluon GEMV on the fragment-order layout (experiment int4_frag)
+    fbytes = fs[0].codes.nbytes + fs[0].scales.nbytes
+    auto = split_count(K // 128, N, FRAG_BLOCK_N)
+    for split in dict.fromkeys((auto, max(1, auto // 2), 2 * auto)):
+        provider = f"gluon frag split{split} ({fbytes / qbytes:.3f}x the bytes)"
+        try:  # (a kernel that never ran on this GPU may fail to build: a row, not the end of the sweep)
+            err = (int4_frag_linear(x, fs[0], split=split).float() - ref4).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kind="int4", shape=name, provider=provider,
+                             status=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            print(rows[-1], flush=True)
+            continue
+        record("int4", name, provider, fbytes, lambda c, split=split: int4_frag_linear(x, fs[c], split=split),
+               copies, err)
+    fs = None  # frees the copies (the lambdas read the name)
     for bn, split, warps in int4_mma_configs(N, K):
         record("int4", name, f"triton gemv_mma {bn} split{split} w{warps}", qbytes,
                lambda c, bn=bn, split=split, warps=warps: int4_mma_variant(x, qs[c], bn, split, warps), copies,

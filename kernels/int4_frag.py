@@ -308,8 +308,10 @@ def frag_eligible(x: torch.Tensor, w: Int4Weight) -> bool:
     return x.dtype == torch.bfloat16 and 1 <= rows <= FRAG_MAX_M and frag_supported(w)
 
 
-def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None):
-    """Check the arguments and build the launches: (out, [(kernel, grid, args, constexprs, num_warps), ...])."""
+def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,
+             split: Optional[int] = None):
+    """Check the arguments and build the launches: (out, [(kernel, grid, args, constexprs, num_warps), ...]).
+    split: programs along K asked for instead of `int4.split_count`'s (benchmarks; still capped, none empty)."""
     if not isinstance(fw, Int4FragWeight):
         raise TypeError(f"int4_frag_linear: w must be an Int4FragWeight, got {type(fw).__name__}")
     fw.check("int4_frag_linear")
@@ -333,7 +335,7 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     units = K // max(fw.group_size, FRAG_K)  # a loop trip's input columns: a group, or a chunk of two groups of 32
-    split = split_count(units, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device))
+    split = split_count(units, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device), wanted=split)
     per_split = cdiv(units, split)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
     grid = (fw.padded_out // FRAG_BLOCK_N, split)
@@ -353,14 +355,16 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
     return out, launches
 
 
-def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS,
+                     split: Optional[int] = None) -> torch.Tensor:
     """x @ w^T from the fragment-order weight; contract of `int4_frag_linear_ref`, within fp32 rounding.
 
     x: [..., in] bfloat16, at most 16 rows (decode), unit stride in the last dim; fw: an Int4FragWeight on x's
     device (`to_frag` / `frag_of`). Returns a new [..., out] bf16 tensor. CUDA tensors run the Gluon kernel,
-    CPU tensors its Triton twin in the interpreter. options: PDL of the split-K reduce.
+    CPU tensors its Triton twin in the interpreter. options: PDL of the split-K reduce. split: programs along K
+    instead of the heuristic's (bench/gemv_sweep.py).
     """
-    out, launches = _prepare(x, fw)
+    out, launches = _prepare(x, fw, split=split)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:
         for kern, grid, args, constexprs, num_warps in launches:
