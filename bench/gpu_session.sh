@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (under 10 minutes): the GPU test suite, then the serving engine's concurrency and prefix
-# bench (SERVE_S seconds, default 90, 0 skips it), then speculative decoding's oracle rows at 7B bf16 (SPEC_S
-# seconds, default 90, 0 skips them), then the benchmark report (end-to-end decode vs
+# bench (SERVE_S seconds, default 90, 0 skips it), then speculative decoding's oracle and draft rows at 7B bf16 (SPEC_S
+# seconds, default 120, 0 skips them), then the benchmark report (end-to-end decode vs
 # the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
 # (SWEEP_S seconds, default 60, 0 skips it; SWEEP_KINDS, default attention,int4), then the pytest-benchmark
 # micro-benchmarks (MICRO_S seconds, default 60, 0 skips them; their JSON beside the report, for
@@ -40,12 +40,13 @@ serve_s=${SERVE_S:-90}
 if [ "$serve_s" -gt 0 ]; then
   timeout -k 10 "$serve_s" "$py" bench/engine_load.py --out "$dest/engine_load.json" 2>&1 | tail -3
 fi
-spec_s=${SPEC_S:-90}
+spec_s=${SPEC_S:-120}
 if [ "$spec_s" -gt 0 ]; then
-  # speculative decoding's verify machinery at 7B bf16 (issue 22: an oracle proposer, k = 8, >= 5x plain); its
+  # speculative decoding's verify machinery at 7B bf16 (issue 22: an oracle proposer, k = 8, >= 5x plain), and the
+  # model drafting for itself with eager one-id steps and as CUDA graphs (experiment draft_graphs); its
   # table is appended to gpu-tests.txt (the device returns few files)
   timeout -k 10 "$spec_s" "$py" bench/speculative.py --random CodeLlama-7b --device cuda --rounds 1 \
-    --rows oracle,oracle-fixed --new-tokens 128 2>&1 | tail -4 | tee -a "$dest/gpu-tests.txt"
+    --rows oracle,oracle-fixed,draft-self,draft-self-graphs --new-tokens 128 2>&1 | tail -6 | tee -a "$dest/gpu-tests.txt"
 fi
 left=$((session_s - SECONDS))
 if [ "$left" -lt 90 ]; then left=90; fi

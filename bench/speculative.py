@@ -10,8 +10,12 @@ and whether the tokens equal plain greedy decoding's (they must):
 - lookup on a code-editing workload: the prompt holds a file, then asks for one of its functions again with a
   name changed (the output re-emits text of the prompt);
 - lookup on free completion: short code prompts whose continuation is not in the prompt (its cost);
-- draft-int4: the free-completion prompts drafted by the model itself quantized to int4.
+- draft-int4: the free-completion prompts drafted by the model itself quantized to int4;
+- draft-self (the oracle prompts drafted by the model itself: what drafting costs when every proposal is right),
+  with its one-id steps eager, and draft-self-graphs with them as `DraftRun`s (the experiment "draft_graphs":
+  one CUDA graph a proposal on a GPU; eager runs on a CPU).
 Rows named "-fixed" propose num_speculative_tokens ids every pass (the adaptive length off): the machinery at k.
+With --random (random weights at a preset's shapes, random token prompts) only the oracle and draft-self rows run.
 Medians of `--rounds` rounds; every row of a round runs back to back, so ratios compare like with like.
 """
 from __future__ import annotations
@@ -105,7 +109,18 @@ ROWS = {  # name: (prompt set, proposer, fixed length)
     "oracle": ("oracle", "oracle", False), "oracle-fixed": ("oracle", "oracle", True),
     "edit": ("edit", "lookup", False), "free": ("free", "lookup", False),
     "draft-int4": ("free", "draft", False), "draft-int4-fixed": ("free", "draft", True),
+    "draft-self": ("oracle", "draft", True), "draft-self-graphs": ("oracle", "draft", True),
 }
+
+
+def draft_itself(model) -> None:
+    """`model` drafts for itself: its module (weights shared) with a KV cache of its own."""
+    from codellama_rt.engine.draft import DraftModel
+
+    e = model.engine
+    e.speculator.draft = DraftModel(model.module, max_batch=e.max_batch, vocab_limit=e.vocab_limit)
+    if e.cache is not None:
+        e.speculator.draft.ensure(e.cache.max_seq_len)
 
 
 def random_model(preset: str, device: str, new_tokens: int):
@@ -131,6 +146,11 @@ def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
         prompt_set, proposer, fixed = ROWS[row]
         spec = SamplingParams(max_new_tokens=new_tokens, speculate="draft" if proposer == "draft" else "lookup",
                               num_speculative_tokens=k)
+        draft = engine.speculator.draft
+        if row.startswith("draft-self"):  # the draft's one-id steps eager or as runs (graphs on a GPU)
+            draft.use_runs = row.endswith("-graphs")
+            draft.graphed = draft.use_runs and draft.module.device.type == "cuda"
+            draft._runs.clear()
         results = []
         for text in prompts[prompt_set]:
             ids = list(text) if isinstance(text, list) else model.tokenizer.encode(text)
@@ -185,12 +205,21 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         ap.error(f"unknown rows {unknown}; expected some of {', '.join(ROWS)}")
+    if a.device == "cpu" and "draft-self-graphs" in rows:  # runs go through the module graph there, not the
+        rows.remove("draft-self-graphs")                    # native step: nothing a CPU user would run
+        print("draft-self-graphs: skipped on a CPU (a GPU path)")
     if a.random is not None:
         model, prompts = random_model(a.random, a.device, a.new_tokens)
-        rows = [r for r in rows if r.startswith("oracle")]
+        rows = [r for r in rows if r.startswith(("oracle", "draft-self"))]
+        if any(r.startswith("draft-self") for r in rows):
+            draft_itself(model)
     else:
-        draft = cl.load(a.model, device=a.device, quantize="int4") if any("draft" in r for r in rows) else None
+        draft = cl.load(a.model, device=a.device, quantize="int4") if any("draft-int4" in r for r in rows) else None
         model = cl.load(a.model, device=a.device, draft=draft)
+        if any(r.startswith("draft-self") for r in rows):
+            if draft is not None:
+                ap.error("draft-int4 and draft-self rows need different drafts: run them separately")
+            draft_itself(model)
         edits = edit_prompts(Path(__file__).resolve().parent.parent)
         prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
     decode_rate(model.engine, [1, 2, 3, 4], SamplingParams(max_new_tokens=8), {})  # warm-up

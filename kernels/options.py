@@ -37,6 +37,8 @@ EXPERIMENTS = {
     "int4_dequant_gemm": Experiment("int4 prefill rows (M > 16): the weight dequantized by a Triton kernel, then "
                                     "the dense GEMM (cuBLAS), instead of the fused dequant-GEMM "
                                     "(kernels/int4_dequant.py)", (), prefill=("int4",)),
+    "draft_graphs": Experiment("speculate='draft' with greedy requests: the draft's one-id steps of a proposal as "
+                               "one CUDA graph replay (runtime/engine/draft_graph.py)", ()),
     "norm_gemv": Experiment("batch-1 decode's RMSNorm (and residual add) inside the next dense GEMV "
                             "(kernels/gemv.py)", ("dense",)),
     "attn_one_pass": Experiment("decode attention's split combine done by each head's last program, no second "

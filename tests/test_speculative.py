@@ -13,6 +13,7 @@ from codellama_rt.engine.row_sampling import Stages
 from codellama_rt.engine.sampling import SamplingParams
 from codellama_rt.engine.speculation import MIN_NGRAM, PassCosts, PromptLookup, Speculation, bucket
 from codellama_rt.model.config import ModelArgs
+from codellama_rt.model.transformer import Prefill
 from codellama_rt.tiny import write_random_checkpoint
 
 PROMPTS = ["def fibonacci(n):\n    if n < 2:", "import os\n", "class Config:\n    def __init__(self", "x = [",
@@ -418,6 +419,73 @@ def test_draft_model_greedy_equals_plain(checkpoint, backend):
             assert all(s.accepted == s.proposed for s in stats)
 
 
+def test_draft_runs_propose_the_models_own_greedy_tokens(checkpoint):
+    """Greedy drafting through `DraftRun`s (what the experiment "draft_graphs" captures on a GPU, run eagerly
+    here): a draft that is the model itself has every proposal accepted and the tokens are plain decoding's;
+    one run per (row, steps), made once."""
+    model = cl.load(checkpoint, backend="reference", max_batch_size=2)
+    prompts = ids_of(model, PROMPTS[:2])
+    plain = run(model, prompts, 24)
+    m = cl.load(checkpoint, backend="reference", max_batch_size=2,
+                draft=cl.load(checkpoint, backend="reference", max_batch_size=2))
+    draft = m.engine.speculator.draft
+    assert not draft.graphed and not draft.use_runs  # (a CPU model: eager one-id steps unless asked)
+    draft.use_runs = True
+    got = run(m, prompts, 24, speculate="draft", num_speculative_tokens=4)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+    stats = [c.speculation for c in got]
+    assert sum(s.verifies for s in stats) > 0 and all(s.accepted == s.proposed for s in stats)
+    assert draft._runs and all(r.steps == steps for (_, steps), r in draft._runs.items())
+
+
+def test_draft_run_capture_restores_its_buffers_and_replays_the_eager_run(checkpoint, monkeypatch):
+    """`capture_step` on a `DraftRun`, on CPU with torch.cuda's stream and graph calls faked: the warm-up leaves
+    the run's buffers as the call set them and the cache row holding what the run itself writes; replays give
+    the eager run's ids."""
+    import contextlib
+
+    from codellama_rt.engine.decode_graph import capture_step
+    from codellama_rt.engine.draft_graph import DraftRun
+    from codellama_rt.model.kv_cache import KVCache
+    from test_decode_graph import _FakeStream
+
+    model = cl.load(checkpoint, backend="reference")
+    module, ids = model.module, ids_of(model, PROMPTS[:1])[0]
+
+    def fresh():
+        cache = KVCache(module.args, 2, 64, module.dtype, module.device)
+        with torch.inference_mode():
+            module(torch.tensor([ids]), Prefill(0, slot=1), cache)
+        return cache, DraftRun(module, cache, 1, 5, model.args.vocab_size)
+
+    cache, eager = fresh()
+    want, want_cache = eager.run(7, len(ids)), cache.data.clone()
+    cache, step = fresh()
+    step.token.fill_(7)
+    step.position.fill_(len(ids))
+    named = {"token": step.token, "position": step.position, "out": step.out}
+    before = {k: t.clone() for k, t in named.items()}
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None):
+        state = {k: t.clone() for k, t in named.items()}
+        yield
+        for k, t in state.items():
+            named[k].copy_(t)
+
+    for name, fake in (("Stream", lambda device=None: _FakeStream()),
+                       ("current_stream", lambda device=None: _FakeStream()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
+                       ("graph", fake_capture)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    with torch.inference_mode():
+        step.graph = capture_step(step._step, named, "cpu", "pool")
+    assert all(torch.equal(named[k], t) for k, t in before.items())
+    assert torch.equal(cache.data, want_cache)  # the warm-up wrote exactly what the run writes
+    step.graph = type("Graph", (), {"replay": lambda self: step._step()})()
+    assert step.run(7, len(ids)) == want and len(want) == 5
+
+
 def test_draft_model_sampling_runs_and_is_seeded(checkpoint):
     """Sampling with a draft: valid tokens, every id a proposal or the model's, the same tokens for the same
     seed (the draft draws from a stream of the request's own seed)."""
@@ -461,6 +529,26 @@ def test_graphed_verify_passes_equal_plain_decoding(checkpoint, sampling):
                           draft=cl.load(checkpoint, device="cuda", max_batch_size=3, quantize="int4"))
         got = run(drafted, prompts, 40, speculate="draft", num_speculative_tokens=4)
         assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+
+
+@pytest.mark.gpu
+@pytest.mark.experiment
+def test_draft_graphs_on_cuda_propose_the_models_own_tokens(checkpoint):
+    """The experiment "draft_graphs": greedy draft runs captured as CUDA graphs (one per row and length); a draft
+    that is the model itself has nearly every proposal accepted (its steps and the verify pass attend through
+    different kernels: a bf16 near-tie may differ), and the tokens are plain decoding's."""
+    options = {"experiments": ["draft_graphs"]}
+    model = cl.load(checkpoint, device="cuda", max_batch_size=2)
+    prompts = ids_of(model, PROMPTS[:2])
+    plain = run(model, prompts, 40)
+    drafted = cl.load(checkpoint, device="cuda", max_batch_size=2, kernel_options=options,
+                      draft=cl.load(checkpoint, device="cuda", max_batch_size=2, kernel_options=options))
+    draft = drafted.engine.speculator.draft
+    assert draft.graphed
+    got = run(drafted, prompts, 40, speculate="draft", num_speculative_tokens=8)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+    assert sum(c.speculation.accepted for c in got) >= 0.9 * sum(c.speculation.proposed for c in got) > 0
+    assert draft._runs and all(r.graph is not None for r in draft._runs.values())
 
 
 def test_requests_of_different_lengths_and_a_cancelled_stream(checkpoint):

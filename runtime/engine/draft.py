@@ -18,6 +18,7 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.transformer import Prefill, Transformer
+from .draft_graph import DraftRun
 from .row_sampling import RowSampling, Stages, counter_noise, processed_probs
 from .sampling import SamplingParams
 from .slots import common_prefix
@@ -39,6 +40,13 @@ class DraftModel:
         # after the forward that catches up with what was accepted
         self.seconds_per_id: Optional[float] = None
         self.caught_up = 0  # ids the last proposal's first forward fed (a prompt at first, then one or two)
+        # greedy one-id steps as `DraftRun`s (one CUDA graph a run), per (row, steps): the experiment
+        # "draft_graphs" on a CUDA model; `use_runs` may be set to run them eagerly (tests)
+        options = getattr(module.ops, "options", None)
+        self.graphed = module.device.type == "cuda" and options is not None and options.has("draft_graphs")
+        self.use_runs = self.graphed
+        self._runs: dict = {}
+        self._pool = None
 
     def ensure(self, size: int) -> None:
         """A cache of `size` positions per row (the engine's), its contents carried over when it grows."""
@@ -49,6 +57,7 @@ class DraftModel:
         if old is not None:
             cache.data[..., :old.max_seq_len, :].copy_(old.data)
         self.cache = cache
+        self._runs.clear()  # their graphs hold the old cache's addresses
 
     @torch.inference_mode()
     def forward(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
@@ -66,10 +75,20 @@ class DraftModel:
         same request, hence the same draws; a row's earlier contents would change how the prompt is split)."""
         self.held[slot], self._agreed[slot] = [], 0
 
-    def propose(self, slot: int, context: list[int], n: int, pick) -> list[int]:
+    def _run(self, slot: int, steps: int) -> DraftRun:
+        key = (slot, steps)
+        if key not in self._runs:
+            if self.graphed and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._runs[key] = DraftRun(self.module, self.cache, slot, steps, self.vocab_limit, graphed=self.graphed,
+                                       pool=self._pool)
+        return self._runs[key]
+
+    def propose(self, slot: int, context: list[int], n: int, pick, greedy: bool = False) -> list[int]:
         """n ids continuing `context` (its last id pending: not fed to the target yet), each chosen by
-        `pick(i, logits [V])`. `context` only grows between calls for a request (from `reset`): only what it
-        gained since the last call is compared with the row's ids, not the whole context."""
+        `pick(i, logits [V])` (greedy: the argmax below `vocab_limit`, and with `use_runs` the ids after the
+        first come from a `DraftRun`). `context` only grows between calls for a request (from `reset`): only what
+        it gained since the last call is compared with the row's ids, not the whole context."""
         held, agreed = self.held[slot], self._agreed[slot]
         start = min(agreed + common_prefix(held[agreed:], context[agreed:]), len(context) - 1)  # at least one id
         del held[start:]
@@ -77,6 +96,13 @@ class DraftModel:
         self._agreed[slot] = len(context)
         logits = self.forward(slot, held[start:], start)[-1]  # what was accepted (or decoded plainly) since
         self.caught_up = len(context) - start
+        if greedy and self.use_runs and n > 1:
+            first = pick(0, logits)
+            started = time.perf_counter()
+            rest = self._run(slot, n - 1).run(first, len(context))
+            self._observe((time.perf_counter() - started) / (n - 1))
+            held.extend([first] + rest[:-1])  # (the run fed each id but its last pick)
+            return [first] + rest
         out = []
         for i in range(n):
             out.append(pick(i, logits))
@@ -119,7 +145,8 @@ class DraftProposer:
         limit, V = self.draft.vocab_limit, self.vocab_size
         if self.greedy:
             self.probs = None
-            return self.draft.propose(r.slot, context, n, lambda i, logits: int(torch.argmax(logits[:limit])))
+            return self.draft.propose(r.slot, context, n, lambda i, logits: int(torch.argmax(logits[:limit])),
+                                      greedy=True)
         probs = torch.zeros(n, V, dtype=torch.float32, device=self.draft.module.device)
         counter = len(r.sampled)  # the target row's counter at the verify pass: one per sampled id
 
