@@ -266,6 +266,28 @@ class _FakeStream:
         pass
 
 
+def fake_cuda_capture(monkeypatch, named: dict) -> list:
+    """Fake torch.cuda's stream and graph calls for `capture_step` on CPU: streams do nothing, and a graph
+    capture runs its body (a real one records the work without running it), then puts every tensor of `named`
+    back. Returns the list of (graph, pool) of the captures made."""
+    captured = []
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None):
+        state = {k: t.clone() for k, t in named.items()}
+        yield
+        captured.append((graph, pool))
+        for k, t in state.items():
+            named[k].copy_(t)
+
+    for name, fake in (("Stream", lambda device=None: _FakeStream()),
+                       ("current_stream", lambda device=None: _FakeStream()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
+                       ("graph", fake_capture)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    return captured
+
+
 def test_capture_leaves_buffers_as_found_and_replays_what_eager_runs(model, monkeypatch):
     """`capture_step`'s own logic on CPU, with torch.cuda's stream and graph calls faked: its eager warm-up steps
     are undone (every buffer, the sampling counters included), the graph is captured in the given pool, and
@@ -279,21 +301,7 @@ def test_capture_leaves_buffers_as_found_and_replays_what_eager_runs(model, monk
 
     step = loaded_step(model, 3)
     assert all(torch.equal(step.buffers.tensors()[k], t) for k, t in before.items())
-    captured = []
-
-    @contextlib.contextmanager
-    def fake_capture(graph, pool=None):  # a real capture records the work without running it
-        state = {k: t.clone() for k, t in step.buffers.tensors().items()}
-        yield
-        captured.append((graph, pool))
-        for k, t in state.items():
-            step.buffers.tensors()[k].copy_(t)
-
-    for name, fake in (("Stream", lambda device=None: _FakeStream()),
-                       ("current_stream", lambda device=None: _FakeStream()),
-                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
-                       ("graph", fake_capture)):
-        monkeypatch.setattr(torch.cuda, name, fake)
+    captured = fake_cuda_capture(monkeypatch, step.buffers.tensors())
     step.graph = capture_step(step._step, step.buffers.tensors(), "cpu", "pool")
     assert [p for _, p in captured] == ["pool"] and step.graph is captured[0][0]
     assert all(torch.equal(step.buffers.tensors()[k], t) for k, t in before.items())

@@ -442,12 +442,11 @@ def test_draft_run_capture_restores_its_buffers_and_replays_the_eager_run(checkp
     """`capture_step` on a `DraftRun`, on CPU with torch.cuda's stream and graph calls faked: the warm-up leaves
     the run's buffers as the call set them and the cache row holding what the run itself writes; replays give
     the eager run's ids."""
-    import contextlib
 
     from codellama_rt.engine.decode_graph import capture_step
     from codellama_rt.engine.draft_graph import DraftRun
     from codellama_rt.model.kv_cache import KVCache
-    from test_decode_graph import _FakeStream
+    from test_decode_graph import fake_cuda_capture
 
     model = cl.load(checkpoint, backend="reference")
     module, ids = model.module, ids_of(model, PROMPTS[:1])[0]
@@ -465,19 +464,7 @@ def test_draft_run_capture_restores_its_buffers_and_replays_the_eager_run(checkp
     step.position.fill_(len(ids))
     named = {"token": step.token, "position": step.position, "out": step.out}
     before = {k: t.clone() for k, t in named.items()}
-
-    @contextlib.contextmanager
-    def fake_capture(graph, pool=None):
-        state = {k: t.clone() for k, t in named.items()}
-        yield
-        for k, t in state.items():
-            named[k].copy_(t)
-
-    for name, fake in (("Stream", lambda device=None: _FakeStream()),
-                       ("current_stream", lambda device=None: _FakeStream()),
-                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
-                       ("graph", fake_capture)):
-        monkeypatch.setattr(torch.cuda, name, fake)
+    fake_cuda_capture(monkeypatch, named)
     with torch.inference_mode():
         step.graph = capture_step(step._step, named, "cpu", "pool")
     assert all(torch.equal(named[k], t) for k, t in before.items())
@@ -587,11 +574,10 @@ def test_verify_capture_leaves_every_buffer_as_found_and_replays_what_eager_runs
     """`capture_step` on a verify pass, on CPU with torch.cuda's stream and graph calls faked: the warm-up
     passes are undone (decode and verify buffers, counters included), and the graph's replays give the
     eager passes' outputs."""
-    import contextlib
 
     from codellama_rt.engine.decode_graph import capture_step
     from codellama_rt.engine.verify_graph import VerifyStep
-    from test_decode_graph import _FakeStream
+    from test_decode_graph import fake_cuda_capture
 
     def fresh():
         model, module, cache, buffers, vbuf = verify_fixture(3)
@@ -608,19 +594,7 @@ def test_verify_capture_leaves_every_buffer_as_found_and_replays_what_eager_runs
         want.append(eager.vbuf.out[:3].clone())
     step, named = fresh()
     before = {k: t.clone() for k, t in named.items()}
-
-    @contextlib.contextmanager
-    def fake_capture(graph, pool=None):
-        state = {k: t.clone() for k, t in named.items()}
-        yield
-        for k, t in state.items():
-            named[k].copy_(t)
-
-    for name, fake in (("Stream", lambda device=None: _FakeStream()),
-                       ("current_stream", lambda device=None: _FakeStream()),
-                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", object),
-                       ("graph", fake_capture)):
-        monkeypatch.setattr(torch.cuda, name, fake)
+    fake_cuda_capture(monkeypatch, named)
     step.graph = capture_step(step._step, named, "cpu", "pool")
     assert all(torch.equal(named[k], t) for k, t in before.items())
     step.graph = type("Graph", (), {"replay": lambda self: step._step()})()
