@@ -19,7 +19,7 @@ import torch
 
 from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
 from .int4_format import Int4Weight
-from .int8_format import Int8Weight, dequantize_int8, int8_linear_ref
+from .int8_format import Int8Weight, dequantize_int8
 from .options import DEFAULT_OPTIONS, KernelOptions
 
 try:
@@ -79,13 +79,11 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows on the weight
     dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
-    arithmetic); the reference elsewhere."""
+    arithmetic; F.linear off the CPU)."""
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int8(w, torch.bfloat16))
     if not (_native_fp32(x, w.device) and _few_rows(x)):
-        if x.device.type == "cpu" and w.device.type == "cpu":
-            return gemm(x, dequantize_int8(w, x.dtype))
-        return int8_linear_ref(x, w)
+        return gemm(x, dequantize_int8(w, x.dtype))  # the reference's arithmetic (F.linear off the CPU)
     w.check("int8_linear_cpu")
     out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous())
     return out.reshape(*x.shape[:-1], w.shape[0])

@@ -17,7 +17,6 @@ import torch
 
 from .cpu_gemm import gemm, linear_bf16, prefill_in_bf16
 from .cpu_native import int4_linear_native
-from .int4 import int4_linear_ref
 from .int4_format import Int4Weight, dequantize_int4
 from .options import DEFAULT_OPTIONS, KernelOptions
 
@@ -60,9 +59,7 @@ def int4_linear_cpu(x: torch.Tensor, w: Int4Weight, *, options: KernelOptions = 
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int4(w, torch.bfloat16))
     if not supported(x, w) or (x.dtype == torch.float32 and x.numel() // x.shape[-1] > FP32_KERNEL_MAX_ROWS):
-        if x.device.type == "cpu" and w.device.type == "cpu":  # the reference's arithmetic, prefill via oneDNN
-            return gemm(x, dequantize_int4(w, x.dtype))
-        return int4_linear_ref(x, w)
+        return gemm(x, dequantize_int4(w, x.dtype))  # the reference's arithmetic, prefill via oneDNN
     code, scales_zeros = packed(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), code, w.group_size, scales_zeros)

@@ -296,9 +296,9 @@ def frag_of(w: Int4Weight) -> Int4FragWeight:
     """`to_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight; a model's
     weights are the same objects every step)."""
     fw = getattr(w, _FRAG_CACHE, None)
-    if fw is None or fw.device != w.device:
+    if fw is None:
         fw = to_frag(w)
-        object.__setattr__(w, _FRAG_CACHE, fw)
+        setattr(w, _FRAG_CACHE, fw)
     return fw
 
 
