@@ -24,7 +24,7 @@ from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, launch_config, next
                       triton_dtype)
 from .int4_format import (_FLOAT_DTYPES, CHECKPOINT_FORMATS, GROUP_SIZES, Int4Weight,  # noqa: F401 (re-exported)
                           _pack_nibbles, _unpack_nibbles, dequantize_int4, quantize_int4, unpack_gptq)
-from .int4_dequant import dequantize_int4_triton
+from .int4_dequant import check_weight, dequantize_int4_triton
 from .int4_gemm import _int4_gemm_kernel
 from .int4_gemv import (MMA_BLOCK_K, MMA_FLOAT_BIAS, _int4_gemv_kernel, _int4_gemv_mma_kernel,  # noqa: F401
                         _int4_splitk_reduce_kernel, nibble_pair_asm)
@@ -129,21 +129,14 @@ def int4_launch(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, on_
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:
     """TypeError / ValueError unless the kernels can run x @ dequant(w)^T."""
-    if not isinstance(w, Int4Weight):
-        raise TypeError(f"int4_linear: w must be an Int4Weight, got {type(w).__name__}")
+    check_weight(w, "int4_linear")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"int4_linear: x dtype {x.dtype} is not supported; expected float32, float16 or bfloat16")
-    w.check("int4_linear")
     N, K = w.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"int4_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
     if x.device != w.device:
         raise ValueError(f"int4_linear: x on {x.device}, weight on {w.device}")
-    if w.group_size % 32:
-        raise ValueError(f"int4_linear: group_size={w.group_size} is not supported by the kernels (a multiple of 32)")
-    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
-        if not t.is_contiguous():
-            raise ValueError(f"int4_linear: {name} must be contiguous")
 
 
 def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num_sms: Optional[int] = None,

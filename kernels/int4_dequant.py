@@ -45,18 +45,24 @@ def _block_k(group_size: int) -> int:
     return min(128, group_size & -group_size)
 
 
-def _prepare(w: Int4Weight, dtype: torch.dtype):
+def check_weight(w: Int4Weight, who: str) -> None:
+    """TypeError / ValueError naming `who` unless the int4 kernels take `w`: a consistent Int4Weight, groups a
+    multiple of 32, contiguous fields."""
     if not isinstance(w, Int4Weight):
-        raise TypeError(f"dequantize_int4_triton: w must be an Int4Weight, got {type(w).__name__}")
+        raise TypeError(f"{who}: w must be an Int4Weight, got {type(w).__name__}")
+    w.check(who)
+    if w.group_size % 32:
+        raise ValueError(f"{who}: group_size={w.group_size} is not supported by the kernels (a multiple of 32)")
+    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
+        if not t.is_contiguous():
+            raise ValueError(f"{who}: {name} must be contiguous")
+
+
+def _prepare(w: Int4Weight, dtype: torch.dtype):
+    check_weight(w, "dequantize_int4_triton")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dequantize_int4_triton: dtype {dtype} is not supported; expected float32, float16 or "
                         "bfloat16")
-    w.check("dequantize_int4_triton")
-    if w.group_size % 32:
-        raise ValueError(f"dequantize_int4_triton: group_size={w.group_size} is not supported (a multiple of 32)")
-    for name, t in (("qweight", w.qweight), ("qzeros", w.qzeros), ("scales", w.scales)):
-        if not t.is_contiguous():
-            raise ValueError(f"dequantize_int4_triton: {name} must be contiguous")
     N, K = w.shape
     out = torch.empty(N, K, dtype=dtype, device=w.device)
     block_k = _block_k(w.group_size)
