@@ -24,7 +24,7 @@ from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, launch_config, next
                       triton_dtype)
 from .int4_format import (_FLOAT_DTYPES, CHECKPOINT_FORMATS, GROUP_SIZES, Int4Weight,  # noqa: F401 (re-exported)
                           _pack_nibbles, _unpack_nibbles, dequantize_int4, quantize_int4, unpack_gptq)
-from .int4_dequant import check_weight, dequantize_int4_triton
+from .int4_dequant import check_weight, dequantize_int4_triton, meta_weight
 from .int4_gemm import _int4_gemm_kernel
 from .int4_gemv import (MMA_BLOCK_K, MMA_FLOAT_BIAS, _int4_gemv_kernel, _int4_gemv_mma_kernel,  # noqa: F401
                         _int4_splitk_reduce_kernel, nibble_pair_asm)
@@ -232,11 +232,7 @@ def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int 
         for shape in models:
             model = shape.label
             for name, (n_out, n_in) in shape.projection_shapes().items():
-                groups = n_in // group_size
-                w = Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
-                               qzeros=torch.empty(groups, n_out // 8, dtype=torch.int32, device="meta"),
-                               scales=torch.empty(groups, n_out, dtype=dtype, device="meta"),
-                               shape=(n_out, n_in), group_size=group_size)
+                w = meta_weight(n_out, n_in, group_size, dtype)
                 for M in rows:
                     x = torch.empty(M, n_in, dtype=dtype, device="meta")
                     cfgs = [None]

@@ -81,6 +81,14 @@ def dequantize_int4_triton(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def meta_weight(n_out: int, n_in: int, group_size: int, dtype: torch.dtype) -> Int4Weight:
+    """An Int4Weight [n_out, n_in] of meta tensors (no memory): what the AOT case lists run launchers on."""
+    return Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
+                      qzeros=torch.empty(n_in // group_size, n_out // 8, dtype=torch.int32, device="meta"),
+                      scales=torch.empty(n_in // group_size, n_out, dtype=dtype, device="meta"),
+                      shape=(n_out, n_in), group_size=group_size)
+
+
 def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int = 128) -> list[LaunchConfig]:
     """The kernel at the linears of `models` (ModelShapes) in bf16 and fp16, group 128, on meta tensors; shapes
     that specialise alike share one entry."""
@@ -88,11 +96,7 @@ def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int 
     for dtype in dtypes:
         for shape in models:
             for name, (n_out, n_in) in shape.projection_shapes().items():
-                w = Int4Weight(qweight=torch.empty(n_in // 8, n_out, dtype=torch.int32, device="meta"),
-                               qzeros=torch.empty(n_in // group_size, n_out // 8, dtype=torch.int32, device="meta"),
-                               scales=torch.empty(n_in // group_size, n_out, dtype=dtype, device="meta"),
-                               shape=(n_out, n_in), group_size=group_size)
-                _, _, args, constexprs = _prepare(w, dtype)
+                _, _, args, constexprs = _prepare(meta_weight(n_out, n_in, group_size, dtype), dtype)
                 cfg = launch_config(_int4_dequant_kernel, args, constexprs, num_warps=4, num_stages=1)
                 key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
                 if key not in configs:
