@@ -14,6 +14,8 @@ Python. One custom op per backend entry point; together they launch every Triton
     norm_linear(x, residual?, norm_weight, eps, w, swiglu, experiments, pdl) -> (y, h)
     nf4_linear(x, codes, absmax, code, nested_absmax?, nested_code?, out_features, in_features, dtype,
                blocksize, nested_blocksize, nested_offset) -> out             kernels/nf4.py
+    nf4_frag_linear(x, codes, scales, code, values, pairs, out_features, in_features, pdl) -> out
+                                                                              kernels/nf4_frag.py
     int4_linear(x, qweight, qzeros, scales, out_features, in_features, group_size, experiments,
                 pdl) -> out                                                   kernels/int4.py
     int4_frag_linear(x, codes, scales, out_features, in_features, group_size, pdl) -> out
@@ -53,6 +55,7 @@ from . import gemv as _gemv
 from . import int4 as _int4
 from . import int4_frag as _int4_frag
 from . import nf4 as _nf4
+from . import nf4_frag as _nf4_frag
 from . import rms_norm as _rms_norm
 from . import rotary as _rotary
 from . import swiglu as _swiglu
@@ -60,6 +63,7 @@ from .int4_format import Int4Weight
 from .int4_frag_format import Int4FragWeight
 from .int8_format import Int8Weight, int8_linear_ref
 from .nf4_format import NF4Weight
+from .nf4_frag_format import Nf4FragWeight
 from .options import DEFAULT_OPTIONS, KernelOptions, parse_experiments
 
 NAMESPACE = "codellama_rt"
@@ -296,10 +300,31 @@ def _(x, codes, absmax, code, nested_absmax, nested_code, out_features, in_featu
     return _rows_out(x, out_features)
 
 
-def linear_nf4(x: Tensor, w: NF4Weight) -> Tensor:
-    """`kernels.nf4.nf4_linear` through the op (no kernel options); w: an NF4Weight."""
+@torch.library.custom_op(f"{NAMESPACE}::nf4_frag_linear", mutates_args=())
+def _nf4_frag_linear_op(x: Tensor, codes: Tensor, scales: Tensor, code: Tensor, values: Tensor, pairs: Tensor,
+                        out_features: int, in_features: int, pdl: bool) -> Tensor:
+    fw = Nf4FragWeight(codes=codes, scales=scales, code=code, values=values, pairs=pairs,
+                       shape=(out_features, in_features), dtype=x.dtype)
+    return _nf4_frag.nf4_frag_linear(x, fw, options=_options("", pdl))
+
+
+@_nf4_frag_linear_op.register_fake
+def _(x, codes, scales, code, values, pairs, out_features, in_features, pdl):
+    return _rows_out(x, out_features)
+
+
+def linear_nf4(x: Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> Tensor:
+    """`kernels.nf4.nf4_linear` through the op; w: an NF4Weight. With the experiment "nf4_frag", rows it serves
+    (`nf4_frag.nf4_frag_eligible`) go to `nf4_frag.nf4_frag_linear` on the weight's fragment-order copy
+    (`nf4_frag_of`, made on the first such call)."""
     if not isinstance(w, NF4Weight):
         raise TypeError(f"nf4_linear: w must be an NF4Weight, got {type(w).__name__}")
+    if options.has("nf4_frag") and _nf4_frag.nf4_frag_eligible(x, w):
+        fw = _nf4_frag.nf4_frag_of(w)
+        if _eager():
+            return _nf4_frag.nf4_frag_linear(x, fw, options=options)
+        out_f, in_f = fw.shape
+        return _nf4_frag_linear_op(x, fw.codes, fw.scales, fw.code, fw.values, fw.pairs, out_f, in_f, options.pdl)
     if _eager():
         return _nf4.nf4_linear(x, w)
     out_f, in_f = w.shape

@@ -34,6 +34,9 @@ EXPERIMENTS = {
     "int4_frag": Experiment("int4 decode rows (M <= 16, bf16, input widths of whole 64s) on the Gluon tensor-core GEMV "
                             "from a fragment-order copy of the weight made on first use (kernels/int4_frag.py)",
                             ("int4",)),
+    "nf4_frag": Experiment("NF4 decode rows (M <= 16, bf16/fp16, blocksize 64, input widths of whole 64s) on the "
+                           "Gluon tensor-core GEMV with a per-lane shared-memory pair table, from a fragment-order "
+                           "copy of the weight made on first use (kernels/nf4_frag.py)", ("nf4",)),
     "int4_dequant_gemm": Experiment("int4 prefill rows (M > 16): the weight dequantized by a Triton kernel, then "
                                     "the dense GEMM (cuBLAS), instead of the fused dequant-GEMM "
                                     "(kernels/int4_dequant.py)", (), prefill=("int4",)),

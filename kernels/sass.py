@@ -28,6 +28,7 @@ WEIGHTS_PER_TRIP = {
     "_int4_frag_gemv_kernel": lambda c: max(c["GROUP_SIZE"], 64) * c["BLOCK_N"],  # a group (two of 32) a trip
     "_nf4_gemv_kernel": lambda c: 64 * c["BLOCK_N"],  # one quantization block of 64 along K per trip
     "_nf4_gemm_kernel": lambda c: 64 * c["BLOCK_N"],
+    "_nf4_frag_gemv_kernel": lambda c: 64 * c["CHUNKS"] * c["BLOCK_N"],  # CHUNKS NF4 blocks a trip
 }
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 64, 32
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.+?)\s*;")
@@ -125,9 +126,10 @@ def loop_stats(cfg: LaunchConfig, arch: int = 90) -> LoopStats:
 
 def four_bit_configs(models) -> list[LaunchConfig]:
     """The int4 and NF4 configs of `models` whose kernels have a main loop over weights."""
-    from . import int4, int4_frag, nf4
+    from . import int4, int4_frag, nf4, nf4_frag
 
-    configs = int4.aot_configs(models) + int4_frag.aot_configs(models) + nf4.aot_configs(models)
+    configs = (int4.aot_configs(models) + int4_frag.aot_configs(models) + nf4.aot_configs(models)
+               + nf4_frag.aot_configs(models))
     return [c for c in configs if c.kernel.__name__ in WEIGHTS_PER_TRIP]
 
 

@@ -223,6 +223,35 @@ def test_int4_frag_gluon_real_size(N, K, M):
 
 
 @pytest.mark.experiment
+@pytest.mark.parametrize("N,K,M,dtype", [(12288, 4096, 1, torch.bfloat16), (12288, 4096, 8, torch.float16),
+                                         (4096, 11008, 3, torch.bfloat16), (32016, 4096, 13, torch.bfloat16),
+                                         (4096, 4096, 16, torch.float16)],
+                         ids=["wqkv-1", "wqkv-8-fp16", "w2-3", "padded-13", "wo-16-fp16"])
+def test_nf4_frag_gluon_real_size(N, K, M, dtype):
+    """The Gluon NF4 fragment-order GEMV (experiment "nf4_frag") at 7B sizes: within one rounding (plus fp32 sums'
+    rounding) of the fp32 reference on the kernel's weights (so the shared pair table is filled and read as the
+    emulated asm reads it); a replayed graph gives the eager bits."""
+    from codellama_rt.kernels import nf4_frag
+    from codellama_rt.kernels.nf4_format import quantize_nf4
+    from codellama_rt.kernels.nf4_frag_format import dequantize_nf4_frag, to_nf4_frag
+
+    fw = to_nf4_frag(quantize_nf4(torch.randn(N, K, device=DEV, dtype=dtype) / K ** 0.5))
+    x = torch.randn(M, K, device=DEV, dtype=dtype)
+    y = nf4_frag.nf4_frag_linear(x, fw)
+    ref = nf4_frag.nf4_frag_linear_ref(x, fw)
+    w32 = dequantize_nf4_frag(fw, torch.float32)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    bound = ulp * ref.float().abs() + 16 * 2.0 ** -24 * K ** 0.5 * (x.float().abs() @ w32.abs().t())
+    assert ((y.float() - ref.float()).abs() <= bound).all()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = nf4_frag.nf4_frag_linear(x, fw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, y)
+
+
+@pytest.mark.experiment
 def test_int4_dequant_gemm_real_size():
     """The experiment "int4_dequant_gemm" at 7B w13's size: the dequantized weight bitwise `dequantize_int4`'s,
     512 prefill rows exactly `int4_linear_ref`'s result (the same cuBLAS call on the same weight)."""

@@ -84,19 +84,19 @@ def test_a_pdl_kernel_cannot_launch_without_options():
 # ---- the backend carries them ---------------------------------------------------------------------
 
 def test_resolve_backend_binds_the_triton_ops():
-    """Every triton op that takes options is bound to the backend's; the others (prefill/verify attention, nf4)
+    """Every triton op that takes options is bound to the backend's; the others (prefill/verify attention, int8)
     and the reference backend are left as they are; equal options give the same Backend."""
     opts = KernelOptions(experiments={"attn_one_pass"}, pdl=False)
     tri = resolve_backend("triton", CPU, opts)
     assert tri.options == opts and tri.name == "triton"
     bound = {op for op in ("rms_norm", "rotary", "rotary_attention_decode", "swiglu", "linear", "linear_swiglu",
-                           "norm_linear", "linear_int4")}
+                           "norm_linear", "linear_int4", "linear_nf4")}
     for op in bound:
         assert getattr(tri, op).keywords == {"options": opts}, op
         assert getattr(tri, op).func is getattr(BACKENDS["triton"], op), op
     assert tri.attention_prefill is BACKENDS["triton"].attention_prefill
     assert tri.attention_verify is BACKENDS["triton"].attention_verify
-    assert tri.linear_nf4 is BACKENDS["triton"].linear_nf4
+    assert tri.linear_int8 is BACKENDS["triton"].linear_int8
     assert resolve_backend("triton", CPU, KernelOptions(experiments=["attn_one_pass"], pdl=False)) is tri
     assert resolve_backend("triton", CPU).options == DEFAULT_OPTIONS
     assert resolve_backend("reference", CPU, opts) is BACKENDS["reference"]

@@ -113,3 +113,31 @@ def test_int4_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, m
         runs.append(model.generate(PROMPT, max_new_tokens=6).token_ids)
         assert bool(launches) == (options is not None)
     assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
+@pytest.mark.slow
+def test_nf4_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, monkeypatch):
+    """A bf16 NF4 model loaded with the experiment "nf4_frag": its decode rows run the fragment-order GEMV (the
+    Gluon kernel's Triton twin in the interpreter; prefill keeps the bitsandbytes-layout GEMM) and its greedy
+    tokens are the default options' (the two paths differ by fp32 summation order and weight rounding)."""
+    import torch
+
+    from codellama_rt.kernels import nf4_frag
+
+    twin = nf4_frag._nf4_frag_gemv_twin
+    real, launches = twin.interp, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(twin, "interp", Counting())
+    path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    runs = []
+    for options in (None, {"experiments": ["nf4_frag"]}):
+        model = cl.load(path, backend="triton", max_seq_len=128, quantize="nf4", dtype=torch.bfloat16,
+                        kernel_options=options)
+        runs.append(model.generate(PROMPT, max_new_tokens=6).token_ids)
+        assert bool(launches) == (options is not None)
+    assert runs[0] == runs[1] and len(runs[0]) == 6

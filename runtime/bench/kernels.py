@@ -26,6 +26,8 @@ from ..kernels.int4 import int4_launch, int4_linear, int4_linear_ref, quantize_i
 from ..kernels.int4_frag import int4_frag_linear
 from ..kernels.int4_frag_format import to_frag
 from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
+from ..kernels.nf4_frag import nf4_frag_linear
+from ..kernels.nf4_frag_format import to_nf4_frag
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
@@ -125,11 +127,14 @@ def run_quant_gemv(bw: float, dtype, options: KernelOptions = DEFAULT_OPTIONS) -
             for prov, fn in provs:
                 calls = [lambda c=c, fn=fn: fn(x, c) for c in (qws if prov != "reference" else qws[:2])]
                 rows.append(_graph_row(f"{fmt} gemv", name, prov, nbytes, bw, calls))
-            if fmt == "int4" and dtype == torch.bfloat16:  # the Gluon GEMV on its own layout (its own bytes)
-                fws = [to_frag(c) for c in qws]
-                frag_bytes = fws[0].codes.nbytes + fws[0].scales.nbytes
-                calls = [lambda c=c: int4_frag_linear(x, c, options=options) for c in fws]
-                rows.append(_graph_row("int4 gemv", name, "gluon frag", frag_bytes, bw, calls))
+            frag = {("int4", torch.bfloat16): (to_frag, int4_frag_linear)}  # the Gluon GEMVs on their own layouts
+            frag.update({("nf4", dt): (to_nf4_frag, nf4_frag_linear) for dt in (torch.bfloat16, torch.float16)})
+            if (fmt, dtype) in frag:
+                to_layout, linear = frag[fmt, dtype]
+                fws = [to_layout(c) for c in qws]
+                frag_bytes = fws[0].codes.nbytes + fws[0].scales.nbytes  # their own bytes
+                calls = [lambda c=c, linear=linear: linear(x, c, options=options) for c in fws]
+                rows.append(_graph_row(f"{fmt} gemv", name, "gluon frag", frag_bytes, bw, calls))
                 del fws
             del qws
     return rows

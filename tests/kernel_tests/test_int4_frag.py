@@ -21,6 +21,8 @@ from codellama_rt.kernels.int4_frag_format import (FRAG_BLOCK_N, Int4FragWeight,
                                                    to_frag, unpack_frag)
 from codellama_rt.kernels.options import KernelOptions
 
+from .ptx_emulator import run_ptx
+
 BF16_ULP = 2.0 ** -7  # one unit in the last place of bf16 (8 significant bits), relative, at most
 
 
@@ -119,39 +121,6 @@ def test_unsupported_layouts_are_refused():
 
 # ---- the conversion's PTX ----------------------------------------------------------------------
 
-def _run_ptx(asm: str, src: np.ndarray, outputs: int) -> list[np.ndarray]:
-    """Emulate FRAG_ASM's two instruction kinds (lop3.b32 with any LUT, shr.u32) on uint32 arrays; $k for
-    k < outputs are the outputs, $outputs the input."""
-    regs = {f"${outputs}": src.astype(np.uint64)}
-    mask32 = np.uint64(0xFFFFFFFF)
-
-    def val(tok):
-        tok = tok.strip()
-        return np.uint64(int(tok, 0)) if tok[0].isdigit() else regs[tok]
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in rest.split(",")]
-        if op == "lop3.b32":
-            a, b, c, lut = val(args[1]), val(args[2]), val(args[3]), int(args[4], 0)
-            out = np.zeros_like(src, dtype=np.uint64)
-            for index in range(8):  # minterm index = 4 a + 2 b + c (PTX: ta = 0xF0, tb = 0xCC, tc = 0xAA)
-                if lut >> index & 1:
-                    ta = a if index & 4 else ~a & mask32
-                    tb = b if index & 2 else ~b & mask32
-                    tc = c if index & 1 else ~c & mask32
-                    out |= ta & tb & tc
-            regs[args[0]] = out & mask32
-        elif op == "shr.u32":
-            regs[args[0]] = (val(args[1]) >> np.uint64(int(args[2], 0))) & mask32
-        else:
-            raise AssertionError(f"the emulator does not know {op!r}: extend it with the new instruction")
-    return [regs[f"${k}"].astype(np.uint32) for k in range(outputs)]
-
-
 def _bf16_halves(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = ((words & 0xFFFF).astype(np.uint32) << 16).view(np.float32)
     hi = (words & 0xFFFF0000).astype(np.uint32).view(np.float32)
@@ -164,7 +133,7 @@ def test_conversion_ptx_gives_the_twins_planes():
     lo16 = np.arange(1 << 16, dtype=np.uint32)
     hi16 = np.random.default_rng(0).permutation(lo16)
     words = lo16 | (hi16 << 16)
-    planes = _run_ptx(FRAG_ASM.value, words, 4)
+    planes = run_ptx(FRAG_ASM.value, [words], 4)
     for c, out in enumerate(planes):
         lo, hi = _bf16_halves(out)
         np.testing.assert_array_equal(lo, 128.0 + ((lo16 >> (4 * c)) & 15))
@@ -175,7 +144,7 @@ def test_emulator_knows_lop3_luts():
     """The emulator's LUT reading on known functions: 0xea = (a & b) | c, 0x96 = a ^ b ^ c, 0x80 = a & b & c."""
     a, b, c = np.uint32(0b1100), np.uint32(0b1010), np.uint32(0b0110)
     for lut, want in ((0xEA, (a & b) | c), (0x96, a ^ b ^ c), (0x80, a & b & c)):
-        got = _run_ptx(f"lop3.b32 $0, $1, {int(b)}, {int(c)}, {lut:#x};", np.array([a]), 1)[0]
+        got = run_ptx(f"lop3.b32 $0, $1, {int(b)}, {int(c)}, {lut:#x};", [np.array([a])], 1)[0]
         assert int(got[0]) == int(want), hex(lut)
 
 
