@@ -11,9 +11,11 @@ layouts: each lane loads its own A-fragment words (one 16-byte load per 32 weigh
 consecutive x values straight into registers (the B fragments; `convert_layout(..., assert_trivial=True)`
 proves no data moves), the MMA is `mma.sync.m16n8k16` (8 columns of x, no shared memory, no barriers) on
 sm_80 and sm_90 alike, and one LOP3 (after a shift, for three planes of four) turns two weights into bf16
-128 + q: 7 instructions per 8 weights. sm_90 loop (`kernels.sass`, 7B shapes, group 128): 1.38 SASS
-instructions a weight at M = 1 and 1.48 at M = 8 (the Triton MMA kernel: 2.6), 70-80 registers, no shared
-memory; groups of 32 (two groups a 64-column trip, so twice the scale work): 1.82 at M = 1.
+128 + q: 7 instructions per 8 weights. A program's share of the weight is contiguous in the layout, so the loop
+advances three pointers a trip and loads at constant offsets from them (no per-load address arithmetic), and the
+weight loads carry no evict_first (its cache policy costs ~0.04 instructions a weight). sm_90 loop (`kernels.sass`,
+7B shapes, group 128): 1.32 SASS instructions a weight at M = 1 and 1.41 at M = 8 (the Triton MMA kernel: 2.6),
+no shared memory; groups of 32 (two groups a 64-column trip, so twice the scale work): 1.76 at M = 1.
 
 Bytes: the fp32 (s, c) pairs cost 8 bytes a group and output column where GPTQ's bf16 scale and 4-bit zero cost
 2.5: at group 128 the layout streams 0.5625 bytes a weight against GPTQ's 0.5195 (+8%).
@@ -125,7 +127,7 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     tile = gl.arange(0, TILES, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
     elem = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
-    w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
+    w_ptrs = Codes + pid_n * (K * 64) + tile[:, None, None] * 256 + lane[None, :, None] * 8 + elem[None, None, :]
     xm = gl.arange(0, MT, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_l)))
     xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_l)))
     xe = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_l)))
@@ -142,12 +144,15 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
     sr = gl.arange(0, REPS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, s_l)))))
     se = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, s_l)))))
     sp = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s_l)))))
-    s_ptrs = (Scales + pid_n * (BLOCK_N * 2) + sw[:, None, None, None, None] * (32 * REPS)
+    s_ptrs = (Scales + pid_n * (K // GROUP_SIZE * BLOCK_N * 2) + sw[:, None, None, None, None] * (32 * REPS)
               + sg[None, :, None, None, None] * (REPS * 4) + sr[None, None, :, None, None] * 4
               + se[None, None, None, :, None] * 2 + sp[None, None, None, None, :])
 
     ones = gl.full([16, 16], 1.0, gl.bfloat16, layout=a_l)
     acc = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
+    w_ptrs += u_start * (UNIT // 64 * TILES * 256)  # advanced a trip at a time: its loads at constant offsets
+    x_ptrs += u_start * UNIT
+    s_ptrs += u_start * (UNIT // GROUP_SIZE * BLOCK_N * 2)
     for u in range(u_start, u_end):
         part = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
         xs = gl.zeros([16, MT], gl.float32, layout=mma)
@@ -155,14 +160,13 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
             part_b = gl.zeros([BLOCK_N, MT], gl.float32, layout=mma)
             xs_b = gl.zeros([16, MT], gl.float32, layout=mma)
         for trip in gl.static_range(UNIT // 64):
-            k0 = u * UNIT + trip * 64
-            wq = gl.load(w_ptrs + (k0 // 64) * (n_pad * 16), eviction_policy="evict_first")
+            wq = gl.load(w_ptrs + trip * (TILES * 256))  # no evict_first: its cache policy costs ~0.04 SASS a weight
             wq = wq.reshape([TILES, 8, 4, 2, 2, 2]).permute([0, 4, 1, 3, 2, 5]).reshape([BLOCK_N, 16])
             wq = gl.convert_layout(wq, a_l, assert_trivial=True)
             p0, p1, p2, p3 = gl.inline_asm_elementwise(FRAG_ASM, "=r,=r,=r,=r,r", [wq],
                                                        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
                                                        is_pure=True, pack=2)
-            xv = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)  # [MT (m), 4 (t), 16 (c, e2, e0)]
+            xv = gl.load(x_ptrs + trip * 64, mask=x_mask, other=0.0)  # [MT (m), 4 (t), 16 (c, e2, e0)]
             xv = xv.reshape([MT, 4, 4, 2, 2]).permute([3, 1, 4, 0, 2]).reshape([16, MT, 4])  # [j, m, c]
             xa, xb = xv.reshape([16, MT, 2, 2]).split()
             x0, x2 = xa.split()
@@ -185,10 +189,12 @@ def _int4_frag_gemv_kernel(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_x
                 part = mma_v2(p3, x3, part)
                 xs = mma_v2(ones, x2, xs)
                 xs = mma_v2(ones, x3, xs)
-        g = u * UNIT // GROUP_SIZE
-        acc = _add_group(acc, part, xs, s_ptrs + g * n_pad * 2, BLOCK_N, mma)
+        acc = _add_group(acc, part, xs, s_ptrs, BLOCK_N, mma)
         if GROUP_SIZE == 32:
-            acc = _add_group(acc, part_b, xs_b, s_ptrs + (g + 1) * n_pad * 2, BLOCK_N, mma)
+            acc = _add_group(acc, part_b, xs_b, s_ptrs + BLOCK_N * 2, BLOCK_N, mma)
+        w_ptrs += UNIT // 64 * TILES * 256
+        x_ptrs += UNIT
+        s_ptrs += UNIT // GROUP_SIZE * BLOCK_N * 2
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, mma))
@@ -228,7 +234,7 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
     tile = tl.arange(0, TILES)
     lane = tl.arange(0, 32)
     elem = tl.arange(0, 8)
-    w_ptrs = Codes + (pid_n * TILES + tile[:, None, None]) * 256 + lane[None, :, None] * 8 + elem[None, None, :]
+    w_ptrs = Codes + pid_n * (K * 64) + tile[:, None, None] * 256 + lane[None, :, None] * 8 + elem[None, None, :]
     xm = tl.arange(0, MT)
     xt = tl.arange(0, 4)
     xe = tl.arange(0, 16)
@@ -241,8 +247,8 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.arange(0, BLOCK_N)  # 64 r + 16 w + 8 e1 + g, stored at [w, g, r, e1]
     REPS: tl.constexpr = BLOCK_N // (16 * NUM_WARPS)
-    s_ptrs = (Scales + pid_n * (BLOCK_N * 2) + ((row % 64) // 16) * (32 * REPS) + (row % 8) * (REPS * 4)
-              + (row // 64) * 4 + ((row % 16) // 8) * 2)
+    s_ptrs = (Scales + pid_n * (K // GROUP_SIZE * BLOCK_N * 2) + ((row % 64) // 16) * (32 * REPS)
+              + (row % 8) * (REPS * 4) + (row // 64) * 4 + ((row % 16) // 8) * 2)
 
     acc = tl.zeros([BLOCK_N, MT], tl.float32)
     for u in range(u_start, u_end):
@@ -252,7 +258,7 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
         sum_b = tl.zeros([MT], tl.float32)
         for trip in tl.static_range(UNIT // 64):
             k0 = u * UNIT + trip * 64
-            wq = tl.load(w_ptrs + (k0 // 64) * (n_pad * 16)).to(tl.int32)
+            wq = tl.load(w_ptrs + (k0 // 64) * (TILES * 256)).to(tl.int32)
             wq = wq.reshape(TILES, 8, 4, 2, 2, 2).permute(0, 4, 1, 3, 2, 5).reshape(BLOCK_N, 16)
             xv = tl.load(x_ptrs + k0, mask=x_mask, other=0.0).to(tl.float32)
             p0, p1, p2, p3, s0, s1, s2, s3 = _twin_planes(wq, xv, MT)
@@ -264,13 +270,13 @@ def _int4_frag_gemv_twin(X, Codes, Scales, Out, Part, M, N, n_pad, K, stride_xm,
         if GROUP_SIZE != 32:
             part_a += part_b
             sum_a += sum_b
-        s = tl.load(s_ptrs + g * n_pad * 2)
-        c = tl.load(s_ptrs + g * n_pad * 2 + 1)
+        s = tl.load(s_ptrs + g * BLOCK_N * 2)
+        c = tl.load(s_ptrs + g * BLOCK_N * 2 + 1)
         acc = tl.fma(part_a, s[:, None], acc)
         acc = tl.fma(c[:, None], sum_a[None, :], acc)
         if GROUP_SIZE == 32:
-            s = tl.load(s_ptrs + (g + 1) * n_pad * 2)
-            c = tl.load(s_ptrs + (g + 1) * n_pad * 2 + 1)
+            s = tl.load(s_ptrs + (g + 1) * BLOCK_N * 2)
+            c = tl.load(s_ptrs + (g + 1) * BLOCK_N * 2 + 1)
             acc = tl.fma(part_b, s[:, None], acc)
             acc = tl.fma(c[:, None], sum_b[None, :], acc)
 
@@ -382,8 +388,10 @@ def aot_configs(models, group_size: int = 128, rows=(1, 8, 16)) -> list[LaunchCo
     for shape in models:
         for name, (n_out, n_in) in shape.projection_shapes().items():
             n_pad = cdiv(n_out, FRAG_BLOCK_N) * FRAG_BLOCK_N
-            fw = Int4FragWeight(codes=torch.empty(n_in // FRAG_K, n_pad // 16, 32, 8, dtype=torch.int16, device="meta"),
-                                scales=torch.empty(n_in // group_size, n_pad // FRAG_BLOCK_N, FRAG_WARPS, 8,
+            blocks = n_pad // FRAG_BLOCK_N
+            fw = Int4FragWeight(codes=torch.empty(blocks, n_in // FRAG_K, FRAG_BLOCK_N // 16, 32, 8, dtype=torch.int16,
+                                                  device="meta"),
+                                scales=torch.empty(blocks, n_in // group_size, FRAG_WARPS, 8,
                                                    FRAG_BLOCK_N // (16 * FRAG_WARPS), 2, 2, device="meta"),
                                 shape=(n_out, n_in), group_size=group_size)
             for M in rows:

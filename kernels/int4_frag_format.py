@@ -4,13 +4,14 @@ vector, already in the order `mma.m16n8k16`'s A fragment holds it, and dequantiz
 with one LOP3 (`int4_frag`). No Triton here: the format, its inverse and its dequantization.
 
 Layout. The output dim is padded with zeros to a multiple of FRAG_BLOCK_N (a GEMV program's columns) and cut
-into tiles of 16 rows; the input dim into chunks of 64 (a program's trip). codes[chunk, tile] is one 16 x 64
-block (512 bytes; a program's tiles of one chunk are adjacent, 8 KiB in one piece). Within a block,
+into blocks of that many rows, and those into tiles of 16 rows; the input dim into chunks of 64.
+codes[blk, chunk, tile] is one 16 x 64 block (512 bytes; a program's share of the weight, all its chunks, is one
+contiguous run, so its loop advances one pointer and loads at constant offsets from it). Within a block,
 lane l = 4 g + t (g = 0..7, t = 0..3) holds 8 int16, element e = 4 e2 + 2 e1 + e0, and nibble c (bits
 4c..4c + 3, c = 0..3) of that int16 is q[n, k] with
 
-    n = 16 tile + 8 e1 + g,    k = 64 chunk + 16 t + 4 c + 2 e2 + e0             (groups of 64 and 128)
-                               k = 64 chunk + 32 (c // 2) + 8 t + 4 (c % 2) + 2 e2 + e0    (groups of 32)
+    n = 256 blk + 16 tile + 8 e1 + g,    k = 64 chunk + 16 t + 4 c + 2 e2 + e0             (groups of 64, 128)
+                                         k = 64 chunk + 32 (c // 2) + 8 t + 4 (c % 2) + 2 e2 + e0    (groups of 32)
 
 So nibble plane c of the block is a 16 x 16 A operand whose column j = 8 e2 + 2 t + e0 is one input k, and every
 plane lies inside one group (with groups of 32, planes 0-1 in the chunk's first, 2-3 in its second). Lane
@@ -20,8 +21,8 @@ planes (`frag_column_k`). Each 32-bit half-pair holds weights (k, k + 1) of one 
 
 Scales. fp32 pairs (s, -(128 + z) s), so a group's contribution is s * sum_k (128 + q) x_k + (-(128 + z) s) *
 sum_k x_k = s * sum_k (q - z) x_k: the zero point and the magic number's bias fold into one FMA per output
-per group. Stored per group and block of FRAG_BLOCK_N rows in the order the kernel's threads read them:
-[groups, padded out / 256, 4 (w), 8 (g), 4 (r), 2 (e1), 2 (s, c)] for row 64 r + 16 w + 8 e1 + g of the block
+per group. Stored per block of FRAG_BLOCK_N rows and group in the order the kernel's threads read them:
+[padded out / 256, groups, 4 (w), 8 (g), 4 (r), 2 (e1), 2 (s, c)] for row 64 r + 16 w + 8 e1 + g of the block
 (warp w's accumulator rows; one thread reads its 8 rows' 16 values as four 16-byte loads).
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ def frag_column_k(j: torch.Tensor, c: int, group_size: int) -> torch.Tensor:
 class Int4FragWeight:
     """An int4 weight [out, in] in fragment order (see the module doc).
 
-    codes: int16 [in / 64, padded out / 16, 32, 8]; scales: fp32 [in / group_size, padded out / 256, 4, 8, 4,
-    2, 2] (see the module doc; `frag_scales` gives them as [groups, padded out, 2]);
+    codes: int16 [padded out / 256, in / 64, 16, 32, 8]; scales: fp32 [padded out / 256, in / group_size, 4, 8,
+    4, 2, 2] (see the module doc; `frag_scales` gives them as [groups, padded out, 2]);
     shape: (out, in) before padding; dtype: the activations' dtype the kernel computes in (bf16)."""
 
     codes: torch.Tensor
@@ -70,14 +71,15 @@ class Int4FragWeight:
 
     @property
     def padded_out(self) -> int:
-        return self.codes.shape[1] * 16
+        return self.codes.shape[0] * FRAG_BLOCK_N
 
     def check(self, who: str = "Int4FragWeight") -> None:
         """ValueError unless the fields fit together (dtypes, shapes, group size, padding)."""
         n, k = self.shape
         n_pad = -(-n // FRAG_BLOCK_N) * FRAG_BLOCK_N
-        want = {"codes": ((k // FRAG_K, n_pad // 16, 32, 8), torch.int16),
-                "scales": ((k // max(self.group_size, 1), n_pad // FRAG_BLOCK_N) + _SCALE_BLOCK, torch.float32)}
+        blocks = n_pad // FRAG_BLOCK_N
+        want = {"codes": ((blocks, k // FRAG_K, FRAG_BLOCK_N // 16, 32, 8), torch.int16),
+                "scales": ((blocks, k // max(self.group_size, 1)) + _SCALE_BLOCK, torch.float32)}
         if self.group_size not in FRAG_GROUP_SIZES or k % FRAG_K:
             raise ValueError(f"{who}: group_size {self.group_size} and in_features {k} must be one of "
                              f"{FRAG_GROUP_SIZES} and a multiple of {FRAG_K}")
@@ -107,12 +109,12 @@ def to_frag(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Int4FragWeigh
     shifts = (4 * torch.arange(4, device=q.device, dtype=torch.int32)).view(4, 1, 1, 1)
     v = (q << shifts).sum(dim=4)                                    # chunk tile g t e2 e1 e0: 16 bits
     v = torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)
-    codes = v.reshape(k // FRAG_K, n_pad // 16, 32, 8).contiguous()
+    codes = v.reshape(k // FRAG_K, n_pad // FRAG_BLOCK_N, FRAG_BLOCK_N // 16, 32, 8).transpose(0, 1).contiguous()
     s = w.scales.float()                                            # [groups, n]
     c = -(FRAG_BIAS + z.float()) * s
     sc = torch.nn.functional.pad(torch.stack([s, c], dim=-1), (0, 0, 0, n_pad - n))   # [groups, n_pad, 2]
     sc = sc.view(sc.shape[0], n_pad // FRAG_BLOCK_N, _SCALE_BLOCK[2], FRAG_WARPS, 2, 8, 2)  # blk r w e1 g p
-    scales = sc.permute(0, 1, 3, 5, 2, 4, 6).contiguous()                              # blk w g r e1 p
+    scales = sc.permute(1, 0, 3, 5, 2, 4, 6).contiguous()                        # blk group w g r e1 p
     return Int4FragWeight(codes=codes, scales=scales, shape=(n, k), group_size=w.group_size, dtype=dtype)
 
 
@@ -129,7 +131,7 @@ def _chunk_tile_order(q: torch.Tensor, group_size: int) -> torch.Tensor:
 def unpack_frag(fw: Int4FragWeight) -> torch.Tensor:
     """q uint8 [out, in]: the inverse of `to_frag`'s code layout (padding dropped)."""
     n, k = fw.shape
-    v = fw.codes.to(torch.int32).view(k // FRAG_K, -1, 8, 4, 2, 2, 2)     # chunk tile g t e2 e1 e0
+    v = fw.codes.transpose(0, 1).to(torch.int32).reshape(k // FRAG_K, -1, 8, 4, 2, 2, 2)  # chunk tile g t e2 e1 e0
     shifts = (4 * torch.arange(4, device=v.device, dtype=torch.int32)).view(4, 1, 1, 1)
     q = (v.unsqueeze(4) >> shifts) & 0xF                                   # chunk tile g t c e2 e1 e0
     if fw.group_size == 32:
@@ -142,7 +144,7 @@ def unpack_frag(fw: Int4FragWeight) -> torch.Tensor:
 
 def frag_scales(fw: Int4FragWeight) -> torch.Tensor:
     """fp32 [groups, padded out, 2]: each row's (s, -(128 + z) s), in row order."""
-    sc = fw.scales.permute(0, 1, 4, 2, 5, 3, 6)                                         # blk r w e1 g p
+    sc = fw.scales.permute(1, 0, 4, 2, 5, 3, 6)                                   # group blk r w e1 g p
     return sc.reshape(sc.shape[0], fw.padded_out, 2)
 
 

@@ -53,27 +53,31 @@ def _x(M, K, seed=1, lead=()):
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_codes_follow_the_documented_index_map(group_size):
-    """Every (chunk, tile, lane, element, nibble) holds q[16 tile + 8 e1 + g, k]: k = 64 chunk + 16 t + 4 c + 2 e2
-    + e0, or with groups of 32, 64 chunk + 32 (c // 2) + 8 t + 4 (c % 2) + 2 e2 + e0 (each plane in one group)."""
-    w = _int4(40, 2 * group_size, group_size)
+    """Every (block, chunk, tile, lane, element, nibble) holds q[256 blk + 16 tile + 8 e1 + g, k]: k = 64 chunk + 16 t
+    + 4 c + 2 e2 + e0, or with groups of 32, 64 chunk + 32 (c // 2) + 8 t + 4 (c % 2) + 2 e2 + e0 (each plane in one
+    group); two row blocks."""
+    w = _int4(296, 2 * group_size, group_size)
     q, _ = w.unpack()
     fw = to_frag(w)
     codes = fw.codes.numpy().astype(np.int64) & 0xFFFF
-    chunks, tiles = codes.shape[:2]
-    for chunk in range(chunks):
-        for tile in range(tiles):
-            for lane in range(32):
-                g, t = divmod(lane, 4)
-                for e in range(8):
-                    e2, e1, e0 = e >> 2, (e >> 1) & 1, e & 1
-                    n = 16 * tile + 8 * e1 + g
-                    for c in range(4):
-                        k = (64 * chunk + 32 * (c // 2) + 8 * t + 4 * (c % 2) + 2 * e2 + e0 if group_size == 32
-                             else 64 * chunk + 16 * t + 4 * c + 2 * e2 + e0)
-                        if group_size == 32:  # planes 0-1 in the chunk's first group of 32, 2-3 in its second
-                            assert k // 32 == 2 * chunk + c // 2
-                        want = int(q[n, k]) if n < 40 else 0
-                        assert (codes[chunk, tile, lane, e] >> (4 * c)) & 0xF == want, (chunk, tile, lane, e, c)
+    blocks, chunks, tiles = codes.shape[:3]
+    assert blocks == 2
+    for blk in range(blocks):
+        for chunk in range(chunks):
+            for tile in range(tiles):
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    for e in range(8):
+                        e2, e1, e0 = e >> 2, (e >> 1) & 1, e & 1
+                        n = FRAG_BLOCK_N * blk + 16 * tile + 8 * e1 + g
+                        for c in range(4):
+                            k = (64 * chunk + 32 * (c // 2) + 8 * t + 4 * (c % 2) + 2 * e2 + e0 if group_size == 32
+                                 else 64 * chunk + 16 * t + 4 * c + 2 * e2 + e0)
+                            if group_size == 32:  # planes 0-1 in the chunk's first group of 32, 2-3 in its second
+                                assert k // 32 == 2 * chunk + c // 2
+                            want = int(q[n, k]) if n < 296 else 0
+                            got = (codes[blk, chunk, tile, lane, e] >> (4 * c)) & 0xF
+                            assert got == want, (blk, chunk, tile, lane, e, c)
 
 
 @pytest.mark.parametrize("out_f,in_f,group_size", [(8, 64, 64), (296, 256, 64), (264, 384, 128), (512, 128, 128),
@@ -90,7 +94,8 @@ def test_round_trip_scales_and_dequantization(out_f, in_f, group_size):
     sc = frag_scales(fw)
     assert torch.equal(sc[:, :out_f, 0], w.scales.float())
     assert torch.equal(sc[:, :out_f, 1], -(128.0 + z.float()) * w.scales.float())
-    assert not sc[:, out_f:].any() and not fw.codes[:, -(-out_f // 16):].any()
+    padded = Int4FragWeight(codes=fw.codes, scales=fw.scales, shape=(fw.padded_out, in_f), group_size=group_size)
+    assert not sc[:, out_f:].any() and not unpack_frag(padded)[out_f:].any()
     assert torch.equal(dequantize_frag(fw, torch.float32), dequantize_int4(w, torch.float32))
 
 
