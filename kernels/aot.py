@@ -8,8 +8,8 @@ import importlib
 
 from ._triton import SHARED_LIMIT, CompiledResources, LaunchConfig, compile_for
 
-KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attention_decode", "nf4", "nf4_frag", "int4",
-                  "int4_frag", "int4_dequant", "gemv")
+KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention_prefill", "attention_decode", "nf4", "nf4_frag",
+                  "nf4_dequant", "int4", "int4_frag", "int4_dequant", "gemv")
 ARCHS = (80, 90)
 
 

@@ -14,6 +14,7 @@ Python. One custom op per backend entry point; together they launch every Triton
     norm_linear(x, residual?, norm_weight, eps, w, swiglu, experiments, pdl) -> (y, h)
     nf4_linear(x, codes, absmax, code, nested_absmax?, nested_code?, out_features, in_features, dtype,
                blocksize, nested_blocksize, nested_offset) -> out             kernels/nf4.py
+    nf4_dequant_linear(<nf4_linear's arguments>) -> out                       kernels/nf4_dequant.py
     nf4_frag_linear(x, codes, scales, code, values, pairs, out_features, in_features, pdl) -> out
                                                                               kernels/nf4_frag.py
     int4_linear(x, qweight, qzeros, scales, out_features, in_features, group_size, experiments,
@@ -55,6 +56,7 @@ from . import gemv as _gemv
 from . import int4 as _int4
 from . import int4_frag as _int4_frag
 from . import nf4 as _nf4
+from . import nf4_dequant as _nf4_dequant
 from . import nf4_frag as _nf4_frag
 from . import rms_norm as _rms_norm
 from . import rotary as _rotary
@@ -300,6 +302,22 @@ def _(x, codes, absmax, code, nested_absmax, nested_code, out_features, in_featu
     return _rows_out(x, out_features)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::nf4_dequant_linear", mutates_args=())
+def _nf4_dequant_linear_op(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                           nested_code: Optional[Tensor], out_features: int, in_features: int, dtype: torch.dtype,
+                           blocksize: int, nested_blocksize: int, nested_offset: float) -> Tensor:
+    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=(out_features, in_features), dtype=dtype,
+                  blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
+                  nested_blocksize=nested_blocksize, nested_offset=nested_offset)
+    return _nf4_dequant.nf4_dequant_linear(x, w)
+
+
+@_nf4_dequant_linear_op.register_fake
+def _(x, codes, absmax, code, nested_absmax, nested_code, out_features, in_features, dtype, blocksize,
+      nested_blocksize, nested_offset):
+    return _rows_out(x, out_features)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::nf4_frag_linear", mutates_args=())
 def _nf4_frag_linear_op(x: Tensor, codes: Tensor, scales: Tensor, code: Tensor, values: Tensor, pairs: Tensor,
                         out_features: int, in_features: int, pdl: bool) -> Tensor:
@@ -316,7 +334,8 @@ def _(x, codes, scales, code, values, pairs, out_features, in_features, pdl):
 def linear_nf4(x: Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> Tensor:
     """`kernels.nf4.nf4_linear` through the op; w: an NF4Weight. With the experiment "nf4_frag", rows it serves
     (`nf4_frag.nf4_frag_eligible`) go to `nf4_frag.nf4_frag_linear` on the weight's fragment-order copy
-    (`nf4_frag_of`, made on the first such call)."""
+    (`nf4_frag_of`, made on the first such call); with "nf4_dequant_gemm", calls of more than
+    `nf4_dequant.NF4_DEQUANT_MIN_M` rows (prefill) to `nf4_dequant.nf4_dequant_linear`."""
     if not isinstance(w, NF4Weight):
         raise TypeError(f"nf4_linear: w must be an NF4Weight, got {type(w).__name__}")
     if options.has("nf4_frag") and _nf4_frag.nf4_frag_eligible(x, w):
@@ -325,11 +344,13 @@ def linear_nf4(x: Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTI
             return _nf4_frag.nf4_frag_linear(x, fw, options=options)
         out_f, in_f = fw.shape
         return _nf4_frag_linear_op(x, fw.codes, fw.scales, fw.code, fw.values, fw.pairs, out_f, in_f, options.pdl)
+    dequant = options.has("nf4_dequant_gemm") and x.numel() // max(x.shape[-1], 1) > _nf4_dequant.NF4_DEQUANT_MIN_M
     if _eager():
-        return _nf4.nf4_linear(x, w)
+        return _nf4_dequant.nf4_dequant_linear(x, w) if dequant else _nf4.nf4_linear(x, w)
     out_f, in_f = w.shape
-    return _nf4_linear_op(x, w.codes, w.absmax, w.code, w.nested_absmax, w.nested_code, out_f, in_f, w.dtype,
-                          w.blocksize, w.nested_blocksize, float(w.nested_offset))
+    op = _nf4_dequant_linear_op if dequant else _nf4_linear_op
+    return op(x, w.codes, w.absmax, w.code, w.nested_absmax, w.nested_code, out_f, in_f, w.dtype, w.blocksize,
+              w.nested_blocksize, float(w.nested_offset))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::int4_linear", mutates_args=())

@@ -37,6 +37,9 @@ EXPERIMENTS = {
     "nf4_frag": Experiment("NF4 decode rows (M <= 16, bf16/fp16, blocksize 64, input widths of whole 64s) on the "
                            "Gluon tensor-core GEMV with a per-lane shared-memory pair table, from a fragment-order "
                            "copy of the weight made on first use (kernels/nf4_frag.py)", ("nf4",)),
+    "nf4_dequant_gemm": Experiment("NF4 prefill rows (M > 16): the weight dequantized by a Triton kernel (bitwise "
+                                   "bitsandbytes'), then the dense GEMM (cuBLAS), instead of the fused dequant-GEMM "
+                                   "(kernels/nf4_dequant.py)", (), prefill=("nf4",)),
     "int4_dequant_gemm": Experiment("int4 prefill rows (M > 16): the weight dequantized by a Triton kernel, then "
                                     "the dense GEMM (cuBLAS), instead of the fused dequant-GEMM "
                                     "(kernels/int4_dequant.py)", (), prefill=("int4",)),

@@ -252,8 +252,8 @@ def test_experiment_rows_run_in_a_child_and_time_out_cleanly():
     assert [r["provider"] for r in rows] == [e2e.OURS_EAGER + " [attn_one_pass]",
                                              e2e.OURS_EAGER + " [attn_one_pass+int4_one_pass]"]
     assert [r["experiments"] for r in rows] == [list(n) for n in sets] and {r["status"] for r in rows} == {"ok"}
-    rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=1)
-    assert [(r["experiments"], r["status"]) for r in rows] == [(list(n), "failed: timed out after 1 s") for n in sets]
+    rows = e2e.experiment_rows_isolated(e2e.MODELS["tiny"], plan, sets, timeout_s=0.1)
+    assert [(r["experiments"], r["status"]) for r in rows] == [(list(n), "failed: timed out after 0.1 s") for n in sets]
 
 
 def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
@@ -318,8 +318,8 @@ def test_isolated_peer_runs_in_a_child_and_times_out_cleanly():
     plan = e2e.make_plan(cuda=False, quick=True, only=["tiny"])
     rows = e2e.peer_rows_isolated("hf", e2e.MODELS["tiny"], plan, timeout_s=120)
     assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["tokens0"]
-    rows = e2e.peer_rows_isolated("hf", e2e.MODELS["tiny"], plan, timeout_s=1)
-    assert [r["status"] for r in rows] == ["failed: timed out after 1 s"] * 2
+    rows = e2e.peer_rows_isolated("hf", e2e.MODELS["tiny"], plan, timeout_s=0.1)
+    assert [r["status"] for r in rows] == ["failed: timed out after 0.1 s"] * 2
     assert {("new_tokens" in r) for r in rows} == {True, False}  # one TTFT row, one decode row
 
 

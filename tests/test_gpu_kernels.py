@@ -268,6 +268,24 @@ def test_int4_dequant_gemm_real_size():
     assert torch.equal(got, int4_linear_ref(x, w))
 
 
+@pytest.mark.experiment
+def test_nf4_dequant_gemm_real_size():
+    """The experiment "nf4_dequant_gemm" at 7B w13's size: the dequantized weight bitwise `dequantize_nf4`'s
+    (bitsandbytes'), 512 prefill rows exactly `nf4_linear_ref`'s result (the same cuBLAS call on the same weight)."""
+    from codellama_rt.kernels import ops
+    from codellama_rt.kernels.nf4 import nf4_linear_ref
+    from codellama_rt.kernels.nf4_dequant import dequantize_nf4_triton
+    from codellama_rt.kernels.nf4_format import dequantize_nf4, quantize_nf4
+    from codellama_rt.kernels.options import KernelOptions
+
+    N, K = 22016, 4096
+    w = quantize_nf4(torch.randn(N, K, device=DEV, dtype=torch.bfloat16) / K ** 0.5)
+    assert torch.equal(dequantize_nf4_triton(w), dequantize_nf4(w))
+    x = torch.randn(512, K, device=DEV, dtype=torch.bfloat16)
+    got = ops.linear_nf4(x, w, options=KernelOptions(experiments={"nf4_dequant_gemm"}))
+    assert torch.equal(got, nf4_linear_ref(x, w))
+
+
 @pytest.mark.parametrize("F_,K", [(11008, 4096), (22016, 8192)], ids=["7B", "34B"])
 def test_gemv_swiglu_real_size(F_, K):
     """w13's GEMV with the SwiGLU epilogue: bitwise the unfused kernels' result, and what the backend runs."""

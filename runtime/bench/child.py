@@ -66,7 +66,7 @@ def _run_child(args: list, plan: Plan, timeout_s: float) -> tuple[list, str]:
             _, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            reason = f"failed: timed out after {timeout_s:.0f} s"
+            reason = f"failed: timed out after {timeout_s:g} s"
         else:
             lines = [ln for ln in stderr.splitlines() if ln.strip()]
             reason = f"failed: child exited {proc.returncode}: {(lines[-1] if lines else '')[:300]}"

@@ -28,6 +28,7 @@ from ..kernels.int4_frag_format import to_frag
 from ..kernels.nf4 import nf4_linear, nf4_linear_ref, quantize_nf4
 from ..kernels.nf4_frag import nf4_frag_linear
 from ..kernels.nf4_frag_format import to_nf4_frag
+from ..kernels.ops import linear_nf4
 from ..kernels.options import DEFAULT_OPTIONS, KernelOptions
 from ..kernels.rms_norm import rms_norm, rms_norm_ref
 from ..kernels.rotary import rope_tables, rotary, rotary_ref
@@ -142,28 +143,32 @@ def run_quant_gemv(bw: float, dtype, options: KernelOptions = DEFAULT_OPTIONS) -
 
 def run_quant_gemm(dtype=torch.bfloat16, tokens: int = 512, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
     """Prefill projections (`tokens` rows) at 7B shapes, TFLOP/s: dense cuBLAS (the yardstick: 4-bit time to
-    first token against bf16's), our fused int4 dequant-GEMM, and the experiment "int4_dequant_gemm" (the weight
-    dequantized by a Triton kernel, then cuBLAS), each timed with do_bench."""
+    first token against bf16's), our fused int4 and NF4 dequant-GEMMs, and the experiments "int4_dequant_gemm" and
+    "nf4_dequant_gemm" (the weight dequantized by a Triton kernel, then cuBLAS), each timed with do_bench."""
     rows = []
-    dequant = KernelOptions(experiments=options.experiments | {"int4_dequant_gemm"}, pdl=options.pdl)
+    dequant = KernelOptions(experiments=options.experiments | {"int4_dequant_gemm", "nf4_dequant_gemm"},
+                            pdl=options.pdl)
     for name, (n, k) in {"7B wqkv": (3 * 4096, 4096), "7B w13": (2 * 11008, 4096), "7B w2": (4096, 11008)}.items():
         w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
         x = torch.randn(tokens, k, dtype=dtype, device="cuda")
-        q = quantize_int4(w, group_size=128)
+        q, nf = quantize_int4(w, group_size=128), quantize_nf4(w)
         flops = 2 * tokens * n * k
-        for prov, fn in (("torch (dense bf16)", partial(torch.nn.functional.linear, x, w)),
-                         ("triton (fused int4)", partial(int4_linear, x, q, options=options)),
-                         ("triton dequant + cuBLAS", partial(int4_linear, x, q, options=dequant))):
+        for kernel, prov, fn in (
+                ("int4 gemm", "torch (dense bf16)", partial(torch.nn.functional.linear, x, w)),
+                ("int4 gemm", "triton (fused int4)", partial(int4_linear, x, q, options=options)),
+                ("int4 gemm", "triton dequant + cuBLAS", partial(int4_linear, x, q, options=dequant)),
+                ("nf4 gemm", "triton (fused nf4)", partial(linear_nf4, x, nf, options=options)),
+                ("nf4 gemm", "triton dequant + cuBLAS", partial(linear_nf4, x, nf, options=dequant))):
             try:
                 ms = bench(fn)
             except Exception as e:  # noqa: BLE001 - one provider failing must not lose the other rows
                 torch.cuda.synchronize()
-                rows.append(dict(kernel="int4 gemm", shape=f"{name} M={tokens}",
+                rows.append(dict(kernel=kernel, shape=f"{name} M={tokens}",
                                  provider=f"{prov} (failed: {type(e).__name__}: {str(e)[:80]})"))
                 continue
-            rows.append(dict(kernel="int4 gemm", shape=f"{name} M={tokens}", provider=prov, ms=ms,
+            rows.append(dict(kernel=kernel, shape=f"{name} M={tokens}", provider=prov, ms=ms,
                              tflops=flops / ms[0] / 1e9))
-        del w, q
+        del w, q, nf
     return rows
 
 
