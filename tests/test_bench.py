@@ -223,17 +223,17 @@ def test_gpu_plan_and_unit_order():
     assert plan.models == ("7B-bf16", "7B-int4", "34B-int4", "7B-nf4") and plan.batches == (1, 8)
     assert plan.ttft_prompts == (512, 2048, 8192) and plan.kernels and plan.isolate_peers
     assert [u[0] for u in report._units(plan, {})] == [
-        "ours 7B-bf16", "ours 7B-int4", "compile 7B-bf16", "compile 7B-int4", "experiments 7B-bf16",
-        "experiments 7B-int4", "kernels", "ours 34B-int4", "ours 7B-nf4", "hf 7B-bf16"]
+        "ours 7B-bf16", "ours 7B-int4", "ours 7B-nf4", "experiments 7B-bf16", "experiments 7B-int4",
+        "experiments 7B-nf4", "kernels", "compile 7B-bf16", "compile 7B-int4", "ours 34B-int4", "hf 7B-bf16"]
     quick = e2e.make_plan(cuda=True, quick=True)
     assert [u[0] for u in report._units(quick, {})] == ["ours 7B-bf16", "ours 7B-int4"]
     only = e2e.make_plan(cuda=True, quick=False, only=["7b-BF16", "kernels"])
     assert only.models == ("7B-bf16",) and only.kernels
-    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "compile 7B-bf16", "experiments 7B-bf16",
-                                                       "kernels", "hf 7B-bf16"]
+    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "experiments 7B-bf16", "kernels",
+                                                       "compile 7B-bf16", "hf 7B-bf16"]
     # the bar model goes first however --only lists the models
     only = e2e.make_plan(cuda=True, quick=False, only=["34B-int4", "7B-int4"])
-    assert [u[0] for u in report._units(only, {})][:3] == ["ours 7B-int4", "compile 7B-int4", "experiments 7B-int4"]
+    assert [u[0] for u in report._units(only, {})][:3] == ["ours 7B-int4", "experiments 7B-int4", "compile 7B-int4"]
     cpu = e2e.make_plan(cuda=False, quick=True)
     assert cpu.models == ("tiny", "100M") and cpu.hf_models == cpu.models and not cpu.isolate_peers
     assert e2e.make_plan(cuda=True, quick=True, only=["tiny"]) == dataclasses.replace(cpu, models=("tiny",))
@@ -264,11 +264,15 @@ def test_experiment_rows_set_the_options_for_their_engine_only(monkeypatch):
 
     plan = e2e.make_plan(cuda=True, quick=False)
     assert set(plan.experiment_sets) == {(n,) for n in EXPERIMENTS} | {tuple(EXPERIMENTS)}
-    assert report.BAR_MODELS == ("7B-bf16", "7B-int4")
-    for name, weights in (("7B-bf16", "dense"), ("7B-int4", "int4")):
+    assert report.BAR_MODELS == ("7B-bf16", "7B-int4", "7B-nf4")
+    for name, weights in (("7B-bf16", "dense"), ("7B-int4", "int4"), ("7B-nf4", "nf4")):
         sets = report.experiment_sets(e2e.MODELS[name], plan)
         assert sets[-1] == tuple(EXPERIMENTS)
-        assert [s[0] for s in sets[:-1]] == [n for n, e in EXPERIMENTS.items() if weights in e.weights + e.prefill]
+        # a quantized model: the experiments of its own format (those changing the dense model too run there)
+        assert [s[0] for s in sets[:-1]] == [n for n, e in EXPERIMENTS.items() if weights in e.weights + e.prefill
+                                             and (weights == "dense" or "dense" not in e.weights)]
+    assert [s for s in report.experiment_sets(e2e.MODELS["7B-nf4"], plan)[:-1]] == [("nf4_frag",),
+                                                                                    ("nf4_dequant_gemm",)]
     assert ("int4_mma",) not in report.experiment_sets(e2e.MODELS["7B-bf16"], plan)
     assert report.experiment_sets(e2e.MODELS["34B-int4"], plan) == []
     assert report.experiment_sets(e2e.MODELS["tiny"], plan) == []

@@ -12,8 +12,9 @@ from .common import shared_prefix
 
 BARS = [
     # (id, text, kind, args)
-    ("bf16-bound", "7B bf16 decode at batch 1 >= 85% of the bandwidth bound", "bound", ("7B-bf16", 0.85)),
-    ("int4-bound", "7B int4 decode at batch 1 >= 65% of the bandwidth bound", "bound", ("7B-int4", 0.65)),
+    ("bf16-bound", "7B bf16 decode at batch 1 >= 88% of the bandwidth bound", "bound", ("7B-bf16", 0.88)),
+    ("int4-bound", "7B int4 decode at batch 1 >= 70% of the bandwidth bound", "bound", ("7B-int4", 0.70)),
+    ("nf4-bound", "7B NF4 decode at batch 1 >= 55% of the bandwidth bound", "bound", ("7B-nf4", 0.55)),
     ("bf16-vs-compile", "7B bf16 decode at batch 1 ahead of torch.compile(reduce-overhead) of the reference graph",
      "compile", ("7B-bf16",)),
     ("int4-vs-compile", "7B int4 decode at batch 1 ahead of torch.compile(reduce-overhead) of the reference graph",
@@ -21,7 +22,7 @@ BARS = [
     ("graphs-vs-eager", "CUDA graphs >= 1.3x eager decode at batch 1 (7B bf16)", "graphs", ("7B-bf16", 1.3)),
 ]
 
-BAR_MODELS = tuple(dict.fromkeys(b[3][0] for b in BARS))  # ("7B-bf16", "7B-int4")
+BAR_MODELS = tuple(dict.fromkeys(b[3][0] for b in BARS))  # ("7B-bf16", "7B-int4", "7B-nf4")
 
 
 def model_info(spec: e2e.ModelSpec, model=None, build_s=None) -> dict:

@@ -132,8 +132,9 @@ def _log_new_rows(report: dict, seen: dict, log: Callable[[str], None]) -> None:
 
 def _units(plan: e2e.Plan, report: dict) -> list:
     """(name, estimated seconds, fn(budget)) in the order they run: the bars' models (BAR_MODELS, those the
-    plan has), their compile peers, their experiment rows, kernels, the other models, the remaining peers.
-    (The AOT resource table comes last.)"""
+    plan has), their experiment rows, kernels, the bars' compile peers, the other models, the remaining peers
+    (the experiments and kernel rows decide which paths become the default, so they come before the peers, whose
+    rows change only with torch). (The AOT resource table comes last.)"""
     est = plan.estimates
     models = list(plan.models)
     ours = [(f"ours {m}", est.get(m, 60), _ours_unit(m, plan, report)) for m in models]
@@ -149,7 +150,7 @@ def _units(plan: e2e.Plan, report: dict) -> list:
     rest = [p for p in peers if p not in bar_peers]
     experiments = [(f"experiments {m}", est.get("experiments", 60), _experiments_unit(m, plan, report))
                    for m in models if experiment_sets(e2e.MODELS[m], plan)]
-    return bars + bar_peers + experiments + kernels + [u for u in ours if u not in bars] + rest
+    return bars + experiments + kernels + bar_peers + [u for u in ours if u not in bars] + rest
 
 
 def _ours_unit(name: str, plan: e2e.Plan, report: dict):
@@ -183,12 +184,17 @@ def _experiments_unit(name: str, plan: e2e.Plan, report: dict):
 def experiment_sets(spec: e2e.ModelSpec, plan: e2e.Plan) -> list:
     """The plan's experiment sets that get rows for `spec`: on a GPU, for the bars' models, those with an
     experiment that changes this weight format's decode or prefill (else the rows would repeat the default
-    ones)."""
+    ones); a quantized model only those with an experiment particular to its format (one that also changes the
+    dense model, attention say, is measured there)."""
     if not spec.cuda or spec.name not in BAR_MODELS:
         return []
     weights = spec.quantize or "dense"
-    return [names for names in plan.experiment_sets
-            if any(weights in EXPERIMENTS[n].weights + EXPERIMENTS[n].prefill for n in names)]
+
+    def measured_here(name: str) -> bool:
+        e = EXPERIMENTS[name]
+        return weights in e.weights + e.prefill and (weights == "dense" or "dense" not in e.weights)
+
+    return [names for names in plan.experiment_sets if any(measured_here(n) for n in names)]
 
 
 def _peer_unit(kind: str, name: str, plan: e2e.Plan, report: dict):
