@@ -2,9 +2,10 @@
 format the runtime builds at inference), the HF export (loads back through `codellama_rt.load` with the
 trained model's logits), checkpoint/resume (an interrupted run ends with the weights of an
 uninterrupted one), and the unlikelihood objective's parts (greedy rollouts equal the runtime's greedy
-generation; repeated n-grams and the loss against known answers), and the logged completion probe
-(the evaluation's cut and parse). The corpus (tools/corpus.py) and the infill probe (tools/probes.py) are the
-evaluation's too; the probe's agreement with the evaluation on the shipped weights is in test_default_model.py."""
+generation; repeated n-grams and the loss against known answers), the logged completion probe
+(the evaluation's cut and parse), and the copy/edit examples and their probe (tools/copy_edit.py). The
+corpus (tools/corpus.py) and the infill probe (tools/probes.py) are the evaluation's too; the probe's agreement
+with the evaluation on the shipped weights is in test_default_model.py."""
 from __future__ import annotations
 
 import hashlib
@@ -295,3 +296,69 @@ def test_completion_probe_cuts_and_parses_as_the_evaluation_does(tiny):
     assert tdm.completion_probe(scripted("    return x\n", eos=True), tiny, headers, 64) == 1.0
     assert tdm.completion_probe(scripted("    return x\n"), tiny, [], 64) is None
 
+
+
+# ---- the copy/edit objective (tools/copy_edit.py) -------------------------------------------------
+
+copy_edit = load_tool("copy_edit")
+
+EDIT_SOURCE = (
+    "import os\n\n\n"
+    "def join_all(parts, sep=', '):\n"
+    "    out = []\n"
+    "    for part in parts:\n"
+    "        out.append(str(part))\n"
+    "    return sep.join(out)\n\n\n"
+    "def other():\n"
+    "    pass\n"
+)
+
+
+def _edit_function(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(EDIT_SOURCE)
+    [fn] = [f for f in corpus.held_out_functions([path]) if f.src.startswith("def join_all")]
+    return fn
+
+
+@pytest.mark.parametrize("kind, first, body_has", [
+    ("rename", "def join_all_v2(parts, sep=', '):", "for part in parts"),
+    ("param", "def join_all(parts_v2, sep=', '):", "for part in parts_v2"),
+    ("same", "def join_all(parts, sep=', '):", "for part in parts"),
+])
+def test_edit_case_is_the_file_the_request_and_the_edited_function(tmp_path, kind, first, body_has):
+    """The prompt is the file up to the function's end, two blank lines, the request, the edited first line;
+    the target the rest of the edited function (a rename touches the def line only, a parameter every use)."""
+    fn = _edit_function(tmp_path)
+    rng = random.Random(0)
+    rng.choice = lambda seq: seq[0]  # the first parameter
+    case = copy_edit.edit_case(fn, rng, kind, "# {name} -> {new} ({old}):\n", 10_000, suffix="_v2")
+    file_part = EDIT_SOURCE[:EDIT_SOURCE.index("\n\n\ndef other")]
+    request = {"rename": "# join_all -> join_all_v2 (join_all):\n", "param": "# join_all -> parts_v2 (parts):\n",
+               "same": "# join_all -> join_all (join_all):\n"}[kind]
+    assert case.prompt == file_part + "\n\n\n" + request + first + "\n"
+    assert body_has in case.target and case.target.endswith("return sep.join(out)\n")
+    assert ("parts_v2" in case.target) == (kind == "param") and "join_all" not in case.target
+    short = copy_edit.edit_case(fn, rng, kind, "", 60, suffix="_v2")  # the context cut at a line start
+    assert short.prompt.startswith("    ") and len(short.prompt) <= 60 + len(first) + 4
+
+
+def test_training_texts_and_probe(tmp_path, tiny):
+    """training_texts gives n prompt + target texts; the probe scores an oracle continuation 1.0 (whole), one
+    wrong from the start 0.0, one wrong halfway about 0.5."""
+    fn = _edit_function(tmp_path)
+    texts = copy_edit.training_texts([fn], 12, random.Random(3), 10_000)
+    assert len(texts) == 12 and all(t.startswith("import os") for t in texts)
+    tok = tiny
+    case = copy_edit.edit_case(fn, random.Random(0), "rename", copy_edit.PROBE_REQUEST, 10_000, suffix="_v2")
+    want = tok.encode(case.prompt + case.target, add_bos=True)[len(tok.encode(case.prompt, add_bos=True)):]
+
+    def probe(continue_ids):
+        return copy_edit.copy_probe(continue_ids, tok, [fn], copy_edit.PROBE_REQUEST, 10_000)
+
+    oracle = probe(lambda ids, n: want[:n])
+    assert oracle["functions"] == 1 and oracle["reemitted_share"] == 1.0 and oracle["whole_functions"] == 1
+    assert probe(lambda ids, n: [w + 1 for w in want[:n]])["reemitted_share"] == 0.0
+    half = len(want) // 2
+    got = probe(lambda ids, n: want[:half] + [want[half] + 1] + want[half + 1:n])
+    assert got["reemitted_share"] == pytest.approx(half / len(want)) and got["whole_functions"] == 0

@@ -16,7 +16,7 @@ from types import ModuleType
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 BENCH = TOOLS.parent / "bench"
-SHARED = ("corpus", "probes")  # in dependency order: probes imports corpus
+SHARED = ("corpus", "probes", "copy_edit")  # in dependency order: probes and copy_edit import corpus
 
 
 def load_tool(name: str) -> ModuleType:

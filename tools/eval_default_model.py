@@ -11,7 +11,9 @@ Loads the shipped files through `codellama_rt.load` (reference backend, fp32 on 
   recovered, and how every infill ended (<EOT> or the token limit); for scale, how often greedy
   continuation of the prefix alone gives the line, and the teacher-forced cost of the true line and of
   `<EOT>` after it in each order; then the same lines removed from their whole files (cut to fit the
-  context), as an editor sends a hole.
+  context), as an editor sends a hole;
+- copying: held-out functions asked for again under a new name after their file (`copy_edit.copy_probe`), the
+  share of each re-emitted before the first difference.
 Writes evaluation.json and README.md (the model card, with training.json) next to the weights.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ import codellama_rt as cl
 from corpus import (HeldOutFunction, corpus_split, function_end, header, held_out_functions, parses, plain_tokens,
                     read_source, rows)
 from probes import infill_probe, probe_case
+
+import copy_edit
 
 # ---- held-out loss ----------------------------------------------------------------------------
 
@@ -95,6 +99,19 @@ def infill_eval(model, funcs: list[HeldOutFunction], n: int, max_new_tokens: int
                                          model.tokenizer.eot_id), holes=sum(c is not None for c in cases))
     result["max_new_tokens"] = max_new_tokens
     return result
+
+
+def copy_eval(model, funcs: list[HeldOutFunction], n: int, max_chars: int) -> dict:
+    """Held-out functions asked for again under a new name after their file (`copy_edit.copy_probe`), in the
+    edit benchmark's wording and in one the training mix never has."""
+    picked = random.Random(2).sample(funcs, min(n, len(funcs)))
+
+    def continue_ids(ids: list[int], k: int) -> list[int]:
+        return model.generate([ids], max_new_tokens=k)[0].token_ids
+
+    return {name: copy_edit.copy_probe(continue_ids, model.tokenizer, picked, request, max_chars)
+            for name, request in (("benchmark_request", copy_edit.PROBE_REQUEST),
+                                  ("unseen_request", copy_edit.UNSEEN_REQUEST))}
 
 
 def _infill_runs(model, holes: list[tuple[str, str, str]], max_new_tokens: int, examples: int) -> dict:
@@ -255,6 +272,20 @@ def _endings(reasons: dict) -> str:
         f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})"
 
 
+def _copying(copy: dict | None, training: dict) -> str:
+    if not copy:
+        return ""
+    b, u = copy["benchmark_request"], copy["unseen_request"]
+    trained = any("copy_edit" in r["objective"] for r in phases(training))
+    unseen = (", a wording the copy/edit examples never use." if trained else
+              ".\n  No training phase had a copy/edit objective (tools/copy_edit.py).")
+    return f"""
+- Copying: {b['functions']} held-out functions asked for again under a new name after their file (greedy):
+  **{b['reemitted_share']:.0%}** of each re-emitted before the first difference on average, {b['whole_functions']}
+  whole, with bench/speculative.py's request `{b['request'].strip()}`; **{u['reemitted_share']:.0%}**
+  ({u['whole_functions']} whole) with `{u['request'].strip()}`{unseen}"""
+
+
 def model_card(training: dict, ev: dict) -> str:
     m, lo = training["model"], ev["held_out"]
     comp, inf = ev["completion"], ev["infill"]
@@ -313,7 +344,7 @@ Files: `config.json`, `model.safetensors` (bf16), `tokenizer.model` (SentencePie
   ({inf['psm']['share']:.0%}), SPM {inf['spm']['exact_line']}/{inf['spm']['cases']} ({inf['spm']['share']:.0%})**.
   The first line of the infill is the removed line in PSM {inf['psm']['first_line_right']}, SPM
   {inf['spm']['first_line_right']} cases{_plain_next_line(inf)}. PSM infills {psm_end}; SPM infills
-  {spm_end}.{_in_file(inf)}
+  {spm_end}.{_in_file(inf)}{_copying(ev.get("copy"), training)}
 
 Evaluation took {ev['seconds'] / 60:.1f} minutes.
 """
@@ -324,6 +355,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", type=Path, default=Path(cl.default_model_path()))
     p.add_argument("--functions", type=int, default=150)
     p.add_argument("--infill", type=int, default=60)
+    p.add_argument("--copies", type=int, default=60, help="held-out functions asked for again (copy probe)")
     a = p.parse_args(argv)
     t0 = time.time()
     training = json.loads((a.model / "training.json").read_text())
@@ -337,6 +369,8 @@ def main(argv=None) -> None:
     ev["infill"] = infill_eval(model, funcs, a.infill, max_new_tokens=48)
     print("infill:", {k: {kk: vv for kk, vv in v.items() if kk != "examples"} if isinstance(v, dict) else v
                       for k, v in ev["infill"].items()}, flush=True)
+    ev["copy"] = copy_eval(model, funcs, a.copies, training["objective"]["chunk_chars"])
+    print("copy:", ev["copy"], flush=True)
     ev["held_out_functions"] = len(funcs)
     ev["seconds"] = round(time.time() - t0, 1)
     (a.model / "evaluation.json").write_text(json.dumps(ev, indent=2) + "\n")

@@ -15,8 +15,9 @@ prefix/middle/suffix and written as PSM or SPM exactly as `Tokenizer.encode_infi
 rows that each start at an example (`pack_rows`). The model is the runtime's own
 `Transformer` (reference backend with PyTorch's fused causal attention for speed), trained in fp32 with
 bf16 autocast, and exported in HF layout with bf16 weights. `--unlikelihood W` adds sequence-level
-unlikelihood against repetition loops (`unlikelihood_loss`); `--init-from` continues a finished run or
-the shipped export with a fresh schedule.
+unlikelihood against repetition loops (`unlikelihood_loss`); `--copy-rate R` adds R copy/edit examples per
+ordinary one (`copy_edit`: a function of the file asked for again with an edit); `--init-from` continues a
+finished run or the shipped export with a fresh schedule.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ from corpus import (EXCLUDED_DIRS, HELD_OUT_PER_MILLE, TEST_DIRS, chunks, corpus
                     held_out_functions, parses, plain_tokens, read_source, rows, test_suite_files)
 from probes import infill_probe, infill_probe_cases
 
+import copy_edit
+
 # ---- the infilling objective ----------------------------------------------------------------------
 
 def split_fim(text: str, rng: random.Random, line_share: float = 0.5) -> tuple[str, str, str]:
@@ -73,15 +76,22 @@ def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: floa
 
 
 def epoch_examples(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
-                   line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False) -> list[list[int]]:
-    """Token ids of every example of one epoch, shuffled with `seed`."""
+                   line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False, copy_rate: float = 0.0,
+                   functions: list | None = None) -> list[list[int]]:
+    """Token ids of every example of one epoch, shuffled with `seed`; with `copy_rate`, that many copy/edit
+    examples per chunk example besides (`copy_edit.training_texts` of `functions`, plain causal text)."""
     rng = random.Random(seed)
     examples = []
     for f in files:
         parts = chunks(read_source(f), max_chars, trim)
         examples += [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
     rng.shuffle(examples)
-    return [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
+    out = [encode_example(tok, text, rng, fim_rate, last, line_share, spm_share) for text, last in examples]
+    if copy_rate:
+        out += [tok.encode(t, add_bos=True) for t in
+                copy_edit.training_texts(functions or [], int(copy_rate * len(out)), rng, max_chars)]
+        rng.shuffle(out)
+    return out
 
 
 def pack_rows(examples: list[list[int]], seq_len: int) -> torch.Tensor:
@@ -296,6 +306,10 @@ def parse_args(argv=None):
                    "new optimizer and schedule")
     p.add_argument("--unlikelihood", type=float, default=0.0, help="weight of the sequence-level unlikelihood "
                    "loss on the model's own greedy continuations (0: off)")
+    p.add_argument("--copy-rate", type=float, default=0.0, help="copy/edit examples per ordinary example (a file, "
+                   "a request, one of its functions written again with an edit; tools/copy_edit.py)")
+    p.add_argument("--copy-probe", type=int, default=16, help="held-out functions the copy probe asks for again "
+                   "at each evaluation (with --copy-rate)")
     p.add_argument("--ul-batch", type=int, default=8, help="greedy continuations per step")
     p.add_argument("--ul-prompt", type=int, default=24, help="prompt tokens of each continuation")
     p.add_argument("--ul-new", type=int, default=96, help="tokens generated per continuation")
@@ -357,6 +371,8 @@ def main(argv=None) -> None:
     probe_cases = infill_probe_cases(held_files, tok, a.chunk_chars, a.max_seq_len)
     funcs = held_out_functions(held_files)  # the evaluation's held-out functions
     probe_headers = [header(f.src) for f in random.Random(0).sample(funcs, min(a.probe_completions, len(funcs)))]
+    train_funcs = held_out_functions(train_files, min_lines=4) if a.copy_rate else []
+    copy_funcs = random.Random(1).sample(funcs, min(a.copy_probe, len(funcs))) if a.copy_rate else []
 
     def greedy_ids(ids: list[int], n: int) -> list[int]:  # within the context
         n = min(n, args.max_seq_len - len(ids))
@@ -392,7 +408,8 @@ def main(argv=None) -> None:
         if data_epoch != state["epoch"]:
             t0 = time.time()
             data = pack_rows(epoch_examples(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate,
-                                            a.chunk_chars, a.line_fim, a.spm_share, a.trim_chunks), a.seq_len)
+                                            a.chunk_chars, a.line_fim, a.spm_share, a.trim_chunks, a.copy_rate,
+                                            train_funcs), a.seq_len)
             data_epoch = state["epoch"]
             print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -442,14 +459,20 @@ def main(argv=None) -> None:
             held_loss = mean_loss(model, held_eval, a.batch)
             probe = infill_probe(lambda ids: forward(model, torch.tensor([ids]))[0], probe_cases, tok.eot_id)
             parses = completion_probe(greedy_ids, tok, probe_headers)
+            copies = copy_edit.copy_probe(greedy_ids, tok, copy_funcs, copy_edit.UNSEEN_REQUEST,
+                                          a.chunk_chars) if copy_funcs else None
             state["log"].append({"step": state["step"], "train_loss": smooth, "held_out_loss": held_loss,
                                  "infill_probe": probe, "minutes": state["seconds"] / 60,
                                  **({"completion_parse_share": parses} if parses is not None else {}),
+                                 **({"copy_probe": copies} if copies else {}),
                                  **({"greedy_repeated_ngram_share": ul_smooth[0],
                                      "rollout_prompts_real_continuation_loss": ul_smooth[1]}
                                     if a.unlikelihood else {})})
-            parse_text = "" if parses is None else \
-                f"; greedy completions of {len(probe_headers)} held-out headers parse {parses:.0%}"
+            parse_text = ("" if parses is None else
+                          f"; greedy completions of {len(probe_headers)} held-out headers parse {parses:.0%}")
+            if copies:
+                parse_text += (f"; held-out functions asked for again re-emitted {copies['reemitted_share']:.0%} "
+                               f"({copies['whole_functions']}/{copies['functions']} whole)")
             print(f"  held-out loss {held_loss:.3f}{parse_text}" + (probe and f"; middle nats/char with suffix "
                   f"{probe['psm_nats_per_char']:.3f} vs prefix only {probe['prefix_only_nats_per_char']:.3f}, "
                   f"<EOT> {probe['eot_nats']:.2f} nats; SPM {probe['spm_nats_per_char']:.3f}, "
@@ -482,6 +505,13 @@ def main(argv=None) -> None:
                                   "training-source prompts: -log(1 - p) of each generated token inside a "
                                   "repeated n-gram, added to the next-token loss and to the next-token loss "
                                   "of the prompts' real continuations"}} if a.unlikelihood else {}),
+                      **({"copy_edit": {
+                          "rate": a.copy_rate, "kinds": copy_edit.KIND_WEIGHTS, "requests": copy_edit.TRAIN_REQUESTS,
+                          "suffixes": copy_edit.SUFFIXES, "functions": len(train_funcs),
+                          "what": "copy/edit examples besides the ordinary ones: a training file up to the end of "
+                                  "one of its functions (4-40 lines), a one-line request, the function written "
+                                  "again renamed, with a parameter renamed, or unchanged (tools/copy_edit.py)"}}
+                         if a.copy_rate else {}),
                       "fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
                       "packing": "rows of whole examples, each row starting at an example",
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
