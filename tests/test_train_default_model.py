@@ -362,3 +362,14 @@ def test_training_texts_and_probe(tmp_path, tiny):
     half = len(want) // 2
     got = probe(lambda ids, n: want[:half] + [want[half] + 1] + want[half + 1:n])
     assert got["reemitted_share"] == pytest.approx(half / len(want)) and got["whole_functions"] == 0
+
+
+def test_repeat_examples_are_a_random_run_written_twice():
+    """BOS, then a run of 32..256 random ids (none a control id or below 3), then the same run again."""
+    out = copy_edit.repeat_examples(50, random.Random(4), 100, skip={10, 11})
+    assert len(out) == 50
+    for ex in out:
+        run = ex[1:1 + (len(ex) - 1) // 2]
+        assert ex[0] == 1 and ex == [1] + run + run and 32 <= len(run) <= 256
+        assert all(3 <= t < 100 and t not in (10, 11) for t in run)
+    assert len({tuple(ex) for ex in out}) == 50

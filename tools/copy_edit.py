@@ -9,6 +9,7 @@ its functions, a one-line request, and the function written again with an edit.
   (none).
 - Training (`training_texts`) draws the kind and one of several request wordings per example
   (TRAIN_REQUESTS; a rename sometimes with no request at all, as a file repeating a function).
+- `repeat_examples`: a run of random tokens written twice, the pure copying task.
 - The probe (`copy_probe`) asks for held-out functions renamed with PROBE_REQUEST (bench/speculative.py's
   edit workload's wording) and with UNSEEN_REQUEST (a wording the training mix never has) and measures the
   share of each function's tokens the greedy continuation re-emits before its first difference.
@@ -86,6 +87,17 @@ def training_texts(functions: list[HeldOutFunction], n: int, rng: random.Random,
         case = edit_case(rng.choice(functions), rng, kind, rng.choice(TRAIN_REQUESTS[kind]), max_chars)
         if case is not None:
             out.append(case.prompt + case.target)
+    return out
+
+
+def repeat_examples(n: int, rng: random.Random, vocab_size: int, skip: set, lengths=(32, 256)) -> list[list[int]]:
+    """n synthetic induction examples: BOS (1), a run of random token ids (none in `skip`, the control ids),
+    then the same run again; only copying predicts the second run (the task that grows induction heads)."""
+    pool = [i for i in range(3, vocab_size) if i not in skip]
+    out = []
+    for _ in range(n):
+        run = rng.choices(pool, k=rng.randint(*lengths))
+        out.append([1] + run + run)
     return out
 
 

@@ -77,9 +77,10 @@ def encode_example(tok: Tokenizer, text: str, rng: random.Random, fim_rate: floa
 
 def epoch_examples(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float, max_chars: int,
                    line_share: float = 0.5, spm_share: float = 0.5, trim: bool = False, copy_rate: float = 0.0,
-                   functions: list | None = None) -> list[list[int]]:
+                   functions: list | None = None, repeat_rate: float = 0.0) -> list[list[int]]:
     """Token ids of every example of one epoch, shuffled with `seed`; with `copy_rate`, that many copy/edit
-    examples per chunk example besides (`copy_edit.training_texts` of `functions`, plain causal text)."""
+    examples per chunk example besides (`copy_edit.training_texts` of `functions`, plain causal text); with
+    `repeat_rate`, that many random token runs written twice (`copy_edit.repeat_examples`)."""
     rng = random.Random(seed)
     examples = []
     for f in files:
@@ -90,6 +91,10 @@ def epoch_examples(files: list[Path], tok: Tokenizer, seed: int, fim_rate: float
     if copy_rate:
         out += [tok.encode(t, add_bos=True) for t in
                 copy_edit.training_texts(functions or [], int(copy_rate * len(out)), rng, max_chars)]
+    if repeat_rate:
+        control = {tok.sp.piece_to_id(p) for p in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")}
+        out += copy_edit.repeat_examples(int(repeat_rate * len(out)), rng, tok.vocab_size, control)
+    if copy_rate or repeat_rate:
         rng.shuffle(out)
     return out
 
@@ -308,6 +313,8 @@ def parse_args(argv=None):
                    "loss on the model's own greedy continuations (0: off)")
     p.add_argument("--copy-rate", type=float, default=0.0, help="copy/edit examples per ordinary example (a file, "
                    "a request, one of its functions written again with an edit; tools/copy_edit.py)")
+    p.add_argument("--repeat-rate", type=float, default=0.0, help="random token runs written twice per ordinary "
+                   "example (the pure copying task; tools/copy_edit.py)")
     p.add_argument("--copy-probe", type=int, default=16, help="held-out functions the copy probe asks for again "
                    "at each evaluation (with --copy-rate)")
     p.add_argument("--ul-batch", type=int, default=8, help="greedy continuations per step")
@@ -372,7 +379,8 @@ def main(argv=None) -> None:
     funcs = held_out_functions(held_files)  # the evaluation's held-out functions
     probe_headers = [header(f.src) for f in random.Random(0).sample(funcs, min(a.probe_completions, len(funcs)))]
     train_funcs = held_out_functions(train_files, min_lines=4) if a.copy_rate else []
-    copy_funcs = random.Random(1).sample(funcs, min(a.copy_probe, len(funcs))) if a.copy_rate else []
+    copy_funcs = (random.Random(1).sample(funcs, min(a.copy_probe, len(funcs))) if a.copy_rate or a.repeat_rate
+                  else [])
 
     def greedy_ids(ids: list[int], n: int) -> list[int]:  # within the context
         n = min(n, args.max_seq_len - len(ids))
@@ -409,7 +417,7 @@ def main(argv=None) -> None:
             t0 = time.time()
             data = pack_rows(epoch_examples(train_files, tok, a.seed * 1000 + state["epoch"], a.fim_rate,
                                             a.chunk_chars, a.line_fim, a.spm_share, a.trim_chunks, a.copy_rate,
-                                            train_funcs), a.seq_len)
+                                            train_funcs, a.repeat_rate), a.seq_len)
             data_epoch = state["epoch"]
             print(f"epoch {data_epoch}: {len(data)} rows of {a.seq_len + 1} tokens ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -507,11 +515,11 @@ def main(argv=None) -> None:
                                   "of the prompts' real continuations"}} if a.unlikelihood else {}),
                       **({"copy_edit": {
                           "rate": a.copy_rate, "kinds": copy_edit.KIND_WEIGHTS, "requests": copy_edit.TRAIN_REQUESTS,
-                          "suffixes": copy_edit.SUFFIXES, "functions": len(train_funcs),
+                          "suffixes": copy_edit.SUFFIXES, "functions": len(train_funcs), "repeat_rate": a.repeat_rate,
                           "what": "copy/edit examples besides the ordinary ones: a training file up to the end of "
                                   "one of its functions (4-40 lines), a one-line request, the function written "
                                   "again renamed, with a parameter renamed, or unchanged (tools/copy_edit.py)"}}
-                         if a.copy_rate else {}),
+                         if a.copy_rate or a.repeat_rate else {}),
                       "fim_rate": a.fim_rate, "spm_share": a.spm_share, "trim_chunks": a.trim_chunks,
                       "packing": "rows of whole examples, each row starting at an example",
                       "split": f"{a.line_fim:.0%} around 1-3 whole lines, the rest at random characters",
