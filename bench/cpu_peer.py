@@ -248,8 +248,9 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
     print("| runtime | weights | decode tok/s | prefill tok/s | peak RSS MB | greedy agreement with our fp32 |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        agree = r["agreement_with_our_fp32"]  # None without an fp32 row of ours
         print(f"| {r['runtime']} | {r['weights']} | {r['decode_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['agreement_with_our_fp32']:.2f} |")
+              f"{r['peak_rss_mb']:.0f} | {'-' if agree is None else f'{agree:.2f}'} |")
     return doc
 
 

@@ -35,11 +35,15 @@ enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2 };
 // One projection W [N, K] in one of the formats:
 //   DENSE: w fp32 [N, K]
 //   INT8:  w int8 [N, K], scale fp32 [N]                   W[n, k] = w[n, k] * scale[n]
-//   INT4:  w uint8 [N, K / 2] in CHUNK order, scale and zs fp32 [N, K / group]
-//          W[n, k] = q[n, k] * scale[n, g] - zs[n, g], g = k / group (zs = zero * scale)
+//   INT4:  w uint8 [N, K / 2] in CHUNK order, scale and zs fp32 [N, K / group], levels fp32 [16]
+//          W[n, k] = levels[q[n, k]] * scale[n, g] - zs[n, g], g = k / group (zs = zero * scale);
+//          levels 0 .. 15 (int4) unless given (NF4: its codebook), zs 0 when empty (NF4: absmax scales only)
 struct Linear {
   int64_t kind = DENSE, N = 0, K = 0, group = 0;
-  torch::Tensor w, scale, zs;
+  torch::Tensor w, scale, zs, levels;
+
+  const float* zs_or_null() const { return zs.defined() && zs.numel() ? zs.data_ptr<float>() : nullptr; }
+  const float* levels_or_null() const { return levels.defined() && levels.numel() ? levels.data_ptr<float>() : nullptr; }
 };
 
 inline void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "codellama_rt native CPU kernels: ", what); }
@@ -50,8 +54,8 @@ inline void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
 }
 
 inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
-                          int64_t group) {
-  Linear l{kind, N, K, group, w, scale, zs};
+                          int64_t group, torch::Tensor levels = {}) {
+  Linear l{kind, N, K, group, w, scale, zs, levels};
   check(w.device().is_cpu() && w.is_contiguous(), "weight must be a contiguous CPU tensor");
   if (kind == DENSE) {
     check_f32(w, "dense weight", 2);
@@ -65,8 +69,15 @@ inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, to
     check(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2,
           "int4 weight uint8 [N, K / 2]");
     check_f32(scale, "int4 scale", 2);
-    check_f32(zs, "int4 zs", 2);
-    check(scale.size(0) == N && scale.size(1) == K / group && zs.sizes() == scale.sizes(), "int4 scale/zs [N, K/g]");
+    check(scale.size(0) == N && scale.size(1) == K / group, "int4 scale [N, K/g]");
+    if (l.zs_or_null()) {
+      check_f32(zs, "int4 zs", 2);
+      check(zs.sizes() == scale.sizes(), "int4 zs [N, K/g] (or empty: no zero points)");
+    }
+    if (l.levels_or_null()) {
+      check_f32(levels, "int4 levels", 1);
+      check(levels.size(0) == 16, "int4 levels [16] (or empty: 0 .. 15)");
+    }
   } else {
     check(false, "unknown weight kind " + std::to_string(kind));
   }
@@ -193,14 +204,15 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
   reduce_into(&acc[0][0], M * R, o);
 }
 
-// int4 rows (K / 2 bytes each, CHUNK order): o[r] = sum_k W[r][k] x[k] with W = q s - zs. Per group a
-// 16-entry table of the dequantized values (k s - zs, k = 0..15) in a register; vpermps looks each code up
-// (it reads an index's low 4 bits only, so the low nibble needs no mask).
+// int4 rows (K / 2 bytes each, CHUNK order): o[r] = sum_k W[r][k] x[k] with W = levels[q] s - zs. Per group a
+// 16-entry table of the dequantized values (levels[k] s - zs, k = 0..15) in a register; vpermps looks each code
+// up (it reads an index's low 4 bits only, so the low nibble needs no mask). Z null: no zero points; L null:
+// levels 0 .. 15.
 template <int R, int M>
 inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
-                     float* o) {
+                     const float* L, float* o) {
   const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 iota = L ? _mm512_loadu_ps(L) : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr int A = 2;  // two accumulators per output, so the FMA chains interleave (and every M sums alike)
   __m512 acc[M][R][A];
   for (int m = 0; m < M; ++m)
@@ -209,7 +221,7 @@ inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group,
   for (int64_t g = 0; g < G; ++g) {
     __m512 table[R];
     for (int r = 0; r < R; ++r)
-      table[r] = _mm512_fmsub_ps(iota, _mm512_set1_ps(S[r * G + g]), _mm512_set1_ps(Z[r * G + g]));
+      table[r] = _mm512_fmsub_ps(iota, _mm512_set1_ps(S[r * G + g]), _mm512_set1_ps(Z ? Z[r * G + g] : 0.f));
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
       if ((c & 3) == 0)  // four chunks per cache line
         for (int r = 0; r < R; ++r)
@@ -258,12 +270,14 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
   for (int m = 0; m < M; ++m) plain_dot<R>(x + m * K, w, K, o + m * R);
 }
 
-// int4 rows: sum_g (s sum_{k in g} q x - zs sum_{k in g} x), per-lane sums scaled group by group (one
+// int4 rows: sum_g (s sum_{k in g} levels[q] x - zs sum_{k in g} x), per-lane sums scaled group by group (one
 // reduction per row, not per group).
 template <int R>
 inline void int4_row_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
-                         float* o) {
+                         const float* L, float* o) {
   const int64_t G = K / group, chunks = group / CHUNK, rowbytes = K / 2;
+  float lv[16];
+  for (int j = 0; j < 16; ++j) lv[j] = L ? L[j] : static_cast<float>(j);
   for (int r = 0; r < R; ++r) {
     const uint8_t* wr = w + r * rowbytes;
     float lanes[16] = {0.f};
@@ -274,11 +288,11 @@ inline void int4_row_dot(const float* x, const uint8_t* w, int64_t K, int64_t gr
         const float* xc = x + c * CHUNK;
 #pragma omp simd
         for (int j = 0; j < 16; ++j) {
-          part[j] += xc[j] * static_cast<float>(b[j] & 15) + xc[16 + j] * static_cast<float>(b[j] >> 4);
+          part[j] += xc[j] * lv[b[j] & 15] + xc[16 + j] * lv[b[j] >> 4];
           xs[j] += xc[j] + xc[16 + j];
         }
       }
-      const float s = S[r * G + g], z = Z[r * G + g];
+      const float s = S[r * G + g], z = Z ? Z[r * G + g] : 0.f;
 #pragma omp simd
       for (int j = 0; j < 16; ++j) lanes[j] += s * part[j] - z * xs[j];
     }
@@ -290,8 +304,8 @@ inline void int4_row_dot(const float* x, const uint8_t* w, int64_t K, int64_t gr
 
 template <int R, int M>
 inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
-                     float* o) {
-  for (int m = 0; m < M; ++m) int4_row_dot<R>(x + m * K, w, K, group, S, Z, o + m * R);
+                     const float* L, float* o) {
+  for (int m = 0; m < M; ++m) int4_row_dot<R>(x + m * K, w, K, group, S, Z, L, o + m * R);
 }
 
 #endif
@@ -313,8 +327,9 @@ inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* 
       for (int r = 0; r < R; ++r) o[m * R + r] *= S[r];
   } else {
     const int64_t G = K / l.group;
+    const float* Z = l.zs_or_null();
     int4_dot<R, M>(xm, l.w.data_ptr<uint8_t>() + n * (K / 2), K, l.group, l.scale.data_ptr<float>() + n * G,
-                   l.zs.data_ptr<float>() + n * G, o);
+                   Z ? Z + n * G : nullptr, l.levels_or_null(), o);
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) out[(m0 + m) * N + n + r] = o[m * R + r];

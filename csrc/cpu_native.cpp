@@ -28,18 +28,24 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const 
   return linear(make_linear(INT8, w, scale, {}, w.size(0), w.size(1), 0), x);
 }
 
+torch::Tensor levels_arg(const c10::optional<torch::Tensor>& levels) { return levels ? *levels : torch::Tensor(); }
+
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                          const torch::Tensor& zs, int64_t group) {
-  return linear(make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group), x);
+                          const torch::Tensor& zs, int64_t group, const c10::optional<torch::Tensor>& levels) {
+  return linear(make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels)), x);
 }
 
-// The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel.
+// The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel:
+// levels[q] * s - zs, one rounding with a zero point (an FMA), the product's own without (NF4: bitsandbytes'
+// code * absmax).
 torch::Tensor dequantize_int4(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zs,
-                              int64_t group) {
-  const Linear l = make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group);
+                              int64_t group, const c10::optional<torch::Tensor>& levels) {
+  const Linear l = make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels));
   auto out = torch::empty({l.N, l.K}, scale.options());
   const uint8_t* W = l.w.data_ptr<uint8_t>();
-  const float *S = l.scale.data_ptr<float>(), *Z = l.zs.data_ptr<float>();
+  const float *S = l.scale.data_ptr<float>(), *Z = l.zs_or_null(), *L = l.levels_or_null();
+  float lv[16];
+  for (int j = 0; j < 16; ++j) lv[j] = L ? L[j] : static_cast<float>(j);
   float* O = out.data_ptr<float>();
   const int64_t G = l.K / group;
   at::parallel_for(0, l.N, 16, [&](int64_t n0, int64_t n1) {
@@ -47,12 +53,21 @@ torch::Tensor dequantize_int4(const torch::Tensor& w, const torch::Tensor& scale
       for (int64_t c = 0; c < l.K / CHUNK; ++c) {
         const uint8_t* b = W + n * (l.K / 2) + c * (CHUNK / 2);
         const int64_t g = c * CHUNK / group;
-        const float s = S[n * G + g], z = Z[n * G + g];
+        const float s = S[n * G + g];
         float* o = O + n * l.K + c * CHUNK;
+        if (Z) {
+          const float z = Z[n * G + g];
 #pragma omp simd
-        for (int j = 0; j < 16; ++j) {
-          o[j] = static_cast<float>(b[j] & 15) * s - z;
-          o[16 + j] = static_cast<float>(b[j] >> 4) * s - z;
+          for (int j = 0; j < 16; ++j) {
+            o[j] = lv[b[j] & 15] * s - z;
+            o[16 + j] = lv[b[j] >> 4] * s - z;
+          }
+        } else {
+#pragma omp simd
+          for (int j = 0; j < 16; ++j) {
+            o[j] = lv[b[j] & 15] * s;
+            o[16 + j] = lv[b[j] >> 4] * s;
+          }
         }
       }
   });
@@ -193,8 +208,8 @@ class Decoder {
 
   // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head.
   void add_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
-                  int64_t group) {
-    linears_.push_back(make_linear(kind, w, scale, zs, N, K, group));
+                  int64_t group, torch::Tensor levels) {
+    linears_.push_back(make_linear(kind, w, scale, zs, N, K, group, levels));
   }
 
   // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V].
@@ -326,8 +341,9 @@ class Decoder {
 TORCH_LIBRARY(codellama_rt_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");          // x fp32 [M, K] @ w fp32 [N, K]^T -> [M, N]
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");  // w int8 [N, K], scale fp32 [N]
-  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group) -> Tensor");  // see Linear
-  m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zs, int group) -> Tensor");  // -> fp32 [N, K]
+  // see Linear (zs empty: no zero points; levels: the 16 code values, default 0 .. 15)
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");
+  m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");  // fp32
 }
 
 TORCH_LIBRARY_IMPL(codellama_rt_cpu, CPU, m) {
@@ -343,8 +359,9 @@ TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
     return linear_meta(x, w.size(0));
   });
   m.impl("linear_int4", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&,
-                           int64_t) { return linear_meta(x, w.size(0)); });
-  m.impl("dequantize_int4", [](const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor&, int64_t) {
+                           int64_t, const c10::optional<torch::Tensor>&) { return linear_meta(x, w.size(0)); });
+  m.impl("dequantize_int4", [](const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor&, int64_t,
+                               const c10::optional<torch::Tensor>&) {
     return torch::empty({w.size(0), w.size(1) * 2}, scale.options());
   });
 }

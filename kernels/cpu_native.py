@@ -1,6 +1,6 @@
 """The native CPU kernels (csrc/, built at install as `codellama_rt._cpu_native` where a C++ compiler exists;
 the projections are the torch ops `torch.ops.codellama_rt_cpu.*`) and the Python side of them: fp32
-activations against fp32, int8 and int4 weights, and a `Decoder` running a whole decode step of a Llama
+activations against fp32, int8, int4 and NF4 weights, and a `Decoder` running a whole decode step of a Llama
 model in C++ (no per-op Python, no op dispatch; runtime/model/native_decoder.py).
 
 Without the extension every entry point here falls back to the PyTorch path (`available()` is False, and
@@ -8,7 +8,11 @@ Without the extension every entry point here falls back to the PyTorch path (`av
 threads from torch's pool (`torch.set_num_threads`). int4 weights are repacked once per weight (cached on
 it) into 16-byte chunks of 32 codes (byte j: code j in the low nibble, code 16 + j in the high one) with
 fp32 scales and scale x zero products per group; the kernel applies W = q s - z s (a per-group table of
-the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to fp32 rounding.
+the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to fp32 rounding. NF4 weights
+(bitsandbytes' layout) go through the same kernel: their codes repacked into that chunk order, the blocks'
+absmax (double quant undone once) as the group scales (one per block, or per 32-weight chunk where blocks
+straddle rows), no zero points, and the codebook as the 16 levels: W = code[q] absmax, bitsandbytes' fp32
+products exactly.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8
+from .nf4_format import NF4Weight, dequantize_nf4
 from .options import DEFAULT_OPTIONS, KernelOptions
 
 try:
@@ -31,6 +36,8 @@ except ImportError:  # no compiler at install time (or a source checkout never b
 # row-by-row kernels.
 INT4_CHUNK = 32
 _INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
+_NF4_CACHE = "_cpu_native_nf4"    # attribute of an NF4Weight holding its native repack
+_NO_ZEROS = torch.empty(0)        # the int4 kernel's zs when a format has no zero points (NF4)
 _noticed = False
 
 
@@ -131,3 +138,65 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
     out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
+
+# ---- NF4 ------------------------------------------------------------------------------------------
+
+def nf4_supported(w: NF4Weight) -> bool:
+    """Whether the native kernel takes this NF4 weight: blocksize and input width multiples of 32 (so every
+    32-weight chunk of a row lies in one block, even where blocks straddle rows)."""
+    return w.blocksize % INT4_CHUNK == 0 and w.shape[1] % INT4_CHUNK == 0
+
+
+def nf4_group(w: NF4Weight) -> int:
+    """The kernel's group for `w`: its blocksize where blocks divide the input width, else one chunk (32; each
+    chunk's scale is the absmax of the block it lies in)."""
+    return w.blocksize if w.shape[1] % w.blocksize == 0 else INT4_CHUNK
+
+
+def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out, in / 2] in chunk order, absmax fp32 [out, in / nf4_group(w)], levels fp32 [16]: the
+    codebook), made on first use and kept on the weight."""
+    entry = getattr(w, _NF4_CACHE, None)
+    if entry is None:
+        if not nf4_supported(w):
+            raise ValueError(f"native NF4: blocksize={w.blocksize} and in_features={w.shape[1]} must be multiples "
+                             f"of {INT4_CHUNK}")
+        out_f, in_f = w.shape
+        packed = w.codes.reshape(-1)[: out_f * in_f // 2]
+        q = torch.stack([packed >> 4, packed & 15], dim=1).view(out_f, in_f)  # bitsandbytes: high nibble first
+        chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
+        codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
+        group = nf4_group(w)
+        starts = torch.arange(0, out_f * in_f, group, device=packed.device)  # each group's first flat element
+        absmax = w.block_absmax().float()[starts // w.blocksize].view(out_f, in_f // group).contiguous()
+        entry = (codes, absmax, w.code.float().contiguous())
+        setattr(w, _NF4_CACHE, entry)
+    return entry
+
+
+def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
+                      options: KernelOptions = DEFAULT_OPTIONS) -> Optional[torch.Tensor]:
+    """`int4_linear_native` for an NF4 weight: the native kernel for up to NATIVE_MAX_ROWS fp32 rows on the CPU
+    (sums of code[q] x per block times the block's absmax), more rows on the natively dequantized weight
+    (bitwise `dequantize_nf4(w, torch.float32)`) through `cpu_gemm` (bf16 where `prefill_in_bf16`); None where
+    neither applies (the caller runs the reference)."""
+    if not _native_fp32(x, w.codes.device) or not nf4_supported(w):
+        return None
+    codes, absmax, levels = pack_nf4(w)
+    if not _few_rows(x):
+        dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, absmax, _NO_ZEROS, nf4_group(w), levels)
+        if prefill_in_bf16(x, w.codes.device, options):
+            return linear_bf16(x, dense.to(torch.bfloat16))
+        return gemm(x, dense)
+    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, absmax, _NO_ZEROS, nf4_group(w), levels)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def nf4_linear_cpu(x: torch.Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """The cpu backend's NF4 projection: `nf4_linear_native` where it applies, else `nf4.nf4_linear_ref`'s
+    arithmetic (the weight dequantized as bitsandbytes does, then the GEMM: `cpu_gemm.gemm`, F.linear off the
+    CPU)."""
+    native = nf4_linear_native(x, w, options=options)
+    if native is not None:
+        return native
+    return gemm(x, dequantize_nf4(w).to(x.dtype))

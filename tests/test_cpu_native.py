@@ -1,9 +1,12 @@
 """The native CPU kernels of csrc/ (kernels/cpu_native.py): the projections equal their dequantize-then-matmul
 references (fp32 to fp32 rounding; odd shapes, K and N tails, several rows, int4 groups 32/64/128/whole row,
-GPTQ v1/v2 weights), the whole-step `Decoder` equals the module graph (logits and the K/V it writes, rows at
-different positions, fp32/int8/int4), and without the extension everything falls back to the PyTorch path
-with a one-line notice. Also the int8 format itself (`kernels/int8_format.py`)."""
+GPTQ v1/v2 weights; NF4 through the int4 kernel with its codebook as the levels), the whole-step `Decoder`
+equals the module graph (logits and the K/V it writes, rows at different positions, fp32/int8/int4/NF4), and
+without the extension everything falls back to the PyTorch path with a one-line notice. Also the int8 format
+itself (`kernels/int8_format.py`)."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from codellama_rt.kernels import cpu_gemm, cpu_native
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import _pack_nibbles, dequantize_int4, quantize_int4, unpack_gptq
 from codellama_rt.kernels.int8_format import Int8Weight, dequantize_int8, int8_linear_ref, quantize_int8
+from codellama_rt.kernels.nf4 import nf4_linear_ref
+from codellama_rt.kernels.nf4_format import dequantize_nf4, quantize_nf4
 from codellama_rt.kernels.options import KernelOptions
 
 TOL = 2e-6  # max|Δ| / max|ref|, fp32: the same products summed in another order
@@ -105,6 +110,40 @@ def test_int4_equals_the_reference(M, N, K, g):
     x = torch.randn(M, K, generator=_g(1))
     got = cpu_native.int4_linear_native(x, w)
     assert got is not None and rel_err(got, int4_linear_ref(x, w)) < TOL
+
+
+@native
+@pytest.mark.parametrize("M,N,K,blocksize,double_quant", [(1, 64, 96, 32, True), (3, 48, 128, 128, False),
+                                                          (7, 704, 256, 64, True), (16, 40, 704, 64, False),
+                                                          (2, 24, 512, 256, True), (3, 6, 96, 64, True),
+                                                          (2, 8, 1376, 64, False)])
+def test_nf4_equals_the_reference(M, N, K, blocksize, double_quant):
+    """NF4 through the int4 kernel (codebook as the levels, absmax as the group scales, no zeros): the reference's
+    products to fp32 rounding; prefill rows on the native dequantization, bitsandbytes' fp32 weights bit for bit.
+    Blocks that straddle rows (96 and 1376 input columns, blocks of 64) take a scale per 32-weight chunk."""
+    w = quantize_nf4(torch.randn(N, K, generator=_g()), blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(M, K, generator=_g(1))
+    got = cpu_native.nf4_linear_native(x, w)
+    assert got is not None and rel_err(got, nf4_linear_ref(x, w)) < TOL
+    codes, absmax, levels = cpu_native.pack_nf4(w)
+    group = blocksize if K % blocksize == 0 else 32
+    assert cpu_native.nf4_group(w) == group and absmax.shape == (N, K // group)
+    dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, absmax, torch.empty(0), group, levels)
+    assert torch.equal(dense, dequantize_nf4(w, torch.float32))
+    many = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, K, generator=_g(2))
+    assert rel_err(cpu_native.nf4_linear_native(many, w, options=FP32), nf4_linear_ref(many, w)) < TOL
+
+
+@native
+def test_nf4_cases_the_kernel_cannot_take_fall_back():
+    """bf16 rows, and an input width that is not a multiple of 32: no native result, and the cpu backend's op
+    gives the reference's."""
+    w = quantize_nf4(torch.randn(16, 64, generator=_g()).bfloat16())
+    assert cpu_native.nf4_linear_native(torch.randn(2, 64, generator=_g(1)).bfloat16(), w) is None
+    odd = quantize_nf4(torch.randn(6, 80, generator=_g()), blocksize=64)
+    x = torch.randn(2, 80, generator=_g(1))
+    assert not cpu_native.nf4_supported(odd) and cpu_native.nf4_linear_native(x, odd) is None
+    torch.testing.assert_close(cpu_native.nf4_linear_cpu(x, odd), nf4_linear_ref(x, odd), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch"])
@@ -242,6 +281,9 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(RuntimeError, match="multiples of 32"):
         torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 48), torch.zeros(8, 24, dtype=torch.uint8),
                                                torch.ones(8, 3), torch.ones(8, 3), 16)
+    with pytest.raises(RuntimeError, match="levels"):
+        torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8),
+                                               torch.ones(8, 2), torch.empty(0), 32, torch.ones(8))
 
 
 # ---- the whole decode step ----------------------------------------------------------------------
@@ -254,7 +296,7 @@ def _models(quantize):
 
 
 @native
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "nf4"])
 def test_decoder_equals_the_module_graph(quantize):
     """Three rows at positions 0, 17 and the cache's last over a cache of 4 rows holding random past K/V:
     the native step's logits and the K/V it writes equal the reference backend's module graph."""
@@ -329,4 +371,22 @@ def test_the_decoder_stays_off_where_it_does_not_apply():
     from codellama_rt.model.native_decoder import native_decoder
 
     assert native_decoder(load_model(None, dtype="bfloat16").module) is None  # fp32 activations only
-    assert native_decoder(load_model(None, dtype="float32", quantize="nf4").module) is None  # no NF4 kernel
+
+
+
+@native
+def test_nf4_parts_stack_into_one_projection_when_they_share_a_codebook():
+    """A projection of two NF4 parts (bitsandbytes' separate q / k / v tensors): one int4-kind projection, rows
+    and absmax stacked, the codebook as its levels, equal to the parts' reference; none if the codebooks differ
+    or the blocksizes do."""
+    from codellama_rt.model.native_decoder import _nf4_projection
+
+    a, b = (quantize_nf4(torch.randn(n, 128, generator=_g(n))) for n in (32, 16))
+    kind, codes, absmax, zs, N, K, group, levels = _nf4_projection([a, b])
+    assert (kind, N, K, group, zs.numel()) == (2, 48, 128, 64, 0) and torch.equal(levels, a.code)
+    x = torch.randn(3, 128, generator=_g(1))
+    got = torch.ops.codellama_rt_cpu.linear_int4(x, codes, absmax, zs, group, levels)
+    assert rel_err(got, torch.cat([nf4_linear_ref(x, a), nf4_linear_ref(x, b)], dim=-1)) < TOL
+    other = dataclasses.replace(b, code=b.code * 0.5)
+    assert _nf4_projection([a, other]) is None
+    assert _nf4_projection([a, quantize_nf4(torch.randn(16, 128, generator=_g(3)), blocksize=128)]) is None

@@ -23,7 +23,7 @@ from ..kernels.attention_prefill import (attention_prefill_ref, attention_prefil
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_gemm import gemm, linear_swiglu_cpu, norm_linear_cpu
-from ..kernels.cpu_native import int8_linear_cpu
+from ..kernels.cpu_native import int8_linear_cpu, nf4_linear_cpu
 from ..kernels.int4_cpu import int4_linear_cpu
 from ..kernels.int8_format import int8_linear_ref
 from ..kernels.nf4 import nf4_linear_ref
@@ -78,15 +78,15 @@ _REFERENCE = Backend(
 
 BACKENDS: dict[str, Backend] = {
     "reference": _REFERENCE,
-    # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8 and
-    # int4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
+    # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8, int4
+    # and NF4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
     # Prefill and verify attention through torch's fused SDPA.
     # Dense prefill projections through oneDNN (kernels/cpu_gemm.py); decode-sized ones stay F.linear.
     "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
                                attention_verify=attention_verify_sdpa, linear=gemm, linear_swiglu=linear_swiglu_cpu,
                                norm_linear=norm_linear_cpu, linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
-                               decoder=native_decoder),
+                               linear_nf4=nf4_linear_cpu, decoder=native_decoder),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)

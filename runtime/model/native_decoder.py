@@ -8,8 +8,9 @@ None) -> fp32 logits [B, V], with the module graph's semantics (`Decode`: K/V wr
 attending to 0 .. its position). Row b uses cache row slots[b] (None: row b); every row's K/V is written before
 any row attends, so T rows of one slot at positions p .. p + T - 1 score a speculative block causally (`Verify`).
 It returns None where the native step does not apply, and the graph runs: no extension built, not a CPU fp32
-model, tensor parallelism, or a projection in another format than dense fp32, int8 or int4 with groups of
-multiples of 32 (NF4, several parts per projection).
+model, tensor parallelism, or a projection in another format than dense fp32, int8, int4 with groups of
+multiples of 32, or NF4 (its parts, one per checkpoint tensor, stacked into one table-lookup int4 projection:
+codes in chunk order, fp32 absmax per block, the codebook as the levels) with blocks that allow it.
 """
 from __future__ import annotations
 
@@ -40,16 +41,33 @@ def _projection(module) -> Optional[tuple]:
     parts = getattr(module, "parts", None)
     if parts is None:
         w = module.weight
-        return (_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0)
+        return (_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0, _EMPTY)
+    if all(p.format == "nf4" for p in parts):
+        return _nf4_projection(parts)
     if len(parts) != 1:
         return None
     p = parts[0]
     if p.format == "int8":
-        return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0)
+        return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0,
+                _EMPTY)
     if p.format == "int4" and cpu_native.int4_supported(p):
         codes, s, zs = cpu_native.pack_int4(p)
-        return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size)
+        return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
     return None
+
+
+def _nf4_projection(parts: list) -> Optional[tuple]:
+    """NF4 parts (stacked along the output dim) as one int4-kind projection with the codebook as its levels:
+    None unless every part is natively supported with one kernel group and one codebook."""
+    if not all(cpu_native.nf4_supported(p) for p in parts) or len({cpu_native.nf4_group(p) for p in parts}) != 1:
+        return None
+    packs = [cpu_native.pack_nf4(p) for p in parts]
+    levels = packs[0][2]
+    if any(not torch.equal(pk[2], levels) for pk in packs):
+        return None
+    codes = packs[0][0] if len(packs) == 1 else torch.cat([pk[0] for pk in packs])
+    absmax = packs[0][1] if len(packs) == 1 else torch.cat([pk[1] for pk in packs])
+    return (_INT4, codes, absmax, _EMPTY, codes.shape[0], parts[0].shape[1], cpu_native.nf4_group(parts[0]), levels)
 
 
 def _build(model) -> Optional[Callable]:
