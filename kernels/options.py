@@ -71,7 +71,7 @@ class KernelOptions:
 
     experiments: names of EXPERIMENTS to turn on (any iterable of str; kept as a frozenset).
     pdl: launch kernels that support it with programmatic dependent launch (sm_90+ GPUs only).
-    cpu_bf16_prefill: the cpu backend multiplies int8 and int4 weights by prefill rows (more than 16 in a call)
+    cpu_bf16_prefill: the cpu backend multiplies int8, int4 and NF4 weights by prefill rows (more than 16 in a call)
     in bf16 (activations, weights and outputs rounded to bf16, sums in fp32) on CPUs with AVX512-BF16 or AMX,
     where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_gemm.py`).
     """
