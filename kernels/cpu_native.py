@@ -195,8 +195,10 @@ def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
 def nf4_linear_cpu(x: torch.Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """The cpu backend's NF4 projection: `nf4_linear_native` where it applies, else `nf4.nf4_linear_ref`'s
     arithmetic (the weight dequantized as bitsandbytes does, then the GEMM: `cpu_gemm.gemm`, F.linear off the
-    CPU)."""
+    CPU), prefill rows in bf16 where `prefill_in_bf16`."""
     native = nf4_linear_native(x, w, options=options)
     if native is not None:
         return native
+    if prefill_in_bf16(x, w.codes.device, options):
+        return linear_bf16(x, dequantize_nf4(w, torch.bfloat16))
     return gemm(x, dequantize_nf4(w).to(x.dtype))

@@ -146,15 +146,15 @@ def test_nf4_cases_the_kernel_cannot_take_fall_back():
     torch.testing.assert_close(cpu_native.nf4_linear_cpu(x, odd), nf4_linear_ref(x, odd), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch", "nf4", "nf4-torch"])
 def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
     """Past NATIVE_MAX_ROWS rows, with `cpu_bf16_prefill` (the default) on a CPU with fast bf16 GEMMs: x and the
     dequantized weight in bf16, fp32 sums, the output rounded to bf16 (exactly `linear_bf16` of the bf16
     weight; within bf16 rounding of the fp32 reference). Decode rows, the option off, or a CPU without bf16 dot
-    products keep fp32. int4-torch: the same without the extension (the reference's dequantization)."""
+    products keep fp32. int4-torch, nf4-torch: the same without the extension (the reference's dequantization)."""
     from codellama_rt.kernels import int4_cpu
 
-    if kind == "int4-torch":
+    if kind.endswith("-torch"):
         monkeypatch.setattr(cpu_native, "_ext", None)
     elif not cpu_native.available():
         pytest.skip("native CPU kernels not built (no C++ compiler?)")
@@ -163,6 +163,9 @@ def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
     if kind == "int8":
         w = quantize_int8(w32)
         op, ref, dense = cpu_native.int8_linear_cpu, int8_linear_ref, dequantize_int8(w, torch.float32)
+    elif kind.startswith("nf4"):
+        w = quantize_nf4(w32)
+        op, ref, dense = cpu_native.nf4_linear_cpu, nf4_linear_ref, dequantize_nf4(w, torch.float32)
     else:
         w = quantize_int4(w32, group_size=64)
         op, ref, dense = int4_cpu.int4_linear_cpu, int4_linear_ref, dequantize_int4(w, torch.float32)
