@@ -12,7 +12,7 @@ import torch
 from codellama_rt.kernels import int4_cpu
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import quantize_int4
-from codellama_rt.kernels import cpu_gemm
+from codellama_rt.kernels import cpu_gemm, cpu_native
 from codellama_rt.kernels.options import KernelOptions
 from codellama_rt.model.backends import resolve_backend
 
@@ -81,5 +81,6 @@ def test_auto_on_a_cpu_is_the_cpu_backend():
     cpu = resolve_backend("auto", torch.device("cpu"))
     ref = resolve_backend("reference", torch.device("cpu"))
     assert cpu.name == "cpu" and cpu.linear_int4.func is int4_cpu.int4_linear_cpu  # bound to the options
-    assert all(getattr(cpu, op) is getattr(ref, op) for op in ("rms_norm", "linear_nf4", "rotary_attention_decode"))
+    assert cpu.linear_nf4.func is cpu_native.nf4_linear_cpu
+    assert all(getattr(cpu, op) is getattr(ref, op) for op in ("rms_norm", "rotary_attention_decode"))
     assert cpu.linear is cpu_gemm.gemm  # dense prefill projections through oneDNN
