@@ -4,8 +4,9 @@
 # seconds, default 120, 0 skips them), then the benchmark report (end-to-end decode vs
 # the bandwidth bound, TTFT, memory, peers, kernel rows, AOT resources, plots), then the batch-1 GEMV sweep
 # (SWEEP_S seconds, default 60, 0 skips it; SWEEP_KINDS, default attention,int4), then the pytest-benchmark
-# micro-benchmarks (MICRO_S seconds, default 60, 0 skips them; their JSON beside the report, for
-# `pytest bench --benchmark-compare`) into $OUT (or bench/results).
+# micro-benchmarks (MICRO_S seconds, default 0: off, to stay well inside the 10-minute call; their JSON beside
+# the report, for `pytest bench --benchmark-compare`) into $OUT (or bench/results). The report runs its kernel
+# rows first, then the bars' models and their experiment rows (what decides the defaults), then the peers.
 # Usage (device tool): bash bench/gpu_session.sh
 # Uses the machine's own torch/triton (the device image has them) and this checkout's sources, not installed.
 # The report gets what is left of SESSION_S seconds (default 480) once the tests are done and skips, and
@@ -56,7 +57,7 @@ if [ "$sweep_s" -gt 0 ]; then
   timeout -k 10 $((sweep_s + 30)) "$py" bench/gemv_sweep.py --out "$dest" --budget-s "$sweep_s" --kinds "$sweep_kinds" 2>&1 | grep "^best\|failed\|needs CUDA" | tail -20
   mv -f "$dest/sweep.json" "$dest/gemv-sweep.json" 2>/dev/null
 fi
-micro_s=${MICRO_S:-60}
+micro_s=${MICRO_S:-0}
 if [ "$micro_s" -gt 0 ] && "$py" -c "import pytest_benchmark" 2>/dev/null; then
   # from the scratch package folder: the repository root or bench/ on sys.path would shadow PyPI's `kernels`
   store=$(mktemp -d) root=$PWD

@@ -218,18 +218,19 @@ def test_bars_pass_fail_unmeasured():
 
 
 def test_gpu_plan_and_unit_order():
-    """The matrix a GPU report runs (constructed without a GPU): bars' models and peers first."""
+    """The matrix a GPU report runs (constructed without a GPU): kernel rows, then the bars' models and their
+    experiments, then the peers."""
     plan = e2e.make_plan(cuda=True, quick=False)
     assert plan.models == ("7B-bf16", "7B-int4", "34B-int4", "7B-nf4") and plan.batches == (1, 8)
     assert plan.ttft_prompts == (512, 2048, 8192) and plan.kernels and plan.isolate_peers
     assert [u[0] for u in report._units(plan, {})] == [
-        "ours 7B-bf16", "ours 7B-int4", "ours 7B-nf4", "experiments 7B-bf16", "experiments 7B-int4",
-        "experiments 7B-nf4", "kernels", "compile 7B-bf16", "compile 7B-int4", "ours 34B-int4", "hf 7B-bf16"]
+        "kernels", "ours 7B-bf16", "ours 7B-int4", "ours 7B-nf4", "experiments 7B-bf16", "experiments 7B-int4",
+        "experiments 7B-nf4", "compile 7B-bf16", "compile 7B-int4", "ours 34B-int4", "hf 7B-bf16"]
     quick = e2e.make_plan(cuda=True, quick=True)
     assert [u[0] for u in report._units(quick, {})] == ["ours 7B-bf16", "ours 7B-int4"]
     only = e2e.make_plan(cuda=True, quick=False, only=["7b-BF16", "kernels"])
     assert only.models == ("7B-bf16",) and only.kernels
-    assert [u[0] for u in report._units(only, {})] == ["ours 7B-bf16", "experiments 7B-bf16", "kernels",
+    assert [u[0] for u in report._units(only, {})] == ["kernels", "ours 7B-bf16", "experiments 7B-bf16",
                                                        "compile 7B-bf16", "hf 7B-bf16"]
     # the bar model goes first however --only lists the models
     only = e2e.make_plan(cuda=True, quick=False, only=["34B-int4", "7B-int4"])

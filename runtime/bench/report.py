@@ -131,10 +131,10 @@ def _log_new_rows(report: dict, seen: dict, log: Callable[[str], None]) -> None:
 # ---- units of work ---------------------------------------------------------------------------
 
 def _units(plan: e2e.Plan, report: dict) -> list:
-    """(name, estimated seconds, fn(budget)) in the order they run: the bars' models (BAR_MODELS, those the
-    plan has), their experiment rows, kernels, the bars' compile peers, the other models, the remaining peers
-    (the experiments and kernel rows decide which paths become the default, so they come before the peers, whose
-    rows change only with torch). (The AOT resource table comes last.)"""
+    """(name, estimated seconds, fn(budget)) in the order they run: kernels, the bars' models (BAR_MODELS, those
+    the plan has), their experiment rows, the bars' compile peers, the other models, the remaining peers (the
+    kernel and experiment rows decide which paths become the default, the kernel rows at the least cost, so
+    they come before the peers, whose rows change only with torch). (The AOT resource table comes last.)"""
     est = plan.estimates
     models = list(plan.models)
     ours = [(f"ours {m}", est.get(m, 60), _ours_unit(m, plan, report)) for m in models]
@@ -150,7 +150,7 @@ def _units(plan: e2e.Plan, report: dict) -> list:
     rest = [p for p in peers if p not in bar_peers]
     experiments = [(f"experiments {m}", est.get("experiments", 60), _experiments_unit(m, plan, report))
                    for m in models if experiment_sets(e2e.MODELS[m], plan)]
-    return bars + experiments + kernels + bar_peers + [u for u in ours if u not in bars] + rest
+    return kernels + bars + experiments + bar_peers + [u for u in ours if u not in bars] + rest
 
 
 def _ours_unit(name: str, plan: e2e.Plan, report: dict):
