@@ -26,6 +26,7 @@ from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8
 from .nf4_format import NF4Weight, dequantize_nf4
 from .options import DEFAULT_OPTIONS, KernelOptions
+from .weight_cache import derived
 
 try:
     from codellama_rt import _cpu_native as _ext
@@ -103,22 +104,42 @@ def int4_supported(w: Int4Weight) -> bool:
     return w.shape[1] % INT4_CHUNK == 0 and w.group_size % INT4_CHUNK == 0
 
 
+def _chunk_order(q: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [out, in] (0..15) -> uint8 [out, in / 2] in the kernel's chunk order (byte j of each 32-code
+    chunk: code j in the low nibble, code 16 + j in the high one)."""
+    out_f, in_f = q.shape
+    chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
+
+
 def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out, in / 2] in chunk order, scales fp32 [out, in / g], scale x zero fp32 [out, in / g]),
     made on first use and kept on the weight."""
-    entry = getattr(w, _INT4_CACHE, None)
-    if entry is None:
-        if not int4_supported(w):
-            raise ValueError(f"native int4: in_features={w.shape[1]} and group_size={w.group_size} must be "
-                             f"multiples of {INT4_CHUNK}")
+    if not int4_supported(w):
+        raise ValueError(f"native int4: in_features={w.shape[1]} and group_size={w.group_size} must be "
+                         f"multiples of {INT4_CHUNK}")
+
+    def make():
         q, z = w.unpack()  # uint8 [out, in], [in / g, out]
-        out_f, in_f = w.shape
-        chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
-        codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
         s = w.scales.t().float().contiguous()
-        entry = (codes, s, (z.t().float() * s).contiguous())
-        setattr(w, _INT4_CACHE, entry)
-    return entry
+        return _chunk_order(q), s, (z.t().float() * s).contiguous()
+
+    return derived(w, _INT4_CACHE, make)
+
+
+def _int4_kernel(x: torch.Tensor, packed: tuple, group: int, levels: Optional[torch.Tensor], n_out: int,
+                 options: KernelOptions) -> torch.Tensor:
+    """x @ W^T through the native int4 kernel on `packed` (codes, scales, zs): up to NATIVE_MAX_ROWS rows
+    directly; more (prefill) on the natively dequantized fp32 weight through `cpu_gemm` (bf16 where
+    `prefill_in_bf16`)."""
+    codes, s, zs = packed
+    if not _few_rows(x):
+        dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, group, levels)
+        if prefill_in_bf16(x, codes.device, options):
+            return linear_bf16(x, dense.to(torch.bfloat16))
+        return gemm(x, dense)
+    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, group, levels)
+    return out.reshape(*x.shape[:-1], n_out)
 
 
 def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
@@ -129,14 +150,7 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
     picks another path)."""
     if not _native_fp32(x, w.device) or not int4_supported(w):
         return None
-    codes, s, zs = pack_int4(w)
-    if not _few_rows(x):
-        dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, w.group_size)
-        if prefill_in_bf16(x, w.device, options):
-            return linear_bf16(x, dense.to(torch.bfloat16))
-        return gemm(x, dense)
-    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, w.group_size)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return _int4_kernel(x, pack_int4(w), w.group_size, None, w.shape[0], options)
 
 
 # ---- NF4 ------------------------------------------------------------------------------------------
@@ -156,22 +170,20 @@ def nf4_group(w: NF4Weight) -> int:
 def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out, in / 2] in chunk order, absmax fp32 [out, in / nf4_group(w)], levels fp32 [16]: the
     codebook), made on first use and kept on the weight."""
-    entry = getattr(w, _NF4_CACHE, None)
-    if entry is None:
-        if not nf4_supported(w):
-            raise ValueError(f"native NF4: blocksize={w.blocksize} and in_features={w.shape[1]} must be multiples "
-                             f"of {INT4_CHUNK}")
+    if not nf4_supported(w):
+        raise ValueError(f"native NF4: blocksize={w.blocksize} and in_features={w.shape[1]} must be multiples "
+                         f"of {INT4_CHUNK}")
+
+    def make():
         out_f, in_f = w.shape
         packed = w.codes.reshape(-1)[: out_f * in_f // 2]
         q = torch.stack([packed >> 4, packed & 15], dim=1).view(out_f, in_f)  # bitsandbytes: high nibble first
-        chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
-        codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
         group = nf4_group(w)
         starts = torch.arange(0, out_f * in_f, group, device=packed.device)  # each group's first flat element
         absmax = w.block_absmax().float()[starts // w.blocksize].view(out_f, in_f // group).contiguous()
-        entry = (codes, absmax, w.code.float().contiguous())
-        setattr(w, _NF4_CACHE, entry)
-    return entry
+        return _chunk_order(q), absmax, w.code.float().contiguous()
+
+    return derived(w, _NF4_CACHE, make)
 
 
 def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
@@ -183,13 +195,7 @@ def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
     if not _native_fp32(x, w.codes.device) or not nf4_supported(w):
         return None
     codes, absmax, levels = pack_nf4(w)
-    if not _few_rows(x):
-        dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, absmax, _NO_ZEROS, nf4_group(w), levels)
-        if prefill_in_bf16(x, w.codes.device, options):
-            return linear_bf16(x, dense.to(torch.bfloat16))
-        return gemm(x, dense)
-    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, absmax, _NO_ZEROS, nf4_group(w), levels)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return _int4_kernel(x, (codes, absmax, _NO_ZEROS), nf4_group(w), levels, w.shape[0], options)
 
 
 def nf4_linear_cpu(x: torch.Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .cpu_gemm import gemm, linear_bf16, prefill_in_bf16
 from .cpu_native import int4_linear_native
 from .int4_format import Int4Weight, dequantize_int4
 from .options import DEFAULT_OPTIONS, KernelOptions
+from .weight_cache import derived
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _HAVE_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -37,14 +38,13 @@ def supported(x: torch.Tensor, w: Int4Weight) -> bool:
 
 def packed(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 [out, in / 2] in torch's CPU layout, scales and zeros [in / g, out, 2] in `dtype`), cached."""
-    entry = getattr(w, _CACHE, None)
-    if entry is None:
+    def make():
         q, z = w.unpack()  # uint8 [out, in], [in / g, out]
         code = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         s = w.scales.float()
-        entry = (code, torch.stack([s, (8 - z.float()) * s], dim=-1).contiguous(), {})
-        setattr(w, _CACHE, entry)
-    code, scales_zeros, by_dtype = entry
+        return code, torch.stack([s, (8 - z.float()) * s], dim=-1).contiguous(), {}
+
+    code, scales_zeros, by_dtype = derived(w, _CACHE, make)
     if dtype not in by_dtype:
         by_dtype[dtype] = scales_zeros.to(dtype)
     return code, by_dtype[dtype]
