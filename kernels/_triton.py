@@ -5,6 +5,7 @@ given GPU architecture (no GPU needed) with a resource report. The interpreter's
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import subprocess
@@ -281,6 +282,14 @@ def launch_config(kern: Kernel, args: tuple, constexprs: dict, *, num_warps: int
             divisible.append(name)
     return LaunchConfig(kernel=kern, signature=signature, constexprs=values, num_warps=num_warps,
                         num_stages=num_stages, label=label, divisible_by_16=tuple(divisible))
+
+
+def add_config(configs: dict, cfg: LaunchConfig, label: str) -> None:
+    """Keep `cfg`, labelled `label`, in `configs` (keyed by what the JIT specialises on: signature, constexprs,
+    divisibility) unless a config of the same specialisation is there already (the first label stays)."""
+    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
+    if key not in configs:
+        configs[key] = dataclasses.replace(cfg, label=label)
 
 
 # Shared memory a block may use (opt-in maximum) per architecture.

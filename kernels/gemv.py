@@ -8,7 +8,6 @@ projection: one-row inputs on CUDA take this kernel, every other call `F.linear`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._triton import LaunchConfig, as_rows, cdiv, kernel, launch_config, pdl_prologue, triton_dtype
+from ._triton import LaunchConfig, add_config, as_rows, cdiv, kernel, launch_config, pdl_prologue, triton_dtype
 from .options import DEFAULT_OPTIONS, KernelOptions
 from .rms_norm import inv_rms, rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref
@@ -335,13 +334,10 @@ def aot_configs(models) -> list[LaunchConfig]:
                     _, _, (_, args, constexprs, num_warps, num_stages) = _prepare(
                         x, w, on_cuda=True, swiglu=fused, norm=norm, prefetch=prefetch)
                     cfg = launch_config(_gemv_kernel, args, constexprs, num_warps=num_warps, num_stages=num_stages)
-                    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                    if key not in configs:
-                        tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
-                        extra = (" swiglu" if fused else "") + (" prefetch" if prefetch else "")
-                        if norm is not None:
-                            extra += " norm" + ("+residual" if norm.residual is not None else "")
-                        configs[key] = dataclasses.replace(
-                            cfg, label=f"{triton_dtype(dtype)} {tile}{extra}"
-                                       f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
+                    tile = f"{constexprs['BLOCK_N']}x{constexprs['BLOCK_K']}"
+                    extra = (" swiglu" if fused else "") + (" prefetch" if prefetch else "")
+                    if norm is not None:
+                        extra += " norm" + ("+residual" if norm.residual is not None else "")
+                    add_config(configs, cfg, f"{triton_dtype(dtype)} {tile}{extra}"
+                                             f"{'' if constexprs['EVEN_K'] else ' masked K'} ({label} {name} {n}x{k})")
     return list(configs.values())

@@ -20,14 +20,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, launch_config, next_power_of_2, sm_count, tickets,
+from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, launch_config, sm_count, tickets,
                       triton_dtype)
 from .int4_format import (_FLOAT_DTYPES, CHECKPOINT_FORMATS, GROUP_SIZES, Int4Weight,  # noqa: F401 (re-exported)
                           _pack_nibbles, _unpack_nibbles, dequantize_int4, quantize_int4, unpack_gptq)
 from .int4_dequant import check_weight, dequantize_int4_triton, meta_weight
 from .int4_gemm import _int4_gemm_kernel
 from .int4_gemv import (MMA_BLOCK_K, MMA_FLOAT_BIAS, _int4_gemv_kernel, _int4_gemv_mma_kernel,  # noqa: F401
-                        _int4_splitk_reduce_kernel, nibble_pair_asm)
+                        _int4_splitk_reduce_kernel, nibble_pair_asm, splitk_reduce_launch)
 from .int4_tiles import FLOAT_BIAS_BITS
 from .options import DEFAULT_OPTIONS, KernelOptions
 
@@ -35,7 +35,6 @@ from .options import DEFAULT_OPTIONS, KernelOptions
 
 _MAX_SPLIT_K = 16
 _GEMV_MAX_M = 16
-_REDUCE_BLOCK = 1024
 
 
 def int4_linear_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
@@ -184,9 +183,7 @@ def _prepare(x: torch.Tensor, w: Int4Weight, on_cuda: Optional[bool] = None, num
                      dict(**common, WRITE_PARTIALS=cfg.split_k > 1, ONE_PASS=one_pass, **flags),
                      cfg.num_warps, cfg.num_stages)]
     if cfg.split_k > 1 and not one_pass:
-        block = min(_REDUCE_BLOCK, next_power_of_2(N))
-        launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)),
-                         (part, out2, M, N, out2.stride(0), cfg.split_k), dict(BLOCK=block), 4, 1))
+        launches.append(splitk_reduce_launch(part, out2, cfg.split_k) + (4, 1))
     return out, launches
 
 

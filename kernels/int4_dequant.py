@@ -12,12 +12,11 @@ group's scale and zero) into the [BLOCK_N, BLOCK_K] block of the output, (q - z)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 import triton.language as tl
 
-from ._triton import LaunchConfig, cdiv, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, add_config, cdiv, kernel, launch_config, triton_dtype
 from .int4_format import _FLOAT_DTYPES, Int4Weight
 from .int4_tiles import _dequant_tile, _group_scale_zero
 
@@ -98,8 +97,5 @@ def aot_configs(models, dtypes=(torch.bfloat16, torch.float16), group_size: int 
             for name, (n_out, n_in) in shape.projection_shapes().items():
                 _, _, args, constexprs = _prepare(meta_weight(n_out, n_in, group_size, dtype), dtype)
                 cfg = launch_config(_int4_dequant_kernel, args, constexprs, num_warps=4, num_stages=1)
-                key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                if key not in configs:
-                    label = f"{triton_dtype(dtype)} dequant ({shape.label} {name} {n_out}x{n_in})"
-                    configs[key] = dataclasses.replace(cfg, label=label)
+                add_config(configs, cfg, f"{triton_dtype(dtype)} dequant ({shape.label} {name} {n_out}x{n_in})")
     return list(configs.values())

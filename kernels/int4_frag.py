@@ -32,8 +32,6 @@ fp32: within fp32 rounding of `int4_frag_linear_ref` (fp32 dequantize-then-matmu
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
@@ -44,16 +42,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, gluon_kernel, kernel, launch_config, next_power_of_2,
-                      sm_count)
-from .int4 import split_count
+from ._triton import LaunchConfig, cdiv, gluon_kernel, kernel
+from .frag_gemv import SplitPlan, add_aot_config, check_rows, powers, run, split_plan, x_layout
 from .int4_format import Int4Weight
 from .int4_frag_format import FRAG_BLOCK_N, FRAG_K, FRAG_WARPS, Int4FragWeight, dequantize_frag, frag_supported, to_frag
-from .int4_gemv import _int4_splitk_reduce_kernel
 from .options import DEFAULT_OPTIONS, KernelOptions
+from .weight_cache import derived
 
 FRAG_MAX_M = 16
-_REDUCE_BLOCK = 1024
 
 # One packed pair of int16 (rows k, k + 1 of one output column; nibble c of each holds plane c) in $4 ->
 # the four planes as bf16x2 128 + q in $0..$3: mask a nibble in each half and OR in 0x4300 (one LOP3,
@@ -75,23 +71,9 @@ def _scale_layout(num_warps: int, reps: int) -> gl.DistributedLinearLayout:
     holding those of its accumulator rows (warp w, lane group g; lanes t = 0..3 share them): 16 consecutive
     floats, four 16-byte loads."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 1, 0]] + [[0, 0, r, 0, 0] for r in _powers(reps)],
+        reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 1, 0]] + [[0, 0, r, 0, 0] for r in powers(reps)],
         lane_bases=[[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]],
-        warp_bases=[[w, 0, 0, 0, 0] for w in _powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2, 2])
-
-
-def _x_layout(mt: int, num_warps: int) -> gl.DistributedLinearLayout:
-    """[mt, 4, 16] bf16 x: lane (g, t) holds rows g (and g + 8 when mt = 16) at 16 t .. 16 t + 15 of a trip, the
-    16 values in consecutive registers (two 16-byte loads a row); every warp holds all of it (its B fragments)."""
-    return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]] + ([[8, 0, 0]] if mt == 16 else []),
-        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[0, 0, 0] for _ in _powers(num_warps)], block_bases=[], shape=[mt, 4, 16])
-
-
-def _powers(n: int) -> list[int]:
-    """1, 2, 4, ... below n (a power of two)."""
-    return [1 << i for i in range(n.bit_length() - 1)]
+        warp_bases=[[w, 0, 0, 0, 0] for w in powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2, 2])
 
 
 @gluon.jit
@@ -299,13 +281,8 @@ _FRAG_CACHE = "_int4_frag"  # the attribute of an Int4Weight holding its fragmen
 
 
 def frag_of(w: Int4Weight) -> Int4FragWeight:
-    """`to_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight; a model's
-    weights are the same objects every step)."""
-    fw = getattr(w, _FRAG_CACHE, None)
-    if fw is None:
-        fw = to_frag(w)
-        setattr(w, _FRAG_CACHE, fw)
-    return fw
+    """`to_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight)."""
+    return derived(w, _FRAG_CACHE, lambda: to_frag(w))
 
 
 def frag_eligible(x: torch.Tensor, w: Int4Weight) -> bool:
@@ -320,45 +297,25 @@ def _prepare(x: torch.Tensor, fw: Int4FragWeight, on_cuda: Optional[bool] = None
     split: programs along K asked for instead of `int4.split_count`'s (benchmarks; still capped, none empty)."""
     if not isinstance(fw, Int4FragWeight):
         raise TypeError(f"int4_frag_linear: w must be an Int4FragWeight, got {type(fw).__name__}")
-    fw.check("int4_frag_linear")
-    N, K = fw.shape
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"int4_frag_linear: x must be bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"int4_frag_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
-    if x.device != fw.device:
-        raise ValueError(f"int4_frag_linear: x on {x.device}, weight on {fw.device}")
-    if fw.codes.numel() >= 2 ** 31:  # the kernel's code offsets are int32
-        raise ValueError(f"int4_frag_linear: a [{N}, {K}] weight has {fw.codes.numel()} codes, past the kernel's "
-                         f"int32 offsets (< 2**31)")
-    x2 = as_rows(x, K, "int4_frag_linear: x")
-    M = x2.shape[0]
-    if M > FRAG_MAX_M:
-        raise ValueError(f"int4_frag_linear: at most {FRAG_MAX_M} rows of x (decode), got {M}")
-    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    out2 = out.view(M, N)
+    x2, out, out2 = check_rows(x, fw, "int4_frag_linear", FRAG_MAX_M)
+    (M, N), K = out2.shape, fw.shape[1]
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     units = K // max(fw.group_size, FRAG_K)  # a loop trip's input columns: a group, or a chunk of two groups of 32
-    split = split_count(units, N, FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device), wanted=split)
-    per_split = cdiv(units, split)
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
-    grid = (fw.padded_out // FRAG_BLOCK_N, split)
-    args = (x2, fw.codes, fw.scales, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0), per_split)
-    constexprs = dict(GROUP_SIZE=fw.group_size, BLOCK_N=FRAG_BLOCK_N, NUM_WARPS=FRAG_WARPS, WRITE_PARTIALS=split > 1,
-                      MT=8 if M <= 8 else 16)
+    plan: SplitPlan = split_plan(units, out2, FRAG_BLOCK_N, on_cuda, num_sms, split)
+    grid = (fw.padded_out // FRAG_BLOCK_N, plan.split)
+    args = (x2, fw.codes, fw.scales, out2, plan.part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0),
+            plan.per_split)
+    constexprs = dict(GROUP_SIZE=fw.group_size, BLOCK_N=FRAG_BLOCK_N, NUM_WARPS=FRAG_WARPS,
+                      WRITE_PARTIALS=plan.split > 1, MT=8 if M <= 8 else 16)
     if on_cuda:
         layouts = dict(SCALE_LAYOUT=_scale_layout(FRAG_WARPS, FRAG_BLOCK_N // (16 * FRAG_WARPS)),
-                       X_LAYOUT=_x_layout(constexprs["MT"], FRAG_WARPS))
+                       X_LAYOUT=x_layout(constexprs["MT"], FRAG_WARPS))
         launches = [(_int4_frag_gemv_kernel, grid, args, dict(constexprs, **layouts), FRAG_WARPS)]
     else:
         launches = [(_int4_frag_gemv_twin, grid, args, constexprs, FRAG_WARPS)]
-    if split > 1:
-        block = min(_REDUCE_BLOCK, next_power_of_2(N))
-        launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)), (part, out2, M, N, out2.stride(0), split),
-                         dict(BLOCK=block), 4))
-    return out, launches
+    return out, launches + plan.reduce_launches(out2)
 
 
 def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS,
@@ -371,10 +328,7 @@ def int4_frag_linear(x: torch.Tensor, fw: Int4FragWeight, *, options: KernelOpti
     instead of the heuristic's (bench/gemv_sweep.py).
     """
     out, launches = _prepare(x, fw, split=split)
-    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device:
-        for kern, grid, args, constexprs, num_warps in launches:
-            kern.on(x, options)[grid](*args, **constexprs, num_warps=num_warps, num_stages=1)
+    run(x, launches, options)
     return out
 
 
@@ -396,13 +350,7 @@ def aot_configs(models, group_size: int = 128, rows=(1, 8, 16)) -> list[LaunchCo
                                 shape=(n_out, n_in), group_size=group_size)
             for M in rows:
                 x = torch.empty(M, n_in, dtype=torch.bfloat16, device="meta")
-                _, launches = _prepare(x, fw, on_cuda=True, num_sms=H100_SMS)
-                kern, _, args, constexprs, num_warps = launches[0]
-                cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=1)
-                key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                if key not in configs:
-                    partials = " partials" if constexprs["WRITE_PARTIALS"] else ""
-                    label = (f"bf16 M={M} {FRAG_BLOCK_N}x{group_size}{partials} frag "
-                             f"({shape.label} {name} {n_out}x{n_in})")
-                    configs[key] = dataclasses.replace(cfg, label=label)
+                add_aot_config(configs, _prepare, x, fw, lambda c: (  # called at once: the loop's values
+                    f"bf16 M={M} {FRAG_BLOCK_N}x{group_size}{' partials' if c['WRITE_PARTIALS'] else ''} frag "
+                    f"({shape.label} {name} {n_out}x{n_in})"))
     return list(configs.values())

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import kernel, last_to_finish, pdl_prologue, ticket_reset
+from ._triton import cdiv, kernel, last_to_finish, next_power_of_2, pdl_prologue, ticket_reset
 from .int4_tiles import _group_scale_zero, _k_block_dot
 
 
@@ -235,3 +235,14 @@ def _int4_splitk_reduce_kernel(Part, Out, M, N, stride_om, num_splits, BLOCK: tl
         acc += tl.load(Part + (s * M + m) * N + offs, mask=mask, other=0.0)
     tl.store(Out + m * stride_om + offs, acc.to(Out.dtype.element_ty), mask=mask)
 
+
+REDUCE_BLOCK = 1024  # output columns of one reduce program (at most)
+
+
+def splitk_reduce_launch(part: torch.Tensor, out2: torch.Tensor, num_splits: int) -> tuple:
+    """(kernel, grid, args, constexprs) of `_int4_splitk_reduce_kernel` summing fp32 part [num_splits, M, N]
+    into out2 [M, N]: the split-K GEMVs' second launch."""
+    M, N = out2.shape
+    block = min(REDUCE_BLOCK, next_power_of_2(N))
+    return (_int4_splitk_reduce_kernel, (M, cdiv(N, block)), (part, out2, M, N, out2.stride(0), num_splits),
+            dict(BLOCK=block))

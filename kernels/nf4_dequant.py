@@ -15,14 +15,13 @@ separate multiply and add: bitsandbytes' two roundings, which a fused multiply-a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 import triton.language as tl
 
-from ._triton import LaunchConfig, cdiv, kernel, launch_config, triton_dtype
+from ._triton import LaunchConfig, add_config, cdiv, kernel, launch_config, triton_dtype
 from .nf4_format import NF4Weight
 
 BLOCK = 1024               # bytes a program decodes (2048 weights)
@@ -102,8 +101,5 @@ def aot_configs(models, dtypes=(torch.bfloat16, torch.float16)) -> list[LaunchCo
                               shape=(n_out, n_in), dtype=dtype)
                 _, _, args, constexprs = _prepare(w, dtype, w.absmax)
                 cfg = launch_config(_nf4_dequant_kernel, args, constexprs, num_warps=4, num_stages=1)
-                key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                if key not in configs:
-                    label = f"{triton_dtype(dtype)} dequant ({shape.label} {name} {n_out}x{n_in})"
-                    configs[key] = dataclasses.replace(cfg, label=label)
+                add_config(configs, cfg, f"{triton_dtype(dtype)} dequant ({shape.label} {name} {n_out}x{n_in})")
     return list(configs.values())

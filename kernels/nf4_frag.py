@@ -31,8 +31,6 @@ dtype, as those do from the fp32 products.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
@@ -43,19 +41,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ._triton import (H100_SMS, LaunchConfig, as_rows, cdiv, gluon_kernel, kernel, launch_config, next_power_of_2,
-                      sm_count)
-from .int4 import split_count
-from .int4_frag import _powers, _x_layout
-from .int4_gemv import _int4_splitk_reduce_kernel
+from ._triton import LaunchConfig, cdiv, gluon_kernel, kernel
+from .frag_gemv import SplitPlan, add_aot_config, check_rows, powers, run, split_plan, x_layout
 from .nf4_format import NF4Weight
 from .nf4_frag_format import (NF4_FRAG_BLOCK_N, NF4_FRAG_K, NF4_FRAG_WARPS, Nf4FragWeight, dequantize_nf4_frag,
                               nf4_frag_supported, to_nf4_frag)
 from .options import DEFAULT_OPTIONS, KernelOptions
+from .weight_cache import derived
 
 NF4_FRAG_MAX_M = 16
 TABLE_STRIDE = 256  # bytes between a lane's consecutive entries: entry b of lane l at TABLE_STRIDE b + 4 l
-_REDUCE_BLOCK = 1024
 TRIP_CHUNKS = (4, 2, 1)  # NF4 blocks (64 input columns) a loop trip covers: the most that divide the input width
 
 # A 32-bit code word in $4 (byte c: plane c's two codes) -> the four planes' registers in $0..$3, each the (bf16
@@ -86,9 +81,9 @@ def _scale_layout(num_warps: int, reps: int) -> gl.DistributedLinearLayout:
     """[w, g, r, e1] fp32: the absmax of a program's rows in the scales' stored order, each thread holding
     those of its accumulator rows (warp w, lane group g; lanes t = 0..3 share them): 8 consecutive floats."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 0, 1]] + [[0, 0, r, 0] for r in _powers(reps)],
+        reg_bases=[[0, 0, 0, 1]] + [[0, 0, r, 0] for r in powers(reps)],
         lane_bases=[[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
-        warp_bases=[[w, 0, 0, 0] for w in _powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2])
+        warp_bases=[[w, 0, 0, 0] for w in powers(num_warps)], block_bases=[], shape=[num_warps, 8, reps, 2])
 
 
 @gluon.jit
@@ -255,13 +250,8 @@ _FRAG_CACHE = "_nf4_frag"  # the attribute of an NF4Weight holding its fragment-
 
 
 def nf4_frag_of(w: NF4Weight) -> Nf4FragWeight:
-    """`to_nf4_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight; a model's
-    weights are the same objects every step)."""
-    fw = getattr(w, _FRAG_CACHE, None)
-    if fw is None:
-        fw = to_nf4_frag(w)
-        setattr(w, _FRAG_CACHE, fw)
-    return fw
+    """`to_nf4_frag(w)`, made on first use and kept on `w` (the repack costs a pass over the weight)."""
+    return derived(w, _FRAG_CACHE, lambda: to_nf4_frag(w))
 
 
 def nf4_frag_eligible(x: torch.Tensor, w: NF4Weight) -> bool:
@@ -277,51 +267,28 @@ def _prepare(x: torch.Tensor, fw: Nf4FragWeight, on_cuda: Optional[bool] = None,
     split: programs along K asked for instead of `int4.split_count`'s (benchmarks; still capped, none empty)."""
     if not isinstance(fw, Nf4FragWeight):
         raise TypeError(f"nf4_frag_linear: w must be an Nf4FragWeight, got {type(fw).__name__}")
-    fw.check("nf4_frag_linear")
-    N, K = fw.shape
-    if x.dtype != fw.dtype:
-        raise TypeError(f"nf4_frag_linear: x must be {fw.dtype} (the weight's dtype), got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"nf4_frag_linear: x must be [..., {K}] for a [{N}, {K}] weight, got {tuple(x.shape)}")
-    if x.device != fw.device:
-        raise ValueError(f"nf4_frag_linear: x on {x.device}, weight on {fw.device}")
-    if fw.codes.numel() >= 2 ** 31:  # the kernel's code offsets are int32
-        raise ValueError(f"nf4_frag_linear: a [{N}, {K}] weight has {fw.codes.numel()} codes, past the kernel's "
-                         f"int32 offsets (< 2**31)")
-    x2 = as_rows(x, K, "nf4_frag_linear: x")
-    M = x2.shape[0]
-    if M > NF4_FRAG_MAX_M:
-        raise ValueError(f"nf4_frag_linear: at most {NF4_FRAG_MAX_M} rows of x (decode), got {M}")
-    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    out2 = out.view(M, N)
+    x2, out, out2 = check_rows(x, fw, "nf4_frag_linear", NF4_FRAG_MAX_M)
+    (M, N), K = out2.shape, fw.shape[1]
     if M == 0:
         return out, []
     on_cuda = x.is_cuda if on_cuda is None else on_cuda
     mt = 8 if M <= 8 else 16
     # NF4 blocks a loop trip: the most that divide the input width (two with 16 columns of x: registers)
     chunks = next(c for c in TRIP_CHUNKS if (K // NF4_FRAG_K) % c == 0 and c * mt <= 32)
-    units = K // (NF4_FRAG_K * chunks)
-    split = split_count(units, N, NF4_FRAG_BLOCK_N, on_cuda, num_sms or sm_count(x.device), wanted=split)
-    per_split = cdiv(units, split)
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2
-    grid = (fw.padded_out // NF4_FRAG_BLOCK_N, split)
-    constexprs = dict(BLOCK_N=NF4_FRAG_BLOCK_N, NUM_WARPS=NF4_FRAG_WARPS, CHUNKS=chunks, WRITE_PARTIALS=split > 1,
-                      MT=mt)
-    if on_cuda:
-        args = (x2, fw.codes, fw.scales, fw.pairs, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0),
-                per_split)
+    plan: SplitPlan = split_plan(K // (NF4_FRAG_K * chunks), out2, NF4_FRAG_BLOCK_N, on_cuda, num_sms, split)
+    grid = (fw.padded_out // NF4_FRAG_BLOCK_N, plan.split)
+    constexprs = dict(BLOCK_N=NF4_FRAG_BLOCK_N, NUM_WARPS=NF4_FRAG_WARPS, CHUNKS=chunks,
+                      WRITE_PARTIALS=plan.split > 1, MT=mt)
+    rest = (out2, plan.part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0), plan.per_split)
+    if on_cuda:  # the kernel fills its table from the pairs, the twin looks codes up in the values
         layouts = dict(SCALE_LAYOUT=_scale_layout(NF4_FRAG_WARPS, NF4_FRAG_BLOCK_N // (16 * NF4_FRAG_WARPS)),
-                       X_LAYOUT=_x_layout(constexprs["MT"], NF4_FRAG_WARPS))
-        launches = [(_nf4_frag_gemv_kernel, grid, args, dict(constexprs, **layouts), NF4_FRAG_WARPS)]
+                       X_LAYOUT=x_layout(mt, NF4_FRAG_WARPS))
+        launches = [(_nf4_frag_gemv_kernel, grid, (x2, fw.codes, fw.scales, fw.pairs) + rest,
+                     dict(constexprs, **layouts), NF4_FRAG_WARPS)]
     else:
-        args = (x2, fw.codes, fw.scales, fw.values, out2, part, M, N, fw.padded_out, K, x2.stride(0), out2.stride(0),
-                per_split)
-        launches = [(_nf4_frag_gemv_twin, grid, args, constexprs, NF4_FRAG_WARPS)]
-    if split > 1:
-        block = min(_REDUCE_BLOCK, next_power_of_2(N))
-        launches.append((_int4_splitk_reduce_kernel, (M, cdiv(N, block)), (part, out2, M, N, out2.stride(0), split),
-                         dict(BLOCK=block), 4))
-    return out, launches
+        launches = [(_nf4_frag_gemv_twin, grid, (x2, fw.codes, fw.scales, fw.values) + rest, constexprs,
+                     NF4_FRAG_WARPS)]
+    return out, launches + plan.reduce_launches(out2)
 
 
 def nf4_frag_linear(x: torch.Tensor, fw: Nf4FragWeight, *, options: KernelOptions = DEFAULT_OPTIONS,
@@ -334,10 +301,7 @@ def nf4_frag_linear(x: torch.Tensor, fw: Nf4FragWeight, *, options: KernelOption
     reduce. split: programs along K instead of the heuristic's (benchmarks).
     """
     out, launches = _prepare(x, fw, split=split)
-    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device:
-        for kern, grid, args, constexprs, num_warps in launches:
-            kern.on(x, options)[grid](*args, **constexprs, num_warps=num_warps, num_stages=1)
+    run(x, launches, options)
     return out
 
 
@@ -362,13 +326,8 @@ def aot_configs(models, dtypes=(torch.bfloat16,), rows=(1, 8, 16)) -> list[Launc
                                    pairs=torch.empty(256, dtype=torch.int32, **meta), shape=(n_out, n_in), dtype=dtype)
                 for M in rows:
                     x = torch.empty(M, n_in, dtype=dtype, **meta)
-                    _, launches = _prepare(x, fw, on_cuda=True, num_sms=H100_SMS)
-                    kern, _, args, constexprs, num_warps = launches[0]
-                    cfg = launch_config(kern, args, constexprs, num_warps=num_warps, num_stages=1)
-                    key = (tuple(cfg.signature.items()), tuple(cfg.constexprs.items()), cfg.divisible_by_16)
-                    if key not in configs:
-                        partials = " partials" if constexprs["WRITE_PARTIALS"] else ""
-                        label = (f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} M={M} {NF4_FRAG_BLOCK_N}x"
-                                 f"{64 * constexprs['CHUNKS']}{partials} frag ({shape.label} {name} {n_out}x{n_in})")
-                        configs[key] = dataclasses.replace(cfg, label=label)
+                    add_aot_config(configs, _prepare, x, fw, lambda c: (  # called at once: the loop's values
+                        f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} M={M} {NF4_FRAG_BLOCK_N}x"
+                        f"{64 * c['CHUNKS']}{' partials' if c['WRITE_PARTIALS'] else ''} frag "
+                        f"({shape.label} {name} {n_out}x{n_in})"))
     return list(configs.values())
