@@ -286,14 +286,27 @@ def norm_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps:
 
 # ---- 4-bit projections: the weight dataclasses passed as their tensors and scalars ----------------
 
+def _nf4_weight(codes, absmax, code, nested_absmax, nested_code, out_features, in_features, dtype, blocksize,
+                nested_blocksize, nested_offset) -> NF4Weight:
+    """The NF4Weight the NF4 ops' schema arguments spell out (`_nf4_fields` in order)."""
+    return NF4Weight(codes=codes, absmax=absmax, code=code, shape=(out_features, in_features), dtype=dtype,
+                     blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
+                     nested_blocksize=nested_blocksize, nested_offset=nested_offset)
+
+
+def _nf4_fields(w: NF4Weight) -> tuple:
+    """An NF4Weight as the NF4 ops' schema arguments after x."""
+    out_f, in_f = w.shape
+    return (w.codes, w.absmax, w.code, w.nested_absmax, w.nested_code, out_f, in_f, w.dtype, w.blocksize,
+            w.nested_blocksize, float(w.nested_offset))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::nf4_linear", mutates_args=())
 def _nf4_linear_op(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
                    nested_code: Optional[Tensor], out_features: int, in_features: int, dtype: torch.dtype,
                    blocksize: int, nested_blocksize: int, nested_offset: float) -> Tensor:
-    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=(out_features, in_features), dtype=dtype,
-                  blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
-                  nested_blocksize=nested_blocksize, nested_offset=nested_offset)
-    return _nf4.nf4_linear(x, w)
+    return _nf4.nf4_linear(x, _nf4_weight(codes, absmax, code, nested_absmax, nested_code, out_features, in_features,
+                                          dtype, blocksize, nested_blocksize, nested_offset))
 
 
 @_nf4_linear_op.register_fake
@@ -306,10 +319,9 @@ def _(x, codes, absmax, code, nested_absmax, nested_code, out_features, in_featu
 def _nf4_dequant_linear_op(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
                            nested_code: Optional[Tensor], out_features: int, in_features: int, dtype: torch.dtype,
                            blocksize: int, nested_blocksize: int, nested_offset: float) -> Tensor:
-    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=(out_features, in_features), dtype=dtype,
-                  blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
-                  nested_blocksize=nested_blocksize, nested_offset=nested_offset)
-    return _nf4_dequant.nf4_dequant_linear(x, w)
+    return _nf4_dequant.nf4_dequant_linear(x, _nf4_weight(codes, absmax, code, nested_absmax, nested_code,
+                                                          out_features, in_features, dtype, blocksize,
+                                                          nested_blocksize, nested_offset))
 
 
 @_nf4_dequant_linear_op.register_fake
@@ -347,10 +359,7 @@ def linear_nf4(x: Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTI
     dequant = options.has("nf4_dequant_gemm") and x.numel() // max(x.shape[-1], 1) > _nf4_dequant.NF4_DEQUANT_MIN_M
     if _eager():
         return _nf4_dequant.nf4_dequant_linear(x, w) if dequant else _nf4.nf4_linear(x, w)
-    out_f, in_f = w.shape
-    op = _nf4_dequant_linear_op if dequant else _nf4_linear_op
-    return op(x, w.codes, w.absmax, w.code, w.nested_absmax, w.nested_code, out_f, in_f, w.dtype, w.blocksize,
-              w.nested_blocksize, float(w.nested_offset))
+    return (_nf4_dequant_linear_op if dequant else _nf4_linear_op)(x, *_nf4_fields(w))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::int4_linear", mutates_args=())
