@@ -187,6 +187,16 @@ def test_int4_one_pass_split_k_real_size(M, kind):
     assert (tickets(x.device, N // cfg.block_n) == 0).all()
 
 
+def _replayed(fn):
+    """fn()'s output captured in a CUDA graph, after one replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.experiment
 @pytest.mark.parametrize("N,K,M", [(12288, 4096, 1), (12288, 4096, 8), (4096, 11008, 3), (32016, 4096, 13),
                                    (4096, 4096, 16)], ids=["wqkv-1", "wqkv-8", "w2-3", "padded-13", "wo-16"])
@@ -214,12 +224,7 @@ def test_int4_frag_gluon_real_size(N, K, M):
             kern.on(x, True)[grid](*args, **constexprs, num_warps=num_warps)
         out = launches[0][2][3].view_as(y)
         assert ((out.float() - ref.float()).abs() <= bound).all()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out = int4_frag.int4_frag_linear(x, fw)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(g_out, y)
+    assert torch.equal(_replayed(lambda: int4_frag.int4_frag_linear(x, fw)), y)
 
 
 @pytest.mark.experiment
@@ -243,12 +248,7 @@ def test_nf4_frag_gluon_real_size(N, K, M, dtype):
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     bound = ulp * ref.float().abs() + 16 * 2.0 ** -24 * K ** 0.5 * (x.float().abs() @ w32.abs().t())
     assert ((y.float() - ref.float()).abs() <= bound).all()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out = nf4_frag.nf4_frag_linear(x, fw)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(g_out, y)
+    assert torch.equal(_replayed(lambda: nf4_frag.nf4_frag_linear(x, fw)), y)
 
 
 @pytest.mark.experiment

@@ -88,15 +88,17 @@ def test_experiments_keep_the_greedy_tokens(hf_checkpoint):
 
 
 @pytest.mark.slow
-def test_int4_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, monkeypatch):
-    """A bf16 int4 model loaded with the experiment "int4_frag": its decode rows run the fragment-order GEMV
-    (the Gluon kernel's Triton twin in the interpreter; prefill keeps the GPTQ-layout GEMM) and its greedy
-    tokens are the default options' (the two paths differ by fp32 summation order and weight rounding)."""
+@pytest.mark.parametrize("quantize", ["int4", "nf4"])
+def test_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, monkeypatch, quantize):
+    """A bf16 int4 / NF4 model loaded with the experiment "int4_frag" / "nf4_frag": its decode rows run the
+    fragment-order GEMV (the Gluon kernel's Triton twin in the interpreter; prefill keeps the GPTQ / bitsandbytes
+    layout GEMM) and its greedy tokens are the default options' (the two paths differ by fp32 summation order and
+    weight rounding)."""
+    import importlib
+
     import torch
 
-    from codellama_rt.kernels import int4_frag
-
-    twin = int4_frag._int4_frag_gemv_twin
+    twin = getattr(importlib.import_module(f"codellama_rt.kernels.{quantize}_frag"), f"_{quantize}_frag_gemv_twin")
     real, launches = twin.interp, []
 
     class Counting:
@@ -107,36 +109,8 @@ def test_int4_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, m
     monkeypatch.setattr(twin, "interp", Counting())
     path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
     runs = []
-    for options in (None, {"experiments": ["int4_frag"]}):
-        model = cl.load(path, backend="triton", max_seq_len=128, quantize="int4", dtype=torch.bfloat16,
-                        kernel_options=options)
-        runs.append(model.generate(PROMPT, max_new_tokens=6).token_ids)
-        assert bool(launches) == (options is not None)
-    assert runs[0] == runs[1] and len(runs[0]) == 6
-
-
-@pytest.mark.slow
-def test_nf4_frag_experiment_decodes_through_the_fragment_gemv(hf_checkpoint, monkeypatch):
-    """A bf16 NF4 model loaded with the experiment "nf4_frag": its decode rows run the fragment-order GEMV (the
-    Gluon kernel's Triton twin in the interpreter; prefill keeps the bitsandbytes-layout GEMM) and its greedy
-    tokens are the default options' (the two paths differ by fp32 summation order and weight rounding)."""
-    import torch
-
-    from codellama_rt.kernels import nf4_frag
-
-    twin = nf4_frag._nf4_frag_gemv_twin
-    real, launches = twin.interp, []
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(twin, "interp", Counting())
-    path, _ = hf_checkpoint(n_layers=2, ffn=256, dim=256, n_heads=4, n_kv_heads=2, rope_theta=1e6)
-    runs = []
-    for options in (None, {"experiments": ["nf4_frag"]}):
-        model = cl.load(path, backend="triton", max_seq_len=128, quantize="nf4", dtype=torch.bfloat16,
+    for options in (None, {"experiments": [f"{quantize}_frag"]}):
+        model = cl.load(path, backend="triton", max_seq_len=128, quantize=quantize, dtype=torch.bfloat16,
                         kernel_options=options)
         runs.append(model.generate(PROMPT, max_new_tokens=6).token_ids)
         assert bool(launches) == (options is not None)

@@ -56,8 +56,7 @@ def test_experiment_gives_prefill_rows_the_references_exact_result():
     x = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     got = ops.linear_nf4(x, w, options=ON)
     assert got.shape == (2, 9, 96) and torch.equal(got, nf4_linear_ref(x, w))
-    args = (x, w.codes, w.absmax, w.code, w.nested_absmax, w.nested_code, 96, 128, w.dtype, w.blocksize,
-            w.nested_blocksize, float(w.nested_offset))
+    args = (x, *ops._nf4_fields(w))
     assert torch.equal(ops._nf4_dequant_linear_op(*args), got)
     torch.library.opcheck(ops._nf4_dequant_linear_op, args, test_utils=("test_schema", "test_faketensor"))
     few = x[0, :16]
