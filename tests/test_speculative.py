@@ -97,6 +97,25 @@ def test_pass_costs_estimates_from_measurements():
     assert costs.relative(2, 4) == pytest.approx(1 + PassCosts.DEFAULT_SLOPE * 4)  # another batch size
 
 
+def test_pass_costs_shrug_off_hiccups_and_forget_what_stops_running():
+    """A few slow passes (a preempted thread) must not price a width out, and an estimate of a width the policy
+    stopped choosing must not stay forever: it is forgotten after STALE_PASSES passes of other widths."""
+    costs = PassCosts()
+    costs.observe(1, 0, 1.0)
+    for seconds in [2.5] * 5 + [40.0] * 3:  # three hiccups among eight passes of width 8
+        costs.observe(1, 8, seconds)
+    assert costs.relative(1, 8) == pytest.approx(2.5)
+    costs.observe(1, 4, 1.5)
+    for _ in range(PassCosts.STALE_PASSES):
+        costs.observe(1, 4, 1.5)
+    assert costs.relative(1, 8) == pytest.approx(2.0)  # width 4's slope (0.125 / id) past it, not 8's stale 2.5
+    costs.observe(1, 8, 3.0)
+    assert costs.relative(1, 8) == pytest.approx(3.0)  # measured afresh (its old window dropped with it)
+    for _ in range(PassCosts.STALE_PASSES + 1):
+        costs.observe(1, 8, 3.0)
+    assert costs.relative(1, 4) == pytest.approx(2.0)  # width 4 forgotten in turn: between 1.0 and 3.0
+    assert costs.relative(1, 0) == 1.0 and costs.measured(1)  # decode steps are never forgotten
+
 def test_policy_proposes_more_when_accepting_and_backs_off_when_not():
     spec = Speculation(Scripted(lambda done: []), k=8)
     flat = lambda m: 1.0  # noqa: E731 - a pass costs a decode step whatever its width (a GPU at batch 1)

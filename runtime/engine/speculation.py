@@ -7,6 +7,8 @@ length, and the counts its Completion reports. The verify pass itself is `verify
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,19 +82,35 @@ class PromptLookup:
 
 
 class PassCosts:
-    """Seconds a decode step (width 0) and a verify pass of each width take on this engine, per batch size, as
-    exponential moving averages of what the engine measured (host time of the call and its one sync). A width
-    not measured yet is estimated from the nearest measured ones (a pass costs at least a decode step; past the
-    widest measured one, linearly), before any from DEFAULT_SLOPE decode steps per proposed id."""
+    """Seconds a decode step (width 0) and a verify pass of each width take on this engine, per batch size: the
+    median of the last WINDOW times the engine measured (host time of the call and its one sync). A width not
+    measured yet is estimated from the nearest measured ones (a pass costs at least a decode step; past the
+    widest measured one, linearly), before any from DEFAULT_SLOPE decode steps per proposed id.
+
+    Estimates decide which widths run, and only a width that runs is measured again, so neither a hiccup (a
+    preempted thread, a page fault: the median ignores a few) nor an old measurement may price a width out for
+    good: a width's estimate not refreshed in STALE_PASSES passes at its batch size is forgotten (estimated
+    from its neighbours until it runs again)."""
 
     DEFAULT_SLOPE = 0.125
-    DECAY = 0.8
+    WINDOW = 9
+    STALE_PASSES = 64
 
     def __init__(self):
-        self._mean: dict[tuple, float] = {}
+        self._mean: dict[tuple, float] = {}     # key -> the estimate (the median of its window)
+        self._recent: dict[tuple, deque] = {}
+        self._passes: dict[int, int] = {}      # batch size -> verify passes observed at it
+        self._refreshed: dict[tuple, int] = {}  # (batch, width > 0) -> _passes[batch] when last observed
 
     def observe(self, batch: int, width: int, seconds: float) -> None:
-        self._update((batch, width), seconds)
+        key = (batch, width)
+        self._update(key, seconds)
+        if width == 0:  # (decode steps: the yardstick, refreshed whenever plain steps run)
+            return
+        n = self._passes[batch] = self._passes.get(batch, 0) + 1
+        self._refreshed[key] = n
+        for k in [k for k, at in self._refreshed.items() if k[0] == batch and n - at > self.STALE_PASSES]:
+            del self._refreshed[k], self._mean[k], self._recent[k]
 
     def measured(self, batch: int) -> bool:
         """Whether a decode step at `batch` rows has been timed (what every estimate is relative to)."""
@@ -117,8 +135,9 @@ class PassCosts:
         return self._mean.get((batch, "draft"), 0.0) / base, self._mean.get((batch, "draft pass"), 0.0) / base
 
     def _update(self, key: tuple, seconds: float) -> None:
-        old = self._mean.get(key)
-        self._mean[key] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
+        recent = self._recent.setdefault(key, deque(maxlen=self.WINDOW))
+        recent.append(seconds)
+        self._mean[key] = statistics.median(recent)
 
     def relative(self, batch: int, width: int) -> float:
         """A verify pass of `width` over a decode step, both at `batch` rows (1.0 for width 0)."""
