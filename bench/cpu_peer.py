@@ -41,8 +41,24 @@ RANDOM_SHAPES = {  # ModelArgs fields of --random's checkpoints
 }
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "codellama-tokenizer.model"
 
-OURS = r'''
-import json, resource, sys, time, queue
+# Each child's own peak RSS: VmHWM of its address space. (ru_maxrss would not do: Linux carries the spawning
+# process's peak across exec, so every child would report at least this script's RSS.)
+PEAK_RSS = r'''
+import resource
+
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (not Linux: the rusage figure)
+'''
+
+OURS = PEAK_RSS + r'''
+import json, sys, time, queue
 import torch
 import codellama_rt as cl
 from codellama_rt.engine.events import Completion
@@ -73,12 +89,12 @@ t0, stamps, _ = run(a["long_ids"], 1)
 prefill = len(a["long_ids"]) / (stamps[0] - t0)
 t0, stamps, ids = run(a["ids"], a["new_tokens"])
 decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
 '''
 
-LLAMA = r'''
-import json, resource, sys, time
+LLAMA = PEAK_RSS + r'''
+import json, sys, time
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
@@ -115,7 +131,7 @@ llm.eval(a["long_ids"])
 prefill = len(a["long_ids"]) / (time.perf_counter() - t0)
 stamps, ids = greedy(a["ids"], a["new_tokens"])
 decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
 '''
 

@@ -41,6 +41,20 @@ def test_a_row_is_the_median_of_its_rounds(peer):
     assert (row["decode_tok_s"], row["prefill_tok_s"], row["peak_rss_mb"], row["ids"]) == (200.0, 10.0, 310.0, [0])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_childs_peak_rss_is_its_own(peer):
+    """The children report their own peak: not ru_maxrss, which Linux carries over from the spawning process
+    (this one, with torch loaded), so every small child would have reported at least the parent's RSS."""
+    import subprocess
+    parent = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MiB more in this process, touched
+    code = peer.PEAK_RSS + "\nprint(peak_rss_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    child_mb = float(done.stdout.split()[-1])
+    own_mb = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+    assert 1 < child_mb < 64 < own_mb, (child_mb, own_mb)
+    del parent
+
+
 @pytest.mark.slow
 def test_our_fp32_row(peer, tmp_path):
     doc = peer.main(["--ours", "fp32", "--new-tokens", "8", "--prefill-tokens", "64", "--threads", "1",
