@@ -131,24 +131,38 @@ def load_weights(model: Transformer, source, layout: str, *, quantization: Optio
     for name, p in model.named_parameters():
         if p.is_meta:
             raise CheckpointError("no weights for this parameter", file=source.directory, tensor=name)
-        if not torch.isfinite(p).all():
+        if not _all_finite(p):
             raise CheckpointError("weights contain NaN or Inf", file=source.directory, tensor=name)
     for name, q in quantized_modules(model).items():
         for buf_name, b in q.named_buffers(recurse=False):
-            if b.is_floating_point() and not torch.isfinite(b).all():
+            if b.is_floating_point() and not _all_finite(b):
                 raise CheckpointError("quantization scales contain NaN or Inf", file=source.directory,
                                       tensor=f"{name}.{buf_name}")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t, without a mask of t's size (amax and amin propagate NaN)."""
+    return t.numel() == 0 or bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
 
 
 def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar, shard=None) -> None:
     """Copy `parts` (each whole, or the rank's slice of it under `shard`) into `dest`, stacked along dim 0."""
     offset = 0
     for part in parts:
-        t = source.read(part) if shard is None or part.tp_dim is None else source.read_shard(part, *shard)
-        dest[offset:offset + t.shape[0]].copy_(t)
-        offset += t.shape[0]
+        if shard is None or part.tp_dim is None:
+            rows = part.shape[0] if part.shape else 1
+            target = dest[offset:offset + rows] if dest.dim() else dest
+            if tuple(target.shape) != tuple(part.shape):
+                raise CheckpointError(f"shape {list(part.shape)} does not fit the model's {list(dest.shape)} at "
+                                      f"row {offset}", file=source.file_of(part.name), tensor=part.name)
+            source.read_into(part, target)
+        else:
+            t = source.read_shard(part, *shard)
+            rows = t.shape[0]
+            dest[offset:offset + rows].copy_(t)
+        offset += rows
         consumed.add(part.name)
-        bar.update(math.prod(part.shape) * t.element_size())
+        bar.update(math.prod(part.shape) * getattr(source.dtype(part.name), "itemsize", 2))
 
 
 def _quantize(model, method, group_size, quantize_head, only, source, parts) -> None:

@@ -124,6 +124,14 @@ class HFSource:
         self.check(part)
         return self.where[part.name].get(part.name)
 
+    def read_into(self, part: Part, out: torch.Tensor) -> None:
+        """`read`, into `out` (its shape): straight from the file where the reader can (safetensors, same dtype,
+        CPU), else through a copy."""
+        self.check(part)
+        reader = self.where[part.name]
+        if not (hasattr(reader, "get_into") and reader.get_into(part.name, out)):
+            out.copy_(reader.get(part.name))
+
     def read_shard(self, part: Part, rank: int, world: int) -> torch.Tensor:
         """Rank `rank`'s slice of `part` along its tp_dim, reading only that slice."""
         self.check(part)
@@ -211,6 +219,10 @@ class MetaSource:
         pieces = [shard.get(part.name) for shard in self._used_shards(part)]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
         return interleaved_to_rotate_half(t, part.rope_heads) if part.rope_heads else t
+
+    def read_into(self, part: Part, out: torch.Tensor) -> None:
+        """`read`, into `out` (its shape)."""
+        out.copy_(self.read(part))
 
     def read_shard(self, part: Part, rank: int, world: int) -> torch.Tensor:
         """Rank `rank`'s slice of `part` along its tp_dim. Meta's shards are model-parallel slices already:

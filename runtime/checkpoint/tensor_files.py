@@ -1,4 +1,4 @@
-"""Readers of tensor files (safetensors, memory-mapped; torch .pth/.bin, memory-mapped).
+"""Readers of tensor files (safetensors, read tensor by tensor; torch .pth/.bin, memory-mapped).
 
 Each reader gives names, shapes and dtypes without reading data, and wraps every failure
 in a CheckpointError naming the file and tensor.
@@ -6,6 +6,7 @@ in a CheckpointError naming the file and tensor.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -22,6 +23,12 @@ _SAFETENSORS_DTYPES = {
 
 
 class SafetensorsReader:
+    """A safetensors file: names, shapes and dtypes from its header; tensor data read with plain file reads
+    into tensors of their own (a memory map would keep every page read resident in the process until the file
+    is closed, so loading would peak at twice the checkpoint's size)."""
+
+    READ_CHUNK = 1 << 28  # bytes per read call (Linux caps one read near 2 GiB)
+
     def __init__(self, path: Path):
         from safetensors import safe_open
 
@@ -29,8 +36,12 @@ class SafetensorsReader:
         if not self.path.is_file():
             raise CheckpointError("file not found", file=self.path)
         try:
-            self._f = safe_open(str(self.path), framework="pt", device="cpu")
+            self._f = safe_open(str(self.path), framework="pt", device="cpu")  # validates the header and sizes
             self._names = list(self._f.keys())
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._header = json.loads(f.read(n))
+            self._data_start = 8 + n
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             cut = _cut_tensor(self.path)
             if cut is not None:
@@ -45,25 +56,69 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple:
         _require(self, name)
-        return tuple(self._f.get_slice(name).get_shape())
+        return tuple(self._header[name]["shape"])
 
     def dtype(self, name: str):
         _require(self, name)
-        code = self._f.get_slice(name).get_dtype()
+        code = self._header[name]["dtype"]
         return _SAFETENSORS_DTYPES.get(code, code)
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._f.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
+        dtype = self.dtype(name)
+        if not isinstance(dtype, torch.dtype):  # a dtype this reader does not map: safetensors' own copy
+            try:
+                return self._f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
+        out = torch.empty(self.shape(name), dtype=dtype)
+        self._read_into(name, self._header[name]["data_offsets"][0], out)
+        return out
+
+    def get_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read the tensor straight into `out` where it is a contiguous CPU tensor of its shape and dtype (no
+        copy of it in between); False where not (nothing read)."""
+        if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtype(name)
+                or tuple(out.shape) != self.shape(name)):
+            return False
+        self._read_into(name, self._header[name]["data_offsets"][0], out)
+        return True
 
     def get_part(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
-        """Elements start..start+length-1 along `dim` (0 or 1) of a 2-D tensor, reading only those."""
+        """Elements start..start+length-1 along `dim` (0 or 1) of a 2-D tensor, reading only those rows."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        if len(shape) != 2 or not isinstance(dtype, torch.dtype) or not 0 <= start <= start + length <= shape[dim]:
+            try:
+                view = self._f.get_slice(name)
+                return view[start:start + length] if dim == 0 else view[:, start:start + length]
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
+        rows, cols = shape
+        begin = self._header[name]["data_offsets"][0]
+        row_bytes = cols * dtype.itemsize
+        if dim == 0:
+            out = torch.empty(length, cols, dtype=dtype)
+            self._read_into(name, begin + start * row_bytes, out)
+            return out
+        out = torch.empty(rows, length, dtype=dtype)
+        step = max(1, self.READ_CHUNK // max(row_bytes, 1))  # whole rows a read, their columns kept
+        for r in range(0, rows, step):
+            block = torch.empty(min(step, rows - r), cols, dtype=dtype)
+            self._read_into(name, begin + r * row_bytes, block)
+            out[r:r + block.shape[0]] = block[:, start:start + length]
+        return out
+
+    def _read_into(self, name: str, offset: int, out: torch.Tensor) -> None:
+        """Fill contiguous `out` with its byte size of data from `offset` of the data section."""
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         try:
-            view = self._f.get_slice(name)
-            return view[start:start + length] if dim == 0 else view[:, start:start + length]
-        except Exception as e:
+            with open(self.path, "rb", buffering=0) as f:
+                done = 0
+                while done < len(buf):
+                    got = os.preadv(f.fileno(), [buf[done:done + self.READ_CHUNK]], self._data_start + offset + done)
+                    if got <= 0:
+                        raise OSError(f"the file ends {len(buf) - done} bytes short of the tensor's data")
+                    done += got
+        except OSError as e:
             raise CheckpointError(f"cannot read tensor data: {e}", file=self.path, tensor=name) from None
 
 
