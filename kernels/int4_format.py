@@ -51,9 +51,9 @@ class Int4Weight:
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q uint8 [out, in], zero uint8 [in // g, out]): the 4-bit values, unpacked."""
-        q = _unpack_nibbles(self.qweight, dim=0)  # [in, out]
-        z = _unpack_nibbles(self.qzeros, dim=1)   # [in // g, out]
-        return q.t().contiguous(), z
+        q = _unpack_nibbles(self.qweight.t(), dim=1)  # [out, in] (unpacked along in: no transposed copy)
+        z = _unpack_nibbles(self.qzeros, dim=1)       # [in // g, out]
+        return q, z
 
     def check(self, who: str = "Int4Weight") -> None:
         """ValueError unless the fields are a consistent GPTQ-layout weight (dtypes, shapes, group size)."""
@@ -77,11 +77,13 @@ def _pack_nibbles(v: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _unpack_nibbles(p: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of `_pack_nibbles`: int32 -> uint8 0..15, `dim` eight times longer."""
-    p = p.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=p.device)
-    v = (p[..., None] >> shifts) & 0xF
-    return v.reshape(*p.shape[:-1], p.shape[-1] * 8).to(torch.uint8).movedim(-1, dim).contiguous()
+    """Inverse of `_pack_nibbles`: int32 -> uint8 0..15, `dim` eight times longer. One nibble plane at a
+    time, so the temporaries are int32 planes the size of p (a byte a weight in all), not int64 per weight."""
+    p = p.movedim(dim, -1)
+    v = torch.empty(*p.shape, 8, dtype=torch.uint8, device=p.device)
+    for j, shift in enumerate(_SHIFTS):
+        v[..., j] = (p >> shift) & 0xF  # (an arithmetic shift: the mask keeps the nibble)
+    return v.reshape(*p.shape[:-1], p.shape[-1] * 8).movedim(-1, dim).contiguous()
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------

@@ -74,6 +74,7 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+QUANTIZE_CHUNK = 1 << 20  # values quantized at a time (`_quantize_4bit_codes`)
 
 
 @lru_cache(maxsize=None)
@@ -141,7 +142,18 @@ def _quantize_4bit_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int)
     on fp32 values [n]: per block absmax = max |v|; whole blocks are scaled by v * (1 / max(absmax, 1e-38)),
     the partial last block by v / max(absmax, 1e-38) (also the absmax stored for it), clamped to [-1, 1];
     the index is `bucketize` against the fp32 midpoints of the sorted codebook (a value exactly on a
-    midpoint takes the lower code). Returns (packed uint8 [ceil(n / 2)], fp32 absmax [n_blocks])."""
+    midpoint takes the lower code). Returns (packed uint8 [ceil(n / 2)], fp32 absmax [n_blocks]).
+    Whole blocks of QUANTIZE_CHUNK values at a time (blocks are independent), so the temporaries (int64
+    indices among them) stay bounded however large the weight."""
+    step = max(blocksize, QUANTIZE_CHUNK // blocksize * blocksize)  # (blocksizes are even: no byte straddles)
+    pieces = [_quantize_4bit_piece(flat[i:i + step], code, blocksize) for i in range(0, flat.numel(), step)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([p for p, _ in pieces]), torch.cat([a for _, a in pieces])
+
+
+def _quantize_4bit_piece(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """`_quantize_4bit_codes` of values that are whole blocks, bar a partial last one."""
     n = flat.numel()
     rem = n % blocksize
     full = n - rem

@@ -23,8 +23,10 @@ from codellama_rt.cli import main
 from codellama_rt.model.config import ModelArgs
 from codellama_rt.kernels.int4 import quantize_int4
 from codellama_rt.kernels.nf4 import quantize_nf4
+from codellama_rt.kernels.int8_format import quantize_int8
+from codellama_rt.quant import linear as quant_linear
 from codellama_rt.quant.linear import (QuantLinear, model_weight_bytes, projection_names, quantize_model,
-                                quantized_modules, set_module, weight_bytes)
+                                quantize_weight, quantized_modules, set_module, weight_bytes)
 from codellama_rt.checkpoint.writer import part_tensors
 from conftest import write_hf_checkpoint
 
@@ -291,6 +293,21 @@ def test_quantize_model_swaps_projections_only(fp32_ckpt):
     assert model.module.tok_embeddings.dtype == torch.float32 and not isinstance(model.module.output, QuantLinear)
     quantize_model(model.module, "nf4", quantize_head=True)  # already-quantized projections are left alone
     assert set(quantized_modules(model.module)) == names | {"output"}
+
+
+@pytest.mark.parametrize("method, rows", [("int4", 8 * 13), ("int8", 101), ("int4", 8)])
+def test_large_weights_quantize_in_row_chunks_to_the_same_part(monkeypatch, method, rows):
+    """quantize_weight bounds the quantizers' temporaries by quantizing rows a chunk at a time: the part is
+    the one quantizing the whole weight gives (rows are independent), chunks and a shorter last one joined."""
+    w = torch.randn(rows, 128, dtype=torch.bfloat16) * torch.linspace(0.1, 3, rows)[:, None].bfloat16()
+    monkeypatch.setattr(quant_linear, "QUANTIZE_CHUNK", 3 * 128)  # int8: 3 rows a chunk; int4: 8
+    got = quantize_weight(w, method, group_size=64)
+    want = quantize_int4(w, group_size=64) if method == "int4" else quantize_int8(w)
+    assert got.shape == want.shape and got.format == method
+    for field in ("qweight", "qzeros", "scales") if method == "int4" else ("qweight", "scales"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    with pytest.raises(ValueError, match="multiple of 8"):  # the quantizer's own error, for the whole weight
+        quantize_weight(torch.randn(8 * 13 + 4, 128), "int4", group_size=64)
 
 
 def test_quantized_buffers_move_with_the_model(fp32_ckpt):

@@ -28,6 +28,7 @@ QuantPart = Union[NF4Weight, Int4Weight, Int8Weight]
 
 NF4_BLOCKSIZE = 64         # bitsandbytes' default for 4-bit weights
 NF4_NESTED_BLOCKSIZE = 256  # double quant: absmax quantized to 8 bits in blocks of 256
+QUANTIZE_CHUNK = 1 << 20   # weights quantized at a time (int4, int8): 4 MiB of each fp32 temporary
 
 
 class QuantLinear(nn.Module):
@@ -102,14 +103,22 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, *, group_size: int = 128) -> QuantPart:
-    """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype)."""
-    if method == "nf4":
+    """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype). int4 and int8 quantize
+    QUANTIZE_CHUNK elements' worth of rows at a time (rows are independent: the same part as at once), so the
+    quantizers' fp32 temporaries stay bounded however large the weight (an lm_head, a 70B w13)."""
+    if method == "nf4":  # (its double quantization spans the whole tensor)
         return quantize_nf4(w, blocksize=NF4_BLOCKSIZE, double_quant=True)
     if method == "int4":
-        return quantize_int4(w, group_size=group_size)
-    if method == "int8":
-        return quantize_int8(w)
-    raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+        quantize, merge, multiple = (lambda t: quantize_int4(t, group_size=group_size)), merge_int4, 8
+    elif method == "int8":
+        quantize, merge, multiple = quantize_int8, merge_int8, 1
+    else:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    rows = max(multiple, QUANTIZE_CHUNK // max(w.shape[-1], 1) // multiple * multiple)
+    if w.dim() != 2 or w.shape[0] <= rows or w.shape[0] % multiple:  # (the quantizer names what is wrong)
+        return quantize(w)
+    parts = merge([quantize(w[r:r + rows]) for r in range(0, w.shape[0], rows)])
+    return parts[0]
 
 
 def quantize_model(transformer: Transformer, method: str, *, group_size: int = 128, quantize_head: bool = False,
@@ -147,6 +156,14 @@ def merge_int4(parts: list) -> list:
     return [Int4Weight(qweight=torch.cat([p.qweight for p in parts], 1), qzeros=torch.cat([p.qzeros for p in parts], 1),
                        scales=torch.cat([p.scales for p in parts], 1),
                        shape=(sum(p.shape[0] for p in parts), parts[0].shape[1]), group_size=parts[0].group_size)]
+
+
+def merge_int8(parts: list) -> list:
+    """Int8 parts with one scales dtype concatenated into one (rows are independent)."""
+    if len(parts) < 2 or any(p.format != "int8" for p in parts) or len({p.scales.dtype for p in parts}) != 1:
+        return parts
+    return [Int8Weight(qweight=torch.cat([p.qweight for p in parts]), scales=torch.cat([p.scales for p in parts]),
+                       shape=(sum(p.shape[0] for p in parts), parts[0].shape[1]))]
 
 
 def quantized_modules(transformer: nn.Module) -> dict[str, QuantLinear]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from codellama_rt.kernels import nf4 as mod
+from codellama_rt.kernels import nf4_format
 from codellama_rt.kernels.nf4 import (NF4_CODE, NF4Weight, dequantize_nf4, dynamic_map, nf4_linear,
                                       nf4_linear_ref, quantize_nf4)
 from codellama_rt.bench.common import aot_models
@@ -168,6 +169,19 @@ def test_codebook_values_roundtrip_exactly(dtype, double_quant):
     nibbles = torch.stack([q.codes >> 4, q.codes & 15], 1).reshape(-1)
     assert torch.equal(nibbles, torch.arange(16, dtype=torch.uint8).repeat(48))
     assert torch.equal(dequantize_nf4(q), w)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((37, 64), 64), ((5, 77), 64), ((3, 33), 32)])
+def test_large_weights_quantize_in_chunks_to_the_same_codes(monkeypatch, shape, blocksize):
+    """quantize_nf4 takes whole blocks QUANTIZE_CHUNK values at a time (its temporaries bounded): the same codes
+    and absmax as in one go, partial last blocks and odd element counts included."""
+    w = torch.randn(shape) * torch.linspace(0.01, 4, shape[0])[:, None]
+    whole = quantize_nf4(w, blocksize=blocksize)
+    monkeypatch.setattr(nf4_format, "QUANTIZE_CHUNK", 3 * blocksize)
+    chunked = quantize_nf4(w, blocksize=blocksize)
+    for field in ("codes", "absmax", "nested_absmax"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field)), field
+    assert chunked.nested_offset == whole.nested_offset
 
 
 def test_hand_made_example():
