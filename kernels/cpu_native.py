@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
+from .int4_cpu_format import CHUNK as INT4_CHUNK, Int4CpuWeight, chunk_order, dequantize_int4_cpu
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8
 from .nf4_format import NF4Weight, dequantize_nf4
@@ -35,7 +36,6 @@ except ImportError:  # no compiler at install time (or a source checkout never b
 
 # Past NATIVE_MAX_ROWS rows (prefill) a GEMM on the dequantized weight (`cpu_gemm`) is faster than the native
 # row-by-row kernels.
-INT4_CHUNK = 32
 _INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
 _NF4_CACHE = "_cpu_native_nf4"    # attribute of an NF4Weight holding its native repack
 _NO_ZEROS = torch.empty(0)        # the int4 kernel's zs when a format has no zero points (NF4)
@@ -104,14 +104,6 @@ def int4_supported(w: Int4Weight) -> bool:
     return w.shape[1] % INT4_CHUNK == 0 and w.group_size % INT4_CHUNK == 0
 
 
-def _chunk_order(q: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 [out, in] (0..15) -> uint8 [out, in / 2] in the kernel's chunk order (byte j of each 32-code
-    chunk: code j in the low nibble, code 16 + j in the high one)."""
-    out_f, in_f = q.shape
-    chunks = q.view(out_f, in_f // INT4_CHUNK, 2, INT4_CHUNK // 2)
-    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
-
-
 def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out, in / 2] in chunk order, scales fp32 [out, in / g], scale x zero fp32 [out, in / g]),
     made on first use and kept on the weight."""
@@ -120,9 +112,8 @@ def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                          f"multiples of {INT4_CHUNK}")
 
     def make():
-        q, z = w.unpack()  # uint8 [out, in], [in / g, out]
-        s = w.scales.t().float().contiguous()
-        return _chunk_order(q), s, (z.t().float() * s).contiguous()
+        c = Int4CpuWeight.from_int4(w)
+        return c.codes, c.scales, c.zs
 
     return derived(w, _INT4_CACHE, make)
 
@@ -153,6 +144,18 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
     return _int4_kernel(x, pack_int4(w), w.group_size, None, w.shape[0], options)
 
 
+def int4_cpu_linear_cpu(x: torch.Tensor, w: Int4CpuWeight, *,
+                        options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """The cpu backend's projection of a weight in the native layout (`Int4CpuWeight`, no repack to make): the
+    native kernel for fp32 rows on the CPU as `int4_linear_native`, else the reference's arithmetic (prefill rows
+    in bf16 where `prefill_in_bf16`)."""
+    if _native_fp32(x, w.device):
+        return _int4_kernel(x, (w.codes, w.scales, w.zs), w.group_size, None, w.shape[0], options)
+    if prefill_in_bf16(x, w.device, options):
+        return linear_bf16(x, dequantize_int4_cpu(w, torch.bfloat16))
+    return gemm(x, dequantize_int4_cpu(w, x.dtype))
+
+
 # ---- NF4 ------------------------------------------------------------------------------------------
 
 def nf4_supported(w: NF4Weight) -> bool:
@@ -181,7 +184,7 @@ def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group = nf4_group(w)
         starts = torch.arange(0, out_f * in_f, group, device=packed.device)  # each group's first flat element
         absmax = w.block_absmax().float()[starts // w.blocksize].view(out_f, in_f // group).contiguous()
-        return _chunk_order(q), absmax, w.code.float().contiguous()
+        return chunk_order(q), absmax, w.code.float().contiguous()
 
     return derived(w, _NF4_CACHE, make)
 

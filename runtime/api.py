@@ -194,6 +194,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
                  quantize_head=quantize_head, progress=progress, args=args,
                  shard=None if tp is None else (tp.rank, tp.world))
+    ops.prepare(model)
     if tp is not None:
         tp.attach(model)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
@@ -250,6 +251,7 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
                 lin.weight = torch.nn.Parameter(w, requires_grad=False)
             if quantize is not None and (name != "output" or quantize_head):
                 quantize_model(model, quantize, group_size=group_size, quantize_head=quantize_head, only=[name])
+    ops.prepare(model)
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
 
 

@@ -7,6 +7,7 @@ model carries one set of them and the graph never passes them.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import inspect
@@ -23,7 +24,8 @@ from ..kernels.attention_prefill import (attention_prefill_ref, attention_prefil
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_gemm import gemm, linear_swiglu_cpu, norm_linear_cpu
-from ..kernels.cpu_native import int8_linear_cpu, nf4_linear_cpu
+from ..kernels.cpu_native import int4_cpu_linear_cpu, int8_linear_cpu, nf4_linear_cpu
+from ..kernels.int4_cpu_format import int4_cpu_linear_ref
 from ..kernels.int4_cpu import int4_linear_cpu
 from ..kernels.int8_format import int8_linear_ref
 from ..kernels.nf4 import nf4_linear_ref
@@ -32,6 +34,29 @@ from ..kernels.rms_norm import rms_norm_ref
 from ..kernels.rotary import rotary_ref
 from ..kernels.swiglu import swiglu_ref
 from .native_decoder import native_decoder, no_decoder
+
+
+def no_prepare(model) -> None:
+    """The `prepare` of backends whose kernels take the weights as loaded."""
+
+
+def cpu_layout(model) -> None:
+    """The cpu backend's `prepare`: int4 weights the native kernels take held in their layout
+    (`quant.linear.use_cpu_layout`), then the heap that loading freed handed back to the system."""
+    from ..quant.linear import use_cpu_layout  # (quant builds on this module)
+
+    use_cpu_layout(model)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """glibc's malloc_trim(0): freed heap goes back to the system. Loading frees many mid-sized temporaries
+    (read, quantize, repack) that glibc otherwise keeps, counted in the process's RSS for its whole life
+    (~70 MB of a ~57M-parameter int4 model's ~460). Nothing elsewhere (another C library)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -55,8 +80,11 @@ class Backend:
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
     linear_int8: Callable  # (x [..., in], Int8Weight [out, in]) -> [..., out] in x.dtype
+    linear_int4_cpu: Callable  # (x [..., in], Int4CpuWeight [out, in]) -> [..., out] in x.dtype
     # (model) -> a whole decode step (tokens [B], positions [B], cache data) -> logits [B, V], or None: the graph
     decoder: Callable = no_decoder
+    # (model) -> None, once its weights are loaded: lays them out as this backend's kernels take them
+    prepare: Callable = no_prepare
     options: KernelOptions = DEFAULT_OPTIONS  # the kernel options bound into the ops above
 
 
@@ -74,6 +102,7 @@ _REFERENCE = Backend(
     linear_nf4=nf4_linear_ref,
     linear_int4=int4_linear_ref,
     linear_int8=int8_linear_ref,
+    linear_int4_cpu=int4_cpu_linear_ref,
 )
 
 BACKENDS: dict[str, Backend] = {
@@ -81,12 +110,14 @@ BACKENDS: dict[str, Backend] = {
     # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8, int4
     # and NF4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
-    # Prefill and verify attention through torch's fused SDPA.
+    # Prefill and verify attention through torch's fused SDPA. int4 weights are held in the native kernels' layout
+    # once loaded (`prepare`: kernels/int4_cpu_format.py), not GPTQ's plus a repack.
     # Dense prefill projections through oneDNN (kernels/cpu_gemm.py); decode-sized ones stay F.linear.
     "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
                                attention_verify=attention_verify_sdpa, linear=gemm, linear_swiglu=linear_swiglu_cpu,
                                norm_linear=norm_linear_cpu, linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
-                               linear_nf4=nf4_linear_cpu, decoder=native_decoder),
+                               linear_nf4=nf4_linear_cpu, linear_int4_cpu=int4_cpu_linear_cpu,
+                               decoder=native_decoder, prepare=cpu_layout),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
@@ -106,6 +137,7 @@ BACKENDS: dict[str, Backend] = {
         linear_nf4=triton_ops.linear_nf4,
         linear_int4=triton_ops.linear_int4,
         linear_int8=triton_ops.linear_int8,  # dequantize, then cuBLAS
+        linear_int4_cpu=int4_cpu_linear_ref,  # (a cpu-backend model's weights moved here: dequantize, then cuBLAS)
     ),
 }
 
@@ -122,7 +154,7 @@ def resolve_backend(name: str, device: torch.device, options: KernelOptions = DE
     return _bound(BACKENDS[name], options)
 
 
-_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options", "decoder"))
+_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options", "decoder", "prepare"))
 
 
 @functools.lru_cache(maxsize=None)  # one Backend per (table row, options): models with equal options share it

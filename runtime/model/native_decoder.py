@@ -9,8 +9,9 @@ attending to 0 .. its position). Row b uses cache row slots[b] (None: row b); ev
 any row attends, so T rows of one slot at positions p .. p + T - 1 score a speculative block causally (`Verify`).
 It returns None where the native step does not apply, and the graph runs: no extension built, not a CPU fp32
 model, tensor parallelism, or a projection in another format than dense fp32, int8, int4 with groups of
-multiples of 32, or NF4 (its parts, one per checkpoint tensor, stacked into one table-lookup int4 projection:
-codes in chunk order, fp32 absmax per block, the codebook as the levels) with blocks that allow it.
+multiples of 32 (in the native layout already, `Int4CpuWeight`, or GPTQ's, repacked), or NF4 (its parts, one
+per checkpoint tensor, stacked into one table-lookup int4 projection: codes in chunk order, fp32 absmax per
+block, the codebook as the levels) with blocks that allow it.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _projection(module) -> Optional[tuple]:
     if p.format == "int8":
         return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0,
                 _EMPTY)
+    if p.format == "int4_cpu":
+        return (_INT4, p.codes, p.scales, p.zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
     if p.format == "int4" and cpu_native.int4_supported(p):
         codes, s, zs = cpu_native.pack_int4(p)
         return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..kernels.int4_cpu_format import Int4CpuWeight
 from ..kernels.int4_format import Int4Weight, quantize_int4
 from ..kernels.int8_format import Int8Weight, quantize_int8
 from ..kernels.nf4_format import NF4Weight, quantize_nf4
@@ -24,7 +25,9 @@ from ..model.config import ModelArgs
 from ..model.transformer import Linear, Transformer
 
 METHODS = ("nf4", "int4", "int8")
-QuantPart = Union[NF4Weight, Int4Weight, Int8Weight]
+# what QuantLinear holds: a method's parts, or int4 in the native CPU layout (a cpu-backend model's, `use_cpu_layout`)
+PART_FORMATS = METHODS + ("int4_cpu",)
+QuantPart = Union[NF4Weight, Int4Weight, Int8Weight, Int4CpuWeight]
 
 NF4_BLOCKSIZE = 64         # bitsandbytes' default for 4-bit weights
 NF4_NESTED_BLOCKSIZE = 256  # double quant: absmax quantized to 8 bits in blocks of 256
@@ -45,7 +48,7 @@ class QuantLinear(nn.Module):
             raise ValueError("QuantLinear needs at least one part")
         self.in_features = parts[0].shape[1]
         for p in parts:
-            if p.format not in METHODS:
+            if p.format not in PART_FORMATS:
                 raise ValueError(f"unknown quantized part format {p.format!r}")
             if p.shape[1] != self.in_features:
                 raise ValueError(f"parts disagree on in_features: {[q.shape for q in parts]}")
@@ -166,6 +169,21 @@ def merge_int8(parts: list) -> list:
                        shape=(sum(p.shape[0] for p in parts), parts[0].shape[1]))]
 
 
+def use_cpu_layout(transformer: Transformer) -> None:
+    """Hold every int4 part the native CPU kernels take (on the CPU, widths and groups multiples of 32, the
+    extension built) as an `Int4CpuWeight`: the weight once, in the kernels' layout, where GPTQ's tensors plus
+    the repack made at first use held it twice. The cpu backend's `prepare`, once the weights are loaded."""
+    from ..kernels import cpu_native
+
+    if not cpu_native.available():
+        return
+    for name, q in quantized_modules(transformer).items():
+        parts = [Int4CpuWeight.from_int4(p) if p.format == "int4" and p.device.type == "cpu"
+                 and cpu_native.int4_supported(p) else p for p in q.parts]
+        if any(new is not old for new, old in zip(parts, q.parts)):
+            set_module(transformer, name, QuantLinear(parts))
+
+
 def quantized_modules(transformer: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in transformer.named_modules() if isinstance(m, QuantLinear)}
 
@@ -198,15 +216,22 @@ def int4_bytes(out: int, inn: int, *, group_size: int = 128, scale_bytes: int = 
     return out * inn // 2 + groups * (out // 8) * 4 + groups * out * scale_bytes
 
 
+def int4_cpu_bytes(out: int, inn: int, *, group_size: int = 128) -> int:
+    """One int4 part as a cpu-backend model holds it (`Int4CpuWeight`): codes (2 per byte) + fp32 scales and
+    zero x scale per group."""
+    return out * inn // 2 + 2 * 4 * (inn // group_size) * out
+
+
 def int8_bytes(out: int, inn: int, *, scale_bytes: int = 2) -> int:
     """One int8 part: a byte per weight plus a scale per output row."""
     return out * inn + out * scale_bytes
 
 
 def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional[str] = None,
-                       group_size: int = 128, quantize_head: bool = False) -> int:
+                       group_size: int = 128, quantize_head: bool = False, cpu_layout: bool = False) -> int:
     """Weight bytes from shapes: dense (`method=None`) or quantized as `quantize_model` does it
-    (one part per fused projection), dense tensors in the model dtype (`bytes_per_elem`)."""
+    (one part per fused projection), dense tensors in the model dtype (`bytes_per_elem`); int4 in GPTQ's
+    layout, or with `cpu_layout` as a cpu-backend model holds it (`use_cpu_layout`)."""
     if method is None:
         return args.param_count() * bytes_per_elem
 
@@ -216,6 +241,8 @@ def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional
         if method == "int4":
             if group_size != -1 and (group_size < 1 or inn % group_size):
                 raise ValueError(f"group_size={group_size} does not divide in_features={inn}")
+            if cpu_layout:
+                return int4_cpu_bytes(out, inn, group_size=group_size)
             return int4_bytes(out, inn, group_size=group_size, scale_bytes=bytes_per_elem)
         if method == "int8":
             return int8_bytes(out, inn, scale_bytes=bytes_per_elem)
