@@ -41,6 +41,7 @@ enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2 };
 struct Linear {
   int64_t kind = DENSE, N = 0, K = 0, group = 0;
   torch::Tensor w, scale, zs, levels;
+  int64_t ldo = 0;  // out's row stride when this is one part of a wider output (0: N, the output its own)
 
   const float* zs_or_null() const { return zs.defined() && zs.numel() ? zs.data_ptr<float>() : nullptr; }
   const float* levels_or_null() const { return levels.defined() && levels.numel() ? levels.data_ptr<float>() : nullptr; }
@@ -315,7 +316,7 @@ constexpr int XROWS = 6;  // x rows per kernel call: XROWS x ROWS accumulators i
 // Weight rows n .. n + R - 1 against x rows m0 .. m0 + M - 1 (M x R outputs of `out`).
 template <int R, int M>
 inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* out) {
-  const int64_t K = l.K, N = l.N;
+  const int64_t K = l.K, ldo = l.ldo ? l.ldo : l.N;
   float o[M * R];
   const float* xm = x + m0 * K;
   if (l.kind == DENSE) {
@@ -332,7 +333,7 @@ inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* 
                    Z ? Z + n * G : nullptr, l.levels_or_null(), o);
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) out[(m0 + m) * N + n + r] = o[m * R + r];
+    for (int r = 0; r < R; ++r) out[(m0 + m) * ldo + n + r] = o[m * R + r];
 }
 
 // Weight rows n .. n + R - 1 against every x row, XROWS x rows at a time.
@@ -360,7 +361,7 @@ inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, fl
 // into tasks costing more to hand out than to run.
 inline int64_t grain_blocks(int64_t K) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K * ROWS, 1)); }
 
-// out [M, N] = x [M, K] W^T.
+// out [M, N] = x [M, K] W^T (rows of out ldo apart where l.ldo is set).
 inline void apply(const Linear& l, const float* x, int64_t M, float* out) {
   const int64_t blocks = (l.N + ROWS - 1) / ROWS;
   at::parallel_for(0, blocks, grain_blocks(l.K), [&](int64_t b0, int64_t b1) {

@@ -206,10 +206,22 @@ class Decoder {
     check(rope_cos.size(1) == D_ / 2 && rope_sin.sizes() == rope_cos.sizes(), "rope tables [positions, head_dim / 2]");
   }
 
-  // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head.
+  // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head. `continues`: this weight is
+  // the next rows of the previous projection's output (a checkpoint's q, k, v parts), not a new projection.
   void add_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
-                  int64_t group, torch::Tensor levels) {
-    linears_.push_back(make_linear(kind, w, scale, zs, N, K, group, levels));
+                  int64_t group, torch::Tensor levels, bool continues) {
+    Linear l = make_linear(kind, w, scale, zs, N, K, group, levels);
+    if (!continues) {
+      projections_.push_back({});
+    } else {
+      check(!projections_.empty() && projections_.back().parts.front().K == K,
+            "a continuing part needs a previous projection of the same input width");
+    }
+    Projection& p = projections_.back();
+    p.offsets.push_back(p.N);
+    p.parts.push_back(l);
+    p.N += N;
+    for (auto& part : p.parts) part.ldo = p.parts.size() > 1 ? p.N : 0;
   }
 
   // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V].
@@ -218,7 +230,11 @@ class Decoder {
   // block) attend causally. Row b attends to its slot's positions 0 .. positions[b].
   torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache, torch::Tensor slots) {
     const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
-    check(static_cast<int64_t>(linears_.size()) == 4 * L + 1, "decoder has not every projection");
+    check(static_cast<int64_t>(projections_.size()) == 4 * L + 1, "decoder has not every projection");
+    const int64_t widths[4] = {(H_ + 2 * Hkv_) * D_, dim_, 2 * F_, dim_};  // wqkv, wo, w13, w2
+    for (int64_t i = 0; i <= 4 * L; ++i)
+      check(projections_[i].N == (i < 4 * L ? widths[i % 4] : V_), "projection " + std::to_string(i) +
+            " is " + std::to_string(projections_[i].N) + " wide, not the model's");
     check(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(), "tokens int64 [B]");
     check(positions.scalar_type() == torch::kInt64 && positions.sizes() == tokens.sizes() && positions.is_contiguous(),
           "positions int64 [B]");
@@ -265,19 +281,19 @@ class Decoder {
       const float* an = norms_[2 * l].data_ptr<float>();
       const float* mn = norms_[2 * l + 1].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, an, eps_, dim_, y.data() + b * dim_);
-      apply(linears_[4 * l], y.data(), B, qkv.data());
+      project(projections_[4 * l], y.data(), B, qkv.data());
       attend(l, B, S, rows, pos, slot, cache, qkv.data(), attn.data(), G, QKV);
-      apply(linears_[4 * l + 1], attn.data(), B, o.data());
+      project(projections_[4 * l + 1], attn.data(), B, o.data());
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
-      apply(linears_[4 * l + 2], y.data(), B, g.data());
+      project(projections_[4 * l + 2], y.data(), B, g.data());
       for (int64_t b = 0; b < B; ++b) silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
-      apply(linears_[4 * l + 3], a.data(), B, o.data());
+      project(projections_[4 * l + 3], a.data(), B, o.data());
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
     }
     const float* fn = final_norm_.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, fn, eps_, dim_, y.data() + b * dim_);
-    apply(linears_[4 * L], y.data(), B, logits);
+    project(projections_[4 * L], y.data(), B, logits);
   }
 
   // Rotate q and k of each row at its position, write k and v into layer l's cache at (its slot, its position),
@@ -332,7 +348,18 @@ class Decoder {
   torch::Tensor embedding_;
   std::vector<torch::Tensor> norms_;
   torch::Tensor final_norm_, cos_, sin_;
-  std::vector<Linear> linears_;
+  // One projection: its weights' outputs side by side (parts[i] writes columns offsets[i] ..), N wide in all.
+  struct Projection {
+    std::vector<Linear> parts;
+    std::vector<int64_t> offsets;
+    int64_t N = 0;
+  };
+
+  static void project(const Projection& p, const float* x, int64_t M, float* out) {
+    for (size_t i = 0; i < p.parts.size(); ++i) apply(p.parts[i], x, M, out + p.offsets[i]);
+  }
+
+  std::vector<Projection> projections_;
 };
 
 }  // namespace

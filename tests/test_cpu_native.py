@@ -303,13 +303,18 @@ def _models(quantize):
 def test_decoder_equals_the_module_graph(quantize):
     """Three rows at positions 0, 17 and the cache's last over a cache of 4 rows holding random past K/V:
     the native step's logits and the K/V it writes equal the reference backend's module graph."""
-    from codellama_rt.model.kv_cache import KVCache
     from codellama_rt.model.native_decoder import native_decoder
-    from codellama_rt.model.transformer import Decode
 
     model, ref = _models(quantize)
     step = native_decoder(model)
     assert step is not None and native_decoder(model) is step  # built once, kept on the model
+    _step_equals_the_graph(step, model, ref)
+
+
+def _step_equals_the_graph(step, model, ref):
+    from codellama_rt.model.kv_cache import KVCache
+    from codellama_rt.model.transformer import Decode
+
     S = 48
     caches = [KVCache(model.args, 4, S, torch.float32, "cpu") for _ in range(2)]
     caches[0].data.normal_(generator=_g(5))
@@ -378,18 +383,23 @@ def test_the_decoder_stays_off_where_it_does_not_apply():
 
 
 @native
-def test_nf4_parts_stack_into_one_projection_when_they_share_a_codebook():
-    """A projection of two NF4 parts (bitsandbytes' separate q / k / v tensors): one int4-kind projection, rows
-    and absmax stacked, the codebook as its levels, equal to the parts' reference; none if the codebooks differ
-    or the blocksizes do."""
-    from codellama_rt.model.native_decoder import _nf4_projection
+def test_a_projection_of_several_parts_runs_them_side_by_side():
+    """bitsandbytes checkpoints keep q, k, v (gate, up) as NF4 tensors of their own: the native step runs a
+    projection's parts into one output (no stacked copy), whatever their formats, blocksizes or codebooks,
+    equal to the module graph."""
+    from codellama_rt.model.native_decoder import native_decoder
+    from codellama_rt.quant.linear import QuantLinear, set_module
 
-    a, b = (quantize_nf4(torch.randn(n, 128, generator=_g(n))) for n in (32, 16))
-    kind, codes, absmax, zs, N, K, group, levels = _nf4_projection([a, b])
-    assert (kind, N, K, group, zs.numel()) == (2, 48, 128, 64, 0) and torch.equal(levels, a.code)
-    x = torch.randn(3, 128, generator=_g(1))
-    got = torch.ops.codellama_rt_cpu.linear_int4(x, codes, absmax, zs, group, levels)
-    assert rel_err(got, torch.cat([nf4_linear_ref(x, a), nf4_linear_ref(x, b)], dim=-1)) < TOL
-    other = dataclasses.replace(b, code=b.code * 0.5)
-    assert _nf4_projection([a, other]) is None
-    assert _nf4_projection([a, quantize_nf4(torch.randn(16, 128, generator=_g(3)), blocksize=128)]) is None
+    model, ref = _models(None)
+    q, k, v = model.layers[0].attn.wqkv.weight.detach().split([256, 64, 64])
+    other = quantize_nf4(v, blocksize=32)
+    qkv = QuantLinear([quantize_nf4(q), quantize_nf4(k, blocksize=128),
+                       dataclasses.replace(other, code=other.code * 0.5)])  # a codebook of its own
+    gate, up = model.layers[1].mlp.w13.weight.detach().chunk(2)
+    w13 = QuantLinear([quantize_int8(gate), quantize_nf4(up)])
+    for m in (model, ref):
+        set_module(m, "layers.0.attn.wqkv", qkv)
+        set_module(m, "layers.1.mlp.w13", w13)
+    step = native_decoder(model)
+    assert step is not None
+    _step_equals_the_graph(step, model, ref)

@@ -9,9 +9,9 @@ attending to 0 .. its position). Row b uses cache row slots[b] (None: row b); ev
 any row attends, so T rows of one slot at positions p .. p + T - 1 score a speculative block causally (`Verify`).
 It returns None where the native step does not apply, and the graph runs: no extension built, not a CPU fp32
 model, tensor parallelism, or a projection in another format than dense fp32, int8, int4 with groups of
-multiples of 32 (in the native layout already, `Int4CpuWeight`, or GPTQ's, repacked), or NF4 (its parts, one
-per checkpoint tensor, stacked into one table-lookup int4 projection: codes in chunk order, fp32 absmax per
-block, the codebook as the levels) with blocks that allow it.
+multiples of 32 (in the native layout already, `Int4CpuWeight`, or GPTQ's, repacked), or NF4 (as table-lookup
+int4: codes in chunk order, fp32 absmax per block, the codebook as the levels) with blocks that allow it. A
+projection of several parts (a checkpoint's q, k, v) runs them side by side into one output, no stacked copy.
 """
 from __future__ import annotations
 
@@ -37,17 +37,18 @@ def native_decoder(model) -> Optional[Callable]:
     return found or None
 
 
-def _projection(module) -> Optional[tuple]:
-    """add_linear's arguments for one projection module (Linear or QuantLinear), or None if unsupported."""
+def _projection(module) -> Optional[list]:
+    """add_linear's arguments for each weight of one projection module (a Linear, or a QuantLinear's parts:
+    their outputs side by side), or None if one is unsupported."""
     parts = getattr(module, "parts", None)
     if parts is None:
         w = module.weight
-        return (_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0, _EMPTY)
-    if all(p.format == "nf4" for p in parts):
-        return _nf4_projection(parts)
-    if len(parts) != 1:
-        return None
-    p = parts[0]
+        return [(_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0, _EMPTY)]
+    args = [_part(p) for p in parts]
+    return None if any(a is None for a in args) else args
+
+
+def _part(p) -> Optional[tuple]:
     if p.format == "int8":
         return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0,
                 _EMPTY)
@@ -56,21 +57,10 @@ def _projection(module) -> Optional[tuple]:
     if p.format == "int4" and cpu_native.int4_supported(p):
         codes, s, zs = cpu_native.pack_int4(p)
         return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
+    if p.format == "nf4" and cpu_native.nf4_supported(p):  # the int4 kind with the codebook as its levels
+        codes, absmax, levels = cpu_native.pack_nf4(p)
+        return (_INT4, codes, absmax, _EMPTY, p.shape[0], p.shape[1], cpu_native.nf4_group(p), levels)
     return None
-
-
-def _nf4_projection(parts: list) -> Optional[tuple]:
-    """NF4 parts (stacked along the output dim) as one int4-kind projection with the codebook as its levels:
-    None unless every part is natively supported with one kernel group and one codebook."""
-    if not all(cpu_native.nf4_supported(p) for p in parts) or len({cpu_native.nf4_group(p) for p in parts}) != 1:
-        return None
-    packs = [cpu_native.pack_nf4(p) for p in parts]
-    levels = packs[0][2]
-    if any(not torch.equal(pk[2], levels) for pk in packs):
-        return None
-    codes = packs[0][0] if len(packs) == 1 else torch.cat([pk[0] for pk in packs])
-    absmax = packs[0][1] if len(packs) == 1 else torch.cat([pk[1] for pk in packs])
-    return (_INT4, codes, absmax, _EMPTY, codes.shape[0], parts[0].shape[1], cpu_native.nf4_group(parts[0]), levels)
 
 
 def _build(model) -> Optional[Callable]:
@@ -92,8 +82,9 @@ def _build(model) -> Optional[Callable]:
                                              float(a.norm_eps), model.tok_embeddings.detach().contiguous(), norms,
                                              model.norm.detach().contiguous(), model.rope_cos.contiguous(),
                                              model.rope_sin.contiguous())
-    for arg in args:
-        decoder.add_linear(*arg)
+    for parts in args:
+        for i, part in enumerate(parts):
+            decoder.add_linear(*part, i > 0)  # (a later part continues the projection's output)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
              slots: Optional[torch.Tensor] = None) -> torch.Tensor:
