@@ -22,7 +22,9 @@ from typing import Optional
 import torch
 
 from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
-from .int4_cpu_format import CHUNK as INT4_CHUNK, Int4CpuWeight, chunk_order, dequantize_int4_cpu
+from .int4_cpu_format import CHUNK as INT4_CHUNK
+from .int4_cpu_format import (Int4CpuWeight, Nf4CpuWeight, dequantize_int4_cpu, dequantize_nf4_cpu,
+                              nf4_group, nf4_supported)
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8
 from .nf4_format import NF4Weight, dequantize_nf4
@@ -158,18 +160,6 @@ def int4_cpu_linear_cpu(x: torch.Tensor, w: Int4CpuWeight, *,
 
 # ---- NF4 ------------------------------------------------------------------------------------------
 
-def nf4_supported(w: NF4Weight) -> bool:
-    """Whether the native kernel takes this NF4 weight: blocksize and input width multiples of 32 (so every
-    32-weight chunk of a row lies in one block, even where blocks straddle rows)."""
-    return w.blocksize % INT4_CHUNK == 0 and w.shape[1] % INT4_CHUNK == 0
-
-
-def nf4_group(w: NF4Weight) -> int:
-    """The kernel's group for `w`: its blocksize where blocks divide the input width, else one chunk (32; each
-    chunk's scale is the absmax of the block it lies in)."""
-    return w.blocksize if w.shape[1] % w.blocksize == 0 else INT4_CHUNK
-
-
 def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out, in / 2] in chunk order, absmax fp32 [out, in / nf4_group(w)], levels fp32 [16]: the
     codebook), made on first use and kept on the weight."""
@@ -178,13 +168,8 @@ def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                          f"of {INT4_CHUNK}")
 
     def make():
-        out_f, in_f = w.shape
-        packed = w.codes.reshape(-1)[: out_f * in_f // 2]
-        q = torch.stack([packed >> 4, packed & 15], dim=1).view(out_f, in_f)  # bitsandbytes: high nibble first
-        group = nf4_group(w)
-        starts = torch.arange(0, out_f * in_f, group, device=packed.device)  # each group's first flat element
-        absmax = w.block_absmax().float()[starts // w.blocksize].view(out_f, in_f // group).contiguous()
-        return chunk_order(q), absmax, w.code.float().contiguous()
+        c = Nf4CpuWeight.from_nf4(w)
+        return c.codes, c.scales, c.levels
 
     return derived(w, _NF4_CACHE, make)
 
@@ -199,6 +184,18 @@ def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
         return None
     codes, absmax, levels = pack_nf4(w)
     return _int4_kernel(x, (codes, absmax, _NO_ZEROS), nf4_group(w), levels, w.shape[0], options)
+
+
+def nf4_cpu_linear_cpu(x: torch.Tensor, w: Nf4CpuWeight, *,
+                       options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """The cpu backend's projection of an NF4 weight in the native layout (`Nf4CpuWeight`): the native kernel for
+    fp32 rows on the CPU as `nf4_linear_native`, else `nf4_cpu_linear_ref`'s arithmetic (prefill rows in bf16
+    where `prefill_in_bf16`)."""
+    if _native_fp32(x, w.device):
+        return _int4_kernel(x, (w.codes, w.scales, _NO_ZEROS), w.group_size, w.levels, w.shape[0], options)
+    if prefill_in_bf16(x, w.device, options):
+        return linear_bf16(x, dequantize_nf4_cpu(w, torch.bfloat16))
+    return gemm(x, dequantize_nf4_cpu(w).to(x.dtype))
 
 
 def nf4_linear_cpu(x: torch.Tensor, w: NF4Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:

@@ -30,9 +30,11 @@ def hf_config(args, quantization_config: dict, dtype: torch.dtype) -> dict:
 
 
 def part_tensors(name: str, part) -> dict:
-    """The own-format tensors of part `name` (= `M.k`) (int4 in GPTQ's layout, whichever a model holds)."""
+    """The own-format tensors of part `name` (= `M.k`), in the checkpoint layouts whichever a model holds."""
     if part.format == "int4_cpu":
         part = part.to_int4()
+    elif part.format == "nf4_cpu":
+        part = part.to_nf4()
     if part.format == "nf4":
         base = f"{name}.weight"
         state = {"quant_type": "nf4", "blocksize": part.blocksize, "dtype": str(part.dtype).replace("torch.", ""),

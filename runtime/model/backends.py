@@ -24,8 +24,8 @@ from ..kernels.attention_prefill import (attention_prefill_ref, attention_prefil
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_gemm import gemm, linear_swiglu_cpu, norm_linear_cpu
-from ..kernels.cpu_native import int4_cpu_linear_cpu, int8_linear_cpu, nf4_linear_cpu
-from ..kernels.int4_cpu_format import int4_cpu_linear_ref
+from ..kernels.cpu_native import int4_cpu_linear_cpu, int8_linear_cpu, nf4_cpu_linear_cpu, nf4_linear_cpu
+from ..kernels.int4_cpu_format import int4_cpu_linear_ref, nf4_cpu_linear_ref
 from ..kernels.int4_cpu import int4_linear_cpu
 from ..kernels.int8_format import int8_linear_ref
 from ..kernels.nf4 import nf4_linear_ref
@@ -41,7 +41,7 @@ def no_prepare(model) -> None:
 
 
 def cpu_layout(model) -> None:
-    """The cpu backend's `prepare`: int4 weights the native kernels take held in their layout
+    """The cpu backend's `prepare`: 4-bit weights the native kernels take held in their layout
     (`quant.linear.use_cpu_layout`), then the heap that loading freed handed back to the system."""
     from ..quant.linear import use_cpu_layout  # (quant builds on this module)
 
@@ -81,6 +81,7 @@ class Backend:
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
     linear_int8: Callable  # (x [..., in], Int8Weight [out, in]) -> [..., out] in x.dtype
     linear_int4_cpu: Callable  # (x [..., in], Int4CpuWeight [out, in]) -> [..., out] in x.dtype
+    linear_nf4_cpu: Callable  # (x [..., in], Nf4CpuWeight [out, in]) -> [..., out] in x.dtype
     # (model) -> a whole decode step (tokens [B], positions [B], cache data) -> logits [B, V], or None: the graph
     decoder: Callable = no_decoder
     # (model) -> None, once its weights are loaded: lays them out as this backend's kernels take them
@@ -103,6 +104,7 @@ _REFERENCE = Backend(
     linear_int4=int4_linear_ref,
     linear_int8=int8_linear_ref,
     linear_int4_cpu=int4_cpu_linear_ref,
+    linear_nf4_cpu=nf4_cpu_linear_ref,
 )
 
 BACKENDS: dict[str, Backend] = {
@@ -110,14 +112,14 @@ BACKENDS: dict[str, Backend] = {
     # The CPU default: the reference ops, with the native kernels of csrc/ (kernels/cpu_native.py) for int8, int4
     # and NF4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
-    # Prefill and verify attention through torch's fused SDPA. int4 weights are held in the native kernels' layout
-    # once loaded (`prepare`: kernels/int4_cpu_format.py), not GPTQ's plus a repack.
+    # Prefill and verify attention through torch's fused SDPA. int4 and NF4 weights are held in the native kernels'
+    # layout once loaded (`prepare`: kernels/int4_cpu_format.py), not the checkpoint's plus a repack.
     # Dense prefill projections through oneDNN (kernels/cpu_gemm.py); decode-sized ones stay F.linear.
     "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
                                attention_verify=attention_verify_sdpa, linear=gemm, linear_swiglu=linear_swiglu_cpu,
                                norm_linear=norm_linear_cpu, linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
                                linear_nf4=nf4_linear_cpu, linear_int4_cpu=int4_cpu_linear_cpu,
-                               decoder=native_decoder, prepare=cpu_layout),
+                               linear_nf4_cpu=nf4_cpu_linear_cpu, decoder=native_decoder, prepare=cpu_layout),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
@@ -137,7 +139,9 @@ BACKENDS: dict[str, Backend] = {
         linear_nf4=triton_ops.linear_nf4,
         linear_int4=triton_ops.linear_int4,
         linear_int8=triton_ops.linear_int8,  # dequantize, then cuBLAS
-        linear_int4_cpu=int4_cpu_linear_ref,  # (a cpu-backend model's weights moved here: dequantize, then cuBLAS)
+        # (a cpu-backend model's weights moved here: dequantize, then cuBLAS)
+        linear_int4_cpu=int4_cpu_linear_ref,
+        linear_nf4_cpu=nf4_cpu_linear_ref,
     ),
 }
 

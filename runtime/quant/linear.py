@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..kernels.int4_cpu_format import Int4CpuWeight
+from ..kernels.int4_cpu_format import Int4CpuWeight, Nf4CpuWeight, nf4_supported
 from ..kernels.int4_format import Int4Weight, quantize_int4
 from ..kernels.int8_format import Int8Weight, quantize_int8
 from ..kernels.nf4_format import NF4Weight, quantize_nf4
@@ -25,9 +25,9 @@ from ..model.config import ModelArgs
 from ..model.transformer import Linear, Transformer
 
 METHODS = ("nf4", "int4", "int8")
-# what QuantLinear holds: a method's parts, or int4 in the native CPU layout (a cpu-backend model's, `use_cpu_layout`)
-PART_FORMATS = METHODS + ("int4_cpu",)
-QuantPart = Union[NF4Weight, Int4Weight, Int8Weight, Int4CpuWeight]
+# what QuantLinear holds: a method's parts, or 4-bit in the native CPU layout (a cpu-backend model's, `use_cpu_layout`)
+PART_FORMATS = METHODS + ("int4_cpu", "nf4_cpu")
+QuantPart = Union[NF4Weight, Int4Weight, Int8Weight, Int4CpuWeight, Nf4CpuWeight]
 
 NF4_BLOCKSIZE = 64         # bitsandbytes' default for 4-bit weights
 NF4_NESTED_BLOCKSIZE = 256  # double quant: absmax quantized to 8 bits in blocks of 256
@@ -170,16 +170,24 @@ def merge_int8(parts: list) -> list:
 
 
 def use_cpu_layout(transformer: Transformer) -> None:
-    """Hold every int4 part the native CPU kernels take (on the CPU, widths and groups multiples of 32, the
-    extension built) as an `Int4CpuWeight`: the weight once, in the kernels' layout, where GPTQ's tensors plus
-    the repack made at first use held it twice. The cpu backend's `prepare`, once the weights are loaded."""
+    """Hold every int4 and NF4 part the native CPU kernels take (on the CPU, widths, groups and blocks
+    multiples of 32, the extension built) as an `Int4CpuWeight` / `Nf4CpuWeight`: the weight once, in the
+    kernels' layout, where the checkpoint layout's tensors plus the repack made at first use held it twice.
+    The cpu backend's `prepare`, once the weights are loaded."""
     from ..kernels import cpu_native
 
     if not cpu_native.available():
         return
+
+    def held(p):
+        if p.format == "int4" and p.qweight.device.type == "cpu" and cpu_native.int4_supported(p):
+            return Int4CpuWeight.from_int4(p)
+        if p.format == "nf4" and p.codes.device.type == "cpu" and nf4_supported(p):
+            return Nf4CpuWeight.from_nf4(p)
+        return p
+
     for name, q in quantized_modules(transformer).items():
-        parts = [Int4CpuWeight.from_int4(p) if p.format == "int4" and p.device.type == "cpu"
-                 and cpu_native.int4_supported(p) else p for p in q.parts]
+        parts = [held(p) for p in q.parts]
         if any(new is not old for new, old in zip(parts, q.parts)):
             set_module(transformer, name, QuantLinear(parts))
 
@@ -230,14 +238,15 @@ def int8_bytes(out: int, inn: int, *, scale_bytes: int = 2) -> int:
 def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional[str] = None,
                        group_size: int = 128, quantize_head: bool = False, cpu_layout: bool = False) -> int:
     """Weight bytes from shapes: dense (`method=None`) or quantized as `quantize_model` does it
-    (one part per fused projection), dense tensors in the model dtype (`bytes_per_elem`); int4 in GPTQ's
-    layout, or with `cpu_layout` as a cpu-backend model holds it (`use_cpu_layout`)."""
+    (one part per fused projection), dense tensors in the model dtype (`bytes_per_elem`); 4-bit in the
+    checkpoint layouts, or with `cpu_layout` as a cpu-backend model holds it (`use_cpu_layout`)."""
     if method is None:
         return args.param_count() * bytes_per_elem
 
     def q(out, inn):
-        if method == "nf4":
-            return nf4_bytes(out, inn)
+        if method == "nf4":  # (the native layout: the same codes and state, plus fp32 absmax per group)
+            return nf4_bytes(out, inn) + (4 * out * inn // (NF4_BLOCKSIZE if inn % NF4_BLOCKSIZE == 0 else 32)
+                                          if cpu_layout else 0)
         if method == "int4":
             if group_size != -1 and (group_size < 1 or inn % group_size):
                 raise ValueError(f"group_size={group_size} does not divide in_features={inn}")
