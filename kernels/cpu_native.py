@@ -41,6 +41,7 @@ except ImportError:  # no compiler at install time (or a source checkout never b
 _INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
 _NF4_CACHE = "_cpu_native_nf4"    # attribute of an NF4Weight holding its native repack
 _NO_ZEROS = torch.empty(0)        # the int4 kernel's zs when a format has no zero points (NF4)
+PREFILL_CHUNK = 1 << 20           # weights dequantized at a time for a prefill GEMM (4 MiB in fp32)
 _noticed = False
 
 
@@ -90,8 +91,11 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows on the weight
     dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
     arithmetic; F.linear off the CPU)."""
-    if prefill_in_bf16(x, w.device, options):
-        return linear_bf16(x, dequantize_int8(w, torch.bfloat16))
+    if prefill_in_bf16(x, w.device, options) or (_native_fp32(x, w.device) and not _few_rows(x)):
+        def rows(part: slice) -> torch.Tensor:  # (the fp32 products, rounded by _prefill_in_chunks for bf16)
+            return w.qweight[part].float() * w.scales[part].float()[:, None]
+
+        return _prefill_in_chunks(x, w.shape[0], rows, prefill_in_bf16(x, w.device, options))
     if not (_native_fp32(x, w.device) and _few_rows(x)):
         return gemm(x, dequantize_int8(w, x.dtype))  # the reference's arithmetic (F.linear off the CPU)
     w.check("int8_linear_cpu")
@@ -127,11 +131,36 @@ def _int4_kernel(x: torch.Tensor, packed: tuple, group: int, levels: Optional[to
     `prefill_in_bf16`)."""
     codes, s, zs = packed
     if not _few_rows(x):
-        dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, group, levels)
-        if prefill_in_bf16(x, codes.device, options):
-            return linear_bf16(x, dense.to(torch.bfloat16))
-        return gemm(x, dense)
+        return _int4_prefill(x, packed, group, levels, n_out, prefill_in_bf16(x, codes.device, options))
     out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, group, levels)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def _int4_prefill(x: torch.Tensor, packed: tuple, group: int, levels: Optional[torch.Tensor], n_out: int,
+                  bf16: bool) -> torch.Tensor:
+    """`_int4_kernel` past NATIVE_MAX_ROWS rows: the native dequantization, a chunk of output rows at a time
+    (`_prefill_in_chunks`), so the dequantized weight never exists whole (a 7B w13 would take ~540 MB a call)."""
+    codes, s, zs = packed
+
+    def rows(part: slice) -> torch.Tensor:
+        return torch.ops.codellama_rt_cpu.dequantize_int4(codes[part], s[part], zs[part] if zs.numel() else zs,
+                                                          group, levels)
+
+    return _prefill_in_chunks(x, n_out, rows, bf16)
+
+
+def _prefill_in_chunks(x: torch.Tensor, n_out: int, dense_rows, bf16: bool) -> torch.Tensor:
+    """x [..., in] fp32 @ W^T -> fp32 [..., n_out], W's output rows PREFILL_CHUNK weights' worth at a time from
+    `dense_rows(slice)` (fp32 [rows, in]) through `cpu_gemm.gemm`; with `bf16`, x and the rows rounded to bf16,
+    fp32 sums, the output rounded to bf16 (`linear_bf16`'s arithmetic)."""
+    rows = _rows(x)
+    xs = rows.to(torch.bfloat16) if bf16 else rows
+    out = torch.empty(rows.shape[0], n_out, dtype=torch.float32, device=rows.device)
+    step = max(1, PREFILL_CHUNK // max(rows.shape[1], 1))
+    for r in range(0, n_out, step):
+        part = slice(r, min(r + step, n_out))
+        dense = dense_rows(part)
+        out[:, part] = gemm(xs, dense.to(torch.bfloat16) if bf16 else dense)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -156,6 +185,20 @@ def int4_cpu_linear_cpu(x: torch.Tensor, w: Int4CpuWeight, *,
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int4_cpu(w, torch.bfloat16))
     return gemm(x, dequantize_int4_cpu(w, x.dtype))
+
+
+def cpu_layout(part):
+    """The cpu backend's `held_part`: an int4 or NF4 part the native kernels take (on the CPU, widths, groups and
+    blocks multiples of 32, the extension built) as an `Int4CpuWeight` / `Nf4CpuWeight`, so the weight is held
+    once, in the kernels' layout, where the checkpoint layout's tensors plus the repack made at first use held
+    it twice; any other part as it is."""
+    if _ext is None:
+        return part
+    if part.format == "int4" and part.qweight.device.type == "cpu" and int4_supported(part):
+        return Int4CpuWeight.from_int4(part)
+    if part.format == "nf4" and part.codes.device.type == "cpu" and nf4_supported(part):
+        return Nf4CpuWeight.from_nf4(part)
+    return part
 
 
 # ---- NF4 ------------------------------------------------------------------------------------------

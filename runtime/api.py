@@ -7,7 +7,8 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .model.backends import resolve_backend
-from .checkpoint.loader import check_shapes, checkpoint_quantization, fill_vocab_size, load_weights
+from .checkpoint.loader import (check_shapes, checkpoint_quantization, fill_vocab_size, load_weights,
+                                release_freed_memory)
 from .checkpoint.sources import detect_layout, open_source, read_args, resolve_path
 from .distributed.tensor_parallel import TensorParallel
 from .model.config import ModelArgs
@@ -15,7 +16,7 @@ from .errors import CheckpointError, is_allocation_failure
 from .engine.generate import Completion, Engine, Run
 from .kernels.options import parse_kernel_options
 from .model.transformer import Linear, Transformer
-from .quant.linear import quantize_model
+from .quant.linear import hold_parts, quantize_model
 from .engine.sampling import SamplingParams
 from .tokenizer.tokenizer import Tokenizer
 
@@ -194,7 +195,8 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     load_weights(model, source, layout, quantization=quantization, quantize=quantize, group_size=group_size,
                  quantize_head=quantize_head, progress=progress, args=args,
                  shard=None if tp is None else (tp.rank, tp.world))
-    ops.prepare(model)
+    hold_parts(model, ops.held_part)  # (the layout the backend's kernels take)
+    release_freed_memory()
     if tp is not None:
         tp.attach(model)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
@@ -251,7 +253,7 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
                 lin.weight = torch.nn.Parameter(w, requires_grad=False)
             if quantize is not None and (name != "output" or quantize_head):
                 quantize_model(model, quantize, group_size=group_size, quantize_head=quantize_head, only=[name])
-    ops.prepare(model)
+    hold_parts(model, ops.held_part)
     return Model(args, model, tokenizer, Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len))
 
 

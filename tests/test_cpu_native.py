@@ -179,6 +179,28 @@ def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
     assert rel_err(op(x, w), ref(x, w)) < TOL
 
 
+@native
+@pytest.mark.parametrize("kind", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_prefill_dequantizes_a_chunk_of_rows_at_a_time(monkeypatch, kind, bf16):
+    """Prefill rows multiply the weight dequantized PREFILL_CHUNK weights' worth of output rows at a time (the
+    whole dequantized weight never exists: ~540 MB for a 7B w13), giving what the whole weight gives."""
+    monkeypatch.setattr(cpu_gemm, "_bf16_gemm", bf16)
+    w32 = torch.randn(48, 128, generator=_g())
+    w, op = {"int8": (quantize_int8(w32), cpu_native.int8_linear_cpu),
+             "int4": (quantize_int4(w32, group_size=64), cpu_native.int4_linear_native),
+             "nf4": (quantize_nf4(w32), cpu_native.nf4_linear_cpu)}[kind]
+    x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 5, 128, generator=_g(1))
+    whole = op(x, w)
+    seen = []
+    gemm = cpu_native.gemm
+    monkeypatch.setattr(cpu_native, "gemm", lambda a, b: seen.append(b.shape[0]) or gemm(a, b))
+    monkeypatch.setattr(cpu_native, "PREFILL_CHUNK", 5 * 128)
+    got = op(x, w)
+    assert seen == [5] * 9 + [3]
+    assert rel_err(got, whole) < (1e-2 if bf16 else TOL)
+
+
 def test_the_option_is_bound_into_the_cpu_backend():
     """`kernel_options` reaches the cpu backend's quantized projections (and only them)."""
     from codellama_rt.model.backends import resolve_backend

@@ -1,5 +1,5 @@
 """int4 and NF4 held in the native CPU kernels' layout (kernels/int4_cpu_format.py, the cpu backend's
-`prepare`): the conversions are lossless both ways, the projections are the native kernel's on the checkpoint
+`held_part`): the conversions are lossless both ways, the projections are the native kernel's on the checkpoint
 layout's weight bit for bit, a loaded model holds each weight once and computes exactly what it computed with
 the checkpoint's layout plus a repack, and checkpoints are still written in GPTQ's / bitsandbytes' layouts."""
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_widths_the_kernels_cannot_take_are_refused():
     w.check()
     with pytest.raises(ValueError, match="multiples of 32"):
         Int4CpuWeight.from_int4(w)
-    assert not cpu_native.int4_supported(w)  # (use_cpu_layout leaves such a weight in GPTQ's layout)
+    assert cpu_native.cpu_layout(w) is w  # (such a weight stays in GPTQ's layout)
 
 
 NF4_CASES = [((40, 256), 64, True), ((24, 1376), 64, True), ((16, 192), 128, False), ((8, 96), 32, True)]

@@ -315,6 +315,27 @@ def test_large_weights_quantize_in_row_chunks_to_the_same_part(monkeypatch, meth
         quantize_weight(torch.randn(8 * 13 + 4, 128), "int4", group_size=64)
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantize_at_load_reads_a_chunk_of_rows_at_a_time(fp32_ckpt, monkeypatch, method):
+    """A projection quantized at load is read from the checkpoint a chunk of rows at a time (across its q, k, v
+    tensors), never whole, and quantized to exactly the parts of its dense weight."""
+    from codellama_rt.checkpoint.tensor_files import SafetensorsReader
+
+    dense = load_model(fp32_ckpt, backend="reference")
+    monkeypatch.setattr(quant_linear, "QUANTIZE_CHUNK", 24 * 64)  # 24 rows of the tiny model's 64 inputs
+    reads = []
+    get_part = SafetensorsReader.get_part
+    monkeypatch.setattr(SafetensorsReader, "get_part", lambda self, name, dim, start, length: reads.append(
+        length) or get_part(self, name, dim, start, length))
+    model = load_model(fp32_ckpt, backend="reference", quantize=method, group_size=32, quantize_head=True)
+    assert reads and max(reads) <= 24
+    for name, q in quantized_modules(model.module).items():
+        want = quantize_weight(dense.module.get_submodule(name).weight.detach(), method, group_size=32)
+        [got] = q.parts
+        for field in ("qweight", "qzeros", "scales") if method == "int4" else ("qweight", "scales"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_quantized_buffers_move_with_the_model(fp32_ckpt, backend):
     model = load_model(fp32_ckpt, quantize="int4", group_size=32, backend=backend)

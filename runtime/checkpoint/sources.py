@@ -124,6 +124,13 @@ class HFSource:
         self.check(part)
         return self.where[part.name].get(part.name)
 
+    reads_rows = True  # `read_rows` reads only the rows asked for
+
+    def read_rows(self, part: Part, start: int, length: int) -> torch.Tensor:
+        """Rows start .. start + length - 1 of `part` (reading only those where the file allows)."""
+        self.check(part)
+        return self.where[part.name].get_part(part.name, 0, start, length)
+
     def read_into(self, part: Part, out: torch.Tensor) -> None:
         """`read`, into `out` (its shape): straight from the file where the reader can (safetensors, same dtype,
         CPU), else through a copy."""
@@ -219,6 +226,8 @@ class MetaSource:
         pieces = [shard.get(part.name) for shard in self._used_shards(part)]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.cat_dim)
         return interleaved_to_rotate_half(t, part.rope_heads) if part.rope_heads else t
+
+    reads_rows = False  # (a tensor may be split over shards, its q/k rows permuted: read whole)
 
     def read_into(self, part: Part, out: torch.Tensor) -> None:
         """`read`, into `out` (its shape)."""

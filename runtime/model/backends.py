@@ -7,7 +7,6 @@ model carries one set of them and the graph never passes them.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import inspect
@@ -24,7 +23,7 @@ from ..kernels.attention_prefill import (attention_prefill_ref, attention_prefil
 from ..kernels.gemv import linear_swiglu_ref, norm_linear_ref
 from ..kernels.int4 import int4_linear_ref
 from ..kernels.cpu_gemm import gemm, linear_swiglu_cpu, norm_linear_cpu
-from ..kernels.cpu_native import int4_cpu_linear_cpu, int8_linear_cpu, nf4_cpu_linear_cpu, nf4_linear_cpu
+from ..kernels.cpu_native import cpu_layout, int4_cpu_linear_cpu, int8_linear_cpu, nf4_cpu_linear_cpu, nf4_linear_cpu
 from ..kernels.int4_cpu_format import int4_cpu_linear_ref, nf4_cpu_linear_ref
 from ..kernels.int4_cpu import int4_linear_cpu
 from ..kernels.int8_format import int8_linear_ref
@@ -36,27 +35,9 @@ from ..kernels.swiglu import swiglu_ref
 from .native_decoder import native_decoder, no_decoder
 
 
-def no_prepare(model) -> None:
-    """The `prepare` of backends whose kernels take the weights as loaded."""
-
-
-def cpu_layout(model) -> None:
-    """The cpu backend's `prepare`: 4-bit weights the native kernels take held in their layout
-    (`quant.linear.use_cpu_layout`), then the heap that loading freed handed back to the system."""
-    from ..quant.linear import use_cpu_layout  # (quant builds on this module)
-
-    use_cpu_layout(model)
-    release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """glibc's malloc_trim(0): freed heap goes back to the system. Loading frees many mid-sized temporaries
-    (read, quantize, repack) that glibc otherwise keeps, counted in the process's RSS for its whole life
-    (~70 MB of a ~57M-parameter int4 model's ~460). Nothing elsewhere (another C library)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def same_part(part):
+    """The `held_part` of backends whose kernels take quantized parts as loaded."""
+    return part
 
 
 @dataclass(frozen=True)
@@ -80,12 +61,13 @@ class Backend:
     linear_nf4: Callable  # (x [..., in], NF4Weight [out, in]) -> [..., out] in x.dtype
     linear_int4: Callable  # (x [..., in], Int4Weight [out, in]) -> [..., out] in x.dtype
     linear_int8: Callable  # (x [..., in], Int8Weight [out, in]) -> [..., out] in x.dtype
-    linear_int4_cpu: Callable  # (x [..., in], Int4CpuWeight [out, in]) -> [..., out] in x.dtype
-    linear_nf4_cpu: Callable  # (x [..., in], Nf4CpuWeight [out, in]) -> [..., out] in x.dtype
+    # weights in the native CPU layout (only the cpu backend's `held_part` makes them; elsewhere: the references)
+    linear_int4_cpu: Callable = int4_cpu_linear_ref  # (x [..., in], Int4CpuWeight [out, in]) -> [..., out]
+    linear_nf4_cpu: Callable = nf4_cpu_linear_ref    # (x [..., in], Nf4CpuWeight [out, in]) -> [..., out]
     # (model) -> a whole decode step (tokens [B], positions [B], cache data) -> logits [B, V], or None: the graph
     decoder: Callable = no_decoder
-    # (model) -> None, once its weights are loaded: lays them out as this backend's kernels take them
-    prepare: Callable = no_prepare
+    # (quantized part) -> the part as this backend's kernels take it, held in its place once weights are loaded
+    held_part: Callable = same_part
     options: KernelOptions = DEFAULT_OPTIONS  # the kernel options bound into the ops above
 
 
@@ -103,8 +85,6 @@ _REFERENCE = Backend(
     linear_nf4=nf4_linear_ref,
     linear_int4=int4_linear_ref,
     linear_int8=int8_linear_ref,
-    linear_int4_cpu=int4_cpu_linear_ref,
-    linear_nf4_cpu=nf4_cpu_linear_ref,
 )
 
 BACKENDS: dict[str, Backend] = {
@@ -113,13 +93,13 @@ BACKENDS: dict[str, Backend] = {
     # and NF4 weights (int4 falls back to torch's packed kernel, kernels/int4_cpu.py) and the whole decode step in
     # C++ where the model allows (runtime/model/native_decoder.py); without the extension, the PyTorch path.
     # Prefill and verify attention through torch's fused SDPA. int4 and NF4 weights are held in the native kernels'
-    # layout once loaded (`prepare`: kernels/int4_cpu_format.py), not the checkpoint's plus a repack.
+    # layout once loaded (`held_part`: kernels/int4_cpu_format.py), not the checkpoint's plus a repack.
     # Dense prefill projections through oneDNN (kernels/cpu_gemm.py); decode-sized ones stay F.linear.
     "cpu": dataclasses.replace(_REFERENCE, name="cpu", attention_prefill=attention_prefill_sdpa,
                                attention_verify=attention_verify_sdpa, linear=gemm, linear_swiglu=linear_swiglu_cpu,
                                norm_linear=norm_linear_cpu, linear_int4=int4_linear_cpu, linear_int8=int8_linear_cpu,
                                linear_nf4=nf4_linear_cpu, linear_int4_cpu=int4_cpu_linear_cpu,
-                               linear_nf4_cpu=nf4_cpu_linear_cpu, decoder=native_decoder, prepare=cpu_layout),
+                               linear_nf4_cpu=nf4_cpu_linear_cpu, decoder=native_decoder, held_part=cpu_layout),
     # Triton kernels; on CPU tensors they run in Triton's interpreter (how the tests check them).
     # Dense projections: the GEMV kernel for one row on CUDA (batch-1 decode; w13's with the SwiGLU fused
     # in, and with the experiment "norm_gemv" the pre-norm ones with the RMSNorm fused in), torch (cuBLAS)
@@ -139,9 +119,6 @@ BACKENDS: dict[str, Backend] = {
         linear_nf4=triton_ops.linear_nf4,
         linear_int4=triton_ops.linear_int4,
         linear_int8=triton_ops.linear_int8,  # dequantize, then cuBLAS
-        # (a cpu-backend model's weights moved here: dequantize, then cuBLAS)
-        linear_int4_cpu=int4_cpu_linear_ref,
-        linear_nf4_cpu=nf4_cpu_linear_ref,
     ),
 }
 
@@ -158,7 +135,8 @@ def resolve_backend(name: str, device: torch.device, options: KernelOptions = DE
     return _bound(BACKENDS[name], options)
 
 
-_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options", "decoder", "prepare"))
+_OPS = tuple(f.name for f in dataclasses.fields(Backend) if f.name not in ("name", "options", "decoder",
+                                                                          "held_part"))
 
 
 @functools.lru_cache(maxsize=None)  # one Backend per (table row, options): models with equal options share it

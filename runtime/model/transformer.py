@@ -187,8 +187,8 @@ class Transformer(nn.Module):
     layers[i].mlp.w2 [dim, ffn]; norm [dim]; output [V, dim] (the embedding when tied).
     Projections are `Linear` modules (their `.weight`), or `QuantLinear` once quantized (`codellama_rt.quant.linear`).
 
-    linear_device: where the blocks' projection weights are allocated (default: `device`); "meta"
-    allocates nothing, for a loader that fills or quantizes them one projection at a time.
+    linear_device: where the blocks' projection weights and an untied lm_head are allocated (default: `device`);
+    "meta" allocates nothing, for a loader that fills or quantizes them one projection at a time.
     """
 
     def __init__(self, args: ModelArgs, ops: Backend, dtype=torch.float32, device="cpu", rope_len=None,
@@ -198,7 +198,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = _param(args.vocab_size, args.dim, dtype=dtype, device=device)
         self.layers = nn.ModuleList(Block(args, dtype, device, linear_device) for _ in range(args.n_layers))
         self.norm = _param(args.dim, dtype=dtype, device=device)
-        self.output = Linear(args.vocab_size, args.dim, dtype, device)
+        self.output = Linear(args.vocab_size, args.dim, dtype, device if args.tie_word_embeddings else
+                             linear_device or device)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings
         cos, sin = rope_tables(args.head_dim, rope_len or args.max_seq_len, args.rope_theta,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from ..kernels.int4_cpu_format import Int4CpuWeight, Nf4CpuWeight, nf4_supported
+from ..kernels.int4_cpu_format import Int4CpuWeight, Nf4CpuWeight
 from ..kernels.int4_format import Int4Weight, quantize_int4
 from ..kernels.int8_format import Int8Weight, quantize_int8
 from ..kernels.nf4_format import NF4Weight, quantize_nf4
@@ -25,7 +25,7 @@ from ..model.config import ModelArgs
 from ..model.transformer import Linear, Transformer
 
 METHODS = ("nf4", "int4", "int8")
-# what QuantLinear holds: a method's parts, or 4-bit in the native CPU layout (a cpu-backend model's, `use_cpu_layout`)
+# what QuantLinear holds: a method's parts, or 4-bit in the native CPU layout (a cpu-backend model's, `hold_parts`)
 PART_FORMATS = METHODS + ("int4_cpu", "nf4_cpu")
 QuantPart = Union[NF4Weight, Int4Weight, Int8Weight, Int4CpuWeight, Nf4CpuWeight]
 
@@ -109,19 +109,34 @@ def quantize_weight(w: torch.Tensor, method: str, *, group_size: int = 128) -> Q
     """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype). int4 and int8 quantize
     QUANTIZE_CHUNK elements' worth of rows at a time (rows are independent: the same part as at once), so the
     quantizers' fp32 temporaries stay bounded however large the weight (an lm_head, a 70B w13)."""
-    if method == "nf4":  # (its double quantization spans the whole tensor)
-        return quantize_nf4(w, blocksize=NF4_BLOCKSIZE, double_quant=True)
+    if w.dim() != 2:
+        return _quantizer(method, group_size)[0](w)  # (the quantizer names what is wrong)
+    return quantize_rows(lambda a, b: w[a:b], tuple(w.shape), method, group_size=group_size)
+
+
+def quantize_rows(rows: Callable[[int, int], torch.Tensor], shape: tuple, method: str, *,
+                  group_size: int = 128) -> QuantPart:
+    """`quantize_weight` of the [out, in] weight whose rows a .. b - 1 `rows(a, b)` gives (dense, its dtype):
+    int4 and int8 ask for QUANTIZE_CHUNK elements' worth of rows at a time, so the dense weight need never exist
+    whole (the loader reads each chunk from the checkpoint); NF4, whose double quantization spans the whole
+    tensor, asks for all of it."""
+    quantize, merge, multiple = _quantizer(method, group_size)
+    out_f, in_f = shape
+    step = max(multiple, QUANTIZE_CHUNK // max(in_f, 1) // multiple * multiple)
+    if merge is None or out_f <= step or out_f % multiple:
+        return quantize(rows(0, out_f))
+    return merge([quantize(rows(r, min(r + step, out_f))) for r in range(0, out_f, step)])[0]
+
+
+def _quantizer(method: str, group_size: int) -> tuple:
+    """(quantize: dense [out, in] -> part, merge of row chunks' parts or None, row multiple of a chunk)."""
+    if method == "nf4":
+        return (lambda t: quantize_nf4(t, blocksize=NF4_BLOCKSIZE, double_quant=True)), None, 1
     if method == "int4":
-        quantize, merge, multiple = (lambda t: quantize_int4(t, group_size=group_size)), merge_int4, 8
-    elif method == "int8":
-        quantize, merge, multiple = quantize_int8, merge_int8, 1
-    else:
-        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
-    rows = max(multiple, QUANTIZE_CHUNK // max(w.shape[-1], 1) // multiple * multiple)
-    if w.dim() != 2 or w.shape[0] <= rows or w.shape[0] % multiple:  # (the quantizer names what is wrong)
-        return quantize(w)
-    parts = merge([quantize(w[r:r + rows]) for r in range(0, w.shape[0], rows)])
-    return parts[0]
+        return (lambda t: quantize_int4(t, group_size=group_size)), merge_int4, 8
+    if method == "int8":
+        return quantize_int8, merge_int8, 1
+    raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
 
 
 def quantize_model(transformer: Transformer, method: str, *, group_size: int = 128, quantize_head: bool = False,
@@ -169,27 +184,15 @@ def merge_int8(parts: list) -> list:
                        shape=(sum(p.shape[0] for p in parts), parts[0].shape[1]))]
 
 
-def use_cpu_layout(transformer: Transformer) -> None:
-    """Hold every int4 and NF4 part the native CPU kernels take (on the CPU, widths, groups and blocks
-    multiples of 32, the extension built) as an `Int4CpuWeight` / `Nf4CpuWeight`: the weight once, in the
-    kernels' layout, where the checkpoint layout's tensors plus the repack made at first use held it twice.
-    The cpu backend's `prepare`, once the weights are loaded."""
-    from ..kernels import cpu_native
-
-    if not cpu_native.available():
-        return
-
-    def held(p):
-        if p.format == "int4" and p.qweight.device.type == "cpu" and cpu_native.int4_supported(p):
-            return Int4CpuWeight.from_int4(p)
-        if p.format == "nf4" and p.codes.device.type == "cpu" and nf4_supported(p):
-            return Nf4CpuWeight.from_nf4(p)
-        return p
-
-    for name, q in quantized_modules(transformer).items():
-        parts = [held(p) for p in q.parts]
-        if any(new is not old for new, old in zip(parts, q.parts)):
+def hold_parts(transformer: Transformer, held_part: Callable) -> None:
+    """Every QuantLinear's parts replaced by `held_part(part)` (a backend's: the layout its kernels take, e.g.
+    the native CPU kernels', `cpu_native.cpu_layout`), once the weights are loaded."""
+    for name in list(quantized_modules(transformer)):  # (names: the old modules go as each is replaced)
+        old = transformer.get_submodule(name).parts
+        parts = [held_part(p) for p in old]
+        if any(new is not p for new, p in zip(parts, old)):
             set_module(transformer, name, QuantLinear(parts))
+        del old, parts
 
 
 def quantized_modules(transformer: nn.Module) -> dict[str, QuantLinear]:
@@ -239,7 +242,7 @@ def model_weight_bytes(args: ModelArgs, *, bytes_per_elem: int, method: Optional
                        group_size: int = 128, quantize_head: bool = False, cpu_layout: bool = False) -> int:
     """Weight bytes from shapes: dense (`method=None`) or quantized as `quantize_model` does it
     (one part per fused projection), dense tensors in the model dtype (`bytes_per_elem`); 4-bit in the
-    checkpoint layouts, or with `cpu_layout` as a cpu-backend model holds it (`use_cpu_layout`)."""
+    checkpoint layouts, or with `cpu_layout` as a cpu-backend model holds it (`cpu_native.cpu_layout`)."""
     if method is None:
         return args.param_count() * bytes_per_elem
 

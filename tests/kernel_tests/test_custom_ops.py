@@ -106,8 +106,8 @@ def test_opcheck(case):
 def test_every_backend_op_has_a_custom_op():
     from codellama_rt.model.backends import BACKENDS, _OPS
 
-    tri = BACKENDS["triton"]
-    assert {getattr(tri, name).__module__ for name in _OPS} == {ops.__name__}
+    tri = BACKENDS["triton"]  # (but the native CPU layout's projections: only cpu-backend models hold such weights)
+    assert {getattr(tri, name).__module__ for name in _OPS if not name.endswith("_cpu")} == {ops.__name__}
     names = {case.split()[0] for case in CASES}
     assert names == {"rms_norm", "rotary", "attention_prefill", "attention_verify", "rotary_attention_decode", "swiglu",
                      "linear", "linear_swiglu", "norm_linear", "nf4_linear", "int4_linear", "int8_linear"}
