@@ -8,7 +8,7 @@ import torch
 
 from .model.backends import resolve_backend
 from .checkpoint.loader import (check_shapes, checkpoint_quantization, fill_vocab_size, load_weights,
-                                release_freed_memory)
+                                settle_heap)
 from .checkpoint.sources import detect_layout, open_source, read_args, resolve_path
 from .distributed.tensor_parallel import TensorParallel
 from .model.config import ModelArgs
@@ -196,7 +196,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
                  quantize_head=quantize_head, progress=progress, args=args,
                  shard=None if tp is None else (tp.rank, tp.world))
     hold_parts(model, ops.held_part)  # (the layout the backend's kernels take)
-    release_freed_memory()
+    settle_heap()
     if tp is not None:
         tp.attach(model)
     engine = Engine(model, tokenizer, max_batch=max_batch_size, max_seq_len=seq_len, cuda_graphs=cuda_graphs,
