@@ -139,14 +139,14 @@ def _quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize
 
 def _quantize_4bit_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
     """bitsandbytes' `quantize_4bit` core (its default torch implementation, which the CPU backend runs)
-    on fp32 values [n]: per block absmax = max |v|; whole blocks are scaled by v * (1 / max(absmax, 1e-38)),
+    on values [n] (taken as fp32): per block absmax = max |v|; whole blocks are scaled by v * (1 / max(absmax, 1e-38)),
     the partial last block by v / max(absmax, 1e-38) (also the absmax stored for it), clamped to [-1, 1];
     the index is `bucketize` against the fp32 midpoints of the sorted codebook (a value exactly on a
     midpoint takes the lower code). Returns (packed uint8 [ceil(n / 2)], fp32 absmax [n_blocks]).
     Whole blocks of QUANTIZE_CHUNK values at a time (blocks are independent), so the temporaries (int64
     indices among them) stay bounded however large the weight."""
     step = max(blocksize, QUANTIZE_CHUNK // blocksize * blocksize)  # (blocksizes are even: no byte straddles)
-    pieces = [_quantize_4bit_piece(flat[i:i + step], code, blocksize) for i in range(0, flat.numel(), step)]
+    pieces = [_quantize_4bit_piece(flat[i:i + step].float(), code, blocksize) for i in range(0, flat.numel(), step)]
     if len(pieces) == 1:
         return pieces[0]
     return torch.cat([p for p, _ in pieces]), torch.cat([a for _, a in pieces])
@@ -187,20 +187,39 @@ def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = T
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"quantize_nf4: w must be a non-empty 2-d [out, in] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"quantize_nf4: w dtype {w.dtype} is not supported; expected float32, float16 or bfloat16")
+    w = w.detach()
+    return quantize_nf4_rows(lambda a, b: w[a:b], tuple(w.shape), blocksize=blocksize, double_quant=double_quant,
+                             nested_blocksize=nested_blocksize)
+
+
+def quantize_nf4_rows(rows, shape: tuple, *, blocksize: int = 64, double_quant: bool = True,
+                      nested_blocksize: int = 256) -> NF4Weight:
+    """`quantize_nf4` of the [out, in] weight whose rows a .. b - 1 `rows(a, b)` gives, asked for whole blocks
+    of about QUANTIZE_CHUNK values at a time (the codes of a block depend on it alone; only the double
+    quantization's offset, the mean of every absmax, waits for the last), so the weight need never exist whole."""
+    out_f, in_f = shape
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"quantize_nf4: blocksize {blocksize} is not one of bitsandbytes' {BLOCKSIZES}")
     if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int) or nested_blocksize < 1:
         raise ValueError(f"quantize_nf4: nested_blocksize must be a positive int, got {nested_blocksize!r}")
-    device = w.device
-    code = NF4_CODE.to(device, copy=True)  # the weight's own tensor, not the module constant
-    codes, absmax = _quantize_4bit_codes(w.detach().reshape(-1).float(), code, blocksize)
-    out = NF4Weight(codes=codes, absmax=absmax, code=code, shape=tuple(w.shape), dtype=w.dtype,
+    unit = blocksize // math.gcd(in_f, blocksize)  # rows holding whole blocks (an even count of values)
+    step = max(unit, QUANTIZE_CHUNK // max(in_f, 1) // unit * unit)
+    code, pieces, dtype = None, [], None
+    for a in range(0, out_f, step):
+        chunk = rows(a, min(a + step, out_f))
+        if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"quantize_nf4: w dtype {chunk.dtype} is not supported; expected float32, float16 or "
+                            "bfloat16")
+        if code is None:
+            code, dtype = NF4_CODE.to(chunk.device, copy=True), chunk.dtype  # (the weight's own codebook tensor)
+        pieces.append(_quantize_4bit_codes(chunk.reshape(-1), code, blocksize))
+    codes = pieces[0][0] if len(pieces) == 1 else torch.cat([p for p, _ in pieces])
+    absmax = pieces[0][1] if len(pieces) == 1 else torch.cat([a for _, a in pieces])
+    out = NF4Weight(codes=codes, absmax=absmax, code=code, shape=tuple(shape), dtype=dtype,
                     blocksize=blocksize, nested_blocksize=nested_blocksize)
     if double_quant:
         offset = absmax.mean()
-        nested_code = dynamic_map().to(device)
+        nested_code = dynamic_map().to(code.device)
         out.absmax, out.nested_absmax = _quantize_blockwise_8bit(absmax - offset, nested_code, nested_blocksize)
         out.nested_code = nested_code
         out.nested_offset = offset.item()

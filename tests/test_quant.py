@@ -315,14 +315,17 @@ def test_large_weights_quantize_in_row_chunks_to_the_same_part(monkeypatch, meth
         quantize_weight(torch.randn(8 * 13 + 4, 128), "int4", group_size=64)
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", ["int4", "int8", "nf4"])
 def test_quantize_at_load_reads_a_chunk_of_rows_at_a_time(fp32_ckpt, monkeypatch, method):
     """A projection quantized at load is read from the checkpoint a chunk of rows at a time (across its q, k, v
-    tensors), never whole, and quantized to exactly the parts of its dense weight."""
+    tensors), never whole, and quantized to exactly the parts of its dense weight (NF4: whole blocks at a time,
+    its double quantization once every block is in)."""
     from codellama_rt.checkpoint.tensor_files import SafetensorsReader
+    from codellama_rt.kernels import nf4_format
 
     dense = load_model(fp32_ckpt, backend="reference")
     monkeypatch.setattr(quant_linear, "QUANTIZE_CHUNK", 24 * 64)  # 24 rows of the tiny model's 64 inputs
+    monkeypatch.setattr(nf4_format, "QUANTIZE_CHUNK", 24 * 64)
     reads = []
     get_part = SafetensorsReader.get_part
     monkeypatch.setattr(SafetensorsReader, "get_part", lambda self, name, dim, start, length: reads.append(
@@ -332,8 +335,11 @@ def test_quantize_at_load_reads_a_chunk_of_rows_at_a_time(fp32_ckpt, monkeypatch
     for name, q in quantized_modules(model.module).items():
         want = quantize_weight(dense.module.get_submodule(name).weight.detach(), method, group_size=32)
         [got] = q.parts
-        for field in ("qweight", "qzeros", "scales") if method == "int4" else ("qweight", "scales"):
+        fields = {"int4": ("qweight", "qzeros", "scales"), "int8": ("qweight", "scales"),
+                  "nf4": ("codes", "absmax", "nested_absmax")}[method]
+        for field in fields:
             assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
+        assert getattr(got, "nested_offset", 0) == getattr(want, "nested_offset", 0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -19,7 +19,7 @@ from torch import nn
 from ..kernels.int4_cpu_format import Int4CpuWeight, Nf4CpuWeight
 from ..kernels.int4_format import Int4Weight, quantize_int4
 from ..kernels.int8_format import Int8Weight, quantize_int8
-from ..kernels.nf4_format import NF4Weight, quantize_nf4
+from ..kernels.nf4_format import NF4Weight, quantize_nf4, quantize_nf4_rows
 from ..model.backends import Backend
 from ..model.config import ModelArgs
 from ..model.transformer import Linear, Transformer
@@ -106,30 +106,32 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, *, group_size: int = 128) -> QuantPart:
-    """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype). int4 and int8 quantize
-    QUANTIZE_CHUNK elements' worth of rows at a time (rows are independent: the same part as at once), so the
-    quantizers' fp32 temporaries stay bounded however large the weight (an lm_head, a 70B w13)."""
-    if w.dim() != 2:
-        return _quantizer(method, group_size)[0](w)  # (the quantizer names what is wrong)
+    """A dense [out, in] weight -> one quantized part (dequantizing to w.dtype), QUANTIZE_CHUNK elements' worth
+    of rows at a time (`quantize_rows`; the same part as at once), so the quantizers' fp32 temporaries stay
+    bounded however large the weight (an lm_head, a 70B w13)."""
+    if w.dim() != 2 or method == "nf4":
+        return _quantizer(method, group_size)[0](w)  # (the quantizer names what is wrong; NF4's streams itself)
     return quantize_rows(lambda a, b: w[a:b], tuple(w.shape), method, group_size=group_size)
 
 
 def quantize_rows(rows: Callable[[int, int], torch.Tensor], shape: tuple, method: str, *,
                   group_size: int = 128) -> QuantPart:
-    """`quantize_weight` of the [out, in] weight whose rows a .. b - 1 `rows(a, b)` gives (dense, its dtype):
-    int4 and int8 ask for QUANTIZE_CHUNK elements' worth of rows at a time, so the dense weight need never exist
-    whole (the loader reads each chunk from the checkpoint); NF4, whose double quantization spans the whole
-    tensor, asks for all of it."""
+    """`quantize_weight` of the [out, in] weight whose rows a .. b - 1 `rows(a, b)` gives (dense, its dtype),
+    asked for about QUANTIZE_CHUNK elements' worth of rows at a time (NF4: whole blocks,
+    `nf4_format.quantize_nf4_rows`), so the dense weight need never exist whole (the loader reads each chunk
+    from the checkpoint)."""
+    if method == "nf4":
+        return quantize_nf4_rows(rows, shape, blocksize=NF4_BLOCKSIZE, double_quant=True)
     quantize, merge, multiple = _quantizer(method, group_size)
     out_f, in_f = shape
     step = max(multiple, QUANTIZE_CHUNK // max(in_f, 1) // multiple * multiple)
-    if merge is None or out_f <= step or out_f % multiple:
+    if out_f <= step or out_f % multiple:
         return quantize(rows(0, out_f))
     return merge([quantize(rows(r, min(r + step, out_f))) for r in range(0, out_f, step)])[0]
 
 
 def _quantizer(method: str, group_size: int) -> tuple:
-    """(quantize: dense [out, in] -> part, merge of row chunks' parts or None, row multiple of a chunk)."""
+    """(quantize: dense [out, in] -> part, merge of row chunks' parts, row multiple of a chunk)."""
     if method == "nf4":
         return (lambda t: quantize_nf4(t, blocksize=NF4_BLOCKSIZE, double_quant=True)), None, 1
     if method == "int4":
