@@ -33,7 +33,10 @@ def file(tmp_path_factory) -> Path:
     return path
 
 
-def test_whole_tensors_are_safetensors_own(file):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_whole_tensors_are_safetensors_own(file, monkeypatch, threads):
+    monkeypatch.setattr(SafetensorsReader, "PARALLEL_MIN", 16)  # larger tensors: `threads` pieces read at once
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     reader = SafetensorsReader(file)
     with safe_open(str(file), framework="pt") as ref:
         for name in TENSORS:

@@ -161,7 +161,7 @@ def settle_heap() -> None:
         libc.malloc_trim(0)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: Windows, where CDLL(None) is not the C library)
         pass
 
 
