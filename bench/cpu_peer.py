@@ -11,10 +11,10 @@ q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 defau
 agreement would measure the cache, not the weights). Our rows: fp32, bf16, int8, int4 and nf4 (quantized at
 load, the lm_head with them as llama.cpp's quantizer does, unless --dense-head), int4-bf16.
 
---random 57m / 300m: instead of a checkpoint, random weights of the issue's larger shapes (dim 512, 8 layers,
-ffn 1376; dim 1024, 16 layers, GQA 4, ffn 2752; CodeLlama's 32016-token vocabulary and tokenizer, from
-../shared/tokenizers or --tokenizer), written to a temporary directory (their greedy ids are noise: compare
-speed and memory only).
+--random 57m / 300m / 1b: instead of a checkpoint, random weights of the issue's larger shapes (dim 512, 8 layers,
+ffn 1376; dim 1024, 16 layers, GQA 4, ffn 2752) or TinyLlama's (~1.1B: dim 2048, 22 layers, GQA 8, ffn 5632),
+CodeLlama's 32016-token vocabulary and tokenizer (from ../shared/tokenizers or --tokenizer), written to a
+temporary directory (their greedy ids are noise: compare speed and memory only).
 
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
@@ -38,6 +38,7 @@ TIMEOUT_S = 900
 RANDOM_SHAPES = {  # ModelArgs fields of --random's checkpoints
     "57m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376, vocab_size=32016),
     "300m": dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=2752, vocab_size=32016),
+    "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab_size=32016),  # TinyLlama's
 }
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "codellama-tokenizer.model"
 
