@@ -23,8 +23,8 @@ import torch
 
 from .cpu_gemm import NATIVE_MAX_ROWS, gemm, linear_bf16, prefill_in_bf16
 from .int4_cpu_format import CHUNK as INT4_CHUNK
-from .int4_cpu_format import (Int4CpuWeight, Nf4CpuWeight, dequantize_int4_cpu, dequantize_nf4_cpu,
-                              nf4_group, nf4_supported)
+from .int4_cpu_format import (Int4CpuWeight, Nf4CpuWeight, dequantize_int4_cpu, dequantize_nf4_cpu,  # noqa: F401
+                              nf4_group, nf4_supported)  # (nf4_group re-exported)
 from .int4_format import Int4Weight
 from .int8_format import Int8Weight, dequantize_int8
 from .nf4_format import NF4Weight, dequantize_nf4
@@ -38,8 +38,7 @@ except ImportError:  # no compiler at install time (or a source checkout never b
 
 # Past NATIVE_MAX_ROWS rows (prefill) a GEMM on the dequantized weight (`cpu_gemm`) is faster than the native
 # row-by-row kernels.
-_INT4_CACHE = "_cpu_native_int4"  # attribute of an Int4Weight holding its native repack
-_NF4_CACHE = "_cpu_native_nf4"    # attribute of an NF4Weight holding its native repack
+_NATIVE_COPY = "_cpu_native_copy"  # attribute of an Int4Weight / NF4Weight holding its native-layout copy
 _NO_ZEROS = torch.empty(0)        # the int4 kernel's zs when a format has no zero points (NF4)
 PREFILL_CHUNK = 1 << 20           # weights dequantized at a time for a prefill GEMM (4 MiB in fp32)
 _noticed = False
@@ -91,11 +90,12 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows on the weight
     dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
     arithmetic; F.linear off the CPU)."""
-    if prefill_in_bf16(x, w.device, options) or (_native_fp32(x, w.device) and not _few_rows(x)):
+    bf16 = prefill_in_bf16(x, w.device, options)
+    if bf16 or (_native_fp32(x, w.device) and not _few_rows(x)):
         def rows(part: slice) -> torch.Tensor:  # (the fp32 products, rounded by _prefill_in_chunks for bf16)
             return w.qweight[part].float() * w.scales[part].float()[:, None]
 
-        return _prefill_in_chunks(x, w.shape[0], rows, prefill_in_bf16(x, w.device, options))
+        return _prefill_in_chunks(x, w.shape[0], rows, bf16)
     if not (_native_fp32(x, w.device) and _few_rows(x)):
         return gemm(x, dequantize_int8(w, x.dtype))  # the reference's arithmetic (F.linear off the CPU)
     w.check("int8_linear_cpu")
@@ -108,20 +108,6 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
 def int4_supported(w: Int4Weight) -> bool:
     """Whether the native int4 kernel takes this weight (input width and group size multiples of 32)."""
     return w.shape[1] % INT4_CHUNK == 0 and w.group_size % INT4_CHUNK == 0
-
-
-def pack_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [out, in / 2] in chunk order, scales fp32 [out, in / g], scale x zero fp32 [out, in / g]),
-    made on first use and kept on the weight."""
-    if not int4_supported(w):
-        raise ValueError(f"native int4: in_features={w.shape[1]} and group_size={w.group_size} must be "
-                         f"multiples of {INT4_CHUNK}")
-
-    def make():
-        c = Int4CpuWeight.from_int4(w)
-        return c.codes, c.scales, c.zs
-
-    return derived(w, _INT4_CACHE, make)
 
 
 def _int4_kernel(x: torch.Tensor, packed: tuple, group: int, levels: Optional[torch.Tensor], n_out: int,
@@ -172,7 +158,7 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, *,
     picks another path)."""
     if not _native_fp32(x, w.device) or not int4_supported(w):
         return None
-    return _int4_kernel(x, pack_int4(w), w.group_size, None, w.shape[0], options)
+    return int4_cpu_linear_cpu(x, native_copy(w), options=options)
 
 
 def int4_cpu_linear_cpu(x: torch.Tensor, w: Int4CpuWeight, *,
@@ -185,6 +171,14 @@ def int4_cpu_linear_cpu(x: torch.Tensor, w: Int4CpuWeight, *,
     if prefill_in_bf16(x, w.device, options):
         return linear_bf16(x, dequantize_int4_cpu(w, torch.bfloat16))
     return gemm(x, dequantize_int4_cpu(w, x.dtype))
+
+
+def native_copy(w):
+    """An Int4Weight / NF4Weight in the native kernels' layout (`Int4CpuWeight` / `Nf4CpuWeight`), made on first
+    use and kept on the weight: for weights a model holds in their checkpoint layout (the reference backend's,
+    a model quantized after loading); ValueError where the kernels cannot take it."""
+    return derived(w, _NATIVE_COPY, lambda: Int4CpuWeight.from_int4(w) if w.format == "int4"
+                   else Nf4CpuWeight.from_nf4(w))
 
 
 def cpu_layout(part):
@@ -203,20 +197,6 @@ def cpu_layout(part):
 
 # ---- NF4 ------------------------------------------------------------------------------------------
 
-def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [out, in / 2] in chunk order, absmax fp32 [out, in / nf4_group(w)], levels fp32 [16]: the
-    codebook), made on first use and kept on the weight."""
-    if not nf4_supported(w):
-        raise ValueError(f"native NF4: blocksize={w.blocksize} and in_features={w.shape[1]} must be multiples "
-                         f"of {INT4_CHUNK}")
-
-    def make():
-        c = Nf4CpuWeight.from_nf4(w)
-        return c.codes, c.scales, c.levels
-
-    return derived(w, _NF4_CACHE, make)
-
-
 def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
                       options: KernelOptions = DEFAULT_OPTIONS) -> Optional[torch.Tensor]:
     """`int4_linear_native` for an NF4 weight: the native kernel for up to NATIVE_MAX_ROWS fp32 rows on the CPU
@@ -225,8 +205,7 @@ def nf4_linear_native(x: torch.Tensor, w: NF4Weight, *,
     neither applies (the caller runs the reference)."""
     if not _native_fp32(x, w.codes.device) or not nf4_supported(w):
         return None
-    codes, absmax, levels = pack_nf4(w)
-    return _int4_kernel(x, (codes, absmax, _NO_ZEROS), nf4_group(w), levels, w.shape[0], options)
+    return nf4_cpu_linear_cpu(x, native_copy(w), options=options)
 
 
 def nf4_cpu_linear_cpu(x: torch.Tensor, w: Nf4CpuWeight, *,

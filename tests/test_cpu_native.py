@@ -125,10 +125,10 @@ def test_nf4_equals_the_reference(M, N, K, blocksize, double_quant):
     x = torch.randn(M, K, generator=_g(1))
     got = cpu_native.nf4_linear_native(x, w)
     assert got is not None and rel_err(got, nf4_linear_ref(x, w)) < TOL
-    codes, absmax, levels = cpu_native.pack_nf4(w)
+    c = cpu_native.native_copy(w)
     group = blocksize if K % blocksize == 0 else 32
-    assert cpu_native.nf4_group(w) == group and absmax.shape == (N, K // group)
-    dense = torch.ops.codellama_rt_cpu.dequantize_int4(codes, absmax, torch.empty(0), group, levels)
+    assert cpu_native.nf4_group(w) == group == c.group_size and c.scales.shape == (N, K // group)
+    dense = torch.ops.codellama_rt_cpu.dequantize_int4(c.codes, c.scales, torch.empty(0), group, c.levels)
     assert torch.equal(dense, dequantize_nf4(w, torch.float32))
     many = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, K, generator=_g(2))
     assert rel_err(cpu_native.nf4_linear_native(many, w, options=FP32), nf4_linear_ref(many, w)) < TOL
@@ -288,9 +288,9 @@ def test_int4_prefill_rows_dequantize_natively_and_other_cases_return_none():
     w = quantize_int4(torch.randn(16, 64, generator=_g()), group_size=32)
     x = torch.randn(cpu_native.NATIVE_MAX_ROWS + 1, 64, generator=_g(1))
     assert rel_err(cpu_native.int4_linear_native(x, w, options=FP32), int4_linear_ref(x, w)) < TOL
-    codes, s, zs = cpu_native.pack_int4(w)
+    c = cpu_native.native_copy(w)
     want = dequantize_int4(w, torch.float32)  # q s - (z s) against (q - z) s: z s is rounded once in fp32
-    assert rel_err(torch.ops.codellama_rt_cpu.dequantize_int4(codes, s, zs, 32), want) < 1e-6
+    assert rel_err(torch.ops.codellama_rt_cpu.dequantize_int4(c.codes, c.scales, c.zs, 32), want) < 1e-6
     assert cpu_native.int4_linear_native(x.to(torch.bfloat16), w) is None  # not fp32 rows
 
 

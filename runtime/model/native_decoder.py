@@ -52,16 +52,12 @@ def _part(p) -> Optional[tuple]:
     if p.format == "int8":
         return (_INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY, p.shape[0], p.shape[1], 0,
                 _EMPTY)
+    if (p.format == "int4" and cpu_native.int4_supported(p)) or (p.format == "nf4" and cpu_native.nf4_supported(p)):
+        p = cpu_native.native_copy(p)  # (a weight held in its checkpoint layout: its repack, kept on it)
     if p.format == "int4_cpu":
         return (_INT4, p.codes, p.scales, p.zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
-    if p.format == "int4" and cpu_native.int4_supported(p):
-        codes, s, zs = cpu_native.pack_int4(p)
-        return (_INT4, codes, s, zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
     if p.format == "nf4_cpu":  # the int4 kind with the codebook as its levels
         return (_INT4, p.codes, p.scales, _EMPTY, p.shape[0], p.shape[1], p.group_size, p.levels)
-    if p.format == "nf4" and cpu_native.nf4_supported(p):
-        codes, absmax, levels = cpu_native.pack_nf4(p)
-        return (_INT4, codes, absmax, _EMPTY, p.shape[0], p.shape[1], cpu_native.nf4_group(p), levels)
     return None
 
 
