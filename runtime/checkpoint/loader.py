@@ -165,6 +165,11 @@ def settle_heap() -> None:
         pass
 
 
+def _stored_bytes(source, part) -> int:
+    """Bytes `part` takes in the checkpoint (what the progress bar counts)."""
+    return math.prod(part.shape) * getattr(source.dtype(part.name), "itemsize", 2)
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in t, without a mask of t's size (amax and amin propagate NaN)."""
     return t.numel() == 0 or bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
@@ -187,7 +192,7 @@ def _read_dense(source, parts: list, dest: torch.Tensor, consumed: set, bar, sha
             dest[offset:offset + rows].copy_(t)
         offset += rows
         consumed.add(part.name)
-        bar.update(math.prod(part.shape) * getattr(source.dtype(part.name), "itemsize", 2))
+        bar.update(_stored_bytes(source, part))
 
 
 def _read_quantized(model, module: str, source, parts: list, shape: tuple, method: str, group_size: int,
@@ -213,7 +218,7 @@ def _read_quantized(model, module: str, source, parts: list, shape: tuple, metho
     set_module(model, module, QuantLinear([q]))
     for part in parts:
         consumed.add(part.name)
-        bar.update(math.prod(part.shape) * getattr(source.dtype(part.name), "itemsize", 2))
+        bar.update(_stored_bytes(source, part))
 
 
 def _quantize(model, method, group_size, quantize_head, only, source, parts) -> None:
