@@ -113,14 +113,12 @@ ROWS = {  # name: (prompt set, proposer, fixed length)
 }
 
 
-def draft_itself(model) -> None:
-    """`model` drafts for itself: its module (weights shared) with a KV cache of its own."""
+def self_draft(model):
+    """A DraftModel of `model` itself: its module (weights shared) with a KV cache of its own."""
     from codellama_rt.engine.draft import DraftModel
 
     e = model.engine
-    e.speculator.draft = DraftModel(model.module, max_batch=e.max_batch, vocab_limit=e.vocab_limit)
-    if e.cache is not None:
-        e.speculator.draft.ensure(e.cache.max_seq_len)
+    return DraftModel(model.module, max_batch=e.max_batch, vocab_limit=e.vocab_limit)
 
 
 def random_model(preset: str, device: str, new_tokens: int):
@@ -134,8 +132,9 @@ def random_model(preset: str, device: str, new_tokens: int):
     return model, {"oracle": random_prompts(args.vocab_size, 4, 128, seed=0)}
 
 
-def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
-    """One round: per row name, [(plain tok/s, speculative tok/s, accepted per pass, passes, equal)] per prompt."""
+def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int, drafts: dict) -> dict:
+    """One round: per row name, [(plain tok/s, speculative tok/s, accepted per pass, passes, equal)] per prompt.
+    `drafts`: the DraftModel of the draft-int4 rows ("int4") and of the draft-self rows ("self"), where run."""
     from codellama_rt.engine.sampling import SamplingParams
 
     engine, stops = model.engine, model.stop_tokens()
@@ -146,6 +145,9 @@ def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
         prompt_set, proposer, fixed = ROWS[row]
         spec = SamplingParams(max_new_tokens=new_tokens, speculate="draft" if proposer == "draft" else "lookup",
                               num_speculative_tokens=k)
+        if proposer == "draft":
+            engine.speculator.draft = drafts["self" if row.startswith("draft-self") else "int4"]
+            engine.speculator.draft.ensure(engine.cache.max_seq_len)  # (made before the engine's cache)
         draft = engine.speculator.draft
         if row.startswith("draft-self"):  # the draft's one-id steps eager or as runs (graphs on a GPU)
             draft.use_runs = row.endswith("-graphs")
@@ -208,22 +210,20 @@ def main() -> None:
     if a.device == "cpu" and "draft-self-graphs" in rows:  # runs go through the module graph there, not the
         rows.remove("draft-self-graphs")                    # native step: nothing a CPU user would run
         print("draft-self-graphs: skipped on a CPU (a GPU path)")
+    drafts = {}
     if a.random is not None:
         model, prompts = random_model(a.random, a.device, a.new_tokens)
         rows = [r for r in rows if r.startswith(("oracle", "draft-self"))]
-        if any(r.startswith("draft-self") for r in rows):
-            draft_itself(model)
     else:
         draft = cl.load(a.model, device=a.device, quantize="int4") if any("draft-int4" in r for r in rows) else None
         model = cl.load(a.model, device=a.device, draft=draft)
-        if any(r.startswith("draft-self") for r in rows):
-            if draft is not None:
-                ap.error("draft-int4 and draft-self rows need different drafts: run them separately")
-            draft_itself(model)
+        drafts["int4"] = model.engine.speculator.draft
         edits = edit_prompts(Path(__file__).resolve().parent.parent)
         prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+    if any(r.startswith("draft-self") for r in rows):
+        drafts["self"] = self_draft(model)
     decode_rate(model.engine, [1, 2, 3, 4], SamplingParams(max_new_tokens=8), {})  # warm-up
-    rounds = [run_rows(model, prompts, rows, a.new_tokens, a.k) for _ in range(a.rounds)]
+    rounds = [run_rows(model, prompts, rows, a.new_tokens, a.k, drafts) for _ in range(a.rounds)]
     rows = summarize(rounds)
     result = dict(device=a.device, model=a.random or str(a.model or "default"), threads=torch.get_num_threads(),
                   new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
