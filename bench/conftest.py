@@ -67,8 +67,8 @@ def pytest_benchmark_update_commit_info(config, commit_info):
 
 def pytest_collection_finish(session):
     """pytest put this folder on sys.path to import the benchmark modules; take it off again, or its
-    scripts (kernels.py, report.py) would shadow packages of those names (transformers imports PyPI's
-    `kernels`)."""
+    scripts would shadow packages of the same names for the code under test (a bench/kernels.py once hid
+    PyPI's `kernels`, which transformers imports)."""
     while str(HERE) in sys.path:
         sys.path.remove(str(HERE))
 

@@ -1,7 +1,7 @@
 """Kernel benchmarks: Triton vs the PyTorch reference (and torch.compile of it) at CodeLlama shapes.
 
-    python bench/kernels.py --out bench/results/<card>-<date>     # on a GPU
-    python bench/kernels.py --out /tmp/k                          # without CUDA: resource table only
+    python bench/kernel_rows.py --out bench/results/<card>-<date>     # on a GPU
+    python bench/kernel_rows.py --out /tmp/k                          # without CUDA: resource table only
     (the full report, `python bench/report.py --report DIR`, includes these rows)
 
 Reports GB/s (RMSNorm, rotary, decode attention, 4-bit GEMV counting packed bytes) as a fraction of the measured

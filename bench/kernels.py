@@ -1,5 +1,0 @@
-"""Kernel benchmarks: `python bench/kernels.py --out DIR` (see codellama_rt.bench.kernels)."""
-from codellama_rt.bench.kernels import main
-
-if __name__ == "__main__":
-    main()
