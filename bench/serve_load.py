@@ -287,7 +287,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="a further flag for the own server, e.g. --server-arg=--max-seq-len=2048 (repeatable)")
     p.add_argument("--requests", type=int, default=8, help="concurrency: distinct requests (default 8)")
     p.add_argument("--max-tokens", type=int, default=64, help="concurrency: max_tokens (default 64)")
-    p.add_argument("--prefix-tokens", type=int, default=800, help="prefix: shared prefix length (default 800)")
+    p.add_argument("--prefix-tokens", type=int, default=800, help="prefix: shared prefix length, at least "
+                   "(whole synthetic functions; default 800)")
     p.add_argument("--prefix-samples", type=int, default=3, help="prefix: cold and warm samples each (default 3)")
     p.add_argument("--prefix-max-tokens", type=int, default=4, help="prefix: max_tokens (default 4)")
     p.add_argument("--load-levels", type=_levels, default=[1, 4, 16], help="load: client counts (default 1,4,16)")

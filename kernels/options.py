@@ -104,12 +104,14 @@ class KernelOptions:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "KernelOptions":
-        """The options CODELLAMA_RT_EXPERIMENTS (comma-separated names) and CODELLAMA_RT_PDL ("0": off)
+        """The options CODELLAMA_RT_EXPERIMENTS (comma-separated names) and CODELLAMA_RT_PDL ("0": off, "1": on)
         ask for in `environ` (default: os.environ), read once; a ValueError names the variable."""
         environ = os.environ if environ is None else environ
+        pdl = environ.get(PDL_ENV, "1").strip()
+        if pdl not in ("0", "1", ""):
+            raise ValueError(f"{PDL_ENV}={pdl!r} is invalid: expected 0 (off) or 1 (on)")
         try:
-            experiments = parse_experiments(environ.get(EXPERIMENTS_ENV, ""))
-            return cls(experiments=experiments, pdl=environ.get(PDL_ENV, "1").strip() != "0")
+            return cls(experiments=parse_experiments(environ.get(EXPERIMENTS_ENV, "")), pdl=pdl != "0")
         except ValueError as e:
             raise ValueError(f"{EXPERIMENTS_ENV}: {e}") from None
 

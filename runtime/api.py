@@ -276,6 +276,11 @@ def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                    or group_size < 1):
         raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1 (or None: automatic)")
+    if quantize == "int4" and group_size is not None:
+        from .kernels.int4_format import GROUP_SIZES
+
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={group_size} is not supported; expected one of {GROUP_SIZES}")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)

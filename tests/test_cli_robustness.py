@@ -65,6 +65,16 @@ def test_internal_error_exits_1_and_says_how_to_report(capsys, monkeypatch):
 def test_bad_input_still_exits_2(capsys):
     code, _, err = run(capsys, "generate", "--temperature", "1e308", PROMPT)
     assert code == 2 and err.count("\n") == 1 and "temperature" in err
+    code, _, err = run(capsys, "--debug", "generate", "--temperature", "1e308", PROMPT)
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("codellama-rt: error:")
+
+
+def test_draft_flags_must_go_together(capsys):
+    """--speculate draft without a draft model, or a draft model without it: refused before any loading."""
+    code, _, err = run(capsys, "generate", "--speculate", "draft", PROMPT)
+    assert code == 2 and err.count("\n") == 1 and "--draft PATH" in err and "--draft-quantize" in err
+    code, _, err = run(capsys, "generate", "--draft-quantize", "int4", PROMPT)
+    assert code == 2 and err.count("\n") == 1 and "--speculate draft" in err
 
 
 def test_serve_without_the_extra_says_how_to_get_it(capsys, monkeypatch):
@@ -74,7 +84,7 @@ def test_serve_without_the_extra_says_how_to_get_it(capsys, monkeypatch):
 
 
 def test_serve_bad_flags_exit_2(capsys):
-    for argv in (("--max-batch-size", "0"), ("--max-queue", "-1"), ("--port", "70000")):
+    for argv in (("--max-batch-size", "0"), ("--max-queue", "-1"), ("--port", "70000"), ("--api-key", " ")):
         code, _, err = run(capsys, "serve", *argv)
         assert code == 2 and err.count("\n") == 1 and argv[0].lstrip("-").split("-")[0] in err
 
@@ -162,3 +172,23 @@ def test_python_optimize_keeps_the_cli_checks(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and "top_p=2.0" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["info", "--quantize", "int4", "--group-size", "16"], "--group-size=16 is not supported"),
+    (["info", "--group-size", "64"], "--group-size applies to --quantize int4"),
+    (["info", "--quantize-head"], "--quantize-head applies with --quantize"),
+    (["info", "--model", "CodeLlama-9b"], "nor a preset (one of CodeLlama-13b"),
+    (["quantize", "--method", "nf4", "--group-size", "64", "--out", "unused"], "--group-size applies to --method int4"),
+    (["quantize", "--method", "nf4", "--out", "/proc/codellama-rt-out"], "--out /proc/codellama-rt-out: cannot create"),
+    (["generate", "--quantize", "int4", "--group-size", "16", PROMPT], "group_size=16 is not supported"),
+    (["mask", "--png", "/nonexistent-dir/m.png", PROMPT], "--png /nonexistent-dir/m.png: its directory"),
+])
+def test_flags_that_do_not_apply_or_cannot_work_are_refused(capsys, monkeypatch, tmp_path, argv, fragment):
+    """Refused with one line naming the flag, before any weights load (no flag silently ignored)."""
+    monkeypatch.chdir(tmp_path)
+    if "--png" in argv:
+        pytest.importorskip("matplotlib")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "unused").exists()

@@ -57,6 +57,8 @@ def test_from_env_reads_the_given_mapping():
     assert parse_experiments(" a,, b ,") == {"a", "b"}
     with pytest.raises(ValueError, match=f"CODELLAMA_RT_EXPERIMENTS: unknown experiment.*fast_please.*{names[0]}"):
         KernelOptions.from_env({"CODELLAMA_RT_EXPERIMENTS": f"{names[0]},fast_please"})
+    with pytest.raises(ValueError, match="CODELLAMA_RT_PDL='banana' is invalid"):
+        KernelOptions.from_env({"CODELLAMA_RT_PDL": "banana"})
 
 
 def test_no_launch_path_reads_the_environment():

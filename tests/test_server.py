@@ -88,6 +88,11 @@ def sse_events(response) -> list:
 
 # ---- equality with the library ------------------------------------------------------------
 
+def test_empty_prompt_completes_from_bos_as_generate_does(client, model):
+    r = client.completions.create(model=NAME, prompt="", max_tokens=8, temperature=0)
+    assert r.choices[0].text == model.generate("", max_new_tokens=8).text and r.usage.prompt_tokens == 1
+
+
 def test_greedy_completion_equals_generate(client, model):
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0)
     expected = model.generate(PROMPT, max_new_tokens=24)
@@ -211,7 +216,6 @@ def test_chat_logprobs(client):
     ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
-    ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": "a = 1\n" * 400}, "prompt"),
     ({"prompt": "x", "stop": 3}, "stop"),

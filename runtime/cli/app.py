@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from ..errors import CheckpointError, MissingExtraError
 from . import bench, chat, generate, info, infill, mask, quantize, serve
@@ -24,7 +25,7 @@ SUBCOMMANDS = (generate, infill, chat, serve, mask, quantize, bench, info)  # in
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="CodeLlama inference runtime")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     debug = Parser(add_help=False)  # --debug also after the command (SUPPRESS keeps the top level's value)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", parser_class=Parser, required=True)
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except _INPUT_ERRORS as e:
-        if debug:
-            raise
+        if debug:  # where it was raised; still bad input, not a bug (exit 2)
+            traceback.print_exc()
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug of ours, not bad input

@@ -98,8 +98,15 @@ def load(a, **options):
 
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
+    drafted = a.draft is not None or a.draft_quantize is not None
+    if hasattr(a, "speculate"):  # (serve has no --speculate: its requests choose)
+        if a.speculate == "draft" and not drafted:
+            raise UsageError("--speculate draft needs a draft model: --draft PATH (a smaller model sharing the "
+                             "tokenizer) or --draft-quantize METHOD (the model itself, quantized)")
+        if drafted and a.speculate != "draft":
+            raise UsageError("--draft / --draft-quantize give the model of --speculate draft, which is not set")
     draft = None
-    if a.draft is not None or a.draft_quantize is not None:
+    if drafted:
         draft = load_model(a.draft if a.draft is not None else a.model, backend=a.backend, dtype=a.dtype,
                            device=a.device, quantize=a.draft_quantize, max_seq_len=a.max_seq_len,
                            kernel_options=kernel_options(a), cuda_graphs=False,

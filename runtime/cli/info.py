@@ -9,7 +9,7 @@ def add_parser(sub, parents: list) -> None:
     n.add_argument("--max-batch-size", type=int, default=1)
     n.add_argument("--max-seq-len", type=int, default=None)
     n.add_argument("--quantize", default=None, choices=("nf4", "int4", "int8"),
-                   help="also show the weight memory once quantized (nf4 | int4)")
+                   help="also show the weight memory once quantized (nf4 | int4 | int8)")
     n.add_argument("--group-size", type=int, default=None, help="int4 group size for --quantize int4 "
                    "(default: the largest of 128, 64, 32 dividing the model's widths)")
     n.add_argument("--quantize-head", action="store_true", help="count the lm_head as quantized too")
@@ -21,20 +21,31 @@ def run(a) -> None:
 
     from ..api import check_seq_len, parse_dtype, resolve_group_size
     from ..checkpoint.loader import checkpoint_quantization, fill_vocab_size
+    from ..errors import CheckpointError
     from ..checkpoint.sources import detect_layout, open_source, read_args, resolve_path
     from ..model.config import PRESETS, ModelArgs
     from ..quant.linear import model_weight_bytes
 
     dtype = parse_dtype(a.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if a.group_size is not None and a.group_size < 1:
-        raise ValueError(f"--group-size={a.group_size} is invalid: expected >= 1")
+    if a.group_size is not None and a.quantize != "int4":
+        raise ValueError("--group-size applies to --quantize int4 only")
+    if a.quantize_head and a.quantize is None:
+        raise ValueError("--quantize-head applies with --quantize")
+    if a.group_size is not None:
+        from ..kernels.int4_format import GROUP_SIZES
+
+        if a.group_size not in GROUP_SIZES:
+            raise ValueError(f"--group-size={a.group_size} is not supported; expected one of {GROUP_SIZES}")
     method, group_size, head, quantization = a.quantize, a.group_size, a.quantize_head, None
     if a.model in PRESETS:
         args, where, files = ModelArgs.from_preset(a.model), f"preset {a.model}", None
     else:
         from ..api import default_model_path
 
-        directory = resolve_path(a.model if a.model is not None else default_model_path())
+        try:
+            directory = resolve_path(a.model if a.model is not None else default_model_path())
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; nor a preset (one of {', '.join(sorted(PRESETS))})") from None
         layout = detect_layout(directory)
         args, where = read_args(directory, layout), f"{directory} ({layout} layout)"
         if args.vocab_size <= 0:  # Meta's -1: read the embedding's shape, as load() does

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def add_parser(sub, parents: list) -> None:
@@ -25,6 +26,8 @@ def run(a) -> None:
         from ..plotting import require
 
         require("--png")  # before any work: without matplotlib say how to get it
+        if not Path(a.png).resolve().parent.is_dir():
+            raise ValueError(f"--png {a.png}: its directory does not exist")
     if a.max_tokens < 1:
         raise ValueError(f"--max-tokens={a.max_tokens} is invalid: expected >= 1")
     if a.tokenizer is not None:

@@ -25,9 +25,15 @@ def run(a) -> None:
     from ..api import default_model_path, load_model, resolve_group_size
     from ..checkpoint.writer import save_quantized
 
+    if a.group_size is not None and a.method != "int4":
+        raise ValueError("--group-size applies to --method int4 only")
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not an empty directory")
+    try:  # now, not after loading and quantizing the model
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
     model = load_model(a.model, dtype=a.dtype, device=a.device, quantize=a.method, group_size=a.group_size,
                        quantize_head=a.quantize_head)
     group_size = resolve_group_size(a.group_size, a.method, model.args)  # what load_model chose

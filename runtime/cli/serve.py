@@ -68,6 +68,8 @@ def run(a) -> None:
                                 "pip install 'codellama-rt[serve]'") from None
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port} is invalid: expected 0..65535")
+    if a.api_key is not None and not a.api_key.strip():
+        raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
     tensor_parallel = wants_tensor_parallel(a)
     sock = None if tensor_parallel else _listen(a.host, a.port)  # a busy port fails before the weights load
     model = load(a, max_batch_size=a.max_batch_size)

@@ -107,7 +107,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
         if params.speculate == "draft" and self.speculator.draft is None:
-            raise ValueError("speculate='draft' needs a draft model: load with cl.load(..., draft=PATH)")
+            raise ValueError("speculate='draft' needs a draft model: cl.load(..., draft=PATH), or serve --draft PATH")
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
             raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
         requests = [Request(prompt, params, dict(stop_tokens),

@@ -50,9 +50,7 @@ def _ids(model, ids, text, suffix):
             raise bad("suffix", str(e)) from None
     if ids is not None:
         return ids, "text"
-    if text == "":
-        raise bad("prompt", "prompt is empty")
-    try:
+    try:  # ("" is BOS alone, as in Model.generate(""))
         return tok.encode(text, add_bos=True), "text"
     except ValueError as e:
         raise bad("prompt", str(e)) from None
