@@ -43,6 +43,37 @@ def test_gemm_takes_strided_rows_and_bf16():
     assert got.dtype == torch.bfloat16 and rel_err(got, F.linear(xb.double(), wb.double())) < 1e-2
 
 
+def test_padded_rows_are_few_and_close():
+    """oneDNN keeps ~1 MB per distinct row count: every prompt length must map onto a few row counts."""
+    counts = {cpu_gemm.padded_rows(r) for r in range(cpu_gemm.NATIVE_MAX_ROWS + 1, 513)}
+    assert len(counts) == 18 and max(counts) == 512
+    assert len({cpu_gemm.padded_rows(r) for r in range(513, 16385)}) == 20
+    for r in range(cpu_gemm.NATIVE_MAX_ROWS + 1, 4097):
+        p = cpu_gemm.padded_rows(r)
+        assert r <= p <= r * 1.25 + 8 and cpu_gemm.padded_rows(p) == p
+
+
+@onednn
+def test_onednn_sees_only_padded_row_counts(monkeypatch):
+    """Each call's rows are zero-padded to `padded_rows` for oneDNN and the padding cut off the result."""
+    seen = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Ops:
+        @staticmethod
+        def _linear_pointwise(x, *rest):
+            seen.append(x.shape[0])
+            return real(x, *rest)
+
+    monkeypatch.setattr(cpu_gemm.torch.ops, "mkldnn", Ops)
+    w = torch.randn(24, 32, generator=_g())
+    for lead, M in (((), 17), ((3,), 21), ((), 100), ((), 512)):
+        x = torch.randn(*lead, M, 32, generator=_g(M))
+        got = cpu_gemm.gemm(x, w)
+        assert got.shape == (*lead, M, 24) and rel_err(got, F.linear(x.double(), w.double())) < 1e-5
+    assert seen == [24, 64, 112, 512]
+
+
 def test_decode_sized_calls_and_no_onednn_are_f_linear(monkeypatch):
     w = torch.randn(48, 64, generator=_g())
     few = torch.randn(cpu_gemm.NATIVE_MAX_ROWS, 64, generator=_g(1))
