@@ -388,6 +388,7 @@ def test_abandoned_plain_request_is_cancelled(small):
                    timeout=httpx.Timeout(10.0, read=0.15))
         assert _wait_for(lambda: metrics(h)["codellama_rt_cancelled_total"] >= cancelled + 1)
         assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)
+    assert "internal error" not in small.stderr and "Traceback" not in small.stderr  # a quiet 499
 
 
 # ---- failures inside the server (in-process app) --------------------------------------------

@@ -88,14 +88,18 @@ async def _unless_disconnected(request: Request, work):
             pass
 
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    gone = False
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not task.done():
+            gone = True
             task.cancel()
             log.info("client went away: %s %s cancelled", request.method, request.url.path)
-    if task.cancelled():
+            # (a cancelled task is done only once it has run again: until then its result() raises)
+            await asyncio.gather(task, return_exceptions=True)
+    if gone:
         return Response(status_code=499)
     return task.result()
 
