@@ -364,6 +364,9 @@ def test_full_queue_is_429(small):
     auth = {"Authorization": f"Bearer {KEY}"}
     long = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
     with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
+        # idle: 2 free slots and 1 queue place take 3 choices at once (free slots are no queue)
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 3, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3
         with contextlib.ExitStack() as streams:
             for running, waiting in ((1, 0), (2, 0), (2, 1)):  # fill both slots, then the queue's one place
                 s = streams.enter_context(h.stream("POST", "/v1/completions", json=long))
@@ -410,7 +413,7 @@ def test_unexpected_error_is_500_and_the_app_goes_on(app_client, model, monkeypa
         raise RuntimeError("boom")
 
     with monkeypatch.context() as m:
-        m.setattr(model.engine, "submit", broken)
+        m.setattr(model.engine, "submit_many", broken)
         r = app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
@@ -418,21 +421,23 @@ def test_unexpected_error_is_500_and_the_app_goes_on(app_client, model, monkeypa
 
 
 def test_failure_mid_stream_sends_an_error_event_and_ends(app_client, model, monkeypatch):
-    submit = model.engine.submit
+    submit_many = model.engine.submit_many
 
-    def failing_after_one_event(ids, params, stop_tokens, *, logprobs, sink):
-        seen = []
+    def failing_after_one_event(prompts, params, stop_tokens, *, logprobs, sinks):
+        def failing(sink):
+            seen = []
 
-        def sink2(event):
-            seen.append(event)
-            if len(seen) == 1:
-                sink(event)
-            elif len(seen) == 2:
-                sink(FloatingPointError("logits are not finite"))
+            def sink2(event):
+                seen.append(event)
+                if len(seen) == 1:
+                    sink(event)
+                elif len(seen) == 2:
+                    sink(FloatingPointError("logits are not finite"))
+            return sink2
 
-        return submit(ids, params, stop_tokens, logprobs=logprobs, sink=sink2)
+        return submit_many(prompts, params, stop_tokens, logprobs=logprobs, sinks=[failing(s) for s in sinks])
 
-    monkeypatch.setattr(model.engine, "submit", failing_after_one_event)
+    monkeypatch.setattr(model.engine, "submit_many", failing_after_one_event)
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
     with app_client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200

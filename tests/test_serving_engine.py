@@ -115,6 +115,28 @@ def test_a_full_queue_refuses_and_a_cancelled_waiting_request_never_runs(model):
     assert engine.metrics.snapshot()["rejected"] == 1 and sinks[2].empty()
 
 
+def test_free_slots_are_no_queue_and_a_group_is_taken_whole(model):
+    """max_queue counts requests left waiting once the free slots are filled: an idle engine with 4 slots and
+    a queue of 1 takes 5 requests at once (different values each), refuses a 6th, and takes a group of
+    requests whole or not at all."""
+    tok = model.tokenizer
+    engine = _engine(model, max_batch=4, max_queue=1)
+    prompts = [tok.encode(t) for t in TAILS[:3]] * 2
+    params = [SamplingParams(max_new_tokens=200, temperature=0.5, seed=i) for i in range(5)]
+    sinks = [queue.SimpleQueue() for _ in range(5)]
+    requests = engine.submit_many(prompts[:5], params, {}, logprobs=[0, 1, 0, 2, 0], sinks=[q.put for q in sinks],
+                                  background=False)
+    assert [r.params.seed for r in requests] == list(range(5)) and [r.logprobs for r in requests] == [0, 1, 0, 2, 0]
+    with pytest.raises(cl.ModelBusyError, match="queue is full"):
+        engine.submit(prompts[5], SamplingParams(max_new_tokens=5), {}, sink=print, background=False)
+    with pytest.raises(ValueError, match="logprobs"):  # one bad value: none of the group is queued
+        engine.submit_many(prompts[:2], SamplingParams(), {}, logprobs=[0, 99], sinks=[print, print])
+    assert engine.driver.queued() == 5
+    for r in requests:
+        engine.cancel(r)
+    _wait_idle(engine)
+
+
 def test_bad_submissions_raise_at_the_call(model):
     engine = _engine(model)
     with pytest.raises(ValueError, match="empty"):

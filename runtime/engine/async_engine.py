@@ -12,9 +12,9 @@ class EventStream:
     """The events of one submitted request, as an async iterator: Delta... then the Completion (or the
     exception that ended the request, raised). `close()` cancels the request (a no-op once finished)."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, ids: list, params: SamplingParams,
-                 stop_tokens: dict, logprobs: int):
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
         self._engine, self._queue, self._done = engine, asyncio.Queue(), False
+        self.request = None  # set once submitted (`AsyncEngine.submit_many`)
 
         def sink(event) -> None:  # called on the engine's thread
             try:
@@ -22,7 +22,7 @@ class EventStream:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        self.request = engine.submit(ids, params, stop_tokens, logprobs=logprobs, sink=sink)
+        self.sink = sink
 
     def __aiter__(self) -> "EventStream":
         return self
@@ -62,7 +62,18 @@ class AsyncEngine:
         """Queue one request from a coroutine; raises ValueError for a bad prompt, ModelBusyError when
         the queue is full. The caller closes the stream it gets (`close()`) unless it iterates it to
         the end."""
-        return EventStream(self.engine, asyncio.get_running_loop(), ids, params, stop_tokens, logprobs)
+        return self.submit_many([(ids, params, stop_tokens, logprobs)])[0]
+
+    def submit_many(self, jobs: list) -> list[EventStream]:
+        """Queue one request per (ids, params, stop_tokens, logprobs) of `jobs` from a coroutine, all or none
+        (`Engine.submit_many`): a response's choices are admitted together or refused together."""
+        loop = asyncio.get_running_loop()
+        streams = [EventStream(self.engine, loop) for _ in jobs]
+        ids, params, stops, logprobs = (list(field) for field in zip(*jobs)) if jobs else ([], [], [], [])
+        requests = self.engine.submit_many(ids, params, stops, logprobs=logprobs, sinks=[s.sink for s in streams])
+        for stream, request in zip(streams, requests):
+            stream.request = request
+        return streams
 
     async def stream(self, ids: list, params: SamplingParams, stop_tokens: dict, *,
                      logprobs: int = 0) -> AsyncIterator[Union[Delta, Completion]]:

@@ -6,6 +6,7 @@ import time
 from typing import Callable, Optional
 
 from .events import Completion, Delta
+from .row_sampling import LOGPROB_WIDTH
 from .sampling import SamplingParams
 from .speculation import Speculation
 from ..tokenizer.detokenize import TextStream
@@ -13,6 +14,17 @@ from ..tokenizer.detokenize import TextStream
 _ids = itertools.count()
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+def check_request_values(params: SamplingParams, logprobs: int, *, drafted: bool) -> None:
+    """A request's sampling values and logprobs width, checked before it is queued (`drafted`: the engine has
+    a draft model); TypeError / ValueError naming the bad one."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+    if params.speculate == "draft" and not drafted:
+        raise ValueError("speculate='draft' needs a draft model: cl.load(..., draft=PATH), or serve --draft PATH")
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
+        raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
 
 
 class Request:

@@ -30,9 +30,9 @@ from ..distributed.lockstep import HEARTBEAT_S, Plan
 from ..distributed.tensor_parallel import TensorParallelError
 from .events import Completion, logprob_of
 from .metrics import EngineMetrics
-from .request import DECODE, PREFILL, Request
+from .request import DECODE, PREFILL, Request, check_request_values
 from .run import Run
-from .row_sampling import LOGPROB_WIDTH, Stages, sample_rows
+from .row_sampling import Stages, sample_rows
 from .sampling import SamplingParams
 from .speculator import Speculator
 from .slots import SlotTable
@@ -98,26 +98,26 @@ class Engine:
         return self.submit_many([ids], params, stop_tokens, logprobs=logprobs, sinks=[sink],
                                 background=background)[0]
 
-    def submit_many(self, prompts: list, params: SamplingParams, stop_tokens: dict, *, logprobs: int = 0,
-                    sinks: list, background: bool = True) -> list[Request]:
+    def submit_many(self, prompts: list, params, stop_tokens, *, logprobs=0, sinks: list,
+                    background: bool = True) -> list[Request]:
         """Queue one request per prompt (`sinks[i]` receives prompt i's events, as in `submit`), all at once:
-        they are admitted in the same iteration when slots allow. Every prompt is checked first, and a
-        queue without room for all of them takes none (ModelBusyError)."""
+        they are admitted in the same iteration when slots allow. `params`, `stop_tokens` and `logprobs` are
+        one value for every prompt or a list of one each. Everything is checked first, and a queue without
+        room for all of them takes none (ModelBusyError)."""
+        n = len(prompts)
+        params, stop_tokens, logprobs = (v if isinstance(v, list) else [v] * n for v in (params, stop_tokens, logprobs))
         checked = [self.check_prompt(ids) for ids in prompts]
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
-        if params.speculate == "draft" and self.speculator.draft is None:
-            raise ValueError("speculate='draft' needs a draft model: cl.load(..., draft=PATH), or serve --draft PATH")
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= LOGPROB_WIDTH:
-            raise ValueError(f"logprobs={logprobs!r} is invalid: expected an integer in [0, {LOGPROB_WIDTH}]")
-        requests = [Request(prompt, params, dict(stop_tokens),
-                            seed=params.seed if params.seed is not None else self._new_seed(),
-                            budget=min(params.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=logprobs,
-                            sink=sink, stream=TextStream(self.tok, params.stop))
-                    for prompt, sink in zip(checked, sinks, strict=True)]
-        def check(queued: int) -> None:
-            if self.max_queue is not None and queued + len(self._waiting) + len(requests) > self.max_queue:
-                self.metrics.add("rejected", len(requests))
+        for p, k in zip(params, logprobs, strict=True):
+            check_request_values(p, k, drafted=self.speculator.draft is not None)
+        requests = [Request(prompt, p, dict(stops), seed=p.seed if p.seed is not None else self._new_seed(),
+                            budget=min(p.max_new_tokens, self.max_seq_len - len(prompt)), logprobs=k, sink=sink,
+                            stream=TextStream(self.tok, p.stop))
+                    for prompt, p, stops, k, sink in zip(checked, params, stop_tokens, logprobs, sinks, strict=True)]
+
+        def check(queued: int) -> None:  # (slots the next iteration fills are no queue)
+            free = self.max_batch - len(self._running)
+            if self.max_queue is not None and queued + len(self._waiting) + n - free > self.max_queue:
+                self.metrics.add("rejected", n)
                 raise ModelBusyError(f"the request queue is full ({self.max_queue} requests waiting for a "
                                      f"slot of {self.max_batch}); retry later")
 

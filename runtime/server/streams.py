@@ -29,19 +29,14 @@ class Job:
 
 
 def submit_all(aengine, jobs: list, prompt_param: str = "prompt") -> list:
-    """EventStreams of `jobs`, all submitted now; if one is refused the others are cancelled and the
-    refusal raised as an APIError (429 for a full queue, 400 for a bad prompt)."""
-    streams = []
+    """EventStreams of `jobs`, all submitted now, or none: a refusal is raised as an APIError (429 for a full
+    queue, 400 for a bad prompt)."""
     try:
-        for job in jobs:
-            streams.append(aengine.submit(job.ids, job.params, job.stop_tokens, logprobs=job.logprobs))
+        return aengine.submit_many([(job.ids, job.params, job.stop_tokens, job.logprobs) for job in jobs])
     except ModelBusyError as e:
-        close_all(streams)
         raise APIError(429, str(e), type="server_busy", code="queue_full") from None
     except ValueError as e:
-        close_all(streams)
         raise bad("speculate" if str(e).startswith("speculate=") else prompt_param, str(e)) from None
-    return streams
 
 
 def close_all(streams: list) -> None:
