@@ -181,6 +181,9 @@ def test_n_choices_with_seed(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
     # choice i samples with seed + i
     assert r.choices[1].text == client.completions.create(**{**kw, "seed": 8}).choices[0].text
+    # past the last 64-bit seed it wraps around to 0
+    r = client.completions.create(n=2, **{**kw, "seed": 2 ** 64 - 1})
+    assert r.choices[1].text == client.completions.create(**{**kw, "seed": 0}).choices[0].text
 
 
 # ---- logprobs -----------------------------------------------------------------------------
@@ -196,6 +199,21 @@ def test_completion_logprobs_greedy_consistent(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     if not any(t.startswith("bytes:") for t in lp.tokens):
         assert "".join(lp.tokens) == c.text
+
+
+def test_streamed_text_offsets_equal_the_plain_ones_when_a_stop_string_holds_text_back(client):
+    """A stop string whose start matches the end of the text holds those characters back from a chunk; the
+    streamed offsets are still those of the whole text (they were counted from the characters sent)."""
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1)
+    plain = client.completions.create(**kw).choices[0]
+    cut = plain.logprobs.text_offset[6]  # the text before token 6: its last two characters start the stop string
+    stop = plain.text[cut - 2:cut] + "\x07"  # (never generated: a partial match only)
+    want = client.completions.create(**kw, stop=[stop]).choices[0].logprobs.text_offset
+    got = []
+    for chunk in client.completions.create(**kw, stop=[stop], stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            got += chunk.choices[0].logprobs.text_offset
+    assert got == want == plain.logprobs.text_offset
 
 
 def test_chat_logprobs(client):

@@ -8,13 +8,15 @@ Tools are not supported (400).
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.responses import StreamingResponse
 
 from ..engine.events import Completion
 from ..engine.row_sampling import LOGPROB_WIDTH
 from .logprobs import chat_logprobs
-from .protocol import (bad, check_context, check_model, check_zero, finish_reason, get_bool, get_int, new_id, now,
-                       sampling_params, usage, wants_usage)
+from .protocol import (bad, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool, get_int,
+                       new_id, now, sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_N = 16
@@ -61,13 +63,13 @@ async def create(body: dict, server):
     names = {"max_new_tokens": name}
     sampling_params(body, max_tokens=max_tokens or 0, temperature_default=1.0, seed=seed, names=names)
     try:
-        ids = tok.encode_chat(messages)
+        ids = await asyncio.to_thread(tok.encode_chat, messages)  # (a long prompt: not on the event loop)
     except ValueError as e:
         raise bad("messages", str(e)) from None
     check_context(len(ids), max_tokens, model.max_seq_len, prompt_param="messages", tokens_param=name)
     budget = max_tokens if max_tokens is not None else model.max_seq_len - len(ids)
     jobs = [Job(ids, sampling_params(body, max_tokens=budget, temperature_default=1.0, names=names,
-                                     seed=None if seed is None else seed + i),
+                                     seed=choice_seed(seed, i)),
                 model.stop_tokens("chat"), max(k, 1) if want_logprobs else 0) for i in range(n)]
     streams = submit_all(server.aengine, jobs, prompt_param="messages")
     head = {"id": new_id("chatcmpl"), "created": now(), "model": server.name}

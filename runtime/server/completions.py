@@ -8,12 +8,14 @@ with seed + i. `logprobs` (0..5), `echo`, `stop`, `stream` (with `stream_options
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.responses import StreamingResponse
 
 from ..engine.events import Completion
-from .logprobs import completion_logprobs, text_offsets
-from .protocol import (bad, check_context, check_model, check_zero, finish_reason, get_bool, get_int, get_str,
-                       new_id, now, sampling_params, usage, wants_usage)
+from .logprobs import TextOffsets, completion_logprobs, text_offsets
+from .protocol import (bad, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool, get_int,
+                       get_str, new_id, now, sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the completions API
@@ -77,13 +79,13 @@ async def create(body: dict, server):
     sampling_params(body, max_tokens=max_tokens, temperature_default=1.0, seed=seed)  # checks before encoding
     jobs, prompt_info = [], []
     for ids, text in prompts:
-        ids, mode = _ids(model, ids, text, suffix)
+        ids, mode = await asyncio.to_thread(_ids, model, ids, text, suffix)  # (a long prompt: not on the loop)
         check_context(len(ids), max_tokens, model.max_seq_len)
         echoed = (text if text is not None else tok.decode(ids)) if echo else ""
         prompt_info.append((len(ids), echoed))
         for i in range(n):
             params = sampling_params(body, max_tokens=max_tokens, temperature_default=1.0,
-                                     seed=None if seed is None else seed + i)
+                                     seed=choice_seed(seed, i))
             jobs.append(Job(ids, params, model.stop_tokens(mode), 0 if k is None else max(k, 1)))
     streams = submit_all(server.aengine, jobs)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": server.name}
@@ -115,7 +117,8 @@ class _Renderer:
     def __init__(self, tok, head: dict, echoed: list, k, prompt_tokens: int, include_usage: bool, n: int):
         self.tok, self.head, self.echoed, self.k, self.n = tok, head, echoed, k, n
         self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
-        self.offset = [len(e) for e in echoed]  # characters sent so far per choice
+        # per choice, offsets in the whole text (a stop string's partial match may hold text back from a chunk)
+        self.offsets = [TextOffsets(tok, len(e)) for e in echoed]
         self.started, self.finished, self.generated, self.cached = set(), 0, 0, 0
 
     def chunk(self, i: int, text: str, logprobs=None, reason=None) -> dict:
@@ -142,7 +145,6 @@ class _Renderer:
         lps = None
         if self.k is not None and event.logprobs:
             lps = completion_logprobs(self.tok, event.logprobs, self.k,
-                                      text_offsets(self.tok, [lp.token_id for lp in event.logprobs], self.offset[i]))
-        self.offset[i] += len(event.text)
+                                      self.offsets[i].extend([lp.token_id for lp in event.logprobs]))
         out.append(self.chunk(i, event.text, lps))
         return out

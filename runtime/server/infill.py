@@ -15,6 +15,7 @@ The response: {"content", "stop": true, "model", "tokens_predicted", "tokens_eva
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import StreamingResponse
@@ -51,7 +52,7 @@ async def create(body: dict, server):
     seed = get_int(body, "seed", -1, lo=-1)
     stream = get_bool(body, "stream")
     try:
-        ids = tok.encode_infill(prefix, suffix)
+        ids = await asyncio.to_thread(tok.encode_infill, prefix, suffix)  # (a long prompt: not on the loop)
     except ValueError as e:
         raise bad("input_prefix", str(e)) from None
     check_context(len(ids), None if n_predict < 0 else n_predict, model.max_seq_len, prompt_param="input_prefix",

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Optional
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SEED_LIMIT, SamplingParams
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes of a request body (413 past it)
 
@@ -132,6 +132,11 @@ def check_zero(body: dict, *names: str) -> None:
 
 # SamplingParams' names -> the request's
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def choice_seed(seed: Optional[int], i: int) -> Optional[int]:
+    """Choice i's seed of a request with `seed` (None: unseeded): seed + i, wrapping past 2**64 - 1."""
+    return None if seed is None else (seed + i) % SEED_LIMIT
 
 
 def sampling_params(body: dict, *, max_tokens: int, temperature_default: float, top_p_default: float = 1.0,
