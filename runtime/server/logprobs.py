@@ -48,21 +48,22 @@ class TextOffsets:
     """Character offset of each generated id in a choice's text, plus `start` (the echoed prompt), as ids
     arrive: `extend(ids)` gives the offsets of `ids`, each len(decode_in_context(every id before it)).
 
-    Linear in the ids: the text before an id that is not a byte piece is the text up to the last such id
-    plus the short run since (no UTF-8 sequence spans that boundary), so only that run is decoded again.
+    Linear in the ids: the text before an id that is neither a byte piece nor a special id (which decoding
+    skips) is the text up to the last such id plus the short run since (no UTF-8 sequence spans that boundary),
+    so only that run is decoded again.
     """
 
     def __init__(self, tokenizer, start: int = 0):
         self.tok, self.start = tokenizer, start
         self.ids: list = []
-        self.base, self.base_len = 0, 0  # ids[:base] decode to base_len characters; ids[base] is no byte piece
+        self.base, self.base_len = 0, 0  # ids[:base] decode to base_len characters; ids[base] splits cleanly
 
     def extend(self, ids: list) -> list:
         out = []
         for token in ids:
             i = len(self.ids)
             run = len(self.tok.decode_in_context(self.ids[self.base:i])) if i > self.base else 0
-            if not self.tok.sp.is_byte(token):
+            if not (self.tok.sp.is_byte(token) or token in self.tok.special_ids):  # (skipped: bytes join across)
                 self.base, self.base_len, run = i, self.base_len + run, 0
             out.append(self.start + self.base_len + run)
             self.ids.append(token)
