@@ -162,7 +162,8 @@ def test_int4_on_two_ranks_equals_one_process(tmp_path, hf_checkpoint):
 def test_a_world_size_that_does_not_divide_the_kv_heads_is_an_error(tmp_path, hf_checkpoint):
     path, _ = hf_checkpoint(n_heads=6, n_kv_heads=2, dim=96, ffn=96, rope_theta=1e6)
     results = workers(tmp_path, 3, path)
-    assert all(isinstance(r, str) and "n_kv_heads=2 is not divisible by the world size 3" in r for r in results)
+    assert all(isinstance(r, str) and "n_kv_heads=2 is not divisible by the world size 3" in r for r in results), \
+        results
 
 
 def test_ranks_that_load_different_checkpoints_fail_naming_the_rank(tmp_path, tiny_tokenizer):

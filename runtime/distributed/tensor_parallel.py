@@ -41,6 +41,9 @@ class TensorParallel:
         self.rank, self.world, self.device, self.timeout_s = rank, world, device, timeout_s
         # CPU objects (schedules, checks, seeds) go over gloo even when the tensors go over NCCL
         self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        # every rank's connections are up before any may raise (a bad world size fails on all ranks alike): a
+        # rank leaving while a peer still handshakes made that peer fail with gloo's "connectFullMesh failed"
+        dist.barrier(group=self.control)
 
     @classmethod
     def join(cls, device: torch.device, *, init_method: Optional[str] = None,
