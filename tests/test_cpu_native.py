@@ -311,6 +311,51 @@ def test_bad_arguments_raise_naming_them():
                                                torch.ones(8, 2), torch.empty(0), 32, torch.ones(8))
 
 
+# ---- argmax over rows (sampling) ----------------------------------------------------------------
+
+def _argmax_cases():
+    """(name, x fp32 [B, V]): random values, ties (the first index wins), odd widths either side of the 16
+    lanes, and rows that are not finite (NaN in the first lanes or the tail, +inf, only -inf)."""
+    g = _g(5)
+    cases = [(f"random-{V}", torch.randn(3, V, generator=g)) for V in (1, 7, 16, 17, 33, 1000, 32016)]
+    cases += [(f"ties-{V}", torch.randint(-2, 2, (5, V), generator=g).float()) for V in (2, 15, 16, 31, 48, 101)]
+    top = torch.zeros(2, 64)
+    top[:, [5, 21, 37, 53]] = 1.0  # one maximum per lane position: the lanes' reduction picks the first
+    cases.append(("lane-ties", top))
+    bad = torch.randn(6, 40, generator=g)
+    bad[0, 3], bad[1, 39], bad[2, 20] = float("nan"), float("nan"), float("inf")
+    bad[3] = float("-inf")
+    bad[4, :10] = float("-inf")  # a finite row with some -inf (a masked vocabulary): its argmax stands
+    cases.append(("nonfinite", bad))
+    return cases
+
+
+def _argmax_want(x, nonfinite):
+    return torch.argmax(x, dim=-1).masked_fill(~torch.isfinite(x.amax(dim=-1)), nonfinite)
+
+
+@pytest.mark.parametrize("name,x", _argmax_cases(), ids=[c[0] for c in _argmax_cases()])
+def test_argmax_rows_equals_torch_and_marks_nonfinite_rows(name, x):
+    got = cpu_native.argmax_rows(x, -1)
+    assert got.dtype == torch.int64 and torch.equal(got, _argmax_want(x, -1))
+    if name == "nonfinite":
+        assert got[:4].tolist() == [-1] * 4 and got[4] >= 10 and got[5] >= 0
+    for strided in (x.t().contiguous().t(), torch.cat([x, x], dim=1)[:, :x.shape[1]]):  # no native kernel
+        assert torch.equal(cpu_native.argmax_rows(strided, 7), _argmax_want(x, 7))
+
+
+@native
+def test_argmax_rows_native_kernel_arguments(monkeypatch):
+    x = torch.randn(9, 32016, generator=_g(2))
+    assert torch.equal(cpu_native.extension().argmax_rows(x, -1), x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="fp32"):
+        cpu_native.extension().argmax_rows(x.double(), -1)
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_native.extension().argmax_rows(torch.empty(2, 0), -1)
+    monkeypatch.setattr(cpu_native, "_ext", None)  # the fallback gives the same
+    assert torch.equal(cpu_native.argmax_rows(x, -1), x.argmax(dim=-1))
+
+
 # ---- the whole decode step ----------------------------------------------------------------------
 
 def _models(quantize):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import codellama_rt as cl
-from codellama_rt.engine.row_sampling import Stages
+from codellama_rt.engine.row_sampling import NONFINITE, Stages
 from codellama_rt.engine.sampling import SamplingParams
 from codellama_rt.engine.speculation import MIN_NGRAM, PassCosts, PromptLookup, Speculation, bucket
 from codellama_rt.model.config import ModelArgs
@@ -384,6 +384,51 @@ def test_verify_pass_has_no_host_sync_and_fixed_shapes():
                 step()
             traces.append(trace.ops)
         assert traces[0] and all(t == traces[0] for t in traces[1:])
+
+
+@pytest.mark.parametrize("vocab_limit", [None, 29])
+def test_native_greedy_acceptance_equals_the_torch_ops(vocab_limit):
+    """On the native CPU step, greedy passes without penalty or logprobs take one native call
+    (`accept_greedy`) for the torch ops: the same accepted counts, tokens, next tokens, positions and
+    counters, on logits with a NaN, a row of -inf and ids past the vocabulary limit."""
+    from codellama_rt.engine.verify_graph import VerifyStep
+    from codellama_rt.kernels import cpu_native
+
+    if not cpu_native.available():
+        pytest.skip("native CPU kernels not built")
+    B, V, k = 4, 40, 4
+    T = k + 1
+    model, module, cache, buffers, vbuf = verify_fixture(B, V, backend="cpu")
+    reset_rows(buffers, B, SamplingParams(), 0)
+    step = VerifyStep(module, cache, buffers, vbuf, B, k, Stages(), vocab_limit=vocab_limit)
+    assert step.native is not None and step._accept is not None
+    logits = torch.randn(B * T, V, generator=torch.Generator().manual_seed(3))
+    logits[:, 35] = 9.0  # past a limit of 29: never chosen there
+    logits[3 * T + 1, 5] = float("nan")  # row 3's second position is not finite
+    logits[2 * T + 4] = float("-inf")  # row 2's last position: nothing finite
+    best = torch.argmax(logits[:, :vocab_limit or V], dim=-1).view(B, T)
+    proposals = {0: [], 1: best[1, :k].tolist(), 2: best[2, :2].tolist() + [(best[2, 2].item() + 1) % 29, 0],
+                 3: best[3, :k].tolist()}
+    step.native = lambda *args: logits.clone()  # (the torch ops mask ids past the limit in place)
+    named = {**buffers.tensors(), **{f"v.{n}": t for n, t in vbuf.tensors().items()}}
+    before = {n: t.clone() for n, t in named.items()}
+    results = []
+    for accept in (step._accept, None):
+        for n, t in named.items():
+            t.copy_(before[n])
+        for b, ids in proposals.items():
+            vbuf.set_row(b, ids)
+        step._accept = accept
+        step()
+        results.append({n: t.clone() for n, t in named.items()})
+    native_out, torch_out = results
+    assert native_out["v.out"][:B, 0].tolist() == [0, 4, 2, 1]
+    assert native_out["v.out"][3, 2] == NONFINITE
+    for n in named:
+        if n == "v.out":
+            assert torch.equal(native_out[n][:B, :T + 1], torch_out[n][:B, :T + 1]), n
+        else:
+            assert torch.equal(native_out[n], torch_out[n]), n
 
 
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.cpu_native import argmax_rows
 from ..model.kv_cache import KVCache
 from ..model.transformer import Prefill, Transformer
 from .draft_graph import DraftRun
@@ -147,7 +148,7 @@ class DraftProposer:
         limit, V = self.draft.vocab_limit, self.vocab_size
         if self.greedy:
             self.probs = None
-            return self.draft.propose(r.slot, context, n, lambda i, logits: int(torch.argmax(logits[:limit])),
+            return self.draft.propose(r.slot, context, n, lambda i, logits: int(argmax_rows(logits[None, :limit], 0)),
                                       greedy=True)
         probs = torch.zeros(n, V, dtype=torch.float32, device=self.draft.module.device)
         counter = len(r.sampled)  # the target row's counter at the verify pass: one per sampled id
@@ -159,7 +160,7 @@ class DraftProposer:
             q = processed_probs(row[None], self._stages, view)[0]
             noise = -torch.log(counter_noise(view.seed, torch.tensor([counter + i], device=logits.device), V))[0]
             probs[i] = q
-            return int(torch.argmax(q / noise))
+            return int(argmax_rows((q / noise)[None], 0))
 
         ids = self.draft.propose(r.slot, context, n, pick)
         self.probs = probs

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ..kernels.cpu_native import argmax_rows
 from .sampling import SamplingParams, apply_repetition_penalty
 
 LOGPROB_WIDTH = 20     # most alternatives a request may ask for per token (OpenAI's chat top_logprobs limit)
@@ -135,17 +136,19 @@ def sample_rows(logits: torch.Tensor, stages: Stages, rows: RowView, vocab_limit
     """
     B, V = logits.shape
     _limit_vocab(logits, vocab_limit)
-    bad = ~torch.isfinite(logits.amax(dim=-1))  # amax propagates NaN
+    tokens = argmax_rows(logits, NONFINITE)  # (the greedy tokens, unless a penalty changes the logits)
     raw = logits
-    if stages.penalty:
-        logits = apply_repetition_penalty(logits, rows.seen, rows.penalty[:, None])
-    tokens = torch.argmax(logits, dim=-1)
-    if stages.sampled:
-        probs = _sampled_probs(logits, stages, rows)
-        noise = -torch.log(counter_noise(rows.seed, rows.counter, V))
-        tokens = torch.where(rows.greedy, tokens, torch.argmax(probs / noise, dim=-1))
+    if stages.penalty or stages.sampled:
+        bad = tokens == NONFINITE
+        if stages.penalty:
+            logits = apply_repetition_penalty(logits, rows.seen, rows.penalty[:, None])
+            tokens = argmax_rows(logits, NONFINITE)
+        if stages.sampled:
+            probs = _sampled_probs(logits, stages, rows)
+            noise = -torch.log(counter_noise(rows.seed, rows.counter, V))
+            tokens = torch.where(rows.greedy, tokens, argmax_rows(probs / noise, NONFINITE))
+        tokens = tokens.masked_fill(bad, NONFINITE)
     rows.counter.add_(1)
-    tokens = tokens.masked_fill(bad, NONFINITE)
     if not stages.logprobs:
         return Sampled(tokens, None, None, None)
     lsm = torch.log_softmax(raw, dim=-1)

@@ -23,10 +23,11 @@ from typing import Optional
 
 import torch
 
+from ..kernels.cpu_native import greedy_acceptor
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer, Verify
 from .decode_graph import DecodeBuffers, DecodeStep
-from .row_sampling import LOGPROB_WIDTH, RowView, Stages, counter_noise, processed_probs, sample_rows
+from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowView, Stages, counter_noise, processed_probs, sample_rows
 from .sampling import MAX_SPECULATIVE_TOKENS
 
 ACCEPT_STREAM = 0x2545F4914F6CDD1D  # xor-ed into a row's seed: the acceptance tests' uniforms
@@ -57,6 +58,8 @@ class VerifyBuffers:
         self.logprob = torch.zeros(rows, K + 1, dtype=torch.float32, device=device)
         self.top_ids = torch.zeros(rows, K + 1, W, dtype=torch.long, device=device)
         self.top_logprobs = torch.zeros(rows, K + 1, W, dtype=torch.float32, device=device)
+        # on a CPU, `set_row` writes through numpy views (a tensor's item assignment costs ~10 us a call)
+        self._host = (self.proposals.numpy(), self.proposed.numpy()) if self.proposals.device.type == "cpu" else None
 
     def with_draft_probs(self) -> torch.Tensor:
         if self.draft_probs is None:
@@ -74,6 +77,10 @@ class VerifyBuffers:
     def set_row(self, b: int, proposals: list[int]) -> None:
         """Row b proposes `proposals` in the next pass (host values: one small copy)."""
         n = len(proposals)
+        if self._host is not None:
+            self._host[1][b] = n
+            self._host[0][b, :n] = proposals
+            return
         self.proposed[b] = n
         if n:
             self.proposals[b, :n] = torch.tensor(proposals, dtype=torch.long)
@@ -106,6 +113,10 @@ class VerifyStep(DecodeStep):
         T = width + 1
         self._offsets = torch.arange(T, device=device)
         self._slots = torch.arange(batch, device=device).repeat_interleave(T)  # the native step's row -> cache row
+        # the native step's logits, all rows greedy without penalty or logprobs: one native call samples and
+        # accepts (the torch ops below cost ~0.1 ms a pass on a CPU, their code cold after the forward)
+        plain_greedy = not (stages.sampled or stages.penalty or stages.logprobs)
+        self._accept = greedy_acceptor() if self.native is not None and plain_greedy else None
         if graphed:
             self._capture({**buffers.tensors(), **{f"verify.{k}": v for k, v in vbuf.tensors().items()}}, pool)
 
@@ -118,6 +129,10 @@ class VerifyStep(DecodeStep):
         if self.native is not None:
             positions = (starts[:, None] + self._offsets).clamp_(max=S - 1)
             logits = self.native(inputs.reshape(-1), positions.reshape(-1), self.cache.data, self._slots)
+            if self._accept is not None:
+                self._accept(logits, proposals, proposed, vb.out[:B], tokens, starts, rows.counter, S - 1,
+                             self.vocab_limit, NONFINITE)
+                return
         else:
             logits = self.model(inputs, Verify(starts, S), self.cache).reshape(B * T, V)
         block = self._block_rows(rows, inputs)
