@@ -431,6 +431,38 @@ def test_native_greedy_acceptance_equals_the_torch_ops(vocab_limit):
             assert torch.equal(native_out[n], torch_out[n]), n
 
 
+def test_native_greedy_decode_step_equals_the_torch_ops():
+    """The plain decode step takes the same native call (a pass with nothing proposed): the same sampled
+    tokens (NONFINITE for a row with NaN), next tokens, positions and counters as its torch ops."""
+    from codellama_rt.engine.decode_graph import DecodeStep
+    from codellama_rt.kernels import cpu_native
+
+    if not cpu_native.available():
+        pytest.skip("native CPU kernels not built")
+    B, V = 3, 40
+    model, module, cache, buffers, vbuf = verify_fixture(B, V, backend="cpu")
+    reset_rows(buffers, B, SamplingParams(), 0)
+    step = DecodeStep(module, cache, buffers, B, Stages(), vocab_limit=33)
+    assert step.native is not None and step._accept is not None
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(4))
+    logits[:, 36] = 9.0
+    logits[1, 7] = float("nan")
+    step.native = lambda *args: logits.clone()
+    named = buffers.tensors()
+    before = {n: t.clone() for n, t in named.items()}
+    results = []
+    for accept in (step._accept, None):
+        for n, t in named.items():
+            t.copy_(before[n])
+        step._accept = accept
+        step()
+        results.append({n: t.clone() for n, t in named.items()})
+    want = torch.argmax(logits[:, :33], dim=-1)
+    assert results[0]["sampled"][:B].tolist() == [want[0].item(), NONFINITE, want[2].item()]
+    for n in named:
+        assert torch.equal(results[0][n], results[1][n]), n
+
+
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """p-value of Pearson's chi-square test of `counts` against `probs` (cells expecting < 5 pooled)."""
     n = counts.sum()

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.cpu_native import greedy_acceptor
 from ..model.kv_cache import KVCache
 from ..model.transformer import Decode, Transformer
 from .row_sampling import LOGPROB_WIDTH, NONFINITE, RowSampling, Stages, sample_rows
@@ -83,6 +84,9 @@ class DecodeStep:
     def __init__(self, model: Transformer, cache: KVCache, buffers: DecodeBuffers, batch: int, stages: Stages, *,
                  graphed: bool = False, pool=None, vocab_limit: Optional[int] = None):
         self._bind(model, cache, buffers, batch, stages, graphed, vocab_limit)
+        # `_accept`'s arguments of a pass without proposals: proposals [B, 1] of which none count, its out
+        self._proposals = torch.zeros(batch, 1, dtype=torch.long)
+        self._proposed, self._out = self._proposals[:, 0], torch.zeros(batch, 2, dtype=torch.long)
         if graphed:
             self._capture(buffers.tensors(), pool)
 
@@ -98,6 +102,10 @@ class DecodeStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         # the backend's whole-step decoder (the CPU's native step), or None: the module graph
         self.native = None if graphed else model.ops.decoder(model)
+        # with the native step's logits and every row greedy (no penalty, no logprobs), one native call samples
+        # and updates the rows (the torch ops it replaces cost ~5 us each there, their code cold after the step)
+        plain_greedy = not (stages.sampled or stages.penalty or stages.logprobs)
+        self._accept = greedy_acceptor() if self.native is not None and plain_greedy else None
 
     def _capture(self, tensors: dict, pool) -> None:
         self.graph = capture_step(self._step, tensors, self.buffers.tokens.device, pool)
@@ -117,6 +125,11 @@ class DecodeStep:
             rows.seen.scatter_(1, tokens[:, None], True)
         if self.native is not None:
             logits = self.native(tokens, positions, self.cache.data)
+            if self._accept is not None:  # (as a verify pass with nothing proposed: out[:, 1] is the token)
+                self._accept(logits, self._proposals, self._proposed, self._out, tokens, positions, rows.counter,
+                             S - 1, self.vocab_limit, NONFINITE)
+                buf.sampled[:B].copy_(self._out[:, 1])
+                return
         else:
             logits = self.model(tokens[:, None], Decode(positions, S), self.cache)[:, -1]
         positions.add_(1).clamp_(max=S - 1)  # only idle rows reach the clamp

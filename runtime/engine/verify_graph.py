@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 
-from ..kernels.cpu_native import greedy_acceptor
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer, Verify
 from .decode_graph import DecodeBuffers, DecodeStep
@@ -113,10 +112,6 @@ class VerifyStep(DecodeStep):
         T = width + 1
         self._offsets = torch.arange(T, device=device)
         self._slots = torch.arange(batch, device=device).repeat_interleave(T)  # the native step's row -> cache row
-        # the native step's logits, all rows greedy without penalty or logprobs: one native call samples and
-        # accepts (the torch ops below cost ~0.1 ms a pass on a CPU, their code cold after the forward)
-        plain_greedy = not (stages.sampled or stages.penalty or stages.logprobs)
-        self._accept = greedy_acceptor() if self.native is not None and plain_greedy else None
         if graphed:
             self._capture({**buffers.tensors(), **{f"verify.{k}": v for k, v in vbuf.tensors().items()}}, pool)
 
