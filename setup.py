@@ -30,7 +30,8 @@ def native_extension() -> dict:
                 print(f"codellama-rt: native CPU kernels not built ({type(e).__name__}: {e}); "
                       "the PyTorch path will run", file=sys.stderr)
 
-    ext = CppExtension("codellama_rt._cpu_native", ["csrc/cpu_native.cpp"], depends=["csrc/cpu_linear.h"],
+    headers = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(_HERE, "csrc")) if f.endswith(".h"))
+    ext = CppExtension("codellama_rt._cpu_native", ["csrc/cpu_native.cpp"], depends=headers,
                        extra_compile_args=NATIVE_FLAGS, extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild}}
 

@@ -108,6 +108,30 @@ int64_t argmax_row(const float* x, int64_t V, int64_t nonfinite) {
       if (m[j] > best || (m[j] == best && k[j] < best_i)) best = m[j], best_i = k[j];
     nan = unordered != 0;
   }
+#elif CLRT_AVX2
+  if (V >= 8) {  // (as above, 8 lanes)
+    __m256 vmax = _mm256_loadu_ps(x);
+    __m256 unordered = _mm256_cmp_ps(vmax, vmax, _CMP_UNORD_Q);
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i vidx = lane;
+    const __m256i step = _mm256_set1_epi32(8);
+    for (i = 8; i + 8 <= V; i += 8) {
+      lane = _mm256_add_epi32(lane, step);
+      const __m256 v = _mm256_loadu_ps(x + i);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
+      vmax = _mm256_blendv_ps(vmax, v, gt);
+      vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(lane), gt));
+    }
+    alignas(32) float m[8];
+    alignas(32) int32_t k[8];
+    _mm256_store_ps(m, vmax);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k), vidx);
+    best = m[0], best_i = k[0];
+    for (int j = 1; j < 8; ++j)
+      if (m[j] > best || (m[j] == best && k[j] < best_i)) best = m[j], best_i = k[j];
+    nan = _mm256_movemask_ps(unordered) != 0;
+  }
 #endif
   for (; i < V; ++i) {
     nan |= std::isnan(x[i]);
@@ -209,6 +233,25 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
+#elif CLRT_AVX2
+// e^x for 8 lanes: exp16's polynomial, x clamped to [-87.3, 88.3] so that 2^n (n in -126 .. 127) is built
+// directly in the exponent bits.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 #endif
 
 // out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
@@ -228,6 +271,13 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
                                                    _mm512_maskz_loadu_ps(m, up + i)));
   }
+#elif CLRT_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
 #endif
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
@@ -241,14 +291,14 @@ void scores_tile(const float* q, int64_t M, const float* K, int64_t D, float* o)
     case 3: dense_dot<R, 3>(q, K, D, o); break;
     case 4: dense_dot<R, 4>(q, K, D, o); break;
     case 5: dense_dot<R, 5>(q, K, D, o); break;
-    default: dense_dot<R, 6>(q, K, D, o); break;
+    default: dense_dot<R, XROWS>(q, K, D, o); break;
   }
 }
 
 void scores(const float* q, int64_t G, const float* K, int64_t n, int64_t D, float* s) {
-  float o[6 * 4];
-  for (int64_t m0 = 0; m0 < G; m0 += 6) {
-    const int64_t M = std::min<int64_t>(6, G - m0);
+  float o[XROWS * 4];
+  for (int64_t m0 = 0; m0 < G; m0 += XROWS) {
+    const int64_t M = std::min<int64_t>(XROWS, G - m0);
     const float* qm = q + m0 * D;
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) {
@@ -278,6 +328,15 @@ float softmax_scaled(float* p, int64_t n, float scale) {
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
+#elif CLRT_AVX2
+  const __m256 sc = _mm256_set1_ps(scale), m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p + t), sc), m));
+    _mm256_storeu_ps(p + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = reduce1(acc);
 #endif
   for (; t < n; ++t) sum += (p[t] = std::exp(p[t] * scale - mx));
   return sum;
@@ -499,6 +558,7 @@ TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "codellama-rt native CPU kernels (see kernels/cpu_native.py); the projections are torch ops";
   m.def("avx512", &clrt::avx512, "whether the kernels were built with AVX-512 intrinsics");
+  m.def("isa", &clrt::isa, "the instruction set the kernels were built for: avx512, avx2 or plain");
   m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value (`nonfinite` where that is not "
         "finite): fp32 [B, V] -> int64 [B]", pybind11::arg("x"), pybind11::arg("nonfinite"));
   m.def("accept_greedy", &accept_greedy, "a greedy verify pass's accepted proposals and tokens, written in place "

@@ -22,21 +22,22 @@ from .swiglu import swiglu_ref
 # Up to this many rows a projection is decode-sized: the native kernels (csrc/) or F.linear run it.
 NATIVE_MAX_ROWS = 16
 
-_onednn: Optional[bool] = None
+_onednn: dict = {}  # dtype -> whether oneDNN's linear runs in it here
 _bf16_gemm: Optional[bool] = None
 
 
-def onednn_available() -> bool:
-    """Whether torch was built with oneDNN and its linear op runs here (tried once on a tiny input)."""
-    global _onednn
-    if _onednn is None:
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch was built with oneDNN and its linear op runs here in `dtype` (tried once per dtype on a tiny
+    input: oneDNN refuses bf16 inner products on CPUs without AVX-512, e.g. an AVX2 laptop)."""
+    if dtype not in _onednn:
         try:
-            x = torch.ones(2, 4)
-            _onednn = bool(torch.backends.mkldnn.is_available()) and torch.equal(
-                torch.ops.mkldnn._linear_pointwise(x, torch.ones(3, 4), None, "none", [], ""), torch.full((2, 3), 4.0))
+            x = torch.ones(2, 4, dtype=dtype)
+            _onednn[dtype] = bool(torch.backends.mkldnn.is_available()) and torch.equal(
+                torch.ops.mkldnn._linear_pointwise(x, torch.ones(3, 4, dtype=dtype), None, "none", [], "").float(),
+                torch.full((2, 3), 4.0))
         except (AttributeError, RuntimeError, NotImplementedError):
-            _onednn = False
-    return _onednn
+            _onednn[dtype] = False
+    return _onednn[dtype]
 
 
 def bf16_gemm_available() -> bool:
@@ -77,7 +78,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) (x [..., K], w [N, K], same float dtype, CPU): fp32 or bf16 through oneDNN past
     NATIVE_MAX_ROWS rows where it is available (its rows zero-padded to `padded_rows`), else F.linear."""
     if (x.device.type != "cpu" or not _many_rows(x) or x.dtype != w.dtype or x.dtype not in _ONEDNN_DTYPES
-            or not onednn_available()):
+            or not onednn_available(x.dtype)):
         return F.linear(x, w)
     K = x.shape[-1]
     rows = x.numel() // K

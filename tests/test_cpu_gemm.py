@@ -81,8 +81,20 @@ def test_decode_sized_calls_and_no_onednn_are_f_linear(monkeypatch):
     many = torch.randn(cpu_gemm.NATIVE_MAX_ROWS + 1, 64, generator=_g(2))
     half = many.half(), w.half()  # oneDNN refuses fp16 inner products on most CPUs: F.linear
     assert torch.equal(cpu_gemm.gemm(*half), F.linear(*half))
-    monkeypatch.setattr(cpu_gemm, "_onednn", False)
+    monkeypatch.setattr(cpu_gemm, "_onednn", {torch.float32: False})
     assert torch.equal(cpu_gemm.gemm(many, w), F.linear(many, w))
+
+
+def test_a_dtype_onednn_refuses_here_is_f_linear(monkeypatch):
+    """oneDNN refuses bf16 inner products on CPUs without AVX-512 (an AVX2 laptop): bf16 prefill rows go to
+    F.linear there, fp32 rows still to oneDNN; each dtype is probed on its own."""
+    w = torch.randn(48, 64, generator=_g())
+    many = torch.randn(cpu_gemm.NATIVE_MAX_ROWS + 1, 64, generator=_g(2))
+    monkeypatch.setattr(cpu_gemm, "_onednn", {torch.bfloat16: False})
+    xb, wb = many.bfloat16(), w.bfloat16()
+    assert torch.equal(cpu_gemm.gemm(xb, wb), F.linear(xb, wb))
+    assert set(cpu_gemm._onednn) == {torch.bfloat16}  # (bf16 decided without probing fp32)
+    assert cpu_gemm.onednn_available(torch.float32) == bool(torch.backends.mkldnn.is_available())
 
 
 @pytest.mark.parametrize("swiglu", [False, True])

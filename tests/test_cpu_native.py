@@ -210,11 +210,13 @@ def test_the_option_is_bound_into_the_cpu_backend():
 
 
 @native
-@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
-def test_a_rows_result_does_not_depend_on_the_other_rows(kind):
+@pytest.mark.parametrize("kind,K", [("f32", 256), ("f32", 85), ("int8", 256), ("int8", 85), ("int4", 256),
+                                    ("int4", 544), ("nf4", 544)])
+def test_a_rows_result_does_not_depend_on_the_other_rows(kind, K):
     """Rows are tiled several at a time (XROWS x-rows per weight load): each row's outputs are still exactly
-    (bitwise) what it gets alone, for every row count, so a verify pass scores a token as a decode step does."""
-    N, K = (40 if kind == "int4" else 37), 256  # (int4 packs 8 rows per word; 37: a tail past the 4-row blocks)
+    (bitwise) what it gets alone, for every row count, so a verify pass scores a token as a decode step does.
+    K = 85: a tail past the vector width; 544: int4 past one dequantized span (AVX2)."""
+    N = 40 if kind in ("int4", "nf4") else 37  # (int4 packs 8 rows per word; 37: a tail past the 4-row blocks)
     w = torch.randn(N, K, generator=_g())
     x = torch.randn(11, K, generator=_g(1))
     if kind == "f32":
@@ -222,9 +224,12 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(kind):
     elif kind == "int8":
         q = quantize_int8(w)
         op = lambda rows: cpu_native.int8_linear_cpu(rows, q)  # noqa: E731
-    else:
-        q = quantize_int4(w, group_size=64)
+    elif kind == "int4":
+        q = quantize_int4(w, group_size=32)
         op = lambda rows: cpu_native.int4_linear_native(rows, q)  # noqa: E731
+    else:
+        q = quantize_nf4(w, blocksize=32)
+        op = lambda rows: cpu_native.nf4_linear_native(rows, q)  # noqa: E731
     alone = torch.cat([op(x[i:i + 1]) for i in range(11)])
     for M in (2, 3, 4, 5, 8, 11):
         assert torch.equal(op(x[:M]), alone[:M]), M

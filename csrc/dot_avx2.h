@@ -1,0 +1,234 @@
+// The projections' inner products with AVX2 + FMA intrinsics (included by cpu_linear.h where the building
+// machine has those but not AVX-512: most laptop CPUs, AMD before Zen 4). 16 vector registers of 8 lanes: a
+// tile is 3 x rows against 4 weight rows (12 accumulators, 3 x vectors, 1 weight vector).
+//
+// Every output is summed in one order whatever the tile: lane j of its accumulator takes k = j mod 8 in
+// increasing k, then the 8 lanes are added as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)). So a row's outputs do
+// not depend on how many x rows share its tile (a verify pass scores each token exactly as a decode step).
+#pragma once
+
+#include "cpu_linear_base.h"
+
+namespace clrt {
+
+constexpr int XROWS = 3;       // x rows per tile (dense, int8, int4)
+constexpr int INT4_XROWS = 3;  // (int4 dequantizes a span of its rows first: the same register budget as dense)
+
+// Lanes below n (0 .. 8) set: a maskload mask.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline __m256 load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The lane sum of one vector, in the order reduce8 gives each of its lanes.
+inline float reduce1(__m256 v) {
+  v = _mm256_hadd_ps(v, v);  // lanes 0, 1: v0 + v1, v2 + v3; lanes 4, 5: v4 + v5, v6 + v7
+  v = _mm256_hadd_ps(v, v);  // lane 0: (v0 + v1) + (v2 + v3); lane 4: (v4 + v5) + (v6 + v7)
+  return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+// The 8 lane sums of v[0..7] as one vector (lane i: the sum of v[i]'s lanes), by horizontal adds: 9
+// instructions for 8 sums where 8 reduce1 take ~40.
+inline __m256 reduce8(const __m256* v) {
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // g0: lanes 0..3 the low halves' sums of v[0..3], lanes 4..7 their high halves'
+  return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+// o[0 .. n - 1] = the lane sums of v[0 .. n - 1]: 8 at a time by reduce8, then 4 by its first half, the rest
+// one by one (no masked store: vmaskmovps stores are microcoded on AMD).
+inline void reduce_into(const __m256* v, int n, float* o) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, reduce8(v + i));
+  if (i + 4 <= n) {
+    const __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(v[i], v[i + 1]), _mm256_hadd_ps(v[i + 2], v[i + 3]));
+    _mm_storeu_ps(o + i, _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+    i += 4;
+  }
+  for (; i < n; ++i) o[i] = reduce1(v[i]);
+}
+
+// Keeps v in a register (as in dot_avx512.h: otherwise each FMA reloads x from memory).
+inline void in_register(__m256& v) { asm("" : "+x"(v)); }
+
+// acc[m][r] += x[m][k] W[r][k] over k in [0, n): x rows ldx apart, weight rows ldw apart, W's elements converted
+// by Load (fp32 or int8). Each weight vector loaded serves all M rows; with PF, the weight lines PREFETCH bytes
+// ahead are requested once per 64 bytes.
+template <int R, int M, bool PF, class T, class Load>
+inline void fma_rows(const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t n, __m256 (&acc)[M][R], Load load) {
+  constexpr int64_t LINE = 64 / sizeof(T);  // elements per cache line
+  auto step = [&](int64_t k) {
+    __m256 xv[M];
+    for (int m = 0; m < M; ++m) in_register(xv[m] = _mm256_loadu_ps(x + m * ldx + k));
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load(w + r * ldw + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + LINE <= n; k += LINE) {
+    if (PF)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + PREFETCH, _MM_HINT_T0);
+    for (int64_t j = 0; j < LINE; j += 8) step(k + j);
+  }
+  for (; k + 8 <= n; k += 8) step(k);
+  if (k < n) {  // the tail: missing lanes are 0 in x and in W
+    const __m256i mask = lanes_below(n - k);
+    __m256 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm256_maskload_ps(x + m * ldx + k, mask);
+    for (int r = 0; r < R; ++r) {
+      alignas(32) T tail[8] = {};
+      std::copy(w + r * ldw + k, w + r * ldw + n, tail);
+      const __m256 wv = load(tail);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+}
+
+template <int R, int M>
+inline void zero(__m256 (&acc)[M][R]) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+}
+
+// M x rows (stride K) against R weight rows: o[m * R + r] = sum_k x[m][k] W[r][k].
+template <int R, int M>
+inline void dense_dot(const float* x, const float* w, int64_t K, float* o) {
+  __m256 acc[M][R];
+  zero(acc);
+  fma_rows<R, M, true>(x, K, w, K, K, acc, [](const float* p) { return _mm256_loadu_ps(p); });
+  reduce_into(&acc[0][0], M * R, o);
+}
+
+template <int R, int M>
+inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
+  __m256 acc[M][R];
+  zero(acc);
+  fma_rows<R, M, true>(x, K, w, K, K, acc, [](const int8_t* p) { return load_i8(p); });
+  reduce_into(&acc[0][0], M * R, o);
+}
+
+constexpr int64_t SPAN = 256;  // int4: weights of each row dequantized into L1 at a time (R x 4 KiB at R = 4)
+
+// Chunks c0 .. c1 - 1 of one int4 row (16 bytes each, CHUNK order) as fp32 into out: levels[q] s - zs of each
+// chunk's group, one rounding (an FMA, as dot_avx512.h's tables: both give the same weights). LEVELS false:
+// levels 0 .. 15, converted from the codes; else a 16-entry table (L) in two registers, the code's bit 3
+// picking one. Z null: no zero points.
+template <bool LEVELS>
+inline void dequantize_chunks(const uint8_t* w, int64_t c0, int64_t c1, int64_t group, const float* S, const float* Z,
+                              const float* L, float* out) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  const int64_t per_group = group / CHUNK;
+  int64_t g = c0 / per_group, left = (g + 1) * per_group - c0;  // chunks of group g from c0 on
+  __m256 s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f), t0, t1;
+  if (LEVELS) t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
+  for (int64_t c = c0; c < c1; ++c, out += CHUNK) {
+    if (left-- == 0) {
+      ++g, left = per_group - 1;
+      s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f);
+      if (LEVELS) t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
+    }
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * (CHUNK / 2)));
+    const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));  // bytes 0-7, 8-15
+    const __m256i q[4] = {_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4), _mm256_srli_epi32(lo, 4),
+                          _mm256_srli_epi32(hi, 4)};  // k = 0-7, 8-15, 16-23, 24-31
+    for (int v = 0; v < 4; ++v) {
+      if (LEVELS) {
+        const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q[v], 28));  // bit 3 to the sign
+        _mm256_storeu_ps(out + 8 * v, _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, q[v]),
+                                                       _mm256_permutevar8x32_ps(t1, q[v]), pick));
+      } else {
+        _mm256_storeu_ps(out + 8 * v, _mm256_fmsub_ps(_mm256_cvtepi32_ps(q[v]), s, z));
+      }
+    }
+  }
+}
+
+// One x row against R int4 rows: the weights dequantized in registers, chunk by chunk, with no buffer (a store
+// and a load fewer per 8 weights). The same weights and the same FMA order as the buffered path of int4_dot,
+// so the same sums: a decode step's row equals that row of a verify pass.
+template <int R, bool LEVELS>
+inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                         const float* L, __m256 (&acc)[1][R]) {
+  const int64_t G = K / group, per_group = group / CHUNK, rowbytes = K / 2;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  alignas(32) float table[R][16];  // LEVELS: each row's 16 weights of the group
+  for (int64_t g = 0; g < G; ++g) {
+    if (LEVELS)
+      for (int r = 0; r < R; ++r) {
+        const __m256 s = _mm256_set1_ps(S[r * G + g]), z = _mm256_set1_ps(Z ? Z[r * G + g] : 0.f);
+        _mm256_store_ps(table[r], _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z));
+        _mm256_store_ps(table[r] + 8, _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z));
+      }
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      if ((c & 3) == 0)  // four chunks per cache line
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * rowbytes + c * (CHUNK / 2)) + PREFETCH, _MM_HINT_T0);
+      __m256 xv[4];
+      for (int v = 0; v < 4; ++v) in_register(xv[v] = _mm256_loadu_ps(x + c * CHUNK + 8 * v));
+      for (int r = 0; r < R; ++r) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rowbytes + c * (CHUNK / 2)));
+        const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+        const __m256i q[4] = {_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4), _mm256_srli_epi32(lo, 4),
+                              _mm256_srli_epi32(hi, 4)};
+        for (int v = 0; v < 4; ++v) {
+          __m256 wv;
+          if (LEVELS) {
+            const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q[v], 28));
+            wv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(table[r]), q[v]),
+                                  _mm256_permutevar8x32_ps(_mm256_load_ps(table[r] + 8), q[v]), pick);
+          } else {
+            wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(q[v]), _mm256_set1_ps(S[r * G + g]),
+                                 _mm256_set1_ps(Z ? Z[r * G + g] : 0.f));
+          }
+          acc[0][r] = _mm256_fmadd_ps(wv, xv[v], acc[0][r]);
+        }
+      }
+    }
+  }
+}
+
+// int4 rows (K / 2 bytes each, CHUNK order): o[m * R + r] = sum_k x[m][k] W[r][k] with W = levels[q] s - zs.
+// SPAN weights of the R rows are dequantized into a buffer, then multiplied as dense rows: the accumulators stay
+// the same across spans, so the sum order is dense_dot's (one x row: int4_one_row, the same sums). Z null: no
+// zero points; L null: levels 0 .. 15.
+template <int R, int M>
+inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                     const float* L, float* o) {
+  const int64_t G = K / group, rowbytes = K / 2;
+  __m256 acc[M][R];
+  zero(acc);
+  if constexpr (M == 1) {
+    if (L) {
+      int4_one_row<R, true>(x, w, K, group, S, Z, L, acc);
+    } else {
+      int4_one_row<R, false>(x, w, K, group, S, Z, L, acc);
+    }
+    reduce_into(&acc[0][0], R, o);
+    return;
+  }
+  alignas(32) float buf[R][SPAN];
+  for (int64_t k0 = 0; k0 < K; k0 += SPAN) {
+    const int64_t n = std::min(SPAN, K - k0);  // a multiple of CHUNK
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * rowbytes;
+      for (int64_t b = k0 / 2; b < (k0 + n) / 2; b += 64)  // (the codes' lines PREFETCH bytes ahead)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + b) + PREFETCH, _MM_HINT_T0);
+      const float* Zr = Z ? Z + r * G : nullptr;
+      if (L) {
+        dequantize_chunks<true>(wr, k0 / CHUNK, (k0 + n) / CHUNK, group, S + r * G, Zr, L, buf[r]);
+      } else {
+        dequantize_chunks<false>(wr, k0 / CHUNK, (k0 + n) / CHUNK, group, S + r * G, Zr, L, buf[r]);
+      }
+    }
+    fma_rows<R, M, false>(x + k0, K, &buf[0][0], SPAN, n, acc, [](const float* p) { return _mm256_load_ps(p); });
+  }
+  reduce_into(&acc[0][0], M * R, o);
+}
+
+}  // namespace clrt
