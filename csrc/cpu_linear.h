@@ -46,6 +46,10 @@ inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* 
 // scores each token exactly as a decode step would.
 template <int R>
 inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, float* out) {
+  if (DENSE_ROW_AT_A_TIME && M == 1 && R > 1 && l.kind == DENSE) {  // (the same sums as one R-row tile)
+    for (int r = 0; r < R; ++r) tile<1, 1>(l, x, 0, n + r, out);
+    return;
+  }
   int64_t m = 0;
   if (l.kind == INT4) {
     for (; m + INT4_XROWS <= M; m += INT4_XROWS) tile<R, INT4_XROWS>(l, x, m, n, out);

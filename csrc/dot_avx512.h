@@ -8,6 +8,7 @@ namespace clrt {
 
 constexpr int XROWS = 6;       // x rows per tile: XROWS x ROWS accumulators in registers
 constexpr int INT4_XROWS = 2;  // (int4: two accumulators per output)
+constexpr bool DENSE_ROW_AT_A_TIME = false;  // (see dot_avx2.h)
 
 inline __m512 load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 
