@@ -120,55 +120,66 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
 
 constexpr int64_t SPAN = 256;  // int4: weights of each row dequantized into L1 at a time (R x 4 KiB at R = 4)
 
+// The 32 codes of one chunk (16 bytes at b, CHUNK order) as 4 vectors of 8: k = 0-7, 8-15, 16-23, 24-31.
+inline void chunk_codes(const uint8_t* b, __m256i (&q)[4]) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));  // 0-7, 8-15
+  q[0] = _mm256_and_si256(lo, low4), q[1] = _mm256_and_si256(hi, low4);
+  q[2] = _mm256_srli_epi32(lo, 4), q[3] = _mm256_srli_epi32(hi, 4);
+}
+
+// A group's 16 weights levels[j] s - z (one rounding, as dot_avx512.h's tables) as two vectors: j = 0-7, 8-15.
+inline void level_table(const float* L, __m256 s, __m256 z, __m256& t0, __m256& t1) {
+  t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
+}
+
+// The weights of 8 codes q: LEVELS, looked up in level_table's t0 / t1 (the code's bit 3 picks one); else the
+// levels 0 .. 15 themselves, q s - z (one rounding: the same weights as a table of them).
+template <bool LEVELS>
+inline __m256 weights_of(__m256i q, __m256 s, __m256 z, __m256 t0, __m256 t1) {
+  if (LEVELS) {
+    const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 to the sign
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, q), _mm256_permutevar8x32_ps(t1, q), pick);
+  }
+  return _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), s, z);
+}
+
 // Chunks c0 .. c1 - 1 of one int4 row (16 bytes each, CHUNK order) as fp32 into out: levels[q] s - zs of each
-// chunk's group, one rounding (an FMA, as dot_avx512.h's tables: both give the same weights). LEVELS false:
-// levels 0 .. 15, converted from the codes; else a 16-entry table (L) in two registers, the code's bit 3
-// picking one. Z null: no zero points.
+// chunk's group (weights_of; LEVELS: the table L). Z null: no zero points.
 template <bool LEVELS>
 inline void dequantize_chunks(const uint8_t* w, int64_t c0, int64_t c1, int64_t group, const float* S, const float* Z,
                               const float* L, float* out) {
-  const __m256i low4 = _mm256_set1_epi32(15);
   const int64_t per_group = group / CHUNK;
   int64_t g = c0 / per_group, left = (g + 1) * per_group - c0;  // chunks of group g from c0 on
-  __m256 s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f), t0, t1;
-  if (LEVELS) t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
+  __m256 s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f), t0 = s, t1 = s;
+  if (LEVELS) level_table(L, s, z, t0, t1);
   for (int64_t c = c0; c < c1; ++c, out += CHUNK) {
     if (left-- == 0) {
       ++g, left = per_group - 1;
       s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f);
-      if (LEVELS) t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
+      if (LEVELS) level_table(L, s, z, t0, t1);
     }
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * (CHUNK / 2)));
-    const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));  // bytes 0-7, 8-15
-    const __m256i q[4] = {_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4), _mm256_srli_epi32(lo, 4),
-                          _mm256_srli_epi32(hi, 4)};  // k = 0-7, 8-15, 16-23, 24-31
-    for (int v = 0; v < 4; ++v) {
-      if (LEVELS) {
-        const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q[v], 28));  // bit 3 to the sign
-        _mm256_storeu_ps(out + 8 * v, _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, q[v]),
-                                                       _mm256_permutevar8x32_ps(t1, q[v]), pick));
-      } else {
-        _mm256_storeu_ps(out + 8 * v, _mm256_fmsub_ps(_mm256_cvtepi32_ps(q[v]), s, z));
-      }
-    }
+    __m256i q[4];
+    chunk_codes(w + c * (CHUNK / 2), q);
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, weights_of<LEVELS>(q[v], s, z, t0, t1));
   }
 }
 
 // One x row against R int4 rows: the weights dequantized in registers, chunk by chunk, with no buffer (a store
-// and a load fewer per 8 weights). The same weights and the same FMA order as the buffered path of int4_dot,
-// so the same sums: a decode step's row equals that row of a verify pass.
+// and a load fewer per 8 weights). The same weights (weights_of) and the same FMA order as the buffered path of
+// int4_dot, so the same sums: a decode step's row equals that row of a verify pass.
 template <int R, bool LEVELS>
 inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
                          const float* L, __m256 (&acc)[1][R]) {
   const int64_t G = K / group, per_group = group / CHUNK, rowbytes = K / 2;
-  const __m256i low4 = _mm256_set1_epi32(15);
-  alignas(32) float table[R][16];  // LEVELS: each row's 16 weights of the group
+  alignas(32) float table[R][16];  // LEVELS: each row's 16 weights of the group (in L1: registers are short)
   for (int64_t g = 0; g < G; ++g) {
     if (LEVELS)
       for (int r = 0; r < R; ++r) {
-        const __m256 s = _mm256_set1_ps(S[r * G + g]), z = _mm256_set1_ps(Z ? Z[r * G + g] : 0.f);
-        _mm256_store_ps(table[r], _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z));
-        _mm256_store_ps(table[r] + 8, _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z));
+        __m256 t0, t1;
+        level_table(L, _mm256_set1_ps(S[r * G + g]), _mm256_set1_ps(Z ? Z[r * G + g] : 0.f), t0, t1);
+        _mm256_store_ps(table[r], t0), _mm256_store_ps(table[r] + 8, t1);
       }
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
       if ((c & 3) == 0)  // four chunks per cache line
@@ -177,20 +188,12 @@ inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t gr
       __m256 xv[4];
       for (int v = 0; v < 4; ++v) in_register(xv[v] = _mm256_loadu_ps(x + c * CHUNK + 8 * v));
       for (int r = 0; r < R; ++r) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rowbytes + c * (CHUNK / 2)));
-        const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-        const __m256i q[4] = {_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4), _mm256_srli_epi32(lo, 4),
-                              _mm256_srli_epi32(hi, 4)};
+        __m256i q[4];
+        chunk_codes(w + r * rowbytes + c * (CHUNK / 2), q);
+        const __m256 s = _mm256_set1_ps(S[r * G + g]), z = _mm256_set1_ps(Z ? Z[r * G + g] : 0.f);
         for (int v = 0; v < 4; ++v) {
-          __m256 wv;
-          if (LEVELS) {
-            const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q[v], 28));
-            wv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(table[r]), q[v]),
-                                  _mm256_permutevar8x32_ps(_mm256_load_ps(table[r] + 8), q[v]), pick);
-          } else {
-            wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(q[v]), _mm256_set1_ps(S[r * G + g]),
-                                 _mm256_set1_ps(Z ? Z[r * G + g] : 0.f));
-          }
+          const __m256 wv = LEVELS ? weights_of<true>(q[v], s, z, _mm256_load_ps(table[r]), _mm256_load_ps(table[r] + 8))
+                                   : weights_of<false>(q[v], s, z, s, s);
           acc[0][r] = _mm256_fmadd_ps(wv, xv[v], acc[0][r]);
         }
       }
