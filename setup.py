@@ -66,8 +66,8 @@ setup(
         "plots": ["matplotlib>=3.5"],
         # `codellama-rt serve` (the OpenAI-compatible HTTP server); without it serve says how to get it
         "serve": SERVE,
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "matplotlib>=3.5",
-                 "ruff>=0.5", "openai>=1.40", "httpx>=0.27", *SERVE],
+        "test": ["pytest>=8", "pytest-xdist>=3.2", "pytest-benchmark", "hypothesis", "transformers>=4.45",
+                 "matplotlib>=3.5", "ruff>=0.5", "openai>=1.40", "httpx>=0.27", *SERVE],
     },
     entry_points={"console_scripts": ["codellama-rt=codellama_rt.cli:main"]},
     **native_extension(),

@@ -35,6 +35,7 @@ check_triton_version(triton.__version__)
 import numpy as np  # noqa: E402  (after the version check: the names below are Triton-version specific)
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
+import triton.language.core as _tl_core  # noqa: E402,F401  (in this module's globals: see _every_language)
 import triton.runtime.interpreter as _interpreter  # noqa: E402
 from triton._C.libtriton import ir as _ir  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang  # noqa: E402
@@ -44,29 +45,34 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 _device_fns: dict = {}  # a device function -> its interpreted form
 
 
+def _every_language():
+    """Nothing: its globals (this module's) hold both triton.language and triton.language.core, the modules a
+    kernel or a device function can reach the language through, so `_patch_lang` of it patches them all."""
+
+
 @contextmanager
 def _device_calls_interpreted():
     """While an interpreted grid runs, make `triton.jit` device functions the kernel calls (tl.sum, tl.max,
     tl.sigmoid, our own helpers) run interpreted too: outside TRITON_INTERPRET=1 they are JITFunctions,
-    whose __call__ raises "Cannot call @triton.jit'd outside of the scope of a kernel". Each call patches
-    the language for the callee's module and restores it on return (LIFO inside the grid's own patch)."""
+    whose __call__ raises "Cannot call @triton.jit'd outside of the scope of a kernel". The language is
+    patched once for the whole grid, through every module a function can name it by (the interpreter's own
+    device calls re-patch and restore it at each call: a third of a decode step's time in the interpreter);
+    the grid's own patch nests inside this one."""
     original = JITFunction.__call__
 
     def call(jit_fn, *args, **kwargs):
         fn = jit_fn.fn
         if fn not in _device_fns:
             _device_fns[fn] = InterpretedFunction(fn).rewrite()
-        scope = _patch_lang(fn)
-        try:
-            return _device_fns[fn](*args, **kwargs)
-        finally:
-            scope.restore()
+        return _device_fns[fn](*args, **kwargs)
 
+    scope = _patch_lang(_every_language)
     JITFunction.__call__ = call
     try:
         yield
     finally:
         JITFunction.__call__ = original
+        scope.restore()
 
 
 _convert_float = _interpreter._convert_float

@@ -9,4 +9,6 @@ bash scripts/setup.sh --test
   || echo "bitsandbytes/accelerate unavailable: their oracle tests will be skipped"
 # .venv/bin/pytest, not `python -m pytest`: that puts the working directory first on sys.path, where this
 # repository's kernels/ would shadow the PyPI package `kernels` that transformers imports
-exec .venv/bin/pytest -q "$@"
+# Tests run in parallel processes (pytest-xdist), one per core up to 4, handed out as workers free up; pass
+# `-n 0` to run them in this process.
+exec .venv/bin/pytest -q -n auto --maxprocesses 4 --dist worksteal "$@"

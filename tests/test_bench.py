@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -530,7 +531,10 @@ def test_pytest_benchmark_suite_saves_a_json_named_after_the_card(tmp_path):
         pytest.skip(f"no pytest script beside {sys.executable}")
     cmd = [str(script), "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider", "--benchmark-min-rounds=1",
            "--benchmark-max-time=0", "--benchmark-warmup=off", f"--benchmark-storage=file://{tmp_path}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # not as an xdist worker (the suite runs under xdist): pytest-benchmark reads PYTEST_XDIST_WORKER and then
+    # refuses --benchmark-only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     saved = list(tmp_path.rglob("*.json"))
     slug = card_slug({"card": card_name()})

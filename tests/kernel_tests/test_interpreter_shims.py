@@ -47,3 +47,27 @@ def test_kernels_import_and_compile_ahead_of_time_without_the_shims():
         "assert 'codellama_rt.kernels._interpreter_shims' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_launch_leaves_the_language_as_it_found_it():
+    """The shims patch triton.language (and .core, .math) for a whole grid, device functions included
+    (tl.sum reaches the language through triton.language.core); after the launch every name is the
+    original again, and the kernel's result is right."""
+    import torch
+    import triton.language as tl
+
+    from codellama_rt.kernels import rms_norm
+
+    modules = (tl, tl.core, tl.math, tl.core.tensor)
+
+    def snapshot():
+        return {(id(m), n): getattr(m, n) for m in modules for n in dir(m) if not n.startswith("__")}
+
+    before = snapshot()
+    x, w = torch.randn(3, 40), torch.rand(40)
+    torch.testing.assert_close(rms_norm.rms_norm(x, w, 1e-5), rms_norm.rms_norm_ref(x, w, 1e-5),
+                               rtol=1e-5, atol=1e-6)
+    after = snapshot()
+    assert after.keys() == before.keys()
+    changed = [name for key, name in ((k, k[1]) for k in before) if after[key] is not before[key]]
+    assert not changed, changed
