@@ -114,13 +114,16 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,  # q [B,H,T,D], k [B
                           HALF, BLOCK_H, BLOCK_HALF)
 
 
-def rotary_settings(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+def rotary_settings(n_heads: int, n_kv_heads: int, head_dim: int, on_cuda: bool = True) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_HALF, num_warps): a program rotates BLOCK_H heads x BLOCK_HALF (>= D/2) pairs of one
     token. BLOCK_H is the smaller head count (rounded up to a power of two), so for GQA the q and k blocks
     are both full, capped at 2048 pairs per program; one warp per 256 pairs (at most 4) gives each thread
-    8-16 contiguous pairs (16-byte bf16 loads) once the tile has 256 or more."""
+    8-16 contiguous pairs (16-byte bf16 loads) once the tile has 256 or more. Off CUDA (Triton's
+    interpreter, which pays per program, not per byte) BLOCK_H is the larger head count, under the same cap:
+    one program for q and one for k where they fit (the k block then masked for GQA)."""
     block_half = next_power_of_2(head_dim // 2)
-    block_h = min(next_power_of_2(min(n_heads, n_kv_heads)), max(1, 2048 // block_half))
+    heads = min(n_heads, n_kv_heads) if on_cuda else max(n_heads, n_kv_heads)
+    block_h = min(next_power_of_2(heads), max(1, 2048 // block_half))
     num_warps = max(1, min(4, block_h * block_half // 256))
     return block_h, block_half, num_warps
 
@@ -210,10 +213,10 @@ def _check_cache(q, k, cache) -> tuple:
             v_cache.stride(2))
 
 
-def _prepare(q, k, cos, sin, positions, cache=None):
+def _prepare(q, k, cos, sin, positions, cache=None, on_cuda=None):
     """Check the arguments and build the launch (grid, args, constexprs, num_warps), or None when there
-    is nothing to rotate. cache: (v, k_cache, v_cache, slots) for `rotary_to_cache`. Runs on meta tensors
-    too (see `aot_configs`)."""
+    is nothing to rotate. cache: (v, k_cache, v_cache, slots) for `rotary_to_cache`. on_cuda: the tiling's
+    target (None: q's device). Runs on meta tensors too (see `aot_configs`)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"rotary: q dtype {q.dtype} is not supported; expected float32, float16 or bfloat16")
     if k.dtype != q.dtype:
@@ -245,7 +248,7 @@ def _prepare(q, k, cos, sin, positions, cache=None):
     cache_args = _check_cache(q, k, cache) if cache is not None else (q, q, q, positions) + (0,) * 9
     if B * T == 0 or H + Hkv == 0:
         return None
-    block_h, block_half, num_warps = rotary_settings(H, Hkv, D)
+    block_h, block_half, num_warps = rotary_settings(H, Hkv, D, q.is_cuda if on_cuda is None else on_cuda)
     n_q_blocks = cdiv(H, block_h)
     grid = (B * T, n_q_blocks + cdiv(Hkv, block_h))
     args = (q, k, cos, sin, positions, T, H, Hkv, n_q_blocks,
@@ -278,6 +281,6 @@ def aot_configs(models) -> list[LaunchConfig]:
                     v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
                     cache = (v, data[0], data[1], torch.empty(B, dtype=torch.int64, device="meta"))
                     label += " to cache"
-                grid, args, constexprs, num_warps = _prepare(q, k, cos, cos, positions, cache)
+                grid, args, constexprs, num_warps = _prepare(q, k, cos, cos, positions, cache, on_cuda=True)
                 configs[label] = launch_config(_rotary_kernel, args, constexprs, num_warps=num_warps, label=label)
     return list(configs.values())
