@@ -12,7 +12,7 @@
 namespace clrt {
 
 constexpr int XROWS = 3;       // x rows per tile (dense, int8, int4)
-constexpr int INT4_XROWS = 3;  // (int4 dequantizes a span of its rows first: the same register budget as dense)
+constexpr int INT4_XROWS = 3;
 // One x row against fp32 weights (decode, bound by memory bandwidth) reads the weight rows one at a time, one
 // sequential stream: the 7.7M model's fp32 step took 1.7 ms instead of 2.5 on a Zen 3 EPYC (its 31 MB of
 // weights come from DRAM; four rows side by side stream slower). int8 / int4 rows are bound by their
@@ -134,53 +134,45 @@ inline void level_table(const float* L, __m256 s, __m256 z, __m256& t0, __m256& 
   t0 = _mm256_fmsub_ps(_mm256_loadu_ps(L), s, z), t1 = _mm256_fmsub_ps(_mm256_loadu_ps(L + 8), s, z);
 }
 
-// The weights of 8 codes q: LEVELS, looked up in level_table's t0 / t1 (the code's bit 3 picks one); else the
-// levels 0 .. 15 themselves, q s - z (one rounding: the same weights as a table of them).
-template <bool LEVELS>
-inline __m256 weights_of(__m256i q, __m256 s, __m256 z, __m256 t0, __m256 t1) {
-  if (LEVELS) {
-    const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 to the sign
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, q), _mm256_permutevar8x32_ps(t1, q), pick);
-  }
-  return _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), s, z);
+// The weights of 8 codes q, looked up in level_table's t0 / t1 (the code's bit 3 picks one).
+inline __m256 weights_of(__m256i q, __m256 t0, __m256 t1) {
+  const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 to the sign
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, q), _mm256_permutevar8x32_ps(t1, q), pick);
 }
 
 // Chunks c0 .. c1 - 1 of one int4 row (16 bytes each, CHUNK order) as fp32 into out: levels[q] s - zs of each
-// chunk's group (weights_of; LEVELS: the table L). Z null: no zero points.
-template <bool LEVELS>
+// chunk's group (weights_of the table L). Z null: no zero points.
 inline void dequantize_chunks(const uint8_t* w, int64_t c0, int64_t c1, int64_t group, const float* S, const float* Z,
                               const float* L, float* out) {
   const int64_t per_group = group / CHUNK;
   int64_t g = c0 / per_group, left = (g + 1) * per_group - c0;  // chunks of group g from c0 on
-  __m256 s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f), t0 = s, t1 = s;
-  if (LEVELS) level_table(L, s, z, t0, t1);
+  __m256 t0, t1;
+  level_table(L, _mm256_set1_ps(S[g]), _mm256_set1_ps(Z ? Z[g] : 0.f), t0, t1);
   for (int64_t c = c0; c < c1; ++c, out += CHUNK) {
     if (left-- == 0) {
       ++g, left = per_group - 1;
-      s = _mm256_set1_ps(S[g]), z = _mm256_set1_ps(Z ? Z[g] : 0.f);
-      if (LEVELS) level_table(L, s, z, t0, t1);
+      level_table(L, _mm256_set1_ps(S[g]), _mm256_set1_ps(Z ? Z[g] : 0.f), t0, t1);
     }
     __m256i q[4];
     chunk_codes(w + c * (CHUNK / 2), q);
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, weights_of<LEVELS>(q[v], s, z, t0, t1));
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, weights_of(q[v], t0, t1));
   }
 }
 
-// One x row against R int4 rows: the weights dequantized in registers, chunk by chunk, with no buffer (a store
-// and a load fewer per 8 weights). The same weights (weights_of) and the same FMA order as the buffered path of
-// int4_dot, so the same sums: a decode step's row equals that row of a verify pass.
-template <int R, bool LEVELS>
+// One x row against R int4 rows with a table of levels: the weights looked up in registers, chunk by chunk,
+// with no buffer (a store and a load fewer per 8 weights). The same weights (weights_of) and the same FMA order
+// as the buffered path of int4_dot, so the same sums: a decode step's row equals that row of a verify pass.
+template <int R>
 inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
                          const float* L, __m256 (&acc)[1][R]) {
   const int64_t G = K / group, per_group = group / CHUNK, rowbytes = K / 2;
-  alignas(32) float table[R][16];  // LEVELS: each row's 16 weights of the group (in L1: registers are short)
+  alignas(32) float table[R][16];  // each row's 16 weights of the group (in L1: registers are short)
   for (int64_t g = 0; g < G; ++g) {
-    if (LEVELS)
-      for (int r = 0; r < R; ++r) {
-        __m256 t0, t1;
-        level_table(L, _mm256_set1_ps(S[r * G + g]), _mm256_set1_ps(Z ? Z[r * G + g] : 0.f), t0, t1);
-        _mm256_store_ps(table[r], t0), _mm256_store_ps(table[r] + 8, t1);
-      }
+    for (int r = 0; r < R; ++r) {
+      __m256 t0, t1;
+      level_table(L, _mm256_set1_ps(S[r * G + g]), _mm256_set1_ps(Z ? Z[r * G + g] : 0.f), t0, t1);
+      _mm256_store_ps(table[r], t0), _mm256_store_ps(table[r] + 8, t1);
+    }
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
       if ((c & 3) == 0)  // four chunks per cache line
         for (int r = 0; r < R; ++r)
@@ -190,10 +182,8 @@ inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t gr
       for (int r = 0; r < R; ++r) {
         __m256i q[4];
         chunk_codes(w + r * rowbytes + c * (CHUNK / 2), q);
-        const __m256 s = _mm256_set1_ps(S[r * G + g]), z = _mm256_set1_ps(Z ? Z[r * G + g] : 0.f);
         for (int v = 0; v < 4; ++v) {
-          const __m256 wv = LEVELS ? weights_of<true>(q[v], s, z, _mm256_load_ps(table[r]), _mm256_load_ps(table[r] + 8))
-                                   : weights_of<false>(q[v], s, z, s, s);
+          const __m256 wv = weights_of(q[v], _mm256_load_ps(table[r]), _mm256_load_ps(table[r] + 8));
           acc[0][r] = _mm256_fmadd_ps(wv, xv[v], acc[0][r]);
         }
       }
@@ -201,22 +191,86 @@ inline void int4_one_row(const float* x, const uint8_t* w, int64_t K, int64_t gr
   }
 }
 
+// int4 with the levels 0 .. 15 (no table): sum_k x[k] (q[k] s - zs) = sum_g (s_g sum_{k in g} q[k] x[k] - zs_g
+// sum_{k in g} x[k]). The codes convert exactly, one FMA per 8 weights and x row; s and zs are applied once
+// per group, lane by lane, so each output is summed in one order whatever M (a decode step's row equals that
+// row of a verify pass). ZS: zero points given (else zs = 0). M <= 2: the group's partial sums, x sums and
+// accumulators of M = 3 would not fit the 16 registers (spilled, a verify pass took 1.5x as long as two tiles).
+template <int R, int M, bool ZS>
+inline void int4_linear_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
+                            float* o) {
+  static_assert(M <= 2, "int4_linear_dot: at most 2 x rows");
+  const int64_t G = K / group, rowbytes = K / 2;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  __m256 acc[M][R];
+  zero(acc);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 part[M][R], xs[M];
+    zero(part);
+    for (int m = 0; m < M; ++m) xs[m] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += CHUNK) {
+      const uint8_t* b = w + k / 2;  // this chunk's 16 bytes in row 0
+      if ((k & 127) == 0)  // a line of codes per 128 weights
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(b + r * rowbytes) + PREFETCH, _MM_HINT_T0);
+      for (int v = 0; v < 4; ++v) {  // weights k + 8v ..: low nibbles of bytes 0-7, 8-15, then the high ones
+        __m256 xv[M];
+        for (int m = 0; m < M; ++m) {
+          in_register(xv[m] = _mm256_loadu_ps(x + m * K + k + 8 * v));
+          if (ZS) xs[m] = _mm256_add_ps(xs[m], xv[m]);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i bytes =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + r * rowbytes + (v & 1) * 8)));
+          const __m256 wv = _mm256_cvtepi32_ps(v < 2 ? _mm256_and_si256(bytes, low4) : _mm256_srli_epi32(bytes, 4));
+          for (int m = 0; m < M; ++m) part[m][r] = _mm256_fmadd_ps(wv, xv[m], part[m][r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(S[r * G + g]);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(s, part[m][r], acc[m][r]);
+      if (ZS) {
+        const __m256 z = _mm256_set1_ps(Z[r * G + g]);
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fnmadd_ps(z, xs[m], acc[m][r]);
+      }
+    }
+  }
+  reduce_into(&acc[0][0], M * R, o);
+}
+
+// int4_linear_dot of M x rows (o[m * R + r]), two at a time.
+template <int R, int M, bool ZS>
+inline void int4_linear_rows(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S,
+                             const float* Z, float* o) {
+  if constexpr (M > 2) {
+    int4_linear_dot<R, 2, ZS>(x, w, K, group, S, Z, o);
+    int4_linear_rows<R, M - 2, ZS>(x + 2 * K, w, K, group, S, Z, o + 2 * R);
+  } else {
+    int4_linear_dot<R, M, ZS>(x, w, K, group, S, Z, o);
+  }
+}
+
 // int4 rows (K / 2 bytes each, CHUNK order): o[m * R + r] = sum_k x[m][k] W[r][k] with W = levels[q] s - zs.
-// SPAN weights of the R rows are dequantized into a buffer, then multiplied as dense rows: the accumulators stay
-// the same across spans, so the sum order is dense_dot's (one x row: int4_one_row, the same sums). Z null: no
-// zero points; L null: levels 0 .. 15.
+// L null (levels 0 .. 15): int4_linear_dot. With a table (NF4), SPAN weights of the R rows are dequantized into
+// a buffer, then multiplied as dense rows: the accumulators stay the same across spans, so the sum order is
+// dense_dot's (one x row: int4_one_row, the same sums). Z null: no zero points.
 template <int R, int M>
 inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group, const float* S, const float* Z,
                      const float* L, float* o) {
+  if (!L) {
+    if (Z) {
+      int4_linear_rows<R, M, true>(x, w, K, group, S, Z, o);
+    } else {
+      int4_linear_rows<R, M, false>(x, w, K, group, S, Z, o);
+    }
+    return;
+  }
   const int64_t G = K / group, rowbytes = K / 2;
   __m256 acc[M][R];
   zero(acc);
   if constexpr (M == 1) {
-    if (L) {
-      int4_one_row<R, true>(x, w, K, group, S, Z, L, acc);
-    } else {
-      int4_one_row<R, false>(x, w, K, group, S, Z, L, acc);
-    }
+    int4_one_row<R>(x, w, K, group, S, Z, L, acc);
     reduce_into(&acc[0][0], R, o);
     return;
   }
@@ -228,11 +282,7 @@ inline void int4_dot(const float* x, const uint8_t* w, int64_t K, int64_t group,
       for (int64_t b = k0 / 2; b < (k0 + n) / 2; b += 64)  // (the codes' lines PREFETCH bytes ahead)
         _mm_prefetch(reinterpret_cast<const char*>(wr + b) + PREFETCH, _MM_HINT_T0);
       const float* Zr = Z ? Z + r * G : nullptr;
-      if (L) {
-        dequantize_chunks<true>(wr, k0 / CHUNK, (k0 + n) / CHUNK, group, S + r * G, Zr, L, buf[r]);
-      } else {
-        dequantize_chunks<false>(wr, k0 / CHUNK, (k0 + n) / CHUNK, group, S + r * G, Zr, L, buf[r]);
-      }
+      dequantize_chunks(wr, k0 / CHUNK, (k0 + n) / CHUNK, group, S + r * G, Zr, L, buf[r]);
     }
     fma_rows<R, M, false>(x + k0, K, &buf[0][0], SPAN, n, acc, [](const float* p) { return _mm256_load_ps(p); });
   }
