@@ -69,5 +69,5 @@ def test_a_launch_leaves_the_language_as_it_found_it():
                                rtol=1e-5, atol=1e-6)
     after = snapshot()
     assert after.keys() == before.keys()
-    changed = [name for key, name in ((k, k[1]) for k in before) if after[key] is not before[key]]
+    changed = [key[1] for key in before if after[key] is not before[key]]
     assert not changed, changed
