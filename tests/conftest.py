@@ -25,7 +25,11 @@ TINY_VOCAB = 1000
 def pytest_collection_modifyitems(config, items):
     # experiment tests last: a kernel path that never ran on this GPU could leave the CUDA context broken
     # (an illegal address is sticky) and fail every test after it
-    items.sort(key=lambda item: "experiment" in item.keywords)  # stable: the order within each group holds
+    # Under xdist (a worker has `workerinput`) slow tests go first among the rest, so that what is left at the
+    # end for a worker to take is short (else the whole-model interpreter runs, in test_t*.py files, ran last
+    # on one worker while the other idled). Stable: the order within each group holds.
+    slow_first = hasattr(config, "workerinput")
+    items.sort(key=lambda item: ("experiment" in item.keywords, not (slow_first and "slow" in item.keywords)))
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in items:
