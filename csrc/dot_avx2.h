@@ -12,7 +12,7 @@
 namespace clrt {
 
 constexpr int XROWS = 3;       // x rows per tile (dense, int8, int4)
-constexpr int INT4_XROWS = 3;
+constexpr int INT4_XROWS = 3;  // (with a table: buffered, as dense; without: int4_linear_rows, two at a time)
 // One x row against fp32 weights (decode, bound by memory bandwidth) reads the weight rows one at a time, one
 // sequential stream: the 7.7M model's fp32 step took 1.7 ms instead of 2.5 on a Zen 3 EPYC (its 31 MB of
 // weights come from DRAM; four rows side by side stream slower). int8 / int4 rows are bound by their
@@ -118,7 +118,7 @@ inline void int8_dot(const float* x, const int8_t* w, int64_t K, float* o) {
   reduce_into(&acc[0][0], M * R, o);
 }
 
-constexpr int64_t SPAN = 256;  // int4: weights of each row dequantized into L1 at a time (R x 4 KiB at R = 4)
+constexpr int64_t SPAN = 256;  // int4 with a table: weights of each row dequantized into L1 at a time (R x 1 KiB)
 
 // The 32 codes of one chunk (16 bytes at b, CHUNK order) as 4 vectors of 8: k = 0-7, 8-15, 16-23, 24-31.
 inline void chunk_codes(const uint8_t* b, __m256i (&q)[4]) {
