@@ -8,6 +8,8 @@
 
 #include "cpu_linear_base.h"
 
+#include <type_traits>
+
 #if CLRT_AVX512
 #include "dot_avx512.h"
 #elif CLRT_AVX2
@@ -70,15 +72,51 @@ inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, fl
 // into tasks costing more to hand out than to run.
 inline int64_t grain_blocks(int64_t K) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K * ROWS, 1)); }
 
-// out [M, N] = x [M, K] W^T (rows of out ldo apart where l.ldo is set).
-inline void apply(const Linear& l, const float* x, int64_t M, float* out) {
+// Every output row of the projection, in parallel blocks: rows(std::integral_constant<int, R>, n) computes
+// weight rows n .. n + R - 1 (R = ROWS, or 1 for the last few) against every x row.
+template <class Rows>
+inline void for_row_blocks(const Linear& l, Rows rows) {
   const int64_t blocks = (l.N + ROWS - 1) / ROWS;
   at::parallel_for(0, blocks, grain_blocks(l.K), [&](int64_t b0, int64_t b1) {
     const int64_t n1 = std::min(l.N, b1 * ROWS);
     int64_t n = b0 * ROWS;
-    for (; n + ROWS <= n1; n += ROWS) rows_block<ROWS>(l, x, M, n, out);
-    for (; n < n1; ++n) rows_block<1>(l, x, M, n, out);
+    for (; n + ROWS <= n1; n += ROWS) rows(std::integral_constant<int, ROWS>{}, n);
+    for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
   });
+}
+
+// INT8_X16: weight rows n .. n + R - 1 against x rows m0 .. m0 + M - 1, x rounded by quantize_x16.
+template <int R, int M>
+inline void tile_x16(const Linear& l, const int16_t* xq, const float* sx, int64_t m0, int64_t n, float* out) {
+  const int64_t K = l.K, Kp = x16_width(K), ldo = l.ldo ? l.ldo : l.N;
+  float o[M * R];
+  int8_x16_dot<R, M>(xq + m0 * Kp, sx + m0 * (Kp / X16_BLOCK), Kp, static_cast<const int8_t*>(l.w_p) + n * K, K, o);
+  const float* S = l.scale_p + n;
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) out[(m0 + m) * ldo + n + r] = o[m * R + r] * S[r];
+}
+
+// out [M, N] = x [M, K] W^T for INT8_X16: x rounded once, then X16_XROWS x rows at a time.
+inline void apply_x16(const Linear& l, const float* x, int64_t M, float* out) {
+  const int64_t Kp = x16_width(l.K);
+  std::vector<int16_t> xq(M * Kp);
+  std::vector<float> sx(M * (Kp / X16_BLOCK));
+  quantize_x16(x, M, l.K, xq.data(), sx.data());
+  for_row_blocks(l, [&](auto rows, int64_t n) {
+    constexpr int R = decltype(rows)::value;
+    int64_t m = 0;
+    for (; m + X16_XROWS <= M; m += X16_XROWS) tile_x16<R, X16_XROWS>(l, xq.data(), sx.data(), m, n, out);
+    for (; m < M; ++m) tile_x16<R, 1>(l, xq.data(), sx.data(), m, n, out);
+  });
+}
+
+// out [M, N] = x [M, K] W^T (rows of out ldo apart where l.ldo is set).
+inline void apply(const Linear& l, const float* x, int64_t M, float* out) {
+  if (l.kind == INT8_X16) {
+    apply_x16(l, x, M, out);
+    return;
+  }
+  for_row_blocks(l, [&](auto R, int64_t n) { rows_block<decltype(R)::value>(l, x, M, n, out); });
 }
 
 inline bool avx512() { return CLRT_AVX512; }

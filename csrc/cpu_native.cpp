@@ -1,5 +1,6 @@
 // Native CPU kernels of codellama-rt (kernels/cpu_native.py is their Python side and holds the references):
 //   linear_f32 / linear_int8 / linear_int4   x [M, K] fp32 -> [M, N] fp32 (the projections: cpu_linear.h)
+//   quantize_x16                             x rounded to int16 blocks, as linear_int8 with x16 takes it
 //   Decoder                                  a whole batch decode step of a Llama model, no per-op Python
 //
 // Checks raise c10::Error (a Python RuntimeError) naming the argument; the Python wrappers check first and
@@ -25,8 +26,18 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& w) {
   return linear(make_linear(DENSE, w, {}, {}, w.size(0), w.size(1), 0), x);
 }
 
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
-  return linear(make_linear(INT8, w, scale, {}, w.size(0), w.size(1), 0), x);
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, bool x16) {
+  return linear(make_linear(x16 ? INT8_X16 : INT8, w, scale, {}, w.size(0), w.size(1), 0), x);
+}
+
+// quantize_x16 of x fp32 [M, K]: (int16 [M, Kp], fp32 [M, Kp / 64]), what INT8_X16 rows multiply.
+std::tuple<torch::Tensor, torch::Tensor> quantize_x16_op(const torch::Tensor& x) {
+  check_f32(x, "x", 2);
+  const int64_t M = x.size(0), Kp = x16_width(x.size(1));
+  auto xq = torch::empty({M, Kp}, x.options().dtype(torch::kInt16));
+  auto sx = torch::empty({M, Kp / X16_BLOCK}, x.options());
+  quantize_x16(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<int16_t>(), sx.data_ptr<float>());
+  return {xq, sx};
 }
 
 torch::Tensor levels_arg(const c10::optional<torch::Tensor>& levels) { return levels ? *levels : torch::Tensor(); }
@@ -526,10 +537,13 @@ class Decoder {
 
 }  // namespace
 
-// The projections as torch ops: torch.ops.codellama_rt_cpu.linear_f32 / linear_int8 / linear_int4.
+// The projections as torch ops: torch.ops.codellama_rt_cpu.linear_f32 / linear_int8 / linear_int4 (and
+// quantize_x16, what linear_int8 with x16 multiplies).
 TORCH_LIBRARY(codellama_rt_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");          // x fp32 [M, K] @ w fp32 [N, K]^T -> [M, N]
-  m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");  // w int8 [N, K], scale fp32 [N]
+  // w int8 [N, K], scale fp32 [N]; x16: x rounded to int16 in blocks of 64 (INT8_X16)
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scale, bool x16=False) -> Tensor");
+  m.def("quantize_x16(Tensor x) -> (Tensor, Tensor)");
   // see Linear (zs empty: no zero points; levels: the 16 code values, default 0 .. 15)
   m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");  // fp32
@@ -538,13 +552,14 @@ TORCH_LIBRARY(codellama_rt_cpu, m) {
 TORCH_LIBRARY_IMPL(codellama_rt_cpu, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_int8", &linear_int8);
+  m.impl("quantize_x16", &quantize_x16_op);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);
 }
 
 TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
   m.impl("linear_f32", [](const torch::Tensor& x, const torch::Tensor& w) { return linear_meta(x, w.size(0)); });
-  m.impl("linear_int8", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&) {
+  m.impl("linear_int8", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, bool) {
     return linear_meta(x, w.size(0));
   });
   m.impl("linear_int4", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&,

@@ -12,7 +12,10 @@ the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to 
 (bitsandbytes' layout) go through the same kernel: their codes repacked into that chunk order, the blocks'
 absmax (double quant undone once) as the group scales (one per block, or per 32-weight chunk where blocks
 straddle rows), no zero points, and the codebook as the 16 levels: W = code[q] absmax, bitsandbytes' fp32
-products exactly.
+products exactly. int8 decode rows, where the kernels are built for AVX2 (`int16_activations`), are rounded to int16
+in blocks of 64 first (`int8_format.quantize_x16`, the same bits here and in csrc/), so that 16 weights take
+three vector instructions instead of six (one row: ~1.2-1.3x the fp32 products' rate; 9 rows of a verify pass
+~0.75x): the products are then integers, summed exactly within a block.
 """
 from __future__ import annotations
 
@@ -104,9 +107,18 @@ def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
     return w.scales if w.scales.dtype == torch.float32 else w.scales.float()
 
 
+def int16_activations(options: KernelOptions) -> bool:
+    """Whether decode rows of int8 weights take the native kernel's int16-activation path
+    (`options.cpu_int16_activations`, where the extension is built for AVX2 without AVX-512: the path measured
+    there; elsewhere it runs, but untuned)."""
+    return options.cpu_int16_activations and _ext is not None and _ext.isa() == "avx2"
+
+
 def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
-    fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum); more rows on the weight
+    fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum; where
+    `int16_activations(options)`, x rounded as `int8_format.quantize_x16`, integer products:
+    `int8_linear_x16_ref`); more rows on the weight
     dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
     arithmetic; F.linear off the CPU)."""
     bf16 = prefill_in_bf16(x, w.device, options)
@@ -118,7 +130,8 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
     if not (_native_fp32(x, w.device) and _few_rows(x)):
         return gemm(x, dequantize_int8(w, x.dtype))  # the reference's arithmetic (F.linear off the CPU)
     w.check("int8_linear_cpu")
-    out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous())
+    out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous(),
+                                                 int16_activations(options))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

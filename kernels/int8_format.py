@@ -5,6 +5,10 @@ Conventions: a weight w [out, in] keeps one scale per output row: w[o, i] = q[o,
 -127..127 (-128 unused, so the grid is symmetric). Dequantization computes q * s in fp32 and rounds once to
 the target dtype. The CPU runs it through csrc's native kernel (`cpu_native.int8_linear_cpu`); other devices
 dequantize and multiply (`int8_linear_ref`).
+
+The native kernel's faster decode arithmetic (`KernelOptions.cpu_int16_activations`) also rounds the activations, to
+int16 in blocks of X16_BLOCK along the input (`quantize_x16`), so the products are integers;
+`int8_linear_x16_ref` is its reference.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QMAX = 127
+X16_BLOCK, X16_MAX = 64, 32767  # quantize_x16: inputs per block, the largest code
 
 
 @dataclass
@@ -97,3 +102,30 @@ def dequantize_int8(w: Int8Weight, dtype: Optional[torch.dtype] = None) -> torch
 def int8_linear_ref(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype: F.linear(x, dequantize_int8(w, x.dtype))."""
     return F.linear(x, dequantize_int8(w, x.dtype))
+
+
+def quantize_x16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [..., K] -> (q int16 [..., Kp], s fp32 [..., Kp / X16_BLOCK]), Kp = K rounded up to X16_BLOCK (q is 0
+    past K): x[..., k] ~ q[..., k] * s[..., k // X16_BLOCK]. Each block's s = max|x| / 32767 and q = x / s rounded
+    half to even; an all-zero block has s = 1, a block holding a NaN or an infinity s = NaN (and q = 0), so what
+    multiplies it is NaN. csrc's quantize_x16 gives the same bits."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"quantize_x16: x must be float32, got {x.dtype}")
+    K = x.shape[-1]
+    Kp = -(-K // X16_BLOCK) * X16_BLOCK
+    blocks = F.pad(x, (0, Kp - K)).reshape(*x.shape[:-1], Kp // X16_BLOCK, X16_BLOCK)
+    amax = blocks.abs().amax(-1)
+    finite = torch.isfinite(amax)
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, X16_MAX))
+    q = torch.round(blocks / s[..., None]).clamp(-X16_MAX, X16_MAX)
+    q = torch.where(finite[..., None], q, torch.zeros_like(q)).to(torch.int16)
+    s = torch.where(finite, s, torch.full_like(s, float("nan")))
+    return q.reshape(*x.shape[:-1], Kp), s
+
+
+def int8_linear_x16_ref(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x fp32 [..., in] -> fp32 [..., out]: int8_linear_ref of x as `quantize_x16` rounds it (q * s in fp32)."""
+    q, s = quantize_x16(x)
+    K = x.shape[-1]
+    xr = (q.reshape(*s.shape, X16_BLOCK).float() * s[..., None]).reshape(q.shape)[..., :K]
+    return F.linear(xr, dequantize_int8(w, torch.float32))

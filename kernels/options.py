@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 EXPERIMENTS_ENV = "CODELLAMA_RT_EXPERIMENTS"
@@ -74,11 +74,17 @@ class KernelOptions:
     cpu_bf16_prefill: the cpu backend multiplies int8, int4 and NF4 weights by prefill rows (more than 16 in a call)
     in bf16 (activations, weights and outputs rounded to bf16, sums in fp32) on CPUs with AVX512-BF16 or AMX,
     where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_gemm.py`).
+    cpu_int16_activations: the cpu backend's native kernel multiplies int8 weights by decode rows (up to 16 in a
+    call) rounded to int16 in blocks of 64 inputs (`int8_format.quantize_x16`: a relative error ~1e-5 of each
+    block's largest input), the products then integers, on CPUs whose kernels are built for AVX2 without AVX-512:
+    one row measured ~1.2-1.3x the fp32 products' rate there (a speculative verify pass of 9 rows ~0.75x);
+    False keeps fp32 products everywhere.
     """
 
     experiments: frozenset = frozenset()
     pdl: bool = True
     cpu_bf16_prefill: bool = True
+    cpu_int16_activations: bool = True
 
     def __post_init__(self):
         names = self.experiments
@@ -91,7 +97,7 @@ class KernelOptions:
         if unknown:
             raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; "
                              f"expected some of {', '.join(EXPERIMENTS)}")
-        for name in ("pdl", "cpu_bf16_prefill"):
+        for name in ("pdl", "cpu_bf16_prefill", "cpu_int16_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "experiments", names)
@@ -117,6 +123,7 @@ class KernelOptions:
 
 
 DEFAULT_OPTIONS = KernelOptions()
+_FIELDS = tuple(f.name for f in fields(KernelOptions))
 
 
 def parse_kernel_options(value) -> KernelOptions:
@@ -128,11 +135,11 @@ def parse_kernel_options(value) -> KernelOptions:
         return value
     if not isinstance(value, dict):
         raise ValueError(f"kernel_options={value!r} is invalid: expected a KernelOptions, a dict of its fields "
-                         "(experiments, pdl, cpu_bf16_prefill) or None")
-    unknown = sorted(set(value) - {"experiments", "pdl", "cpu_bf16_prefill"}, key=str)
+                         f"({', '.join(_FIELDS)}) or None")
+    unknown = sorted(set(value) - set(_FIELDS), key=str)
     if unknown:
         raise ValueError(f"kernel_options: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         "expected experiments, pdl, cpu_bf16_prefill")
+                         f"expected {', '.join(_FIELDS)}")
     try:
         return KernelOptions(**value)
     except ValueError as e:
