@@ -12,10 +12,10 @@ the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to 
 (bitsandbytes' layout) go through the same kernel: their codes repacked into that chunk order, the blocks'
 absmax (double quant undone once) as the group scales (one per block, or per 32-weight chunk where blocks
 straddle rows), no zero points, and the codebook as the 16 levels: W = code[q] absmax, bitsandbytes' fp32
-products exactly. int8 decode rows, where the kernels are built for AVX2 (`int16_activations`), are rounded to int16
-in blocks of 64 first (`int8_format.quantize_x16`, the same bits here and in csrc/), so that 16 weights take
-three vector instructions instead of six (one row: ~1.2-1.3x the fp32 products' rate; 9 rows of a verify pass
-~0.75x): the products are then integers, summed exactly within a block.
+products exactly. int8 decode rows, where the kernels are built for AVX2 (`int16_activations`), are rounded
+to int16 in blocks of 64 first (`int8_format.quantize_x16`, the same bits here and in csrc/), so that 16
+weights take three vector instructions instead of six (one row: ~1.2-1.4x the fp32 products' rate; the 9 rows
+of a verify pass ~0.7x): the products are then integers, summed exactly within a block.
 """
 from __future__ import annotations
 
@@ -118,9 +118,8 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum; where
     `int16_activations(options)`, x rounded as `int8_format.quantize_x16`, integer products:
-    `int8_linear_x16_ref`); more rows on the weight
-    dequantized for the call, in bf16 where `prefill_in_bf16`, else through `cpu_gemm.gemm` (the reference's
-    arithmetic; F.linear off the CPU)."""
+    `int8_linear_x16_ref`); more rows on the weight dequantized for the call, in bf16 where `prefill_in_bf16`,
+    else through `cpu_gemm.gemm` (the reference's arithmetic; F.linear off the CPU)."""
     bf16 = prefill_in_bf16(x, w.device, options)
     if bf16 or (_native_fp32(x, w.device) and not _few_rows(x)):
         def rows(part: slice) -> torch.Tensor:  # (the fp32 products, rounded by _prefill_in_chunks for bf16)

@@ -6,8 +6,8 @@ Conventions: a weight w [out, in] keeps one scale per output row: w[o, i] = q[o,
 the target dtype. The CPU runs it through csrc's native kernel (`cpu_native.int8_linear_cpu`); other devices
 dequantize and multiply (`int8_linear_ref`).
 
-The native kernel's faster decode arithmetic (`KernelOptions.cpu_int16_activations`) also rounds the activations, to
-int16 in blocks of X16_BLOCK along the input (`quantize_x16`), so the products are integers;
+The native kernel's faster decode arithmetic (`KernelOptions.cpu_int16_activations`) also rounds the
+activations, to int16 in blocks of X16_BLOCK along the input (`quantize_x16`), so the products are integers;
 `int8_linear_x16_ref` is its reference.
 """
 from __future__ import annotations

@@ -77,7 +77,7 @@ class KernelOptions:
     cpu_int16_activations: the cpu backend's native kernel multiplies int8 weights by decode rows (up to 16 in a
     call) rounded to int16 in blocks of 64 inputs (`int8_format.quantize_x16`: a relative error ~1e-5 of each
     block's largest input), the products then integers, on CPUs whose kernels are built for AVX2 without AVX-512:
-    one row measured ~1.2-1.3x the fp32 products' rate there (a speculative verify pass of 9 rows ~0.75x);
+    one row measured ~1.2-1.4x the fp32 products' rate there (a speculative verify pass of 9 rows ~0.7x);
     False keeps fp32 products everywhere.
     """
 

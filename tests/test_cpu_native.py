@@ -264,7 +264,8 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(kind, K):
         op = lambda rows: torch.ops.codellama_rt_cpu.linear_f32(rows, w)  # noqa: E731
     elif kind.startswith("int8"):
         q = quantize_int8(w)
-        op = lambda rows: torch.ops.codellama_rt_cpu.linear_int8(rows, q.qweight, q.scales, kind == "int8-x16")  # noqa: E731
+        x16 = kind == "int8-x16"
+        op = lambda rows: torch.ops.codellama_rt_cpu.linear_int8(rows, q.qweight, q.scales, x16)  # noqa: E731
     elif kind == "int4":
         q = quantize_int4(w, group_size=32)
         op = lambda rows: cpu_native.int4_linear_native(rows, q)  # noqa: E731
@@ -406,8 +407,8 @@ def test_argmax_rows_native_kernel_arguments(monkeypatch):
 
 def _models(quantize, **kernel_options):
     """(the cpu backend's model, the module graph its native step must equal): the reference backend's, or for
-    int8 with decode rows rounded to int16 blocks (`cpu_native.int16_activations`) the cpu model's own graph, whose int8
-    projections round them the same way."""
+    int8 with decode rows rounded to int16 blocks (`cpu_native.int16_activations`) the cpu model's own graph,
+    whose int8 projections round them the same way."""
     from codellama_rt.api import load_model
 
     kw = dict(dtype="float32", quantize=quantize, group_size=64 if quantize == "int4" else None)
