@@ -20,8 +20,8 @@ Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a shor
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
 RSS of the child (medians over --repeat rounds of every row, the largest RSS), and the generated ids
 (agreement with our fp32 reported against llama.cpp's f32). Rows named int4-bf16 / nf4-bf16 run the
-4-bit weights with bf16 activations; int8 rounds decode rows to int16 blocks where the native kernels are built
-for AVX2 (`KernelOptions.cpu_int16_activations`), int8-fp32x keeps their fp32 products.
+4-bit weights with bf16 activations; int8 / int4 round decode rows to int16 / int8 blocks where the native
+kernels are built for AVX2 (`KernelOptions.cpu_integer_activations`), int8-fp32x / int4-fp32x keep fp32 products.
 """
 from __future__ import annotations
 
@@ -186,8 +186,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="rounds over all rows; each row reports its medians")
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--ours", default="fp32,bf16,int8,int4,int4-bf16,nf4",
-                   help="our rows: fp32, bf16, int8 / int4 / nf4 (fp32 activations; int8's decode rows in int16 "
-                        "blocks on AVX2), int8-fp32x (fp32 products), int4-bf16 / nf4-bf16")
+                   help="our rows: fp32, bf16, int8 / int4 / nf4 (fp32 activations; int8's and int4's decode rows "
+                        "in integer blocks on AVX2), int8-fp32x / int4-fp32x (fp32 products), int4-bf16 / nf4-bf16")
     p.add_argument("--dense-head", action="store_true",
                    help="keep our lm_head dense in the quantized rows (default: quantized too, as llama.cpp does)")
     p.add_argument("--out", type=Path, default=None)
@@ -235,11 +235,11 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
                 n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
     jobs = []  # (runtime, weights, python, code, args)
     for name in a.ours.split(","):
-        quantize, _, act = name.partition("-")  # int4 | int4-bf16 | nf4 | int8-fp32x ... ; fp32 and bf16: dense
+        quantize, _, act = name.partition("-")  # int4 | int4-bf16 | nf4 | int4-fp32x ... ; fp32 and bf16: dense
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(name) or ("bfloat16" if act == "bf16" else "float32")
         quantize = None if name in ("fp32", "bf16") else quantize
         args = dict(base, dtype=dtype, quantize=quantize, quantize_head=bool(quantize) and not a.dense_head,
-                    kernel_options={"cpu_int16_activations": act != "fp32x"})
+                    kernel_options={"cpu_integer_activations": act != "fp32x"})
         jobs.append(("codellama-rt", name, sys.executable, OURS, args))
     with tempfile.TemporaryDirectory() as tmp:
         if a.llama_python:

@@ -85,35 +85,81 @@ inline void for_row_blocks(const Linear& l, Rows rows) {
   });
 }
 
-// INT8_X16: weight rows n .. n + R - 1 against x rows m0 .. m0 + M - 1, x rounded by quantize_x16.
+// The x rows rounded to integers for INT8_X16 (int16, blocks of X16_BLOCK) or INT4_X8 (int8, blocks of X8_BLOCK):
+// codes [M, Kp], their blocks' scales sx, and for INT4_X8 with zero points each row's rounded x summed over each
+// group, xz [M, K / group] (sum over the group's blocks of sx times the exact integer sum).
+struct IntRows {
+  int64_t Kp = 0;
+  std::vector<int16_t> q16;
+  std::vector<int8_t> q8;
+  std::vector<float> sx, xz;
+
+  IntRows(const Linear& l, const float* x, int64_t M) {
+    if (l.kind == INT8_X16) {
+      Kp = x16_width(l.K);
+      q16.resize(M * Kp), sx.resize(M * (Kp / X16_BLOCK));
+      quantize_x16(x, M, l.K, q16.data(), sx.data());
+      return;
+    }
+    Kp = l.K;  // (a multiple of CHUNK == X8_BLOCK)
+    q8.resize(M * Kp), sx.resize(M * (Kp / X8_BLOCK));
+    quantize_x8(x, M, l.K, q8.data(), sx.data());
+    if (!l.zs_p) return;
+    const int64_t G = l.K / l.group, nb = Kp / X8_BLOCK;
+    xz.assign(M * G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t sum = 0;
+        for (int64_t k = b * X8_BLOCK; k < (b + 1) * X8_BLOCK; ++k) sum += q8[m * Kp + k];
+        xz[m * G + b * X8_BLOCK / l.group] += static_cast<float>(sum) * sx[m * nb + b];
+      }
+  }
+};
+
+// INT8_X16 / INT4_X8: weight rows n .. n + R - 1 against x rows m0 .. m0 + M - 1 of the rounded rows xr.
 template <int R, int M>
-inline void tile_x16(const Linear& l, const int16_t* xq, const float* sx, int64_t m0, int64_t n, float* out) {
-  const int64_t K = l.K, Kp = x16_width(K), ldo = l.ldo ? l.ldo : l.N;
+inline void tile_int(const Linear& l, const IntRows& xr, int64_t m0, int64_t n, float* out) {
+  const int64_t K = l.K, Kp = xr.Kp, ldo = l.ldo ? l.ldo : l.N;
   float o[M * R];
-  int8_x16_dot<R, M>(xq + m0 * Kp, sx + m0 * (Kp / X16_BLOCK), Kp, static_cast<const int8_t*>(l.w_p) + n * K, K, o);
-  const float* S = l.scale_p + n;
+  if (l.kind == INT8_X16) {
+    int8_x16_dot<R, M>(xr.q16.data() + m0 * Kp, xr.sx.data() + m0 * (Kp / X16_BLOCK), Kp,
+                       static_cast<const int8_t*>(l.w_p) + n * K, K, o);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) o[m * R + r] *= l.scale_p[n + r];
+  } else {
+    const int64_t G = K / l.group;
+    int4_x8_dot<R, M>(xr.q8.data() + m0 * Kp, xr.sx.data() + m0 * (Kp / X8_BLOCK),
+                      static_cast<const uint8_t*>(l.w_p) + n * (K / 2), K, l.group, l.scale_p + n * G, o);
+    if (!xr.xz.empty())  // less sum_g zs[r][g] xz[m][g], in group order
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) {
+          const float *Z = l.zs_p + (n + r) * G, *X = xr.xz.data() + (m0 + m) * G;
+          float z = 0.f;
+          for (int64_t g = 0; g < G; ++g) z += Z[g] * X[g];
+          o[m * R + r] -= z;
+        }
+  }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) out[(m0 + m) * ldo + n + r] = o[m * R + r] * S[r];
+    for (int r = 0; r < R; ++r) out[(m0 + m) * ldo + n + r] = o[m * R + r];
 }
 
-// out [M, N] = x [M, K] W^T for INT8_X16: x rounded once, then X16_XROWS x rows at a time.
-inline void apply_x16(const Linear& l, const float* x, int64_t M, float* out) {
-  const int64_t Kp = x16_width(l.K);
-  std::vector<int16_t> xq(M * Kp);
-  std::vector<float> sx(M * (Kp / X16_BLOCK));
-  quantize_x16(x, M, l.K, xq.data(), sx.data());
+// out [M, N] = x [M, K] W^T for INT8_X16 / INT4_X8: x rounded once, then XROWS x rows a tile.
+inline void apply_int(const Linear& l, const float* x, int64_t M, float* out) {
+  const IntRows xr(l, x, M);
+  const int xrows = l.kind == INT8_X16 ? X16_XROWS : X8_XROWS;
   for_row_blocks(l, [&](auto rows, int64_t n) {
     constexpr int R = decltype(rows)::value;
     int64_t m = 0;
-    for (; m + X16_XROWS <= M; m += X16_XROWS) tile_x16<R, X16_XROWS>(l, xq.data(), sx.data(), m, n, out);
-    for (; m < M; ++m) tile_x16<R, 1>(l, xq.data(), sx.data(), m, n, out);
+    if (xrows == 2)
+      for (; m + 2 <= M; m += 2) tile_int<R, 2>(l, xr, m, n, out);
+    for (; m < M; ++m) tile_int<R, 1>(l, xr, m, n, out);
   });
 }
 
 // out [M, N] = x [M, K] W^T (rows of out ldo apart where l.ldo is set).
 inline void apply(const Linear& l, const float* x, int64_t M, float* out) {
-  if (l.kind == INT8_X16) {
-    apply_x16(l, x, M, out);
+  if (l.kind == INT8_X16 || l.kind == INT4_X8) {
+    apply_int(l, x, M, out);
     return;
   }
   for_row_blocks(l, [&](auto R, int64_t n) { rows_block<decltype(R)::value>(l, x, M, n, out); });

@@ -36,25 +36,30 @@ constexpr int64_t ROWS = 4;    // weight rows per block: independent accumulator
 #endif
 constexpr int64_t PREFETCH = CLRT_PREFETCH;  // bytes ahead in a weight row to request (DRAM latency cover)
 
-enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2, INT8_X16 = 3 };
+enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2, INT8_X16 = 3, INT4_X8 = 4 };
 
-// INT8_X16: int8 weights against activations rounded to int16 in blocks of X16_BLOCK (quantize_x16): the
-// products are integers, summed exactly within a block, then scaled by the block's scale in fp32.
-constexpr int64_t X16_BLOCK = 64;
-constexpr float X16_MAX = 32767.f;
+// INT8_X16: int8 weights against activations rounded to int16 in blocks of X16_BLOCK (quantize_x16); INT4_X8:
+// int4 weights (levels 0 .. 15) against activations rounded to int8 in blocks of X8_BLOCK (quantize_x8, as
+// llama.cpp's q4_0 x q8_0). The products are integers, summed exactly within a block, then scaled in fp32.
+constexpr int64_t X16_BLOCK = 64, X8_BLOCK = 32;
 
 inline int64_t x16_width(int64_t K) { return (K + X16_BLOCK - 1) / X16_BLOCK * X16_BLOCK; }
 
-// One block of quantize_x16: n (<= X16_BLOCK) values at x -> X16_BLOCK codes at q (zeros past n); returns s.
-inline float quantize_x16_block(const float* x, int64_t n, int16_t* q) {
+// One block of activations rounded to integers: n (<= BLOCK) values at x -> BLOCK codes at q (zeros past n);
+// returns the block's scale s = max|x| / QMAX, q = x / s rounded half to even (within +-QMAX). An all-zero
+// block has s = 1; a block holding a NaN or an infinity has s = NaN and q = 0, so its outputs are NaN.
+// Exactly kernels/int8_format.quantize_x16 / quantize_x8 (IEEE division, the default rounding mode).
+template <class T, int64_t BLOCK, int QMAX>
+inline float quantize_block(const float* x, int64_t n, T* q) {
+  const float qmax = static_cast<float>(QMAX);
   float amax = 0.f;
   bool finite = true;
 #if CLRT_AVX2 || CLRT_AVX512
-  if (n == X16_BLOCK) {  // (the same IEEE division and rounding, 8 lanes at a time; the tail block as below)
+  if (n == BLOCK) {  // (the same division and rounding, 8 lanes at a time; a tail block as below)
     const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(std::numeric_limits<float>::max());
-    __m256 v[X16_BLOCK / 8], m = _mm256_setzero_ps();
+    __m256 v[BLOCK / 8], m = _mm256_setzero_ps();
     int ok = 0xff;
-    for (int j = 0; j < X16_BLOCK / 8; ++j) {
+    for (int j = 0; j < BLOCK / 8; ++j) {
       v[j] = _mm256_loadu_ps(x + 8 * j);
       const __m256 a = _mm256_andnot_ps(sign, v[j]);
       ok &= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_LE_OQ));  // (false for NaN and infinity)
@@ -64,17 +69,14 @@ inline float quantize_x16_block(const float* x, int64_t n, int16_t* q) {
       __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-      const float s = amax == 0.f ? 1.f : amax / X16_MAX;
-      const __m256 sv = _mm256_set1_ps(s), hi = _mm256_set1_ps(X16_MAX), lo = _mm256_set1_ps(-X16_MAX);
-      for (int j = 0; j < X16_BLOCK / 8; j += 2) {
-        __m256i c[2];
-        for (int h2 = 0; h2 < 2; ++h2) {
-          const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j + h2], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          c[h2] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-        }
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8);  // (packs is per lane)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * j), packed);
+      const float s = amax == 0.f ? 1.f : amax / qmax;
+      const __m256 sv = _mm256_set1_ps(s), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+      alignas(32) int32_t c[BLOCK];
+      for (int j = 0; j < BLOCK / 8; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(c + 8 * j), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)));
       }
+      for (int64_t k = 0; k < BLOCK; ++k) q[k] = static_cast<T>(c[k]);
       return s;
     }
   }
@@ -84,23 +86,32 @@ inline float quantize_x16_block(const float* x, int64_t n, int16_t* q) {
     finite &= a <= std::numeric_limits<float>::max();  // (false for NaN and infinity)
     amax = std::max(amax, a);
   }
-  const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax == 0.f ? 1.f : amax / X16_MAX;
+  const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax == 0.f ? 1.f : amax / qmax;
   for (int64_t k = 0; k < n; ++k)
-    q[k] = finite ? static_cast<int16_t>(std::min(std::max(std::nearbyint(x[k] / s), -X16_MAX), X16_MAX)) : 0;
-  std::fill(q + n, q + X16_BLOCK, int16_t{0});
+    q[k] = finite ? static_cast<T>(std::min(std::max(std::nearbyint(x[k] / s), -qmax), qmax)) : T{0};
+  std::fill(q + n, q + BLOCK, T{0});
   return s;
 }
 
-// x [M, K] fp32 -> xq [M, Kp] int16 (Kp = x16_width(K), zeros past K) and sx [M, Kp / X16_BLOCK]: each block
-// of a row has the scale s = max|x| / 32767 and q = x / s rounded half to even (within +-32767). An all-zero
-// block has s = 1; a block holding a NaN or an infinity has s = NaN and q = 0, so its outputs are NaN.
-// Exactly kernels/int8_format.quantize_x16 (IEEE division, the default rounding mode).
-inline void quantize_x16(const float* x, int64_t M, int64_t K, int16_t* xq, float* sx) {
-  const int64_t Kp = x16_width(K), nb = Kp / X16_BLOCK;
+// x [M, K] fp32 -> q [M, Kp] (Kp = K rounded up to BLOCK, zeros past K) and s [M, Kp / BLOCK], block by block
+// (quantize_block).
+template <class T, int64_t BLOCK, int QMAX>
+inline void quantize_rows(const float* x, int64_t M, int64_t K, T* q, float* s) {
+  const int64_t Kp = (K + BLOCK - 1) / BLOCK * BLOCK, nb = Kp / BLOCK;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b)
-      sx[m * nb + b] = quantize_x16_block(x + m * K + b * X16_BLOCK, std::min(X16_BLOCK, K - b * X16_BLOCK),
-                                          xq + m * Kp + b * X16_BLOCK);
+      s[m * nb + b] = quantize_block<T, BLOCK, QMAX>(x + m * K + b * BLOCK, std::min(BLOCK, K - b * BLOCK),
+                                                     q + m * Kp + b * BLOCK);
+}
+
+// INT8_X16's rounding: int16 in blocks of X16_BLOCK (kernels/int8_format.quantize_x16).
+inline void quantize_x16(const float* x, int64_t M, int64_t K, int16_t* xq, float* sx) {
+  quantize_rows<int16_t, X16_BLOCK, 32767>(x, M, K, xq, sx);
+}
+
+// INT4_X8's rounding: int8 in blocks of X8_BLOCK, one per int4 chunk (kernels/int8_format.quantize_x8).
+inline void quantize_x8(const float* x, int64_t M, int64_t K, int8_t* xq, float* sx) {
+  quantize_rows<int8_t, X8_BLOCK, 127>(x, M, K, xq, sx);
 }
 
 // One projection W [N, K] in one of the formats:
@@ -109,7 +120,7 @@ inline void quantize_x16(const float* x, int64_t M, int64_t K, int16_t* xq, floa
 //   INT4:  w uint8 [N, K / 2] in CHUNK order, scale and zs fp32 [N, K / group], levels fp32 [16]
 //          W[n, k] = levels[q[n, k]] * scale[n, g] - zs[n, g], g = k / group (zs = zero * scale);
 //          levels 0 .. 15 (int4) unless given (NF4: its codebook), zs 0 when empty (NF4: absmax scales only)
-//   INT8_X16: as INT8, with x rounded by quantize_x16
+//   INT8_X16, INT4_X8: as INT8 / INT4 (no levels), with x rounded by quantize_x16 / quantize_x8
 struct Linear {
   int64_t kind = DENSE, N = 0, K = 0, group = 0;
   torch::Tensor w, scale, zs, levels;
@@ -141,7 +152,7 @@ inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, to
     check(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K, "int8 weight [N, K]");
     check_f32(scale, "int8 scale", 1);
     check(scale.size(0) == N, "int8 scale [N]");
-  } else if (kind == INT4) {
+  } else if (kind == INT4 || kind == INT4_X8) {
     check(K % CHUNK == 0 && group % CHUNK == 0 && group > 0 && K % group == 0, "int4 K and group multiples of 32");
     check(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2,
           "int4 weight uint8 [N, K / 2]");
@@ -154,13 +165,14 @@ inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, to
     if (l.levels_or_null()) {
       check_f32(levels, "int4 levels", 1);
       check(levels.size(0) == 16, "int4 levels [16] (or empty: 0 .. 15)");
+      check(kind == INT4, "int4 with int8 activations takes no levels (its codes multiply as integers)");
     }
   } else {
     check(false, "unknown weight kind " + std::to_string(kind));
   }
   l.w_p = w.data_ptr();
   l.scale_p = kind == DENSE ? nullptr : scale.data_ptr<float>();  // (INT8_X16: the weight rows' scales)
-  l.zs_p = kind == INT4 ? l.zs_or_null() : nullptr;
+  l.zs_p = kind == INT4 || kind == INT4_X8 ? l.zs_or_null() : nullptr;
   l.levels_p = kind == INT4 ? l.levels_or_null() : nullptr;
   return l;
 }

@@ -1,6 +1,7 @@
 // Native CPU kernels of codellama-rt (kernels/cpu_native.py is their Python side and holds the references):
 //   linear_f32 / linear_int8 / linear_int4   x [M, K] fp32 -> [M, N] fp32 (the projections: cpu_linear.h)
-//   quantize_x16                             x rounded to int16 blocks, as linear_int8 with x16 takes it
+//   quantize_x16 / quantize_x8               x rounded to int16 / int8 blocks, as linear_int8 with x16 / linear_int4
+//                                            with x8 take it
 //   Decoder                                  a whole batch decode step of a Llama model, no per-op Python
 //
 // Checks raise c10::Error (a Python RuntimeError) naming the argument; the Python wrappers check first and
@@ -30,21 +31,32 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const 
   return linear(make_linear(x16 ? INT8_X16 : INT8, w, scale, {}, w.size(0), w.size(1), 0), x);
 }
 
-// quantize_x16 of x fp32 [M, K]: (int16 [M, Kp], fp32 [M, Kp / 64]), what INT8_X16 rows multiply.
-std::tuple<torch::Tensor, torch::Tensor> quantize_x16_op(const torch::Tensor& x) {
+// quantize_x16 / quantize_x8 of x fp32 [M, K]: (int16 / int8 [M, Kp], fp32 [M, Kp / block]), Kp = K rounded up
+// to the block: what INT8_X16 / INT4_X8 rows multiply.
+template <class T, int64_t BLOCK, int QMAX>
+std::tuple<torch::Tensor, torch::Tensor> quantize_op(const torch::Tensor& x, torch::ScalarType dtype) {
   check_f32(x, "x", 2);
-  const int64_t M = x.size(0), Kp = x16_width(x.size(1));
-  auto xq = torch::empty({M, Kp}, x.options().dtype(torch::kInt16));
-  auto sx = torch::empty({M, Kp / X16_BLOCK}, x.options());
-  quantize_x16(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<int16_t>(), sx.data_ptr<float>());
+  const int64_t M = x.size(0), Kp = (x.size(1) + BLOCK - 1) / BLOCK * BLOCK;
+  auto xq = torch::empty({M, Kp}, x.options().dtype(dtype));
+  auto sx = torch::empty({M, Kp / BLOCK}, x.options());
+  quantize_rows<T, BLOCK, QMAX>(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<T>(), sx.data_ptr<float>());
   return {xq, sx};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_x16_op(const torch::Tensor& x) {
+  return quantize_op<int16_t, X16_BLOCK, 32767>(x, torch::kInt16);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_x8_op(const torch::Tensor& x) {
+  return quantize_op<int8_t, X8_BLOCK, 127>(x, torch::kInt8);
 }
 
 torch::Tensor levels_arg(const c10::optional<torch::Tensor>& levels) { return levels ? *levels : torch::Tensor(); }
 
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                          const torch::Tensor& zs, int64_t group, const c10::optional<torch::Tensor>& levels) {
-  return linear(make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels)), x);
+                          const torch::Tensor& zs, int64_t group, const c10::optional<torch::Tensor>& levels, bool x8) {
+  return linear(make_linear(x8 ? INT4_X8 : INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels)),
+                x);
 }
 
 // The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel:
@@ -538,14 +550,17 @@ class Decoder {
 }  // namespace
 
 // The projections as torch ops: torch.ops.codellama_rt_cpu.linear_f32 / linear_int8 / linear_int4 (and
-// quantize_x16, what linear_int8 with x16 multiplies).
+// quantize_x16 / quantize_x8, what linear_int8 with x16 / linear_int4 with x8 multiply).
 TORCH_LIBRARY(codellama_rt_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");          // x fp32 [M, K] @ w fp32 [N, K]^T -> [M, N]
   // w int8 [N, K], scale fp32 [N]; x16: x rounded to int16 in blocks of 64 (INT8_X16)
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale, bool x16=False) -> Tensor");
   m.def("quantize_x16(Tensor x) -> (Tensor, Tensor)");
   // see Linear (zs empty: no zero points; levels: the 16 code values, default 0 .. 15)
-  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");
+  // x8: x rounded to int8 in blocks of 32 (INT4_X8; no levels)
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None, bool x8=False) -> "
+        "Tensor");
+  m.def("quantize_x8(Tensor x) -> (Tensor, Tensor)");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zs, int group, Tensor? levels=None) -> Tensor");  // fp32
 }
 
@@ -553,6 +568,7 @@ TORCH_LIBRARY_IMPL(codellama_rt_cpu, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_int8", &linear_int8);
   m.impl("quantize_x16", &quantize_x16_op);
+  m.impl("quantize_x8", &quantize_x8_op);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);
 }
@@ -563,7 +579,7 @@ TORCH_LIBRARY_IMPL(codellama_rt_cpu, Meta, m) {
     return linear_meta(x, w.size(0));
   });
   m.impl("linear_int4", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&,
-                           int64_t, const c10::optional<torch::Tensor>&) { return linear_meta(x, w.size(0)); });
+                           int64_t, const c10::optional<torch::Tensor>&, bool) { return linear_meta(x, w.size(0)); });
   m.impl("dequantize_int4", [](const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor&, int64_t,
                                const c10::optional<torch::Tensor>&) {
     return torch::empty({w.size(0), w.size(1) * 2}, scale.options());

@@ -14,6 +14,7 @@ namespace clrt {
 constexpr int XROWS = 3;       // x rows per tile (dense, int8, int4)
 constexpr int INT4_XROWS = 3;  // (with a table: buffered, as dense; without: int4_linear_rows, two at a time)
 constexpr int X16_XROWS = 2;   // (INT8_X16: 9 rows took ~1.3x the fp32 path's time, 1.5x that with one row a tile)
+constexpr int X8_XROWS = 2;    // (INT4_X8)
 // One x row against fp32 weights (decode, bound by memory bandwidth) reads the weight rows one at a time, one
 // sequential stream: the 7.7M model's fp32 step took 1.7 ms instead of 2.5 on a Zen 3 EPYC (its 31 MB of
 // weights come from DRAM; four rows side by side stream slower). int8 / int4 rows are bound by their
@@ -155,6 +156,51 @@ inline void int8_x16_dot(const int16_t* xq, const float* sx, int64_t Kp, const i
     for (int m = 0; m < M; ++m) {
       const __m256 s = _mm256_broadcast_ss(sx + m * nb + b);
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][r]), s, acc[m][r]);
+    }
+  }
+  reduce_into(&acc[0][0], M * R, o);
+}
+
+// INT4_X8 rows (levels 0 .. 15): M x rows rounded by quantize_x8 (xq [M, K] int8, sx [M, K / 32]) against R int4
+// rows (K / 2 bytes each, CHUNK order): o[m * R + r] = sum_g s[r][g] sum_{chunks c of g} sx[m][c] sum_{k in c}
+// q[r][k] xq[m][k], the zero points' term left to the caller. A chunk's 32 codes become one vector of bytes (an
+// and, a shift and an and, an insert: k order), vpmaddubsw multiplies them by the 32 x codes (pairs, exact in
+// int16), vpmaddwd by ones sums pairs into 8 int32 lanes (exact), then FMA by sx into the group's fp32 lanes and
+// the group's scale once per group, lane by lane (as llama.cpp's q4_0 x q8_0). So a row's outputs do not depend
+// on M.
+template <int R, int M>
+inline void int4_x8_dot(const int8_t* xq, const float* sx, const uint8_t* w, int64_t K, int64_t group, const float* S,
+                        float* o) {
+  const int64_t G = K / group, nb = K / X8_BLOCK, rowbytes = K / 2;
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M][R], part[M][R];
+  zero(acc);
+  for (int64_t g = 0; g < G; ++g) {
+    zero(part);
+    for (int64_t k = g * group; k < (g + 1) * group; k += CHUNK) {
+      const uint8_t* b = w + k / 2;  // this chunk's 16 bytes in row 0
+      if ((k & 127) == 0)  // a line of codes per 128 weights
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(b + r * rowbytes) + PREFETCH, _MM_HINT_T0);
+      __m256i xv[M];
+      __m256 sxv[M];
+      for (int m = 0; m < M; ++m) {
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+        sxv[m] = _mm256_broadcast_ss(sx + m * nb + k / X8_BLOCK);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + r * rowbytes));
+        const __m256i codes =
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+        for (int m = 0; m < M; ++m) {
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv[m]), ones);
+          part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sxv[m], part[m][r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(S[r * G + g]);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(s, part[m][r], acc[m][r]);
     }
   }
   reduce_into(&acc[0][0], M * R, o);

@@ -12,10 +12,12 @@ the 16 values with AVX-512), equal to `int4_linear_ref`'s (q - z) s products to 
 (bitsandbytes' layout) go through the same kernel: their codes repacked into that chunk order, the blocks'
 absmax (double quant undone once) as the group scales (one per block, or per 32-weight chunk where blocks
 straddle rows), no zero points, and the codebook as the 16 levels: W = code[q] absmax, bitsandbytes' fp32
-products exactly. int8 decode rows, where the kernels are built for AVX2 (`int16_activations`), are rounded
-to int16 in blocks of 64 first (`int8_format.quantize_x16`, the same bits here and in csrc/), so that 16
-weights take three vector instructions instead of six (one row: ~1.2-1.4x the fp32 products' rate; the 9 rows
-of a verify pass ~0.7x): the products are then integers, summed exactly within a block.
+products exactly. Where the kernels are built for AVX2 (`integer_activations`), decode rows are rounded to
+integers first (the same bits here and in csrc/), so the products are integers, summed exactly within a block:
+to int16 in blocks of 64 against int8 weights (`int8_format.quantize_x16`: 16 weights take three vector
+instructions instead of six; one row ~1.2-1.4x the fp32 products' rate, the 9 rows of a verify pass ~0.7x),
+to int8 in blocks of 32 against int4 weights (`int8_format.quantize_x8`, llama.cpp's q4_0 x q8_0 arithmetic:
+vpmaddubsw on a chunk's 32 codes; one row ~1.2x, nine ~1.4x).
 """
 from __future__ import annotations
 
@@ -107,17 +109,17 @@ def int8_scales_f32(w: Int8Weight) -> torch.Tensor:
     return w.scales if w.scales.dtype == torch.float32 else w.scales.float()
 
 
-def int16_activations(options: KernelOptions) -> bool:
-    """Whether decode rows of int8 weights take the native kernel's int16-activation path
-    (`options.cpu_int16_activations`, where the extension is built for AVX2 without AVX-512: the path measured
-    there; elsewhere it runs, but untuned)."""
-    return options.cpu_int16_activations and _ext is not None and _ext.isa() == "avx2"
+def integer_activations(options: KernelOptions) -> bool:
+    """Whether decode rows of int8 and int4 weights (int4: levels 0 .. 15, not NF4) take the native kernels'
+    integer-activation paths (`options.cpu_integer_activations`, where the extension is built for AVX2 without
+    AVX-512: the paths measured there; elsewhere they run, but untuned)."""
+    return options.cpu_integer_activations and _ext is not None and _ext.isa() == "avx2"
 
 
 def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype, as `int8_linear_ref`: the native kernel for up to NATIVE_MAX_ROWS
     fp32 rows on the CPU (products q x in fp32, the row's scale applied to the sum; where
-    `int16_activations(options)`, x rounded as `int8_format.quantize_x16`, integer products:
+    `integer_activations(options)`, x rounded as `int8_format.quantize_x16`, integer products:
     `int8_linear_x16_ref`); more rows on the weight dequantized for the call, in bf16 where `prefill_in_bf16`,
     else through `cpu_gemm.gemm` (the reference's arithmetic; F.linear off the CPU)."""
     bf16 = prefill_in_bf16(x, w.device, options)
@@ -130,7 +132,7 @@ def int8_linear_cpu(x: torch.Tensor, w: Int8Weight, *, options: KernelOptions = 
         return gemm(x, dequantize_int8(w, x.dtype))  # the reference's arithmetic (F.linear off the CPU)
     w.check("int8_linear_cpu")
     out = torch.ops.codellama_rt_cpu.linear_int8(_rows(x), w.qweight, int8_scales_f32(w).contiguous(),
-                                                 int16_activations(options))
+                                                 integer_activations(options))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -149,7 +151,8 @@ def _int4_kernel(x: torch.Tensor, packed: tuple, group: int, levels: Optional[to
     codes, s, zs = packed
     if not _few_rows(x):
         return _int4_prefill(x, packed, group, levels, n_out, prefill_in_bf16(x, codes.device, options))
-    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, group, levels)
+    x8 = levels is None and integer_activations(options)  # (x rounded to int8 blocks: int8_format.quantize_x8)
+    out = torch.ops.codellama_rt_cpu.linear_int4(_rows(x), codes, s, zs, group, levels, x8)
     return out.reshape(*x.shape[:-1], n_out)
 
 

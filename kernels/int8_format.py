@@ -6,9 +6,10 @@ Conventions: a weight w [out, in] keeps one scale per output row: w[o, i] = q[o,
 the target dtype. The CPU runs it through csrc's native kernel (`cpu_native.int8_linear_cpu`); other devices
 dequantize and multiply (`int8_linear_ref`).
 
-The native kernel's faster decode arithmetic (`KernelOptions.cpu_int16_activations`) also rounds the
-activations, to int16 in blocks of X16_BLOCK along the input (`quantize_x16`), so the products are integers;
-`int8_linear_x16_ref` is its reference.
+The native kernels' faster decode arithmetic (`KernelOptions.cpu_integer_activations`) also rounds the
+activations: to int16 in blocks of X16_BLOCK along the input against int8 weights (`quantize_x16`;
+`int8_linear_x16_ref` is that kernel's reference), to int8 in blocks of X8_BLOCK against int4 weights
+(`quantize_x8`, as llama.cpp's q8_0), so the products are integers.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QMAX = 127
 X16_BLOCK, X16_MAX = 64, 32767  # quantize_x16: inputs per block, the largest code
+X8_BLOCK = 32  # quantize_x8: inputs per block (codes up to QMAX)
 
 
 @dataclass
@@ -104,28 +106,43 @@ def int8_linear_ref(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return F.linear(x, dequantize_int8(w, x.dtype))
 
 
-def quantize_x16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [..., K] -> (q int16 [..., Kp], s fp32 [..., Kp / X16_BLOCK]), Kp = K rounded up to X16_BLOCK (q is 0
-    past K): x[..., k] ~ q[..., k] * s[..., k // X16_BLOCK]. Each block's s = max|x| / 32767 and q = x / s rounded
-    half to even; an all-zero block has s = 1, a block holding a NaN or an infinity s = NaN (and q = 0), so what
-    multiplies it is NaN. csrc's quantize_x16 gives the same bits."""
+def _quantize_blocks(x: torch.Tensor, block: int, qmax: int, dtype: torch.dtype, who: str):
+    """x fp32 [..., K] -> (q [..., Kp] in dtype, s fp32 [..., Kp / block]), Kp = K rounded up to `block` (q is 0 past
+    K): x[..., k] ~ q[..., k] * s[..., k // block]. Each block's s = max|x| / qmax and q = x / s rounded half to
+    even; an all-zero block has s = 1, a block holding a NaN or an infinity s = NaN (and q = 0), so what
+    multiplies it is NaN. csrc's quantize_block gives the same bits."""
     if x.dtype != torch.float32:
-        raise TypeError(f"quantize_x16: x must be float32, got {x.dtype}")
+        raise TypeError(f"{who}: x must be float32, got {x.dtype}")
     K = x.shape[-1]
-    Kp = -(-K // X16_BLOCK) * X16_BLOCK
-    blocks = F.pad(x, (0, Kp - K)).reshape(*x.shape[:-1], Kp // X16_BLOCK, X16_BLOCK)
+    Kp = -(-K // block) * block
+    blocks = F.pad(x, (0, Kp - K)).reshape(*x.shape[:-1], Kp // block, block)
     amax = blocks.abs().amax(-1)
     finite = torch.isfinite(amax)
-    s = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, X16_MAX))
-    q = torch.round(blocks / s[..., None]).clamp(-X16_MAX, X16_MAX)
-    q = torch.where(finite[..., None], q, torch.zeros_like(q)).to(torch.int16)
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, qmax))
+    q = torch.round(blocks / s[..., None]).clamp(-qmax, qmax)
+    q = torch.where(finite[..., None], q, torch.zeros_like(q)).to(dtype)
     s = torch.where(finite, s, torch.full_like(s, float("nan")))
     return q.reshape(*x.shape[:-1], Kp), s
 
 
+def quantize_x16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [..., K] -> (q int16 [..., Kp], s fp32 [..., Kp / X16_BLOCK]): `_quantize_blocks` with blocks of
+    X16_BLOCK and codes up to 32767 (the rounding int8 weights' decode rows take)."""
+    return _quantize_blocks(x, X16_BLOCK, X16_MAX, torch.int16, "quantize_x16")
+
+
+def quantize_x8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [..., K] -> (q int8 [..., Kp], s fp32 [..., Kp / X8_BLOCK]): `_quantize_blocks` with blocks of
+    X8_BLOCK and codes up to 127 (the rounding int4 weights' decode rows take; llama.cpp's q8_0 of activations)."""
+    return _quantize_blocks(x, X8_BLOCK, QMAX, torch.int8, "quantize_x8")
+
+
+def rounded(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The fp32 values [..., K] that x's codes q [..., Kp] and block scales s stand for: q * s, past K dropped."""
+    block = q.shape[-1] // s.shape[-1]
+    return (q.reshape(*s.shape, block).float() * s[..., None]).reshape(q.shape)[..., :x.shape[-1]]
+
+
 def int8_linear_x16_ref(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x fp32 [..., in] -> fp32 [..., out]: int8_linear_ref of x as `quantize_x16` rounds it (q * s in fp32)."""
-    q, s = quantize_x16(x)
-    K = x.shape[-1]
-    xr = (q.reshape(*s.shape, X16_BLOCK).float() * s[..., None]).reshape(q.shape)[..., :K]
-    return F.linear(xr, dequantize_int8(w, torch.float32))
+    return F.linear(rounded(x, *quantize_x16(x)), dequantize_int8(w, torch.float32))

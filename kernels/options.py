@@ -74,17 +74,18 @@ class KernelOptions:
     cpu_bf16_prefill: the cpu backend multiplies int8, int4 and NF4 weights by prefill rows (more than 16 in a call)
     in bf16 (activations, weights and outputs rounded to bf16, sums in fp32) on CPUs with AVX512-BF16 or AMX,
     where that GEMM measured ~3.5x torch's fp32 one; False keeps fp32 (`kernels/cpu_gemm.py`).
-    cpu_int16_activations: the cpu backend's native kernel multiplies int8 weights by decode rows (up to 16 in a
-    call) rounded to int16 in blocks of 64 inputs (`int8_format.quantize_x16`: a relative error ~1e-5 of each
-    block's largest input), the products then integers, on CPUs whose kernels are built for AVX2 without AVX-512:
-    one row measured ~1.2-1.4x the fp32 products' rate there (a speculative verify pass of 9 rows ~0.7x);
-    False keeps fp32 products everywhere.
+    cpu_integer_activations: on CPUs whose native kernels are built for AVX2 without AVX-512, the cpu backend
+    rounds decode rows (up to 16 in a call) to integers before multiplying integer weights, so the products are
+    integers: int16 in blocks of 64 inputs against int8 weights (`int8_format.quantize_x16`: ~1e-5 of each
+    block's largest input; one row ~1.2-1.4x the fp32 products' rate, a 9-row verify pass ~0.7x), int8 in blocks
+    of 32 against int4 weights (`quantize_x8`: up to 1/254 of each block's largest, llama.cpp's q4_0 x q8_0
+    arithmetic; one row ~1.2x, nine ~1.4x). NF4 keeps fp32 products. False keeps fp32 products everywhere.
     """
 
     experiments: frozenset = frozenset()
     pdl: bool = True
     cpu_bf16_prefill: bool = True
-    cpu_int16_activations: bool = True
+    cpu_integer_activations: bool = True
 
     def __post_init__(self):
         names = self.experiments
@@ -97,7 +98,7 @@ class KernelOptions:
         if unknown:
             raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; "
                              f"expected some of {', '.join(EXPERIMENTS)}")
-        for name in ("pdl", "cpu_bf16_prefill", "cpu_int16_activations"):
+        for name in ("pdl", "cpu_bf16_prefill", "cpu_integer_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "experiments", names)

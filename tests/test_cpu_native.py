@@ -15,14 +15,14 @@ from codellama_rt.kernels import cpu_gemm, cpu_native
 from codellama_rt.kernels.int4 import int4_linear_ref
 from codellama_rt.kernels.int4_format import _pack_nibbles, dequantize_int4, quantize_int4, unpack_gptq
 from codellama_rt.kernels.int8_format import (Int8Weight, dequantize_int8, int8_linear_ref, int8_linear_x16_ref,
-                                              quantize_int8, quantize_x16)
+                                              quantize_int8, quantize_x8, quantize_x16, rounded)
 from codellama_rt.kernels.nf4 import nf4_linear_ref
 from codellama_rt.kernels.nf4_format import dequantize_nf4, quantize_nf4
 from codellama_rt.kernels.options import KernelOptions
 
 TOL = 2e-6  # max|Δ| / max|ref|, fp32: the same products summed in another order
 FP32 = KernelOptions(cpu_bf16_prefill=False)  # prefill rows stay fp32 (else bf16 where the CPU has it)
-FP32_PRODUCTS = KernelOptions(cpu_bf16_prefill=False, cpu_int16_activations=False)  # int8 rows not rounded
+FP32_PRODUCTS = KernelOptions(cpu_bf16_prefill=False, cpu_integer_activations=False)  # decode rows not rounded
 
 native = pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels not built (no C++ compiler?)")
 
@@ -107,7 +107,7 @@ def test_int8_x16_equals_its_reference(M, N, K):
     want = int8_linear_x16_ref(x, w)
     row_err = ((got - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
     assert row_err < TOL and rel_err(want, int8_linear_ref(x, w)) < 1e-4
-    if cpu_native.int16_activations(KernelOptions()):  # the default decode path where the AVX2 kernel runs
+    if cpu_native.integer_activations(KernelOptions()):  # the default decode path where the AVX2 kernel runs
         assert torch.equal(cpu_native.int8_linear_cpu(x, w, options=FP32), got)
 
 
@@ -148,8 +148,19 @@ def test_int4_equals_the_reference(M, N, K, g):
         w = unpack_gptq(w.qweight, w.qzeros[:1], w.scales[:1], None, group_size=-1, checkpoint_format="gptq_v2")
         assert w.group_size == K
     x = torch.randn(M, K, generator=_g(1))
-    got = cpu_native.int4_linear_native(x, w)
+    got = cpu_native.int4_linear_native(x, w, options=FP32_PRODUCTS)
     assert got is not None and rel_err(got, int4_linear_ref(x, w)) < TOL
+    # decode rows rounded to int8 blocks (llama.cpp's q8_0): the kernel equals the reference of the rounded x;
+    # the rounding itself is within ~1% of the fp32 products
+    q, s = torch.ops.codellama_rt_cpu.quantize_x8(x)
+    want_q, want_s = quantize_x8(x)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+    c = cpu_native.native_copy(w)
+    got = torch.ops.codellama_rt_cpu.linear_int4(x, c.codes, c.scales, c.zs, c.group_size, None, True)
+    want = int4_linear_ref(rounded(x, want_q, want_s), w)
+    assert rel_err(got, want) < TOL and rel_err(want, int4_linear_ref(x, w)) < 2e-2
+    if cpu_native.integer_activations(KernelOptions()):  # the default decode path where the AVX2 kernel runs
+        assert torch.equal(cpu_native.int4_linear_native(x, w), got)
 
 
 @native
@@ -214,7 +225,9 @@ def test_prefill_rows_run_in_bf16_where_the_cpu_has_it(monkeypatch, kind):
     assert torch.equal(got, cpu_gemm.linear_bf16(x, dense.to(torch.bfloat16)))
     assert got.dtype == torch.float32 and 0 < rel_err(got, ref(x, w)) < 2e-2
     assert rel_err(op(x, w, options=FP32), ref(x, w)) < TOL
-    decode_ref = int8_linear_x16_ref if kind == "int8" and cpu_native.int16_activations(KernelOptions()) else ref
+    decode_ref = ref
+    if cpu_native.integer_activations(KernelOptions()) and kind in ("int8", "int4"):  # decode rows rounded
+        decode_ref = int8_linear_x16_ref if kind == "int8" else lambda x, w: ref(rounded(x, *quantize_x8(x)), w)
     assert rel_err(op(x[:3], w), decode_ref(x[:3], w)) < TOL
     monkeypatch.setattr(cpu_gemm, "_bf16_gemm", False)
     assert rel_err(op(x, w), ref(x, w)) < TOL
@@ -252,12 +265,12 @@ def test_the_option_is_bound_into_the_cpu_backend():
 
 @native
 @pytest.mark.parametrize("kind,K", [("f32", 256), ("f32", 85), ("int8", 256), ("int8", 85), ("int8-x16", 256),
-                                    ("int8-x16", 85), ("int4", 256), ("int4", 544), ("nf4", 544)])
+                                    ("int8-x16", 85), ("int4", 256), ("int4", 544), ("int4-x8", 544), ("nf4", 544)])
 def test_a_rows_result_does_not_depend_on_the_other_rows(kind, K):
     """Rows are tiled several at a time (XROWS x-rows per weight load): each row's outputs are still exactly
     (bitwise) what it gets alone, for every row count, so a verify pass scores a token as a decode step does.
     K = 85: a tail past the vector width; 544: int4 past one dequantized span (AVX2)."""
-    N = 40 if kind in ("int4", "nf4") else 37  # (int4 packs 8 rows per word; 37: a tail past the 4-row blocks)
+    N = 40 if kind.startswith(("int4", "nf4")) else 37  # (int4 packs 8 rows a word; 37: a tail past 4-row blocks)
     w = torch.randn(N, K, generator=_g())
     x = torch.randn(11, K, generator=_g(1))
     if kind == "f32":
@@ -266,9 +279,10 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(kind, K):
         q = quantize_int8(w)
         x16 = kind == "int8-x16"
         op = lambda rows: torch.ops.codellama_rt_cpu.linear_int8(rows, q.qweight, q.scales, x16)  # noqa: E731
-    elif kind == "int4":
+    elif kind.startswith("int4"):
         q = quantize_int4(w, group_size=32)
-        op = lambda rows: cpu_native.int4_linear_native(rows, q)  # noqa: E731
+        opts = KernelOptions(cpu_integer_activations=kind == "int4-x8")
+        op = lambda rows: cpu_native.int4_linear_native(rows, q, options=opts)  # noqa: E731
     else:
         q = quantize_nf4(w, blocksize=32)
         op = lambda rows: cpu_native.nf4_linear_native(rows, q)  # noqa: E731
@@ -312,7 +326,10 @@ def test_int4_gptq_weights(checkpoint_format):
         w.qzeros = _pack_nibbles(z - 1, dim=1)
     loaded = unpack_gptq(w.qweight, w.qzeros, w.scales, None, group_size=64, checkpoint_format=checkpoint_format)
     x = torch.randn(2, 128, generator=_g(1))
-    assert rel_err(cpu_native.int4_linear_native(x, loaded), int4_linear_ref(x, loaded)) < TOL
+    assert rel_err(cpu_native.int4_linear_native(x, loaded, options=FP32_PRODUCTS), int4_linear_ref(x, loaded)) < TOL
+    if cpu_native.integer_activations(KernelOptions()):  # the default decode rows' rounding there
+        x8 = rounded(x, *quantize_x8(x))
+        assert rel_err(cpu_native.int4_linear_native(x, loaded), int4_linear_ref(x8, loaded)) < TOL
 
 
 @native
@@ -407,33 +424,34 @@ def test_argmax_rows_native_kernel_arguments(monkeypatch):
 
 def _models(quantize, **kernel_options):
     """(the cpu backend's model, the module graph its native step must equal): the reference backend's, or for
-    int8 with decode rows rounded to int16 blocks (`cpu_native.int16_activations`) the cpu model's own graph,
-    whose int8 projections round them the same way."""
+    int8 / int4 with decode rows rounded to integers (`cpu_native.integer_activations`) the cpu model's own graph,
+    whose projections round them the same way."""
     from codellama_rt.api import load_model
 
     kw = dict(dtype="float32", quantize=quantize, group_size=64 if quantize == "int4" else None)
     model = load_model(None, kernel_options=kernel_options or None, **kw).module
-    if quantize == "int8" and cpu_native.int16_activations(model.ops.options):
+    if quantize in ("int8", "int4") and cpu_native.integer_activations(model.ops.options):
         return model, model
     return model, load_model(None, backend="reference", **kw).module
 
 
 @native
-@pytest.mark.parametrize("quantize", [None, "int8", "int8-fp32-products", "int4", "nf4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int8-fp32-products", "int4", "int4-fp32-products", "nf4"])
 def test_decoder_equals_the_module_graph(quantize):
     """Three rows at positions 0, 17 and the cache's last over a cache of 4 rows holding random past K/V:
     the native step's logits and the K/V it writes equal the module graph (`_models`)."""
     from codellama_rt.model.native_decoder import native_decoder
 
-    if quantize == "int8-fp32-products":
-        model, ref = _models("int8", cpu_int16_activations=False)
+    if quantize and quantize.endswith("-fp32-products"):
+        model, ref = _models(quantize.split("-")[0], cpu_integer_activations=False)
     else:
         model, ref = _models(quantize)
     step = native_decoder(model)
     assert step is not None and native_decoder(model) is step  # built once, kept on the model
-    if model is ref:  # int8 rows rounded to int16: a last-bit difference in an activation (the two orders of fp32
-        # sums) can move its code by one step, 1/32767 of its block's largest, so they agree to ~1e-4
-        _step_equals_the_graph(step, model, ref, tol=3e-4, cache_tol=3e-4)
+    if model is ref:  # rows rounded to integers: a last-bit difference in an activation (the two orders of fp32
+        # sums) can move its code by one step, 1/32767 (int16) or 1/127 (int8) of its block's largest
+        tol = 3e-4 if quantize == "int8" else 3e-3
+        _step_equals_the_graph(step, model, ref, tol=tol, cache_tol=tol)
     else:
         _step_equals_the_graph(step, model, ref)
 
@@ -517,7 +535,7 @@ def test_a_projection_of_several_parts_runs_them_side_by_side():
     from codellama_rt.model.native_decoder import native_decoder
     from codellama_rt.quant.linear import QuantLinear, set_module
 
-    model, ref = _models(None, cpu_int16_activations=False)  # (the reference's int8 arithmetic)
+    model, ref = _models(None, cpu_integer_activations=False)  # (the reference's int8 arithmetic)
     q, k, v = model.layers[0].attn.wqkv.weight.detach().split([256, 64, 64])
     other = quantize_nf4(v, blocksize=32)
     qkv = QuantLinear([quantize_nf4(q), quantize_nf4(k, blocksize=128),

@@ -35,7 +35,7 @@ def test_defaults_and_normalisation():
     (dict(experiments=None), "iterable"),
     (dict(pdl=1), "pdl must be True or False"),
     (dict(pdl="0"), "pdl must be True or False"),
-    (dict(cpu_int16_activations=None), "cpu_int16_activations must be True or False"),
+    (dict(cpu_integer_activations=None), "cpu_integer_activations must be True or False"),
 ])
 def test_bad_options_raise_value_error(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -160,8 +160,8 @@ def test_load_takes_kernel_options(hf_checkpoint, monkeypatch):
     (["attn_rope"], "kernel_options=.* is invalid"),
     ({"experiments": ["fast_please"]}, "kernel_options: unknown experiment.*fast_please"),
     ({"pdl": "no"}, "kernel_options: pdl must be True or False"),
-    ({"experiment": ["attn_rope"]}, "kernel_options: unknown field.*'experiment'.*cpu_int16_activations"),
-    ({"cpu_int16_activations": 0}, "kernel_options: cpu_int16_activations must be True or False"),
+    ({"experiment": ["attn_rope"]}, "kernel_options: unknown field.*'experiment'.*cpu_integer_activations"),
+    ({"cpu_integer_activations": 0}, "kernel_options: cpu_integer_activations must be True or False"),
 ])
 def test_load_refuses_bad_kernel_options(tmp_path, value, match):
     with pytest.raises(ValueError, match=match):  # before the path is looked at

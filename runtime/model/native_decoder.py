@@ -22,7 +22,7 @@ import torch
 from ..kernels import cpu_native
 
 _ATTR = "_native_decoder"  # the model attribute holding its decoder (or False: not applicable)
-_DENSE, _INT8, _INT4, _INT8_X16 = 0, 1, 2, 3  # csrc's Kind
+_DENSE, _INT8, _INT4, _INT8_X16, _INT4_X8 = 0, 1, 2, 3, 4  # csrc's Kind
 _EMPTY = torch.empty(0)
 _NO_SLOTS = torch.empty(0, dtype=torch.long)  # row b of a step is cache row b
 
@@ -37,25 +37,26 @@ def native_decoder(model) -> Optional[Callable]:
     return found or None
 
 
-def _projection(module, x16: bool) -> Optional[list]:
+def _projection(module, integer: bool) -> Optional[list]:
     """add_linear's arguments for each weight of one projection module (a Linear, or a QuantLinear's parts:
     their outputs side by side), or None if one is unsupported."""
     parts = getattr(module, "parts", None)
     if parts is None:
         w = module.weight
         return [(_DENSE, w.detach().contiguous(), _EMPTY, _EMPTY, w.shape[0], w.shape[1], 0, _EMPTY)]
-    args = [_part(p, x16) for p in parts]
+    args = [_part(p, integer) for p in parts]
     return None if any(a is None for a in args) else args
 
 
-def _part(p, x16: bool) -> Optional[tuple]:
-    if p.format == "int8":  # (x16: decode rows rounded to int16 blocks, `cpu_native.int16_activations`)
-        return (_INT8_X16 if x16 else _INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY,
+def _part(p, integer: bool) -> Optional[tuple]:
+    # integer: decode rows rounded to int16 (int8 weights) / int8 (int4) blocks, `cpu_native.integer_activations`
+    if p.format == "int8":
+        return (_INT8_X16 if integer else _INT8, p.qweight, cpu_native.int8_scales_f32(p).contiguous(), _EMPTY,
                 p.shape[0], p.shape[1], 0, _EMPTY)
     if (p.format == "int4" and cpu_native.int4_supported(p)) or (p.format == "nf4" and cpu_native.nf4_supported(p)):
         p = cpu_native.native_copy(p)  # (a weight held in its checkpoint layout: its repack, kept on it)
     if p.format == "int4_cpu":
-        return (_INT4, p.codes, p.scales, p.zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
+        return (_INT4_X8 if integer else _INT4, p.codes, p.scales, p.zs, p.shape[0], p.shape[1], p.group_size, _EMPTY)
     if p.format == "nf4_cpu":  # the int4 kind with the codebook as its levels
         return (_INT4, p.codes, p.scales, _EMPTY, p.shape[0], p.shape[1], p.group_size, p.levels)
     return None
@@ -71,8 +72,8 @@ def _build(model) -> Optional[Callable]:
     if any(layer.attn.reduce is not None or layer.mlp.reduce is not None for layer in layers):
         return None  # tensor parallelism: the ranks' partial sums are reduced by the graph
     projections = [m for layer in layers for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
-    x16 = cpu_native.int16_activations(model.ops.options)
-    args = [_projection(m, x16) for m in projections + [model.output]]
+    integer = cpu_native.integer_activations(model.ops.options)
+    args = [_projection(m, integer) for m in projections + [model.output]]
     if any(a is None for a in args):
         return None
     a = model.args
