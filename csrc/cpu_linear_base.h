@@ -74,7 +74,8 @@ inline float quantize_block(const float* x, int64_t n, T* q) {
       alignas(32) int32_t c[BLOCK];
       for (int j = 0; j < BLOCK / 8; ++j) {
         const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(c + 8 * j), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)));
+        const __m256i code = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(c + 8 * j), code);
       }
       for (int64_t k = 0; k < BLOCK; ++k) q[k] = static_cast<T>(c[k]);
       return s;
@@ -171,7 +172,7 @@ inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, to
     check(false, "unknown weight kind " + std::to_string(kind));
   }
   l.w_p = w.data_ptr();
-  l.scale_p = kind == DENSE ? nullptr : scale.data_ptr<float>();  // (INT8_X16: the weight rows' scales)
+  l.scale_p = kind == DENSE ? nullptr : scale.data_ptr<float>();
   l.zs_p = kind == INT4 || kind == INT4_X8 ? l.zs_or_null() : nullptr;
   l.levels_p = kind == INT4 ? l.levels_or_null() : nullptr;
   return l;

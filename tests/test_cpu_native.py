@@ -373,6 +373,11 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(RuntimeError, match="levels"):
         torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8),
                                                torch.ones(8, 2), torch.empty(0), 32, torch.ones(8))
+    with pytest.raises(RuntimeError, match="int8 activations takes no levels"):
+        torch.ops.codellama_rt_cpu.linear_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8),
+                                               torch.ones(8, 2), torch.empty(0), 32, torch.ones(16), True)
+    with pytest.raises(RuntimeError, match="x must be a contiguous fp32"):
+        torch.ops.codellama_rt_cpu.quantize_x8(torch.randn(2, 32).double())
 
 
 # ---- argmax over rows (sampling) ----------------------------------------------------------------
