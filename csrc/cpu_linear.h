@@ -96,12 +96,12 @@ struct IntRows {
 
   IntRows(const Linear& l, const float* x, int64_t M) {
     if (l.kind == INT8_X16) {
-      Kp = x16_width(l.K);
+      Kp = blocks_width<X16_BLOCK>(l.K);
       q16.resize(M * Kp), sx.resize(M * (Kp / X16_BLOCK));
       quantize_x16(x, M, l.K, q16.data(), sx.data());
       return;
     }
-    Kp = l.K;  // (a multiple of CHUNK == X8_BLOCK)
+    Kp = blocks_width<X8_BLOCK>(l.K);  // (K itself: int4 rows are whole chunks, CHUNK == X8_BLOCK)
     q8.resize(M * Kp), sx.resize(M * (Kp / X8_BLOCK));
     quantize_x8(x, M, l.K, q8.data(), sx.data());
     if (!l.zs_p) return;

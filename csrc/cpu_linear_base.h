@@ -42,8 +42,11 @@ enum Kind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2, INT8_X16 = 3, INT4_X8 = 4 }
 // int4 weights (levels 0 .. 15) against activations rounded to int8 in blocks of X8_BLOCK (quantize_x8, as
 // llama.cpp's q4_0 x q8_0). The products are integers, summed exactly within a block, then scaled in fp32.
 constexpr int64_t X16_BLOCK = 64, X8_BLOCK = 32;
+static_assert(X8_BLOCK == CHUNK, "INT4_X8: one x block per int4 chunk (the kernels index x by K)");
 
-inline int64_t x16_width(int64_t K) { return (K + X16_BLOCK - 1) / X16_BLOCK * X16_BLOCK; }
+// K rounded up to whole blocks: the width of a row of codes (zeros past K).
+template <int64_t BLOCK>
+inline int64_t blocks_width(int64_t K) { return (K + BLOCK - 1) / BLOCK * BLOCK; }
 
 // One block of activations rounded to integers: n (<= BLOCK) values at x -> BLOCK codes at q (zeros past n);
 // returns the block's scale s = max|x| / QMAX, q = x / s rounded half to even (within +-QMAX). An all-zero
@@ -98,7 +101,7 @@ inline float quantize_block(const float* x, int64_t n, T* q) {
 // (quantize_block).
 template <class T, int64_t BLOCK, int QMAX>
 inline void quantize_rows(const float* x, int64_t M, int64_t K, T* q, float* s) {
-  const int64_t Kp = (K + BLOCK - 1) / BLOCK * BLOCK, nb = Kp / BLOCK;
+  const int64_t Kp = blocks_width<BLOCK>(K), nb = Kp / BLOCK;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b)
       s[m * nb + b] = quantize_block<T, BLOCK, QMAX>(x + m * K + b * BLOCK, std::min(BLOCK, K - b * BLOCK),

@@ -36,7 +36,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const 
 template <class T, int64_t BLOCK, int QMAX>
 std::tuple<torch::Tensor, torch::Tensor> quantize_op(const torch::Tensor& x, torch::ScalarType dtype) {
   check_f32(x, "x", 2);
-  const int64_t M = x.size(0), Kp = (x.size(1) + BLOCK - 1) / BLOCK * BLOCK;
+  const int64_t M = x.size(0), Kp = blocks_width<BLOCK>(x.size(1));
   auto xq = torch::empty({M, Kp}, x.options().dtype(dtype));
   auto sx = torch::empty({M, Kp / BLOCK}, x.options());
   quantize_rows<T, BLOCK, QMAX>(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<T>(), sx.data_ptr<float>());

@@ -181,7 +181,8 @@ inline void int4_x8_dot(const int8_t* xq, const float* sx, const uint8_t* w, int
     for (int64_t k = g * group; k < (g + 1) * group; k += CHUNK) {
       const uint8_t* b = w + k / 2;  // this chunk's 16 bytes in row 0
       if ((k & 127) == 0)  // a line of codes per 128 weights
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(b + r * rowbytes) + PREFETCH, _MM_HINT_T0);
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(b + r * rowbytes) + PREFETCH, _MM_HINT_T0);
       __m256i xv[M];
       __m256 sxv[M];
       for (int m = 0; m < M; ++m) {

@@ -3,7 +3,7 @@
 #pragma once
 
 #include "cpu_linear_base.h"
-#include "dot_x16_scalar.h"
+#include "dot_int_scalar.h"
 
 namespace clrt {
 
