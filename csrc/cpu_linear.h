@@ -48,7 +48,7 @@ inline void tile(const Linear& l, const float* x, int64_t m0, int64_t n, float* 
 // scores each token exactly as a decode step would.
 template <int R>
 inline void rows_block(const Linear& l, const float* x, int64_t M, int64_t n, float* out) {
-  if (DENSE_ROW_AT_A_TIME && M == 1 && R > 1 && l.kind == DENSE) {  // (the same sums as one R-row tile)
+  if (M == 1 && R > 1 && (l.one_row || (DENSE_ROW_AT_A_TIME && l.kind == DENSE))) {  // (the sums of one R-row tile)
     for (int r = 0; r < R; ++r) tile<1, 1>(l, x, 0, n + r, out);
     return;
   }

@@ -129,6 +129,10 @@ struct Linear {
   int64_t kind = DENSE, N = 0, K = 0, group = 0;
   torch::Tensor w, scale, zs, levels;
   int64_t ldo = 0;  // out's row stride when this is one part of a wider output (0: N, the output its own)
+  // One x row (decode) reads the weight rows one at a time, one sequential stream, as dense weights do where
+  // DENSE_ROW_AT_A_TIME: faster where the weights come from DRAM, slower from cache (one FMA chain). Set for int8
+  // weights by Decoder::one_row_int8; the same sums either way.
+  bool one_row = false;
   // The tensors' data, read once by make_linear (data_ptr<T>() checks the dtype at every call: ~8% of a decode
   // step of the 7.7M model when each 4-row tile asked for them). zs_p, levels_p: null when not given.
   const void* w_p = nullptr;

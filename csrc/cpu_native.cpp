@@ -409,6 +409,14 @@ class Decoder {
     for (auto& part : p.parts) part.ldo = p.parts.size() > 1 ? p.N : 0;
   }
 
+  // Decode rows (one x row) of every int8 projection (fp32 products) read their weight rows one at a time (on) or
+  // four side by side (off, the default): see Linear::one_row.
+  void one_row_int8(bool on) {
+    for (auto& p : projections_)
+      for (auto& part : p.parts)
+        if (part.kind == INT8) part.one_row = on;
+  }
+
   // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V].
   // Row b is at cache row slots[b] (an empty slots tensor: row b), position positions[b]: every row's K/V is
   // written before any row attends, so rows sharing a slot at consecutive positions (a speculative verify
@@ -598,5 +606,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor,
                           std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor>())
       .def("add_linear", &Decoder::add_linear)
+      .def("one_row_int8", &Decoder::one_row_int8)
       .def("forward", &Decoder::forward);
 }

@@ -479,6 +479,56 @@ def _step_equals_the_graph(step, model, ref, tol=1e-5, cache_tol=1e-6):
 
 
 @native
+def test_int8_weight_rows_one_at_a_time_give_the_same_logits(monkeypatch):
+    """int8 decode rows (fp32 products) read the weight rows one at a time where `int8_one_row` says the weights
+    stream from DRAM, else four side by side: the same sums, so the same logits, bitwise; and a decode row
+    equals the first row of a verify block of five (tiles of several x rows) either way."""
+    from codellama_rt.model import native_decoder as nd
+
+    model = _models("int8", cpu_integer_activations=False)[0]
+    a, S = model.args, 32
+    cache = torch.randn(a.n_layers, 2, 1, a.n_kv_heads, S, a.head_dim, generator=_g(3))
+    got = {}
+    for one_row in (False, True):
+        monkeypatch.setattr(nd, "int8_one_row", lambda parts, isa, on=one_row: on)
+        model.__dict__.pop(nd._ATTR, None)
+        step = nd.native_decoder(model)
+        with torch.inference_mode():
+            got[one_row] = [step(torch.tensor([7]), torch.tensor([4]), cache.clone()),
+                            step(torch.tensor([7, 9, 11, 13, 15]), torch.arange(4, 9), cache.clone(),
+                                 torch.zeros(5, dtype=torch.long))]
+    assert all(torch.equal(g, w) for g, w in zip(got[True], got[False]))
+    assert torch.equal(got[True][0][0], got[True][1][0])
+
+
+def test_int8_rows_stream_one_at_a_time_only_past_the_cache_on_avx512():
+    from codellama_rt.model.native_decoder import int8_one_row
+
+    def parts(kind, n_bytes):
+        return [(kind, torch.zeros(n_bytes, dtype=torch.int8), torch.zeros(0), torch.zeros(0))]
+
+    big, small = parts(1, 40 << 20), parts(1, 4 << 20)
+    assert int8_one_row(big, "avx512", cache_bytes=32 << 20)
+    assert not int8_one_row(small, "avx512", cache_bytes=32 << 20)  # cache-resident: four rows side by side
+    assert not int8_one_row(big, "avx2", cache_bytes=32 << 20)  # (not measured there)
+    assert not int8_one_row(big, "avx512", cache_bytes=0)  # cache size unknown
+    assert not int8_one_row(parts(0, 40 << 20), "avx512", cache_bytes=32 << 20)  # no int8 weights
+
+
+def test_last_level_cache_bytes_reads_sysfs(tmp_path):
+    from codellama_rt.model.native_decoder import last_level_cache_bytes
+
+    for name, level, size in [("index0", 1, "48K"), ("index2", 2, "1024K"), ("index3", 3, "32768K")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    (tmp_path / "index3" / "size").write_text("lots\n")
+    assert last_level_cache_bytes(tmp_path) == 0
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
+@native
 def test_decoder_rejects_bad_steps():
     from codellama_rt.model.native_decoder import native_decoder
 

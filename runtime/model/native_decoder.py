@@ -12,9 +12,12 @@ model, tensor parallelism, or a projection in another format than dense fp32, in
 multiples of 32 (in the native layout already, `Int4CpuWeight`, or GPTQ's, repacked), or NF4 (as table-lookup
 int4: codes in chunk order, fp32 absmax per block, the codebook as the levels) with blocks that allow it. A
 projection of several parts (a checkpoint's q, k, v) runs them side by side into one output, no stacked copy.
+A decode row reads dense weights one row at a time (one sequential stream), int8 weights too where they outgrow
+the last-level cache on AVX-512 builds (`int8_one_row`); the logits are the same bits either way.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -85,12 +88,39 @@ def _build(model) -> Optional[Callable]:
     for parts in args:
         for i, part in enumerate(parts):
             decoder.add_linear(*part, i > 0)  # (a later part continues the projection's output)
+    decoder.one_row_int8(int8_one_row([part for parts in args for part in parts], cpu_native.extension().isa()))
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
              slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         return decoder.forward(tokens, positions, cache, _NO_SLOTS if slots is None else slots)
 
     return step
+
+
+def int8_one_row(parts: list, isa: str, cache_bytes: Optional[int] = None) -> bool:
+    """Whether decode rows of int8 weights (fp32 products, add_linear's kind 1) should read one weight row at a
+    time (`Decoder.one_row_int8`): on AVX-512 builds, where the step's weights (`parts`: add_linear's arguments)
+    outgrow the last-level cache, so they stream from DRAM every step. Measured on a Zen 4 EPYC (32 MB L3): ~57M
+    model (42 MB of int8 weights) 1.4-1.55x the decode steps a second; 7.7M model (7 MB) 0.83x, its four rows side
+    by side keep more FMAs in flight. The same logits either way. cache_bytes: default the CPU's (0: unknown)."""
+    if isa != "avx512" or not any(p[0] == _INT8 for p in parts):
+        return False
+    cache = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    weights = sum(t.numel() * t.element_size() for p in parts for t in (p[1], p[2], p[3]))
+    return cache > 0 and weights > cache
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of CPU 0's highest-level cache in bytes, from Linux's sysfs (0 where it cannot be read)."""
+    best = (0, 0)  # (level, bytes)
+    try:
+        for index in root.glob("index*"):
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+            best = max(best, (level, int(size.rstrip("KMGkmg")) * unit))
+    except (OSError, ValueError):
+        return 0
+    return best[1]
 
 
 def no_decoder(model) -> None:
