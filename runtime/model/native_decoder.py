@@ -101,7 +101,7 @@ def int8_one_row(parts: list, isa: str, cache_bytes: Optional[int] = None) -> bo
     """Whether decode rows of int8 weights (fp32 products, add_linear's kind 1) should read one weight row at a
     time (`Decoder.one_row_int8`): on AVX-512 builds, where the step's weights (`parts`: add_linear's arguments)
     outgrow the last-level cache, so they stream from DRAM every step. Measured on a Zen 4 EPYC (32 MB L3): ~57M
-    model (42 MB of int8 weights) 1.4-1.55x the decode steps a second; 7.7M model (7 MB) 0.83x, its four rows side
+    model (42 MB of int8 weights) 1.3-1.55x the decode steps a second; 7.7M model (7 MB) 0.83x, its four rows side
     by side keep more FMAs in flight. The same logits either way. cache_bytes: default the CPU's (0: unknown)."""
     if isa != "avx512" or not any(p[0] == _INT8 for p in parts):
         return False
