@@ -32,23 +32,24 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const 
 }
 
 // quantize_x16 / quantize_x8 of x fp32 [M, K]: (int16 / int8 [M, Kp], fp32 [M, Kp / block]), Kp = K rounded up
-// to the block: what INT8_X16 / INT4_X8 rows multiply.
-template <class T, int64_t BLOCK, int QMAX>
-std::tuple<torch::Tensor, torch::Tensor> quantize_op(const torch::Tensor& x, torch::ScalarType dtype) {
+// to the block: what INT8_X16 / INT4_X8 rows multiply (the kernels' own rounding, `rows`).
+template <class T, int64_t BLOCK>
+std::tuple<torch::Tensor, torch::Tensor> quantize_op(const torch::Tensor& x, torch::ScalarType dtype,
+                                                     void (*rows)(const float*, int64_t, int64_t, T*, float*)) {
   check_f32(x, "x", 2);
   const int64_t M = x.size(0), Kp = blocks_width<BLOCK>(x.size(1));
   auto xq = torch::empty({M, Kp}, x.options().dtype(dtype));
   auto sx = torch::empty({M, Kp / BLOCK}, x.options());
-  quantize_rows<T, BLOCK, QMAX>(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<T>(), sx.data_ptr<float>());
+  rows(x.data_ptr<float>(), M, x.size(1), xq.data_ptr<T>(), sx.data_ptr<float>());
   return {xq, sx};
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_x16_op(const torch::Tensor& x) {
-  return quantize_op<int16_t, X16_BLOCK, 32767>(x, torch::kInt16);
+  return quantize_op<int16_t, X16_BLOCK>(x, torch::kInt16, quantize_x16);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_x8_op(const torch::Tensor& x) {
-  return quantize_op<int8_t, X8_BLOCK, 127>(x, torch::kInt8);
+  return quantize_op<int8_t, X8_BLOCK>(x, torch::kInt8, quantize_x8);
 }
 
 torch::Tensor levels_arg(const c10::optional<torch::Tensor>& levels) { return levels ? *levels : torch::Tensor(); }
