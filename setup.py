@@ -13,16 +13,31 @@ NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
 def native_extension() -> dict:
-    """The native CPU kernels (csrc/cpu_native.cpp -> codellama_rt._cpu_native), built where torch and a C++
-    compiler are present at install time (scripts/setup.sh installs without build isolation, so the venv's
-    torch is there). Any failure leaves them out: kernels/cpu_native.py then runs the PyTorch path and says so."""
+    """The native CPU kernels, built where a C++ compiler is present at install time (any failure leaves one out,
+    and its Python side says so):
+    - csrc/cpu_native.cpp -> codellama_rt._cpu_native, the torch extension, where torch is importable at build
+      time (scripts/setup.sh installs without build isolation, so the venv's torch is there); without it
+      kernels/cpu_native.py runs the PyTorch path;
+    - csrc/lite.cpp -> codellama_rt._cpu_lite, the same decode step as a torch-free C library (codellama_rt.lite
+      loads it with ctypes)."""
+    from setuptools import Extension
+    from setuptools.command.build_ext import build_ext
+
+    headers = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(_HERE, "csrc")) if f.endswith(".h"))
+    lite = Extension("codellama_rt._cpu_lite", ["csrc/lite.cpp"], depends=headers, language="c++",
+                     define_macros=[("CLRT_LITE", "1")], extra_compile_args=["-std=c++17", *NATIVE_FLAGS],
+                     extra_link_args=["-fopenmp"])
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("codellama-rt: torch is not importable at build time; native CPU kernels not built", file=sys.stderr)
-        return {}
+        base, exts = build_ext, [lite]
+    else:
+        base = BuildExtension
+        exts = [CppExtension("codellama_rt._cpu_native", ["csrc/cpu_native.cpp"], depends=headers,
+                             extra_compile_args=NATIVE_FLAGS, extra_link_args=["-fopenmp"]), lite]
 
-    class OptionalBuild(BuildExtension):
+    class OptionalBuild(base):
         def run(self):
             try:
                 super().run()
@@ -30,10 +45,13 @@ def native_extension() -> dict:
                 print(f"codellama-rt: native CPU kernels not built ({type(e).__name__}: {e}); "
                       "the PyTorch path will run", file=sys.stderr)
 
-    headers = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(_HERE, "csrc")) if f.endswith(".h"))
-    ext = CppExtension("codellama_rt._cpu_native", ["csrc/cpu_native.cpp"], depends=headers,
-                       extra_compile_args=NATIVE_FLAGS, extra_link_args=["-fopenmp"])
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild}}
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # one failing leaves the other
+                print(f"codellama-rt: {ext.name} not built ({type(e).__name__}: {e})", file=sys.stderr)
+
+    return {"ext_modules": exts, "cmdclass": {"build_ext": OptionalBuild}}
 
 
 # fastapi: app.add_api_route / exception handlers as used; uvicorn: Server.startup(sockets=...);
@@ -46,8 +64,8 @@ setup(
     description="Lean CodeLlama inference runtime with Triton kernels and a PyTorch reference path",
     python_requires=">=3.10",
     packages=["codellama_rt", "codellama_rt.kernels", "codellama_rt.bench", "codellama_rt.checkpoint",
-              "codellama_rt.cli", "codellama_rt.engine", "codellama_rt.model", "codellama_rt.quant",
-              "codellama_rt.server", "codellama_rt.tokenizer"],
+              "codellama_rt.cli", "codellama_rt.distributed", "codellama_rt.engine", "codellama_rt.lite",
+              "codellama_rt.model", "codellama_rt.quant", "codellama_rt.server", "codellama_rt.tokenizer"],
     package_dir={"codellama_rt": "runtime", "codellama_rt.kernels": "kernels"},
     # the embedded default model (see runtime/default_model/README.md)
     package_data={"codellama_rt": ["default_model/*.json", "default_model/*.safetensors",

@@ -9,7 +9,8 @@ vendor/llama.cpp (for convert_hf_to_gguf.py and gguf-py, run with this interpret
 rows are measured. The checkpoint is converted to GGUF f32 and f16 by llama.cpp's converter, and q8_0 /
 q4_0 by llama.cpp's own quantizer; llama.cpp gets an f32 KV cache (its f16 default flips near-ties, so token
 agreement would measure the cache, not the weights). Our rows: fp32, bf16, int8, int4 and nf4 (quantized at
-load, the lm_head with them as llama.cpp's quantizer does, unless --dense-head), int4-bf16.
+load, the lm_head with them as llama.cpp's quantizer does, unless --dense-head), int4-bf16; lite-fp32, lite-int8,
+lite-int4, lite-nf4: the same weights written by export_lite and run by codellama_rt.lite, torch never imported.
 
 --random 57m / 300m / 1b: instead of a checkpoint, random weights of the issue's larger shapes (dim 512, 8 layers,
 ffn 1376; dim 1024, 16 layers, GQA 4, ffn 2752) or TinyLlama's (~1.1B: dim 2048, 22 layers, GQA 8, ffn 5632),
@@ -93,6 +94,23 @@ t0, stamps, ids = run(a["ids"], a["new_tokens"])
 decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
 rss = peak_rss_mb()
 print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
+'''
+
+# codellama_rt.lite (no torch in the process): the same measurements from the completion's own clocks (the prompt's
+# logits; the new tokens' steps: n - 1 steps between the first token and the last)
+LITE = PEAK_RSS + r'''
+import json, sys
+a = json.loads(sys.argv[1])
+from codellama_rt.lite import LiteModel
+m = LiteModel(a["lite"], threads=a["threads"])
+m.generate(a["ids"], max_new_tokens=4, ignore_eos=True)
+m.generate(a["long_ids"][::-1][:64], max_new_tokens=1)
+prefill = m.generate(a["long_ids"], max_new_tokens=1, ignore_eos=True)
+c = m.generate(a["ids"], max_new_tokens=a["new_tokens"], ignore_eos=True)
+assert "torch" not in sys.modules
+print(json.dumps({"decode_tok_s": (len(c.token_ids) - 1) / c.decode_seconds,
+                  "prefill_tok_s": len(a["long_ids"]) / prefill.prefill_seconds, "peak_rss_mb": peak_rss_mb(),
+                  "ids": c.token_ids}))
 '''
 
 LLAMA = PEAK_RSS + r'''
@@ -187,7 +205,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--ours", default="fp32,bf16,int8,int4,int4-bf16,nf4",
                    help="our rows: fp32, bf16, int8 / int4 / nf4 (fp32 activations; int8's and int4's decode rows "
-                        "in integer blocks on AVX2), int8-fp32x / int4-fp32x (fp32 products), int4-bf16 / nf4-bf16")
+                        "in integer blocks on AVX2), int8-fp32x / int4-fp32x (fp32 products), int4-bf16 / nf4-bf16; "
+                        "lite-fp32 / lite-int8 / lite-int4 / lite-nf4: codellama_rt.lite (no torch in the process)")
     p.add_argument("--dense-head", action="store_true",
                    help="keep our lm_head dense in the quantized rows (default: quantized too, as llama.cpp does)")
     p.add_argument("--out", type=Path, default=None)
@@ -208,6 +227,23 @@ def random_checkpoint(shape: str, tokenizer: Path, directory: Path) -> Path:
 
     args = ModelArgs(**RANDOM_SHAPES[shape], rope_theta=1e6, max_seq_len=4096)
     return write_random_checkpoint(directory, args, tokenizer)
+
+
+def export_lite_model(model: Path, weights: str, quantize_head: bool, out: Path) -> Path:
+    """A lite model directory of `model` with `weights` (fp32, int8, int4, nf4) for a lite row (our decode rows'
+    rounding: integer blocks where the native kernels are built for AVX2)."""
+    import torch
+
+    from codellama_rt.api import load_model
+    from codellama_rt.kernels import cpu_native
+    from codellama_rt.kernels.options import KernelOptions
+    from codellama_rt.lite.export import export_lite
+
+    quantize = None if weights == "fp32" else weights
+    m = load_model(model, device="cpu", dtype=torch.float32, quantize=quantize, progress=False,
+                   quantize_head=quantize is not None and quantize_head)
+    export_lite(m, out, integer_activations=cpu_native.integer_activations(KernelOptions()))
+    return out
 
 
 def main(argv=None) -> dict:
@@ -234,7 +270,13 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
     base = dict(model=str(model), ids=ids, long_ids=long_ids, new_tokens=a.new_tokens, threads=a.threads,
                 n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
     jobs = []  # (runtime, weights, python, code, args)
+    lite_dirs = Path(scratch) / "lite"
     for name in a.ours.split(","):
+        if name.startswith("lite-"):
+            weights = name.removeprefix("lite-")
+            out = export_lite_model(model, weights, not a.dense_head, lite_dirs / weights)
+            jobs.append(("codellama-rt lite", weights, sys.executable, LITE, dict(base, lite=str(out))))
+            continue
         quantize, _, act = name.partition("-")  # int4 | int4-bf16 | nf4 | int4-fp32x ... ; fp32 and bf16: dense
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(name) or ("bfloat16" if act == "bf16" else "float32")
         quantize = None if name in ("fp32", "bf16") else quantize

@@ -2,8 +2,8 @@
 // W [N, K] dense fp32, int8 per output row, or int4 per group (formats: cpu_linear_base.h). Each weight vector
 // loaded serves several rows of x. The inner products come from dot_avx512.h (AVX-512 F/BW/VL), dot_avx2.h
 // (AVX2 + FMA) or dot_plain.h (loops the compiler vectorizes), by what the building machine has (compiled with
-// -march=native). Threads come from torch's pool (at::parallel_for), so torch.set_num_threads governs them and
-// nothing oversubscribes.
+// -march=native). Threads come from parallel_for (cpu_linear_base.h): torch's pool in the torch extension, so
+// torch.set_num_threads governs them and nothing oversubscribes; OpenMP's in the lite library.
 #pragma once
 
 #include "cpu_linear_base.h"
@@ -77,7 +77,7 @@ inline int64_t grain_blocks(int64_t K) { return std::max<int64_t>(1, (1 << 14) /
 template <class Rows>
 inline void for_row_blocks(const Linear& l, Rows rows) {
   const int64_t blocks = (l.N + ROWS - 1) / ROWS;
-  at::parallel_for(0, blocks, grain_blocks(l.K), [&](int64_t b0, int64_t b1) {
+  parallel_for(0, blocks, grain_blocks(l.K), [&](int64_t b0, int64_t b1) {
     const int64_t n1 = std::min(l.N, b1 * ROWS);
     int64_t n = b0 * ROWS;
     for (; n + ROWS <= n1; n += ROWS) rows(std::integral_constant<int, ROWS>{}, n);

@@ -1,10 +1,18 @@
-// What the native CPU kernels' projections share: the instruction set, the weight formats (Linear) and their
-// checks. cpu_linear.h puts the projections together from these and one of the dot_*.h inner products.
+// What the native CPU kernels' projections share: the instruction set, the weight formats (Linear), their
+// checks and the thread pool. cpu_linear.h puts the projections together from these and one of the dot_*.h
+// inner products. Two builds: the torch extension (cpu_native.cpp: torch's thread pool, c10::Error) and, with
+// CLRT_LITE defined, the torch-free library (lite.cpp: OpenMP directly, std::invalid_argument). Nothing here
+// holds a tensor: the weights are pointers whose owners (the torch Decoder, the lite model's arrays) keep them.
 #pragma once
 
-#include <torch/extension.h>
+#ifdef CLRT_LITE
+#include <omp.h>
 
+#include <stdexcept>
+#else
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -127,61 +135,68 @@ inline void quantize_x8(const float* x, int64_t M, int64_t K, int8_t* xq, float*
 //   INT8_X16, INT4_X8: as INT8 / INT4 (no levels), with x rounded by quantize_x16 / quantize_x8
 struct Linear {
   int64_t kind = DENSE, N = 0, K = 0, group = 0;
-  torch::Tensor w, scale, zs, levels;
+  // The weight's data: w_p the codes (or fp32 values), scale_p (null for DENSE), zs_p and levels_p (INT4 /
+  // INT4_X8 and INT4 only; null when not given).
+  const void* w_p = nullptr;
+  const float *scale_p = nullptr, *zs_p = nullptr, *levels_p = nullptr;
   int64_t ldo = 0;  // out's row stride when this is one part of a wider output (0: N, the output its own)
   // One x row (decode) reads the weight rows one at a time, one sequential stream, as dense weights do where
   // DENSE_ROW_AT_A_TIME: faster where the weights come from DRAM, slower from cache (one FMA chain). Set for int8
-  // weights by Decoder::one_row_int8; the same sums either way.
+  // weights by DecoderCore::one_row_int8; the same sums either way.
   bool one_row = false;
-  // The tensors' data, read once by make_linear (data_ptr<T>() checks the dtype at every call: ~8% of a decode
-  // step of the 7.7M model when each 4-row tile asked for them). zs_p, levels_p: null when not given.
-  const void* w_p = nullptr;
-  const float *scale_p = nullptr, *zs_p = nullptr, *levels_p = nullptr;
-
-  const float* zs_or_null() const { return zs.defined() && zs.numel() ? zs.data_ptr<float>() : nullptr; }
-  const float* levels_or_null() const { return levels.defined() && levels.numel() ? levels.data_ptr<float>() : nullptr; }
 };
 
-inline void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "codellama_rt native CPU kernels: ", what); }
-
-inline void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
-  check(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim && t.is_contiguous(),
-        std::string(name) + " must be a contiguous fp32 CPU tensor of " + std::to_string(dim) + " dims");
+#ifdef CLRT_LITE
+inline void check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("codellama_rt native CPU kernels: " + what);
 }
 
-inline Linear make_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
-                          int64_t group, torch::Tensor levels = {}) {
-  Linear l{kind, N, K, group, w, scale, zs, levels};
-  check(w.device().is_cpu() && w.is_contiguous(), "weight must be a contiguous CPU tensor");
-  if (kind == DENSE) {
-    check_f32(w, "dense weight", 2);
-    check(w.size(0) == N && w.size(1) == K, "dense weight shape");
-  } else if (kind == INT8 || kind == INT8_X16) {
-    check(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K, "int8 weight [N, K]");
-    check_f32(scale, "int8 scale", 1);
-    check(scale.size(0) == N, "int8 scale [N]");
+// [begin, end) in at most one contiguous chunk per thread, no chunk under `grain` (at::parallel_for's split).
+template <class F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  const int64_t n = end - begin;
+  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
+  if (threads <= 1) {
+    f(begin, end);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t b0 = begin + omp_get_thread_num() * chunk;
+    if (b0 < end) f(b0, std::min(end, b0 + chunk));
+  }
+}
+#else
+inline void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "codellama_rt native CPU kernels: ", what); }
+
+template <class F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, f);
+}
+#endif
+
+// A Linear of the given data, its format's shape rules checked (the callers check the arrays' dtypes and
+// shapes: make_linear in cpu_native.cpp, the lite model's loader). scale, zs, levels: null where not given.
+inline Linear linear_of(int64_t kind, const void* w, const float* scale, const float* zs, const float* levels,
+                        int64_t N, int64_t K, int64_t group) {
+  check(N > 0 && K > 0 && w != nullptr, "a weight needs N, K > 0 and data");
+  if (kind == INT8 || kind == INT8_X16) {
+    check(scale != nullptr, "int8 weights need their scales");
   } else if (kind == INT4 || kind == INT4_X8) {
     check(K % CHUNK == 0 && group % CHUNK == 0 && group > 0 && K % group == 0, "int4 K and group multiples of 32");
-    check(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2,
-          "int4 weight uint8 [N, K / 2]");
-    check_f32(scale, "int4 scale", 2);
-    check(scale.size(0) == N && scale.size(1) == K / group, "int4 scale [N, K/g]");
-    if (l.zs_or_null()) {
-      check_f32(zs, "int4 zs", 2);
-      check(zs.sizes() == scale.sizes(), "int4 zs [N, K/g] (or empty: no zero points)");
-    }
-    if (l.levels_or_null()) {
-      check_f32(levels, "int4 levels", 1);
-      check(levels.size(0) == 16, "int4 levels [16] (or empty: 0 .. 15)");
-      check(kind == INT4, "int4 with int8 activations takes no levels (its codes multiply as integers)");
-    }
+    check(scale != nullptr, "int4 weights need their scales");
+    check(kind == INT4 || levels == nullptr,
+          "int4 with int8 activations takes no levels (its codes multiply as integers)");
   } else {
-    check(false, "unknown weight kind " + std::to_string(kind));
+    check(kind == DENSE, "unknown weight kind " + std::to_string(kind));
   }
-  l.w_p = w.data_ptr();
-  l.scale_p = kind == DENSE ? nullptr : scale.data_ptr<float>();
-  l.zs_p = kind == INT4 || kind == INT4_X8 ? l.zs_or_null() : nullptr;
-  l.levels_p = kind == INT4 ? l.levels_or_null() : nullptr;
+  Linear l;
+  l.kind = kind, l.N = N, l.K = K, l.group = group, l.w_p = w;
+  l.scale_p = kind == DENSE ? nullptr : scale;
+  l.zs_p = kind == INT4 || kind == INT4_X8 ? zs : nullptr;
+  l.levels_p = kind == INT4 ? levels : nullptr;
   return l;
 }
 

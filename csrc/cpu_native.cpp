@@ -6,7 +6,9 @@
 //
 // Checks raise c10::Error (a Python RuntimeError) naming the argument; the Python wrappers check first and
 // give ValueErrors.
-#include "cpu_linear.h"
+#include "decoder.h"
+
+#include <torch/extension.h>
 
 #include <cmath>
 #include <limits>
@@ -14,6 +16,46 @@
 namespace {
 
 using namespace clrt;
+
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+  check(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim && t.is_contiguous(),
+        std::string(name) + " must be a contiguous fp32 CPU tensor of " + std::to_string(dim) + " dims");
+}
+
+torch::Tensor optional_arg(const c10::optional<torch::Tensor>& t) { return t ? *t : torch::Tensor(); }
+
+const float* f32_or_null(const torch::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// A Linear over the tensors (cpu_linear_base.h's formats), their dtypes and shapes checked; the caller keeps them
+// alive as long as the Linear.
+Linear make_linear(int64_t kind, const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zs,
+                   int64_t N, int64_t K, int64_t group, const torch::Tensor& levels = {}) {
+  check(w.device().is_cpu() && w.is_contiguous(), "weight must be a contiguous CPU tensor");
+  if (kind == DENSE) {
+    check_f32(w, "dense weight", 2);
+    check(w.size(0) == N && w.size(1) == K, "dense weight shape");
+  } else if (kind == INT8 || kind == INT8_X16) {
+    check(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K, "int8 weight [N, K]");
+    check_f32(scale, "int8 scale", 1);
+    check(scale.size(0) == N, "int8 scale [N]");
+  } else if (kind == INT4 || kind == INT4_X8) {
+    check(K % CHUNK == 0 && group % CHUNK == 0 && group > 0 && K % group == 0, "int4 K and group multiples of 32");
+    check(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2,
+          "int4 weight uint8 [N, K / 2]");
+    check_f32(scale, "int4 scale", 2);
+    check(scale.size(0) == N && scale.size(1) == K / group, "int4 scale [N, K/g]");
+    if (f32_or_null(zs)) {
+      check_f32(zs, "int4 zs", 2);
+      check(zs.sizes() == scale.sizes(), "int4 zs [N, K/g] (or empty: no zero points)");
+    }
+    if (f32_or_null(levels)) {
+      check_f32(levels, "int4 levels", 1);
+      check(levels.size(0) == 16, "int4 levels [16] (or empty: 0 .. 15)");
+    }
+  }
+  return linear_of(kind, w.data_ptr(), kind == DENSE ? nullptr : scale.data_ptr<float>(), f32_or_null(zs),
+                   f32_or_null(levels), N, K, group);
+}
 
 torch::Tensor linear(const Linear& l, const torch::Tensor& x) {
   check_f32(x, "x", 2);
@@ -52,49 +94,21 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_x8_op(const torch::Tensor& x) 
   return quantize_op<int8_t, X8_BLOCK>(x, torch::kInt8, quantize_x8);
 }
 
-torch::Tensor levels_arg(const c10::optional<torch::Tensor>& levels) { return levels ? *levels : torch::Tensor(); }
-
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                           const torch::Tensor& zs, int64_t group, const c10::optional<torch::Tensor>& levels, bool x8) {
-  return linear(make_linear(x8 ? INT4_X8 : INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels)),
+  return linear(make_linear(x8 ? INT4_X8 : INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, optional_arg(levels)),
                 x);
 }
 
-// The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel:
-// levels[q] * s - zs, one rounding with a zero point (an FMA), the product's own without (NF4: bitsandbytes'
-// code * absmax).
+// The fp32 matrix W [N, K] of an int4 weight (prefill: torch's GEMM then multiplies by it), rows in parallel
+// (gemm.h's dequantize_int4_row).
 torch::Tensor dequantize_int4(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zs,
                               int64_t group, const c10::optional<torch::Tensor>& levels) {
-  const Linear l = make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, levels_arg(levels));
+  const Linear l = make_linear(INT4, w, scale, zs, w.size(0), w.size(1) * 2, group, optional_arg(levels));
   auto out = torch::empty({l.N, l.K}, scale.options());
-  const uint8_t* W = l.w.data_ptr<uint8_t>();
-  const float *S = l.scale.data_ptr<float>(), *Z = l.zs_or_null(), *L = l.levels_or_null();
-  float lv[16];
-  for (int j = 0; j < 16; ++j) lv[j] = L ? L[j] : static_cast<float>(j);
   float* O = out.data_ptr<float>();
-  const int64_t G = l.K / group;
   at::parallel_for(0, l.N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t c = 0; c < l.K / CHUNK; ++c) {
-        const uint8_t* b = W + n * (l.K / 2) + c * (CHUNK / 2);
-        const int64_t g = c * CHUNK / group;
-        const float s = S[n * G + g];
-        float* o = O + n * l.K + c * CHUNK;
-        if (Z) {
-          const float z = Z[n * G + g];
-#pragma omp simd
-          for (int j = 0; j < 16; ++j) {
-            o[j] = lv[b[j] & 15] * s - z;
-            o[16 + j] = lv[b[j] >> 4] * s - z;
-          }
-        } else {
-#pragma omp simd
-          for (int j = 0; j < 16; ++j) {
-            o[j] = lv[b[j] & 15] * s;
-            o[16 + j] = lv[b[j] >> 4] * s;
-          }
-        }
-      }
+    for (int64_t n = n0; n < n1; ++n) dequantize_int4_row(l, n, 0, l.K, O + n * l.K);
   });
   return out;
 }
@@ -228,332 +242,75 @@ void accept_greedy(const torch::Tensor& logits, const torch::Tensor& proposals, 
 // Shapes only (torch.compile / torch.export trace through the ops with meta tensors).
 torch::Tensor linear_meta(const torch::Tensor& x, int64_t N) { return torch::empty({x.size(0), N}, x.options()); }
 
-// ---- the decode step ---------------------------------------------------------------------------------
 
-void rms_norm(const float* h, const float* weight, float eps, int64_t dim, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < dim; ++i) ss += h[i] * h[i];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < dim; ++i) y[i] = (h[i] * r) * weight[i];
-}
-
-#if CLRT_AVX512
-// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n by
-// vscalefps; x clamped to [-87.3, 88.7] (finite results; e^-87.3 is already 0 next to 1 in silu).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to fp32
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-#elif CLRT_AVX2
-// e^x for 8 lanes: exp16's polynomial, x clamped to [-87.3, 88.3] so that 2^n (n in -126 .. 127) is built
-// directly in the exponent bits.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
-// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
-void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-#if CLRT_AVX512
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
-  }
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
-                                                   _mm512_maskz_loadu_ps(m, up + i)));
-  }
-#elif CLRT_AVX2
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
-  }
-#endif
-  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-}
-
-// s [M, n] = q [M, D] K[0..n)^T: the projections' tiles (M query rows against 4 key rows at a time).
-template <int R>
-void scores_tile(const float* q, int64_t M, const float* K, int64_t D, float* o) {
-  switch (M) {
-    case 1: dense_dot<R, 1>(q, K, D, o); break;
-    case 2: dense_dot<R, 2>(q, K, D, o); break;
-    case 3: dense_dot<R, 3>(q, K, D, o); break;
-    case 4: dense_dot<R, 4>(q, K, D, o); break;
-    case 5: dense_dot<R, 5>(q, K, D, o); break;
-    default: dense_dot<R, XROWS>(q, K, D, o); break;
-  }
-}
-
-void scores(const float* q, int64_t G, const float* K, int64_t n, int64_t D, float* s) {
-  float o[XROWS * 4];
-  for (int64_t m0 = 0; m0 < G; m0 += XROWS) {
-    const int64_t M = std::min<int64_t>(XROWS, G - m0);
-    const float* qm = q + m0 * D;
-    int64_t t = 0;
-    for (; t + 4 <= n; t += 4) {
-      scores_tile<4>(qm, M, K + t * D, D, o);
-      for (int64_t m = 0; m < M; ++m)
-        for (int r = 0; r < 4; ++r) s[(m0 + m) * n + t + r] = o[m * 4 + r];
-    }
-    for (; t < n; ++t) {
-      scores_tile<1>(qm, M, K + t * D, D, o);
-      for (int64_t m = 0; m < M; ++m) s[(m0 + m) * n + t] = o[m];
-    }
-  }
-}
-
-// p[0..n) <- e^(scale p - max(scale p)); returns their sum.
-float softmax_scaled(float* p, int64_t n, float scale) {
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, p[t] * scale);
-  float sum = 0.f;
-  int64_t t = 0;
-#if CLRT_AVX512
-  const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(mx);
-  __m512 acc = _mm512_setzero_ps();
-  for (; t + 16 <= n; t += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + t), sc), m));
-    _mm512_storeu_ps(p + t, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  sum = _mm512_reduce_add_ps(acc);
-#elif CLRT_AVX2
-  const __m256 sc = _mm256_set1_ps(scale), m = _mm256_set1_ps(mx);
-  __m256 acc = _mm256_setzero_ps();
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p + t), sc), m));
-    _mm256_storeu_ps(p + t, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = reduce1(acc);
-#endif
-  for (; t < n; ++t) sum += (p[t] = std::exp(p[t] * scale - mx));
-  return sum;
-}
-
-void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = x[i + half];
-    x[i] = x1 * cos[i] - x2 * sin[i];
-    x[i + half] = x2 * cos[i] + x1 * sin[i];
-  }
-}
-
-// A Llama decode step over the module graph's weights (the formats above), fp32 activations and KV cache.
+// The torch side of DecoderCore (decoder.h): its tensors checked and kept alive here.
 class Decoder {
  public:
   Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim, int64_t vocab_size,
           double eps, torch::Tensor embedding, std::vector<torch::Tensor> norms, torch::Tensor final_norm,
           torch::Tensor rope_cos, torch::Tensor rope_sin)
-      : dim_(dim), H_(n_heads), Hkv_(n_kv_heads), D_(head_dim), F_(ffn_dim), V_(vocab_size), eps_(eps),
-        embedding_(embedding), norms_(norms), final_norm_(final_norm), cos_(rope_cos), sin_(rope_sin) {
-    check_f32(embedding, "embedding", 2);
-    check(embedding.size(0) == V_ && embedding.size(1) == dim_, "embedding [vocab, dim]");
-    check(H_ % Hkv_ == 0 && D_ % 2 == 0, "heads: n_heads a multiple of n_kv_heads, head_dim even");
-    for (auto& t : norms_) check_f32(t, "norm weight", 1), check(t.size(0) == dim_, "norm weight [dim]");
-    check_f32(final_norm, "final norm", 1);
-    check_f32(rope_cos, "rope cos", 2);
-    check_f32(rope_sin, "rope sin", 2);
-    check(rope_cos.size(1) == D_ / 2 && rope_sin.sizes() == rope_cos.sizes(), "rope tables [positions, head_dim / 2]");
+      : kv_heads_(n_kv_heads), head_dim_(head_dim), core_(make_core(dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, eps, embedding, norms, final_norm,
+                        rope_cos, rope_sin)) {
+    keep_ = norms;
+    keep_.insert(keep_.end(), {embedding, final_norm, rope_cos, rope_sin});
   }
 
-  // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head. `continues`: this weight is
-  // the next rows of the previous projection's output (a checkpoint's q, k, v parts), not a new projection.
   void add_linear(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t N, int64_t K,
                   int64_t group, torch::Tensor levels, bool continues) {
-    Linear l = make_linear(kind, w, scale, zs, N, K, group, levels);
-    if (!continues) {
-      projections_.push_back({});
-    } else {
-      check(!projections_.empty() && projections_.back().parts.front().K == K,
-            "a continuing part needs a previous projection of the same input width");
-    }
-    Projection& p = projections_.back();
-    p.offsets.push_back(p.N);
-    p.parts.push_back(l);
-    p.N += N;
-    for (auto& part : p.parts) part.ldo = p.parts.size() > 1 ? p.N : 0;
+    core_.add_linear(make_linear(kind, w, scale, zs, N, K, group, levels), continues);
+    keep_.insert(keep_.end(), {w, scale, zs, levels});
   }
 
-  // Decode rows (one x row) of every int8 projection (fp32 products) read their weight rows one at a time (on) or
-  // four side by side (off, the default): see Linear::one_row.
-  void one_row_int8(bool on) {
-    for (auto& p : projections_)
-      for (auto& part : p.parts)
-        if (part.kind == INT8) part.one_row = on;
-  }
+  void one_row_int8(bool on) { core_.one_row_int8(on); }
 
-  // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V].
-  // Row b is at cache row slots[b] (an empty slots tensor: row b), position positions[b]: every row's K/V is
-  // written before any row attends, so rows sharing a slot at consecutive positions (a speculative verify
-  // block) attend causally. Row b attends to its slot's positions 0 .. positions[b].
+  // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V]
+  // (DecoderCore::step; an empty slots tensor: row b at cache row b).
   torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache, torch::Tensor slots) {
-    const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
-    check(static_cast<int64_t>(projections_.size()) == 4 * L + 1, "decoder has not every projection");
-    const int64_t widths[4] = {(H_ + 2 * Hkv_) * D_, dim_, 2 * F_, dim_};  // wqkv, wo, w13, w2
-    for (int64_t i = 0; i <= 4 * L; ++i)
-      check(projections_[i].N == (i < 4 * L ? widths[i % 4] : V_), "projection " + std::to_string(i) +
-            " is " + std::to_string(projections_[i].N) + " wide, not the model's");
     check(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(), "tokens int64 [B]");
     check(positions.scalar_type() == torch::kInt64 && positions.sizes() == tokens.sizes() && positions.is_contiguous(),
           "positions int64 [B]");
     check_f32(cache, "cache", 6);
-    const int64_t B = tokens.size(0), S = cache.size(4), rows = cache.size(2);
-    check(cache.size(0) == L && cache.size(1) == 2 && cache.size(3) == Hkv_ && cache.size(5) == D_,
-          "cache [layers, 2, max_batch, n_kv_heads, S, head_dim]");
-    std::vector<int64_t> slot(B);
-    if (slots.numel() == 0) {
-      check(rows >= B, "cache has " + std::to_string(rows) + " rows for " + std::to_string(B) + " tokens");
-      for (int64_t b = 0; b < B; ++b) slot[b] = b;
-    } else {
+    check(cache.size(0) == core_.layers() && cache.size(1) == 2 && cache.size(3) == kv_heads_ &&
+          cache.size(5) == head_dim_, "cache [layers, 2, max_batch, n_kv_heads, S, head_dim]");
+    const int64_t* slot = nullptr;
+    if (slots.numel() != 0) {
       check(slots.scalar_type() == torch::kInt64 && slots.sizes() == tokens.sizes() && slots.is_contiguous(),
             "slots int64 [B]");
-      const int64_t* sl = slots.data_ptr<int64_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        check(sl[b] >= 0 && sl[b] < rows, "slot " + std::to_string(sl[b]) + " outside the cache's " +
-              std::to_string(rows) + " rows");
-        slot[b] = sl[b];
-      }
+      slot = slots.data_ptr<int64_t>();
     }
-    const int64_t* tok = tokens.data_ptr<int64_t>();
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      check(tok[b] >= 0 && tok[b] < V_, "token id " + std::to_string(tok[b]) + " outside the vocabulary");
-      check(pos[b] >= 0 && pos[b] < S && pos[b] < cos_.size(0), "position " + std::to_string(pos[b]) +
-            " outside the cache (" + std::to_string(S) + ") or the rope tables");
-    }
-    auto logits = torch::empty({B, V_}, tokens.options().dtype(torch::kFloat32));
+    const int64_t B = tokens.size(0), S = cache.size(4), rows = cache.size(2);
+    const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+    core_.check_step(B, tok, pos, slot, rows, S, B);
+    auto logits = torch::empty({B, core_.vocab_size()}, tokens.options().dtype(torch::kFloat32));
     pybind11::gil_scoped_release nogil;
-    step(B, S, rows, tok, pos, slot.data(), cache.data_ptr<float>(), logits.data_ptr<float>());
+    core_.step(B, tok, pos, slot, cache.data_ptr<float>(), rows, S, logits.data_ptr<float>(), B);
     return logits;
   }
 
  private:
-  void step(int64_t B, int64_t S, int64_t rows, const int64_t* tok, const int64_t* pos, const int64_t* slot, float* cache,
-            float* logits) {
-    const int64_t L = static_cast<int64_t>(norms_.size()) / 2, QKV = (H_ + 2 * Hkv_) * D_, G = H_ / Hkv_;
-    std::vector<float> h(B * dim_), y(B * std::max(dim_, H_ * D_)), qkv(B * QKV), attn(B * H_ * D_),
-        o(B * dim_), g(B * 2 * F_), a(B * F_);
-    const float* E = embedding_.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) std::copy(E + tok[b] * dim_, E + (tok[b] + 1) * dim_, h.data() + b * dim_);
-    for (int64_t l = 0; l < L; ++l) {
-      const float* an = norms_[2 * l].data_ptr<float>();
-      const float* mn = norms_[2 * l + 1].data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, an, eps_, dim_, y.data() + b * dim_);
-      project(projections_[4 * l], y.data(), B, qkv.data());
-      attend(l, B, S, rows, pos, slot, cache, qkv.data(), attn.data(), G, QKV);
-      project(projections_[4 * l + 1], attn.data(), B, o.data());
-      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
-      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
-      project(projections_[4 * l + 2], y.data(), B, g.data());
-      for (int64_t b = 0; b < B; ++b) silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
-      project(projections_[4 * l + 3], a.data(), B, o.data());
-      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
-    }
-    const float* fn = final_norm_.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, fn, eps_, dim_, y.data() + b * dim_);
-    project(projections_[4 * L], y.data(), B, logits);
+  static DecoderCore make_core(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim,
+                        int64_t vocab_size, double eps, const torch::Tensor& embedding,
+                        const std::vector<torch::Tensor>& norms, const torch::Tensor& final_norm,
+                        const torch::Tensor& rope_cos, const torch::Tensor& rope_sin) {
+    check_f32(embedding, "embedding", 2);
+    check(embedding.size(0) == vocab_size && embedding.size(1) == dim, "embedding [vocab, dim]");
+    std::vector<const float*> norm_p;
+    for (auto& t : norms) check_f32(t, "norm weight", 1), check(t.size(0) == dim, "norm weight [dim]");
+    for (auto& t : norms) norm_p.push_back(t.data_ptr<float>());
+    check_f32(final_norm, "final norm", 1);
+    check(final_norm.size(0) == dim, "final norm [dim]");
+    check_f32(rope_cos, "rope cos", 2);
+    check_f32(rope_sin, "rope sin", 2);
+    check(rope_cos.size(1) == head_dim / 2 && rope_sin.sizes() == rope_cos.sizes(),
+          "rope tables [positions, head_dim / 2]");
+    return DecoderCore(dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, eps, embedding.data_ptr<float>(),
+                       norm_p, final_norm.data_ptr<float>(), rope_cos.data_ptr<float>(), rope_sin.data_ptr<float>(),
+                       rope_cos.size(0));
   }
 
-  // Rotate q and k of each row at its position, write k and v into layer l's cache at (its slot, its position),
-  // then attend over the slot's 0..pos. rows: the cache's max_batch (its row count, part of its strides).
-  void attend(int64_t l, int64_t B, int64_t S, int64_t rows, const int64_t* pos, const int64_t* slot, float* cache,
-              float* qkv, float* out, int64_t G, int64_t QKV) {
-    const int64_t half = D_ / 2, maxB = rows;
-    const float* C = cos_.data_ptr<float>();
-    const float* Sn = sin_.data_ptr<float>();
-    float* kc = cache + l * 2 * maxB * Hkv_ * S * D_;
-    float* vc = kc + maxB * Hkv_ * S * D_;
-    for (int64_t b = 0; b < B; ++b) {
-      float* row = qkv + b * QKV;
-      const float *c = C + pos[b] * half, *s = Sn + pos[b] * half;
-      for (int64_t hd = 0; hd < H_ + Hkv_; ++hd) rotate_half(row + hd * D_, c, s, half);
-      for (int64_t kv = 0; kv < Hkv_; ++kv) {
-        const int64_t at = ((slot[b] * Hkv_ + kv) * S + pos[b]) * D_;
-        std::copy(row + (H_ + kv) * D_, row + (H_ + kv + 1) * D_, kc + at);
-        std::copy(row + (H_ + Hkv_ + kv) * D_, row + (H_ + Hkv_ + kv + 1) * D_, vc + at);
-      }
-    }
-    const float scale = 1.f / std::sqrt(static_cast<float>(D_));
-    // one task per (row, kv head): its G query heads against the slot's keys 0..pos as one small product
-    at::parallel_for(0, B * Hkv_, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> p;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / Hkv_, kv = i % Hkv_, n = pos[b] + 1;
-        const float* q = qkv + b * QKV + kv * G * D_;  // the G heads reading this kv head: contiguous
-        const float* K = kc + (slot[b] * Hkv_ + kv) * S * D_;
-        const float* Vv = vc + (slot[b] * Hkv_ + kv) * S * D_;
-        p.resize(G * n);
-        scores(q, G, K, n, D_, p.data());
-        for (int64_t h = 0; h < G; ++h) {
-          float* ph = p.data() + h * n;
-          const float sum = softmax_scaled(ph, n, scale);
-          float* o = out + b * H_ * D_ + (kv * G + h) * D_;
-          std::fill(o, o + D_, 0.f);
-          for (int64_t t = 0; t < n; ++t) {
-            const float w = ph[t] / sum;
-            const float* vt = Vv + t * D_;
-#pragma omp simd
-            for (int64_t e = 0; e < D_; ++e) o[e] += w * vt[e];
-          }
-        }
-      }
-    });
-  }
-
- private:
-  int64_t dim_, H_, Hkv_, D_, F_, V_;
-  float eps_;
-  torch::Tensor embedding_;
-  std::vector<torch::Tensor> norms_;
-  torch::Tensor final_norm_, cos_, sin_;
-  // One projection: its weights' outputs side by side (parts[i] writes columns offsets[i] ..), N wide in all.
-  struct Projection {
-    std::vector<Linear> parts;
-    std::vector<int64_t> offsets;
-    int64_t N = 0;
-  };
-
-  static void project(const Projection& p, const float* x, int64_t M, float* out) {
-    for (size_t i = 0; i < p.parts.size(); ++i) apply(p.parts[i], x, M, out + p.offsets[i]);
-  }
-
-  std::vector<Projection> projections_;
+  int64_t kv_heads_, head_dim_;
+  DecoderCore core_;
+  std::vector<torch::Tensor> keep_;  // every tensor core_ points into
 };
 
 }  // namespace

@@ -13,14 +13,14 @@ import sys
 import traceback
 
 from ..errors import CheckpointError, MissingExtraError
-from . import bench, chat, generate, info, infill, mask, quantize, serve
+from . import bench, chat, export_lite, generate, info, infill, mask, quantize, serve
 from .common import PROG, Parser, UsageError
 
 # bad arguments or input: one line, exit 2 (FloatingPointError: the model's numerics overflow;
 # MemoryError: the KV cache or weights do not fit what was asked for; MissingExtraError: an option
 # needs an optional extra, e.g. mask --png needs matplotlib)
 _INPUT_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError, MemoryError, MissingExtraError)
-SUBCOMMANDS = (generate, infill, chat, serve, mask, quantize, bench, info)  # in --help's order
+SUBCOMMANDS = (generate, infill, chat, serve, mask, quantize, export_lite, bench, info)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,12 +17,12 @@ the last-level cache on AVX-512 builds (`int8_one_row`); the logits are the same
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ..kernels import cpu_native
+from .cpu_cache import last_level_cache_bytes, one_row_int8  # noqa: F401 (last_level_cache_bytes: re-exported)
 
 _ATTR = "_native_decoder"  # the model attribute holding its decoder (or False: not applicable)
 _DENSE, _INT8, _INT4, _INT8_X16, _INT4_X8 = 0, 1, 2, 3, 4  # csrc's Kind
@@ -65,30 +65,57 @@ def _part(p, integer: bool) -> Optional[tuple]:
     return None
 
 
+class DecoderParts(NamedTuple):
+    """What a native decoder is made of (the Decoder constructor's and add_linear's arguments), fp32 CPU tensors:
+    dims (dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size), eps, embedding [V, dim], norms [dim] each
+    (per layer attention then MLP), final_norm [dim], rope_cos / rope_sin [positions, head_dim / 2], and per
+    projection (per layer wqkv, wo, w13, w2, then the lm_head) its parts' add_linear arguments, less `continues`."""
+    dims: tuple
+    eps: float
+    embedding: torch.Tensor
+    norms: list
+    final_norm: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    projections: list
+
+
+def decoder_parts(model, integer: bool = False) -> Optional[DecoderParts]:
+    """`model`'s DecoderParts, or None where the native step does not apply to it (the module docstring's list,
+    less the extension's presence). integer: int8 / int4 weights multiply integer-rounded activations."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    layers = list(model.layers)
+    if any(layer.attn.reduce is not None or layer.mlp.reduce is not None for layer in layers):
+        return None  # tensor parallelism: the ranks' partial sums are reduced by the graph
+    modules = [m for layer in layers for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
+    projections = [_projection(m, integer) for m in modules + [model.output]]
+    if any(p is None for p in projections):
+        return None
+    a = model.args
+    return DecoderParts((a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size), float(a.norm_eps),
+                        model.tok_embeddings.detach().contiguous(),
+                        [t.detach().contiguous() for layer in layers for t in (layer.attn_norm, layer.mlp_norm)],
+                        model.norm.detach().contiguous(), model.rope_cos.contiguous(), model.rope_sin.contiguous(),
+                        projections)
+
+
 def _build(model) -> Optional[Callable]:
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return None
     if not cpu_native.available():
         cpu_native.notice()
         return None
-    layers = list(model.layers)
-    if any(layer.attn.reduce is not None or layer.mlp.reduce is not None for layer in layers):
-        return None  # tensor parallelism: the ranks' partial sums are reduced by the graph
-    projections = [m for layer in layers for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
-    integer = cpu_native.integer_activations(model.ops.options)
-    args = [_projection(m, integer) for m in projections + [model.output]]
-    if any(a is None for a in args):
+    parts = decoder_parts(model, cpu_native.integer_activations(model.ops.options))
+    if parts is None:
         return None
-    a = model.args
-    norms = [t.detach().contiguous() for layer in layers for t in (layer.attn_norm, layer.mlp_norm)]
-    decoder = cpu_native.extension().Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size,
-                                             float(a.norm_eps), model.tok_embeddings.detach().contiguous(), norms,
-                                             model.norm.detach().contiguous(), model.rope_cos.contiguous(),
-                                             model.rope_sin.contiguous())
-    for parts in args:
-        for i, part in enumerate(parts):
+    decoder = cpu_native.extension().Decoder(*parts.dims, parts.eps, parts.embedding, parts.norms, parts.final_norm,
+                                             parts.rope_cos, parts.rope_sin)
+    for projection in parts.projections:
+        for i, part in enumerate(projection):
             decoder.add_linear(*part, i > 0)  # (a later part continues the projection's output)
-    decoder.one_row_int8(int8_one_row([part for parts in args for part in parts], cpu_native.extension().isa()))
+    every = [part for projection in parts.projections for part in projection]
+    decoder.one_row_int8(int8_one_row(every, cpu_native.extension().isa()))
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
              slots: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,28 +126,9 @@ def _build(model) -> Optional[Callable]:
 
 def int8_one_row(parts: list, isa: str, cache_bytes: Optional[int] = None) -> bool:
     """Whether decode rows of int8 weights (fp32 products, add_linear's kind 1) should read one weight row at a
-    time (`Decoder.one_row_int8`): on AVX-512 builds, where the step's weights (`parts`: add_linear's arguments)
-    outgrow the last-level cache, so they stream from DRAM every step. Measured on a Zen 4 EPYC (32 MB L3): ~57M
-    model (42 MB of int8 weights) 1.3-1.55x the decode steps a second; 7.7M model (7 MB) 0.83x, its four rows side
-    by side keep more FMAs in flight. The same logits either way. cache_bytes: default the CPU's (0: unknown)."""
-    if isa != "avx512" or not any(p[0] == _INT8 for p in parts):
-        return False
-    cache = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    time (`Decoder.one_row_int8`): `cpu_cache.one_row_int8` for `parts` (add_linear's arguments)."""
     weights = sum(t.numel() * t.element_size() for p in parts for t in (p[1], p[2], p[3]))
-    return cache > 0 and weights > cache
-
-
-def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
-    """The size of CPU 0's highest-level cache in bytes, from Linux's sysfs (0 where it cannot be read)."""
-    best = (0, 0)  # (level, bytes)
-    try:
-        for index in root.glob("index*"):
-            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
-            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
-            best = max(best, (level, int(size.rstrip("KMGkmg")) * unit))
-    except (OSError, ValueError):
-        return 0
-    return best[1]
+    return one_row_int8(isa, any(p[0] == _INT8 for p in parts), weights, cache_bytes)
 
 
 def no_decoder(model) -> None:

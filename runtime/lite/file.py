@@ -1,0 +1,85 @@
+"""The lite model file: everything the native decode step reads, in its layout, as one safetensors file
+(`lite.safetensors`, beside the model's `tokenizer.model`), read here without torch.
+
+Tensors: `embedding` fp32 [V, dim]; `norm.<i>` fp32 [dim] (per layer attention then MLP); `final_norm` fp32 [dim];
+`rope_cos` / `rope_sin` fp32 [positions, head_dim / 2]; per projection j (per layer wqkv, wo, w13, w2, then the
+lm_head) and part i: `proj.<j>.<i>.w` (fp32, int8 or uint8 int4 codes in chunk order), `.scale`, `.zs`, `.levels`
+where its format has them (csrc/cpu_linear_base.h's Linear). The header's metadata `codellama_rt_lite` holds the
+JSON config: format version, dims, eps, special ids and each part's kind, N, K and group.
+
+Read by mapping the file (`read`): the arrays are views of the mapping, so a weight costs memory only as the step
+touches it, and several processes share one copy. (The safetensors package's numpy loader copies every tensor;
+the format itself is 8 bytes of header length, the JSON header, then the data.)
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+FILE_NAME = "lite.safetensors"
+METADATA_KEY = "codellama_rt_lite"
+VERSION = 1
+KINDS = {"dense": 0, "int8": 1, "int4": 2, "int8_x16": 3, "int4_x8": 4}  # csrc's Kind
+_DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}
+_MAX_HEADER = 100 << 20
+
+
+class LiteFile(NamedTuple):
+    """A read lite file: config (the metadata's JSON) and arrays (name -> read-only numpy view of the mapping)."""
+    config: dict
+    arrays: dict
+
+
+def read(path) -> LiteFile:
+    """Maps `path` (a lite.safetensors) and returns its config and arrays; CheckpointError names what is wrong."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError("too short for a safetensors file", file=path)
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise CheckpointError("lite model file not found (write one with `codellama-rt export-lite`)",
+                              file=path) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read it: {e.strerror or e}", file=path) from None
+    (n,) = struct.unpack("<Q", mapped[:8])
+    if n > min(_MAX_HEADER, size - 8):
+        raise CheckpointError(f"header length {n} exceeds the file ({size} bytes)", file=path)
+    try:
+        header = json.loads(bytes(mapped[8:8 + n]))
+        config = json.loads(header.get("__metadata__", {})[METADATA_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"not a lite model file (no '{METADATA_KEY}' metadata in a safetensors "
+                              "header)", file=path) from None
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"lite format version {config.get('version')!r}, this runtime reads {VERSION}",
+                              file=path)
+    buffer = np.frombuffer(mapped, dtype=np.uint8)
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"unsupported entry {info!r} (lite files hold F32, I8 and U8)",
+                                  file=path, tensor=name) from None
+        count = int(np.prod(shape, dtype=np.int64))
+        begin = 8 + n + start
+        if end - start != count * np.dtype(dtype).itemsize or begin + (end - start) > size or start < 0:
+            raise CheckpointError(f"data offsets {start}..{end} do not hold {shape} {info['dtype']} within the "
+                                  "file", file=path, tensor=name)
+        array = buffer[begin:begin + end - start].view(dtype).reshape(shape)
+        if begin % np.dtype(dtype).itemsize:
+            array = array.copy()  # (an unaligned tensor: the kernels read whole elements)
+        arrays[name] = array
+    return LiteFile(config, arrays)

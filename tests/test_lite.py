@@ -1,0 +1,309 @@
+"""The torch-free runtime (codellama_rt.lite): a lite model written by `export_lite` gives, through the C library
+and numpy, bitwise the logits of the torch extension's native step on the same weights (fp32, int8, int4, NF4),
+logits near the reference module graph's, the greedy tokens of the same step run in a loop by hand, never imports
+torch, and refuses bad files, bad arguments and concurrent calls with errors naming them."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from codellama_rt.errors import CheckpointError
+from codellama_rt.kernels import cpu_native
+
+lite = pytest.importorskip("codellama_rt.lite")
+try:
+    from codellama_rt.lite.native import library
+
+    library()
+except RuntimeError as e:  # (no compiler at install time: the torch extension's tests skip the same way)
+    pytest.skip(f"lite library not built: {e}", allow_module_level=True)
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels not built")
+
+PROMPT = [1, 450, 2987, 13, 1753, 7, 300, 11, 2000, 5, 42, 99, 3000, 17]  # (the default model: 4096 ids)
+
+
+def _load(quantize=None):
+    from codellama_rt.api import load_model
+
+    return load_model(None, dtype=torch.float32, device="cpu", quantize=quantize,
+                      group_size=64 if quantize == "int4" else None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """quantize -> (torch Model, lite directory) of the default model."""
+    from codellama_rt.lite.export import export_lite
+
+    out = {}
+    for q in (None, "int8", "int4", "nf4"):
+        model = _load(q)
+        d = tmp_path_factory.mktemp(f"lite-{q or 'fp32'}")
+        export_lite(model, d)
+        out[q] = (model, d)
+    return out
+
+
+def _torch_step(model, ids):
+    from codellama_rt.model.native_decoder import native_decoder
+
+    step = native_decoder(model.module)
+    a = model.module.args
+    cache = torch.zeros(a.n_layers, 2, 1, a.n_kv_heads, len(ids), a.head_dim)
+    with torch.inference_mode():
+        return step(torch.tensor(ids), torch.arange(len(ids)), cache, torch.zeros(len(ids), dtype=torch.long))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "nf4"])
+def test_logits_bitwise_the_torch_native_step(exported, quantize):
+    model, d = exported[quantize]
+    got = lite.LiteModel(d).logits(PROMPT)
+    assert got.dtype == np.float32 and got.shape == (len(PROMPT), model.args.vocab_size)
+    assert np.array_equal(got, _torch_step(model, PROMPT).numpy())
+
+
+def test_logits_near_the_reference_graph(exported):
+    """fp32: the module graph on the reference backend (torch's matmuls, another summation order)."""
+    from codellama_rt.api import load_model
+
+    ref = load_model(None, backend="reference", dtype=torch.float32, device="cpu", progress=False)
+    want = ref.logits(PROMPT)[0].float().numpy()
+    got = lite.LiteModel(exported[None][1]).logits(PROMPT)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_greedy_tokens_equal_the_step_by_hand(exported, quantize):
+    """generate's loop (the prompt as prompt rows, then one row a step) gives the tokens of the native step run by
+    hand: the prompt as one block, argmax, one token a step."""
+    _, d = exported[quantize]
+    m = lite.LiteModel(d)
+    c = m.generate(PROMPT, max_new_tokens=24)
+    dec, n = m.decoder, len(PROMPT)
+    cache, slot = dec.new_cache(1, n + 24), np.zeros(1, dtype=np.int64)
+    logits = dec.step(np.array(PROMPT), np.arange(n), cache, np.zeros(n, dtype=np.int64), out_rows=1, prompt=True)
+    want, eos = [], set(m.config["eos_ids"])
+    while len(want) < 24:
+        t = int(logits[-1].argmax())
+        if t in eos:
+            break
+        want.append(t)
+        logits = dec.step(np.array([t]), np.array([n + len(want) - 1]), cache, slot)
+    assert c.token_ids == want and c.prompt_tokens == n
+    assert c.finish_reason == ("length" if len(want) == 24 else "eos")
+    assert c.text == m.tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "nf4"])
+def test_prompt_rows_near_decode_rows(exported, quantize, bf16):
+    """Prompt rows (prompt=True: the projections a packed GEMM from 16 rows on, another summation order) give the
+    decode step's logits to fp32 rounding, or with bf16 prompts (quantized weights, CPUs with AVX512-BF16) to bf16
+    rounding; under 16 rows the same bits."""
+    m = lite.LiteModel(exported[quantize][1], bf16_prefill=bf16)
+    dec = m.decoder
+    assert dec.bf16_prompt == (bf16 and dec.bf16_prompt)  # (off when asked off; on where the CPU has it)
+    ids = np.array((PROMPT * 5)[:70])
+    slots = np.zeros(len(ids), dtype=np.int64)
+    rows = dec.step(ids, np.arange(len(ids)), dec.new_cache(1, 70), slots)
+    prompt = dec.step(ids, np.arange(len(ids)), dec.new_cache(1, 70), slots, prompt=True)
+    tol = 3e-2 if dec.bf16_prompt and quantize else 1e-5  # (bf16: 8 bits of mantissa, errors through 8 layers)
+    assert np.abs(prompt - rows).max() / np.abs(rows).max() < tol
+    few = ids[:9]
+    assert np.array_equal(dec.step(few, np.arange(9), dec.new_cache(1, 9), slots[:9], prompt=True), rows[:9])
+
+
+def test_long_prompt_in_chunks_equals_one_block(exported, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK runs in several steps: the next-token logits of one block, bitwise (a
+    packed GEMM's row does not depend on the other rows either; 80 = 32 + 32 + 16, each chunk a GEMM)."""
+    from codellama_rt.lite import model as lite_model
+
+    m = lite.LiteModel(exported[None][1])
+    ids = (PROMPT * 6)[:80]
+    dec = m.decoder
+    whole = dec.step(np.array(ids), np.arange(80), dec.new_cache(1, 80), np.zeros(80, dtype=np.int64), out_rows=1,
+                     prompt=True)
+    monkeypatch.setattr(lite_model, "PREFILL_CHUNK", 32)
+    run = lite_model.LiteStream(m, ids, "text", lite_model._Sampling())
+    assert np.array_equal(run._prefill(dec.new_cache(1, 80)), whole[-1])
+
+
+def test_threads_do_not_change_the_logits(exported):
+    from codellama_rt.lite.native import set_threads
+
+    d = exported["int8"][1]
+    before = lite.LiteModel(d).logits(PROMPT)
+    try:
+        assert set_threads(1) == 1
+        assert np.array_equal(lite.LiteModel(d).logits(PROMPT), before)
+    finally:
+        set_threads(torch.get_num_threads())
+
+
+def test_sampling_stop_and_stream(exported):
+    d = exported[None][1]
+    m = lite.LiteModel(d)
+    greedy = m.generate("def add(a, b):", max_new_tokens=16)
+    # top_k = 1 at any temperature is greedy (a known answer); a seed repeats a sampled run
+    assert m.generate("def add(a, b):", max_new_tokens=16, temperature=0.8, top_k=1, seed=3).token_ids == \
+        greedy.token_ids
+    s1 = m.generate("def add(a, b):", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    s2 = m.generate("def add(a, b):", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    assert s1.token_ids == s2.token_ids
+    run = m.stream("def add(a, b):", max_new_tokens=16)
+    assert "".join(run) == greedy.text and run.completion.token_ids == greedy.token_ids
+    if len(greedy.text.strip()) > 2:
+        cut = greedy.text.strip()[1:3]
+        stopped = m.generate("def add(a, b):", max_new_tokens=16, stop=[cut])
+        assert stopped.finish_reason == "stop" and stopped.text == greedy.text[:greedy.text.find(cut)]
+
+
+def test_infill_stops_at_eot(exported):
+    m = lite.LiteModel(exported[None][1])
+    if m.tokenizer.eot_id is None:
+        pytest.skip("the default model's vocabulary has no infilling pieces")
+    c = m.infill("def add(a, b):\n    ", "\n", max_new_tokens=32)
+    assert c.finish_reason in ("eot", "eos", "length") and m.tokenizer.eot_id not in c.token_ids
+
+
+def test_no_torch_in_the_process(exported):
+    code = ("import sys\nfrom codellama_rt.lite import LiteModel\n"
+            f"c = LiteModel({str(exported['int4'][1])!r}).generate('def f(x):', max_new_tokens=8)\n"
+            "assert len(c.token_ids) >= 1 or c.finish_reason == 'eos'\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_cli(exported):
+    r = subprocess.run([sys.executable, "-m", "codellama_rt.lite", str(exported[None][1]), "def f(x):",
+                        "--max-new-tokens", "8", "--stats"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "new tokens" in r.stderr, r.stderr
+    want = lite.LiteModel(exported[None][1]).generate("def f(x):", max_new_tokens=8).text
+    assert r.stdout == want + "\n"
+    r = subprocess.run([sys.executable, "-m", "codellama_rt.lite", "/nonexistent-dir", "x"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_bad_arguments(exported):
+    m = lite.LiteModel(exported[None][1])
+    V = m.config["vocab_size"]
+    for kwargs, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+                          (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
+                          (dict(nucleus=0.5), "nucleus")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            m.generate("x", **kwargs)
+    with pytest.raises(ValueError, match=f"token id {V}"):
+        m.generate([1, V])
+    with pytest.raises(ValueError, match="no tokens"):
+        m.generate([])
+    with pytest.raises(ValueError, match="context"):
+        m.generate([1] * m.max_seq_len)
+    with pytest.raises(ValueError, match="str or a list"):
+        m.generate(3.5)
+    with pytest.raises(ValueError, match="threads"):
+        lite.LiteModel(exported[None][1], threads=0)
+
+
+def test_concurrent_calls_raise(exported):
+    m = lite.LiteModel(exported[None][1])
+    run = iter(m.stream("def f(x):", max_new_tokens=64))
+    next(run)  # the stream holds the model now
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, m.generate, "y")))
+    t.start()
+    t.join()
+    assert errors and "one generation at a time" in str(errors[0].value)
+    run.close()
+    assert m.generate("y", max_new_tokens=2).prompt_tokens > 0  # released
+
+
+def test_step_checks(exported):
+    m = lite.LiteModel(exported[None][1])
+    dec = m.decoder
+    cache = dec.new_cache(1, 8)
+    one = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="position 8 outside the cache"):
+        dec.step(one, np.array([8]), cache, one)
+    with pytest.raises(ValueError, match="slot 1 outside"):
+        dec.step(one, one, cache, np.array([1]))
+    with pytest.raises(ValueError, match="int64"):
+        dec.step(one.astype(np.int32), one, cache)
+    with pytest.raises(ValueError, match="cache must be"):
+        dec.step(one, one, cache[:, :1])
+    with pytest.raises(ValueError, match="logits for 1 .. B rows"):
+        dec.step(one, one, cache, one, out_rows=2)
+
+
+def _rewrite(src, dst, edit_header=None, edit_config=None):
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if edit_config:
+        config = json.loads(header["__metadata__"]["codellama_rt_lite"])
+        edit_config(config)
+        header["__metadata__"]["codellama_rt_lite"] = json.dumps(config)
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.mkdir(exist_ok=True)
+    (dst / "lite.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    (dst / "tokenizer.model").write_bytes((src.parent / "tokenizer.model").read_bytes())
+    return dst
+
+
+def test_bad_files(exported, tmp_path):
+    src = exported["int8"][1] / "lite.safetensors"
+    with pytest.raises(CheckpointError, match="not found"):
+        lite.LiteModel(tmp_path / "missing")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "lite.safetensors").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="too short"):
+        lite.LiteModel(tmp_path / "short")
+    bad = _rewrite(src, tmp_path / "nometa", edit_header=lambda h: h.pop("__metadata__"))
+    with pytest.raises(CheckpointError, match="not a lite model file"):
+        lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "version", edit_config=lambda c: c.update(version=99))
+    with pytest.raises(CheckpointError, match="version 99"):
+        lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "dtype", edit_header=lambda h: h["embedding"].update(dtype="F16"))
+    with pytest.raises(CheckpointError, match="'embedding'"):
+        lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "offsets",
+                   edit_header=lambda h: h["embedding"].update(data_offsets=[0, 10 ** 12]))
+    with pytest.raises(CheckpointError, match="data offsets"):
+        lite.LiteModel(bad)
+
+    def wide(c):
+        c["projections"][0][0]["N"] += 4
+
+    bad = _rewrite(src, tmp_path / "shape", edit_config=wide)
+    with pytest.raises(ValueError, match="proj.0.0.*tensor 'w'"):
+        lite.LiteModel(bad)
+
+    def drop(c):
+        c["projections"].pop()
+
+    bad = _rewrite(src, tmp_path / "missing-head", edit_config=drop)
+    with pytest.raises(ValueError, match="not every projection"):
+        lite.LiteModel(bad).generate("x", max_new_tokens=1)
+
+
+def test_export_refuses_what_the_step_cannot_run():
+    from codellama_rt.api import load_model
+    from codellama_rt.lite.export import export_lite
+
+    model = load_model(None, dtype=torch.bfloat16, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="fp32"):
+        export_lite(model, "/nonexistent/never-written")
