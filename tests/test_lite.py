@@ -307,3 +307,26 @@ def test_export_refuses_what_the_step_cannot_run():
     model = load_model(None, dtype=torch.bfloat16, device="cpu", progress=False)
     with pytest.raises(ValueError, match="fp32"):
         export_lite(model, "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prompt_rows_of_odd_shapes(tiny_tokenizer, tmp_path, quantize):
+    """Odd widths through the packed GEMM: K = 85 (w2: tails of the 16-wide transposes and of bf16 pairs), N = 1000
+    (a part-filled 64-wide panel), K = 288 past one 256-input block, head_dim 24 (attention's scalar path)."""
+    from codellama_rt.api import load_model
+    from codellama_rt.lite.export import export_lite
+    from codellama_rt.model.config import ModelArgs
+    from codellama_rt.tiny import write_random_checkpoint
+
+    args = ModelArgs(dim=288, n_layers=2, n_heads=12, n_kv_heads=4, ffn_dim=85, vocab_size=1000, max_seq_len=256)
+    ck = write_random_checkpoint(tmp_path / "ck", args, tiny_tokenizer)
+    model = load_model(ck, dtype=torch.float32, device="cpu", quantize=quantize, progress=False)
+    export_lite(model, tmp_path / "lite")
+    for bf16 in (False, True):
+        dec = lite.LiteModel(tmp_path / "lite", bf16_prefill=bf16).decoder
+        ids = np.arange(3, 3 + 7 * 40, 7) % 1000
+        slots = np.zeros(len(ids), dtype=np.int64)
+        rows = dec.step(ids, np.arange(len(ids)), dec.new_cache(1, len(ids)), slots)
+        prompt = dec.step(ids, np.arange(len(ids)), dec.new_cache(1, len(ids)), slots, prompt=True)
+        tol = 3e-2 if dec.bf16_prompt and quantize else 1e-5
+        assert np.abs(prompt - rows).max() / np.abs(rows).max() < tol
