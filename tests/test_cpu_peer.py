@@ -66,6 +66,19 @@ def test_our_fp32_row(peer, tmp_path):
     assert (tmp_path / "peer.json").is_file()
 
 
+@pytest.mark.slow
+def test_our_lite_row(peer, tmp_path):
+    """A lite row: the model exported, run in a child without torch (the child asserts it), the same greedy ids as
+    our fp32 row (decode rows are the same step; the prompt's next token within fp32 rounding)."""
+    pytest.importorskip("codellama_rt._cpu_lite")
+    doc = peer.main(["--ours", "fp32,lite-fp32", "--new-tokens", "8", "--prefill-tokens", "64", "--threads", "1",
+                     "--repeat", "1"])
+    ours, lite = doc["rows"]
+    assert lite["runtime"] == "codellama-rt lite" and lite["weights"] == "fp32" and len(lite["ids"]) == 8
+    assert lite["decode_tok_s"] > 0 and lite["prefill_tok_s"] > 0 and 1 < lite["peak_rss_mb"] < ours["peak_rss_mb"]
+    assert lite["ids"] == ours["ids"]
+
+
 def test_quant_agreement_measures():
     qa = load_bench("quant_agreement")
     assert qa.prefix_share([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0

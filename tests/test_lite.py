@@ -330,3 +330,17 @@ def test_prompt_rows_of_odd_shapes(tiny_tokenizer, tmp_path, quantize):
         prompt = dec.step(ids, np.arange(len(ids)), dec.new_cache(1, len(ids)), slots, prompt=True)
         tol = 3e-2 if dec.bf16_prompt and quantize else 1e-5
         assert np.abs(prompt - rows).max() / np.abs(rows).max() < tol
+
+
+def test_export_lite_command(tmp_path, capsys):
+    """`codellama-rt export-lite`: the default model in int8, which then generates what export_lite's model does;
+    a file where the directory should be is refused (exit 2, naming --out)."""
+    from codellama_rt.cli import main
+
+    assert main(["export-lite", "--quantize", "int8", "--out", str(tmp_path / "lite")]) == 0
+    assert "python -m codellama_rt.lite" in capsys.readouterr().out
+    got = lite.LiteModel(tmp_path / "lite").logits(PROMPT)
+    assert np.array_equal(got, _torch_step(_load("int8"), PROMPT).numpy())
+    (tmp_path / "file").write_text("x")
+    assert main(["export-lite", "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err
