@@ -16,6 +16,8 @@ and whether the tokens equal plain greedy decoding's (they must):
   one CUDA graph a proposal on a GPU; eager runs on a CPU).
 Rows named "-fixed" propose num_speculative_tokens ids every pass (the adaptive length off): the machinery at k.
 With --random (random weights at a preset's shapes, random token prompts) only the oracle and draft-self rows run.
+With --lite DIR (a lite model, `codellama-rt export-lite`) the oracle, edit and free rows run through
+codellama_rt.lite instead (greedy prompt lookup; tokens/s from the completion's decode time), torch not imported.
 Medians of `--rounds` rounds; every row of a round runs back to back, so ratios compare like with like.
 """
 from __future__ import annotations
@@ -170,6 +172,33 @@ def run_rows(model, prompts: dict, rows: list, new_tokens: int, k: int, drafts: 
     return out
 
 
+def run_rows_lite(model, prompts: dict, rows: list, new_tokens: int, k: int) -> dict:
+    """run_rows for a LiteModel (rows without a draft model)."""
+    from codellama_rt.lite.model import LiteStream, _Sampling
+
+    def rate(c) -> float:
+        return (len(c.token_ids) - 1) / c.decode_seconds if len(c.token_ids) > 1 else 0.0
+
+    out = {}
+    for row in rows:
+        prompt_set, proposer, fixed = ROWS[row]
+        results = []
+        for text in prompts[prompt_set]:
+            ids = model.tokenizer.encode(text)
+            plain = model.generate(ids, max_new_tokens=new_tokens)
+            sampling = _Sampling(max_new_tokens=new_tokens, speculate="lookup", num_speculative_tokens=k)
+            run = LiteStream(model, ids, "text", sampling,
+                             proposer=Oracle(plain.token_ids) if proposer == "oracle" else None)
+            with fixed_length(fixed):
+                for _ in run:
+                    pass
+            done = run.completion
+            results.append((rate(plain), rate(done), done.speculation.mean_accepted, done.speculation.verifies,
+                            done.token_ids == plain.token_ids))
+        out[row] = results
+    return out
+
+
 def summarize(rounds: list[dict]) -> list[dict]:
     rows = []
     for row in rounds[0]:
@@ -195,8 +224,12 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--random", default=None, metavar="PRESET", help="random weights at a preset's shapes (e.g. "
                     "CodeLlama-7b; bf16 on CUDA) instead of --model: oracle rows only, random token prompts")
+    ap.add_argument("--lite", type=Path, default=None, metavar="DIR",
+                    help="a lite model directory: the oracle, edit and free rows through codellama_rt.lite")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     a = ap.parse_args()
+    if a.lite is not None:
+        return main_lite(a)
 
     import torch
     import codellama_rt as cl
@@ -227,15 +260,38 @@ def main() -> None:
     rows = summarize(rounds)
     result = dict(device=a.device, model=a.random or str(a.model or "default"), threads=torch.get_num_threads(),
                   new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
+    _print(rows)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+
+
+def main_lite(a) -> None:
+    import os
+
+    from codellama_rt.lite import LiteModel
+
+    rows = [r for r in a.rows.split(",") if r in ("oracle", "oracle-fixed", "edit", "free")]
+    model = LiteModel(a.lite)
+    edits = edit_prompts(Path(__file__).resolve().parent.parent)
+    prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+    model.generate([1, 2, 3, 4], max_new_tokens=8)  # warm-up
+    rows = summarize([run_rows_lite(model, prompts, rows, a.new_tokens, a.k) for _ in range(a.rounds)])
+    result = dict(device="cpu", model=f"lite {a.lite}", threads=model.threads or os.cpu_count(),
+                  new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
+    _print(rows)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+
+
+def _print(rows: list) -> None:
     print(f"{'row':16} {'prompts':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'acc/verify':>10} "
           f"{'verifies':>8} {'equal':>6}")
     for r in rows:
         print(f"{r['row']:16} {r['prompts']:7d} {r['plain_tok_s']:12.0f} {r['speculative_tok_s']:11.0f} "
               f"{r['ratio']:6.2f} {r['mean_accepted_per_verify']:10.2f} {r['verifies']:8d} "
               f"{str(r['equal_to_plain']):>6}")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -344,3 +344,61 @@ def test_export_lite_command(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["export-lite", "--out", str(tmp_path / "file")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+# ---- speculative decoding ---------------------------------------------------------------------------
+
+class _Fixed:
+    """A proposer that proposes from a fixed continuation (an oracle: plain decoding's own; or wrong ids)."""
+
+    def __init__(self, prompt_len: int, continuation: list, offset: int = 0):
+        self.n, self.base, self.cont, self.offset = 0, prompt_len, continuation, offset
+
+    def extend(self, ids) -> None:
+        self.n += len(ids)
+
+    def propose(self, k: int) -> list:
+        return [(t + self.offset) % 4096 for t in self.cont[self.n:self.n + k]]
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_speculation_gives_plain_greedy_tokens(exported, quantize):
+    """Verify passes (rows of one slot at consecutive positions: each row's logits a decode step's) accept exactly
+    what plain greedy decoding would emit: with every proposal right (an oracle), with every one wrong, and with
+    prompt lookup; stop strings, EOS and max_new_tokens landing inside a block end it there."""
+    from codellama_rt.lite import model as lite_model
+
+    m = lite.LiteModel(exported[quantize][1])
+    edit = "def add(a, b):\n    return a + b\n\n\ndef add2(a, b):\n    return a + b\n\n\n# again:\ndef add"
+    for prompt in ["def f(x):", "import os\nimport sys\n", edit]:
+        for kw in [dict(max_new_tokens=40), dict(max_new_tokens=13), dict(max_new_tokens=40, ignore_eos=True)]:
+            plain = m.generate(prompt, **kw)
+            ids = m._ids(prompt)
+            for offset, k in [(0, 8), (0, 3), (1, 8)]:  # the oracle at two widths, then every proposal wrong
+                run = lite_model.LiteStream(m, ids, "text", lite_model._Sampling(**kw, num_speculative_tokens=k),
+                                            proposer=_Fixed(len(ids), plain.token_ids + [2] * 16, offset))
+                text = "".join(run)
+                got = run.completion
+                assert (got.token_ids, got.finish_reason, text) == (plain.token_ids, plain.finish_reason,
+                                                                     plain.text), (prompt, kw, offset)
+                sp = got.speculation  # (how many a pass proposes adapts to this CPU's pass costs)
+                assert sp.accepted == (sp.proposed if offset == 0 else 0)
+            looked = m.generate(prompt, speculate="lookup", **kw)
+            assert looked.token_ids == plain.token_ids and looked.speculation is not None
+        if plain.text.strip():
+            stop = plain.text.strip()[:2]
+            want = m.generate(prompt, max_new_tokens=40, stop=[stop])
+            run = lite_model.LiteStream(m, ids, "text", lite_model._Sampling(max_new_tokens=40, stop=(stop,)),
+                                        proposer=_Fixed(len(ids), plain.token_ids))
+            assert "".join(run) == want.text and run.completion.finish_reason == want.finish_reason
+
+
+def test_speculation_arguments(exported):
+    m = lite.LiteModel(exported[None][1])
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        m.generate("x", speculate="lookup", temperature=0.7)
+    with pytest.raises(ValueError, match="no draft model"):
+        m.generate("x", speculate="draft")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        m.generate("x", speculate="lookup", num_speculative_tokens=0)
+    assert m.generate("x", max_new_tokens=4).speculation is None

@@ -9,6 +9,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from ..engine.speculation import PassCosts, PromptLookup, Speculation, SpeculationStats
 from ..tokenizer.detokenize import TextStream
 from ..tokenizer.tokenizer import Tokenizer
 from .file import FILE_NAME, read
@@ -16,17 +17,20 @@ from .native import NativeDecoder, set_threads
 
 PREFILL_CHUNK = 256  # prompt rows per native step: bounds the step's activation buffers (rows x ffn_dim floats)
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e4  # (codellama_rt.engine.sampling's: greedy below, finite below)
+MAX_SPECULATIVE_TOKENS = 16  # (codellama_rt.engine.sampling's)
 
 
 class LiteCompletion(NamedTuple):
     """One generation: the text (cut before a stop string), its token ids, why it ended ("eos", "eot", "stop",
-    "length"), the prompt's length, and the seconds spent on the prompt and on the new tokens."""
+    "length"), the prompt's length, the seconds spent on the prompt and on the new tokens, and with speculate set
+    the verify passes' counts (`SpeculationStats`: verifies, proposed, accepted, mean_accepted)."""
     text: str
     token_ids: list
     finish_reason: str
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    speculation: Optional[SpeculationStats] = None
 
 
 class LiteModel:
@@ -51,13 +55,16 @@ class LiteModel:
         self.max_seq_len = min(int(self.config["max_seq_len"]), self.decoder.rope_positions)
         self._lock = threading.Lock()
         self._cache = self.decoder.new_cache(1, 0)
+        self._costs = PassCosts()  # (the verify passes' times against a decode step's, for speculate)
 
     # ---- generation ----------------------------------------------------------------------
 
     def generate(self, prompt, **sampling) -> LiteCompletion:
         """prompt: str (BOS added) or a list of token ids -> LiteCompletion. sampling: max_new_tokens (default 128),
         temperature (0: greedy, the default; below 1e-5 as codellama_rt.SamplingParams), top_k (0: all), top_p (1:
-        all), seed, stop (strings), ignore_eos (go on past EOS: benchmarks)."""
+        all), seed, stop (strings), ignore_eos (go on past EOS: benchmarks), speculate ("lookup": prompt-lookup
+        proposals checked by one multi-row step each, greedy only; the tokens are plain greedy decoding's) and
+        num_speculative_tokens (most proposals a pass, default 8; fewer while they are rejected)."""
         return self._complete(self._ids(prompt), "text", sampling)
 
     def stream(self, prompt, **sampling) -> "LiteStream":
@@ -137,6 +144,8 @@ class _Sampling(NamedTuple):
     seed: Optional[int] = None
     stop: tuple = ()
     ignore_eos: bool = False
+    speculate: Optional[str] = None
+    num_speculative_tokens: int = 8
 
     def check(self) -> "_Sampling":
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -147,6 +156,15 @@ class _Sampling(NamedTuple):
             raise ValueError(f"top_k must be an int >= 0 (0: every token), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.speculate not in (None, "lookup"):
+            raise ValueError(f"speculate must be None or 'lookup' (the lite runtime has no draft model), got "
+                             f"{self.speculate!r}")
+        if self.speculate and self.temperature >= MIN_TEMPERATURE:
+            raise ValueError("the lite runtime speculates with greedy decoding only (temperature 0); use "
+                             "codellama_rt.load for speculative sampling")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an int in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop must be a string or a list of non-empty strings")
@@ -154,9 +172,10 @@ class _Sampling(NamedTuple):
 
 
 class LiteStream:
-    """One generation as an iterable of text pieces (iterate it once); `completion` once the iteration ends."""
+    """One generation as an iterable of text pieces (iterate it once); `completion` once the iteration ends.
+    proposer: what speculate="lookup" would propose with, given instead (benchmarks: an oracle)."""
 
-    def __init__(self, model: LiteModel, ids: list, mode: str, sampling: _Sampling):
+    def __init__(self, model: LiteModel, ids: list, mode: str, sampling: _Sampling, proposer=None):
         self.model, self.ids, self.mode, self.s = model, ids, mode, sampling.check()
         tok = model.tokenizer
         self.stops = {} if self.s.ignore_eos else {i: "eos" for i in model.config.get("eos_ids", ())}
@@ -165,6 +184,9 @@ class LiteStream:
         if mode == "infill" and tok.eot_id is not None:
             self.stops[tok.eot_id] = "eot"
         self.rng = np.random.default_rng(self.s.seed)
+        if proposer is None and self.s.speculate == "lookup":
+            proposer = PromptLookup(list(ids))
+        self.spec = None if proposer is None else Speculation(proposer, self.s.num_speculative_tokens)
         self.completion: Optional[LiteCompletion] = None
 
     def __iter__(self) -> Iterator[str]:
@@ -176,30 +198,61 @@ class LiteStream:
             t0 = time.perf_counter()
             logits = self._prefill(cache)
             t1 = time.perf_counter()
-            out, reason = [], "length"
-            one = np.zeros(1, dtype=np.int64)
-            position = np.array([len(self.ids)], dtype=np.int64)
-            while True:
+            out, reason = [], None
+            position = len(self.ids)  # the next input token's
+            while reason is None:
                 token = self._choose(logits)
-                if token in self.stops:
-                    reason = self.stops[token]
+                reason = yield from self._emit(token, out, text, new)
+                if reason is not None:
                     break
-                out.append(token)
-                piece = text.push(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    reason = "stop"
-                    break
-                if len(out) == new:
-                    break
-                logits = m.decoder.step(np.array([token], dtype=np.int64), position, cache, one)[0]
-                position += 1
+                proposals = self._proposals(new - len(out) - 1)
+                rows = [token] + proposals
+                t = time.perf_counter()
+                logits_rows = m.decoder.step(np.array(rows, dtype=np.int64),
+                                             np.arange(position, position + len(rows), dtype=np.int64), cache,
+                                             np.zeros(len(rows), dtype=np.int64))
+                if self.spec is not None:
+                    m._costs.observe(1, len(proposals), time.perf_counter() - t)
+                accepted = 0  # (rows of one slot at consecutive positions: each row's logits a decode step's)
+                while reason is None and accepted < len(proposals):
+                    guess = self._choose(logits_rows[accepted])
+                    if guess != proposals[accepted]:
+                        break
+                    accepted += 1
+                    reason = yield from self._emit(guess, out, text, new)
+                if proposals:
+                    self.spec.record(len(proposals), accepted)
+                position += accepted + 1
+                logits = logits_rows[accepted]
             rest = text.finish()
             if rest:
                 yield rest
             t2 = time.perf_counter()
-            self.completion = LiteCompletion(text.text, out, reason, len(self.ids), t1 - t0, t2 - t1)
+            self.completion = LiteCompletion(text.text, out, reason, len(self.ids), t1 - t0, t2 - t1,
+                                             None if self.spec is None else self.spec.stats)
+
+    def _emit(self, token: int, out: list, text: TextStream, new: int):
+        """Takes one generated token (yielding the text it completes); returns why the generation ends, or None."""
+        if token in self.stops:
+            return self.stops[token]
+        out.append(token)
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return "stop"
+        if len(out) == new:
+            return "length"
+        if self.spec is not None:
+            self.spec.extend([token])
+        return None
+
+    def _proposals(self, room: int) -> list:
+        """The ids to check with the next step (speculate): at most `room`, as many as pay on this CPU."""
+        if self.spec is None or room <= 0 or not self.spec.wants():
+            return []
+        n = self.spec.limit(room, lambda width: self.model._costs.relative(1, width))
+        return list(self.spec.propose(n)[:n]) if n else []
 
     def _prefill(self, cache: np.ndarray) -> np.ndarray:
         ids = np.array(self.ids, dtype=np.int64)
