@@ -245,6 +245,20 @@ def test_step_checks(exported):
         dec.step(one, one, cache, one, out_rows=2)
 
 
+def test_decode_one_is_step(exported):
+    dec = lite.LiteModel(exported["int4"][1]).decoder
+    caches = [dec.new_cache(1, 20) for _ in range(2)]
+    one = np.zeros(1, dtype=np.int64)
+    for p, t in enumerate(PROMPT):
+        got = dec.decode_one(t, p, caches[0]).copy()
+        assert np.array_equal(got, dec.step(np.array([t]), np.array([p]), caches[1], one)[0])
+    assert np.array_equal(caches[0], caches[1])
+    with pytest.raises(ValueError, match="position 20 outside"):
+        dec.decode_one(1, 20, caches[0])
+    with pytest.raises(ValueError, match="cache must be"):
+        dec.decode_one(1, 0, caches[0][:, :1])
+
+
 def _rewrite(src, dst, edit_header=None, edit_config=None):
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -206,6 +206,10 @@ class LiteStream:
                 if reason is not None:
                     break
                 proposals = self._proposals(new - len(out) - 1)
+                if not proposals and self.spec is None:
+                    logits = m.decoder.decode_one(token, position, cache)
+                    position += 1
+                    continue
                 rows = [token] + proposals
                 t = time.perf_counter()
                 logits_rows = m.decoder.step(np.array(rows, dtype=np.int64),

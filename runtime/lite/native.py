@@ -98,6 +98,11 @@ class NativeDecoder:
         self.bf16_prompt = bool(lib.clrt_decoder_bf16_prompt(self._d, int(bf16_prompt)))
         self.rope_positions = cos.shape[0]
         self._err = err
+        # decode_one's buffers, their addresses taken once (a numpy array's address costs ~2 us to ask)
+        self._one = np.zeros(2, dtype=np.int64)  # (token, position)
+        self._one_logits = np.empty((1, self.vocab_size), dtype=np.float32)
+        self._one_p, self._one_logits_p = _ptr(self._one), _ptr(self._one_logits)
+        self._one_cache, self._one_cache_p = None, None
 
     def __del__(self):
         if getattr(self, "_d", None):
@@ -108,6 +113,25 @@ class NativeDecoder:
         """A KV cache fp32 [layers, 2, rows, n_kv_heads, positions, head_dim] (zero pages: memory as it is
         written)."""
         return np.zeros((self.layers, 2, rows, self.n_kv_heads, positions, self.head_dim), dtype=np.float32)
+
+    def decode_one(self, token: int, position: int, cache: np.ndarray) -> np.ndarray:
+        """step of one token at cache row 0 -> logits fp32 [vocab], a view of a buffer that the next call
+        overwrites (the per-token path: no array made or address asked per call)."""
+        if cache is not self._one_cache:
+            self._check_cache(cache)
+            self._one_cache, self._one_cache_p = cache, _ptr(cache)
+        self._one[0], self._one[1] = token, position
+        if self._lib.clrt_decoder_step(self._d, 1, self._one_p, self._one_p + 8, None, self._one_cache_p,
+                                       cache.shape[2], cache.shape[4], self._one_logits_p, 1, 0, self._err, _ERR):
+            raise ValueError(self._err.value.decode())
+        return self._one_logits[0]
+
+    def _check_cache(self, cache: np.ndarray) -> None:
+        if (cache.dtype != np.float32 or cache.ndim != 6 or not cache.flags.c_contiguous or not cache.flags.writeable
+                or cache.shape[0] != self.layers or cache.shape[1] != 2 or cache.shape[3] != self.n_kv_heads
+                or cache.shape[5] != self.head_dim):
+            raise ValueError(f"cache must be a writable contiguous fp32 array [{self.layers}, 2, rows, "
+                             f"{self.n_kv_heads}, positions, {self.head_dim}] (new_cache)")
 
     def step(self, tokens: np.ndarray, positions: np.ndarray, cache: np.ndarray, slots: Optional[np.ndarray] = None,
              out_rows: Optional[int] = None, prompt: bool = False) -> np.ndarray:
@@ -121,11 +145,7 @@ class NativeDecoder:
         for name, t in (("tokens", tokens), ("positions", positions), ("slots", slots)):
             if t is not None and (t.dtype != np.int64 or t.shape != (B,) or not t.flags.c_contiguous):
                 raise ValueError(f"{name} must be a contiguous int64 array of shape ({B},)")
-        if (cache.dtype != np.float32 or cache.ndim != 6 or not cache.flags.c_contiguous or not cache.flags.writeable
-                or cache.shape[0] != self.layers or cache.shape[1] != 2 or cache.shape[3] != self.n_kv_heads
-                or cache.shape[5] != self.head_dim):
-            raise ValueError(f"cache must be a writable contiguous fp32 array [{self.layers}, 2, rows, "
-                             f"{self.n_kv_heads}, positions, {self.head_dim}] (new_cache)")
+        self._check_cache(cache)
         logits = np.empty((out_rows, self.vocab_size), dtype=np.float32)
         if self._lib.clrt_decoder_step(self._d, B, _ptr(tokens), _ptr(positions), _ptr(slots), _ptr(cache),
                                        cache.shape[2], cache.shape[4], _ptr(logits), out_rows, int(prompt), self._err,
