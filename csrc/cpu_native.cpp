@@ -53,8 +53,8 @@ Linear make_linear(int64_t kind, const torch::Tensor& w, const torch::Tensor& sc
       check(levels.size(0) == 16, "int4 levels [16] (or empty: 0 .. 15)");
     }
   }
-  return linear_of(kind, w.data_ptr(), kind == DENSE ? nullptr : scale.data_ptr<float>(), f32_or_null(zs),
-                   f32_or_null(levels), N, K, group);
+  return linear_of(kind, w.data_ptr(), kind == DENSE ? nullptr : f32_or_null(scale), f32_or_null(zs),
+                   f32_or_null(levels), N, K, group);  // (an unknown kind: linear_of says so)
 }
 
 torch::Tensor linear(const Linear& l, const torch::Tensor& x) {
@@ -249,7 +249,9 @@ class Decoder {
   Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim, int64_t vocab_size,
           double eps, torch::Tensor embedding, std::vector<torch::Tensor> norms, torch::Tensor final_norm,
           torch::Tensor rope_cos, torch::Tensor rope_sin)
-      : kv_heads_(n_kv_heads), head_dim_(head_dim), core_(make_core(dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, eps, embedding, norms, final_norm,
+      : kv_heads_(n_kv_heads),
+        head_dim_(head_dim),
+        core_(make_core(dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, eps, embedding, norms, final_norm,
                         rope_cos, rope_sin)) {
     keep_ = norms;
     keep_.insert(keep_.end(), {embedding, final_norm, rope_cos, rope_sin});
@@ -289,9 +291,9 @@ class Decoder {
 
  private:
   static DecoderCore make_core(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn_dim,
-                        int64_t vocab_size, double eps, const torch::Tensor& embedding,
-                        const std::vector<torch::Tensor>& norms, const torch::Tensor& final_norm,
-                        const torch::Tensor& rope_cos, const torch::Tensor& rope_sin) {
+                               int64_t vocab_size, double eps, const torch::Tensor& embedding,
+                               const std::vector<torch::Tensor>& norms, const torch::Tensor& final_norm,
+                               const torch::Tensor& rope_cos, const torch::Tensor& rope_sin) {
     check_f32(embedding, "embedding", 2);
     check(embedding.size(0) == vocab_size && embedding.size(1) == dim, "embedding [vocab, dim]");
     std::vector<const float*> norm_p;

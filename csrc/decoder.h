@@ -232,7 +232,6 @@ class DecoderCore {
   }
 
   int64_t layers() const { return static_cast<int64_t>(norms_.size()) / 2; }
-  int64_t dim() const { return dim_; }
   int64_t vocab_size() const { return V_; }
 
   // The projections in graph order: per layer wqkv, wo, w13, w2, then the lm_head. `continues`: this weight is
@@ -268,39 +267,41 @@ class DecoderCore {
   }
 
   // Checks the projections' widths and a step's arguments (step's, below); slot: null for row b at cache row b.
+  // (Each message is built only on failure: this runs every step.)
   void check_step(int64_t B, const int64_t* tok, const int64_t* pos, const int64_t* slot, int64_t rows,
                   int64_t S, int64_t out_rows) const {
     const int64_t L = layers();
-    check(static_cast<int64_t>(projections_.size()) == 4 * L + 1, "decoder has not every projection");
+    if (static_cast<int64_t>(projections_.size()) != 4 * L + 1) check(false, "decoder has not every projection");
     const int64_t widths[4] = {(H_ + 2 * Hkv_) * D_, dim_, 2 * F_, dim_};  // wqkv, wo, w13, w2
     const int64_t inputs[4] = {dim_, H_ * D_, dim_, F_};
     for (int64_t i = 0; i <= 4 * L; ++i) {
-      check(projections_[i].N == (i < 4 * L ? widths[i % 4] : V_), "projection " + std::to_string(i) +
-            " is " + std::to_string(projections_[i].N) + " wide, not the model's");
-      check(projections_[i].parts.front().K == (i < 4 * L ? inputs[i % 4] : dim_), "projection " +
-            std::to_string(i) + " takes " + std::to_string(projections_[i].parts.front().K) +
-            " inputs, not the model's");
+      const int64_t N = projections_[i].N, K = projections_[i].parts.front().K;
+      if (N != (i < 4 * L ? widths[i % 4] : V_))
+        check(false, "projection " + std::to_string(i) + " is " + std::to_string(N) + " wide, not the model's");
+      if (K != (i < 4 * L ? inputs[i % 4] : dim_))
+        check(false, "projection " + std::to_string(i) + " takes " + std::to_string(K) + " inputs, not the model's");
     }
     check(B > 0, "a step needs at least one token");
     check(out_rows >= 1 && out_rows <= B, "logits for 1 .. B rows");
-    check(slot != nullptr || rows >= B, "cache has " + std::to_string(rows) + " rows for " + std::to_string(B) +
-          " tokens");
+    if (slot == nullptr && rows < B)
+      check(false, "cache has " + std::to_string(rows) + " rows for " + std::to_string(B) + " tokens");
     for (int64_t b = 0; b < B; ++b) {
-      check(tok[b] >= 0 && tok[b] < V_, "token id " + std::to_string(tok[b]) + " outside the vocabulary");
-      check(pos[b] >= 0 && pos[b] < S && pos[b] < rope_positions_, "position " + std::to_string(pos[b]) +
-            " outside the cache (" + std::to_string(S) + ") or the rope tables");
-      if (slot)
-        check(slot[b] >= 0 && slot[b] < rows, "slot " + std::to_string(slot[b]) + " outside the cache's " +
-              std::to_string(rows) + " rows");
+      if (tok[b] < 0 || tok[b] >= V_) check(false, "token id " + std::to_string(tok[b]) + " outside the vocabulary");
+      if (pos[b] < 0 || pos[b] >= S || pos[b] >= rope_positions_)
+        check(false, "position " + std::to_string(pos[b]) + " outside the cache (" + std::to_string(S) +
+              ") or the rope tables");
+      if (slot && (slot[b] < 0 || slot[b] >= rows))
+        check(false, "slot " + std::to_string(slot[b]) + " outside the cache's " + std::to_string(rows) + " rows");
     }
   }
 
   // tokens, positions, slots [B] (slot null: row b at cache row b); cache fp32 [layers, 2, rows, Hkv, S, D];
-  // -> logits fp32 [out_rows, V] of the last out_rows rows (1 .. B; a prompt needs its last). prompt: the rows
-  // are a prompt's, their projections a packed GEMM where there are enough of them (gemm.h: another summation
-  // order than a decode step's, so not for rows whose logits must equal decode steps'). Row b is at cache row slot[b], position pos[b]: every row's K/V is written before any
-  // row attends, so rows sharing a slot at consecutive positions (a speculative verify block, a prompt) attend
-  // causally. Row b attends to its slot's positions 0 .. pos[b]. Call check_step first.
+  // -> logits fp32 [out_rows, V] of the last out_rows rows (1 .. B; a prompt needs its last). Row b is at cache
+  // row slot[b], position pos[b]: every row's K/V is written before any row attends, so rows sharing a slot at
+  // consecutive positions (a speculative verify block, a prompt) attend causally. Row b attends to its slot's
+  // positions 0 .. pos[b]. prompt: the rows are a prompt's, their projections a packed GEMM where there are
+  // enough of them (gemm.h: another summation order than a decode step's, so not for rows whose logits must
+  // equal decode steps'). Call check_step first.
   void step(int64_t B, const int64_t* tok, const int64_t* pos, const int64_t* slot, float* cache, int64_t rows,
             int64_t S, float* logits, int64_t out_rows, bool prompt = false) const {
     const bool packed = prompt && HAS_GEMM && B >= GEMM_MIN_ROWS;
@@ -325,13 +326,15 @@ class DecoderCore {
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
       project(projections_[4 * l + 2], y.data(), B, g.data(), packed);
-      for (int64_t b = 0; b < B; ++b) silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
+      for (int64_t b = 0; b < B; ++b)
+        silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
       project(projections_[4 * l + 3], a.data(), B, o.data(), packed);
       for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
     }
     for (int64_t b = B - out_rows; b < B; ++b)
       rms_norm(h.data() + b * dim_, final_norm_, eps_, dim_, y.data() + b * dim_);
-    project(projections_[4 * L], y.data() + (B - out_rows) * dim_, out_rows, logits, packed && out_rows >= GEMM_MIN_ROWS);
+    project(projections_[4 * L], y.data() + (B - out_rows) * dim_, out_rows, logits,
+            packed && out_rows >= GEMM_MIN_ROWS);
   }
 
  private:

@@ -139,7 +139,9 @@ inline void micro_rows(int rows, const X* x, int64_t ldx, const P* p, int64_t kk
 
 template <int R>
 struct MicroF32 {
-  static void run(const float* x, int64_t ldx, const float* p, int64_t kk, float* c) { gemm_micro<R>(x, ldx, p, kk, c); }
+  static void run(const float* x, int64_t ldx, const float* p, int64_t kk, float* c) {
+    gemm_micro<R>(x, ldx, p, kk, c);
+  }
 };
 
 // rows[j]: weight row n0 + j at inputs k0 .. k0 + kk in fp32, j < NR: the weights themselves where dense,
