@@ -159,6 +159,8 @@ def test_sampling_stop_and_stream(exported):
     assert s1.token_ids == s2.token_ids
     run = m.stream("def add(a, b):", max_new_tokens=16)
     assert "".join(run) == greedy.text and run.completion.token_ids == greedy.token_ids
+    with pytest.raises(RuntimeError, match="once"):
+        list(run)
     if len(greedy.text.strip()) > 2:
         cut = greedy.text.strip()[1:3]
         stopped = m.generate("def add(a, b):", max_new_tokens=16, stop=[cut])
@@ -200,7 +202,7 @@ def test_bad_arguments(exported):
     V = m.config["vocab_size"]
     for kwargs, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
                           (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
-                          (dict(nucleus=0.5), "nucleus")]:
+                          (dict(nucleus=0.5), "nucleus"), (dict(seed=-1), "seed"), (dict(top_k=True), "top_k")]:
         with pytest.raises((ValueError, TypeError), match=match):
             m.generate("x", **kwargs)
     with pytest.raises(ValueError, match=f"token id {V}"):
@@ -211,6 +213,9 @@ def test_bad_arguments(exported):
         m.generate([1] * m.max_seq_len)
     with pytest.raises(ValueError, match="str or a list"):
         m.generate(3.5)
+    if m.tokenizer.eot_id is not None:
+        with pytest.raises(ValueError, match="context"):
+            m.infill("x = 1\n" * 2000, "\n")
     with pytest.raises(ValueError, match="threads"):
         lite.LiteModel(exported[None][1], threads=0)
 

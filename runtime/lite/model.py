@@ -1,6 +1,7 @@
 """LiteModel: generation from a lite model directory with numpy and the native step only (no torch)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -76,8 +77,8 @@ class LiteModel:
         """The middle between prefix and suffix (CodeLlama's infilling format; stops at <EOT>)."""
         if self.tokenizer.eot_id is None:
             raise ValueError("this model's vocabulary has no infilling pieces")
-        return self._complete(self.tokenizer.encode_infill(prefix, suffix, suffix_first=suffix_first), "infill",
-                              sampling)
+        ids = self._checked(self.tokenizer.encode_infill(prefix, suffix, suffix_first=suffix_first))
+        return self._complete(ids, "infill", sampling)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """fp32 [len(token_ids), vocab] next-token logits at every position of one sequence (one step)."""
@@ -97,6 +98,9 @@ class LiteModel:
             ids = [int(i) for i in prompt]
         else:
             raise ValueError("prompt must be a str or a list of token ids")
+        return self._checked(ids)
+
+    def _checked(self, ids: list) -> list:
         if not ids:
             raise ValueError("the prompt has no tokens")
         bad = [i for i in ids if not 0 <= i < self.config["vocab_size"]]
@@ -107,11 +111,15 @@ class LiteModel:
                              "(the prompt plus at least one new token must fit)")
         return ids
 
+    @contextlib.contextmanager
     def _serving(self):
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("a LiteModel runs one generation at a time; another call is in progress (use one "
                                "LiteModel per thread, or codellama_rt.load for concurrent requests)")
-        return _Release(self._lock)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _cache_for(self, positions: int) -> np.ndarray:
         if self._cache.shape[4] < positions:  # (grown, never shrunk: positions past a step's are never read)
@@ -123,17 +131,6 @@ class LiteModel:
         for _ in run:
             pass
         return run.completion
-
-
-class _Release:
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
 
 
 class _Sampling(NamedTuple):
@@ -152,10 +149,12 @@ class _Sampling(NamedTuple):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: every token), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if self.speculate not in (None, "lookup"):
             raise ValueError(f"speculate must be None or 'lookup' (the lite runtime has no draft model), got "
                              f"{self.speculate!r}")
@@ -188,9 +187,13 @@ class LiteStream:
             proposer = PromptLookup(list(ids))
         self.spec = None if proposer is None else Speculation(proposer, self.s.num_speculative_tokens)
         self.completion: Optional[LiteCompletion] = None
+        self._started = False
 
     def __iter__(self) -> Iterator[str]:
         m, s = self.model, self.s
+        if self._started:
+            raise RuntimeError("a LiteStream runs its generation once: iterate it once")
+        self._started = True
         with m._serving():
             new = min(s.max_new_tokens, m.max_seq_len - len(self.ids))
             cache = m._cache_for(len(self.ids) + new)
