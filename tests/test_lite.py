@@ -296,6 +296,9 @@ def test_bad_files(exported, tmp_path):
     bad = _rewrite(src, tmp_path / "version", edit_config=lambda c: c.update(version=99))
     with pytest.raises(CheckpointError, match="version 99"):
         lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "config", edit_config=lambda c: c.pop("layers"))
+    with pytest.raises(CheckpointError, match="layers missing"):
+        lite.LiteModel(bad)
     bad = _rewrite(src, tmp_path / "dtype", edit_header=lambda h: h["embedding"].update(dtype="F16"))
     with pytest.raises(CheckpointError, match="'embedding'"):
         lite.LiteModel(bad)

@@ -29,6 +29,7 @@ VERSION = 1
 KINDS = {"dense": 0, "int8": 1, "int4": 2, "int8_x16": 3, "int4_x8": 4}  # csrc's Kind
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}
 _MAX_HEADER = 100 << 20
+_INT_KEYS = ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "layers", "max_seq_len")
 
 
 class LiteFile(NamedTuple):
@@ -60,9 +61,14 @@ def read(path) -> LiteFile:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"not a lite model file (no '{METADATA_KEY}' metadata in a safetensors "
                               "header)", file=path) from None
-    if config.get("version") != VERSION:
-        raise CheckpointError(f"lite format version {config.get('version')!r}, this runtime reads {VERSION}",
-                              file=path)
+    if not isinstance(config, dict) or config.get("version") != VERSION:
+        version = config.get("version") if isinstance(config, dict) else None
+        raise CheckpointError(f"lite format version {version!r}, this runtime reads {VERSION}", file=path)
+    bad = [k for k in _INT_KEYS if not isinstance(config.get(k), int) or isinstance(config.get(k), bool)
+           or config[k] <= 0]
+    if bad or not isinstance(config.get("norm_eps"), (int, float)) or not isinstance(config.get("projections"), list):
+        raise CheckpointError(f"config ({METADATA_KEY}): {', '.join(bad) or 'norm_eps or projections'} missing or "
+                              "not a positive number", file=path)
     buffer = np.frombuffer(mapped, dtype=np.uint8)
     arrays = {}
     for name, info in header.items():

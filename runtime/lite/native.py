@@ -83,8 +83,13 @@ class NativeDecoder:
             raise ValueError(f"{path}: {err.value.decode()}")
         weight_bytes, has_int8 = 0, False
         for j, parts in enumerate(c["projections"]):
+            if not isinstance(parts, list) or not parts:
+                raise ValueError(f"{path}: projection {j}: a non-empty list of parts expected, got {parts!r}")
             for i, p in enumerate(parts):
-                name, kind = f"proj.{j}.{i}", KINDS.get(p.get("kind"))
+                name = f"proj.{j}.{i}"
+                if not isinstance(p, dict):
+                    raise ValueError(f"{path}: {name}: a part is a JSON object, got {p!r}")
+                kind = KINDS.get(p.get("kind"))
                 if kind is None:
                     raise ValueError(f"{path}: {name}: unknown weight kind {p.get('kind')!r}")
                 w, scale, zs, levels = (a.get(f"{name}.{s}") for s in ("w", "scale", "zs", "levels"))
@@ -166,6 +171,8 @@ def _check(arrays: dict, name: str, dtype, shape: tuple, path: str) -> np.ndarra
 
 def _check_part(name, kind, p, w, scale, zs, levels, path) -> None:
     """A part's arrays against its kind's layout (csrc/cpu_linear_base.h's Linear), before the library reads them."""
+    if not all(isinstance(p.get(key), int) and not isinstance(p.get(key), bool) for key in ("N", "K", "group")):
+        raise ValueError(f"{path}: {name}: N, K and group must be integers, got {p!r}")
     n, k, g = p["N"], p["K"], p["group"]
     if kind == KINDS["dense"]:
         expect = {"w": (np.float32, (n, k))}
