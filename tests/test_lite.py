@@ -302,6 +302,9 @@ def test_bad_files(exported, tmp_path):
     bad = _rewrite(src, tmp_path / "dtype", edit_header=lambda h: h["embedding"].update(dtype="F16"))
     with pytest.raises(CheckpointError, match="'embedding'"):
         lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "shape-type", edit_header=lambda h: h["embedding"].update(shape=[-1, "x"]))
+    with pytest.raises(CheckpointError, match="non-negative"):
+        lite.LiteModel(bad)
     bad = _rewrite(src, tmp_path / "offsets",
                    edit_header=lambda h: h["embedding"].update(data_offsets=[0, 10 ** 12]))
     with pytest.raises(CheckpointError, match="data offsets"):

@@ -76,12 +76,14 @@ def read(path) -> LiteFile:
             continue
         try:
             dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in (*shape, start, end)):
+                raise ValueError(shape)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"unsupported entry {info!r} (lite files hold F32, I8 and U8)",
-                                  file=path, tensor=name) from None
+            raise CheckpointError(f"unsupported entry {info!r} (lite files hold F32, I8 and U8, non-negative "
+                                  "shapes and offsets)", file=path, tensor=name) from None
         count = int(np.prod(shape, dtype=np.int64))
         begin = 8 + n + start
-        if end - start != count * np.dtype(dtype).itemsize or begin + (end - start) > size or start < 0:
+        if end - start != count * np.dtype(dtype).itemsize or begin + (end - start) > size:
             raise CheckpointError(f"data offsets {start}..{end} do not hold {shape} {info['dtype']} within the "
                                   "file", file=path, tensor=name)
         array = buffer[begin:begin + end - start].view(dtype).reshape(shape)
