@@ -26,6 +26,8 @@ def export_lite(model, out, *, integer_activations: bool = False) -> Path:
                          "no tensor parallelism) can be written as a lite model: load it with device='cpu', "
                          "dtype=torch.float32")
     tok = model.tokenizer
+    if tok.path is None:
+        raise ValueError("the model's tokenizer has no file to copy")
     eos = sorted({int(i) for i in (*model.args.eos_ids, tok.eos_id) if i is not None})
     tensors, config = _tensors_and_config(parts)
     config.update(eos_ids=eos, max_seq_len=min(int(model.args.max_seq_len), int(parts.rope_cos.shape[0])))
@@ -33,8 +35,6 @@ def export_lite(model, out, *, integer_activations: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE_NAME
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(config)})
-    if tok.path is None:
-        raise ValueError("the model's tokenizer has no file to copy")
     if Path(tok.path).resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tok.path, out / "tokenizer.model")
     return path
