@@ -1,11 +1,13 @@
 """Sampling parameters (`SamplingParams`, every value checked at the call) and the repetition penalty rule;
-the per-row sampler of a decode batch is `row_sampling`."""
+the per-row sampler of a decode batch is `row_sampling`. Imports no torch (the lite runtime checks its
+keywords with SamplingParams too); the penalty works through the tensors' own methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 # Below this temperature sampling is greedy: logits / T would overflow fp32 (then softmax gives NaN),
@@ -82,11 +84,12 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-Scalar = Union[float, torch.Tensor]  # a Python number, or fp32 values broadcasting against the logits ([B, 1]: per row)
+# a Python number, or fp32 values broadcasting against the logits ([B, 1]: per row)
+Scalar = Union[float, "torch.Tensor"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Scalar) -> torch.Tensor:
     """CTRL/HF rule: logits of seen tokens are divided by `penalty` if positive, multiplied if negative.
     logits fp32 [B, V]; seen bool [B, V]."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    penalized = (logits / penalty).where(logits > 0, logits * penalty)  # (Tensor.where: torch.where(c, self, y))
+    return penalized.where(seen, logits)

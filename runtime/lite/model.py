@@ -10,6 +10,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from ..engine.sampling import MIN_TEMPERATURE, SamplingParams
 from ..engine.speculation import PassCosts, PromptLookup, Speculation, SpeculationStats
 from ..tokenizer.detokenize import TextStream
 from ..tokenizer.tokenizer import Tokenizer
@@ -17,8 +18,6 @@ from .file import FILE_NAME, read
 from .native import NativeDecoder, set_threads
 
 PREFILL_CHUNK = 256  # prompt rows per native step: bounds the step's activation buffers (rows x ffn_dim floats)
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e4  # (codellama_rt.engine.sampling's: greedy below, finite below)
-MAX_SPECULATIVE_TOKENS = 16  # (codellama_rt.engine.sampling's)
 
 
 class LiteCompletion(NamedTuple):
@@ -145,29 +144,20 @@ class _Sampling(NamedTuple):
     num_speculative_tokens: int = 8
 
     def check(self) -> "_Sampling":
+        """The keywords checked (SamplingParams' rules, plus the lite runtime's own: at least one new token, no
+        draft model, speculation greedy only), stop as a tuple."""
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: every token), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if self.speculate not in (None, "lookup"):
             raise ValueError(f"speculate must be None or 'lookup' (the lite runtime has no draft model), got "
                              f"{self.speculate!r}")
-        if self.speculate and self.temperature >= MIN_TEMPERATURE:
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, stop=self.stop, seed=self.seed, speculate=self.speculate,
+                                num_speculative_tokens=self.num_speculative_tokens)
+        if params.speculate and not params.greedy:
             raise ValueError("the lite runtime speculates with greedy decoding only (temperature 0); use "
                              "codellama_rt.load for speculative sampling")
-        k = self.num_speculative_tokens
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be an int in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop must be a string or a list of non-empty strings")
-        return self._replace(stop=stop)
+        return self._replace(stop=params.stop)
 
 
 class LiteStream:
