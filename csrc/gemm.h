@@ -10,7 +10,6 @@
 
 #include "cpu_linear.h"
 
-#include <cstring>
 #include <vector>
 
 namespace clrt {
@@ -43,12 +42,9 @@ inline void dequantize_int4_row(const Linear& l, int64_t n, int64_t k0, int64_t 
   }
 }
 
-// W[n, k0 .. k1) in fp32, whatever the format (int4: k0, k1 multiples of CHUNK).
+// W[n, k0 .. k1) of an int8 or int4 weight in fp32 (int4: k0, k1 multiples of CHUNK; dense rows are read in place).
 inline void dequantize_row(const Linear& l, int64_t n, int64_t k0, int64_t k1, float* out) {
-  if (l.kind == DENSE) {
-    const float* w = static_cast<const float*>(l.w_p) + n * l.K;
-    std::copy(w + k0, w + k1, out);
-  } else if (l.kind == INT8 || l.kind == INT8_X16) {
+  if (l.kind == INT8 || l.kind == INT8_X16) {
     const int8_t* w = static_cast<const int8_t*>(l.w_p) + n * l.K;
     const float s = l.scale_p[n];
 #pragma omp simd
