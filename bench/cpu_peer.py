@@ -20,7 +20,9 @@ temporary directory (their greedy ids are noise: compare speed and memory only).
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
 RSS of the child (medians over --repeat rounds of every row, the largest RSS), and the generated ids
-(agreement with our fp32 reported against llama.cpp's f32). Rows named int4-bf16 / nf4-bf16 run the
+(agreement with our fp32 reported against llama.cpp's f32), and the mean agreement over the 64-id continuations
+of `codellama_rt.bench.prompts.CODE_PROMPTS` (first round only), each runtime's rows against its own full width (ours fp32, llama.cpp's
+f32): one prompt's figure mostly says where its first near-tie falls. Rows named int4-bf16 / nf4-bf16 run the
 4-bit weights with bf16 activations; int8 / int4 round decode rows to int16 / int8 blocks where the native
 kernels are built for AVX2 (`KernelOptions.cpu_integer_activations`), int8-fp32x / int4-fp32x keep fp32 products.
 """
@@ -35,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROMPT = "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n"
+AGREEMENT_TOKENS = 64  # ids of each continuation of CODE_PROMPTS (agreement beyond the one timed prompt's)
 TIMEOUT_S = 900
 RANDOM_SHAPES = {  # ModelArgs fields of --random's checkpoints
     "57m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376, vocab_size=32016),
@@ -93,7 +95,9 @@ prefill = len(a["long_ids"]) / (stamps[0] - t0)
 t0, stamps, ids = run(a["ids"], a["new_tokens"])
 decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
 rss = peak_rss_mb()
-print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
+more = [run(p, a["agree_tokens"])[2] for p in a["agree_prompts"]]
+print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids,
+                  "agree_ids": more}))
 '''
 
 # codellama_rt.lite (no torch in the process): the same measurements from the completion's own clocks (the prompt's
@@ -107,10 +111,12 @@ m.generate(a["ids"], max_new_tokens=4, ignore_eos=True)
 m.generate(a["long_ids"][::-1][:64], max_new_tokens=1)
 prefill = m.generate(a["long_ids"], max_new_tokens=1, ignore_eos=True)
 c = m.generate(a["ids"], max_new_tokens=a["new_tokens"], ignore_eos=True)
+rss = peak_rss_mb()
+more = [m.generate(p, max_new_tokens=a["agree_tokens"], ignore_eos=True).token_ids for p in a["agree_prompts"]]
 assert "torch" not in sys.modules
 print(json.dumps({"decode_tok_s": (len(c.token_ids) - 1) / c.decode_seconds,
-                  "prefill_tok_s": len(a["long_ids"]) / prefill.prefill_seconds, "peak_rss_mb": peak_rss_mb(),
-                  "ids": c.token_ids}))
+                  "prefill_tok_s": len(a["long_ids"]) / prefill.prefill_seconds, "peak_rss_mb": rss,
+                  "ids": c.token_ids, "agree_ids": more}))
 '''
 
 LLAMA = PEAK_RSS + r'''
@@ -152,7 +158,9 @@ prefill = len(a["long_ids"]) / (time.perf_counter() - t0)
 stamps, ids = greedy(a["ids"], a["new_tokens"])
 decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
 rss = peak_rss_mb()
-print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids}))
+more = [greedy(p, a["agree_tokens"])[1] for p in a["agree_prompts"]]
+print(json.dumps({"decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_mb": rss, "ids": ids,
+                  "agree_ids": more}))
 '''
 
 
@@ -176,10 +184,12 @@ def convert(model: Path, src: Path, outtype: str, out: Path) -> Path:
 
 
 def summarize(runs: list) -> dict:
-    """One row from its repeated runs: median decode and prefill speed, the largest peak RSS, the first ids."""
+    """One row from its repeated runs: median decode and prefill speed, the largest peak RSS, the first run's
+    ids (and its continuations of CODE_PROMPTS, which only the first run makes)."""
     return {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "ids": runs[0]["ids"],
+            "agree_ids": runs[0].get("agree_ids", []),
             "decode_runs": [r["decode_tok_s"] for r in runs], "prefill_runs": [r["prefill_tok_s"] for r in runs]}
 
 
@@ -246,6 +256,13 @@ def export_lite_model(model: Path, weights: str, quantize_head: bool, out: Path)
     return out
 
 
+def mean_agreement(a: list, b: list) -> float:
+    """`agreement` of each pair of continuations (a[i] with b[i]), averaged."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"mean_agreement needs as many continuations on each side (got {len(a)} and {len(b)})")
+    return statistics.fmean(agreement(x, y) for x, y in zip(a, b))
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     scratch = tempfile.TemporaryDirectory()
@@ -259,16 +276,19 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
     import codellama_rt as cl
     from codellama_rt.api import default_model_path
     from codellama_rt.bench.common import emit_json, environment
+    from codellama_rt.bench.prompts import CODE_PROMPTS
 
     if a.random:
         model = random_checkpoint(a.random, a.tokenizer, Path(scratch) / a.random)
     else:
         model = a.model or default_model_path()
     tok = cl.Tokenizer.from_pretrained(model)
-    ids = tok.encode(PROMPT)
-    long_ids = (tok.encode(PROMPT * 64))[:a.prefill_tokens]
+    prompt = CODE_PROMPTS[0]  # the timed one
+    ids = tok.encode(prompt)
+    long_ids = (tok.encode(prompt * 64))[:a.prefill_tokens]
     base = dict(model=str(model), ids=ids, long_ids=long_ids, new_tokens=a.new_tokens, threads=a.threads,
-                n_ctx=max(1024, len(long_ids) + a.new_tokens + 16))
+                n_ctx=max(1024, len(long_ids) + a.new_tokens + 16), agree_tokens=AGREEMENT_TOKENS,
+                agree_prompts=[tok.encode(p) for p in CODE_PROMPTS])
     jobs = []  # (runtime, weights, python, code, args)
     lite_dirs = Path(scratch) / "lite"
     for name in a.ours.split(","):
@@ -294,14 +314,19 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
             jobs += [("llama.cpp", name, a.llama_python, LLAMA, dict(base, gguf=str(path)))
                      for name, path in ggufs.items()]
         runs = [[] for _ in jobs]
-        for _ in range(a.repeat):  # rounds over every row, so a slow spell of this shared machine hits all rows
+        for i in range(a.repeat):  # rounds over every row, so a slow spell of this shared machine hits all rows
             for job, got in zip(jobs, runs):
-                got.append(child(*job[2:]))
+                python, code, args = job[2:]
+                got.append(child(python, code, args if i == 0 else dict(args, agree_prompts=[])))
     rows = [dict(runtime=job[0], weights=job[1], **summarize(got)) for job, got in zip(jobs, runs)]
-    ref = next((r["ids"] for r in rows if r["weights"] == "fp32"), None)
+    fp32 = next((r for r in rows if r["weights"] == "fp32" and r["runtime"] != "llama.cpp"), None)
+    f32 = next((r for r in rows if r["weights"] == "f32" and r["runtime"] == "llama.cpp"), None)
     for r in rows:  # (issue 21's bar is over a 64-token continuation: both)
+        ref = fp32["ids"] if fp32 else None
         r["agreement_with_our_fp32"] = agreement(r["ids"], ref) if ref else None
         r["agreement_64_with_our_fp32"] = agreement(r["ids"][:64], ref[:64]) if ref else None
+        own = f32 if r["runtime"] == "llama.cpp" else fp32  # each runtime's quantized rows against its own full width
+        r["mean_agreement_64_with_own_fp32"] = mean_agreement(r["agree_ids"], own["agree_ids"]) if own else None
     name = f"random {a.random}" if a.random else str(model)
     doc = {"meta": {**environment(), "model": name, "threads": a.threads, "new_tokens": a.new_tokens,
                     "repeat": a.repeat,
@@ -309,12 +334,14 @@ def _measure(a: argparse.Namespace, scratch: str) -> dict:
     if a.out:
         emit_json(doc, a.out)
     print("| runtime | weights | decode tok/s | prefill tok/s | peak RSS MB | greedy agreement with our fp32 (all "
-          "/ first 64) |")
-    print("|---|---|---|---|---|---|")
+          f"/ first 64) | mean over {len(CODE_PROMPTS)} prompts, {AGREEMENT_TOKENS} ids, with its own fp32 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         agree, agree64 = r["agreement_with_our_fp32"], r["agreement_64_with_our_fp32"]  # None: no fp32 row of ours
+        mean = r["mean_agreement_64_with_own_fp32"]
         print(f"| {r['runtime']} | {r['weights']} | {r['decode_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {'-' if agree is None else f'{agree:.2f} / {agree64:.2f}'} |")
+              f"{r['peak_rss_mb']:.0f} | {'-' if agree is None else f'{agree:.2f} / {agree64:.2f}'} | "
+              f"{'-' if mean is None else f'{mean:.2f}'} |")
     return doc
 
 

@@ -15,11 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PROMPTS = [
-    "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n",
-    "def fibonacci(n):", "class LinkedList:", "import os\n\ndef list_files(path):", "def quicksort(arr):\n",
-    "for i in range(10):\n", "import numpy as np\n\ndef mean(x):\n", "class Stack:\n    def __init__(self):\n",
-]
 ROWS = [("int8", False), ("int4", False), ("int8", True), ("int4", True)]  # (quantize, quantize_head)
 
 
@@ -39,12 +34,13 @@ def teacher_forced(model, prompt_ids: list, want: list) -> float:
 
 def measure(model_path, new_tokens: int) -> dict:
     from codellama_rt.api import load_model
+    from codellama_rt.bench.prompts import CODE_PROMPTS
 
     def load(quantize=None, head=False):
         return load_model(model_path, device="cpu", dtype="float32", quantize=quantize, quantize_head=head)
 
     ref = load()
-    ids = [ref._ids(p) for p in PROMPTS]
+    ids = [ref._ids(p) for p in CODE_PROMPTS]
     want = [c.token_ids for c in ref.generate(ids, max_new_tokens=new_tokens)]
     rows = []
     for quantize, head in ROWS:
@@ -55,7 +51,7 @@ def measure(model_path, new_tokens: int) -> dict:
         rows.append(dict(weights=quantize, quantized_head=head, free_running=sum(free) / len(free),
                          teacher_forced=sum(forced) / len(forced), free_running_per_prompt=free,
                          teacher_forced_per_prompt=forced))
-    return {"prompts": len(PROMPTS), "new_tokens": new_tokens, "rows": rows}
+    return {"prompts": len(CODE_PROMPTS), "new_tokens": new_tokens, "rows": rows}
 
 
 def main(argv=None) -> dict:

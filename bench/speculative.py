@@ -30,11 +30,6 @@ import statistics
 import time
 from pathlib import Path
 
-FREE_PROMPTS = [
-    "import os\nimport sys\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n",
-    "def fibonacci(n):", "class LinkedList:", "import os\n\ndef list_files(path):", "def quicksort(arr):\n",
-    "for i in range(10):\n", "import numpy as np\n\ndef mean(x):\n", "class Stack:\n    def __init__(self):\n",
-]
 EDIT_FILES = ["runtime/engine/slots.py", "runtime/engine/speculation.py", "runtime/tokenizer/detokenize.py",
               "runtime/engine/sampling.py", "runtime/bench/common.py"]
 WINDOW = 1800  # characters of the file kept before the request (the default model's context is 1024 tokens)
@@ -234,6 +229,7 @@ def main() -> None:
     import torch
     import codellama_rt as cl
 
+    from codellama_rt.bench.prompts import CODE_PROMPTS
     from codellama_rt.engine.sampling import SamplingParams
 
     rows = a.rows.split(",")
@@ -252,7 +248,7 @@ def main() -> None:
         model = cl.load(a.model, device=a.device, draft=draft)
         drafts["int4"] = model.engine.speculator.draft
         edits = edit_prompts(Path(__file__).resolve().parent.parent)
-        prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+        prompts = {"oracle": list(CODE_PROMPTS[:4]) + edits[:1], "edit": edits, "free": list(CODE_PROMPTS)}
     if any(r.startswith("draft-self") for r in rows):
         drafts["self"] = self_draft(model)
     decode_rate(model.engine, [1, 2, 3, 4], SamplingParams(max_new_tokens=8), {})  # warm-up
@@ -269,12 +265,13 @@ def main() -> None:
 def main_lite(a) -> None:
     import os
 
+    from codellama_rt.bench.prompts import CODE_PROMPTS
     from codellama_rt.lite import LiteModel
 
     rows = [r for r in a.rows.split(",") if r in ("oracle", "oracle-fixed", "edit", "free")]
     model = LiteModel(a.lite)
     edits = edit_prompts(Path(__file__).resolve().parent.parent)
-    prompts = {"oracle": FREE_PROMPTS[:4] + edits[:1], "edit": edits, "free": FREE_PROMPTS}
+    prompts = {"oracle": list(CODE_PROMPTS[:4]) + edits[:1], "edit": edits, "free": list(CODE_PROMPTS)}
     model.generate([1, 2, 3, 4], max_new_tokens=8)  # warm-up
     rows = summarize([run_rows_lite(model, prompts, rows, a.new_tokens, a.k) for _ in range(a.rounds)])
     result = dict(device="cpu", model=f"lite {a.lite}", threads=model.threads or os.cpu_count(),

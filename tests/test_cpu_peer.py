@@ -22,6 +22,14 @@ def test_agreement_is_the_shared_prefix_share(peer):
     assert peer.agreement([], [1]) == 0.0
 
 
+def test_mean_agreement_averages_each_pair(peer):
+    assert peer.mean_agreement([[1, 2], [1, 2, 3, 4]], [[1, 2], [1, 9, 3, 4]]) == (1.0 + 0.25) / 2
+    with pytest.raises(ValueError, match="as many continuations"):
+        peer.mean_agreement([[1]], [[1], [2]])
+    with pytest.raises(ValueError, match="as many continuations"):
+        peer.mean_agreement([], [])
+
+
 def test_llama_options_go_together(peer):
     with pytest.raises(SystemExit):
         peer.parse(["--llama-python", sys.executable])
@@ -63,6 +71,8 @@ def test_our_fp32_row(peer, tmp_path):
     assert row["runtime"] == "codellama-rt" and row["weights"] == "fp32" and len(row["ids"]) == 8
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 50
     assert row["agreement_with_our_fp32"] == 1.0 and doc["meta"]["prefill_tokens"] == 64
+    from codellama_rt.bench.prompts import CODE_PROMPTS
+    assert [len(ids) for ids in row["agree_ids"]] == [peer.AGREEMENT_TOKENS] * len(CODE_PROMPTS)
     assert (tmp_path / "peer.json").is_file()
 
 
@@ -77,6 +87,7 @@ def test_our_lite_row(peer, tmp_path):
     assert lite["runtime"] == "codellama-rt lite" and lite["weights"] == "fp32" and len(lite["ids"]) == 8
     assert lite["decode_tok_s"] > 0 and lite["prefill_tok_s"] > 0 and 1 < lite["peak_rss_mb"] < ours["peak_rss_mb"]
     assert lite["ids"] == ours["ids"]
+    assert lite["agree_ids"] == ours["agree_ids"] and lite["mean_agreement_64_with_own_fp32"] == 1.0
 
 
 def test_quant_agreement_measures():
