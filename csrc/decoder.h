@@ -120,10 +120,29 @@ inline void scores(const float* q, int64_t G, const float* K, int64_t n, int64_t
 
 // p[0..n) <- e^(scale p - max(scale p)); returns their sum.
 inline float softmax_scaled(float* p, int64_t n, float scale) {
+  // the max in vectors (exact, so any order gives the same value; a scalar loop was one dependent max per key)
   float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, p[t] * scale);
-  float sum = 0.f;
   int64_t t = 0;
+#if CLRT_AVX512
+  {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; t + 16 <= n; t += 16) m = _mm512_max_ps(m, _mm512_mul_ps(_mm512_loadu_ps(p + t), sc));
+    mx = _mm512_reduce_max_ps(m);
+  }
+#elif CLRT_AVX2
+  {
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_mul_ps(_mm256_loadu_ps(p + t), sc));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) mx = std::max(mx, v);
+  }
+#endif
+  for (; t < n; ++t) mx = std::max(mx, p[t] * scale);
+  float sum = 0.f;
+  t = 0;
 #if CLRT_AVX512
   const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
