@@ -3,233 +3,15 @@
 // and kept alive there) and the lite library (lite.cpp, numpy arrays kept by codellama_rt.lite).
 #pragma once
 
+#include "attention.h"
 #include "gemm.h"
+#include "vmath.h"
 
 #include <cmath>
 #include <string>
 #include <vector>
 
 namespace clrt {
-
-inline void rms_norm(const float* h, const float* weight, float eps, int64_t dim, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < dim; ++i) ss += h[i] * h[i];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < dim; ++i) y[i] = (h[i] * r) * weight[i];
-}
-
-#if CLRT_AVX512
-// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n by
-// vscalefps; x clamped to [-87.3, 88.7] (finite results; e^-87.3 is already 0 next to 1 in silu).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to fp32
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-#elif CLRT_AVX2
-// e^x for 8 lanes: exp16's polynomial, x clamped to [-87.3, 88.3] so that 2^n (n in -126 .. 127) is built
-// directly in the exponent bits.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
-// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
-inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-#if CLRT_AVX512
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
-  }
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
-                                                   _mm512_maskz_loadu_ps(m, up + i)));
-  }
-#elif CLRT_AVX2
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
-  }
-#endif
-  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-}
-
-// s [M, n] = q [M, D] K[0..n)^T: the projections' tiles (M query rows against 4 key rows at a time).
-template <int R>
-inline void scores_tile(const float* q, int64_t M, const float* K, int64_t D, float* o) {
-  switch (M) {
-    case 1: dense_dot<R, 1>(q, K, D, o); break;
-    case 2: dense_dot<R, 2>(q, K, D, o); break;
-    case 3: dense_dot<R, 3>(q, K, D, o); break;
-    case 4: dense_dot<R, 4>(q, K, D, o); break;
-    case 5: dense_dot<R, 5>(q, K, D, o); break;
-    default: dense_dot<R, XROWS>(q, K, D, o); break;
-  }
-}
-
-inline void scores(const float* q, int64_t G, const float* K, int64_t n, int64_t D, float* s) {
-  float o[XROWS * 4];
-  for (int64_t m0 = 0; m0 < G; m0 += XROWS) {
-    const int64_t M = std::min<int64_t>(XROWS, G - m0);
-    const float* qm = q + m0 * D;
-    int64_t t = 0;
-    for (; t + 4 <= n; t += 4) {
-      scores_tile<4>(qm, M, K + t * D, D, o);
-      for (int64_t m = 0; m < M; ++m)
-        for (int r = 0; r < 4; ++r) s[(m0 + m) * n + t + r] = o[m * 4 + r];
-    }
-    for (; t < n; ++t) {
-      scores_tile<1>(qm, M, K + t * D, D, o);
-      for (int64_t m = 0; m < M; ++m) s[(m0 + m) * n + t] = o[m];
-    }
-  }
-}
-
-// p[0..n) <- e^(scale p - max(scale p)); returns their sum.
-inline float softmax_scaled(float* p, int64_t n, float scale) {
-  // the max in vectors (exact, so any order gives the same value; a scalar loop was one dependent max per key)
-  float mx = -INFINITY;
-  int64_t t = 0;
-#if CLRT_AVX512
-  {
-    const __m512 sc = _mm512_set1_ps(scale);
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (; t + 16 <= n; t += 16) m = _mm512_max_ps(m, _mm512_mul_ps(_mm512_loadu_ps(p + t), sc));
-    mx = _mm512_reduce_max_ps(m);
-  }
-#elif CLRT_AVX2
-  {
-    const __m256 sc = _mm256_set1_ps(scale);
-    __m256 m = _mm256_set1_ps(-INFINITY);
-    for (; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_mul_ps(_mm256_loadu_ps(p + t), sc));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, m);
-    for (float v : lanes) mx = std::max(mx, v);
-  }
-#endif
-  for (; t < n; ++t) mx = std::max(mx, p[t] * scale);
-  float sum = 0.f;
-  t = 0;
-#if CLRT_AVX512
-  const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(mx);
-  __m512 acc = _mm512_setzero_ps();
-  for (; t + 16 <= n; t += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + t), sc), m));
-    _mm512_storeu_ps(p + t, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  sum = _mm512_reduce_add_ps(acc);
-#elif CLRT_AVX2
-  const __m256 sc = _mm256_set1_ps(scale), m = _mm256_set1_ps(mx);
-  __m256 acc = _mm256_setzero_ps();
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p + t), sc), m));
-    _mm256_storeu_ps(p + t, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = reduce1(acc);
-#endif
-  for (; t < n; ++t) sum += (p[t] = std::exp(p[t] * scale - mx));
-  return sum;
-}
-
-inline void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = x[i + half];
-    x[i] = x1 * cos[i] - x2 * sin[i];
-    x[i + half] = x2 * cos[i] + x1 * sin[i];
-  }
-}
-
-
-// o [G, D] = p [G, n] V [n, D]: each head's weights over the n values. Each V row is loaded once for up to four
-// heads (the heads reading one kv head); every output is the sum over t in order, one FMA per term.
-#if CLRT_AVX512 || CLRT_AVX2
-template <int HS, int EV>
-inline void weighted_values_tile(const float* p, int64_t n, const float* V, int64_t D, int64_t e, float* o) {
-  vec acc[HS][EV];
-  for (int h = 0; h < HS; ++h)
-    for (int j = 0; j < EV; ++j) acc[h][j] = vzero();
-  for (int64_t t = 0; t < n; ++t) {
-    vec v[EV];
-    for (int j = 0; j < EV; ++j) v[j] = vload(V + t * D + e + j * LANES);
-    for (int h = 0; h < HS; ++h) {
-      const vec w = vset1(p[h * n + t]);
-      for (int j = 0; j < EV; ++j) acc[h][j] = vfma(w, v[j], acc[h][j]);
-    }
-  }
-  for (int h = 0; h < HS; ++h)
-    for (int j = 0; j < EV; ++j) vstore(o + h * D + e + j * LANES, acc[h][j]);
-}
-
-template <int HS>
-inline void weighted_values_heads(const float* p, int64_t n, const float* V, int64_t D, float* o) {
-  int64_t e = 0;
-  for (; e + 2 * LANES <= D; e += 2 * LANES) weighted_values_tile<HS, 2>(p, n, V, D, e, o);
-  for (; e < D; e += LANES) weighted_values_tile<HS, 1>(p, n, V, D, e, o);
-}
-#endif
-
-inline void weighted_values(const float* p, int64_t G, int64_t n, const float* V, int64_t D, float* o) {
-#if CLRT_AVX512 || CLRT_AVX2
-  if (D % LANES == 0) {
-    for (int64_t h = 0; h < G; h += 4) {
-      const float* ph = p + h * n;
-      float* oh = o + h * D;
-      switch (std::min<int64_t>(4, G - h)) {
-        case 1: weighted_values_heads<1>(ph, n, V, D, oh); break;
-        case 2: weighted_values_heads<2>(ph, n, V, D, oh); break;
-        case 3: weighted_values_heads<3>(ph, n, V, D, oh); break;
-        default: weighted_values_heads<4>(ph, n, V, D, oh); break;
-      }
-    }
-    return;
-  }
-#endif
-  for (int64_t h = 0; h < G; ++h) {
-    float* oh = o + h * D;
-    std::fill(oh, oh + D, 0.f);
-    for (int64_t t = 0; t < n; ++t) {
-      const float w = p[h * n + t];
-      const float* vt = V + t * D;
-#pragma omp simd
-      for (int64_t e = 0; e < D; ++e) oh[e] += w * vt[e];
-    }
-  }
-}
 
 // A Llama decode step over the module graph's weights (the formats of cpu_linear_base.h). The arrays are the
 // owner's: embedding fp32 [V, dim], norms fp32 [dim] each (per layer attention then MLP), final_norm fp32 [dim],
@@ -333,72 +115,83 @@ class DecoderCore {
     const int64_t L = layers(), QKV = (H_ + 2 * Hkv_) * D_, G = H_ / Hkv_;
     std::vector<float> h(B * dim_), y(B * std::max(dim_, H_ * D_)), qkv(B * QKV), attn(B * H_ * D_),
         o(B * dim_), g(B * 2 * F_), a(B * F_);
-    for (int64_t b = 0; b < B; ++b)
-      std::copy(embedding_ + tok[b] * dim_, embedding_ + (tok[b] + 1) * dim_, h.data() + b * dim_);
+    // A packed step's per-row work (norms, residuals, SiLU, rotations) in parallel too; a decode step's few rows on
+    // this thread.
+    const auto over_rows = [packed](int64_t b0, int64_t b1, const auto& f) {
+      if (packed) {
+        parallel_for(b0, b1, 8, f);
+      } else {
+        f(b0, b1);
+      }
+    };
+    const auto norm = [&](const float* weight, int64_t b0) {
+      over_rows(b0, B, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b) rms_norm(h.data() + b * dim_, weight, eps_, dim_, y.data() + b * dim_);
+      });
+    };
+    const auto add_residual = [&](int64_t b0) {
+      over_rows(b0, B, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0 * dim_; i < r1 * dim_; ++i) h[i] += o[i];
+      });
+    };
+    over_rows(0, B, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0; b < r1; ++b)
+        std::copy(embedding_ + tok[b] * dim_, embedding_ + (tok[b] + 1) * dim_, h.data() + b * dim_);
+    });
     for (int64_t l = 0; l < L; ++l) {
-      const float* an = norms_[2 * l];
-      const float* mn = norms_[2 * l + 1];
-      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, an, eps_, dim_, y.data() + b * dim_);
+      norm(norms_[2 * l], 0);
       project(projections_[4 * l], y.data(), B, qkv.data(), packed);
-      attend(l, B, S, rows, pos, slot, cache, qkv.data(), attn.data(), G, QKV);
-      project(projections_[4 * l + 1], attn.data(), B, o.data(), packed);
-      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
-      for (int64_t b = 0; b < B; ++b) rms_norm(h.data() + b * dim_, mn, eps_, dim_, y.data() + b * dim_);
-      project(projections_[4 * l + 2], y.data(), B, g.data(), packed);
-      for (int64_t b = 0; b < B; ++b)
-        silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
-      project(projections_[4 * l + 3], a.data(), B, o.data(), packed);
-      for (int64_t i = 0; i < B * dim_; ++i) h[i] += o[i];
+      attend(l, B, S, rows, pos, slot, cache, qkv.data(), attn.data(), G, QKV, packed);
+      // After the last layer's attention only the logits' rows go on (the others' K / V are written); a row's
+      // result does not depend on the other rows, so these are the same either way.
+      const int64_t b0 = l == L - 1 ? B - out_rows : 0, M = B - b0;
+      const bool gemm_rows = packed && M >= GEMM_MIN_ROWS;
+      project(projections_[4 * l + 1], attn.data() + b0 * H_ * D_, M, o.data() + b0 * dim_, gemm_rows);
+      add_residual(b0);
+      norm(norms_[2 * l + 1], b0);
+      project(projections_[4 * l + 2], y.data() + b0 * dim_, M, g.data() + b0 * 2 * F_, gemm_rows);
+      over_rows(b0, B, [&](int64_t r0, int64_t r1) {
+        for (int64_t b = r0; b < r1; ++b)
+          silu_mul(g.data() + b * 2 * F_, g.data() + b * 2 * F_ + F_, a.data() + b * F_, F_);
+      });
+      project(projections_[4 * l + 3], a.data() + b0 * F_, M, o.data() + b0 * dim_, gemm_rows);
+      add_residual(b0);
     }
-    for (int64_t b = B - out_rows; b < B; ++b)
-      rms_norm(h.data() + b * dim_, final_norm_, eps_, dim_, y.data() + b * dim_);
+    norm(final_norm_, B - out_rows);
     project(projections_[4 * L], y.data() + (B - out_rows) * dim_, out_rows, logits,
             packed && out_rows >= GEMM_MIN_ROWS);
   }
 
  private:
   // Rotate q and k of each row at its position, write k and v into layer l's cache at (its slot, its position),
-  // then attend over the slot's 0..pos. rows: the cache's max_batch (its row count, part of its strides).
+  // then attend over the slot's 0..pos (prompt: a packed step's rows, attend_prompt). rows: the cache's max_batch
+  // (its row count, part of its strides).
   void attend(int64_t l, int64_t B, int64_t S, int64_t rows, const int64_t* pos, const int64_t* slot, float* cache,
-              float* qkv, float* out, int64_t G, int64_t QKV) const {
+              float* qkv, float* out, int64_t G, int64_t QKV, bool prompt) const {
     const int64_t half = D_ / 2, maxB = rows;
     const float* C = cos_;
     const float* Sn = sin_;
     float* kc = cache + l * 2 * maxB * Hkv_ * S * D_;
     float* vc = kc + maxB * Hkv_ * S * D_;
-    for (int64_t b = 0; b < B; ++b) {
-      float* row = qkv + b * QKV;
-      const float *c = C + pos[b] * half, *s = Sn + pos[b] * half;
-      for (int64_t hd = 0; hd < H_ + Hkv_; ++hd) rotate_half(row + hd * D_, c, s, half);
-      for (int64_t kv = 0; kv < Hkv_; ++kv) {
-        const int64_t at = ((slot[b] * Hkv_ + kv) * S + pos[b]) * D_;
-        std::copy(row + (H_ + kv) * D_, row + (H_ + kv + 1) * D_, kc + at);
-        std::copy(row + (H_ + Hkv_ + kv) * D_, row + (H_ + Hkv_ + kv + 1) * D_, vc + at);
-      }
-    }
-    const float scale = 1.f / std::sqrt(static_cast<float>(D_));
-    // one task per (row, kv head): its G query heads against the slot's keys 0..pos as one small product
-    // (tasks taken from the front and the back in turn: a prompt's rows attend to ever more keys, so each thread's
-    // contiguous share of tasks mixes short and long ones)
-    const int64_t tasks = B * Hkv_;
-    parallel_for(0, tasks, 1, [&](int64_t j0, int64_t j1) {
-      std::vector<float> p;
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t i = j % 2 == 0 ? j / 2 : tasks - 1 - j / 2;
-        const int64_t b = i / Hkv_, kv = i % Hkv_, n = pos[b] + 1;
-        const float* q = qkv + b * QKV + kv * G * D_;  // the G heads reading this kv head: contiguous
-        const float* K = kc + (slot[b] * Hkv_ + kv) * S * D_;
-        const float* Vv = vc + (slot[b] * Hkv_ + kv) * S * D_;
-        p.resize(G * n);
-        scores(q, G, K, n, D_, p.data());
-        for (int64_t h = 0; h < G; ++h) {
-          float* ph = p.data() + h * n;
-          const float sum = softmax_scaled(ph, n, scale);
-          for (int64_t t = 0; t < n; ++t) ph[t] /= sum;
+    const auto rotate_and_write = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* row = qkv + b * QKV;
+        const float *c = C + pos[b] * half, *s = Sn + pos[b] * half;
+        for (int64_t hd = 0; hd < H_ + Hkv_; ++hd) rotate_half(row + hd * D_, c, s, half);
+        for (int64_t kv = 0; kv < Hkv_; ++kv) {
+          const int64_t at = ((slot[b] * Hkv_ + kv) * S + pos[b]) * D_;
+          std::copy(row + (H_ + kv) * D_, row + (H_ + kv + 1) * D_, kc + at);
+          std::copy(row + (H_ + Hkv_ + kv) * D_, row + (H_ + Hkv_ + kv + 1) * D_, vc + at);
         }
-        weighted_values(p.data(), G, n, Vv, D_, out + b * H_ * D_ + kv * G * D_);
       }
-    });
+    };
+    if (prompt) {
+      parallel_for(0, B, 8, rotate_and_write);
+    } else {
+      rotate_and_write(0, B);
+    }
+    const AttentionShape shape{H_, Hkv_, G, D_, QKV, S};
+    (prompt ? attend_prompt : attend_rows)(shape, B, pos, slot, kc, vc, qkv, out);
   }
 
 

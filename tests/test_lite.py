@@ -357,6 +357,38 @@ def test_prompt_rows_of_odd_shapes(tiny_tokenizer, tmp_path, quantize):
         assert np.abs(prompt - rows).max() / np.abs(rows).max() < tol
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)])
+def test_prompt_attention_blocks(tiny_tokenizer, tmp_path, heads):
+    """Prompt rows' attention (keys transposed per block, csrc/attention.h's attend_prompt) against decode rows' to
+    fp32 rounding: head_dim 64 with one query head per kv head and 16 with four, two slots' prompts in one step
+    (two blocks), a block continuing a cached prefix (its first row at position 23), and rows whose key counts are
+    not whole 16-key tiles."""
+    from codellama_rt.api import load_model
+    from codellama_rt.lite.export import export_lite
+    from codellama_rt.model.config import ModelArgs
+    from codellama_rt.tiny import write_random_checkpoint
+
+    n_heads, n_kv = heads
+    args = ModelArgs(dim=128, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=96, vocab_size=1000,
+                     max_seq_len=128)
+    ck = write_random_checkpoint(tmp_path / "ck", args, tiny_tokenizer)
+    export_lite(load_model(ck, dtype=torch.float32, device="cpu", progress=False), tmp_path / "lite")
+    dec = lite.LiteModel(tmp_path / "lite").decoder
+    ids, other = (np.arange(64) * 37 + 5) % 1000, (np.arange(26) * 91 + 11) % 1000
+    first, second = np.arange(23), np.arange(23, 23 + 41)  # slot 0: a cached prefix, then 41 rows; slot 1: 26 rows
+    tok = np.concatenate([ids[second], other])
+    pos = np.concatenate([second, np.arange(26)])
+    slots = np.concatenate([np.zeros(41, dtype=np.int64), np.ones(26, dtype=np.int64)])
+    out = {}
+    for prompt in (False, True):
+        cache = dec.new_cache(2, 128)
+        dec.step(ids[first], first, cache, np.zeros(23, dtype=np.int64))  # (decode rows either way)
+        out[prompt] = dec.step(tok, pos, cache, slots, prompt=prompt)
+    assert np.abs(out[True] - out[False]).max() / np.abs(out[False]).max() < 1e-5
+    if lite.native.isa() != "plain":  # (a plain build has no packed prompt path: the same bits there)
+        assert not np.array_equal(out[True], out[False])  # another summation order: the prompt path did run
+
+
 def test_export_lite_command(tmp_path, capsys):
     """`codellama-rt export-lite`: the default model in int8, which then generates what export_lite's model does;
     a file where the directory should be is refused (exit 2, naming --out)."""
