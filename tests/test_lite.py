@@ -325,6 +325,43 @@ def test_bad_files(exported, tmp_path):
         lite.LiteModel(bad).generate("x", max_new_tokens=1)
 
 
+def test_file_tensors_start_on_cache_lines(tmp_path):
+    """lite.file.write: every tensor's data 64-byte aligned in the mapping (odd sizes padded by `__pad.` entries,
+    which read() skips), the same arrays back, and a file the safetensors package reads too (no holes)."""
+    from safetensors.numpy import load_file
+
+    from codellama_rt.lite.file import ALIGN, PAD_PREFIX, read, write
+
+    arrays = {"a": np.arange(5, dtype=np.float32), "b": np.arange(-7, 6, dtype=np.int8).reshape(1, 13),
+              "c": np.arange(3 * 85, dtype=np.uint8).reshape(3, 85), "d": np.ones((2, 3), dtype=np.float32)}
+    config = {"version": 1, "dim": 4, "n_heads": 1, "n_kv_heads": 1, "head_dim": 4, "ffn_dim": 4, "vocab_size": 4,
+              "layers": 1, "max_seq_len": 4, "norm_eps": 1e-5, "projections": []}
+    write(tmp_path / "y.safetensors", arrays, config)
+    stored = load_file(str(tmp_path / "y.safetensors"))
+    assert any(k.startswith(PAD_PREFIX) for k in stored)
+    for name, a in arrays.items():
+        assert np.array_equal(stored[name], a) and stored[name].dtype == a.dtype
+    got = read(tmp_path / "y.safetensors")
+    assert sorted(got.arrays) == sorted(arrays) and got.config == config
+    for name, a in arrays.items():
+        assert np.array_equal(got.arrays[name], a) and got.arrays[name].ctypes.data % ALIGN == 0
+    with pytest.raises(ValueError, match="float64"):
+        write(tmp_path / "z.safetensors", {"e": np.zeros(3)}, config)
+    assert not (tmp_path / "z.safetensors").exists() and not (tmp_path / "z.safetensors.tmp").exists()
+
+
+def test_cache_starts_on_a_cache_line(exported):
+    from codellama_rt.lite.native import aligned_zeros
+
+    for shape, dtype in (((3, 5), np.float32), ((7,), np.int64), ((1000, 33), np.float32)):
+        a = aligned_zeros(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0 and not a.any()
+        assert a.flags.c_contiguous and a.flags.writeable
+    assert aligned_zeros((2, 0, 4)).shape == (2, 0, 4)  # (an empty cache: new_cache(1, 0) before a first prompt)
+    cache = lite.LiteModel(exported[None][1]).decoder.new_cache(1, 9)
+    assert cache.ctypes.data % 64 == 0 and cache.shape[4] == 9
+
+
 def test_export_refuses_what_the_step_cannot_run():
     from codellama_rt.api import load_model
     from codellama_rt.lite.export import export_lite

@@ -2,15 +2,13 @@
 `codellama_rt.lite` runs without torch. This side needs torch (it reads a Model); the reading side does not."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..model.native_decoder import DecoderParts, decoder_parts
-from .file import FILE_NAME, KINDS, METADATA_KEY, VERSION
+from .file import FILE_NAME, KINDS, VERSION, write
 
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 
@@ -34,7 +32,7 @@ def export_lite(model, out, *, integer_activations: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE_NAME
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(config)})
+    write(path, tensors, config)
     if Path(tok.path).resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tok.path, out / "tokenizer.model")
     return path
@@ -59,9 +57,8 @@ def _tensors_and_config(parts: DecoderParts) -> tuple[dict, dict]:
     config = {"version": VERSION, "dim": dim, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim,
               "ffn_dim": ffn_dim, "vocab_size": vocab_size, "norm_eps": parts.eps, "layers": len(parts.norms) // 2,
               "projections": projections}
-    # (safetensors refuses tensors sharing memory and wants each contiguous: a checkpoint's views are copied)
-    tensors = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
     for name, t in tensors.items():
         if t.dtype not in (torch.float32, torch.int8, torch.uint8):
             raise ValueError(f"tensor {name} is {t.dtype}; lite files hold fp32, int8 and uint8")
-    return tensors, config
+    # (numpy views of the model's own tensors: `write` copies only a view that is not contiguous)
+    return {name: t.detach().numpy() for name, t in tensors.items()}, config

@@ -9,7 +9,9 @@ JSON config: format version, dims, eps, special ids and each part's kind, N, K a
 
 Read by mapping the file (`read`): the arrays are views of the mapping, so a weight costs memory only as the step
 touches it, and several processes share one copy. (The safetensors package's numpy loader copies every tensor;
-the format itself is 8 bytes of header length, the JSON header, then the data.)
+the format itself is 8 bytes of header length, the JSON header, then the data.) Written by `write`: every tensor
+starts ALIGN bytes-aligned in the file, so on the page-aligned mapping too (the gaps are uint8 entries named
+`__pad.<i>`, which the reader skips: the file stays valid safetensors, its data without holes).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ VERSION = 1
 KINDS = {"dense": 0, "int8": 1, "int4": 2, "int8_x16": 3, "int4_x8": 4}  # csrc's Kind
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8}
 _MAX_HEADER = 100 << 20
+ALIGN = 64  # bytes: a cache line (24 bytes off, every 64-byte vector load of a weight row straddled two lines)
+PAD_PREFIX = "__pad."
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _INT_KEYS = ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "layers", "max_seq_len")
 
 
@@ -72,7 +77,7 @@ def read(path) -> LiteFile:
     buffer = np.frombuffer(mapped, dtype=np.uint8)
     arrays = {}
     for name, info in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or name.startswith(PAD_PREFIX):
             continue
         try:
             dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
@@ -91,3 +96,39 @@ def read(path) -> LiteFile:
             array = array.copy()  # (an unaligned tensor: the kernels read whole elements)
         arrays[name] = array
     return LiteFile(config, arrays)
+
+
+def write(path, arrays: dict, config: dict) -> None:
+    """Writes `arrays` (name -> numpy array: float32, int8 or uint8) and `config` (the metadata's JSON) as a lite file
+    at `path`, each tensor's data ALIGN-byte aligned (the header padded with spaces, uint8 `__pad.<i>` entries
+    between tensors); through a temporary file beside it, so a failure leaves no half-written file."""
+    header, layout, offset = {"__metadata__": {METADATA_KEY: json.dumps(config)}}, [], 0
+    for name, a in arrays.items():
+        if name.startswith(PAD_PREFIX) or a.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: {a.dtype} (lite files hold float32, int8 and uint8; names not "
+                             f"starting with {PAD_PREFIX!r})")
+        gap = -offset % ALIGN
+        if gap:
+            pad = f"{PAD_PREFIX}{len(layout)}"
+            header[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            layout.append(bytes(gap))
+            offset += gap
+        a = np.ascontiguousarray(a)
+        header[name] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        layout.append(a)
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for chunk in layout:
+                f.write(memoryview(chunk).cast("B") if isinstance(chunk, np.ndarray) else chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from ..model.cpu_cache import one_row_int8
-from .file import KINDS, LiteFile
+from .file import ALIGN, KINDS, LiteFile
 
 _lib = None
 _P = ctypes.c_void_p
@@ -49,6 +49,16 @@ def set_threads(n: Optional[int]) -> int:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"threads must be an int >= 1, got {n!r}")
     return library().clrt_set_threads(0 if n is None else n)
+
+
+def aligned_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
+    """np.zeros(shape, dtype) whose data starts on an ALIGN-byte boundary (numpy's large arrays start 16 bytes past
+    one, and the kernels' 64-byte loads of K / V rows then straddle two cache lines); zero pages, as np.zeros."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _ptr(a: Optional[np.ndarray]) -> Optional[int]:
@@ -117,7 +127,7 @@ class NativeDecoder:
     def new_cache(self, rows: int, positions: int) -> np.ndarray:
         """A KV cache fp32 [layers, 2, rows, n_kv_heads, positions, head_dim] (zero pages: memory as it is
         written)."""
-        return np.zeros((self.layers, 2, rows, self.n_kv_heads, positions, self.head_dim), dtype=np.float32)
+        return aligned_zeros((self.layers, 2, rows, self.n_kv_heads, positions, self.head_dim))
 
     def decode_one(self, token: int, position: int, cache: np.ndarray) -> np.ndarray:
         """step of one token at cache row 0 -> logits fp32 [vocab], a view of a buffer that the next call
