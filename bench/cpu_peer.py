@@ -20,11 +20,13 @@ temporary directory (their greedy ids are noise: compare speed and memory only).
 Measured per row: decode tokens/s over `--new-tokens` greedy tokens after a short prompt ((n - 1) / (last -
 first token time)), prefill tokens/s of a `--prefill-tokens` prompt (tokens / time to its first token), peak
 RSS of the child (medians over --repeat rounds of every row, the largest RSS), and the generated ids
-(agreement with our fp32 reported against llama.cpp's f32), and the mean agreement over the 64-id continuations
-of `codellama_rt.bench.prompts.CODE_PROMPTS` (first round only), each runtime's rows against its own full width (ours fp32, llama.cpp's
-f32): one prompt's figure mostly says where its first near-tie falls. Rows named int4-bf16 / nf4-bf16 run the
-4-bit weights with bf16 activations; int8 / int4 round decode rows to int16 / int8 blocks where the native
-kernels are built for AVX2 (`KernelOptions.cpu_integer_activations`), int8-fp32x / int4-fp32x keep fp32 products.
+(agreement with our fp32 reported against llama.cpp's f32), and the mean agreement over the 64-id
+continuations of `codellama_rt.bench.prompts.CODE_PROMPTS` (first round only), each runtime's rows against its
+own full width (ours fp32, llama.cpp's f32): one prompt's figure mostly says where its first near-tie falls.
+llama.cpp's quantizer keeps `output.weight` at q6_K in a q4_0 file (our int4 rows quantize the lm_head to int4
+as well). Rows named int4-bf16 / nf4-bf16 run the 4-bit weights with bf16 activations; int8 / int4 round
+decode rows to int16 / int8 blocks where the native kernels are built for AVX2
+(`KernelOptions.cpu_integer_activations`), int8-fp32x / int4-fp32x keep fp32 products.
 """
 from __future__ import annotations
 

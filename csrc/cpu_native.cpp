@@ -264,10 +264,13 @@ class Decoder {
   }
 
   void one_row_int8(bool on) { core_.one_row_int8(on); }
+  bool bf16_prompt(bool on) { return core_.bf16_prompt(on); }
 
-  // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [B, V]
-  // (DecoderCore::step; an empty slots tensor: row b at cache row b).
-  torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache, torch::Tensor slots) {
+  // tokens, positions, slots int64 [B]; cache fp32 [layers, 2, max_batch, Hkv, S, D]; -> logits fp32 [out_rows, V]
+  // of the last out_rows rows (0: all B) (DecoderCore::step; an empty slots tensor: row b at cache row b; prompt:
+  // the rows are a prompt's, a packed GEMM from 16 rows, not bitwise a decode step's).
+  torch::Tensor forward(torch::Tensor tokens, torch::Tensor positions, torch::Tensor cache, torch::Tensor slots,
+                        int64_t out_rows, bool prompt) {
     check(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(), "tokens int64 [B]");
     check(positions.scalar_type() == torch::kInt64 && positions.sizes() == tokens.sizes() && positions.is_contiguous(),
           "positions int64 [B]");
@@ -282,10 +285,11 @@ class Decoder {
     }
     const int64_t B = tokens.size(0), S = cache.size(4), rows = cache.size(2);
     const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
-    core_.check_step(B, tok, pos, slot, rows, S, B);
-    auto logits = torch::empty({B, core_.vocab_size()}, tokens.options().dtype(torch::kFloat32));
+    const int64_t out = out_rows == 0 ? B : out_rows;
+    core_.check_step(B, tok, pos, slot, rows, S, out);
+    auto logits = torch::empty({out, core_.vocab_size()}, tokens.options().dtype(torch::kFloat32));
     pybind11::gil_scoped_release nogil;
-    core_.step(B, tok, pos, slot, cache.data_ptr<float>(), rows, S, logits.data_ptr<float>(), B);
+    core_.step(B, tok, pos, slot, cache.data_ptr<float>(), rows, S, logits.data_ptr<float>(), out, prompt);
     return logits;
   }
 
@@ -367,5 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor>())
       .def("add_linear", &Decoder::add_linear)
       .def("one_row_int8", &Decoder::one_row_int8)
-      .def("forward", &Decoder::forward);
+      .def("bf16_prompt", &Decoder::bf16_prompt)
+      .def("forward", &Decoder::forward, pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("cache"),
+           pybind11::arg("slots"), pybind11::arg("out_rows") = 0, pybind11::arg("prompt") = false);
 }

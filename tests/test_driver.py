@@ -24,7 +24,10 @@ def model():
 
 @pytest.fixture
 def forward_threads(model, monkeypatch):
-    """The threads the model's forward pass runs on."""
+    """The threads the model's forward pass runs on: the module graph's, or the CPU's native step (which prefills
+    and decodes where the extension is built)."""
+    from codellama_rt.model.native_decoder import native_decoder
+
     seen = set()
     forward = type(model.module).forward
 
@@ -33,6 +36,13 @@ def forward_threads(model, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model.module), "forward", recording)
+    step = native_decoder(model.module)
+    if step is not None:
+        def recording_step(*args, **kwargs):
+            seen.add(threading.current_thread())
+            return step(*args, **kwargs)
+
+        monkeypatch.setitem(model.module.__dict__, "_native_decoder", recording_step)
     return seen
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..model.kv_cache import KVCache
-from ..model.transformer import Transformer
+from ..model.transformer import Prefill, Transformer
 from .decode_graph import DecodeBuffers, DecodeStep
 from .verify_graph import VerifyBuffers, VerifyStep
 from .row_sampling import Stages
@@ -35,6 +35,19 @@ class DecodeState:
         self.captures = 0  # CUDA graphs captured so far
         self.built = False  # the last step asked for was made by that call
         self._pool = None
+
+    def prefill(self, ids: list, start: int, slot: int) -> torch.Tensor:
+        """Prompt ids at positions start .. into cache row `slot` (K / V written) -> the last one's logits fp32
+        [1, V]. On the CPU the native step in one call (a packed GEMM and transposed-key attention from 16 rows on,
+        `native_decoder`'s prompt=True), elsewhere the module graph."""
+        n, model = len(ids), self.model
+        native = model.ops.decoder(model)  # (the CPU's native step, kept on the model once built; else None)
+        if native is not None:
+            return native(torch.tensor(ids, dtype=torch.long), torch.arange(start, start + n), self.cache.data,
+                          torch.full((n,), slot, dtype=torch.long), out_rows=1, prompt=True)
+        tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+        return model(tokens, Prefill(start, slot=slot), self.cache,
+                     last_index=torch.tensor([n - 1], device=model.device))
 
     def ensure(self, need: int, decoding: set) -> bool:
         """A cache of at least `need` tokens per slot (capped at max_seq_len); True when one was made. Rows

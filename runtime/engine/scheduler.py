@@ -273,9 +273,7 @@ class Engine:
             start = request.computed
             chunk = request.prompt[start:start + budget]
             n = len(chunk)
-            tokens = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
-            logits = self.model(tokens, Prefill(start, slot=request.slot), self._state.cache,
-                                last_index=torch.tensor([n - 1], device=self.model.device))
+            logits = self._state.prefill(chunk, start, request.slot)
             request.computed += n
             budget -= n
             self.metrics.add("prefilled_tokens", n)

@@ -7,6 +7,10 @@ to one C++ object, once per model, and returns a function doing the step in one 
 None) -> fp32 logits [B, V], with the module graph's semantics (`Decode`: K/V written at the positions, each row
 attending to 0 .. its position). Row b uses cache row slots[b] (None: row b); every row's K/V is written before
 any row attends, so T rows of one slot at positions p .. p + T - 1 score a speculative block causally (`Verify`).
+`out_rows`: logits of the last rows only (0: all); `prompt=True`: the rows are a prompt chunk's (the engine's
+prefill), from 16 rows on their projections a packed GEMM (int8 / int4 / NF4 in bf16 with
+`KernelOptions.cpu_bf16_prefill` on CPUs with AVX512-BF16) and their attention over transposed keys: logits within
+fp32 (bf16) rounding of, not bitwise, decode steps', as the module graph's prefill is.
 It returns None where the native step does not apply, and the graph runs: no extension built, not a CPU fp32
 model, tensor parallelism, or a projection in another format than dense fp32, int8, int4 with groups of
 multiples of 32 (in the native layout already, `Int4CpuWeight`, or GPTQ's, repacked), or NF4 (as table-lookup
@@ -116,10 +120,11 @@ def _build(model) -> Optional[Callable]:
             decoder.add_linear(*part, i > 0)  # (a later part continues the projection's output)
     every = [part for projection in parts.projections for part in projection]
     decoder.one_row_int8(int8_one_row(every, cpu_native.extension().isa()))
+    decoder.bf16_prompt(model.ops.options.cpu_bf16_prefill)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
-             slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return decoder.forward(tokens, positions, cache, _NO_SLOTS if slots is None else slots)
+             slots: Optional[torch.Tensor] = None, *, out_rows: int = 0, prompt: bool = False) -> torch.Tensor:
+        return decoder.forward(tokens, positions, cache, _NO_SLOTS if slots is None else slots, out_rows, prompt)
 
     return step
 
