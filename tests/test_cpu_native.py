@@ -479,6 +479,32 @@ def _step_equals_the_graph(step, model, ref, tol=1e-5, cache_tol=1e-6):
 
 
 @native
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prefill_chunks_through_the_native_step_near_the_graph(quantize):
+    """DecodeState.prefill on the CPU (the native step with prompt=True: a packed GEMM, transposed-key attention) and
+    with the module graph: a 37-row chunk at position 0, then 29 rows after it (a cached prefix), into cache row 1;
+    the last row's logits and every K / V written agree to fp32 rounding (bf16 off)."""
+    from codellama_rt.api import load_model
+    from codellama_rt.engine.decode_state import DecodeState
+
+    model = load_model(None, dtype="float32", quantize=quantize, kernel_options=FP32_PRODUCTS).module
+    ids = [(7 * i + 3) % model.args.vocab_size for i in range(66)]
+    got = {}
+    for native in (True, False):
+        if not native:  # (the model's kept native step set aside: `ops.decoder` then gives None)
+            model.__dict__["_native_decoder"] = False
+        state = DecodeState(model, max_batch=2, max_seq_len=128, graphed=False, vocab_limit=model.args.vocab_size)
+        state.ensure(128, set())
+        with torch.inference_mode():
+            first = state.prefill(ids[:37], 0, 1)
+            second = state.prefill(ids[37:], 37, 1)
+        got[native] = first, second, state.cache.data[:, :, 1, :, :66].clone()
+    model.__dict__.pop("_native_decoder")
+    for g, w in zip(got[True], got[False]):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-5
+
+
+@native
 def test_int8_weight_rows_one_at_a_time_give_the_same_logits(monkeypatch):
     """int8 decode rows (fp32 products) read the weight rows one at a time where `int8_one_row` says the weights
     stream from DRAM, else four side by side: the same sums, so the same logits, bitwise; and a decode row
