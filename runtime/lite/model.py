@@ -210,13 +210,17 @@ class LiteStream:
                                              np.zeros(len(rows), dtype=np.int64))
                 if self.spec is not None:
                     m._costs.observe(1, len(proposals), time.perf_counter() - t)
-                accepted = 0  # (rows of one slot at consecutive positions: each row's logits a decode step's)
+                # (rows of one slot at consecutive positions: each row's logits a decode step's). Speculation is
+                # greedy: every row's argmax at once, each row's finiteness checked where it is used, as _choose
+                guesses, highest = logits_rows.argmax(axis=1).tolist(), logits_rows.max(axis=1)
+                accepted = 0
                 while reason is None and accepted < len(proposals):
-                    guess = self._choose(logits_rows[accepted])
-                    if guess != proposals[accepted]:
+                    if not np.isfinite(highest[accepted]):
+                        self._choose(logits_rows[accepted])  # (raises, naming the problem)
+                    if guesses[accepted] != proposals[accepted]:
                         break
                     accepted += 1
-                    reason = yield from self._emit(guess, out, text, new)
+                    reason = yield from self._emit(proposals[accepted - 1], out, text, new)
                 if proposals:
                     self.spec.record(len(proposals), accepted)
                 position += accepted + 1
