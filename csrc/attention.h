@@ -202,7 +202,6 @@ inline void attend_rows(const AttentionShape& a, int64_t B, const int64_t* pos, 
 }
 
 #if CLRT_AVX512 || CLRT_AVX2
-constexpr bool HAS_PROMPT_ATTENTION = true;
 constexpr int SCORE_VECTORS = 8;   // query vectors scored together against each key tile
 constexpr int64_t PROMPT_QUERIES = 16;  // query vectors (rows x the G heads of a kv head) per task, about
 
@@ -246,7 +245,8 @@ struct WeightedValues {
   }
 };
 
-// F<1> .. F<N>::run(args...) by a count known at run time (1 <= m <= N, N <= 8).
+// F<1> .. F<N>::run(args...) by a count known at run time (1 <= m <= N, N <= 8; the std::min keeps the cases past
+// N from instantiating F above N).
 template <int N, template <int> class F, class... Args>
 inline void by_count(int m, Args... args) {
   switch (std::min(m, N)) {
@@ -317,15 +317,13 @@ inline void attend_prompt(const AttentionShape& a, int64_t B, const int64_t* pos
         }
         const float* Vv = vc + (slot[r0] * Hkv + kv) * a.S * D;
         for (int64_t m = 0; m < M; m += 4)
-          by_count<4, WeightedValues>(static_cast<int>(M - m), const_cast<const float* const*>(srow.data() + m), n,
-                                      Vv, D, orow.data() + m);
+          by_count<4, WeightedValues>(static_cast<int>(M - m), srow.data() + m, n, Vv, D, orow.data() + m);
       }
     });
     r0 = r1;
   }
 }
 #else
-constexpr bool HAS_PROMPT_ATTENTION = false;
 inline void attend_prompt(const AttentionShape& a, int64_t B, const int64_t* pos, const int64_t* slot,
                           const float* kc, const float* vc, const float* qkv, float* out) {
   attend_rows(a, B, pos, slot, kc, vc, qkv, out);
