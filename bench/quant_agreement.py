@@ -7,15 +7,17 @@ For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then 
   from fp32's (one near-tie flips everything after it);
 - teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
   equals fp32's token (one full forward of prompt + continuation; no cascade).
-Rows: int8 and int4 (its default group size) with the lm_head dense (what `quantize=` loads), and the same
-with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
+Rows: int8, int4 (its default group size) and int4 by GPTQ (`codellama-rt quantize --gptq`'s defaults:
+128 windows of 512 tokens of the standard library) with the lm_head dense (what `quantize=` loads), and the
+same with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-ROWS = [("int8", False), ("int4", False), ("int8", True), ("int4", True)]  # (quantize, quantize_head)
+ROWS = [("int8", False), ("int4", False), ("int4-gptq", False),
+        ("int8", True), ("int4", True), ("int4-gptq", True)]  # (weights, quantize_head)
 
 
 def prefix_share(got: list, want: list) -> float:
@@ -33,10 +35,28 @@ def teacher_forced(model, prompt_ids: list, want: list) -> float:
 
 
 def measure(model_path, new_tokens: int) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="quant-agreement-") as d:
+        return _measure(model_path, new_tokens, Path(d))
+
+
+def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
     from codellama_rt.api import load_model
     from codellama_rt.bench.prompts import CODE_PROMPTS
 
     def load(quantize=None, head=False):
+        if quantize == "int4-gptq":  # written and loaded back, as a user of `quantize --gptq` gets it
+            from codellama_rt.api import default_model_path, int4_group_size
+            from codellama_rt.checkpoint.writer import save_quantized
+            from codellama_rt.quant.gptq import calibration_tokens, quantize_gptq
+
+            m = load_model(model_path, device="cpu", dtype="float32")
+            g = int4_group_size(m.args)
+            quantize_gptq(m.module, calibration_tokens(m.tokenizer), group_size=g, quantize_head=head)
+            save_quantized(m, tmp / f"gptq-{head}", method="int4", group_size=g, quantize_head=head,
+                           source_dir=m.path or default_model_path())
+            return load_model(tmp / f"gptq-{head}", device="cpu", dtype="float32")
         return load_model(model_path, device="cpu", dtype="float32", quantize=quantize, quantize_head=head)
 
     ref = load()

@@ -132,6 +132,15 @@ def quantize_int4(w: torch.Tensor, *, group_size: int = 128, dtype: Optional[tor
         raise ValueError("quantize_int4: w has non-finite values")
 
     wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # [out, groups, g]
+    scales, zero = int4_group_params(wg, dtype)
+    s = scales.float()
+    q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, 15)
+    return pack_int4(q.reshape(out_f, in_f), zero, scales, group_size)
+
+
+def int4_group_params(wg: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int4`'s grid of each group: wg fp32 [..., g] -> (scale [...] in `dtype`, rounded up; zero
+    fp32 [...], an integer 0..15). ValueError if a scale overflows `dtype`."""
     lo = wg.amin(-1).clamp(max=0)
     hi = wg.amax(-1).clamp(min=0)
     s64 = (hi.double() - lo.double()) / 15
@@ -139,11 +148,15 @@ def quantize_int4(w: torch.Tensor, *, group_size: int = 128, dtype: Optional[tor
     scales = _round_up_to(s64, dtype)
     if not torch.isfinite(scales).all():
         raise ValueError(f"quantize_int4: a scale overflows {dtype}")
-    s = scales.float()
-    zero = torch.round(-lo / s).clamp(0, 15)
-    q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, 15)
-    q = q.reshape(out_f, in_f).to(torch.uint8)
-    return Int4Weight(qweight=_pack_nibbles(q.t(), dim=0), qzeros=_pack_nibbles(zero.t(), dim=1),
+    return scales, torch.round(-lo / scales.float()).clamp(0, 15)
+
+
+def pack_int4(q: torch.Tensor, zero: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
+    """An `Int4Weight` from q [out, in] and zero [out, in // g] (integers 0..15, any dtype) and scales
+    [out, in // g] (its dtype is the weight's)."""
+    out_f, in_f = q.shape
+    return Int4Weight(qweight=_pack_nibbles(q.to(torch.uint8).t(), dim=0),
+                      qzeros=_pack_nibbles(zero.to(torch.uint8).t(), dim=1),
                       scales=scales.t().contiguous(), shape=(out_f, in_f), group_size=group_size)
 
 

@@ -1,0 +1,222 @@
+"""Calibrated int4: GPTQ (Frantar et al. 2022, arXiv:2210.17323) into our int4 format (GPTQ's layout), so a
+model quantized here loads, runs and exports (lite) like any int4 checkpoint.
+
+Round-to-nearest treats every weight alone. GPTQ quantizes a projection's input columns one at a time and
+spreads each column's rounding error over the columns not yet quantized, weighted by the inverse of
+H = sum over calibration tokens of x x^T (x: the projection's input there), which minimises the error of
+the projection's outputs on those tokens rather than of its weights.
+
+- The grid is `quantize_int4`'s (per group of g input columns, the range including 0, 16 levels), so
+  every weight stays within its group's range and the format is unchanged.
+- Columns go in order of decreasing H diagonal ("act order"); each group's scale and zero point are fixed
+  beforehand from the original weights ("static groups"), so the file needs no column permutation
+  (desc_act=False, which every int4 kernel here reads).
+- Blocks are quantized one after another, each from the outputs of the blocks already quantized, and
+  within a block wqkv, wo, w13, w2 in turn ("true sequential"); the lm_head last, if asked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..kernels.int4_format import GROUP_SIZES, Int4Weight, int4_group_params, pack_int4
+from ..model.transformer import Linear, Prefill, Transformer
+from .linear import QuantLinear, set_module
+
+DAMP = 0.01          # added to H's diagonal, as a share of its mean (GPTQ's default)
+BLOCK_COLUMNS = 128  # columns whose error updates the rest of the weight at once (a multiple of every g)
+STAGES = (("attn.wqkv",), ("attn.wo",), ("mlp.w13",), ("mlp.w2",))  # a block's projections, in graph order
+
+
+def gptq_int4(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 128, damp: float = DAMP,
+              dtype: Optional[torch.dtype] = None) -> Int4Weight:
+    """w [out, in] (float) quantized with H = h [in, in] (fp32 or fp64, x^T x of its inputs, any scale) to an
+    Int4Weight with scales in `dtype` (default w.dtype)."""
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise ValueError(f"gptq_int4: H has shape {tuple(h.shape)}, expected {(in_f, in_f)} for w {tuple(w.shape)}")
+    if group_size not in GROUP_SIZES or in_f % group_size:
+        raise ValueError(f"gptq_int4: group_size={group_size} must be one of {GROUP_SIZES} and divide {in_f}")
+    if not 0 < damp < 1:
+        raise ValueError(f"gptq_int4: damp={damp} must be in (0, 1)")
+    W = w.detach().float().clone()
+    H = h.detach().double().clone()
+    dead = torch.nonzero(H.diagonal() == 0).flatten()  # inputs never nonzero: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales, zero = int4_group_params(W.view(out_f, -1, group_size), dtype or w.dtype)  # [out, groups]
+    s_f = scales.float()
+
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    group = perm // group_size
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    except torch.linalg.LinAlgError:
+        raise ValueError("gptq_int4: H is not positive definite even damped; raise damp or calibrate on more "
+                         "tokens") from None
+
+    Q = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    for a in range(0, in_f, BLOCK_COLUMNS):
+        b = min(a + BLOCK_COLUMNS, in_f)
+        W1, err = W[:, a:b].clone(), torch.empty(out_f, b - a, device=W.device)
+        for i in range(b - a):
+            c = a + i
+            s, z = s_f[:, group[c]], zero[:, group[c]]
+            q = (torch.round(W1[:, i] / s) + z).clamp_(0, 15)
+            Q[:, c] = q.to(torch.uint8)
+            e = (W1[:, i] - (q - z) * s) / hinv[c, c]
+            W1[:, i:] -= e[:, None] * hinv[c, c:b][None, :]
+            err[:, i] = e
+        W[:, b:] -= err @ hinv[a:b, b:]
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return pack_int4(out, zero, scales, group_size)
+
+
+class _Recorder(nn.Module):
+    """Stands in for a dense `Linear` while its block runs: adds x^T x of its inputs to `h`, then computes
+    what the Linear would."""
+
+    def __init__(self, linear: Linear):
+        super().__init__()
+        self.linear = linear
+        n = linear.weight.shape[1]
+        self.h = torch.zeros(n, n, dtype=torch.float64, device=linear.weight.device)
+
+    def _record(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.h += (x.t() @ x).double()
+
+    def forward(self, ops, x):
+        self._record(x)
+        return self.linear(ops, x)
+
+    def swiglu(self, ops, x):
+        self._record(x)
+        return self.linear.swiglu(ops, x)
+
+    def normed(self, ops, x, residual, norm_weight, eps: float, swiglu: bool = False):
+        h, residual = ops.rms_norm(x, norm_weight, eps, residual)
+        self._record(h)
+        return (self.linear.swiglu(ops, h) if swiglu else self.linear(ops, h)), residual
+
+
+def _quantize_recorded(root: nn.Module, names: Iterable[str], run: Callable[[], None], group_size: int,
+                       damp: float) -> None:
+    """Swap each named dense Linear of `root` for a recorder, `run()` the calibration through it, then
+    replace it with its GPTQ-quantized QuantLinear."""
+    recorders = {}
+    for name in names:
+        module = root.get_submodule(name)
+        if not isinstance(module, Linear):
+            raise ValueError(f"GPTQ: {name} is already quantized ({type(module).__name__}); load the model dense")
+        recorders[name] = _Recorder(module)
+        set_module(root, name, recorders[name])
+    run()
+    for name, rec in recorders.items():
+        try:
+            part = gptq_int4(rec.linear.weight, rec.h, group_size=group_size, damp=damp)
+        except ValueError as e:
+            raise ValueError(f"{name} {list(rec.linear.weight.shape)}: {e}") from None
+        set_module(root, name, QuantLinear([part]))
+
+
+@torch.no_grad()
+def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, group_size: int = 128,
+                  quantize_head: bool = False, damp: float = DAMP, batch: int = 8,
+                  progress: Optional[Callable[[str], None]] = None) -> Transformer:
+    """Swap the dense projections of `transformer` (and the lm_head with `quantize_head`) for int4 ones made by
+    GPTQ on calibration `tokens` (int64 [N, T], each row a causal sequence from position 0). In place; returns it.
+
+    Holds the N x T x dim activations (two copies, the model's dtype) and one H [in, in] fp64 per projection
+    of a block at a time."""
+    if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.numel() == 0:
+        raise ValueError(f"GPTQ calibration tokens must be a non-empty int64 [N, T] tensor, got "
+                         f"{tokens.dtype} {list(tokens.shape)}")
+    args = transformer.args
+    if tokens.shape[1] > args.max_seq_len:
+        raise ValueError(f"GPTQ calibration rows of {tokens.shape[1]} tokens exceed the model's context "
+                         f"({args.max_seq_len})")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= args.vocab_size:
+        raise ValueError(f"GPTQ calibration tokens must be ids in 0..{args.vocab_size - 1}")
+    ops, device = transformer.ops, transformer.device
+    rope = (transformer.rope_cos, transformer.rope_sin)
+    chunks = [t.to(device) for t in tokens.split(batch)]
+    xs = [transformer.tok_embeddings[t] for t in chunks]
+    residuals = [None] * len(chunks)
+
+    def run_block(block, update: bool) -> None:
+        for k, x in enumerate(xs):
+            B, T = x.shape[:2]
+            out = block(ops, x, residuals[k], rope, Prefill(0).positions(B, T, device), Prefill(0), None)
+            if update:
+                xs[k], residuals[k] = out
+
+    for i, block in enumerate(transformer.layers):
+        for stage in STAGES:
+            _quantize_recorded(block, stage, lambda: run_block(block, False), group_size, damp)
+        run_block(block, True)
+        if progress is not None:
+            progress(f"GPTQ: block {i + 1}/{len(transformer.layers)}")
+    if quantize_head:
+        if args.tie_word_embeddings:
+            transformer.output = Linear(args.vocab_size, args.dim, transformer.dtype, device)
+            transformer.output.weight = nn.Parameter(transformer.tok_embeddings.detach().clone())
+
+        def run_head() -> None:
+            for x, r in zip(xs, residuals):
+                transformer.output(ops, ops.rms_norm(x, transformer.norm, args.norm_eps, r)[0])
+        _quantize_recorded(transformer, ("output",), run_head, group_size, damp)
+    return transformer
+
+
+def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 128, seq_len: int = 512,
+                       seed: int = 0) -> torch.Tensor:
+    """int64 [rows, seq_len]: windows of seq_len tokens at seeded random offsets of the text files under
+    `paths` (files, or directories searched for `*.py`; default: the running Python's standard library,
+    without its test suites and installed packages), each file encoded after BOS and the files joined.
+    Reads files in a seeded random order until it has 4 x rows x seq_len tokens."""
+    files = _calibration_files(paths)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(files), generator=gen).tolist()
+    ids, want = [], 4 * rows * seq_len
+    for k in order:
+        try:
+            text = files[k].read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        ids += tokenizer.encode(text, add_bos=True)
+        if len(ids) >= want:
+            break
+    if len(ids) < rows * seq_len:
+        raise ValueError(f"GPTQ calibration: {len(files)} file(s) give {len(ids)} tokens; {rows} rows of "
+                         f"{seq_len} need at least {rows * seq_len} (fewer --calibration-rows, or more text)")
+    t = torch.tensor(ids, dtype=torch.int64)
+    starts = torch.randperm(len(ids) - seq_len + 1, generator=gen)[:rows]
+    return torch.stack([t[s:s + seq_len] for s in starts.tolist()])
+
+
+def _calibration_files(paths: Optional[list]) -> list[Path]:
+    if not paths:
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+        return [f for f in sorted(root.rglob("*.py")) if not skip.intersection(f.relative_to(root).parts[:-1])]
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*.py") if f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"GPTQ calibration: {p} is neither a file nor a directory")
+    if not files:
+        raise ValueError(f"GPTQ calibration: no files under {[str(p) for p in paths]} (directories are searched "
+                         f"for *.py)")
+    return files
