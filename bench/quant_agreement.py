@@ -6,7 +6,8 @@ For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then 
 - free-running: the row's own greedy continuation; the share of positions before its first difference
   from fp32's (one near-tie flips everything after it);
 - teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
-  equals fp32's token (one full forward of prompt + continuation; no cascade).
+  equals fp32's token (one full forward of prompt + continuation; no cascade);
+- KL: in that forward, KL(fp32 || row) of the next-token distributions, mean over the continuation's positions.
 Rows: int8, int4 (its default group size) and int4 by GPTQ (`codellama-rt quantize --gptq`'s defaults:
 128 windows of 512 tokens of the standard library) with the lm_head dense (what `quantize=` loads), and the
 same with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
@@ -27,11 +28,22 @@ def prefix_share(got: list, want: list) -> float:
     return shared_prefix(got, want) / len(want) if want else 1.0
 
 
+def continuation_logits(model, prompt_ids: list, want: list):
+    """fp32 [len(want), vocab]: model's logits predicting each of `want`'s tokens after prompt + want[:i]."""
+    full = prompt_ids + want
+    return model.logits(full)[0, len(prompt_ids) - 1:len(full) - 1]
+
+
 def teacher_forced(model, prompt_ids: list, want: list) -> float:
     """Share of `want`'s positions where model's argmax after prompt + want[:i] is want[i]."""
-    full = prompt_ids + want
-    pred = model.logits(full)[0, len(prompt_ids) - 1:len(full) - 1].argmax(-1).tolist()
+    pred = continuation_logits(model, prompt_ids, want).argmax(-1).tolist()
     return sum(p == w for p, w in zip(pred, want)) / len(want)
+
+
+def mean_kl(ref_logits, logits) -> float:
+    """Mean over rows of KL(softmax(ref_logits) || softmax(logits)), both [positions, vocab]."""
+    p, q = ref_logits.log_softmax(-1), logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
 def measure(model_path, new_tokens: int) -> dict:
@@ -62,14 +74,17 @@ def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
     ref = load()
     ids = [ref._ids(p) for p in CODE_PROMPTS]
     want = [c.token_ids for c in ref.generate(ids, max_new_tokens=new_tokens)]
+    ref_logits = [continuation_logits(ref, i, w) for i, w in zip(ids, want)]
     rows = []
     for quantize, head in ROWS:
         m = load(quantize, head)
         got = [c.token_ids for c in m.generate(ids, max_new_tokens=new_tokens)]
         free = [prefix_share(g, w) for g, w in zip(got, want)]
         forced = [teacher_forced(m, i, w) for i, w in zip(ids, want)]
+        kl = [mean_kl(r, continuation_logits(m, i, w)) for r, i, w in zip(ref_logits, ids, want)]
         rows.append(dict(weights=quantize, quantized_head=head, free_running=sum(free) / len(free),
-                         teacher_forced=sum(forced) / len(forced), free_running_per_prompt=free,
+                         teacher_forced=sum(forced) / len(forced), kl=sum(kl) / len(kl),
+                         free_running_per_prompt=free,
                          teacher_forced_per_prompt=forced))
     return {"prompts": len(CODE_PROMPTS), "new_tokens": new_tokens, "rows": rows}
 
@@ -85,12 +100,12 @@ def main(argv=None) -> dict:
     doc = {"meta": {**environment(), "model": str(a.model or "default")}, **measure(a.model, a.new_tokens)}
     if a.out:
         emit_json(doc, a.out)
-    print(f"| weights | lm_head | free-running greedy agreement | teacher-forced agreement |  "
+    print(f"| weights | lm_head | free-running greedy agreement | teacher-forced agreement | KL from fp32 |  "
           f"({doc['prompts']} prompts x {a.new_tokens} tokens)")
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for r in doc["rows"]:
         print(f"| {r['weights']} | {'quantized' if r['quantized_head'] else 'dense'} | {r['free_running']:.3f} | "
-              f"{r['teacher_forced']:.3f} |")
+              f"{r['teacher_forced']:.3f} | {r['kl']:.4f} |")
     return doc
 
 

@@ -3,6 +3,8 @@ of our fp32 row in a child (numbers present and sane; llama.cpp is not needed fo
 asserted here (see bench/README.md)."""
 from __future__ import annotations
 
+import math
+
 import sys
 
 import pytest
@@ -103,3 +105,8 @@ def test_quant_agreement_measures():
             return out
 
     assert qa.teacher_forced(Echo(), [1, 2], [7, 3, 7, 7]) == 0.75
+    same = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    assert qa.mean_kl(same, same) == 0.0
+    # KL((1/2, 1/2) || (1/(1+e), e/(1+e))) = log((1+e) / 2) - 1/2, one row; the other row identical
+    kl = math.log((1 + math.e) / 2) - 0.5
+    assert qa.mean_kl(torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [0.0, 0.0]])) == pytest.approx(kl / 2, rel=1e-6)
