@@ -8,17 +8,16 @@ For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then 
 - teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
   equals fp32's token (one full forward of prompt + continuation; no cascade);
 - KL: in that forward, KL(fp32 || row) of the next-token distributions, mean over the continuation's positions.
-Rows: int8, int4 (its default group size) and int4 by GPTQ (`codellama-rt quantize --gptq`'s defaults:
-128 windows of 512 tokens of the standard library) with the lm_head dense (what `quantize=` loads), and the
-same with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
+Rows: int8 and int4 (its default group size), each rounded to nearest and by GPTQ (`codellama-rt quantize
+--gptq`'s defaults: 128 windows of 512 tokens of the standard library), with the lm_head dense (what
+`quantize=` loads), and the same with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-ROWS = [("int8", False), ("int4", False), ("int4-gptq", False),
-        ("int8", True), ("int4", True), ("int4-gptq", True)]  # (weights, quantize_head)
+ROWS = [(w, head) for head in (False, True) for w in ("int8", "int8-gptq", "int4", "int4-gptq")]  # (weights, head)
 
 
 def prefix_share(got: list, want: list) -> float:
@@ -58,17 +57,18 @@ def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
     from codellama_rt.bench.prompts import CODE_PROMPTS
 
     def load(quantize=None, head=False):
-        if quantize == "int4-gptq":  # written and loaded back, as a user of `quantize --gptq` gets it
+        if quantize and quantize.endswith("-gptq"):  # written and loaded back, as `quantize --gptq` gives it
             from codellama_rt.api import default_model_path, int4_group_size
             from codellama_rt.checkpoint.writer import save_quantized
             from codellama_rt.quant.gptq import calibration_tokens, quantize_gptq
 
+            method, out = quantize[:-len("-gptq")], tmp / f"{quantize}-{head}"
             m = load_model(model_path, device="cpu", dtype="float32")
             g = int4_group_size(m.args)
-            quantize_gptq(m.module, calibration_tokens(m.tokenizer), group_size=g, quantize_head=head)
-            save_quantized(m, tmp / f"gptq-{head}", method="int4", group_size=g, quantize_head=head,
+            quantize_gptq(m.module, calibration_tokens(m.tokenizer), method=method, group_size=g, quantize_head=head)
+            save_quantized(m, out, method=method, group_size=g, quantize_head=head,
                            source_dir=m.path or default_model_path())
-            return load_model(tmp / f"gptq-{head}", device="cpu", dtype="float32")
+            return load_model(out, device="cpu", dtype="float32")
         return load_model(model_path, device="cpu", dtype="float32", quantize=quantize, quantize_head=head)
 
     ref = load()
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|")
     for r in doc["rows"]:
         print(f"| {r['weights']} | {'quantized' if r['quantized_head'] else 'dense'} | {r['free_running']:.3f} | "
-              f"{r['teacher_forced']:.3f} | {r['kl']:.4f} |")
+              f"{r['teacher_forced']:.3f} | {r['kl']:.5f} |")
     return doc
 
 

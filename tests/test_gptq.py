@@ -14,7 +14,8 @@ import codellama_rt as cl
 from codellama_rt.api import load_model
 from codellama_rt.cli import main
 from codellama_rt.kernels.int4_format import dequantize_int4, quantize_int4
-from codellama_rt.quant.gptq import calibration_tokens, gptq_int4, quantize_gptq
+from codellama_rt.kernels.int8_format import dequantize_int8, quantize_int8
+from codellama_rt.quant.gptq import calibration_tokens, gptq_int4, gptq_int8, quantize_gptq
 from codellama_rt.quant.linear import QuantLinear, projection_names, quantize_model, quantized_modules
 from conftest import write_hf_checkpoint
 
@@ -34,6 +35,13 @@ def test_uncorrelated_inputs_give_round_to_nearest(group_size, dtype):
     want = quantize_int4(w, group_size=group_size)
     for a, b in zip(_int4_fields(got), _int4_fields(want)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uncorrelated_inputs_give_round_to_nearest_int8(dtype):
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got, want = gptq_int8(w, torch.eye(200)), quantize_int8(w)
+    assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
 
 
 def _correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -57,6 +65,16 @@ def test_gptq_lowers_output_error_on_its_calibration_inputs(group_size):
     assert not torch.equal(q_gptq.qweight, q_rtn.qweight)
 
 
+def test_gptq_int8_lowers_output_error_on_its_calibration_inputs():
+    x = _correlated_inputs(2048, 256, seed=8)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(7)) * 0.05
+    q_gptq, q_rtn = gptq_int8(w, x.t() @ x), quantize_int8(w)
+    err_gptq = (x @ (w - dequantize_int8(q_gptq, torch.float32)).t()).norm()
+    err_rtn = (x @ (w - dequantize_int8(q_rtn, torch.float32)).t()).norm()
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    assert torch.equal(q_gptq.scales, q_rtn.scales) and q_gptq.qweight.abs().max() <= 127
+
+
 def test_inputs_that_are_always_zero_get_zero_weights():
     x = _correlated_inputs(512, 64, seed=1)
     x[:, [3, 40]] = 0
@@ -73,6 +91,8 @@ def test_gptq_int4_errors():
         gptq_int4(w, torch.eye(64), group_size=128)
     with pytest.raises(ValueError, match="damp=0"):
         gptq_int4(w, torch.eye(64), group_size=32, damp=0)
+    with pytest.raises(ValueError, match=r"gptq_int8: H has shape"):
+        gptq_int8(w, torch.eye(32))
 
 
 def _kl_from_dense(model, dense, rows) -> float:
@@ -126,29 +146,72 @@ def fp32_ckpt(tmp_path_factory, tiny_tokenizer):
     return write_hf_checkpoint(tmp_path_factory.mktemp("gptq") / "fp32", tiny_tokenizer, **SHAPES, seed=3)[0]
 
 
-def test_quantize_cli_gptq_roundtrip(fp32_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantize_cli_gptq_roundtrip(fp32_ckpt, tmp_path, capsys, method):
     """The written checkpoint loads back to exactly what quantize_gptq makes in memory from the same tokens."""
     calib = tmp_path / "calib"
     calib.mkdir()
     (calib / "a.py").write_text(Path(torch.__file__).read_text())
     out = tmp_path / "out"
-    argv = ["quantize", "--model", str(fp32_ckpt), "--method", "int4", "--gptq", "--calibration", str(calib),
+    argv = ["quantize", "--model", str(fp32_ckpt), "--method", method, "--gptq", "--calibration", str(calib),
             "--calibration-rows", "4", "--calibration-len", "64", "--quantize-head", "--out", str(out)]
     assert main(argv) == 0
     assert "wrote" in capsys.readouterr().out
     want = load_model(fp32_ckpt)
     tokens = calibration_tokens(want.tokenizer, [calib], rows=4, seq_len=64)
-    quantize_gptq(want.module, tokens, group_size=64, quantize_head=True)
+    quantize_gptq(want.module, tokens, method=method, group_size=64, quantize_head=True)
     got = cl.load(out)
     assert isinstance(got.module.output, QuantLinear)
+    assert {q.format for q in quantized_modules(got.module).values()} <= {method, method + "_cpu"}
     ids = got.tokenizer.encode("def add(a, b):\n    return a + b\n")
     assert torch.equal(got.logits(ids), want.logits(ids))
-    rtn = load_model(fp32_ckpt, quantize="int4", quantize_head=True)
+    rtn = load_model(fp32_ckpt, quantize=method, quantize_head=True)
     assert not torch.equal(got.logits(ids), rtn.logits(ids))
 
 
+@pytest.mark.parametrize("head", [False, True])
+def test_int8_checkpoint_roundtrip(fp32_ckpt, tmp_path, head):
+    """`quantize --method int8` (round to nearest) writes what `load(quantize="int8")` holds; it loads as stored,
+    also when asked for int8 again."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(fp32_ckpt), "--method", "int8", "--out", str(out)]
+                + (["--quantize-head"] if head else [])) == 0
+    want = load_model(fp32_ckpt, quantize="int8", quantize_head=head)
+    ids = want.tokenizer.encode("def add(a, b):\n    return a + b\n")
+    for got in (cl.load(out), cl.load(out, quantize="int8")):
+        assert isinstance(got.module.output, QuantLinear) == head
+        assert torch.equal(got.logits(ids), want.logits(ids))
+
+
+def _int8_ckpt(fp32_ckpt, directory, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    assert main(["quantize", "--model", str(fp32_ckpt), "--method", "int8", "--out", str(directory)]) == 0
+    sd = load_file(directory / "model.safetensors")
+    edit(sd)
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("edit,tensor,message", [
+    (lambda sd: sd["layers.0.attn.wo.0.qweight"].view(-1)[5:6].fill_(-128), "layers.0.attn.wo.0.qweight", "-128"),
+    (lambda sd: sd["layers.1.mlp.w2.0.scales"].view(-1)[0:1].fill_(0.0), "layers.1.mlp.w2.0.scales",
+     "positive and finite"),
+    (lambda sd: sd.update({"layers.0.mlp.w13.0.scales": sd["layers.0.mlp.w13.0.scales"][:-1].clone()}),
+     "layers.0.mlp.w13.0.scales", "has shape"),
+    (lambda sd: sd.update({"layers.0.attn.wqkv.0.qweight": sd["layers.0.attn.wqkv.0.qweight"].float()}),
+     "layers.0.attn.wqkv.0.qweight", "dtype"),
+], ids=["code-128", "zero-scale", "scales-shape", "float-codes"])
+def test_bad_int8_checkpoints(fp32_ckpt, tmp_path, edit, tensor, message):
+    d = _int8_ckpt(fp32_ckpt, tmp_path / "d", edit)
+    with pytest.raises(cl.CheckpointError) as info:
+        cl.load(d)
+    msg = str(info.value)
+    assert f"'{tensor}'" in msg and message in msg and "model.safetensors" in msg, msg
+
+
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "nf4", "--gptq"], "--gptq applies to --method int4 only"),
+    (["--method", "nf4", "--gptq"], "--gptq applies to --method int4 and int8 only"),
     (["--method", "int4", "--calibration-rows", "8"], "apply with --gptq only"),
     (["--method", "int4", "--gptq", "--calibration-rows", "0"], "--calibration-rows 0: must be at least 1"),
     (["--method", "int4", "--gptq", "--calibration-len", "100000"], "the model's context is"),

@@ -8,10 +8,11 @@ All three are Hugging Face layout with a `quantization_config` in config.json:
   quant_type, blocksize, shape, nested_blocksize, nested_offset). Read without bitsandbytes.
 - GPTQ (`quant_method: "gptq"`, bits 4, desc_act false): `<prefix>.qweight`, `.qzeros`, `.scales`,
   `.g_idx`; `checkpoint_format` "gptq" (v1: stored zero = zero - 1) or "gptq_v2".
-- codellama-rt (`quant_method: "codellama-rt"`, method nf4|int4): dense tensors under their Hugging Face
+- codellama-rt (`quant_method: "codellama-rt"`, method nf4|int4|int8): dense tensors under their Hugging Face
   names; each quantized projection of the graph `M` (e.g. `layers.0.attn.wqkv`) as parts k = 0, 1, ...:
   nf4 stored exactly as bitsandbytes stores one weight, under the base name `M.k.weight`; int4 as
-  GPTQ v2 (`M.k.qweight`, `M.k.qzeros` holding the zero point itself, `M.k.scales`).
+  GPTQ v2 (`M.k.qweight`, `M.k.qzeros` holding the zero point itself, `M.k.scales`); int8 as `M.k.qweight`
+  (int8 [out, in]) and `M.k.scales` ([out], one per row).
 Every failure is a CheckpointError naming the file and tensor.
 """
 from __future__ import annotations
@@ -26,13 +27,14 @@ import torch
 
 from ..errors import CheckpointError
 from ..kernels.int4_format import Int4Weight, unpack_gptq
+from ..kernels.int8_format import Int8Weight
 from ..kernels.nf4_format import NF4Weight
 from ..quant.linear import merge_int4
 
 OWN_METHOD = "codellama-rt"
 OWN_FORMAT_VERSION = 1
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
-CHECKPOINT_METHODS = ("nf4", "int4")  # the own format's methods (int8 is a load-time format only, for now)
+CHECKPOINT_METHODS = ("nf4", "int4", "int8")  # the own format's methods
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -41,7 +43,7 @@ class Quantization:
     """What a checkpoint's `quantization_config` says."""
 
     kind: str                  # "bitsandbytes" | "gptq" | "codellama-rt"
-    method: str                # "nf4" | "int4"
+    method: str                # "nf4" | "int4" | "int8"
     file: Path                 # the config.json it came from
     group_size: int = 128      # int4; -1 in GPTQ: one group over the whole input dim
     checkpoint_format: str = "gptq_v2"  # int4 zero convention: "gptq" (v1, zero - 1 stored) or "gptq_v2"
@@ -253,6 +255,8 @@ def _read_own(ts: Tensors, q: Quantization, module: str, shape: tuple, dtype: to
             break
         if q.method == "nf4":
             part = read_nf4(ts, probe, None, dtype)
+        elif q.method == "int8":
+            part = _read_own_int8(ts, f"{module}.{k}", dtype)
         else:
             qshape = ts.source.shape(probe)
             if len(qshape) != 2:
@@ -267,3 +271,16 @@ def _read_own(ts: Tensors, q: Quantization, module: str, shape: tuple, dtype: to
         raise ts.error(f"{module}.0.{'weight' if q.method == 'nf4' else 'qweight'}",
                        f"the parts of projection {module} have {rows} output rows, the model config implies {out}")
     return parts
+
+
+def _read_own_int8(ts: Tensors, prefix: str, dtype: torch.dtype) -> Int8Weight:
+    qshape = ts.source.shape(prefix + ".qweight")
+    if len(qshape) != 2:
+        raise ts.error(prefix + ".qweight", f"has shape {list(qshape)}, expected [out, in]")
+    qweight = ts.get(prefix + ".qweight", shape=tuple(qshape), dtypes=(torch.int8,))
+    scales = ts.get(prefix + ".scales", shape=(qshape[0],), dtypes=_FLOATS)
+    if not (torch.isfinite(scales).all() and (scales > 0).all()):
+        raise ts.error(prefix + ".scales", "must be positive and finite")
+    if (qweight == -128).any():
+        raise ts.error(prefix + ".qweight", "holds -128 (int8 codes are -127..127)")
+    return Int8Weight(qweight=qweight, scales=scales.to(dtype), shape=tuple(qshape))

@@ -47,9 +47,11 @@ def part_tensors(name: str, part) -> dict:
             t[base + ".nested_quant_map"] = part.nested_code
         t[base + _BNB_STATE] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
         return t
+    if part.format == "int8":
+        return {f"{name}.qweight": part.qweight, f"{name}.scales": part.scales}
     if part.format != "int4":
-        raise ValueError(f"{name}: {part.format} weights cannot be saved yet (the checkpoint format holds nf4 "
-                         "and int4); quantize to int8 at load instead")
+        raise ValueError(f"{name}: {part.format} weights cannot be saved (the checkpoint format holds nf4, int4 "
+                         "and int8)")
     return {f"{name}.qweight": part.qweight, f"{name}.qzeros": part.qzeros, f"{name}.scales": part.scales}
 
 
@@ -79,7 +81,7 @@ def save_quantized(model, directory, *, method: str, group_size: int, quantize_h
           "quantize_head": bool(quantize_head)}
     if method == "int4":
         qc["group_size"] = group_size
-    else:
+    elif method == "nf4":
         qc.update(blocksize=64, double_quant=True)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`codellama-rt quantize`: write a 4-bit checkpoint (nf4 or int4) that `load()` reads back."""
+"""`codellama-rt quantize`: write a quantized checkpoint (nf4, int4 or int8) that `load()` reads back."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,15 +6,16 @@ from pathlib import Path
 
 def add_parser(sub, parents: list) -> None:
     q = sub.add_parser("quantize", parents=parents,
-                       help="write a 4-bit checkpoint (nf4 or int4) that load() reads back")
+                       help="write a quantized checkpoint (nf4, int4 or int8) that load() reads back")
     q.add_argument("--model", default=None,
                    help="model directory (HF or Meta layout) or a hub id in the local HF cache")
-    q.add_argument("--method", required=True, choices=("nf4", "int4"))
+    q.add_argument("--method", required=True, choices=("nf4", "int4", "int8"))
     q.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale/zero (32, 64, "
                    "128; default: the largest dividing the model's widths)")
     q.add_argument("--quantize-head", action="store_true", help="quantize the lm_head too (default: kept dense)")
-    q.add_argument("--gptq", action="store_true", help="int4: GPTQ on calibration text (each block's outputs on it "
-                   "kept close to the dense model's) instead of rounding each weight to nearest; the same format")
+    q.add_argument("--gptq", action="store_true", help="int4 / int8: GPTQ on calibration text (each block's "
+                   "outputs on it kept close to the dense model's) instead of rounding each weight to nearest; the "
+                   "same format")
     q.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
                    help="--gptq: text files, or directories searched for *.py (default: the running Python's "
                    "standard library)")
@@ -35,8 +36,8 @@ def run(a) -> None:
 
     if a.group_size is not None and a.method != "int4":
         raise ValueError("--group-size applies to --method int4 only")
-    if a.gptq and a.method != "int4":
-        raise ValueError("--gptq applies to --method int4 only")
+    if a.gptq and a.method == "nf4":
+        raise ValueError("--gptq applies to --method int4 and int8 only")
     if not a.gptq and (a.calibration is not None or a.calibration_rows != 128 or a.calibration_len != 512):
         raise ValueError("--calibration, --calibration-rows and --calibration-len apply with --gptq only")
     for flag, v in (("--calibration-rows", a.calibration_rows), ("--calibration-len", a.calibration_len)):
@@ -72,8 +73,8 @@ def _gptq(a):
     model = load_model(a.model, dtype=a.dtype, device=a.device)
     if a.calibration_len > model.args.max_seq_len:
         raise ValueError(f"--calibration-len {a.calibration_len}: the model's context is {model.args.max_seq_len}")
-    group_size = resolve_group_size(a.group_size, "int4", model.args)
+    group_size = resolve_group_size(a.group_size, a.method, model.args)
     tokens = calibration_tokens(model.tokenizer, a.calibration, rows=a.calibration_rows, seq_len=a.calibration_len)
-    quantize_gptq(model.module, tokens, group_size=group_size, quantize_head=a.quantize_head,
+    quantize_gptq(model.module, tokens, method=a.method, group_size=group_size, quantize_head=a.quantize_head,
                   progress=lambda line: print(line, file=sys.stderr, flush=True))
     return model, group_size

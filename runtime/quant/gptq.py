@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from ..kernels.int4_format import GROUP_SIZES, Int4Weight, int4_group_params, pack_int4
+from ..kernels.int8_format import QMAX as INT8_QMAX
+from ..kernels.int8_format import Int8Weight, quantize_int8
 from ..model.transformer import Linear, Prefill, Transformer
-from .linear import QuantLinear, set_module
+from .linear import QuantLinear, QuantPart, set_module
 
 DAMP = 0.01          # added to H's diagonal, as a share of its mean (GPTQ's default)
 BLOCK_COLUMNS = 128  # columns whose error updates the rest of the weight at once (a multiple of every g)
@@ -34,48 +36,78 @@ STAGES = (("attn.wqkv",), ("attn.wo",), ("mlp.w13",), ("mlp.w2",))  # a block's 
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 128, damp: float = DAMP,
               dtype: Optional[torch.dtype] = None) -> Int4Weight:
     """w [out, in] (float) quantized with H = h [in, in] (fp32 or fp64, x^T x of its inputs, any scale) to an
-    Int4Weight with scales in `dtype` (default w.dtype)."""
-    out_f, in_f = w.shape
-    if h.shape != (in_f, in_f):
-        raise ValueError(f"gptq_int4: H has shape {tuple(h.shape)}, expected {(in_f, in_f)} for w {tuple(w.shape)}")
+    Int4Weight with scales in `dtype` (default w.dtype), on `quantize_int4`'s grid."""
+    out_f, in_f = _check(w, h, damp, "gptq_int4")
     if group_size not in GROUP_SIZES or in_f % group_size:
         raise ValueError(f"gptq_int4: group_size={group_size} must be one of {GROUP_SIZES} and divide {in_f}")
+    W, H = _without_dead_inputs(w, h)
+    scales, zero = int4_group_params(W.view(out_f, -1, group_size), dtype or w.dtype)  # [out, groups]
+    group = torch.arange(in_f, device=W.device) // group_size
+    q = _gptq_codes(W, H, scales.float(), zero, group, 0, 15, damp)
+    return pack_int4(q, zero, scales, group_size)
+
+
+def gptq_int8(w: torch.Tensor, h: torch.Tensor, *, damp: float = DAMP,
+              dtype: Optional[torch.dtype] = None) -> Int8Weight:
+    """As `gptq_int4`, to an Int8Weight on `quantize_int8`'s grid (one symmetric scale per output row)."""
+    out_f, in_f = _check(w, h, damp, "gptq_int8")
+    W, H = _without_dead_inputs(w, h)
+    scales = quantize_int8(W, dtype=dtype or w.dtype).scales  # the grid only: codes come from GPTQ
+    group = torch.zeros(in_f, dtype=torch.long, device=W.device)
+    q = _gptq_codes(W, H, scales.float()[:, None], torch.zeros_like(scales, dtype=torch.float32)[:, None], group,
+                    -INT8_QMAX, INT8_QMAX, damp)
+    return Int8Weight(qweight=q.to(torch.int8).contiguous(), scales=scales, shape=(out_f, in_f))
+
+
+def _check(w: torch.Tensor, h: torch.Tensor, damp: float, who: str) -> tuple[int, int]:
+    if w.dim() != 2:
+        raise ValueError(f"{who}: w must be [out, in], got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise ValueError(f"{who}: H has shape {tuple(h.shape)}, expected {(in_f, in_f)} for w {tuple(w.shape)}")
     if not 0 < damp < 1:
-        raise ValueError(f"gptq_int4: damp={damp} must be in (0, 1)")
-    W = w.detach().float().clone()
-    H = h.detach().double().clone()
-    dead = torch.nonzero(H.diagonal() == 0).flatten()  # inputs never nonzero: their weights cannot matter
+        raise ValueError(f"{who}: damp={damp} must be in (0, 1)")
+    return out_f, in_f
+
+
+def _without_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W fp32, H fp64) copies; inputs that were never nonzero get weight 0 and H diagonal 1."""
+    W, H = w.detach().float().clone(), h.detach().double().clone()
+    dead = torch.nonzero(H.diagonal() == 0).flatten()
     H[dead, dead] = 1
     W[:, dead] = 0
-    scales, zero = int4_group_params(W.view(out_f, -1, group_size), dtype or w.dtype)  # [out, groups]
-    s_f = scales.float()
+    return W, H
 
+
+def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
+                qmin: int, qmax: int, damp: float) -> torch.Tensor:
+    """The codes [out, in] (fp32, integers qmin..qmax) of W [out, in] on the fixed grid w = (q - zero) * scale,
+    scale and zero [out, groups] fp32, input column c in group[c]; columns in order of decreasing H diagonal."""
+    out_f, in_f = W.shape
     perm = torch.argsort(H.diagonal(), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    group = perm // group_size
+    W, H, group = W[:, perm], H[perm][:, perm], group[perm]
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError:
-        raise ValueError("gptq_int4: H is not positive definite even damped; raise damp or calibrate on more "
+        raise ValueError("GPTQ: H is not positive definite even damped; raise damp or calibrate on more "
                          "tokens") from None
-
-    Q = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    Q = torch.empty_like(W)
     for a in range(0, in_f, BLOCK_COLUMNS):
         b = min(a + BLOCK_COLUMNS, in_f)
         W1, err = W[:, a:b].clone(), torch.empty(out_f, b - a, device=W.device)
         for i in range(b - a):
             c = a + i
-            s, z = s_f[:, group[c]], zero[:, group[c]]
-            q = (torch.round(W1[:, i] / s) + z).clamp_(0, 15)
-            Q[:, c] = q.to(torch.uint8)
+            s, z = scale[:, group[c]], zero[:, group[c]]
+            q = (torch.round(W1[:, i] / s) + z).clamp_(qmin, qmax)
+            Q[:, c] = q
             e = (W1[:, i] - (q - z) * s) / hinv[c, c]
             W1[:, i:] -= e[:, None] * hinv[c, c:b][None, :]
             err[:, i] = e
         W[:, b:] -= err @ hinv[a:b, b:]
     out = torch.empty_like(Q)
     out[:, perm] = Q
-    return pack_int4(out, zero, scales, group_size)
+    return out
 
 
 class _Recorder(nn.Module):
@@ -106,8 +138,8 @@ class _Recorder(nn.Module):
         return (self.linear.swiglu(ops, h) if swiglu else self.linear(ops, h)), residual
 
 
-def _quantize_recorded(root: nn.Module, names: Iterable[str], run: Callable[[], None], group_size: int,
-                       damp: float) -> None:
+def _quantize_recorded(root: nn.Module, names: Iterable[str], run: Callable[[], None],
+                       quantize: Callable[[torch.Tensor, torch.Tensor], QuantPart]) -> None:
     """Swap each named dense Linear of `root` for a recorder, `run()` the calibration through it, then
     replace it with its GPTQ-quantized QuantLinear."""
     recorders = {}
@@ -120,24 +152,33 @@ def _quantize_recorded(root: nn.Module, names: Iterable[str], run: Callable[[], 
     run()
     for name, rec in recorders.items():
         try:
-            part = gptq_int4(rec.linear.weight, rec.h, group_size=group_size, damp=damp)
+            part = quantize(rec.linear.weight, rec.h)
         except ValueError as e:
             raise ValueError(f"{name} {list(rec.linear.weight.shape)}: {e}") from None
         set_module(root, name, QuantLinear([part]))
 
 
 @torch.no_grad()
-def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, group_size: int = 128,
+def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str = "int4", group_size: int = 128,
                   quantize_head: bool = False, damp: float = DAMP, batch: int = 8,
                   progress: Optional[Callable[[str], None]] = None) -> Transformer:
-    """Swap the dense projections of `transformer` (and the lm_head with `quantize_head`) for int4 ones made by
-    GPTQ on calibration `tokens` (int64 [N, T], each row a causal sequence from position 0). In place; returns it.
+    """Swap the dense projections of `transformer` (and the lm_head with `quantize_head`) for `method` ("int4",
+    groups of `group_size`, or "int8") ones made by GPTQ on calibration `tokens` (int64 [N, T], each row a causal
+    sequence from position 0). In place; returns it.
 
     Holds the N x T x dim activations (two copies, the model's dtype) and one H [in, in] fp64 per projection
     of a block at a time."""
     if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.numel() == 0:
         raise ValueError(f"GPTQ calibration tokens must be a non-empty int64 [N, T] tensor, got "
                          f"{tokens.dtype} {list(tokens.shape)}")
+    if method == "int4":
+        def quantize(w, h):
+            return gptq_int4(w, h, group_size=group_size, damp=damp)
+    elif method == "int8":
+        def quantize(w, h):
+            return gptq_int8(w, h, damp=damp)
+    else:
+        raise ValueError(f"GPTQ: method {method!r} is not one of ('int4', 'int8')")
     args = transformer.args
     if tokens.shape[1] > args.max_seq_len:
         raise ValueError(f"GPTQ calibration rows of {tokens.shape[1]} tokens exceed the model's context "
@@ -159,7 +200,7 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, group_size:
 
     for i, block in enumerate(transformer.layers):
         for stage in STAGES:
-            _quantize_recorded(block, stage, lambda: run_block(block, False), group_size, damp)
+            _quantize_recorded(block, stage, lambda: run_block(block, False), quantize)
         run_block(block, True)
         if progress is not None:
             progress(f"GPTQ: block {i + 1}/{len(transformer.layers)}")
@@ -171,7 +212,7 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, group_size:
         def run_head() -> None:
             for x, r in zip(xs, residuals):
                 transformer.output(ops, ops.rms_norm(x, transformer.norm, args.norm_eps, r)[0])
-        _quantize_recorded(transformer, ("output",), run_head, group_size, damp)
+        _quantize_recorded(transformer, ("output",), run_head, quantize)
     return transformer
 
 
