@@ -10,7 +10,8 @@ and whether the tokens equal plain greedy decoding's (they must):
 - lookup on a code-editing workload: the prompt holds a file, then asks for one of its functions again with a
   name changed (the output re-emits text of the prompt);
 - lookup on free completion: short code prompts whose continuation is not in the prompt (its cost);
-- draft-int4: the free-completion prompts drafted by the model itself quantized to int4;
+- draft-int4: the free-completion prompts drafted by the model itself quantized to int4 (at load, or the
+  checkpoint --draft-int4 names);
 - draft-self (the oracle prompts drafted by the model itself: what drafting costs when every proposal is right),
   with its one-id steps eager, and draft-self-graphs with them as `DraftRun`s (the experiment "draft_graphs":
   one CUDA graph a proposal on a GPU; eager runs on a CPU).
@@ -221,6 +222,9 @@ def main() -> None:
                     "CodeLlama-7b; bf16 on CUDA) instead of --model: oracle rows only, random token prompts")
     ap.add_argument("--lite", type=Path, default=None, metavar="DIR",
                     help="a lite model directory: the oracle, edit and free rows through codellama_rt.lite")
+    ap.add_argument("--draft-int4", type=Path, default=None, metavar="DIR",
+                    help="the draft-int4 rows' draft: this int4 checkpoint (e.g. `quantize --method int4 --gptq`'s) "
+                    "instead of the model quantized at load")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     if a.lite is not None:
@@ -244,7 +248,10 @@ def main() -> None:
         model, prompts = random_model(a.random, a.device, a.new_tokens)
         rows = [r for r in rows if r.startswith(("oracle", "draft-self"))]
     else:
-        draft = cl.load(a.model, device=a.device, quantize="int4") if any("draft-int4" in r for r in rows) else None
+        draft = None
+        if any("draft-int4" in r for r in rows):
+            draft = cl.load(a.draft_int4, device=a.device) if a.draft_int4 else \
+                cl.load(a.model, device=a.device, quantize="int4")
         model = cl.load(a.model, device=a.device, draft=draft)
         drafts["int4"] = model.engine.speculator.draft
         edits = edit_prompts(Path(__file__).resolve().parent.parent)
@@ -255,6 +262,7 @@ def main() -> None:
     rounds = [run_rows(model, prompts, rows, a.new_tokens, a.k, drafts) for _ in range(a.rounds)]
     rows = summarize(rounds)
     result = dict(device=a.device, model=a.random or str(a.model or "default"), threads=torch.get_num_threads(),
+                  draft_int4=str(a.draft_int4) if a.draft_int4 else "quantized at load",
                   new_tokens=a.new_tokens, k=a.k, rounds=a.rounds, rows=rows)
     _print(rows)
     if a.out:
