@@ -17,8 +17,8 @@ def add_parser(sub, parents: list) -> None:
                    "outputs on it kept close to the dense model's) instead of rounding each weight to nearest; the "
                    "same format")
     q.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
-                   help="--gptq: text files, or directories searched for *.py (default: the running Python's "
-                   "standard library)")
+                   help="--gptq: text files, or directories of them (hidden ones and files that are not UTF-8 text "
+                   "skipped; default: the running Python's standard library)")
     q.add_argument("--calibration-rows", type=int, default=128, help="--gptq: token windows (default 128)")
     q.add_argument("--calibration-len", type=int, default=512,
                    help="--gptq: tokens per window (default 512, at most the model's context)")

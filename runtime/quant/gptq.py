@@ -219,9 +219,10 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
 def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 128, seq_len: int = 512,
                        seed: int = 0) -> torch.Tensor:
     """int64 [rows, seq_len]: windows of seq_len tokens at seeded random offsets of the text files under
-    `paths` (files, or directories searched for `*.py`; default: the running Python's standard library,
-    without its test suites and installed packages), each file encoded after BOS and the files joined.
-    Reads files in a seeded random order until it has 4 x rows x seq_len tokens."""
+    `paths` (files, or directories searched for files; default: the `.py` files of the running Python's
+    standard library, without its test suites and installed packages), each file encoded after BOS and the
+    files joined. Reads files in a seeded random order until it has 4 x rows x seq_len tokens; a file that is
+    not UTF-8 text (or holds a NUL byte) is skipped."""
     files = _calibration_files(paths)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(files), generator=gen).tolist()
@@ -230,6 +231,8 @@ def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 1
         try:
             text = files[k].read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
+            continue
+        if "\0" in text:
             continue
         ids += tokenizer.encode(text, add_bos=True)
         if len(ids) >= want:
@@ -252,12 +255,12 @@ def _calibration_files(paths: Optional[list]) -> list[Path]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*.py") if f.is_file())
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") or part == "__pycache__" for part in f.relative_to(p).parts))
         elif p.is_file():
             files.append(p)
         else:
             raise ValueError(f"GPTQ calibration: {p} is neither a file nor a directory")
     if not files:
-        raise ValueError(f"GPTQ calibration: no files under {[str(p) for p in paths]} (directories are searched "
-                         f"for *.py)")
+        raise ValueError(f"GPTQ calibration: no files under {[str(p) for p in paths]}")
     return files
