@@ -85,7 +85,7 @@ def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: tor
     scale and zero [out, groups] fp32, input column c in group[c]; columns in order of decreasing H diagonal."""
     out_f, in_f = W.shape
     perm = torch.argsort(H.diagonal(), descending=True)
-    W, H, group = W[:, perm], H[perm][:, perm], group[perm]
+    W, H, group = W[:, perm], H[perm][:, perm], group[perm].tolist()  # (a list: no device tensor per column)
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
