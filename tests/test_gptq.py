@@ -214,7 +214,7 @@ def test_bad_int8_checkpoints(fp32_ckpt, tmp_path, edit, tensor, message):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "nf4", "--gptq"], "--gptq applies to --method int4 and int8 only"),
+    (["--method", "nf4", "--gptq"], "--gptq applies to int4 and int8 weights only, not nf4"),
     (["--method", "int4", "--calibration-rows", "8"], "apply with --gptq only"),
     (["--method", "int4", "--gptq", "--calibration-rows", "0"], "--calibration-rows 0: must be at least 1"),
     (["--method", "int4", "--gptq", "--calibration-len", "100000"], "the model's context is"),
@@ -225,6 +225,26 @@ def test_quantize_cli_gptq_errors(fp32_ckpt, tmp_path, capsys, extra, message):
     assert main(["quantize", "--model", str(fp32_ckpt), *extra, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_export_lite_gptq_writes_the_gptq_model(fp32_ckpt, tmp_path, capsys):
+    """`export-lite --quantize int8 --gptq` writes the lite file that export_lite writes for the model quantize_gptq
+    makes from the same tokens, byte for byte; --gptq without int4 / int8 weights is refused."""
+    from codellama_rt.lite.export import export_lite
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.py").write_text(Path(torch.__file__).read_text())
+    flags = ["--calibration", str(calib), "--calibration-rows", "4", "--calibration-len", "64"]
+    assert main(["export-lite", "--model", str(fp32_ckpt), "--quantize", "int8", "--gptq", *flags,
+                 "--out", str(tmp_path / "got")]) == 0
+    want = load_model(fp32_ckpt, device="cpu", dtype=torch.float32)
+    quantize_gptq(want.module, calibration_tokens(want.tokenizer, [calib], rows=4, seq_len=64), method="int8")
+    export_lite(want, tmp_path / "want")
+    assert (tmp_path / "got" / "lite.safetensors").read_bytes() == (tmp_path / "want" / "lite.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["export-lite", "--model", str(fp32_ckpt), "--gptq", "--out", str(tmp_path / "dense")]) == 2
+    assert "--gptq applies to int4 and int8 weights only, not dense" in capsys.readouterr().err
 
 
 def test_gptq_refuses_quantized_projections(fp32_ckpt):

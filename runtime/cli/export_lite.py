@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import calibration
+
 
 def add_parser(sub, parents: list) -> None:
     q = sub.add_parser("export-lite", parents=parents,
@@ -20,6 +22,7 @@ def add_parser(sub, parents: list) -> None:
     q.add_argument("--integer-activations", action="store_true",
                    help="int8 / int4 weights multiply activations rounded to int16 / int8 blocks (faster on "
                         "AVX2-only CPUs, measured; not on AVX-512 ones)")
+    calibration.add_arguments(q)
     q.add_argument("--out", required=True, help="output directory (created; an existing lite model is replaced)")
     q.set_defaults(run=run)
 
@@ -33,8 +36,12 @@ def run(a) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    model = load_model(a.model, dtype=torch.float32, device="cpu", quantize=a.quantize, group_size=a.group_size,
-                       progress=False)
+    calibration.check(a, a.quantize)
+    if a.gptq:
+        model = calibration.load_gptq(a, a.quantize, dtype=torch.float32, device="cpu", progress=False)[0]
+    else:
+        model = load_model(a.model, dtype=torch.float32, device="cpu", quantize=a.quantize,
+                           group_size=a.group_size, progress=False)
     path = export_lite(model, out, integer_activations=a.integer_activations)
     print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB); run it with: python -m codellama_rt.lite "
           f"{out} PROMPT")
