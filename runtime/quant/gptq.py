@@ -17,7 +17,7 @@ the projection's outputs on those tokens rather than of its weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from .linear import QuantLinear, QuantPart, set_module
 
 DAMP = 0.01          # added to H's diagonal, as a share of its mean (GPTQ's default)
 BLOCK_COLUMNS = 128  # columns whose error updates the rest of the weight at once (a multiple of every g)
-STAGES = (("attn.wqkv",), ("attn.wo",), ("mlp.w13",), ("mlp.w2",))  # a block's projections, in graph order
+STAGES = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")  # a block's projections, in graph order
 
 
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 128, damp: float = DAMP,
@@ -110,9 +110,13 @@ def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: tor
     return out
 
 
+class _Recorded(Exception):
+    """Raised by a `_Recorder` once it has its input: nothing after it in the block is needed for H."""
+
+
 class _Recorder(nn.Module):
-    """Stands in for a dense `Linear` while its block runs: adds x^T x of its inputs to `h`, then computes
-    what the Linear would."""
+    """Stands in for a dense `Linear` while its block runs: adds x^T x of its inputs to `h`, then stops the
+    block (`_Recorded`)."""
 
     def __init__(self, linear: Linear):
         super().__init__()
@@ -120,42 +124,36 @@ class _Recorder(nn.Module):
         n = linear.weight.shape[1]
         self.h = torch.zeros(n, n, dtype=torch.float64, device=linear.weight.device)
 
-    def _record(self, x: torch.Tensor) -> None:
+    def _record(self, x: torch.Tensor):
         x = x.reshape(-1, x.shape[-1]).float()
         self.h += (x.t() @ x).double()
+        raise _Recorded
 
     def forward(self, ops, x):
         self._record(x)
-        return self.linear(ops, x)
 
     def swiglu(self, ops, x):
         self._record(x)
-        return self.linear.swiglu(ops, x)
 
     def normed(self, ops, x, residual, norm_weight, eps: float, swiglu: bool = False):
-        h, residual = ops.rms_norm(x, norm_weight, eps, residual)
-        self._record(h)
-        return (self.linear.swiglu(ops, h) if swiglu else self.linear(ops, h)), residual
+        self._record(ops.rms_norm(x, norm_weight, eps, residual)[0])
 
 
-def _quantize_recorded(root: nn.Module, names: Iterable[str], run: Callable[[], None],
+def _quantize_recorded(root: nn.Module, name: str, run: Callable[[], None],
                        quantize: Callable[[torch.Tensor, torch.Tensor], QuantPart]) -> None:
-    """Swap each named dense Linear of `root` for a recorder, `run()` the calibration through it, then
-    replace it with its GPTQ-quantized QuantLinear."""
-    recorders = {}
-    for name in names:
-        module = root.get_submodule(name)
-        if not isinstance(module, Linear):
-            raise ValueError(f"GPTQ: {name} is already quantized ({type(module).__name__}); load the model dense")
-        recorders[name] = _Recorder(module)
-        set_module(root, name, recorders[name])
+    """Swap the dense Linear `name` of `root` for a recorder, `run()` the calibration up to it, then replace it
+    with its GPTQ-quantized QuantLinear."""
+    module = root.get_submodule(name)
+    if not isinstance(module, Linear):
+        raise ValueError(f"GPTQ: {name} is already quantized ({type(module).__name__}); load the model dense")
+    rec = _Recorder(module)
+    set_module(root, name, rec)
     run()
-    for name, rec in recorders.items():
-        try:
-            part = quantize(rec.linear.weight, rec.h)
-        except ValueError as e:
-            raise ValueError(f"{name} {list(rec.linear.weight.shape)}: {e}") from None
-        set_module(root, name, QuantLinear([part]))
+    try:
+        part = quantize(module.weight, rec.h)
+    except ValueError as e:
+        raise ValueError(f"{name} {list(module.weight.shape)}: {e}") from None
+    set_module(root, name, QuantLinear([part]))
 
 
 @torch.no_grad()
@@ -194,7 +192,10 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
     def run_block(block, update: bool) -> None:
         for k, x in enumerate(xs):
             B, T = x.shape[:2]
-            out = block(ops, x, residuals[k], rope, Prefill(0).positions(B, T, device), Prefill(0), None)
+            try:
+                out = block(ops, x, residuals[k], rope, Prefill(0).positions(B, T, device), Prefill(0), None)
+            except _Recorded:
+                continue
             if update:
                 xs[k], residuals[k] = out
 
@@ -211,8 +212,11 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
 
         def run_head() -> None:
             for x, r in zip(xs, residuals):
-                transformer.output(ops, ops.rms_norm(x, transformer.norm, args.norm_eps, r)[0])
-        _quantize_recorded(transformer, ("output",), run_head, quantize)
+                try:
+                    transformer.output(ops, ops.rms_norm(x, transformer.norm, args.norm_eps, r)[0])
+                except _Recorded:
+                    pass
+        _quantize_recorded(transformer, "output", run_head, quantize)
     return transformer
 
 
