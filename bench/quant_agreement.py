@@ -8,7 +8,7 @@ For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then 
 - teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
   equals fp32's token (one full forward of prompt + continuation; no cascade);
 - KL: in that forward, KL(fp32 || row) of the next-token distributions, mean over the continuation's positions.
-Rows: int8 and int4 (its default group size), each rounded to nearest and by GPTQ (`codellama-rt quantize
+Rows: int8, int4 (its default group size) and NF4, each rounded to nearest and by GPTQ (`codellama-rt quantize
 --gptq`'s defaults: 128 windows of 512 tokens of the standard library), with the lm_head dense (what
 `quantize=` loads), and the same with the lm_head quantized (what bench/cpu_peer.py compares with llama.cpp).
 """
@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ROWS = [(w, head) for head in (False, True) for w in ("int8", "int8-gptq", "int4", "int4-gptq")]  # (weights, head)
+ROWS = [(w + gptq, head) for head in (False, True) for w in ("int8", "int4", "nf4")
+        for gptq in ("", "-gptq")]  # (weights, quantize_head)
 
 
 def prefix_share(got: list, want: list) -> float:

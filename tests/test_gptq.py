@@ -15,7 +15,8 @@ from codellama_rt.api import load_model
 from codellama_rt.cli import main
 from codellama_rt.kernels.int4_format import dequantize_int4, quantize_int4
 from codellama_rt.kernels.int8_format import dequantize_int8, quantize_int8
-from codellama_rt.quant.gptq import calibration_tokens, gptq_int4, gptq_int8, quantize_gptq
+from codellama_rt.kernels.nf4_format import dequantize_nf4, quantize_nf4
+from codellama_rt.quant.gptq import calibration_tokens, gptq_int4, gptq_int8, gptq_nf4, quantize_gptq
 from codellama_rt.quant.linear import QuantLinear, projection_names, quantize_model, quantized_modules
 from conftest import write_hf_checkpoint
 
@@ -73,6 +74,30 @@ def test_gptq_int8_lowers_output_error_on_its_calibration_inputs():
     err_rtn = (x @ (w - dequantize_int8(q_rtn, torch.float32)).t()).norm()
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
     assert torch.equal(q_gptq.scales, q_rtn.scales) and q_gptq.qweight.abs().max() <= 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gptq_nf4_is_a_bitsandbytes_weight_with_lower_output_error(dtype):
+    """NF4: the absmax, double quantization and codebook of `quantize_nf4` (bitsandbytes' own, bit for bit), only
+    the codes GPTQ's; H = I gives round-to-nearest's codes but for near-ties (the grid is the double-quantized
+    absmax); on correlated X the output error is at most 0.8 x round-to-nearest's."""
+    w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(7)) * 0.05).to(dtype)
+    rtn = quantize_nf4(w)
+    ident = gptq_nf4(w, torch.eye(256))
+    x = _correlated_inputs(2048, 256, seed=9)
+    got = gptq_nf4(w, x.t() @ x)
+    for q in (ident, got):
+        assert q.dtype == dtype and q.shape == rtn.shape and q.codes.shape == rtn.codes.shape
+        for field in ("absmax", "nested_absmax", "code", "nested_code"):
+            assert torch.equal(getattr(q, field), getattr(rtn, field)), field
+        assert q.nested_offset == rtn.nested_offset
+    assert (ident.codes == rtn.codes).float().mean() > 0.99
+    wf = w.float()
+    err_gptq = (x @ (wf - dequantize_nf4(got, torch.float32)).t()).norm()
+    err_rtn = (x @ (wf - dequantize_nf4(rtn, torch.float32)).t()).norm()
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    with pytest.raises(ValueError, match="not a multiple of the NF4 block"):
+        gptq_nf4(torch.randn(8, 96), torch.eye(96))
 
 
 def test_inputs_that_are_always_zero_get_zero_weights():
@@ -149,7 +174,7 @@ def fp32_ckpt(tmp_path_factory, tiny_tokenizer):
     return write_hf_checkpoint(tmp_path_factory.mktemp("gptq") / "fp32", tiny_tokenizer, **SHAPES, seed=3)[0]
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", ["int4", "int8", "nf4"])
 def test_quantize_cli_gptq_roundtrip(fp32_ckpt, tmp_path, capsys, method):
     """The written checkpoint loads back to exactly what quantize_gptq makes in memory from the same tokens."""
     calib = tmp_path / "calib"
@@ -214,7 +239,6 @@ def test_bad_int8_checkpoints(fp32_ckpt, tmp_path, edit, tensor, message):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "nf4", "--gptq"], "--gptq applies to int4 and int8 weights only, not nf4"),
     (["--method", "int4", "--calibration-rows", "8"], "apply with --gptq only"),
     (["--method", "int4", "--gptq", "--calibration-rows", "0"], "--calibration-rows 0: must be at least 1"),
     (["--method", "int4", "--gptq", "--calibration-len", "100000"], "the model's context is"),
@@ -244,7 +268,7 @@ def test_export_lite_gptq_writes_the_gptq_model(fp32_ckpt, tmp_path, capsys):
     assert (tmp_path / "got" / "lite.safetensors").read_bytes() == (tmp_path / "want" / "lite.safetensors").read_bytes()
     capsys.readouterr()
     assert main(["export-lite", "--model", str(fp32_ckpt), "--gptq", "--out", str(tmp_path / "dense")]) == 2
-    assert "--gptq applies to int4 and int8 weights only, not dense" in capsys.readouterr().err
+    assert "--gptq applies to quantized weights (int4, int8, nf4), not dense ones" in capsys.readouterr().err
 
 
 def test_gptq_refuses_quantized_projections(fp32_ckpt):
@@ -257,11 +281,12 @@ def test_gptq_refuses_quantized_projections(fp32_ckpt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method,ratio", [("int4", 0.85), ("int8", 0.95)])
+@pytest.mark.parametrize("method,ratio", [("int4", 0.85), ("int8", 0.95), ("nf4", 0.85)])
 def test_gptq_on_cuda_in_bf16(method, ratio):
     """Where `quantize --gptq` runs by default (CUDA, bf16, the triton backend): the default model's projections
     quantized there, next-token KL from the dense model at most `ratio` x round-to-nearest's (the same in bf16 on
-    the CPU's reference backend when written: 0.75 int4, 0.85 int8, whose error is closer to bf16's own)."""
+    the CPU's reference backend when written: 0.75 int4, 0.85 int8, whose error is closer to bf16's own, 0.71
+    nf4)."""
     dense = load_model(None, device="cuda", dtype="bfloat16")
     held = calibration_tokens(dense.tokenizer, [Path(cl.__file__).parent / "api.py"], rows=8, seq_len=128).cuda()
     rtn = load_model(None, device="cuda", dtype="bfloat16", quantize=method, quantize_head=True)

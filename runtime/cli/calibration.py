@@ -6,7 +6,7 @@ ROWS, LENGTH = 128, 512  # the calibration windows' defaults
 
 
 def add_arguments(q) -> None:
-    q.add_argument("--gptq", action="store_true", help="int4 / int8: GPTQ on calibration text (each block's "
+    q.add_argument("--gptq", action="store_true", help="GPTQ on calibration text (each block's "
                    "outputs on it kept close to the dense model's) instead of rounding each weight to nearest; the "
                    "same format")
     q.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
@@ -19,8 +19,8 @@ def add_arguments(q) -> None:
 
 def check(a, method) -> None:
     """ValueError naming the flag when the --gptq flags do not fit `method` (the weights asked for) or are invalid."""
-    if a.gptq and method not in ("int4", "int8"):
-        raise ValueError(f"--gptq applies to int4 and int8 weights only, not {method or 'dense'}")
+    if a.gptq and method not in ("int4", "int8", "nf4"):
+        raise ValueError("--gptq applies to quantized weights (int4, int8, nf4), not dense ones")
     if not a.gptq and (a.calibration is not None or a.calibration_rows != ROWS or a.calibration_len != LENGTH):
         raise ValueError("--calibration, --calibration-rows and --calibration-len apply with --gptq only")
     for flag, v in (("--calibration-rows", a.calibration_rows), ("--calibration-len", a.calibration_len)):

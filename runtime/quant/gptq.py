@@ -1,21 +1,23 @@
-"""Calibrated int4: GPTQ (Frantar et al. 2022, arXiv:2210.17323) into our int4 format (GPTQ's layout), so a
-model quantized here loads, runs and exports (lite) like any int4 checkpoint.
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323): int4, int8 and NF4 weights chosen on calibration text, in the
+formats round-to-nearest writes (int4 in GPTQ's layout, int8 per row, NF4 as bitsandbytes stores it), so a model
+quantized here loads, runs and exports (lite) like any checkpoint of its method.
 
 Round-to-nearest treats every weight alone. GPTQ quantizes a projection's input columns one at a time and
 spreads each column's rounding error over the columns not yet quantized, weighted by the inverse of
 H = sum over calibration tokens of x x^T (x: the projection's input there), which minimises the error of
 the projection's outputs on those tokens rather than of its weights.
 
-- The grid is `quantize_int4`'s (per group of g input columns, the range including 0, 16 levels), so
-  every weight stays within its group's range and the format is unchanged.
-- Columns go in order of decreasing H diagonal ("act order"); each group's scale and zero point are fixed
-  beforehand from the original weights ("static groups"), so the file needs no column permutation
-  (desc_act=False, which every int4 kernel here reads).
+- The grid is round-to-nearest's, fixed beforehand from the original weights ("static groups"): int4's
+  per-group scales and zero points, int8's per-row scales, NF4's double-quantized absmax per block of 64.
+  Only the codes differ, so the files need no column permutation (desc_act=False, which every int4 kernel
+  here reads) and an NF4 weight is still exactly a bitsandbytes one.
+- Columns go in order of decreasing H diagonal ("act order").
 - Blocks are quantized one after another, each from the outputs of the blocks already quantized, and
   within a block wqkv, wo, w13, w2 in turn ("true sequential"); the lm_head last, if asked.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,8 +27,9 @@ from torch import nn
 from ..kernels.int4_format import GROUP_SIZES, Int4Weight, int4_group_params, pack_int4
 from ..kernels.int8_format import QMAX as INT8_QMAX
 from ..kernels.int8_format import Int8Weight, quantize_int8
+from ..kernels.nf4_format import NF4Weight, quantize_nf4
 from ..model.transformer import Linear, Prefill, Transformer
-from .linear import QuantLinear, QuantPart, set_module
+from .linear import NF4_BLOCKSIZE, QuantLinear, QuantPart, set_module
 
 DAMP = 0.01          # added to H's diagonal, as a share of its mean (GPTQ's default)
 BLOCK_COLUMNS = 128  # columns whose error updates the rest of the weight at once (a multiple of every g)
@@ -43,7 +46,7 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 128, damp: 
     W, H = _without_dead_inputs(w, h)
     scales, zero = int4_group_params(W.view(out_f, -1, group_size), dtype or w.dtype)  # [out, groups]
     group = torch.arange(in_f, device=W.device) // group_size
-    q = _gptq_codes(W, H, scales.float(), zero, group, 0, 15, damp)
+    q = _gptq_codes(W, H, group, _uniform(scales.float(), zero, 0, 15), damp)
     return pack_int4(q, zero, scales, group_size)
 
 
@@ -54,9 +57,46 @@ def gptq_int8(w: torch.Tensor, h: torch.Tensor, *, damp: float = DAMP,
     W, H = _without_dead_inputs(w, h)
     scales = quantize_int8(W, dtype=dtype or w.dtype).scales  # the grid only: codes come from GPTQ
     group = torch.zeros(in_f, dtype=torch.long, device=W.device)
-    q = _gptq_codes(W, H, scales.float()[:, None], torch.zeros_like(scales, dtype=torch.float32)[:, None], group,
-                    -INT8_QMAX, INT8_QMAX, damp)
+    grid = _uniform(scales.float()[:, None], torch.zeros(out_f, 1, device=W.device), -INT8_QMAX, INT8_QMAX)
+    q = _gptq_codes(W, H, group, grid, damp)
     return Int8Weight(qweight=q.to(torch.int8).contiguous(), scales=scales, shape=(out_f, in_f))
+
+
+def gptq_nf4(w: torch.Tensor, h: torch.Tensor, *, damp: float = DAMP) -> NF4Weight:
+    """As `gptq_int4`, to an NF4Weight in bitsandbytes' format (blocks of 64, absmax double-quantized), with the
+    absmax `quantize_nf4` gives w: only the 4-bit codes differ from its, so bitsandbytes reads it as its own.
+    The blocks must not straddle rows (in a multiple of 64)."""
+    out_f, in_f = _check(w, h, damp, "gptq_nf4")
+    if in_f % NF4_BLOCKSIZE:
+        raise ValueError(f"gptq_nf4: in_features={in_f} is not a multiple of the NF4 block ({NF4_BLOCKSIZE})")
+    W, H = _without_dead_inputs(w, h)
+    rtn = quantize_nf4(W, blocksize=NF4_BLOCKSIZE, double_quant=True)
+    scale = rtn.block_absmax().view(out_f, in_f // NF4_BLOCKSIZE)  # what dequantization multiplies by
+    group = torch.arange(in_f, device=W.device) // NF4_BLOCKSIZE
+    idx = _gptq_codes(W, H, group, _codebook(scale, rtn.code), damp).to(torch.uint8).reshape(-1)
+    return dataclasses.replace(rtn, codes=((idx[0::2] << 4) | idx[1::2]).reshape(rtn.codes.shape), dtype=w.dtype)
+
+
+def _uniform(scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> Callable:
+    """The grid w = (q - zero) * scale, q in qmin..qmax (scale, zero: [out, groups] fp32) as `_gptq_codes`
+    rounds a column to it: (v [out], its group) -> (codes, values)."""
+    def nearest(v: torch.Tensor, g: int):
+        s, z = scale[:, g], zero[:, g]
+        q = (torch.round(v / s) + z).clamp_(qmin, qmax)
+        return q, (q - z) * s
+    return nearest
+
+
+def _codebook(scale: torch.Tensor, code: torch.Tensor) -> Callable:
+    """The grid w = code[q] * scale (code sorted, fp32 [16]; scale [out, groups]), nearest as bitsandbytes
+    rounds: v / scale clamped to [-1, 1], bucketized against the codebook's midpoints."""
+    mids = (code[1:] + code[:-1]) / 2
+
+    def nearest(v: torch.Tensor, g: int):
+        s = scale[:, g]
+        q = torch.bucketize((v / s.clamp(min=1e-38)).clamp_(-1, 1), mids)
+        return q, code[q] * s
+    return nearest
 
 
 def _check(w: torch.Tensor, h: torch.Tensor, damp: float, who: str) -> tuple[int, int]:
@@ -79,10 +119,10 @@ def _without_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor
     return W, H
 
 
-def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
-                qmin: int, qmax: int, damp: float) -> torch.Tensor:
-    """The codes [out, in] (fp32, integers qmin..qmax) of W [out, in] on the fixed grid w = (q - zero) * scale,
-    scale and zero [out, groups] fp32, input column c in group[c]; columns in order of decreasing H diagonal."""
+def _gptq_codes(W: torch.Tensor, H: torch.Tensor, group: torch.Tensor, nearest: Callable, damp: float) -> torch.Tensor:
+    """The codes [out, in] (fp32, integers) of W [out, in] on a fixed grid, input column c in group[c] of it;
+    `nearest(v, g)` rounds a column v [out] in group g: (codes, values). Columns go in order of decreasing H
+    diagonal."""
     out_f, in_f = W.shape
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H, group = W[:, perm], H[perm][:, perm], group[perm].tolist()  # (a list: no device tensor per column)
@@ -98,10 +138,9 @@ def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: tor
         W1, err = W[:, a:b].clone(), torch.empty(out_f, b - a, device=W.device)
         for i in range(b - a):
             c = a + i
-            s, z = scale[:, group[c]], zero[:, group[c]]
-            q = (torch.round(W1[:, i] / s) + z).clamp_(qmin, qmax)
+            q, value = nearest(W1[:, i], group[c])
             Q[:, c] = q
-            e = (W1[:, i] - (q - z) * s) / hinv[c, c]
+            e = (W1[:, i] - value) / hinv[c, c]
             W1[:, i:] -= e[:, None] * hinv[c, c:b][None, :]
             err[:, i] = e
         W[:, b:] -= err @ hinv[a:b, b:]
@@ -161,7 +200,7 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
                   quantize_head: bool = False, damp: float = DAMP, batch: int = 8,
                   progress: Optional[Callable[[str], None]] = None) -> Transformer:
     """Swap the dense projections of `transformer` (and the lm_head with `quantize_head`) for `method` ("int4",
-    groups of `group_size`, or "int8") ones made by GPTQ on calibration `tokens` (int64 [N, T], each row a causal
+    groups of `group_size`, "int8" or "nf4") ones made by GPTQ on calibration `tokens` (int64 [N, T], each row a causal
     sequence from position 0). In place; returns it.
 
     Holds the N x T x dim activations (two copies, the model's dtype) and one H [in, in] fp64 per projection
@@ -175,8 +214,11 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
     elif method == "int8":
         def quantize(w, h):
             return gptq_int8(w, h, damp=damp)
+    elif method == "nf4":
+        def quantize(w, h):
+            return gptq_nf4(w, h, damp=damp)
     else:
-        raise ValueError(f"GPTQ: method {method!r} is not one of ('int4', 'int8')")
+        raise ValueError(f"GPTQ: method {method!r} is not one of ('int4', 'int8', 'nf4')")
     args = transformer.args
     if tokens.shape[1] > args.max_seq_len:
         raise ValueError(f"GPTQ calibration rows of {tokens.shape[1]} tokens exceed the model's context "
