@@ -50,4 +50,3 @@ def run(a) -> None:
     from ..quant.linear import weight_bytes
 
     print(f"wrote {out} ({a.method}, weights {weight_bytes(model.module) / 2 ** 30:.2f} GiB)")
-
