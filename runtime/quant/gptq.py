@@ -203,8 +203,8 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
     groups of `group_size`, "int8" or "nf4") ones made by GPTQ on calibration `tokens` (int64 [N, T], each row a causal
     sequence from position 0). In place; returns it.
 
-    Holds the N x T x dim activations (two copies, the model's dtype) and one H [in, in] fp64 per projection
-    of a block at a time."""
+    Holds the N x T x dim activations (two copies, the model's dtype) and one projection's H [in, in] (fp64) at
+    a time, besides the model."""
     if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.numel() == 0:
         raise ValueError(f"GPTQ calibration tokens must be a non-empty int64 [N, T] tensor, got "
                          f"{tokens.dtype} {list(tokens.shape)}")
