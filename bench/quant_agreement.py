@@ -1,8 +1,11 @@
-"""How often int8 / int4 weights pick fp32's greedy tokens (issue 21's agreement bar), on the CPU.
+"""How often int8 / int4 / NF4 weights pick fp32's greedy tokens (issue 21's agreement bar), on the CPU.
 
-    python bench/quant_agreement.py [--model DIR] [--new-tokens 64] [--out FILE]
+    python bench/quant_agreement.py [--model DIR] [--new-tokens 64] [--held-out N] [--out FILE]
 
-For each code prompt: fp32's greedy continuation of `--new-tokens` tokens, then per quantized row
+Prompts: the bench's code prompts, and with --held-out N as many more: a run of whole lines (up to 600
+characters) from each of N held-out files of the default model's corpus (tools/corpus.py; seeded), code the
+default model never trained on. For each prompt: fp32's greedy continuation of `--new-tokens` tokens, then per
+quantized row
 - free-running: the row's own greedy continuation; the share of positions before its first difference
   from fp32's (one near-tie flips everything after it);
 - teacher-forced: at each position of fp32's continuation, whether the row's argmax given fp32's prefix
@@ -46,16 +49,39 @@ def mean_kl(ref_logits, logits) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-def measure(model_path, new_tokens: int) -> dict:
+def held_out_prompts(n: int, seed: int = 1) -> list[str]:
+    """A run of whole lines (<= 600 characters) from each of n held-out files of the default model's corpus."""
+    import random
+    import sys
+
+    corpus = sys.modules.get("corpus")  # (tests load it by path: tests/tool_modules.py)
+    if corpus is None:
+        tools = str(Path(__file__).resolve().parent.parent / "tools")
+        sys.path.insert(0, tools)
+        try:
+            import corpus
+        finally:
+            sys.path.remove(tools)
+
+    rng = random.Random(seed)
+    held = corpus.corpus_split()[1]
+    if n > len(held):
+        raise ValueError(f"--held-out {n}: the corpus holds out {len(held)} files")
+    return [rng.choice(corpus.chunks(corpus.read_source(f), 600)) for f in rng.sample(held, n)]
+
+
+def measure(model_path, new_tokens: int, held_out: int = 0) -> dict:
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="quant-agreement-") as d:
-        return _measure(model_path, new_tokens, Path(d))
-
-
-def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
-    from codellama_rt.api import load_model
     from codellama_rt.bench.prompts import CODE_PROMPTS
+
+    prompts = list(CODE_PROMPTS) + (held_out_prompts(held_out) if held_out else [])
+    with tempfile.TemporaryDirectory(prefix="quant-agreement-") as d:
+        return _measure(model_path, new_tokens, prompts, Path(d))
+
+
+def _measure(model_path, new_tokens: int, prompts: list, tmp: Path) -> dict:
+    from codellama_rt.api import load_model
 
     def load(quantize=None, head=False):
         if quantize and quantize.endswith("-gptq"):  # written and loaded back, as `quantize --gptq` gives it
@@ -73,7 +99,7 @@ def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
         return load_model(model_path, device="cpu", dtype="float32", quantize=quantize, quantize_head=head)
 
     ref = load()
-    ids = [ref._ids(p) for p in CODE_PROMPTS]
+    ids = [ref._ids(p) for p in prompts]
     want = [c.token_ids for c in ref.generate(ids, max_new_tokens=new_tokens)]
     ref_logits = [continuation_logits(ref, i, w) for i, w in zip(ids, want)]
     rows = []
@@ -87,18 +113,21 @@ def _measure(model_path, new_tokens: int, tmp: Path) -> dict:
                          teacher_forced=sum(forced) / len(forced), kl=sum(kl) / len(kl),
                          free_running_per_prompt=free,
                          teacher_forced_per_prompt=forced))
-    return {"prompts": len(CODE_PROMPTS), "new_tokens": new_tokens, "rows": rows}
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "rows": rows}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="HF-layout directory (default: the embedded model)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--held-out", type=int, default=0, metavar="N",
+                   help="N more prompts from held-out files of the default model's corpus")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     from codellama_rt.bench.common import emit_json, environment
 
-    doc = {"meta": {**environment(), "model": str(a.model or "default")}, **measure(a.model, a.new_tokens)}
+    doc = {"meta": {**environment(), "model": str(a.model or "default"), "held_out": a.held_out},
+           **measure(a.model, a.new_tokens, a.held_out)}
     if a.out:
         emit_json(doc, a.out)
     print(f"| weights | lm_head | free-running greedy agreement | teacher-forced agreement | KL from fp32 |  "

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tool_modules import load_bench
+from tool_modules import load_bench, load_tool
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,10 @@ def test_quant_agreement_measures():
     # KL((1/2, 1/2) || (1/(1+e), e/(1+e))) = log((1+e) / 2) - 1/2, one row; the other row identical
     kl = math.log((1 + math.e) / 2) - 0.5
     assert qa.mean_kl(torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [0.0, 0.0]])) == pytest.approx(kl / 2, rel=1e-6)
+    corpus = load_tool("corpus")
+    prompts = qa.held_out_prompts(3)
+    assert prompts == qa.held_out_prompts(3) and len(set(prompts)) == 3
+    held = [corpus.read_source(f) for f in corpus.corpus_split()[1]]
+    assert all(any(p in h for h in held) for p in prompts)  # runs of the held-out files, never trained on
+    with pytest.raises(ValueError, match="--held-out 100000"):
+        qa.held_out_prompts(100000)
