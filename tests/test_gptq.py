@@ -197,6 +197,26 @@ def test_quantize_cli_gptq_roundtrip(fp32_ckpt, tmp_path, capsys, method):
     assert not torch.equal(got.logits(ids), rtn.logits(ids))
 
 
+def test_quantize_cli_gptq_tied_head(tmp_path, tiny_tokenizer, capsys):
+    """A tied model with --quantize-head: the lm_head gets its own GPTQ copy, the embedding stays the dense one,
+    and the file loads back to what quantize_gptq makes in memory."""
+    tied, _ = write_hf_checkpoint(tmp_path / "tied", tiny_tokenizer, **SHAPES, tie=True)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.py").write_text(Path(torch.__file__).read_text())
+    assert main(["quantize", "--model", str(tied), "--method", "int4", "--gptq", "--calibration", str(calib),
+                 "--calibration-rows", "4", "--calibration-len", "64", "--quantize-head",
+                 "--out", str(tmp_path / "out")]) == 0
+    got, dense = cl.load(tmp_path / "out"), cl.load(tied)
+    assert isinstance(got.module.output, QuantLinear)
+    assert torch.equal(got.module.tok_embeddings, dense.module.tok_embeddings)
+    want = load_model(tied)
+    quantize_gptq(want.module, calibration_tokens(want.tokenizer, [calib], rows=4, seq_len=64), group_size=64,
+                  quantize_head=True)
+    assert torch.equal(want.module.tok_embeddings, dense.module.tok_embeddings)
+    assert torch.equal(got.logits([1, 5, 9, 200]), want.logits([1, 5, 9, 200]))
+
+
 @pytest.mark.parametrize("head", [False, True])
 def test_int8_checkpoint_roundtrip(fp32_ckpt, tmp_path, head):
     """`quantize --method int8` (round to nearest) writes what `load(quantize="int8")` holds; it loads as stored,
