@@ -299,7 +299,7 @@ def _calibration_files(paths: Optional[list]) -> list[Path]:
         skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
         return [f for f in sorted(root.rglob("*.py")) if not skip.intersection(f.relative_to(root).parts[:-1])]
     files = []
-    for p in map(Path, paths):
+    for p in (Path(p).expanduser() for p in paths):
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file() and not any(
                 part.startswith(".") or part == "__pycache__" for part in f.relative_to(p).parts))
