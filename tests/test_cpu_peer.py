@@ -4,7 +4,6 @@ asserted here (see bench/README.md)."""
 from __future__ import annotations
 
 import math
-
 import sys
 
 import pytest

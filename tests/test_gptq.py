@@ -1,8 +1,8 @@
-"""GPTQ int4 (`codellama_rt.quant.gptq`, `codellama-rt quantize --gptq`): the core against round-to-nearest where
-the answer is known (no correlation between inputs: the same weights), its objective where it is not (a
-projection's output error on its calibration inputs), the whole-model driver on the default model (logits
-closer to the dense model's than round-to-nearest's on text it was not calibrated on), the CLI round trip and
-its errors."""
+"""GPTQ (`codellama_rt.quant.gptq`, `quantize --gptq`, `export-lite --gptq`) for int4, int8 and NF4: the core
+against round-to-nearest where the answer is known (no correlation between inputs: the same weights), its
+objective where it is not (a projection's output error on its calibration inputs), the whole-model driver on the
+default model (next-token distributions closer to the dense model's than round-to-nearest's on text it was not
+calibrated on), the calibration text, int8 checkpoints, the CLI round trips and their errors."""
 from __future__ import annotations
 
 from pathlib import Path
