@@ -5,6 +5,7 @@ default model (next-token distributions closer to the dense model's than round-t
 calibrated on), the calibration text, int8 checkpoints, the CLI round trips and their errors."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,11 @@ def test_quantize_cli_gptq_roundtrip(fp32_ckpt, tmp_path, capsys, method):
     assert torch.equal(got.logits(ids), want.logits(ids))
     rtn = load_model(fp32_ckpt, quantize=method, quantize_head=True)
     assert not torch.equal(got.logits(ids), rtn.logits(ids))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["gptq"] == {"calibration": "1 file(s)", "rows": 4, "seq_len": 64, "damp": 0.01, "act_order": True,
+                          "static_groups": True}
+    assert main(["info", "--model", str(out)]) == 0
+    assert "GPTQ on 4 x 64 tokens of 1 file(s)" in capsys.readouterr().out
 
 
 def test_quantize_cli_gptq_tied_head(tmp_path, tiny_tokenizer, capsys):

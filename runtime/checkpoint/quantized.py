@@ -48,9 +48,14 @@ class Quantization:
     group_size: int = 128      # int4; -1 in GPTQ: one group over the whole input dim
     checkpoint_format: str = "gptq_v2"  # int4 zero convention: "gptq" (v1, zero - 1 stored) or "gptq_v2"
     quantize_head: bool = False  # codellama-rt: the lm_head is quantized too
+    gptq: Optional[dict] = None  # codellama-rt: how GPTQ chose the codes (None: rounded to nearest)
 
     def describe(self) -> str:
         extra = f", group_size={self.group_size}" if self.method == "int4" else ""
+        if self.gptq:
+            g = self.gptq
+            extra += (f", GPTQ on {g.get('rows', '?')} x {g.get('seq_len', '?')} tokens of "
+                      f"{g.get('calibration', '?')}")
         return f"{self.method} ({self.kind}{extra})"
 
 
@@ -89,7 +94,8 @@ def read_quantization(config: dict, file) -> Optional[Quantization]:
             raise bad(f"method={qc.get('method')!r} is not one of {list(CHECKPOINT_METHODS)}")
         return Quantization(OWN_METHOD, qc["method"], Path(file),
                             group_size=_group_size(qc, bad) if qc["method"] == "int4" else 0,
-                            quantize_head=bool(qc.get("quantize_head", False)))
+                            quantize_head=bool(qc.get("quantize_head", False)),
+                            gptq=qc["gptq"] if isinstance(qc.get("gptq"), dict) else None)
     raise bad("unknown quantization method (supported: 'bitsandbytes' 4-bit nf4, 'gptq' 4-bit, "
               f"and this project's {OWN_METHOD!r})")
 

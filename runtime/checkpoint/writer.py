@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -56,10 +57,11 @@ def part_tensors(name: str, part) -> dict:
 
 
 def save_quantized(model, directory, *, method: str, group_size: int, quantize_head: bool, source_dir=None,
-                   max_shard_bytes: int = 4 << 30) -> Path:
+                   max_shard_bytes: int = 4 << 30, gptq: Optional[dict] = None) -> Path:
     """Write `model` (a loaded `cl.Model` whose projections are quantized) in the codellama-rt format:
     config.json, model.safetensors (or shards with an index), tokenizer.model and generation_config.json
-    copied from `source_dir`. Returns the directory."""
+    copied from `source_dir`. `gptq`: how GPTQ made the weights (JSON-able), recorded in the config. Returns the
+    directory."""
     from safetensors.torch import save_file
 
     module, args = model.module, model.args
@@ -83,6 +85,8 @@ def save_quantized(model, directory, *, method: str, group_size: int, quantize_h
         qc["group_size"] = group_size
     elif method == "nf4":
         qc.update(blocksize=64, double_quant=True)
+    if gptq is not None:
+        qc["gptq"] = dict(gptq)
 
     out.mkdir(parents=True, exist_ok=True)
     shards, size = [[]], 0

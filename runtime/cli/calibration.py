@@ -2,6 +2,8 @@
 weight to nearest (`codellama_rt.quant.gptq`)."""
 from __future__ import annotations
 
+import sys
+
 ROWS, LENGTH = 128, 512  # the calibration windows' defaults
 
 
@@ -31,8 +33,6 @@ def check(a, method) -> None:
 def load_gptq(a, method: str, *, quantize_head: bool = False, **load_kwargs):
     """The dense model (`load_model(a.model, **load_kwargs)`), its projections swapped for GPTQ `method` ones;
     (model, int4 group size)."""
-    import sys
-
     from ..api import load_model, resolve_group_size
     from ..quant.gptq import calibration_tokens, quantize_gptq
 
@@ -44,3 +44,13 @@ def load_gptq(a, method: str, *, quantize_head: bool = False, **load_kwargs):
     quantize_gptq(model.module, tokens, method=method, group_size=group_size, quantize_head=quantize_head,
                   progress=lambda line: print(line, file=sys.stderr, flush=True))
     return model, group_size
+
+
+def provenance(a) -> dict:
+    """How --gptq made the weights, for the checkpoint's config (no paths: a file count)."""
+    from ..quant.gptq import DAMP, calibration_files
+
+    text = f"{len(calibration_files(a.calibration))} file(s)" if a.calibration else \
+        f"the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
+    return {"calibration": text, "rows": a.calibration_rows, "seq_len": a.calibration_len, "damp": DAMP,
+            "act_order": True, "static_groups": True}

@@ -46,7 +46,7 @@ def run(a) -> None:
                            quantize_head=a.quantize_head)
         group_size = resolve_group_size(a.group_size, a.method, model.args)  # what load_model chose
     save_quantized(model, out, method=a.method, group_size=group_size, quantize_head=a.quantize_head,
-                   source_dir=model.path or default_model_path())
+                   source_dir=model.path or default_model_path(), gptq=calibration.provenance(a) if a.gptq else None)
     from ..quant.linear import weight_bytes
 
     print(f"wrote {out} ({a.method}, weights {weight_bytes(model.module) / 2 ** 30:.2f} GiB)")

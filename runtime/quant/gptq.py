@@ -269,7 +269,7 @@ def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 1
     standard library, without its test suites and installed packages), each file encoded after BOS and the
     files joined. Reads files in a seeded random order until it has 4 x rows x seq_len tokens; a file that is
     not UTF-8 text (or holds a NUL byte) is skipped."""
-    files = _calibration_files(paths)
+    files = calibration_files(paths)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(files), generator=gen).tolist()
     ids, want = [], 4 * rows * seq_len
@@ -291,7 +291,9 @@ def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 1
     return torch.stack([t[s:s + seq_len] for s in starts.tolist()])
 
 
-def _calibration_files(paths: Optional[list]) -> list[Path]:
+def calibration_files(paths: Optional[list]) -> list[Path]:
+    """The files `calibration_tokens` reads from `paths` (see there), sorted per path; ValueError naming a path
+    that is missing or a directory without files."""
     if not paths:
         import sysconfig
 
