@@ -32,25 +32,20 @@ def check(a, method) -> None:
 
 def load_gptq(a, method: str, *, quantize_head: bool = False, **load_kwargs):
     """The dense model (`load_model(a.model, **load_kwargs)`), its projections swapped for GPTQ `method` ones;
-    (model, int4 group size)."""
+    (model, int4 group size, how: the record a checkpoint's config keeps, with a file count, not paths)."""
     from ..api import load_model, resolve_group_size
-    from ..quant.gptq import calibration_tokens, quantize_gptq
+    from ..quant.gptq import DAMP, calibration_files, calibration_tokens, quantize_gptq
 
+    files = calibration_files(a.calibration) if a.calibration else None  # (directories walked once)
     model = load_model(a.model, **load_kwargs)
     if a.calibration_len > model.args.max_seq_len:
         raise ValueError(f"--calibration-len {a.calibration_len}: the model's context is {model.args.max_seq_len}")
     group_size = resolve_group_size(a.group_size, method, model.args)
-    tokens = calibration_tokens(model.tokenizer, a.calibration, rows=a.calibration_rows, seq_len=a.calibration_len)
+    tokens = calibration_tokens(model.tokenizer, files, rows=a.calibration_rows, seq_len=a.calibration_len)
     quantize_gptq(model.module, tokens, method=method, group_size=group_size, quantize_head=quantize_head,
                   progress=lambda line: print(line, file=sys.stderr, flush=True))
-    return model, group_size
-
-
-def provenance(a) -> dict:
-    """How --gptq made the weights, for the checkpoint's config (no paths: a file count)."""
-    from ..quant.gptq import DAMP, calibration_files
-
-    text = f"{len(calibration_files(a.calibration))} file(s)" if a.calibration else \
+    text = f"{len(files)} file(s)" if files else \
         f"the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
-    return {"calibration": text, "rows": a.calibration_rows, "seq_len": a.calibration_len, "damp": DAMP,
-            "act_order": True, "static_groups": True}
+    how = {"calibration": text, "rows": a.calibration_rows, "seq_len": a.calibration_len, "damp": DAMP,
+           "act_order": True, "static_groups": True}
+    return model, group_size, how

@@ -39,14 +39,15 @@ def run(a) -> None:
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
     if a.gptq:
-        model, group_size = calibration.load_gptq(a, a.method, quantize_head=a.quantize_head, dtype=a.dtype,
-                                                  device=a.device)
+        model, group_size, how = calibration.load_gptq(a, a.method, quantize_head=a.quantize_head, dtype=a.dtype,
+                                                       device=a.device)
     else:
         model = load_model(a.model, dtype=a.dtype, device=a.device, quantize=a.method, group_size=a.group_size,
                            quantize_head=a.quantize_head)
         group_size = resolve_group_size(a.group_size, a.method, model.args)  # what load_model chose
+        how = None
     save_quantized(model, out, method=a.method, group_size=group_size, quantize_head=a.quantize_head,
-                   source_dir=model.path or default_model_path(), gptq=calibration.provenance(a) if a.gptq else None)
+                   source_dir=model.path or default_model_path(), gptq=how)
     from ..quant.linear import weight_bytes
 
     print(f"wrote {out} ({a.method}, weights {weight_bytes(model.module) / 2 ** 30:.2f} GiB)")
