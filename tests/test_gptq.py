@@ -306,6 +306,22 @@ def test_gptq_refuses_quantized_projections(fp32_ckpt):
         quantize_gptq(model.module, torch.zeros(1, 8, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gptq_refuses_a_model_that_has_generated(fp32_ckpt, backend):
+    """After a generation the engine holds state made from the dense weights (the prompt's cached K / V, which a
+    later prompt with the same start reuses; the cpu backend's native decoder): swapping the weights under it
+    would leave later generations half dense, so GPTQ refuses, and a fresh model quantizes as before."""
+    model = load_model(fp32_ckpt, backend=backend, device="cpu", dtype="float32")
+    model.generate([1, 5, 9], max_new_tokens=2)
+    tokens = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="already generated"):
+        quantize_gptq(model.module, tokens, method="int8")
+    assert all(type(b.attn.wqkv).__name__ == "Linear" for b in model.module.layers)  # nothing swapped
+    fresh = load_model(fp32_ckpt, backend=backend, device="cpu", dtype="float32")
+    quantize_gptq(fresh.module, tokens, method="int8")
+    assert all(type(b.attn.wqkv).__name__ == "QuantLinear" for b in fresh.module.layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,ratio", [("int4", 0.85), ("int8", 0.95), ("nf4", 0.85)])
 def test_gptq_on_cuda_in_bf16(method, ratio):

@@ -41,6 +41,7 @@ class DecodeState:
         [1, V]. On the CPU the native step in one call (a packed GEMM and transposed-key attention from 16 rows on,
         `native_decoder`'s prompt=True), elsewhere the module graph."""
         n, model = len(ids), self.model
+        model.weights_in_use = True  # (the cache now holds K / V made from them, which later prompts may reuse)
         native = model.ops.decoder(model)  # (the CPU's native step, kept on the model once built; else None)
         if native is not None:
             return native(torch.tensor(ids, dtype=torch.long), torch.arange(start, start + n), self.cache.data,

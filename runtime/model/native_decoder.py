@@ -41,6 +41,7 @@ def native_decoder(model) -> Optional[Callable]:
     if found is None:
         found = _build(model) or False
         model.__dict__[_ATTR] = found
+        model.weights_in_use = model.weights_in_use or bool(found)  # (it holds pointers to the weights)
     return found or None
 
 

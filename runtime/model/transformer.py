@@ -206,6 +206,9 @@ class Transformer(nn.Module):
                                args.rope_factor, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Set by what keeps state made from the weights (an engine's cached prompts, the native decoder): from then
+        # on the weights must not change in place (quantize_gptq refuses such a model).
+        self.weights_in_use = False
 
     @property
     def dtype(self) -> torch.dtype:

@@ -219,6 +219,9 @@ def quantize_gptq(transformer: Transformer, tokens: torch.Tensor, *, method: str
             return gptq_nf4(w, h, damp=damp)
     else:
         raise ValueError(f"GPTQ: method {method!r} is not one of ('int4', 'int8', 'nf4')")
+    if transformer.weights_in_use:
+        raise ValueError("GPTQ: this model has already generated, and its engine keeps state made from the dense "
+                         "weights (cached prompts' K / V, the native decoder); quantize a freshly loaded model")
     args = transformer.args
     if tokens.shape[1] > args.max_seq_len:
         raise ValueError(f"GPTQ calibration rows of {tokens.shape[1]} tokens exceed the model's context "
