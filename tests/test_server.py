@@ -216,6 +216,15 @@ def test_streamed_text_offsets_equal_the_plain_ones_when_a_stop_string_holds_tex
     assert got == want == plain.logprobs.text_offset
 
 
+def test_text_offsets_of_byte_pieces_point_at_their_character(model):
+    """The pieces of a character spelled in bytes all sit where the character starts (a partial UTF-8
+    sequence is no character yet): offsets never go back."""
+    from codellama_rt.server.logprobs import text_offsets
+
+    ids = model.tokenizer.encode("s = '\U0001F600\u00e9'", add_bos=False)  # ' s', ' =', " '", 4 + 2 bytes, "'"
+    assert len(ids) == 10 and text_offsets(model.tokenizer, ids, 3) == [3, 5, 7, 9, 9, 9, 9, 10, 10, 11]
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=2)
@@ -243,10 +252,13 @@ def test_chat_logprobs(client):
     ({"prompt": "x", "speculate": "ngram"}, "speculate"),
     ({"prompt": "x", "speculate": "draft"}, "speculate"),  # this server has no draft model
     ({"prompt": "x", "speculate": "lookup", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ({"prompt": "x", "logit_bias": {"1": 100}}, "logit_bias"),
+    ({"prompt": "x", "model": 123}, "model"),
 ])
 def test_bad_completion_request_is_400(http, body, param):
     r = http.post("/v1/completions", json=body)
-    assert r.status_code == (404 if param == "model" else 400), r.text
+    assert r.status_code == (404 if body.get("model") == "gpt-4" else 400), r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
 
@@ -259,6 +271,49 @@ def test_bad_chat_and_infill_requests_are_400(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = http.post("/infill", json={"input_prefix": "x", "n_predict": 5000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n_predict"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
+    ({"messages": [{"role": {"a": 1}, "content": "x"}]}, "messages"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"1": 100}}, "logit_bias"),
+    ({"max_tokens": -1, "max_completion_tokens": 2}, "max_tokens"),
+])
+def test_chat_fields_it_cannot_honour_are_400(http, extra, param):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, **extra}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    neutral = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "tool_choice": "none",
+               "response_format": {"type": "text"}, "logit_bias": {}, "functions": []}
+    assert http.post("/v1/chat/completions", json=neutral).status_code == 200
+
+
+def test_infill_names_its_own_fields(http):
+    r = http.post("/infill", json={"input_prefix": "x", "n_predict": 1, "repeat_penalty": "a"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "repeat_penalty" and "repeat_penalty=" in error["message"]
+
+
+def test_a_refused_stream_leaves_nothing_running(http):
+    """Every check comes before a request is submitted: a 400 leaves no generation behind."""
+    before = metrics(http)["codellama_rt_requests_total"]
+    for body in ({"stream_options": "x"}, {"stream_options": {"include_usage": 1}}):
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 600, "stream": True, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                    "max_tokens": 600, "stream": True, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    after = metrics(http)
+    assert after["codellama_rt_requests_total"] == before and after["codellama_rt_requests_running"] == 0
+
+
+def test_deeply_nested_json_is_400(http):
+    deep = '{"prompt": "x", "junk": ' + "[" * 5000 + "]" * 5000 + "}"
+    r = http.post("/v1/completions", content=deep.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
 def test_malformed_json_unknown_route_and_large_body(http, client):
@@ -274,7 +329,11 @@ def test_malformed_json_unknown_route_and_large_body(http, client):
 
 def test_models_and_health(client, http):
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    r = http.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert http.get("/health").json() == {"status": "ok"}
+    assert http.head("/health").status_code == 200
 
 
 def test_api_key(small):
@@ -396,6 +455,30 @@ def test_full_queue_is_429(small):
         assert _wait_for(lambda: metrics(h)["codellama_rt_requests_running"] == 0)
         assert metrics(h)["codellama_rt_rejected_total"] >= 1
         assert h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_more_choices_than_slots_and_queue_is_400_not_429(small):
+    """2 slots + 1 queue place: 4 choices at once could never be admitted, so no retry would help."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=small.url, timeout=60, headers=auth) as h:
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 3" in r.text
+        r = h.post("/v1/completions", json={"prompt": ["x"] * 4, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_gone_while_sending_its_body_is_quiet(small):
+    import socket
+
+    host, port = small.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(4):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+    time.sleep(1.0)  # (the server notices each disconnect on its own)
+    with httpx.Client(base_url=small.url, timeout=60) as h:
+        assert h.get("/health").status_code == 200
+    assert "internal error" not in small.stderr and "Traceback" not in small.stderr
 
 
 @pytest.mark.slow

@@ -115,6 +115,22 @@ def test_a_full_queue_refuses_and_a_cancelled_waiting_request_never_runs(model):
     assert engine.metrics.snapshot()["rejected"] == 1 and sinks[2].empty()
 
 
+def test_cancel_all_ends_every_request_and_leaves_the_loop_idle(model):
+    """A server's shutdown: running, waiting and just-submitted requests all end as cancelled and the loop
+    thread stops, so no thread is mid-step when the process exits."""
+    tok = model.tokenizer
+    engine = _engine(model, max_batch=1)
+    sinks = [queue.SimpleQueue() for _ in range(3)]
+    for sink, tail in zip(sinks, TAILS):
+        engine.submit(tok.encode(tail), SamplingParams(max_new_tokens=900), {}, sink=sink.put)
+    while not engine._running:
+        time.sleep(0.001)
+    assert engine.cancel_all(timeout=30) and not engine.driver.alive() and engine.idle()
+    for sink in sinks:
+        last = [sink.get_nowait() for _ in range(sink.qsize())][-1]
+        assert isinstance(last, Completion) and last.finish_reason == "cancelled" and len(last.token_ids) < 900
+
+
 def test_free_slots_are_no_queue_and_a_group_is_taken_whole(model):
     """max_queue counts requests left waiting once the free slots are filled: an idle engine with 4 slots and
     a queue of 1 takes 5 requests at once (different values each), refuses a 6th, and takes a group of

@@ -123,5 +123,6 @@ def run(a) -> None:
     finally:
         server.should_exit = True
     http.join(timeout=30)
+    model.engine.cancel_all()  # what no response waits for any more (a loop thread mid-step at exit aborts)
     if not server.started:
         raise RuntimeError(f"the HTTP server on {url} did not start (see the messages above)")

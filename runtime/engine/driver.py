@@ -97,6 +97,24 @@ class Driver:
                 if not self._resident and self._thread is None and (self._incoming or not self._idle()):
                     self._start_thread()  # what is left runs on
 
+    def pending(self) -> tuple:
+        """The items submitted but not yet taken by an iteration."""
+        with self._lock:
+            return tuple(self._incoming)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the loop thread (if any) to run out of work; True once none runs."""
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return True
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            thread.join(timeout=min(left, 0.1))
+
     def driving(self):
         """The driver role, as a context manager (blocks until no other thread runs an iteration)."""
         return self._driving

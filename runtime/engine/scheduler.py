@@ -118,7 +118,7 @@ class Engine:
             free = self.max_batch - len(self._running)
             if self.max_queue is not None and queued + len(self._waiting) + n - free > self.max_queue:
                 self.metrics.add("rejected", n)
-                raise ModelBusyError(f"the request queue is full ({self.max_queue} requests waiting for a "
+                raise ModelBusyError(f"the request queue is full (at most {self.max_queue} requests wait for a "
                                      f"slot of {self.max_batch}); retry later")
 
         self.driver.enqueue(requests, background=background, check=check)
@@ -128,6 +128,14 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Stop `request` (a no-op once finished): its slot is free before the next decode step."""
         request.cancelled = True
+
+    def cancel_all(self, timeout: float = 10.0) -> bool:
+        """Cancel every request (submitted, waiting or running) and wait up to `timeout` seconds for the loop
+        thread to let them go: a server's shutdown, so no thread is mid-step when the process exits. True
+        once none runs."""
+        for request in (*self.driver.pending(), *tuple(self._waiting), *tuple(self._running.values())):
+            request.cancelled = True
+        return self.driver.wait_idle(timeout)
 
     def run(self, prompts: list, params: SamplingParams, stop_tokens: dict) -> Run:
         """A Run of `prompts` (id lists, checked now; submitted when its first piece is asked for)."""

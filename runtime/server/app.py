@@ -1,7 +1,7 @@
 """The FastAPI application: routes, the API key check, and OpenAI's error shape for every failure.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, POST /infill (llama.cpp), GET /v1/models,
-GET /metrics (Prometheus), GET /health. With an `api_key`, every route but /health needs
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /infill (llama.cpp), GET /v1/models (and
+/v1/models/NAME), GET /metrics (Prometheus), GET or HEAD /health. With an `api_key`, every route but /health needs
 `Authorization: Bearer <key>` (401). Errors: 400 bad parameters or prompt (the field named in
 `error.param`), 401, 404 unknown route or model, 413 body over `max_body_bytes`, 429 queue full,
 500 anything unexpected (logged; the server goes on serving). A client that goes away cancels its
@@ -17,10 +17,11 @@ import time
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.async_engine import AsyncEngine
 from . import chat, completions, infill, metrics
-from .protocol import DEFAULT_MAX_BODY, APIError, error_body, read_json
+from .protocol import DEFAULT_MAX_BODY, APIError, check_model, error_body, read_json
 
 log = logging.getLogger("codellama_rt.server")
 
@@ -53,7 +54,16 @@ def create_app(model, *, served_model_name: str, api_key=None, max_body_bytes: i
 
     def post(path: str, handler) -> None:
         async def route(request: Request):
-            result = await _unless_disconnected(request, handler(await read_json(request, server.max_body), server))
+            try:
+                body = await read_json(request, server.max_body)
+                result = await _unless_disconnected(request, handler(body, server))
+            except ClientDisconnect:  # (gone while sending its body: nobody to answer)
+                log.info("client went away: %s %s while sending its body", request.method, request.url.path)
+                return Response(status_code=499)
+            except APIError:
+                raise
+            except Exception as e:  # answered here: re-raised past the app, uvicorn would drop the connection
+                return _internal_error(request, e)
             return JSONResponse(result) if isinstance(result, dict) else result
 
         app.add_api_route(path, route, methods=["POST"], dependencies=guarded)
@@ -62,16 +72,24 @@ def create_app(model, *, served_model_name: str, api_key=None, max_body_bytes: i
     post("/v1/chat/completions", chat.create)
     post("/infill", infill.create)
 
+    def model_object() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "codellama-rt",
+                "max_model_len": model.max_seq_len}
+
     @app.get("/v1/models", dependencies=guarded)
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "codellama-rt", "max_model_len": model.max_seq_len}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=guarded)
+    async def one_model(name: str):
+        check_model({"model": name}, server.name)
+        return model_object()
 
     @app.get("/metrics", dependencies=guarded)
     async def prometheus():
         return Response(metrics.render(server.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
@@ -122,5 +140,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
-        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+        return _internal_error(request, e)
+
+
+def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e,
+              exc_info=e)
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)

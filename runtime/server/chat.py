@@ -15,8 +15,8 @@ from fastapi.responses import StreamingResponse
 from ..engine.events import Completion
 from ..engine.row_sampling import LOGPROB_WIDTH
 from .logprobs import chat_logprobs
-from .protocol import (bad, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool, get_int,
-                       new_id, now, sampling_params, usage, wants_usage)
+from .protocol import (bad, check_absent, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool,
+                       get_int, new_id, now, sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_N = 16
@@ -30,7 +30,7 @@ def parse_messages(body: dict) -> list:
         raise bad("messages", "messages must be a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise bad("messages", f"messages[{i}]: expected an object with a role in {sorted(_ROLES)}")
         content = m.get("content")
         if isinstance(content, list):
@@ -49,11 +49,11 @@ async def create(body: dict, server):
     model, tok = server.model, server.model.tokenizer
     check_model(body, server.name)
     check_zero(body, "presence_penalty", "frequency_penalty")
-    if body.get("tools"):
-        raise bad("tools", "tools are not supported by this server")
+    check_absent(body, "tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias")
     messages = parse_messages(body)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = get_int(body, name, lo=0)
+    max_tokens = get_int(body, "max_tokens", lo=0)  # (both checked; the newer name wins)
+    max_tokens = get_int(body, "max_completion_tokens", max_tokens, lo=0)
     n = get_int(body, "n", 1, lo=1, hi=MAX_N)
     seed = get_int(body, "seed", lo=0)
     want_logprobs, stream = get_bool(body, "logprobs"), get_bool(body, "stream")
@@ -71,10 +71,10 @@ async def create(body: dict, server):
     jobs = [Job(ids, sampling_params(body, max_tokens=budget, temperature_default=1.0, names=names,
                                      seed=choice_seed(seed, i)),
                 model.stop_tokens("chat"), max(k, 1) if want_logprobs else 0) for i in range(n)]
-    streams = submit_all(server.aengine, jobs, prompt_param="messages")
+    include_usage = wants_usage(body)  # (every check before anything is submitted)
+    streams = submit_all(server.aengine, jobs, prompt_param="messages", count_param="n")
     head = {"id": new_id("chatcmpl"), "created": now(), "model": server.name}
     if stream:
-        include_usage = wants_usage(body)
         render = _Renderer(tok, head, n, k if want_logprobs else None, len(ids), include_usage)
         return StreamingResponse(sse_body(streams, render), media_type="text/event-stream")
     done = await completions(streams)

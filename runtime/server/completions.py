@@ -14,8 +14,8 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.events import Completion
 from .logprobs import TextOffsets, completion_logprobs, text_offsets
-from .protocol import (bad, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool, get_int,
-                       get_str, new_id, now, sampling_params, usage, wants_usage)
+from .protocol import (bad, check_absent, check_context, check_model, check_zero, choice_seed, finish_reason, get_bool,
+                       get_int, get_str, new_id, now, sampling_params, usage, wants_usage)
 from .streams import Job, completions, sse_body, submit_all
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the completions API
@@ -63,6 +63,7 @@ async def create(body: dict, server):
     model, tok = server.model, server.model.tokenizer
     check_model(body, server.name)
     check_zero(body, "presence_penalty", "frequency_penalty")
+    check_absent(body, "logit_bias")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of", "best_of is not supported by this server (only 1)")
     prompts = parse_prompts(body, tok)
@@ -87,11 +88,11 @@ async def create(body: dict, server):
             params = sampling_params(body, max_tokens=max_tokens, temperature_default=1.0,
                                      seed=choice_seed(seed, i))
             jobs.append(Job(ids, params, model.stop_tokens(mode), 0 if k is None else max(k, 1)))
-    streams = submit_all(server.aengine, jobs)
+    include_usage = wants_usage(body)  # (every check before anything is submitted)
+    streams = submit_all(server.aengine, jobs, count_param="n" if n > 1 else "prompt")
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": server.name}
     prompt_tokens = sum(p for p, _ in prompt_info)
     if stream:
-        include_usage = wants_usage(body)
         render = _Renderer(tok, head, [prompt_info[i // n][1] for i in range(len(jobs))], k, prompt_tokens,
                            include_usage, n)
         return StreamingResponse(sse_body(streams, render), media_type="text/event-stream")

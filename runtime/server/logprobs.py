@@ -6,6 +6,7 @@ when ASCII (CodeLlama spells newlines so), else (part of a UTF-8 character) `byt
 """
 from __future__ import annotations
 
+import codecs
 from typing import Optional
 
 from ..engine.events import TokenLogprob
@@ -50,24 +51,40 @@ class TextOffsets:
 
     Linear in the ids: the text before an id that is neither a byte piece nor a special id (which decoding
     skips) is the text up to the last such id plus the short run since (no UTF-8 sequence spans that boundary),
-    so only that run is decoded again.
+    so only that run is decoded again. Within a run of byte pieces an id's offset counts the characters its
+    bytes have completed (a UTF-8 sequence cut short counts once it is whole): offsets never go down.
     """
 
     def __init__(self, tokenizer, start: int = 0):
         self.tok, self.start = tokenizer, start
         self.ids: list = []
         self.base, self.base_len = 0, 0  # ids[:base] decode to base_len characters; ids[base] splits cleanly
+        self.last = start
 
     def extend(self, ids: list) -> list:
         out = []
         for token in ids:
             i = len(self.ids)
-            run = len(self.tok.decode_in_context(self.ids[self.base:i])) if i > self.base else 0
             if not (self.tok.sp.is_byte(token) or token in self.tok.special_ids):  # (skipped: bytes join across)
+                run = len(self.tok.decode_in_context(self.ids[self.base:i])) if i > self.base else 0
                 self.base, self.base_len, run = i, self.base_len + run, 0
-            out.append(self.start + self.base_len + run)
+            else:
+                run = self._completed(self.ids[self.base:i])
+            self.last = max(self.last, self.start + self.base_len + run)
+            out.append(self.last)
             self.ids.append(token)
         return out
+
+    def _completed(self, run: list) -> int:
+        """Characters the whole UTF-8 sequences among `run`'s pieces decode to (the run's first piece splits
+        cleanly: a run holds byte pieces, after one other piece)."""
+        if not run:
+            return 0
+        sp = self.tok.sp
+        head = [] if sp.is_byte(run[0]) or run[0] in self.tok.special_ids else [run[0]]
+        data = bytes(int(sp.id_to_piece(t)[3:5], 16) for t in run[len(head):] if sp.is_byte(t))
+        text = codecs.getincrementaldecoder("utf-8")("replace").decode(data)  # (an unfinished tail held back)
+        return (len(self.tok.decode_in_context(head)) if head else 0) + len(text)
 
 
 def text_offsets(tokenizer, ids: list, start: int = 0) -> list:

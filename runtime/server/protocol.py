@@ -54,6 +54,9 @@ async def read_json(request, limit: int) -> dict:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON here: it nests too deeply",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -112,12 +115,16 @@ def wants_usage(body: dict) -> bool:
         return False
     if not isinstance(options, dict):
         raise bad("stream_options", "stream_options must be an object")
-    return get_bool(options, "include_usage")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise bad("stream_options", "stream_options.include_usage must be true or false")
+    return bool(options.get("include_usage"))
 
 
 def check_model(body: dict, served: str) -> None:
     """`model`, when given, must name the served model (404 like OpenAI otherwise)."""
     name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise bad("model", "model must be a string")
     if name is not None and name != served:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
                        param="model", code="model_not_found")
@@ -128,6 +135,16 @@ def check_zero(body: dict, *names: str) -> None:
     for name in names:
         if get_number(body, name, 0) != 0:
             raise bad(name, f"{name} is not supported by this server (only 0)")
+
+
+def check_absent(body: dict, *names: str) -> None:
+    """OpenAI parameters this server cannot honour (tools, logit_bias, response formats): a 400 unless absent or
+    at their neutral value (null, empty, "none", {"type": "text"})."""
+    for name in names:
+        value = body.get(name)
+        if value in (None, "none", [], {}) or value == {"type": "text"}:
+            continue
+        raise bad(name, f"{name} is not supported by this server")
 
 
 # SamplingParams' names -> the request's
@@ -156,6 +173,9 @@ def sampling_params(body: dict, *, max_tokens: int, temperature_default: float, 
                               stop=stop if stop != [] else None, seed=seed,
                               speculate=body.get("speculate"),
                               num_speculative_tokens=get_int(body, "num_speculative_tokens", 8))
+    except APIError as e:  # (a field of the wrong type, named as the endpoint names it)
+        shown = names.get(e.param, e.param)
+        raise bad(shown, e.message.replace(f"{e.param}=", f"{shown}=", 1)) from None
     except ValueError as e:
         name = re.match(r"(\w+)=", str(e))
         param = name.group(1) if name else None

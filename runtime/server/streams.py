@@ -28,9 +28,15 @@ class Job:
     logprobs: int = 0
 
 
-def submit_all(aengine, jobs: list, prompt_param: str = "prompt") -> list:
+def submit_all(aengine, jobs: list, prompt_param: str = "prompt", count_param: str = "n") -> list:
     """EventStreams of `jobs`, all submitted now, or none: a refusal is raised as an APIError (429 for a full
-    queue, 400 for a bad prompt)."""
+    queue, 400 for a bad prompt, or for more jobs than the engine's slots and queue hold at once, which no
+    retry would admit: named `count_param`)."""
+    engine = aengine.engine
+    if engine.max_queue is not None and len(jobs) > engine.max_batch + engine.max_queue:
+        raise bad(count_param, f"the request asks for {len(jobs)} completions at once (prompts x n); this server "
+                  f"holds at most {engine.max_batch + engine.max_queue} ({engine.max_batch} running, "
+                  f"{engine.max_queue} waiting)")
     try:
         return aengine.submit_many([(job.ids, job.params, job.stop_tokens, job.logprobs) for job in jobs])
     except ModelBusyError as e:
