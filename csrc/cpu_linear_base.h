@@ -8,6 +8,7 @@
 #ifdef CLRT_LITE
 #include <omp.h>
 
+#include <atomic>
 #include <stdexcept>
 #else
 #include <ATen/Parallel.h>
@@ -151,12 +152,25 @@ inline void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("codellama_rt native CPU kernels: " + what);
 }
 
+// The lite library's thread count for every thread of the process (0: OpenMP's default, every core), set by
+// clrt_set_threads: omp_set_num_threads holds only for the thread that calls it, and a model made on one thread
+// is often run from another (a server's worker).
+inline std::atomic<int>& lite_threads() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
+inline int64_t max_threads() {
+  const int n = lite_threads().load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+}
+
 // [begin, end) in at most one contiguous chunk per thread, no chunk under `grain` (at::parallel_for's split).
 template <class F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
   const int64_t n = end - begin;
-  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
+  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(max_threads(), (n + grain - 1) / grain);
   if (threads <= 1) {
     f(begin, end);
     return;

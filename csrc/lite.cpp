@@ -31,10 +31,11 @@ const char* clrt_isa() {
   return isa.c_str();
 }
 
-// OpenMP's thread count for later steps (n >= 1); returns the count in force after the call.
+// The thread count of later steps on every thread of the process (n >= 1; 0 leaves it); returns the count in
+// force after the call.
 int clrt_set_threads(int n) {
-  if (n >= 1) omp_set_num_threads(n);
-  return omp_get_max_threads();
+  if (n >= 1) clrt::lite_threads() = n;
+  return static_cast<int>(clrt::max_threads());
 }
 
 // A decoder over the arrays (DecoderCore's constructor; norms: 2 * layers pointers, copied); null with `err` on

@@ -5,6 +5,7 @@ torch, and refuses bad files, bad arguments and concurrent calls with errors nam
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -145,6 +146,21 @@ def test_threads_do_not_change_the_logits(exported):
         assert np.array_equal(lite.LiteModel(d).logits(PROMPT), before)
     finally:
         set_threads(torch.get_num_threads())
+
+
+def test_threads_hold_for_every_thread(exported):
+    """threads= is the process's, not only the calling thread's (OpenMP's own setting is per thread)."""
+    from codellama_rt.lite.native import set_threads
+
+    seen = []
+    try:
+        lite.LiteModel(exported["int8"][1], threads=1)
+        worker = threading.Thread(target=lambda: seen.append(library().clrt_set_threads(0)))
+        worker.start()
+        worker.join()
+    finally:
+        set_threads(torch.get_num_threads())
+    assert seen == [1]
 
 
 def test_sampling_stop_and_stream(exported):
@@ -321,8 +337,45 @@ def test_bad_files(exported, tmp_path):
         c["projections"].pop()
 
     bad = _rewrite(src, tmp_path / "missing-head", edit_config=drop)
-    with pytest.raises(ValueError, match="not every projection"):
-        lite.LiteModel(bad).generate("x", max_new_tokens=1)
+    with pytest.raises(ValueError, match="32 projections for 8 layers"):
+        lite.LiteModel(bad)
+    bad = _rewrite(src, tmp_path / "ffn", edit_config=lambda c: c.update(ffn_dim=700))
+    with pytest.raises(ValueError, match=r"projection 2: .* do not make the model's \[1400, 256\]"):
+        lite.LiteModel(bad)
+    for edit, message in ((dict(norm_eps=float("nan")), "norm_eps=nan"), (dict(norm_eps=-1e-5), "norm_eps"),
+                          (dict(eos_ids=None), "eos_ids=None"), (dict(eos_ids=[10 ** 9]), "eos_ids")):
+        bad = _rewrite(src, tmp_path / "cfg", edit_config=lambda c: c.update(edit))
+        with pytest.raises(CheckpointError, match=message):
+            lite.LiteModel(bad)
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    text = b"[" * 200_000
+    (deep / "lite.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(CheckpointError, match="not a lite model file"):
+        lite.LiteModel(deep)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "lite.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):  # (never blocks opening it)
+        lite.LiteModel(fifo)
+
+
+@pytest.mark.parametrize("quantize, tensor", [("int4", "zs"), ("nf4", "levels")])
+def test_a_missing_optional_tensor_is_an_error(exported, tmp_path, quantize, tensor):
+    """int4's zero points and NF4's levels are optional in the layout: the file lists each part's tensors, so
+    one gone is named (it ran as another format before); a file without the lists still loads, as written."""
+    src = exported[quantize][1] / "lite.safetensors"
+    bad = _rewrite(src, tmp_path / "gone", edit_header=lambda h: h.pop(f"proj.5.0.{tensor}"))
+    with pytest.raises(ValueError, match=f"tensor 'proj.5.0.{tensor}' missing"):
+        lite.LiteModel(bad)
+
+    def unlisted(c):
+        for parts in c["projections"]:
+            for p in parts:
+                p.pop("tensors")
+
+    old = _rewrite(src, tmp_path / "old", edit_config=unlisted)
+    assert np.array_equal(lite.LiteModel(old).logits(PROMPT), lite.LiteModel(exported[quantize][1]).logits(PROMPT))
 
 
 def test_file_tensors_start_on_cache_lines(tmp_path):
@@ -428,7 +481,7 @@ def test_prompt_attention_blocks(tiny_tokenizer, tmp_path, heads):
 
 def test_export_lite_command(tmp_path, capsys):
     """`codellama-rt export-lite`: the default model in int8, which then generates what export_lite's model does;
-    a file where the directory should be is refused (exit 2, naming --out)."""
+    a file where the directory should be is refused (exit 2, naming --out), as is an int4 group size for int8."""
     from codellama_rt.cli import main
 
     assert main(["export-lite", "--quantize", "int8", "--out", str(tmp_path / "lite")]) == 0
@@ -438,6 +491,8 @@ def test_export_lite_command(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["export-lite", "--out", str(tmp_path / "file")]) == 2
     assert "--out" in capsys.readouterr().err
+    assert main(["export-lite", "--quantize", "int8", "--group-size", "32", "--out", str(tmp_path / "g")]) == 2
+    assert "--group-size applies to --quantize int4 only" in capsys.readouterr().err
 
 
 # ---- speculative decoding ---------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def run(a) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    if a.group_size is not None and a.quantize != "int4":
+        raise ValueError("--group-size applies to --quantize int4 only")
     calibration.check(a, a.quantize)
     if a.gptq:
         model = calibration.load_gptq(a, a.quantize, dtype=torch.float32, device="cpu", progress=False)[0]

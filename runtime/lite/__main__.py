@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                 print(piece, end="", flush=True)
             print()
             c = run.completion
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.stats:

@@ -48,10 +48,13 @@ def _tensors_and_config(parts: DecoderParts) -> tuple[dict, dict]:
         for i, (kind, w, scale, zs, n, k, group, levels) in enumerate(projection):
             name = f"proj.{j}.{i}"
             tensors[f"{name}.w"] = w
+            held = ["w"]
             for suffix, t in (("scale", scale), ("zs", zs), ("levels", levels)):
                 if t.numel():
                     tensors[f"{name}.{suffix}"] = t
-            described.append({"kind": _KIND_NAMES[kind], "N": int(n), "K": int(k), "group": int(group)})
+                    held.append(suffix)
+            described.append({"kind": _KIND_NAMES[kind], "N": int(n), "K": int(k), "group": int(group),
+                              "tensors": held})
         projections.append(described)
     dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size = (int(d) for d in parts.dims)
     config = {"version": VERSION, "dim": dim, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim,

@@ -5,7 +5,10 @@ Tensors: `embedding` fp32 [V, dim]; `norm.<i>` fp32 [dim] (per layer attention t
 `rope_cos` / `rope_sin` fp32 [positions, head_dim / 2]; per projection j (per layer wqkv, wo, w13, w2, then the
 lm_head) and part i: `proj.<j>.<i>.w` (fp32, int8 or uint8 int4 codes in chunk order), `.scale`, `.zs`, `.levels`
 where its format has them (csrc/cpu_linear_base.h's Linear). The header's metadata `codellama_rt_lite` holds the
-JSON config: format version, dims, eps, special ids and each part's kind, N, K and group.
+JSON config: format version, dims, eps, special ids and each part's kind, N, K, group and the tensors it holds
+(`tensors`, e.g. ["w", "scale", "zs"]: an int4 weight's zero points and an NF4 weight's levels are optional in
+the layout, so a file names what it has; files written before it say nothing, and their tensors are taken as
+found).
 
 Read by mapping the file (`read`): the arrays are views of the mapping, so a weight costs memory only as the step
 touches it, and several processes share one copy. (The safetensors package's numpy loader copies every tensor;
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from typing import NamedTuple
 
@@ -46,6 +50,8 @@ class LiteFile(NamedTuple):
 def read(path) -> LiteFile:
     """Maps `path` (a lite.safetensors) and returns its config and arrays; CheckpointError names what is wrong."""
     path = os.fspath(path)
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError("not a regular file", file=path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -63,7 +69,7 @@ def read(path) -> LiteFile:
     try:
         header = json.loads(bytes(mapped[8:8 + n]))
         config = json.loads(header.get("__metadata__", {})[METADATA_KEY])
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointError(f"not a lite model file (no '{METADATA_KEY}' metadata in a safetensors "
                               "header)", file=path) from None
     if not isinstance(config, dict) or config.get("version") != VERSION:
@@ -74,6 +80,13 @@ def read(path) -> LiteFile:
     if bad or not isinstance(config.get("norm_eps"), (int, float)) or not isinstance(config.get("projections"), list):
         raise CheckpointError(f"config ({METADATA_KEY}): {', '.join(bad) or 'norm_eps or projections'} missing or "
                               "not a positive number", file=path)
+    if not 0 < config["norm_eps"] < 1:  # (NaN fails it too)
+        raise CheckpointError(f"config ({METADATA_KEY}): norm_eps={config['norm_eps']!r} is not in (0, 1)", file=path)
+    eos = config.get("eos_ids", [])
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            and 0 <= i < config["vocab_size"] for i in eos):
+        raise CheckpointError(f"config ({METADATA_KEY}): eos_ids={eos!r} is not a list of token ids below "
+                              f"vocab_size {config['vocab_size']}", file=path)
     buffer = np.frombuffer(mapped, dtype=np.uint8)
     arrays = {}
     for name, info in header.items():

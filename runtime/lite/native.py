@@ -92,7 +92,11 @@ class NativeDecoder:
         if not self._d:
             raise ValueError(f"{path}: {err.value.decode()}")
         weight_bytes, has_int8 = 0, False
-        for j, parts in enumerate(c["projections"]):
+        shapes = _projection_shapes(c)
+        if len(c["projections"]) != len(shapes):
+            raise ValueError(f"{path}: {len(c['projections'])} projections for {self.layers} layers (expected "
+                             f"{len(shapes)}: wqkv, wo, w13, w2 per layer, then the lm_head)")
+        for j, (parts, (width, depth)) in enumerate(zip(c["projections"], shapes)):
             if not isinstance(parts, list) or not parts:
                 raise ValueError(f"{path}: projection {j}: a non-empty list of parts expected, got {parts!r}")
             for i, p in enumerate(parts):
@@ -104,6 +108,9 @@ class NativeDecoder:
                     raise ValueError(f"{path}: {name}: unknown weight kind {p.get('kind')!r}")
                 w, scale, zs, levels = (a.get(f"{name}.{s}") for s in ("w", "scale", "zs", "levels"))
                 _check_part(name, kind, p, w, scale, zs, levels, path)
+                if p["K"] != depth or (i == len(parts) - 1 and sum(q["N"] for q in parts) != width):
+                    raise ValueError(f"{path}: projection {j}: parts of {[(q.get('N'), q.get('K')) for q in parts]} "
+                                     f"(N, K) do not make the model's [{width}, {depth}]")
                 if lib.clrt_decoder_add_linear(self._d, kind, _ptr(w), _ptr(scale), _ptr(zs), _ptr(levels), p["N"],
                                                p["K"], p["group"], int(i > 0), err, _ERR):
                     raise ValueError(f"{path}: {name}: {err.value.decode()}")
@@ -179,10 +186,27 @@ def _check(arrays: dict, name: str, dtype, shape: tuple, path: str) -> np.ndarra
     return t
 
 
+def _projection_shapes(c: dict) -> list:
+    """(N, K) of every projection the config's dims give: per layer wqkv, wo, w13, w2, then the lm_head."""
+    q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    layer = [(q + 2 * kv, c["dim"]), (c["dim"], q), (2 * c["ffn_dim"], c["dim"]), (c["dim"], c["ffn_dim"])]
+    return layer * c["layers"] + [(c["vocab_size"], c["dim"])]
+
+
 def _check_part(name, kind, p, w, scale, zs, levels, path) -> None:
-    """A part's arrays against its kind's layout (csrc/cpu_linear_base.h's Linear), before the library reads them."""
+    """A part's arrays against its kind's layout (csrc/cpu_linear_base.h's Linear), before the library reads them;
+    where the config lists the part's tensors (`tensors`), each of them present."""
     if not all(isinstance(p.get(key), int) and not isinstance(p.get(key), bool) for key in ("N", "K", "group")):
         raise ValueError(f"{path}: {name}: N, K and group must be integers, got {p!r}")
+    listed = p.get("tensors")
+    if listed is not None:
+        if not isinstance(listed, list) or not set(listed) <= {"w", "scale", "zs", "levels"}:
+            raise ValueError(f"{path}: {name}: tensors must list some of w, scale, zs, levels, got {listed!r}")
+        given = {"w": w, "scale": scale, "zs": zs, "levels": levels}
+        for suffix, t in given.items():
+            if (t is None) == (suffix in listed):
+                raise ValueError(f"{path}: tensor '{name}.{suffix}' " + ("missing" if t is None else
+                                 "is not one the config lists for this part"))
     n, k, g = p["N"], p["K"], p["group"]
     if kind == KINDS["dense"]:
         expect = {"w": (np.float32, (n, k))}
