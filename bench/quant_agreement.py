@@ -1,10 +1,12 @@
 """How often int8 / int4 / NF4 weights pick fp32's greedy tokens (issue 21's agreement bar), on the CPU.
 
-    python bench/quant_agreement.py [--model DIR] [--new-tokens 64] [--held-out N] [--out FILE]
+    python bench/quant_agreement.py [--model DIR] [--new-tokens 64] [--held-out N [--per-file K]] [--out FILE]
 
-Prompts: the bench's code prompts, and with --held-out N as many more: a run of whole lines (up to 600
-characters) from each of N held-out files of the default model's corpus (tools/corpus.py; seeded), code the
-default model never trained on. For each prompt: fp32's greedy continuation of `--new-tokens` tokens, then per
+Prompts: the bench's code prompts, and with --held-out N more: K runs of whole lines (up to 600 characters; K = 1
+by default, fewer where a file has fewer) from each of N held-out files of the default model's corpus
+(tools/corpus.py; seeded), code the default model never trained on. The free-running share swings with a few
+near-ties, so each mean comes with its standard error over the prompts (`--held-out 36 --per-file 8`: ~290
+prompts, about +-0.02). For each prompt: fp32's greedy continuation of `--new-tokens` tokens, then per
 quantized row
 - free-running: the row's own greedy continuation; the share of positions before its first difference
   from fp32's (one near-tie flips everything after it);
@@ -49,8 +51,9 @@ def mean_kl(ref_logits, logits) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-def held_out_prompts(n: int, seed: int = 1) -> list[str]:
-    """A run of whole lines (<= 600 characters) from each of n held-out files of the default model's corpus."""
+def held_out_prompts(n: int, seed: int = 1, per_file: int = 1) -> list[str]:
+    """per_file distinct runs of whole lines (<= 600 characters; fewer where a file has fewer) from each of n
+    held-out files of the default model's corpus."""
     import random
     import sys
 
@@ -67,15 +70,29 @@ def held_out_prompts(n: int, seed: int = 1) -> list[str]:
     held = corpus.corpus_split()[1]
     if n > len(held):
         raise ValueError(f"--held-out {n}: the corpus holds out {len(held)} files")
-    return [rng.choice(corpus.chunks(corpus.read_source(f), 600)) for f in rng.sample(held, n)]
+    if per_file < 1:
+        raise ValueError(f"--per-file {per_file}: must be at least 1")
+    out = []
+    for f in rng.sample(held, n):
+        runs = corpus.chunks(corpus.read_source(f), 600)
+        out += [rng.choice(runs)] if per_file == 1 else rng.sample(runs, min(per_file, len(runs)))
+    return out
 
 
-def measure(model_path, new_tokens: int, held_out: int = 0) -> dict:
+def mean_and_error(values: list) -> tuple[float, float]:
+    """(mean, standard error of the mean) of values (error 0 for fewer than two)."""
+    import statistics
+
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
+def measure(model_path, new_tokens: int, held_out: int = 0, per_file: int = 1) -> dict:
     import tempfile
 
     from codellama_rt.bench.prompts import CODE_PROMPTS
 
-    prompts = list(CODE_PROMPTS) + (held_out_prompts(held_out) if held_out else [])
+    prompts = list(CODE_PROMPTS) + (held_out_prompts(held_out, per_file=per_file) if held_out else [])
     with tempfile.TemporaryDirectory(prefix="quant-agreement-") as d:
         return _measure(model_path, new_tokens, prompts, Path(d))
 
@@ -109,7 +126,8 @@ def _measure(model_path, new_tokens: int, prompts: list, tmp: Path) -> dict:
         free = [prefix_share(g, w) for g, w in zip(got, want)]
         forced = [teacher_forced(m, i, w) for i, w in zip(ids, want)]
         kl = [mean_kl(r, continuation_logits(m, i, w)) for r, i, w in zip(ref_logits, ids, want)]
-        rows.append(dict(weights=quantize, quantized_head=head, free_running=sum(free) / len(free),
+        rows.append(dict(weights=quantize, quantized_head=head, free_running=mean_and_error(free)[0],
+                         free_running_error=mean_and_error(free)[1],
                          teacher_forced=sum(forced) / len(forced), kl=sum(kl) / len(kl),
                          free_running_per_prompt=free,
                          teacher_forced_per_prompt=forced))
@@ -121,20 +139,23 @@ def main(argv=None) -> dict:
     p.add_argument("--model", type=Path, default=None, help="HF-layout directory (default: the embedded model)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--held-out", type=int, default=0, metavar="N",
-                   help="N more prompts from held-out files of the default model's corpus")
+                   help="more prompts from N held-out files of the default model's corpus")
+    p.add_argument("--per-file", type=int, default=1, metavar="K", help="prompts from each held-out file")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     from codellama_rt.bench.common import emit_json, environment
 
-    doc = {"meta": {**environment(), "model": str(a.model or "default"), "held_out": a.held_out},
-           **measure(a.model, a.new_tokens, a.held_out)}
+    doc = {"meta": {**environment(), "model": str(a.model or "default"), "held_out": a.held_out,
+                    "per_file": a.per_file},
+           **measure(a.model, a.new_tokens, a.held_out, a.per_file)}
     if a.out:
         emit_json(doc, a.out)
     print(f"| weights | lm_head | free-running greedy agreement | teacher-forced agreement | KL from fp32 |  "
           f"({doc['prompts']} prompts x {a.new_tokens} tokens)")
     print("|---|---|---|---|---|")
     for r in doc["rows"]:
-        print(f"| {r['weights']} | {'quantized' if r['quantized_head'] else 'dense'} | {r['free_running']:.3f} | "
+        print(f"| {r['weights']} | {'quantized' if r['quantized_head'] else 'dense'} | {r['free_running']:.3f} "
+              f"+-{r['free_running_error']:.3f} | "
               f"{r['teacher_forced']:.3f} | {r['kl']:.5f} |")
     return doc
 

@@ -116,3 +116,8 @@ def test_quant_agreement_measures():
     assert all(any(p in h for h in held) for p in prompts)  # runs of the held-out files, never trained on
     with pytest.raises(ValueError, match="--held-out 100000"):
         qa.held_out_prompts(100000)
+    more = qa.held_out_prompts(3, per_file=4)
+    assert len(set(more)) == len(more) and 3 < len(more) <= 12 and all(any(p in h for h in held) for p in more)
+    with pytest.raises(ValueError, match="--per-file 0"):
+        qa.held_out_prompts(3, per_file=0)
+    assert qa.mean_and_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, math.sqrt(1 / 3) / 2))
