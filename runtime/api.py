@@ -18,84 +18,12 @@ from .kernels.options import parse_kernel_options
 from .model.transformer import Linear, Transformer
 from .quant.linear import hold_parts, quantize_model
 from .engine.sampling import SamplingParams
+from .load_args import (LONG_CONTEXT, MAX_THREADS, check_options, check_path, check_quantizer_knobs,  # noqa: F401
+                        check_seq_len, check_threads, context_limit, int4_group_size, parse_device, parse_dtype,
+                        resolve_group_size)
 from .tokenizer.tokenizer import Tokenizer
 
 Prompt = Union[str, list]
-# Meta reports CodeLlama (rope theta 1e6) generating stably with up to 100,000 tokens of context, past the
-# 16,384 its config states; other models are limited to their config's context.
-LONG_CONTEXT = 100_000
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_QUANTIZE = (None, "nf4", "int4", "int8")
-
-
-def parse_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype={dtype} is not supported; expected torch.float32, torch.bfloat16 or torch.float16")
-    return dtype
-
-
-def parse_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is invalid: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={str(device)!r} is not supported; expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-def context_limit(args: ModelArgs) -> int:
-    """The largest `max_seq_len` a model accepts: its config's context (max_position_embeddings), or
-    LONG_CONTEXT for CodeLlama's long-context rotary base (rope_theta >= 1e6) when that is larger."""
-    return max(args.max_seq_len, LONG_CONTEXT) if args.rope_theta >= 1e6 else args.max_seq_len
-
-
-def check_seq_len(max_seq_len: Optional[int], args: ModelArgs) -> int:
-    """`max_seq_len` (None: the model's context) checked against `context_limit(args)`."""
-    if max_seq_len is None:
-        return args.max_seq_len
-    limit = context_limit(args)
-    if max_seq_len > limit:
-        extended = f"; rope theta {args.rope_theta:g} extends it to {limit}" if limit > args.max_seq_len else ""
-        raise ValueError(f"max_seq_len={max_seq_len} is invalid: this model supports at most {limit} tokens "
-                         f"(its context is {args.max_seq_len}{extended})")
-    return max_seq_len
-
-
-def int4_group_size(args: ModelArgs) -> int:
-    """The largest int4 group size (128, 64, 32) dividing every projection's input width (the lm_head's
-    is `dim`, so this holds with `quantize_head` too)."""
-    from .kernels.int4_format import GROUP_SIZES
-
-    widths = {args.dim, args.q_dim, args.ffn_dim}
-    for g in sorted(GROUP_SIZES, reverse=True):
-        if all(w % g == 0 for w in widths):
-            return g
-    raise ValueError(f"int4 needs a group size in {GROUP_SIZES} dividing every projection's input width "
-                     f"({sorted(widths)}); none does: use int8 or nf4")
-
-
-def resolve_group_size(group_size: Optional[int], quantize: Optional[str], args: ModelArgs) -> int:
-    """The int4 group size a load uses: `group_size` when given, else `int4_group_size` for int4 (128 for
-    the other methods, which ignore it)."""
-    if group_size is not None:
-        return group_size
-    return int4_group_size(args) if quantize == "int4" else 128
-
-
 def default_model_path() -> Path:
     """The embedded default model shipped as package data (its README.md says how it was trained)."""
     return Path(__file__).parent / "default_model"
@@ -144,13 +72,16 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
                dist_init: Optional[str] = None, threads: Optional[int] = None, draft=None) -> "Model":
     """`load` with the quantizer's knobs: int4 `group_size` (None: `int4_group_size`), and
     `quantize_head` (the lm_head too)."""
+    check_path("path", path)
+    if not isinstance(draft, Model):
+        check_path("draft", draft, also=", a loaded Model")
     if draft is not None and tensor_parallel:
         raise ValueError("draft= with tensor_parallel=True is not supported yet: speculate with 'lookup'")
     device = parse_device(device)
+    check_threads(threads)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads={threads!r} is invalid: expected an integer >= 1 (or None: one per core)")
         torch.set_num_threads(threads)
+    check_quantizer_knobs(quantize, group_size, quantize_head)
     tp = TensorParallel.join(device, init_method=dist_init) if tensor_parallel else None
     if tp is not None:
         device, cuda_graphs = tp.device, bool(cuda_graphs)  # graphs with NCCL inside: not measured yet
@@ -160,7 +91,7 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={str(device)!r}")
     dtype = parse_dtype(dtype, device)
-    _check_options(quantize, group_size, max_batch_size, max_seq_len)
+    check_options(quantize, group_size, max_batch_size, max_seq_len)
     ops = resolve_backend(backend, device, parse_kernel_options(kernel_options))
 
     if path is None:
@@ -175,6 +106,10 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     tokenizer = Tokenizer.from_pretrained(directory)
     source = open_source(directory, layout)
     fill_vocab_size(args, source, layout)
+    outside = [i for i in (args.bos_id, *args.eos_ids) if i >= args.vocab_size]
+    if outside:  # (an EOS the model can never produce: generation would never stop at the real one)
+        raise CheckpointError(f"special token id {outside[0]} (bos / eos) is outside the vocabulary of "
+                              f"{args.vocab_size}", file=directory)
     check_shapes(source, layout, args)  # before allocating what the config asks for
     if tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model embeds only "
@@ -183,6 +118,9 @@ def load_model(path=None, *, backend: str = "auto", dtype=None, device=None, qua
     if quantize is not None and quantization is not None and quantize != quantization.method:
         raise ValueError(f"quantize={quantize!r}, but {directory} is already quantized as "
                          f"{quantization.describe()}")
+    if group_size is not None and quantization is not None and group_size != quantization.group_size:
+        raise ValueError(f"group_size={group_size}, but {directory} is already quantized as "
+                         f"{quantization.describe()}: its groups stay as stored")
     local = args if tp is None else tp.local_args(args)
     group_size = resolve_group_size(group_size, quantize, local)  # (a rank's widths must split into groups)
     quantized = quantize is not None or quantization is not None
@@ -227,7 +165,7 @@ def random_model(args: ModelArgs, tokenizer, *, backend: str = "auto", dtype=Non
     """
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
-    _check_options(quantize, group_size, max_batch_size, max_seq_len)
+    check_options(quantize, group_size, max_batch_size, max_seq_len)
     ops = resolve_backend(backend, device, parse_kernel_options(kernel_options))
     seq_len = check_seq_len(max_seq_len, args)
     group_size = resolve_group_size(group_size, quantize, args)
@@ -270,24 +208,6 @@ def _transformer(args: ModelArgs, ops, dtype, device, seq_len: int, quantized: b
                           f"parameters in {dtype})") from None
 
 
-def _check_options(quantize, group_size, max_batch_size, max_seq_len) -> None:
-    if quantize not in _QUANTIZE:
-        raise ValueError(f"quantize={quantize!r} is invalid; expected one of {_QUANTIZE}")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1):
-        raise ValueError(f"group_size={group_size!r} is invalid: expected an integer >= 1 (or None: automatic)")
-    if quantize == "int4" and group_size is not None:
-        from .kernels.int4_format import GROUP_SIZES
-
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={group_size} is not supported; expected one of {GROUP_SIZES}")
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size={max_batch_size!r} is invalid: expected an integer >= 1")
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 1):
-        raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: expected an integer >= 1")
-
-
 class Model:
     """A loaded model with its tokenizer and generation engine (see API.md).
 
@@ -318,10 +238,15 @@ class Model:
     def logits(self, token_ids) -> torch.Tensor:
         """list[int] [T] or int64 [B, T] -> fp32 logits [B, T, vocab] (full forward, no cache)."""
         if isinstance(token_ids, torch.Tensor):
-            if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"token_ids must be an integer tensor [B, T], got {token_ids.dtype} "
-                                 f"{list(token_ids.shape)}")
+            if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32) or 0 in token_ids.shape \
+                    or token_ids.device.type == "meta":
+                raise ValueError(f"token_ids must be a non-empty integer tensor [B, T] with values, got "
+                                 f"{token_ids.dtype} {list(token_ids.shape)} on {token_ids.device}")
             rows = token_ids.tolist()
+        elif isinstance(token_ids, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
+            raise ValueError("token_ids must be a list of token ids (ints) or an int64 tensor [B, T]; encode "
+                             "text with model.tokenizer.encode")
         else:
             rows = [list(token_ids)]
         for r in rows:
@@ -367,7 +292,7 @@ class Model:
 
         The request is submitted at the first piece and runs until the stream is exhausted or closed
         (`close()`, or dropped), which cancels it and frees its slot."""
-        return _pieces(self._run([self._ids(prompt)], sampling))
+        return _Pieces(self._run([self._ids(prompt)], sampling))
 
     def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, **sampling) -> Completion:
         """The middle between `prefix` and `suffix` (Meta's prompt format); stops at <EOT>."""
@@ -380,17 +305,28 @@ class Model:
 
     def stream_chat(self, messages: list, **sampling) -> Iterator[str]:
         """`chat`, streamed as text pieces."""
-        return _pieces(self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat"))
+        return _Pieces(self._run([self.tokenizer.encode_chat(messages)], sampling, mode="chat"))
 
 
-def _pieces(run) -> Iterator[str]:
-    """The text pieces of a one-prompt Run; closing this closes the Run (the engine is free again)."""
-    it = iter(run)
-    try:
-        for _, piece in it:
-            yield piece
-    finally:
-        it.close()
+class _Pieces:
+    """The text pieces of a one-prompt Run. `close()` (or dropping it) cancels the request and frees the engine;
+    called from another thread while one iterates (a UI cancelling the stream its worker reads), it cancels the
+    request and that thread's loop ends at its next event."""
+
+    def __init__(self, run):
+        self._run, self._it = run, iter(run)
+
+    def __iter__(self) -> "_Pieces":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)[1]
+
+    def close(self) -> None:
+        try:
+            self._it.close()
+        except ValueError:  # "generator already executing": another thread is inside it
+            self._run.cancel()
 
 
 def _finish(run) -> list[Completion]:

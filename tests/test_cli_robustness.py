@@ -32,6 +32,28 @@ def run(capsys, *argv, stdin: bytes | None = None, monkeypatch=None):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("argv, stdin, fragment", [
+    (["generate", "-"], "closed", "stdin is closed"),
+    (["generate", "x"], "closed-stdout", "stdout is closed"),
+    (["generate", "-"], b"\xff\xfedef", "stdin is not valid UTF-8 (byte 0xff at character 0)"),
+])
+def test_closed_or_undecodable_standard_streams_exit_2(argv, stdin, fragment):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "codellama_rt", *argv, "--max-new-tokens", "2"]
+    if stdin == "closed":
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300,
+                           preexec_fn=lambda: __import__("os").close(0))
+    elif stdin == "closed-stdout":
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+                           preexec_fn=lambda: __import__("os").close(1))
+    else:
+        r = subprocess.run(cmd, input=stdin, capture_output=True, timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and fragment in err and "internal error" not in err, err
+
+
 def test_closed_pipe_exits_quietly(tmp_path):
     """`codellama-rt generate ... | head -c 1`: no 'Broken pipe' error, exit 0."""
     proc = subprocess.Popen([sys.executable, "-m", "codellama_rt", "generate", "--max-new-tokens", "200", PROMPT],
@@ -182,6 +204,9 @@ def test_python_optimize_keeps_the_cli_checks(tmp_path):
     (["quantize", "--method", "nf4", "--group-size", "64", "--out", "unused"], "--group-size applies to --method int4"),
     (["quantize", "--method", "nf4", "--out", "/proc/codellama-rt-out"], "--out /proc/codellama-rt-out: cannot create"),
     (["generate", "--quantize", "int4", "--group-size", "16", PROMPT], "group_size=16 is not supported"),
+    (["generate", "--threads", "1000000000", PROMPT], "threads=1000000000 is invalid"),
+    (["generate", "--model", "", PROMPT], "path='' is invalid"),
+    (["export-lite", "--group-size", "64", "--out", "unused"], "--group-size applies to --quantize int4 only"),
     (["mask", "--png", "/nonexistent-dir/m.png", PROMPT], "--png /nonexistent-dir/m.png: its directory"),
 ])
 def test_flags_that_do_not_apply_or_cannot_work_are_refused(capsys, monkeypatch, tmp_path, argv, fragment):

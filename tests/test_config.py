@@ -263,6 +263,15 @@ def test_from_hf_config_not_llama(changes, names):
     assert names in str(info.value) and "/models/x/config.json" in str(info.value)
 
 
+@pytest.mark.parametrize("changes, fragment", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"), ({"attention_bias": True}, "attention_bias=True"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+])
+def test_from_hf_config_refuses_what_it_would_silently_run_otherwise(changes, fragment):
+    with pytest.raises(CheckpointError, match=fragment):
+        ModelArgs.from_hf_config(dict(HF4_7B, **changes), file="config.json")
+    assert ModelArgs.from_hf_config(dict(HF4_7B, hidden_act="silu", attention_bias=False, mlp_bias=False))
+
 def test_invalid_shapes_raise():
     with pytest.raises(ValueError, match="n_heads"):
         ModelArgs(dim=100, n_heads=3)
@@ -381,6 +390,14 @@ def test_generation_config_eos_ids_added(hf_checkpoint):
     assert codellama_rt.load(directory, progress=False).args.eos_ids == (2, 7)
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
     assert codellama_rt.load(directory, progress=False).args.eos_ids == (2, 9)
+
+
+def test_special_ids_outside_the_vocabulary_are_refused(hf_checkpoint):
+    """An EOS the model can never produce would let generation run past the real one to max tokens."""
+    directory, _ = hf_checkpoint(rope_theta=1e4)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [99999]}))
+    with pytest.raises(CheckpointError, match="special token id 99999"):
+        codellama_rt.load(directory, progress=False)
 
 
 def test_generation_config_eos_stops_generation(hf_checkpoint):

@@ -129,12 +129,72 @@ def test_bad_prompts(model, prompt, match):
     (dict(dtype=torch.float64), "dtype"), (dict(dtype="int8"), "dtype"), (dict(backend="nope"), "backend"),
     (dict(quantize="int3"), "quantize"), (dict(max_batch_size=0), "max_batch_size"),
     (dict(max_seq_len=0), "max_seq_len"), (dict(threads=0), "threads"), (dict(threads=True), "threads"),
-    (dict(threads=1.5), "threads"),
+    (dict(threads=1.5), "threads"), (dict(threads=10 ** 9), "threads"), (dict(draft=5), "draft=5"),
 ])
 def test_bad_load_arguments(hf_checkpoint, kwargs, name):
     path, _ = hf_checkpoint()
     with pytest.raises(ValueError, match=name):
         cl.load(path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(quantize="int8", group_size=64), "group_size=64 applies to quantize='int4' only"),
+    (dict(group_size=64), "group_size"), (dict(quantize_head=True), "quantize_head=True needs quantize="),
+])
+def test_quantizer_knobs_without_their_method_are_refused(hf_checkpoint, kwargs, fragment):
+    from codellama_rt.api import load_model
+
+    path, _ = hf_checkpoint()
+    with pytest.raises(ValueError, match=fragment):
+        load_model(path, **kwargs)
+
+
+@pytest.mark.parametrize("path, name", [(5, "path=5"), ("", "path=''")])
+def test_bad_load_paths(path, name):
+    with pytest.raises(ValueError, match=name):
+        cl.load(path)
+
+
+@pytest.mark.parametrize("token_ids", [torch.ones(0, 3, dtype=torch.long), [[1, 2], [3, 4]], "def f",
+                                       torch.ones(1, 3, dtype=torch.long, device="meta")])
+def test_bad_logits_input_names_token_ids(model, token_ids):
+    with pytest.raises(ValueError, match="token_ids"):
+        model.logits(token_ids)
+
+
+def test_a_stream_closed_from_another_thread_stops(model, monkeypatch):
+    """A UI thread cancelling the stream a worker thread reads, while the worker waits inside it for the next
+    piece: the request is cancelled and the worker's loop ends (no 'generator already executing')."""
+    import threading
+
+    inside, release, calls = threading.Event(), threading.Event(), [0]
+    next_event = model.engine.next_event
+
+    def waiting_next_event(events):
+        calls[0] += 1
+        if calls[0] == 4:
+            inside.set()
+            release.wait(30)
+        return next_event(events)
+
+    monkeypatch.setattr(model.engine, "next_event", waiting_next_event)
+    stream, pieces, failures = model.stream(PROMPT, max_new_tokens=100), [], []
+
+    def read():
+        try:
+            pieces.extend(stream)
+        except BaseException as e:  # (reported below)
+            failures.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert inside.wait(30)
+    stream.close()  # the reader is inside the stream's generator
+    release.set()
+    reader.join(60)
+    assert not reader.is_alive() and not failures and len(pieces) < 10
+    monkeypatch.undo()
+    assert model.generate(PROMPT, max_new_tokens=3).token_ids  # the engine is free
 
 
 def test_decode_step_keeps_static_buffers(model):

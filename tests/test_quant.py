@@ -257,7 +257,7 @@ def test_quantize_cli_roundtrip(fp32_ckpt, tmp_path, ids, capsys, method, extra)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "codellama-rt"
     head = "--quantize-head" in extra
-    want = load_model(fp32_ckpt, quantize=method, group_size=64 if method == "int4" else 128, quantize_head=head)
+    want = load_model(fp32_ckpt, quantize=method, group_size=64 if method == "int4" else None, quantize_head=head)
     got = cl.load(out)
     assert isinstance(got.module.output, QuantLinear) == head
     assert torch.equal(got.logits(ids), want.logits(ids))
@@ -330,7 +330,8 @@ def test_quantize_at_load_reads_a_chunk_of_rows_at_a_time(fp32_ckpt, monkeypatch
     get_part = SafetensorsReader.get_part
     monkeypatch.setattr(SafetensorsReader, "get_part", lambda self, name, dim, start, length: reads.append(
         length) or get_part(self, name, dim, start, length))
-    model = load_model(fp32_ckpt, backend="reference", quantize=method, group_size=32, quantize_head=True)
+    model = load_model(fp32_ckpt, backend="reference", quantize=method, group_size=32 if method == "int4" else None,
+                       quantize_head=True)
     assert reads and max(reads) <= 24
     for name, q in quantized_modules(model.module).items():
         want = quantize_weight(dense.module.get_submodule(name).weight.detach(), method, group_size=32)
@@ -355,7 +356,7 @@ def test_quantized_buffers_move_with_the_model(fp32_ckpt, backend):
 
 @pytest.mark.parametrize("method", ["nf4", "int4"])
 def test_weight_bytes_match_shape_formula(fp32_ckpt, method):
-    model = load_model(fp32_ckpt, quantize=method, group_size=64)
+    model = load_model(fp32_ckpt, quantize=method, group_size=64 if method == "int4" else None)
     measured = weight_bytes(model.module)
     assert measured == model_weight_bytes(model.args, bytes_per_elem=4, method=method, group_size=64,
                                           cpu_layout=cpu_native.available())  # a cpu model's int4: held once
@@ -506,7 +507,7 @@ def test_bad_quantize_requests(fp32_ckpt, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int4"])
 def test_triton_backend_greedy_tokens_match_reference(fp32_ckpt, method):
-    kw = dict(quantize=method, group_size=64, max_seq_len=64)
+    kw = dict(quantize=method, group_size=64 if method == "int4" else None, max_seq_len=64)
     ref = load_model(fp32_ckpt, backend="reference", **kw)
     tri = load_model(fp32_ckpt, backend="triton", **kw)
     ids = ref.tokenizer.encode("import os")

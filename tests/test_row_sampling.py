@@ -9,7 +9,7 @@ import torch
 from codellama_rt.engine.row_sampling import (LOGPROB_WIDTH, NONFINITE, TOP_P_OFF, RowSampling, RowView, Stages,
                                               _filter, counter_noise, sample_rows)
 from codellama_rt.engine.sampling import SamplingParams, apply_repetition_penalty
-from codellama_rt.engine.scheduler import _as_int64
+from codellama_rt.engine.sampling import seed_as_int64 as _as_int64
 
 ALL = Stages(penalty=True, sampled=True, filter=True, logprobs=True)
 

@@ -446,8 +446,10 @@ def test_encode_chat_invalid_role_orders(tiny, roles):
 @settings(max_examples=300, deadline=None)
 @given(st.data(), st.integers(0, 5), st.integers(1, 7))
 def test_text_offsets_linear_equal_their_definition(tiny, data, start, piece):
-    """The server's logprob offsets (kept as ids arrive, in pieces) equal len(decode_in_context(ids before)),
-    byte pieces and special ids (which decoding skips: bytes on either side join) among them."""
+    """The server's logprob offsets (kept as ids arrive, in pieces): at an id that is neither a byte piece nor
+    special, len(decode_in_context(ids before)); at a byte piece or special id (decoding skips those: bytes on
+    either side join), the characters the bytes before it complete, so never past the next clean id's offset
+    and never going back."""
     from codellama_rt.server.logprobs import TextOffsets
 
     n = tiny.sp.get_piece_size()
@@ -458,4 +460,7 @@ def test_text_offsets_linear_equal_their_definition(tiny, data, start, piece):
     want = [start + len(tiny.decode_in_context(ids[:i])) for i in range(len(ids))]
     offsets = TextOffsets(tiny, start)
     got = [o for k in range(0, len(ids), piece) for o in offsets.extend(ids[k:k + piece])]
-    assert got == want
+    clean = [not (tiny.sp.is_byte(t) or t in tiny.special_ids) for t in ids]
+    assert [g for g, c in zip(got, clean) if c] == [w for w, c in zip(want, clean) if c]
+    assert got == sorted(got) and all(g <= start + len(tiny.decode_in_context(ids)) for g in got)
+    assert all(g <= w for g, w in zip(got, want))  # (an unfinished character is not counted yet)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     debug = os.environ.get("CODELLAMA_RT_DEBUG", "") not in ("", "0")
+    if sys.stdout is None:  # (started with stdout closed: nowhere to print what it makes)
+        print(f"{PROG}: error: stdout is closed", file=sys.stderr)
+        return 2
     try:
         a = build_parser().parse_args(argv)
         debug = debug or a.debug

@@ -27,6 +27,8 @@ def run(a) -> None:
         except ValueError as e:
             raise ValueError(f"--system: {e}") from None
     turns: list[dict] = []  # user/assistant pairs, oldest first
+    if sys.stdin is None:
+        raise ValueError("chat reads its messages from stdin, which is closed")
     interactive = sys.stdin.isatty()
     tp = model.tensor_parallel  # every rank must see each line: rank 0 reads it and sends it on
     read = _read_line if tp is None else lambda: tp.broadcast(_read_line() if tp.rank == 0 else None)

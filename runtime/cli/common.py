@@ -127,10 +127,25 @@ def wants_tensor_parallel(a) -> bool:
 
 def read_stdin(model) -> str:
     """All of stdin; under tensor parallelism read by rank 0 alone and sent to the others."""
+    if sys.stdin is None:
+        raise ValueError("stdin is closed: give the prompt as an argument instead of '-'")
     tp = model.tensor_parallel
     if tp is None:
-        return sys.stdin.read()
-    return tp.broadcast(sys.stdin.read() if tp.rank == 0 else None)
+        return utf8_text(sys.stdin.read(), "stdin")
+    return tp.broadcast(utf8_text(sys.stdin.read(), "stdin") if tp.rank == 0 else None)
+
+
+def utf8_text(text: str, what: str) -> str:
+    """`text` as read from argv or stdin, which Python decodes keeping undecodable bytes as lone surrogates
+    (U+DC80..U+DCFF): ValueError naming `what` where the bytes were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        if "\udc80" <= ch <= "\udcff":
+            raise ValueError(f"{what} is not valid UTF-8 (byte {ord(ch) - 0xDC00:#04x} at character {e.start})") \
+                from None
+    return text
 
 
 def write(text: str) -> None:

@@ -1,7 +1,7 @@
 """`codellama-rt generate PROMPT`: stream a completion to stdout."""
 from __future__ import annotations
 
-from .common import add_model_flags, add_sampling_flags, load, read_stdin, sampling, write
+from .common import add_model_flags, add_sampling_flags, load, read_stdin, sampling, utf8_text, write
 
 
 def add_parser(sub, parents: list) -> None:
@@ -17,7 +17,7 @@ def run(a) -> None:
 
     SamplingParams(**sampling(a))  # reject bad flags before loading weights
     model = load(a)
-    prompt = read_stdin(model) if a.prompt == "-" else a.prompt
+    prompt = read_stdin(model) if a.prompt == "-" else utf8_text(a.prompt, "the prompt")
     for piece in model.stream(prompt, **sampling(a)):
         write(piece)
     write("\n")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_model_flags, add_sampling_flags, load, sampling, write
+from .common import add_model_flags, add_sampling_flags, load, sampling, utf8_text, write
 
 
 def add_parser(sub, parents: list) -> None:
@@ -36,6 +36,6 @@ def run(a) -> None:
     elif a.prefix is None or a.suffix is None:
         raise ValueError("infill needs --prefix and --suffix (or --file with a <FILL_ME> marker)")
     else:
-        prefix, suffix = a.prefix, a.suffix
+        prefix, suffix = utf8_text(a.prefix, "--prefix"), utf8_text(a.suffix, "--suffix")
     model = load(a)
     write(model.infill(prefix, suffix, suffix_first=a.suffix_first, **sampling(a)).text + "\n")

@@ -54,6 +54,14 @@ class Request:
         self.all_logprobs: Optional[list] = [] if logprobs else None
         self.speculation: Optional[Speculation] = None  # set by the engine when it speculates for this request
 
+    def tell(self, error: BaseException) -> None:
+        """Hand `error` (what ended the request) to its sink; a sink that fails is its caller's problem, never
+        the engine's."""
+        try:
+            self.sink(error)
+        except Exception:  # noqa: BLE001
+            pass
+
     def spec(self) -> dict:
         """What another rank needs to run this request as it runs here (tensor-parallel serving)."""
         return dict(id=self.id, prompt=self.prompt, params=self.params, stop_tokens=self.stop_tokens, seed=self.seed,

@@ -25,7 +25,14 @@ class Run:
     def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, stop_tokens: dict):
         self.engine, self.prompts, self.params, self.stop_tokens = engine, prompts, params, stop_tokens
         self.completions: list[Optional[Completion]] = [None] * len(prompts)
-        self._iterated = False
+        self._iterated, self._cancelled, self._requests = False, False, []
+
+    def cancel(self) -> None:
+        """Cancel the rows (from any thread, e.g. while another iterates): the iteration ends once their
+        Completions ("cancelled") arrive."""
+        self._cancelled = True
+        for request in self._requests:
+            self.engine.cancel(request)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         if self._iterated:
@@ -40,7 +47,9 @@ class Run:
             requests = self.engine.submit_many(
                 self.prompts, self.params, self.stop_tokens, background=False,
                 sinks=[lambda event, row=row: events.put((row, event)) for row in range(len(self.prompts))])
-            remaining = len(requests)
+            remaining, self._requests = len(requests), requests
+            if self._cancelled:  # (cancelled between the submission and here)
+                self.cancel()
             while remaining:
                 row, event = self.engine.next_event(events)
                 if isinstance(event, BaseException):

@@ -76,6 +76,11 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
+def seed_as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same bits."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

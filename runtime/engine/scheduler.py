@@ -33,7 +33,7 @@ from .metrics import EngineMetrics
 from .request import DECODE, PREFILL, Request, check_request_values
 from .run import Run
 from .row_sampling import Stages, sample_rows
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seed_as_int64
 from .speculator import Speculator
 from .slots import SlotTable
 
@@ -130,11 +130,10 @@ class Engine:
         request.cancelled = True
 
     def cancel_all(self, timeout: float = 10.0) -> bool:
-        """Cancel every request (submitted, waiting or running) and wait up to `timeout` seconds for the loop
-        thread to let them go: a server's shutdown, so no thread is mid-step when the process exits. True
-        once none runs."""
+        """Cancel every request and wait up to `timeout` s for the loop thread to let go (a server's shutdown: no
+        thread mid-step at exit); True once none runs."""
         for request in (*self.driver.pending(), *tuple(self._waiting), *tuple(self._running.values())):
-            request.cancelled = True
+            self.cancel(request)
         return self.driver.wait_idle(timeout)
 
     def run(self, prompts: list, params: SamplingParams, stop_tokens: dict) -> Run:
@@ -292,7 +291,7 @@ class Engine:
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits [1, V]; the row decodes from the next step."""
         s, buf = request.slot, self._state.buffers
-        buf.sampling.set_row(s, request.params, _as_int64(request.seed), request.prompt)
+        buf.sampling.set_row(s, request.params, seed_as_int64(request.seed), request.prompt)
         stages = Stages.of([request.params], [request.logprobs], self.model.args.vocab_size)
         out = sample_rows(logits, stages, buf.sampling.rows(s, s + 1), self.vocab_limit)
         token = int(out.tokens[0])
@@ -359,7 +358,7 @@ class Engine:
         try:
             request.complete()
         except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failing on the last piece
-            _tell(request, e)
+            request.tell(e)
         self.metrics.finish(request.finish_reason)
         if reason == "cancelled":
             self.metrics.add("cancelled")
@@ -368,7 +367,7 @@ class Engine:
         self._release(request, keep=False)
         self.metrics.add("failed")
         request.state = "done"
-        _tell(request, error)
+        request.tell(error)
 
     def _release(self, request: Request, keep: bool) -> None:
         s = request.slot
@@ -389,18 +388,6 @@ class Engine:
                 self._slots = SlotTable(self.max_batch, 0)
             self._slots.limit = self._state.cache.max_seq_len - 1
             self.speculator.ensure(self._state.cache.max_seq_len)
-
-
-def _tell(request: Request, error: BaseException) -> None:
-    try:
-        request.sink(error)
-    except Exception:  # noqa: BLE001 - a sink that fails is its caller's problem, never the engine's
-        pass
-
-
-def _as_int64(seed: int) -> int:
-    """A seed in [0, 2**64) as the int64 with the same bits."""
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 __all__ = ["Engine", "Completion", "MIN_CACHE"]

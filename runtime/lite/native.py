@@ -13,6 +13,7 @@ _lib = None
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _ERR = 512
+MAX_THREADS = 1024  # (as codellama_rt.api's: an OpenMP team past it fails inside libgomp)
 
 
 def library() -> ctypes.CDLL:
@@ -46,8 +47,8 @@ def isa() -> str:
 
 def set_threads(n: Optional[int]) -> int:
     """Threads for the steps that follow (None: leave OpenMP's default, every core); returns the count in force."""
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"threads must be an int >= 1, got {n!r}")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS):
+        raise ValueError(f"threads must be an int in 1..{MAX_THREADS}, got {n!r}")
     return library().clrt_set_threads(0 if n is None else n)
 
 

@@ -102,6 +102,13 @@ class ModelArgs:
             raise CheckpointError(
                 f"unsupported model: model_type={model_type!r}, architectures={arch} "
                 "(only Llama-architecture models such as CodeLlama are supported)", file=file)
+        act = config.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # (anything else would run as SiLU: silently another model)
+            raise CheckpointError(f"hidden_act={act!r} is not supported (Llama's MLP is SiLU-gated: 'silu')", file=file)
+        for key in ("attention_bias", "mlp_bias"):
+            if config.get(key) not in (None, False):
+                raise CheckpointError(f"{key}={config[key]!r} is not supported (Llama's projections have no "
+                                      "biases)", file=file)
         get = functools.partial(rules.get, config, file=file)
         # transformers 5 moved rope_theta and the scaling into rope_parameters
         rope = get("rope_parameters", rules.json_object, default={})
