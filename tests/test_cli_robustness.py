@@ -154,6 +154,9 @@ def test_chat_message_longer_than_the_context_is_reported(capsys, monkeypatch):
 def test_chat_refuses_a_bad_system_prompt(capsys, monkeypatch):
     code, _, err = run(capsys, "chat", "--system", "<<SYS>>", stdin=b"hi\n", monkeypatch=monkeypatch)
     assert code == 2 and "--system" in err
+    code, _, err = run(capsys, "chat", "--system", "def f(x): return x\n" * 200, stdin=b"hi\n",
+                       monkeypatch=monkeypatch)
+    assert code == 2 and "--system takes" in err and "the context is 1024" in err
 
 
 @pytest.mark.slow

@@ -23,9 +23,11 @@ def run(a) -> None:
     system = [{"role": "system", "content": a.system}] if a.system else []
     if system:
         try:
-            model.tokenizer.encode_chat([*system, {"role": "user", "content": "."}])
+            n = len(model.tokenizer.encode_chat([*system, {"role": "user", "content": "."}]))
         except ValueError as e:
             raise ValueError(f"--system: {e}") from None
+        if n >= model.max_seq_len:  # (every message would be refused, one at a time)
+            raise ValueError(f"--system takes {n} tokens with a one-word message; the context is {model.max_seq_len}")
     turns: list[dict] = []  # user/assistant pairs, oldest first
     if sys.stdin is None:
         raise ValueError("chat reads its messages from stdin, which is closed")
