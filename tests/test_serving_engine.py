@@ -9,6 +9,7 @@ import time
 import weakref
 
 import pytest
+import torch
 
 import codellama_rt as cl
 from codellama_rt.engine.events import Completion
@@ -129,6 +130,20 @@ def test_cancel_all_ends_every_request_and_leaves_the_loop_idle(model):
     for sink in sinks:
         last = [sink.get_nowait() for _ in range(sink.qsize())][-1]
         assert isinstance(last, Completion) and last.finish_reason == "cancelled" and len(last.token_ids) < 900
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failed_request_leaves_nothing_non_finite_in_its_slot(backend):
+    """A request whose K / V went NaN fails alone: the next request in its cache row (shorter, so the NaN sits at
+    positions it masks) gets its usual tokens (masked positions weigh by zero, and 0 x NaN is NaN)."""
+    model = cl.load(backend=backend)
+    bad = model.tokenizer.sp.piece_to_id("<0xFF>")
+    want = model.generate("def f():", max_new_tokens=3).token_ids
+    with torch.no_grad():
+        model.module.tok_embeddings[bad] = float("nan")
+    with pytest.raises(FloatingPointError):
+        model.generate([1] + [13] * 30 + [bad], max_new_tokens=2)
+    assert model.generate("def f():", max_new_tokens=3).token_ids == want
 
 
 def test_free_slots_are_no_queue_and_a_group_is_taken_whole(model):

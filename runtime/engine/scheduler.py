@@ -377,8 +377,9 @@ class Engine:
         self._slots.owner[s] = None
         if keep:
             self._slots.record(s, request.fed())
-        else:
+        else:  # (failed: what it left in the row may be non-finite)
             self._slots.forget(s)
+            self._state.cache.clear_row(s)
         self._state.buffers.idle_row(s, self._state.cache.max_seq_len - 1)
 
     def _ensure_cache(self, need: int) -> None:

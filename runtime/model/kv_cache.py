@@ -32,6 +32,11 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[i, 0], self.data[i, 1]
 
+    def clear_row(self, row: int) -> None:
+        """Zeros over cache row `row` (every layer and position): what a failed request wrote there (NaN or inf
+        K / V) must not reach the next request in the row, whose masked positions weigh it by zero (0 x NaN)."""
+        self.data[:, :, row].zero_()
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
