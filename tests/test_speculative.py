@@ -602,6 +602,51 @@ def test_draft_model_sampling_runs_and_is_seeded(checkpoint):
     assert a.speculation.verifies > 0
 
 
+def _together(model, jobs: list) -> list:
+    """Texts of (prompt, sampling) jobs streamed in turn from one thread, so their rows share passes."""
+    streams, texts = [model.stream(p, **kw) for p, kw in jobs], [""] * len(jobs)
+    live = set(range(len(jobs)))
+    while live:
+        for i in sorted(live):
+            try:
+                texts[i] += next(streams[i])
+            except StopIteration:
+                live.discard(i)
+    return texts
+
+
+def test_drafted_sampling_tokens_depend_on_the_seed_alone(checkpoint):
+    """The same seed gives the same tokens alone, beside another request, and after an unrelated request grew
+    the KV cache (a pass's proposals are priced by the row alone; the cache is grown, not the pass skipped)."""
+    draft = cl.load(checkpoint, quantize="int4")
+    kw = dict(max_new_tokens=40, temperature=0.8, seed=3, speculate="draft")
+    prompt = PROMPTS[0]
+    alone = cl.load(checkpoint, draft=draft, max_batch_size=2).generate(prompt, **kw)
+    model = cl.load(checkpoint, draft=draft, max_batch_size=2)
+    assert _together(model, [(prompt, kw), ("import os\n", dict(max_new_tokens=40))])[0] == alone.text
+    model = cl.load(checkpoint, draft=draft, max_batch_size=2)
+    model.generate([1] * 300, max_new_tokens=1)  # the cache grows past what `prompt` needs
+    assert model.generate(prompt, **kw).token_ids == alone.token_ids
+
+
+def test_lookup_sampling_beside_drafted_sampling_keeps_plain_sampling_tokens(monkeypatch):
+    """A pass with a drafted sampling row verifies by speculative sampling: a lookup row that samples proposes
+    nothing in it, so its tokens stay plain sampling's (passes priced as free, so lookup proposes whenever it
+    can)."""
+    from codellama_rt.engine import speculation
+
+    monkeypatch.setattr(speculation.PassCosts, "relative", lambda self, batch, width: 1.0)
+    prompt = "def f(a, b):\n    return a + b\n\ndef g(a, b):\n    return a + b\n\ndef h(a, b):\n    return a +"
+    plain = cl.load()  # (the default model: it copies enough for lookup to propose)
+    model = cl.load(max_batch_size=2, draft=cl.load(quantize="int4"))
+    _together(model, [(prompt, dict(max_new_tokens=4)), ("x", dict(max_new_tokens=4))])  # a batch-2 step timed
+    for seed in (5, 6, 7):
+        kw = dict(max_new_tokens=60, temperature=1.0, seed=seed)
+        got = _together(model, [(prompt, dict(kw, speculate="lookup")),
+                                (prompt, dict(kw, seed=100 + seed, speculate="draft"))])[0]
+        assert got == plain.generate(prompt, **kw).text, seed
+
+
 def test_draft_model_checks(checkpoint, tmp_path, tiny_tokenizer):
     other = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=1000, max_seq_len=512)
     path = write_random_checkpoint(tmp_path / "small", other, tiny_tokenizer)

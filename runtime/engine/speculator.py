@@ -90,8 +90,16 @@ class Speculator:
         def static(m: int) -> float:
             return 1.0 + share * (static_cost(m) - 1.0)
 
+        # A pass with a drafted row that samples verifies by speculative sampling, every row's proposals alike: a
+        # lookup row that samples would then get tokens of the right distribution but not plain sampling's own,
+        # so it proposes nothing in such a pass (one token, as from a decode step).
+        drafted_pass = any(not r.params.greedy for r in requests) and any(
+            r.params.speculate == "draft" for r in requests)
+        cap = e.max_seq_len - 1  # (the context, not the cache as grown so far: lengths must not depend on it)
         proposals = {}
         for r in speculating:
+            if drafted_pass and r.params.speculate == "lookup" and not r.params.greedy:
+                continue
             # Drafted sampling rows' tokens depend on what was proposed: their lengths must not depend on timing
             # (the same seed gives the same tokens), so they follow a fixed cost model, as every row does under
             # tensor parallelism (`timing_free`: the ranks decide alone and must agree); other rows' tokens are
@@ -99,12 +107,14 @@ class Speculator:
             fixed = self.timing_free or (r.params.speculate == "draft" and not r.params.greedy)
             if not (fixed or measured) or not r.speculation.wants():
                 continue
-            if fixed:
+            if self.timing_free:
                 pricing = static
+            elif fixed:  # its own fixed model, not scaled by what else is in the batch
+                pricing = static_cost
             else:
                 pricing = drafted_cost if r.params.speculate == "draft" else cost
             # room: the budget left after the pass's own token, and the cache past the pass's last position
-            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, last - r.position()), pricing)
+            n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, cap - r.position()), pricing)
             if n <= 0:
                 continue
             started = time.perf_counter()
@@ -118,8 +128,11 @@ class Speculator:
         if not proposals:
             return False
         width = bucket(max(len(p) for p in proposals.values()), MAX_SPECULATIVE_TOKENS)
-        if any(r.position() + width > last for r in requests):  # every decoding row writes `width` positions on
+        need = max(r.position() for r in requests) + width + 1  # every decoding row writes `width` positions on
+        if need > e.max_seq_len:
             return False
+        if need > last + 1:  # (grown now rather than the pass skipped: the cache's size decides no token)
+            e._ensure_cache(need)
         vbuf = e._state.verify_buffers
         for s in range(batch):
             vbuf.set_row(s, proposals.get(s, []))
