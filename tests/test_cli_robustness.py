@@ -84,6 +84,23 @@ def test_internal_error_exits_1_and_says_how_to_report(capsys, monkeypatch):
         main(["info"])
 
 
+@pytest.mark.parametrize("error", ["safetensors", "allocation"])
+def test_failures_of_the_machine_exit_2_not_as_bugs(capsys, monkeypatch, error):
+    """A full disk while writing, memory the allocator refuses: one line, exit 2, no 'please report it'."""
+    from codellama_rt.cli import generate
+
+    def failing(a):
+        if error == "safetensors":
+            from safetensors import SafetensorError
+
+            raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(generate, "run", failing)
+    code, _, err = run(capsys, "generate", "x")
+    assert code == 2 and "internal error" not in err and ("No space left" in err or "can't allocate" in err), err
+
+
 def test_bad_input_still_exits_2(capsys):
     code, _, err = run(capsys, "generate", "--temperature", "1e308", PROMPT)
     assert code == 2 and err.count("\n") == 1 and "temperature" in err

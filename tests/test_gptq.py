@@ -168,6 +168,13 @@ def test_calibration_tokens_are_seeded_windows_of_the_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no files under"):
         calibration_tokens(tok, [tmp_path / "empty"], rows=1, seq_len=8)
+    for bad in (dict(rows=0), dict(rows=-1), dict(rows=True), dict(seq_len=0), dict(seq_len=-3)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* is invalid"):
+            calibration_tokens(tok, [src], **{"rows": 2, "seq_len": 8, **bad})
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "a.bin").write_bytes(b"\xff\xfe\x00" * 100)
+    with pytest.raises(ValueError, match=r"1 file\(s\) \(1 skipped: not UTF-8 text\) give 0 tokens"):
+        calibration_tokens(tok, [tmp_path / "binary"], rows=1, seq_len=8)
 
 
 @pytest.fixture(scope="module")

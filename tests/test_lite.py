@@ -493,6 +493,14 @@ def test_export_lite_command(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["export-lite", "--quantize", "int8", "--group-size", "32", "--out", str(tmp_path / "g")]) == 2
     assert "--group-size applies to --quantize int4 only" in capsys.readouterr().err
+    model_dir = tmp_path / "a-model"  # another model's directory: its tokenizer.model must not be replaced
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "tokenizer.model").write_bytes(b"theirs")
+    assert main(["export-lite", "--out", str(model_dir)]) == 2
+    assert "holds other files (config.json)" in capsys.readouterr().err
+    assert (model_dir / "tokenizer.model").read_bytes() == b"theirs"
+    assert main(["export-lite", "--quantize", "int8", "--out", str(tmp_path / "lite")]) == 0  # an earlier export
 
 
 # ---- speculative decoding ---------------------------------------------------------------------------

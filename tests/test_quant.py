@@ -281,6 +281,16 @@ def test_quantize_cli_roundtrip_multipart_and_tied(fp32_ckpt, tmp_path, tiny_tok
     assert torch.equal(got.logits([1, 5, 9, 200]), want.logits([1, 5, 9, 200]))
 
 
+def test_requantizing_a_checkpoint_with_a_quantized_head_keeps_it(fp32_ckpt, tmp_path, capsys, ids):
+    """Its lm_head has no dense weight left to write: the new checkpoint keeps it quantized (it used to write
+    the quantized head under a config saying dense, a checkpoint that did not load)."""
+    first = quantize_cli(fp32_ckpt, tmp_path / "first", "int8", "--quantize-head")
+    again = quantize_cli(first, tmp_path / "again", "int8")
+    config = json.loads((again / "config.json").read_text())
+    assert config["quantization_config"]["quantize_head"] is True
+    assert torch.equal(cl.load(again).logits(ids), cl.load(first).logits(ids))
+
+
 def test_quantize_cli_refuses_nonempty_out(fp32_ckpt, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")

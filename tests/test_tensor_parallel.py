@@ -198,6 +198,25 @@ def test_cli_generate_on_two_ranks_prints_the_single_process_text_once(tmp_path,
     assert ranks[0][1] == alone.stdout and alone.stdout.strip() and ranks[1][1] == ""
 
 
+def test_cli_ranks_given_different_prompts_refuse_naming_them(tmp_path, hf_checkpoint):
+    """Each node's command line is typed on its own: ranks with different prompts (or sampling flags) would
+    print a mixture; they stop with exit 2 naming what differs."""
+    path, _ = hf_checkpoint(n_heads=4, n_kv_heads=2, rope_theta=1e6)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, "-m", "codellama_rt", "generate", "--dist-init", init, "--model",
+                               str(path), "--max-new-tokens", "4", prompt], env=rank_env(r, 2), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, prompt in enumerate(("def f(x):", "def g(y):"))]
+    try:
+        done = [(p.wait(timeout=TIMEOUT_S), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for code, err in done:
+        assert code == 2 and "ranks disagree on the prompt and sampling flags" in err and "def g(y):" in err, err
+
+
 def test_without_a_group_tensor_parallelism_is_refused_naming_why(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

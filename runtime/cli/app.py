@@ -56,13 +56,28 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except Exception as e:  # a bug of ours, not bad input
+    except Exception as e:  # a bug of ours, not bad input ...
+        if _environment_failure(e):  # ... unless the machine failed it: a disk, memory, another rank
+            if debug:
+                traceback.print_exc()
+            print(f"{PROG}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         if debug:
             raise
         print(f"{PROG}: internal error: {type(e).__name__}: {' '.join(str(e).split())} (a bug in codellama-rt: "
               "please report it with the output of the same command run with --debug)", file=sys.stderr)
         return 1
     return 0
+
+
+def _environment_failure(e: BaseException) -> bool:
+    """A failure of the machine rather than of codellama-rt: writing a file (safetensors' I/O errors), memory,
+    or a tensor-parallel rank that died or never came (torch.distributed's store and network errors)."""
+    from ..errors import is_allocation_failure
+
+    names = {"SafetensorError", "TensorParallelError", "DistStoreError", "DistNetworkError"}
+    return any(t.__name__ in names for t in type(e).__mro__) or (isinstance(e, RuntimeError)
+                                                                  and is_allocation_failure(e))
 
 
 def _silence_stdout() -> None:

@@ -21,6 +21,8 @@ def run(a) -> None:
     params = SamplingParams(**sampling(a))
     model = load(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
+    if model.tensor_parallel is not None:  # (each rank's command line is its own: a node's may differ)
+        model.tensor_parallel.check_same("system prompt and sampling flags", (a.system, sampling(a)))
     if system:
         try:
             n = len(model.tokenizer.encode_chat([*system, {"role": "user", "content": "."}]))

@@ -36,6 +36,12 @@ def run(a) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in ("lite.safetensors", "tokenizer.model")) \
+        if out.is_dir() else []
+    if others:  # (another model's directory: its tokenizer.model would be replaced)
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"--out {out}: holds other files ({shown}); give a new or empty directory, or an earlier "
+                         "lite export")
     if a.group_size is not None and a.quantize != "int4":
         raise ValueError("--group-size applies to --quantize int4 only")
     calibration.check(a, a.quantize)

@@ -18,6 +18,8 @@ def run(a) -> None:
     SamplingParams(**sampling(a))  # reject bad flags before loading weights
     model = load(a)
     prompt = read_stdin(model) if a.prompt == "-" else utf8_text(a.prompt, "the prompt")
+    if model.tensor_parallel is not None:  # (each rank's command line is its own: a node's may differ)
+        model.tensor_parallel.check_same("prompt and sampling flags", (prompt, sampling(a)))
     for piece in model.stream(prompt, **sampling(a)):
         write(piece)
     write("\n")

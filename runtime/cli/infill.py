@@ -38,4 +38,7 @@ def run(a) -> None:
     else:
         prefix, suffix = utf8_text(a.prefix, "--prefix"), utf8_text(a.suffix, "--suffix")
     model = load(a)
+    if model.tensor_parallel is not None:  # (each rank's command line is its own: a node's may differ)
+        model.tensor_parallel.check_same("prefix, suffix and sampling flags",
+                                         (prefix, suffix, a.suffix_first, sampling(a)))
     write(model.infill(prefix, suffix, suffix_first=a.suffix_first, **sampling(a)).text + "\n")

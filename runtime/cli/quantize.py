@@ -46,7 +46,9 @@ def run(a) -> None:
                            quantize_head=a.quantize_head)
         group_size = resolve_group_size(a.group_size, a.method, model.args)  # what load_model chose
         how = None
-    save_quantized(model, out, method=a.method, group_size=group_size, quantize_head=a.quantize_head,
+    # (a checkpoint whose lm_head is already quantized keeps it so: its dense weight is not there to write)
+    head = a.quantize_head or type(model.module.output).__name__ != "Linear"
+    save_quantized(model, out, method=a.method, group_size=group_size, quantize_head=head,
                    source_dir=model.path or default_model_path(), gptq=how)
     from ..quant.linear import weight_bytes
 

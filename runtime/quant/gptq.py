@@ -272,22 +272,29 @@ def calibration_tokens(tokenizer, paths: Optional[list] = None, *, rows: int = 1
     standard library, without its test suites and installed packages), each file encoded after BOS and the
     files joined. Reads files in a seeded random order until it has 4 x rows x seq_len tokens; a file that is
     not UTF-8 text (or holds a NUL byte) is skipped."""
+    for name, value in (("rows", rows), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"GPTQ calibration: {name}={value!r} is invalid: expected an integer >= 1")
     files = calibration_files(paths)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(files), generator=gen).tolist()
-    ids, want = [], 4 * rows * seq_len
+    ids, want, skipped = [], 4 * rows * seq_len, 0
     for k in order:
-        try:
-            text = files[k].read_text(encoding="utf-8")
+        try:  # (at most 8 characters a token still wanted: a huge file is not read, nor encoded, whole)
+            with open(files[k], encoding="utf-8") as f:
+                text = f.read(8 * (want - len(ids)) + 4096)
         except (OSError, UnicodeDecodeError):
+            skipped += 1
             continue
         if "\0" in text:
+            skipped += 1
             continue
         ids += tokenizer.encode(text, add_bos=True)
         if len(ids) >= want:
             break
     if len(ids) < rows * seq_len:
-        raise ValueError(f"GPTQ calibration: {len(files)} file(s) give {len(ids)} tokens; {rows} rows of "
+        not_text = f" ({skipped} skipped: not UTF-8 text)" if skipped else ""
+        raise ValueError(f"GPTQ calibration: {len(files)} file(s){not_text} give {len(ids)} tokens; {rows} rows of "
                          f"{seq_len} need at least {rows * seq_len} (fewer --calibration-rows, or more text)")
     t = torch.tensor(ids, dtype=torch.int64)
     starts = torch.randperm(len(ids) - seq_len + 1, generator=gen)[:rows]
