@@ -113,7 +113,7 @@ class Speculator:
                 pricing = static_cost
             else:
                 pricing = drafted_cost if r.params.speculate == "draft" else cost
-            # room: the budget left after the pass's own token, and the cache past the pass's last position
+            # room: the budget left after the pass's own token, and the context past the pass's last position
             n = r.speculation.limit(min(r.budget - len(r.stream.ids) - 1, cap - r.position()), pricing)
             if n <= 0:
                 continue

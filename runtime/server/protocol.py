@@ -115,9 +115,10 @@ def wants_usage(body: dict) -> bool:
         return False
     if not isinstance(options, dict):
         raise bad("stream_options", "stream_options must be an object")
-    if not isinstance(options.get("include_usage", False), bool):
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
         raise bad("stream_options", "stream_options.include_usage must be true or false")
-    return bool(options.get("include_usage"))
+    return bool(value)
 
 
 def check_model(body: dict, served: str) -> None:
