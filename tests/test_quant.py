@@ -291,6 +291,16 @@ def test_requantizing_a_checkpoint_with_a_quantized_head_keeps_it(fp32_ckpt, tmp
     assert torch.equal(cl.load(again).logits(ids), cl.load(first).logits(ids))
 
 
+def test_a_failed_quantize_leaves_no_out_directory(fp32_ckpt, tmp_path, capsys):
+    q8 = quantize_cli(fp32_ckpt, tmp_path / "q8", "int8")
+    for model, out in ((tmp_path / "missing", tmp_path / "new" / "out"), (q8, tmp_path / "empty")):
+        if out.name == "empty":
+            out.mkdir()
+        assert main(["quantize", "--model", str(model), "--method", "nf4", "--out", str(out)]) == 2
+        assert not out.exists() if out.name == "out" else not any(out.iterdir())
+    capsys.readouterr()
+
+
 def test_quantize_cli_refuses_nonempty_out(fp32_ckpt, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")

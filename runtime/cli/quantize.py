@@ -1,6 +1,7 @@
 """`codellama-rt quantize`: write a quantized checkpoint (nf4, int4 or int8) that `load()` reads back."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from . import calibration
@@ -25,19 +26,35 @@ def add_parser(sub, parents: list) -> None:
 
 
 def run(a) -> None:
-    from ..api import default_model_path, load_model, resolve_group_size
-    from ..checkpoint.writer import save_quantized
-
     if a.group_size is not None and a.method != "int4":
         raise ValueError("--group-size applies to --method int4 only")
     calibration.check(a, a.method)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not an empty directory")
+    created = not out.exists()
     try:  # now, not after loading and quantizing the model
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
+    try:
+        _quantize_into(a, out)
+    except BaseException:  # (a failed run leaves no directory, nor a half-written checkpoint, behind)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # (it was empty)
+            for p in out.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
+
+
+def _quantize_into(a, out: Path) -> None:
+    from ..api import default_model_path, load_model, resolve_group_size
+    from ..checkpoint.writer import save_quantized
+
     if a.gptq:
         model, group_size, how = calibration.load_gptq(a, a.method, quantize_head=a.quantize_head, dtype=a.dtype,
                                                        device=a.device)
