@@ -412,6 +412,10 @@ def test_info_quantized_checkpoint(capsys, fp32_ckpt, tmp_path):
     assert rows["quantization"] == "int4 (codellama-rt, group_size=32)"
     measured = weight_bytes(cl.load(out).module)
     assert rows["weight memory (int4 g32 + float32)"].startswith(f"{measured / 2 ** 30:.2f} GiB")
+    assert _info_rows(capsys, "--model", out, "--quantize", "int4", "--dtype", "float32") == rows  # as loading
+    for flags in (["--quantize", "nf4"], ["--quantize", "int4", "--group-size", "64"]):  # what loading refuses
+        assert main(["info", "--model", str(out), *flags]) == 2
+        assert "is already quantized as int4" in capsys.readouterr().err
 
 
 # ---- (d) bad inputs --------------------------------------------------------------------------------

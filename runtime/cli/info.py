@@ -52,7 +52,12 @@ def run(a) -> None:
             fill_vocab_size(args, open_source(directory, layout), layout)
         files = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".pth", ".bin"))
         quantization = checkpoint_quantization(directory, layout)
-        if quantization is not None and method is None:  # show the checkpoint's own
+        if quantization is not None and method is not None and (
+                method != quantization.method or group_size not in (None, quantization.group_size)):
+            raise ValueError(f"--quantize {method}{f' --group-size {group_size}' if group_size else ''}: "
+                             f"{directory} is already quantized as {quantization.describe()} (loading would "
+                             "refuse it; it loads as stored)")
+        if quantization is not None:  # show the checkpoint's own
             method, head = quantization.method, quantization.quantize_head
             group_size = quantization.group_size
     if a.max_batch_size < 1:
