@@ -126,8 +126,8 @@ def _measure(model_path, new_tokens: int, prompts: list, tmp: Path) -> dict:
         free = [prefix_share(g, w) for g, w in zip(got, want)]
         forced = [teacher_forced(m, i, w) for i, w in zip(ids, want)]
         kl = [mean_kl(r, continuation_logits(m, i, w)) for r, i, w in zip(ref_logits, ids, want)]
-        rows.append(dict(weights=quantize, quantized_head=head, free_running=mean_and_error(free)[0],
-                         free_running_error=mean_and_error(free)[1],
+        free_mean, free_error = mean_and_error(free)
+        rows.append(dict(weights=quantize, quantized_head=head, free_running=free_mean, free_running_error=free_error,
                          teacher_forced=sum(forced) / len(forced), kl=sum(kl) / len(kl),
                          free_running_per_prompt=free,
                          teacher_forced_per_prompt=forced))

@@ -93,12 +93,11 @@ class Speculator:
         # A pass with a drafted row that samples verifies by speculative sampling, every row's proposals alike: a
         # lookup row that samples would then get tokens of the right distribution but not plain sampling's own,
         # so it proposes nothing in such a pass (one token, as from a decode step).
-        drafted_pass = any(not r.params.greedy for r in requests) and any(
-            r.params.speculate == "draft" for r in requests)
+        drafted = any(not r.params.greedy for r in requests) and any(r.params.speculate == "draft" for r in requests)
         cap = e.max_seq_len - 1  # (the context, not the cache as grown so far: lengths must not depend on it)
         proposals = {}
         for r in speculating:
-            if drafted_pass and r.params.speculate == "lookup" and not r.params.greedy:
+            if drafted and r.params.speculate == "lookup" and not r.params.greedy:
                 continue
             # Drafted sampling rows' tokens depend on what was proposed: their lengths must not depend on timing
             # (the same seed gives the same tokens), so they follow a fixed cost model, as every row does under
@@ -138,7 +137,6 @@ class Speculator:
             vbuf.set_row(s, proposals.get(s, []))
         rows = [e._running[s] for s in decoding if s < batch]
         stages = Stages.of([r.params for r in rows], [r.logprobs for r in rows], e.model.args.vocab_size)
-        drafted = stages.sampled and any(r.params.speculate == "draft" for r in rows)
         if drafted:  # speculative sampling: each row's q (a proposal of its own is certain: one-hot)
             q = vbuf.with_draft_probs()
             for s, ids in proposals.items():

@@ -82,7 +82,7 @@ class TextOffsets:
             return 0
         sp = self.tok.sp
         head = [] if sp.is_byte(run[0]) or run[0] in self.tok.special_ids else [run[0]]
-        data = bytes(int(sp.id_to_piece(t)[3:5], 16) for t in run[len(head):] if sp.is_byte(t))
+        data = bytes(b for t in run[len(head):] if sp.is_byte(t) for b in token_bytes(self.tok, t))
         text = codecs.getincrementaldecoder("utf-8")("replace").decode(data)  # (an unfinished tail held back)
         return (len(self.tok.decode_in_context(head)) if head else 0) + len(text)
 
